@@ -1,0 +1,89 @@
+"""Shared 3D building blocks: normalised convolutions with LeakyReLU(0.01)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LEAK = 0.01
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """InstanceNorm (affine) or GroupNorm with up to 8 groups."""
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3x3 convolution (optionally strided) -> norm -> LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            norm_layer(norm, c_out),
+            nn.LeakyReLU(LEAK, inplace=True),
+        )
+
+
+class UpBlock(nn.Sequential):
+    """2x transposed convolution -> norm -> LeakyReLU (deterministic on CPU)."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str):
+        super().__init__(
+            nn.ConvTranspose3d(c_in, c_out, 2, stride=2, bias=False),
+            norm_layer(norm, c_out),
+            nn.LeakyReLU(LEAK, inplace=True),
+        )
+
+
+def feature_list(features: int, max_features: int, depth: int) -> list[int]:
+    """Feature maps per resolution level, doubling up to a cap."""
+    return [min(features * 2**i, max_features) for i in range(depth + 1)]
+
+
+class Encoder(nn.Module):
+    """Stem block then ``depth`` stride-2 levels (no skip outputs unless asked)."""
+
+    def __init__(self, c_in: int, feats: list[int], norm: str):
+        super().__init__()
+        self.stem = ConvBlock(c_in, feats[0], norm)
+        self.down = nn.ModuleList(
+            nn.Sequential(ConvBlock(feats[i], feats[i + 1], norm, stride=2),
+                          ConvBlock(feats[i + 1], feats[i + 1], norm))
+            for i in range(len(feats) - 1)
+        )
+
+    def forward(self, x: torch.Tensor, skips: bool = False):
+        h = self.stem(x)
+        outs = [h]
+        for level in self.down:
+            h = level(h)
+            outs.append(h)
+        return outs if skips else h
+
+
+class Decoder(nn.Module):
+    """Mirror of :class:`Encoder`; with ``skip=True`` it is a U-Net decoder."""
+
+    def __init__(self, feats: list[int], norm: str, skip: bool = False):
+        super().__init__()
+        self.skip = skip
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for i in reversed(range(len(feats) - 1)):
+            self.up.append(UpBlock(feats[i + 1], feats[i], norm))
+            self.merge.append(ConvBlock(feats[i] * (2 if skip else 1), feats[i], norm))
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        for j, (up, merge) in enumerate(zip(self.up, self.merge)):
+            h = up(h)
+            if self.skip:
+                h = torch.cat([h, skips[-2 - j]], dim=1)
+            h = merge(h)
+        return h
+
+
+def output_activation(kind: str) -> nn.Module:
+    """Sigmoid (signals in [0, 1]) or identity."""
+    return nn.Sigmoid() if kind == "sigmoid" else nn.Identity()

@@ -1,0 +1,125 @@
+"""Model and checkpoint files: safetensors (tensors) + JSON (everything else). Never pickle.
+
+A stored object ``<stem>`` is the pair ``<stem>.safetensors`` and ``<stem>.json``; the JSON
+records the SHA-256 of the tensor file so a mismatched pair is refused.  Optimizer states
+are flattened into named tensors plus JSON so checkpoints need no pickle either.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from bids_uad.errors import InputMissingError, InputValidationError
+
+TENSOR_SUFFIX = ".safetensors"
+META_SUFFIX = ".json"
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix in (TENSOR_SUFFIX, META_SUFFIX):
+        path = path.with_suffix("")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_hash(arrays: Iterable[np.ndarray]) -> str:
+    """SHA-256 over shapes, dtypes and bytes of arrays (identifies training data)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Refuse anything that is not a well-formed safetensors file (e.g. a pickle or zip)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InputValidationError("not a safetensors file (too short)", path)
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or 8 + n > size:
+            raise InputValidationError("not a safetensors file (pickle or other format refused)", path)
+        header = fh.read(n)
+    try:
+        parsed = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputValidationError("not a safetensors file (bad header)", path) from None
+    if not isinstance(parsed, dict):
+        raise InputValidationError("not a safetensors file (bad header)", path)
+
+
+def save_tensors(stem: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``stem.safetensors`` + ``stem.json`` atomically; return the JSON path."""
+    stem = _stem(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    tmp_t = stem.with_name(stem.name + ".tmp" + TENSOR_SUFFIX)
+    save_file(tensors, str(tmp_t))
+    meta = dict(meta, tensor_sha256=file_sha256(tmp_t), format="bids_uad-safetensors-json/1")
+    tmp_j = stem.with_name(stem.name + ".tmp" + META_SUFFIX)
+    tmp_j.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp_t, stem.with_suffix(TENSOR_SUFFIX))
+    os.replace(tmp_j, stem.with_suffix(META_SUFFIX))
+    return stem.with_suffix(META_SUFFIX)
+
+
+def load_tensors(stem: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a pair written by :func:`save_tensors`, verifying format and hash."""
+    stem = _stem(stem)
+    t_path, j_path = stem.with_suffix(TENSOR_SUFFIX), stem.with_suffix(META_SUFFIX)
+    for p in (t_path, j_path):
+        if not p.is_file():
+            raise InputMissingError("model file missing", p)
+    check_safetensors(t_path)
+    try:
+        meta = json.loads(j_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputValidationError(f"invalid JSON: {exc}", j_path) from None
+    if meta.get("tensor_sha256") != file_sha256(t_path):
+        raise InputValidationError("tensor file does not match its JSON (hash differs)", t_path)
+    return load_file(str(t_path)), meta
+
+
+def flatten_optimizer(state: dict[str, Any], prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into named tensors and a JSON-safe remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        scalars[str(idx)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}{idx}.{key}"] = value
+            else:
+                scalars[str(idx)][key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "optim.") -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["scalars"].items()}
+    for name, value in tensors.items():
+        if name.startswith(prefix):
+            idx, key = name[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,242 @@
+"""Model inputs from preprocessed dwi arrays: normalise, reconcile gradients, fit the grid.
+
+* :func:`normalise_dwi` divides each diffusion-weighted volume by the mean b0, clips to
+  [0, 1], drops the b0s and masks.
+* :func:`reconcile_gradients` puts channels in the model's reference direction order:
+  a permutation when the directions match (antipodal directions are equal), otherwise a
+  regularised spherical-harmonic fit per shell resampled onto the reference directions.
+  A b-value the reference lacks (or the reverse) is an error.
+* :func:`to_grid` / :func:`from_grid` centre-pad or crop to the model grid and back exactly;
+  :func:`grid_affine` gives the affine of the padded array.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from bids_uad.errors import InputValidationError
+
+LOG = logging.getLogger(__name__)
+B0_THRESHOLD = 50.0
+
+
+def normalise_dwi(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
+                  b0_threshold: float = B0_THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (signal ratios X,Y,Z,C float32 in [0,1], masked; dw bvals (C,); dw bvecs (C,3))."""
+    dwi = np.asarray(dwi)
+    bvals = np.asarray(bvals, dtype=float).ravel()
+    bvecs = _as_nx3(bvecs)
+    if dwi.ndim != 4 or dwi.shape[-1] != bvals.size or bvecs.shape[0] != bvals.size:
+        raise InputValidationError(
+            f"dwi shape {dwi.shape} does not match {bvals.size} b-values / {bvecs.shape[0]} b-vectors")
+    if mask.shape != dwi.shape[:3]:
+        raise InputValidationError(f"mask shape {mask.shape} differs from dwi {dwi.shape[:3]}")
+    b0 = bvals <= b0_threshold
+    if not b0.any():
+        raise InputValidationError("dwi has no b0 volume to normalise by")
+    if b0.all():
+        raise InputValidationError("dwi has no diffusion-weighted volume")
+    mean_b0 = dwi[..., b0].astype(np.float32).mean(-1)
+    inside = (mask > 0) & (mean_b0 > 0)
+    out = np.zeros(dwi.shape[:3] + (int((~b0).sum()),), dtype=np.float32)
+    out[inside] = dwi[inside][:, ~b0].astype(np.float32) / mean_b0[inside][:, None]
+    np.clip(out, 0.0, 1.0, out=out)
+    return out, bvals[~b0], bvecs[~b0]
+
+
+def _as_nx3(bvecs: np.ndarray) -> np.ndarray:
+    bvecs = np.asarray(bvecs, dtype=float)
+    if bvecs.ndim == 2 and bvecs.shape[0] == 3 and bvecs.shape[1] != 3:
+        bvecs = bvecs.T
+    return bvecs
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=1, keepdims=True)
+    if np.any(n < 1e-6):
+        raise InputValidationError("a diffusion-weighted volume has a zero b-vector")
+    return v / n
+
+
+def shells(bvals: np.ndarray, ref_shells: np.ndarray | None = None, rel_tol: float = 0.05,
+           abs_tol: float = 50.0) -> tuple[np.ndarray, np.ndarray]:
+    """Group b-values into shells; return (shell values, shell index per volume)."""
+    bvals = np.asarray(bvals, float)
+    if ref_shells is None:
+        values: list[float] = []
+        for b in np.sort(bvals):
+            if not values or b - values[-1] > max(abs_tol, rel_tol * values[-1]):
+                values.append(b)
+        ref_shells = np.array([bvals[np.abs(bvals - v) <= max(abs_tol, rel_tol * v)].mean() for v in values])
+    idx = np.full(bvals.size, -1)
+    for k, v in enumerate(ref_shells):
+        idx[np.abs(bvals - v) <= max(abs_tol, rel_tol * v)] = k
+    return np.asarray(ref_shells), idx
+
+
+def match_directions(dirs: np.ndarray, ref_dirs: np.ndarray, angle_tol_deg: float = 5.0) -> np.ndarray | None:
+    """Index into ``dirs`` for each reference direction, or None if not a one-to-one match.
+
+    Antipodal vectors are the same direction (|cos|).
+    """
+    if len(dirs) != len(ref_dirs):
+        return None
+    cos = np.abs(_unit(ref_dirs) @ _unit(dirs).T)
+    order = cos.argmax(1)
+    if len(set(order.tolist())) != len(order):
+        return None
+    if np.any(cos[np.arange(len(order)), order] < np.cos(np.deg2rad(angle_tol_deg))):
+        return None
+    return order
+
+
+def sh_resampling_matrix(dirs: np.ndarray, ref_dirs: np.ndarray, sh_order_max: int | None = None,
+                         smooth: float = 0.006) -> np.ndarray:
+    """Matrix M (n_ref, n_dirs) mapping signals on ``dirs`` to ``ref_dirs`` via an even SH fit.
+
+    The fit uses dipy's real symmetric (Descoteaux) basis with Laplace-Beltrami
+    regularisation ``smooth``; the order is the largest even order the directions support, at most 8.
+    """
+    from dipy.reconst.shm import real_sh_descoteaux
+
+    n = len(dirs)
+    if sh_order_max is None:
+        sh_order_max = 0
+        while sh_order_max < 8 and (sh_order_max + 3) * (sh_order_max + 4) // 2 <= n:
+            sh_order_max += 2
+
+    def basis(v):
+        v = _unit(v)
+        theta = np.arccos(np.clip(v[:, 2], -1, 1))
+        phi = np.arctan2(v[:, 1], v[:, 0])
+        b, _, l_values = real_sh_descoteaux(sh_order_max, theta, phi, legacy=False)
+        return b, l_values
+
+    b_src, l_values = basis(dirs)
+    b_ref, _ = basis(ref_dirs)
+    lb = (l_values * (l_values + 1)).astype(float) ** 2
+    fit = np.linalg.solve(b_src.T @ b_src + smooth * np.diag(lb), b_src.T)
+    return b_ref @ fit
+
+
+def reconcile_gradients(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
+                        ref_bvals: np.ndarray, ref_bvecs: np.ndarray, angle_tol_deg: float = 5.0,
+                        clip: bool = True) -> tuple[np.ndarray, str]:
+    """Return (data with channels in the reference order (X,Y,Z,C_ref), method used).
+
+    ``method`` is ``"identity"``, ``"permutation"`` or ``"sh"``.  b-values are compared
+    shell by shell; a shell present on one side only raises :class:`InputValidationError`.
+    """
+    bvals = np.asarray(bvals, float).ravel()
+    ref_bvals = np.asarray(ref_bvals, float).ravel()
+    bvecs, ref_bvecs = _as_nx3(bvecs), _as_nx3(ref_bvecs)
+    if data.shape[-1] != bvals.size:
+        raise InputValidationError(f"{data.shape[-1]} channels but {bvals.size} b-values")
+    ref_shells, ref_idx = shells(ref_bvals)
+    _, idx = shells(bvals, ref_shells)
+    if np.any(idx < 0):
+        bad = sorted(set(np.round(bvals[idx < 0]).astype(int).tolist()))
+        raise InputValidationError(
+            f"b-values {bad} are not in the model's reference shells {np.round(ref_shells).astype(int).tolist()}")
+    missing = [int(round(ref_shells[k])) for k in range(len(ref_shells)) if not np.any(idx == k)]
+    if missing:
+        raise InputValidationError(f"the data lack the model's b-value shell(s) {missing}")
+    same_order = bvals.size == ref_bvals.size and match_directions(bvecs, ref_bvecs, angle_tol_deg) is not None \
+        and np.array_equal(match_directions(bvecs, ref_bvecs, angle_tol_deg), np.arange(bvals.size)) \
+        and np.array_equal(idx, ref_idx)
+    if same_order:
+        return data, "identity"
+    out = np.zeros(data.shape[:-1] + (ref_bvals.size,), dtype=np.float32)
+    method = "permutation"
+    for k in range(len(ref_shells)):
+        src, dst = np.flatnonzero(idx == k), np.flatnonzero(ref_idx == k)
+        order = match_directions(bvecs[src], ref_bvecs[dst], angle_tol_deg)
+        if order is not None:
+            out[..., dst] = data[..., src[order]]
+            continue
+        method = "sh"
+        m = sh_resampling_matrix(bvecs[src], ref_bvecs[dst]).astype(np.float32)
+        out[..., dst] = data[..., src] @ m.T
+    if method == "sh":
+        LOG.info("gradient directions resampled onto the reference with a spherical-harmonic fit")
+        if clip:
+            np.clip(out, 0.0, 1.0, out=out)
+    return out, method
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """How an array of spatial ``shape`` sits in the model ``grid`` (centre pad/crop)."""
+
+    shape: tuple[int, int, int]
+    grid: tuple[int, int, int]
+    src_start: tuple[int, int, int]  # first copied voxel in the original array
+    dst_start: tuple[int, int, int]  # where it lands in the grid
+    length: tuple[int, int, int]  # voxels copied per axis
+
+    def to_dict(self) -> dict:
+        return {k: list(getattr(self, k)) for k in ("shape", "grid", "src_start", "dst_start", "length")}
+
+
+def grid_map(shape: tuple[int, ...], grid: tuple[int, ...]) -> GridMap:
+    """Centre the original array in the grid (padding) or the grid in the array (cropping)."""
+    src, dst, length = [], [], []
+    for n, g in zip(shape[:3], grid):
+        if n <= g:
+            src.append(0), dst.append((g - n) // 2), length.append(n)
+        else:
+            src.append((n - g) // 2), dst.append(0), length.append(g)
+    return GridMap(tuple(int(s) for s in shape[:3]), tuple(int(g) for g in grid), tuple(src), tuple(dst), tuple(length))
+
+
+def _slices(start, length):
+    return tuple(slice(s, s + n) for s, n in zip(start, length))
+
+
+def to_grid(arr: np.ndarray, grid: tuple[int, int, int], fill: float = 0) -> tuple[np.ndarray, GridMap]:
+    """Pad/crop the first three axes of ``arr`` to ``grid``; other axes are kept."""
+    gm = grid_map(arr.shape, grid)
+    out = np.full(tuple(grid) + arr.shape[3:], fill, dtype=arr.dtype)
+    out[_slices(gm.dst_start, gm.length)] = arr[_slices(gm.src_start, gm.length)]
+    return out, gm
+
+
+def from_grid(arr: np.ndarray, gm: GridMap, fill: float = 0) -> np.ndarray:
+    """Map a grid array back to the original shape; cropped-away voxels get ``fill``."""
+    if tuple(arr.shape[:3]) != gm.grid:
+        raise InputValidationError(f"array shape {arr.shape[:3]} is not the grid {gm.grid}")
+    out = np.full(gm.shape + arr.shape[3:], fill, dtype=arr.dtype)
+    out[_slices(gm.src_start, gm.length)] = arr[_slices(gm.dst_start, gm.length)]
+    return out
+
+
+def grid_affine(affine: np.ndarray, gm: GridMap) -> np.ndarray:
+    """Affine of the grid array so that it overlays the original image exactly."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.subtract(gm.src_start, gm.dst_start)
+    return np.asarray(affine, float) @ shift
+
+
+@dataclass
+class Prepared:
+    """One subject ready for a model: channels-first array on the grid plus its masks."""
+
+    data: np.ndarray  # (C, X, Y, Z) float32 on the grid
+    mask: np.ndarray  # (X, Y, Z) bool brain mask on the grid
+    grid_map: GridMap
+    method: str  # gradient reconciliation used
+
+
+def prepare_subject(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
+                    grid: tuple[int, int, int], ref_bvals: np.ndarray | None = None,
+                    ref_bvecs: np.ndarray | None = None) -> Prepared:
+    """Normalise a raw 4D dwi (with b0s) and put it on the model grid in reference channel order."""
+    data, bv, bvec = normalise_dwi(dwi, bvals, bvecs, mask)
+    method = "identity"
+    if ref_bvals is not None:
+        data, method = reconcile_gradients(data, bv, bvec, ref_bvals, ref_bvecs)
+    grid_data, gm = to_grid(data, grid)
+    grid_mask, _ = to_grid(np.asarray(mask) > 0, grid)
+    return Prepared(np.ascontiguousarray(np.moveaxis(grid_data, -1, 0)), grid_mask, gm, method)

@@ -1,0 +1,172 @@
+"""Frozen settings for models, training, synthetic anomalies and scoring.
+
+Every option the reference paper varied is a field here (latent size, output activation,
+threshold method, anomaly-patch distribution, opening), so experiments are settings, not
+edits.  ``Settings.to_dict``/``Settings.from_dict`` give a JSON-safe round trip that is
+stored inside every model file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from bids_uad.errors import UsageError
+
+MODEL_NAMES = ("dae", "recdisc")
+THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
+ORACLE_METHODS = ("oracle-youden", "oracle-dice")
+OOD_MODES = ("random", "directional", "isotropic")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Architecture of one network (both model kinds read the fields they need)."""
+
+    name: str = "dae"
+    grid: tuple[int, int, int] = (96, 96, 64)
+    n_channels: int = 64
+    features: int = 16  # feature maps after the first block; doubled at each level
+    max_features: int = 128
+    depth: int = 4  # number of stride-2 downsamplings
+    latent_size: int = 128  # DAE dense latent (16-512 in the paper)
+    output_activation: str = "sigmoid"  # "sigmoid" | "linear"
+    norm: str = "instance"  # "instance" | "group"
+    kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL
+    bce_weight: float = 1.0  # RecDiscNet: loss = MSE + bce_weight * BCE
+    pos_weight: float = 3.0  # RecDiscNet: BCE positive-class weight p1
+
+    def __post_init__(self) -> None:
+        if self.output_activation not in ("sigmoid", "linear"):
+            raise UsageError(f"output_activation must be sigmoid or linear, not {self.output_activation!r}")
+        if self.norm not in ("instance", "group"):
+            raise UsageError(f"norm must be instance or group, not {self.norm!r}")
+        if not 1 <= self.latent_size <= 4096:
+            raise UsageError(f"latent_size {self.latent_size} out of range")
+        div = 2 ** self.depth
+        if any(g % div for g in self.grid):
+            raise UsageError(f"grid {self.grid} must be divisible by 2**depth = {div}")
+
+
+@dataclass(frozen=True)
+class OODSettings:
+    """Synthetic just-out-of-distribution ellipsoids drawn on the fly (RecDiscNet)."""
+
+    count_probabilities: tuple[float, float, float] = (0.2, 0.6, 0.2)  # 0, 1, 2 ellipsoids
+    distribution: str = "both"  # "normal" | "uniform" | "both" (random per ellipsoid)
+    modes: tuple[str, ...] = ("random", "directional", "isotropic")  # >1 entry = "mix"
+    mean_scales: tuple[float, ...] = (1.0, 0.5)  # value mean = brain mean * one of these
+    min_radius: float = 0.05  # semi-axis range as a fraction of the grid size
+    max_radius: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ("normal", "uniform", "both"):
+            raise UsageError(f"OOD distribution must be normal, uniform or both, not {self.distribution!r}")
+        bad = [m for m in self.modes if m not in OOD_MODES]
+        if bad or not self.modes:
+            raise UsageError(f"OOD modes must be a non-empty subset of {OOD_MODES}, got {self.modes}")
+        if len(self.count_probabilities) != 3 or abs(sum(self.count_probabilities) - 1) > 1e-6:
+            raise UsageError("count_probabilities must be three probabilities summing to 1")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Optimisation, cross-validation and runtime choices."""
+
+    epochs: int = 100
+    learning_rate: float = 1e-4
+    lr_decay: float = 0.95  # exponential decay per epoch
+    batch_size: int = 4
+    n_folds: int = 7
+    patience: int = 15  # early stopping: epochs without validation improvement
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int = 1
+    checkpoint_every: int = 1  # epochs between checkpoints (when a directory is given)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.n_folds < 2:
+            raise UsageError("n_folds must be at least 2")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("epochs and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """Calibration and thresholding."""
+
+    threshold_method: str = "healthy-fpr"
+    fpr: float = 0.01  # healthy-fpr: target false-positive rate on healthy tissue
+    fdr_q: float = 0.05  # fdr: Benjamini-Hochberg level on conformal p-values
+    fixed_threshold: float | None = None  # None: 0.3 for DAE, 0.5 for RecDiscNet
+    meanpool_size: int = 16
+    opening_size: int = 3  # cube side of the morphological opening; 0 or 1 disables it
+    max_null_samples: int = 200_000  # healthy scores kept per fold for p-values
+
+    def __post_init__(self) -> None:
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise UsageError(f"threshold method must be one of {THRESHOLD_METHODS}, not {self.threshold_method!r}")
+        if not 0 < self.fpr < 1 or not 0 < self.fdr_q < 1:
+            raise UsageError("fpr and fdr_q must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything needed to train, calibrate and apply one model."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    ood: OODSettings = field(default_factory=OODSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Settings":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        parts = {}
+        for f in fields(cls):
+            sub_cls = {"model": ModelSettings, "training": TrainingSettings,
+                       "ood": OODSettings, "scoring": ScoringSettings}[f.name]
+            parts[f.name] = _build(sub_cls, data.get(f.name, {}))
+        return cls(**parts)
+
+    def with_model(self, name: str) -> "Settings":
+        """Same settings for another registered model."""
+        return replace(self, model=replace(self.model, name=name))
+
+
+def _build(cls, data: dict[str, Any]):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise UsageError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def preset(name: str, model: str = "dae") -> Settings:
+    """Named settings: ``quick`` (tiny CPU model for tests/CI) or ``paper`` (reference geometry)."""
+    if name == "quick":
+        return Settings(
+            model=ModelSettings(name=model, grid=(16, 16, 16), n_channels=32, features=8,
+                                max_features=32, depth=2, latent_size=32),
+            training=TrainingSettings(epochs=6, learning_rate=2e-3, lr_decay=0.95, batch_size=4,
+                                      n_folds=3, patience=5, progress=False),
+            ood=OODSettings(min_radius=0.1, max_radius=0.3),
+        )
+    if name == "paper":
+        return Settings(
+            model=ModelSettings(name=model, grid=(96, 96, 64), n_channels=64, features=16,
+                                max_features=128, depth=4, latent_size=128),
+            training=TrainingSettings(epochs=100, learning_rate=1e-4, lr_decay=0.95, batch_size=4,
+                                      n_folds=7, patience=15),
+        )
+    raise UsageError(f"unknown preset {name!r}; choose quick or paper")
