@@ -1,0 +1,118 @@
+"""The BIDS-App command line: ``bids_uad BIDS_DIR OUTPUT_DIR participant|group [options]``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bids_uad import __version__
+from bids_uad.config import DEVICES, PREPROC_BACKENDS, THRESHOLD_METHODS
+from bids_uad.errors import EXIT_CODES, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (exit 64) instead of exiting with 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
+    return (
+        "exit codes:\n  0    success\n" + codes + "\n\n"
+        "Outputs follow the BIDS-derivatives conventions; see README.md.  The input dataset is\n"
+        "never written to."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bids_uad",
+        description=(
+            "Unsupervised anomaly detection in diffusion MRI (BIDS-App).  The participant level "
+            "preprocesses dMRI and anatomy (and, with --model, maps anomalies); the group level "
+            "trains anomaly models on the healthy controls and calibrates their thresholds."
+        ),
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (read-only)")
+    parser.add_argument("output_dir", type=Path,
+                        help="the output folder (BIDS derivatives); must not be inside BIDS_DIR")
+    parser.add_argument("analysis_level", metavar="{participant,group}",
+                        help="participant: preprocessing and (with --model) anomaly maps per subject; "
+                             "group: train and calibrate models on the controls, evaluate, group report")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                     nargs="+", default=[], metavar="LABEL",
+                     help="subjects to process, with or without 'sub-' (default: all)")
+    sel.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                     default=[], metavar="LABEL", help="sessions to process, with or without 'ses-'")
+    sel.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
+                     metavar="FILE",
+                     help="JSON file of pybids filters per suffix, e.g. {\"dwi\": {\"acquisition\": \"b1000\"}}")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+                     action="store_true", help="do not validate the input dataset layout")
+    sel.add_argument("--group-column", default="group", metavar="COLUMN",
+                     help="participants.tsv column naming the cohort (default: group)")
+    sel.add_argument("--control-value", default="control", metavar="VALUE",
+                     help="value of --group-column that marks healthy controls (default: control)")
+    sel.add_argument("--lesion-masks", type=Path, metavar="DIR",
+                     help="BIDS-derivatives folder of lesion masks (*_desc-tumor_mask.nii.gz), used to "
+                          "mask registration and for evaluation")
+
+    proc = parser.add_argument_group("processing")
+    proc.add_argument("--preproc-backend", choices=PREPROC_BACKENDS, default="auto",
+                      help="auto: FSL (TOPUP, EDDY, BET, FAST) when installed, else the Python "
+                           "implementations; fsl or python force one (default: auto)")
+    proc.add_argument("--output-spaces", nargs="+", default=["dwi", "MNI152NLin2009cAsym"],
+                      metavar="SPACE",
+                      help="spaces for anomaly maps (default: dwi MNI152NLin2009cAsym; the MNI template "
+                           "actually used is named in outputs)")
+    proc.add_argument("--model", type=Path, metavar="PATH",
+                      help="trained model (a models/ folder or one .json of a group-level run) for "
+                           "participant-level anomaly inference")
+    proc.add_argument("--threshold", choices=THRESHOLD_METHODS, default="fixed",
+                      help="threshold method for binary anomaly maps (default: fixed)")
+    proc.add_argument("--device", choices=DEVICES, default="auto",
+                      help="torch device for training and inference (default: auto)")
+    proc.add_argument("--reports-only", action="store_true",
+                      help="only rebuild the HTML reports from existing derivatives")
+    proc.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    perf = parser.add_argument_group("resources and execution")
+    perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, default=Path("work"),
+                      help="work folder for intermediate files; reuse it to resume (default: ./work)")
+    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, default=1,
+                      help="processes run in parallel (default: 1)")
+    perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, default=1,
+                      help="threads per process (torch, ITK, BLAS) (default: 1)")
+    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float,
+                      help="memory limit for scheduling, in GB")
+    perf.add_argument("--stop-on-first-crash", action="store_true",
+                      help="stop at the first failing step instead of finishing the others")
+    perf.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                      help="more log output (repeat for debug)")
+    perf.add_argument("--version", action="version", version=f"bids_uad {__version__}")
+    return parser

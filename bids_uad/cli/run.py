@@ -1,0 +1,170 @@
+"""Entry point: parse, build the settings, run the level, turn errors into exit codes.
+
+This is the only place that prints an error message and chooses an exit status.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bids_uad import __version__
+from bids_uad.bids.derivatives import DerivativesWriter, is_within, validate_label
+from bids_uad.config import ANALYSIS_LEVELS, Settings, resolve_preproc_backend
+from bids_uad.errors import (
+    BidsUadError,
+    InputMissingError,
+    OutputNotWritableError,
+    UnknownAnalysisLevelError,
+    UsageError,
+)
+
+LOGGER = logging.getLogger("bids_uad")
+
+
+def _load_filters(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise InputMissingError("BIDS filter file does not exist", path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"BIDS filter file is not valid JSON ({exc})", path) from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError('BIDS filter file must map suffixes to filters, e.g. {"dwi": {"run": 1}}', path)
+    return data
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot create the {what} ({exc.strerror})", path) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"the {what} is not writable", path)
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    """Parse the command line and check it; raises the error family with the right code."""
+    from bids_uad.cli.parser import build_parser
+
+    args = build_parser().parse_args(argv)
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise UnknownAnalysisLevelError(
+            f"unknown analysis level {args.analysis_level!r}: choose participant or group"
+        )
+    participants = tuple(validate_label(x, "sub") for x in args.participant_label)
+    sessions = tuple(validate_label(x, "ses") for x in args.session_label)
+    bids_dir = args.bids_dir.expanduser().resolve()
+    output_dir = args.output_dir.expanduser().resolve()
+    work_dir = args.work_dir.expanduser().resolve()
+    if not bids_dir.exists():
+        raise InputMissingError("input BIDS folder does not exist", bids_dir)
+    if not bids_dir.is_dir() or not os.access(bids_dir, os.R_OK | os.X_OK):
+        raise InputMissingError("input BIDS path is not a readable folder", bids_dir)
+    if is_within(output_dir, bids_dir):
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is the input dataset or inside it; outputs never go into BIDS_DIR "
+            "(use e.g. BIDS_DIR/../derivatives/bids_uad)"
+        )
+    if is_within(work_dir, bids_dir):
+        raise UsageError(f"work folder {work_dir} is inside the input dataset {bids_dir}; choose another -w")
+    if args.lesion_masks is not None and not args.lesion_masks.is_dir():
+        raise InputMissingError("lesion-mask folder does not exist", args.lesion_masks)
+    if args.model is not None and not args.model.exists():
+        raise InputMissingError("model file or folder does not exist", args.model)
+    filters = _load_filters(args.bids_filter_file)
+    resolve_preproc_backend(args.preproc_backend)  # fsl without FSL is a usage error, early
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_labels=participants,
+        session_labels=sessions,
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        mem_gb=args.mem_gb,
+        skip_bids_validation=args.skip_bids_validation,
+        bids_filters=filters,
+        preproc_backend=args.preproc_backend,
+        model=args.model.resolve() if args.model else None,
+        output_spaces=tuple(args.output_spaces),
+        reports_only=args.reports_only,
+        stop_on_first_crash=args.stop_on_first_crash,
+        seed=args.seed,
+        verbosity=args.verbose,
+        group_column=args.group_column,
+        control_value=args.control_value,
+        lesion_masks=args.lesion_masks.resolve() if args.lesion_masks else None,
+        threshold=args.threshold,
+        device=args.device,
+        command_line=tuple(["bids_uad", *(argv if argv is not None else sys.argv[1:])]),
+    )
+
+
+def _setup_logging(settings: Settings, log_file: Path) -> None:
+    level = logging.WARNING - 10 * min(settings.verbosity + 1, 2)
+    root = logging.getLogger("bids_uad")
+    root.setLevel(min(level, logging.INFO))
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    to_file = logging.FileHandler(log_file)
+    to_file.setLevel(logging.DEBUG)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s"))
+    root.addHandler(to_file)
+
+
+def run(settings: Settings) -> int:
+    """Run one analysis level with validated settings; returns 0 or raises."""
+    from bids_uad.bids.layout import BIDSInputs
+    from bids_uad.workflows.base import run_group, run_participant
+
+    _check_writable_dir(settings.output_dir, "output folder")
+    _check_writable_dir(settings.work_dir, "work folder")
+    writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
+    bids = BIDSInputs(settings.bids_dir, validate=not settings.skip_bids_validation,
+                      filters=settings.bids_filters)
+    subjects = bids.select_subjects(settings.participant_labels) if settings.analysis_level == "participant" else []
+    writer.ensure_dataset_description()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+    logs = settings.output_dir / "logs"
+    _check_writable_dir(logs, "logs folder")
+    settings.write(logs, run_id)
+    _setup_logging(settings, logs / f"run-{run_id}.log")
+    LOGGER.info("bids_uad %s, %s level, run %s", __version__, settings.analysis_level, run_id)
+    LOGGER.info("preprocessing backend: %s", settings.resolved_backend())
+    if settings.analysis_level == "participant":
+        run_participant(settings, bids, subjects, run_id)
+    else:
+        run_group(settings, bids, run_id)
+    LOGGER.info("finished; outputs in %s", settings.output_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    try:
+        settings = settings_from_args(argv)
+        return run(settings)
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    except BidsUadError as exc:
+        print(f"bids_uad: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bids_uad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

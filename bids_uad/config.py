@@ -1,0 +1,123 @@
+"""The one settings object of a run: frozen, built from the command line, logged per run.
+
+Every stage reads what it needs from :class:`Settings`; nothing reads ``sys.argv`` or the
+environment behind its back.  ``Settings.write`` records it under ``OUTPUT_DIR/logs/`` as
+JSON so a run can be reproduced exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bids_uad import __version__
+
+ANALYSIS_LEVELS = ("participant", "group")
+PREPROC_BACKENDS = ("auto", "fsl", "python")
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
+#: FSL programs the ``fsl`` backend needs on PATH (with ``FSLDIR`` set).
+FSL_PROGRAMS = ("topup", "applytopup", "eddy", "bet", "fast")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, immutable once built."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    skip_bids_validation: bool = False
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    preproc_backend: str = "auto"
+    model: Path | None = None
+    output_spaces: tuple[str, ...] = ("dwi", "MNI152NLin2009cAsym")
+    reports_only: bool = False
+    stop_on_first_crash: bool = False
+    seed: int = 0
+    verbosity: int = 0
+    group_column: str = "group"
+    control_value: str = "control"
+    lesion_masks: Path | None = None
+    threshold: str = "fixed"
+    device: str = "auto"
+    command_line: tuple[str, ...] = ()
+    version: str = __version__
+
+    def resolved_backend(self) -> str:
+        """``fsl`` or ``python``: the choice of ``--preproc-backend`` made in one place."""
+        return resolve_preproc_backend(self.preproc_backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Settings":
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name in {"bids_dir", "output_dir", "work_dir"} or (
+                f.name in {"model", "lesion_masks"} and value is not None
+            ):
+                value = Path(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def write(self, logs_dir: Path, run_id: str) -> Path:
+        """Record the settings of this run as ``logs/run-<id>_settings.json`` (atomic)."""
+        from bids_uad.bids.derivatives import write_json
+
+        return write_json(Path(logs_dir) / f"run-{run_id}_settings.json", self.to_dict())
+
+
+def fsl_available() -> bool:
+    """True when ``FSLDIR`` is set and the FSL programs this tool uses are on PATH."""
+    if not os.environ.get("FSLDIR"):
+        return False
+    return all(shutil.which(p) for p in FSL_PROGRAMS)
+
+
+def resolve_preproc_backend(requested: str) -> str:
+    """Map ``auto|fsl|python`` to the backend that will actually run.
+
+    ``auto`` picks FSL when it is installed, else the pure-Python implementations;
+    ``fsl`` without FSL is an error rather than a silent fallback.
+    """
+    from bids_uad.errors import UsageError
+
+    if requested not in PREPROC_BACKENDS:
+        raise UsageError(f"--preproc-backend must be one of {', '.join(PREPROC_BACKENDS)}")
+    if requested == "auto":
+        return "fsl" if fsl_available() else "python"
+    if requested == "fsl" and not fsl_available():
+        raise UsageError(
+            "--preproc-backend fsl asked for, but FSL is not installed "
+            f"(need FSLDIR and {', '.join(FSL_PROGRAMS)} on PATH); use auto or python"
+        )
+    return requested
+
+
+def settings_json(settings: Settings) -> str:
+    return json.dumps(settings.to_dict(), indent=2, sort_keys=True)

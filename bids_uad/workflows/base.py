@@ -1,0 +1,205 @@
+"""Top-level orchestration of the two analysis levels: collect inputs, build, run.
+
+The nipype graph of one participant run is assembled from the stage builders in this
+package (``dwi``, ``anat``, ``anomaly``, ``longitudinal``); a stage whose builder is not
+there yet is reported as not implemented (exit 70) after the available stages have run,
+never skipped silently.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from bids_uad.bids.layout import BIDSInputs, SessionInputs
+from bids_uad.bids.lesions import find_lesion_mask
+from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
+from bids_uad.config import Settings
+from bids_uad.errors import InputValidationError, NoFilesSelectedError, StageNotImplementedError
+
+LOGGER = logging.getLogger("bids_uad.workflows")
+
+#: stage name -> (module, builder function, issue that builds it)
+STAGES = {
+    "dwi": ("bids_uad.workflows.dwi", "init_dwi_preproc_wf", "diffusion preprocessing"),
+    "anat": ("bids_uad.workflows.anat", "init_anat_wf", "anatomical processing and registration"),
+    "anomaly": ("bids_uad.workflows.anomaly", "init_anomaly_wf", "anomaly inference"),
+    "longitudinal": ("bids_uad.workflows.longitudinal", "init_longitudinal_wf", "longitudinal comparison"),
+    "reports": ("bids_uad.reports.build", "build_participant_report", "HTML reports"),
+    "training": ("bids_uad.workflows.group", "run_group_training", "group-level training"),
+}
+
+
+def stage_builder(stage: str):
+    """The builder function of a stage, or None when that stage is not implemented yet."""
+    module, func, _ = STAGES[stage]
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), func, None)
+
+
+@dataclass(frozen=True)
+class ParticipantPlan:
+    """Validated inputs of one participant run."""
+
+    sessions: tuple[SessionInputs, ...]
+
+
+def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: list[str]) -> ParticipantPlan:
+    """Gather and validate the files each selected subject/session will use."""
+    sessions: list[SessionInputs] = []
+    for subject in subjects:
+        subj = bids.subject_inputs(subject, settings.session_labels)
+        for ses in subj.sessions:
+            if not ses.dwi and not ses.t1w:
+                LOGGER.warning("sub-%s%s: no dwi and no T1w, skipped", subject,
+                               f" ses-{ses.session}" if ses.session else "")
+                continue
+            for run in ses.dwi:
+                validate_dwi_run(run)
+                if run.reverse_pe is None:
+                    LOGGER.warning("%s: no reverse phase-encoding image: susceptibility correction "
+                                   "will be skipped", run.path.name)
+            for t1w in ses.t1w[:1]:
+                validate_anatomical(t1w, "T1w")
+            for flair in ses.flair[:1]:
+                validate_anatomical(flair, "FLAIR")
+            sessions.append(ses)
+    if not sessions:
+        raise NoFilesSelectedError(
+            "no dwi or T1w images selected for "
+            + ", ".join(f"sub-{s}" for s in subjects)
+            + (f" (sessions {', '.join(settings.session_labels)})" if settings.session_labels else ""),
+            settings.bids_dir,
+        )
+    return ParticipantPlan(sessions=tuple(sessions))
+
+
+def _session_name(ses: SessionInputs) -> str:
+    return f"sub_{ses.subject}" + (f"_ses_{ses.session}" if ses.session else "")
+
+
+def init_participant_wf(settings: Settings, plan: ParticipantPlan):
+    """Build the nipype workflow of all selected sessions; returns (workflow, missing stages)."""
+    from nipype.pipeline import engine as pe
+
+    workflow = pe.Workflow(name="bids_uad_participant_wf")
+    missing: list[str] = []
+    dwi_builder = stage_builder("dwi")
+    anat_builder = stage_builder("anat")
+    if dwi_builder is None:
+        missing.append("dwi")
+    if anat_builder is None:
+        missing.append("anat")
+    for ses in plan.sessions:
+        first_dwi = None
+        for index, run in enumerate(ses.dwi):
+            if dwi_builder is None:
+                break
+            wf = dwi_builder(settings, name=f"dwi_{_session_name(ses)}_{index}")
+            entities = {k: v for k, v in run.entities.items()}
+            wf.inputs.inputnode.dwi_file = str(run.path)
+            wf.inputs.inputnode.bval_file = str(run.bval)
+            wf.inputs.inputnode.bvec_file = str(run.bvec)
+            wf.inputs.inputnode.dwi_metadata = dict(run.metadata)
+            wf.inputs.inputnode.rpe_file = str(run.reverse_pe.path) if run.reverse_pe else ""
+            wf.inputs.inputnode.rpe_metadata = dict(run.reverse_pe.metadata) if run.reverse_pe else {}
+            wf.inputs.inputnode.source_entities = entities
+            workflow.add_nodes([wf])
+            first_dwi = first_dwi or wf
+        if anat_builder is None or not ses.t1w:
+            if ses.dwi and not ses.t1w:
+                LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped", ses.subject)
+            continue
+        if first_dwi is None:
+            LOGGER.warning("sub-%s: no dwi in this session: T1w processed without dwi registration", ses.subject)
+        awf = anat_builder(settings, name=f"anat_{_session_name(ses)}")
+        awf.inputs.inputnode.t1w_file = str(ses.t1w[0])
+        awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
+        lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
+        awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
+        awf.inputs.inputnode.source_entities = ses.entities
+        if first_dwi is not None:
+            workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
+                                                ("outputnode.brain_mask", "inputnode.dwi_mask")])])
+        else:
+            awf.inputs.inputnode.dwi_ref = ""
+            awf.inputs.inputnode.dwi_mask = ""
+            workflow.add_nodes([awf])
+    return workflow, missing
+
+
+def nipype_plugin(settings: Settings) -> tuple[str, dict]:
+    """Linear for one process, MultiProc otherwise (with the memory limit)."""
+    if settings.nprocs <= 1:
+        return "Linear", {}
+    args: dict = {"n_procs": settings.nprocs, "raise_insufficient": False}
+    if settings.mem_gb:
+        args["memory_gb"] = settings.mem_gb
+    return "MultiProc", args
+
+
+def run_workflow(workflow, settings: Settings, run_id: str) -> None:
+    """Run a nipype workflow in the work folder with crash files in the output logs."""
+    from nipype import config as nipype_config
+
+    crash_dir = settings.output_dir / "logs" / f"crash-{run_id}"
+    workflow.base_dir = str(settings.work_dir)
+    workflow.config["execution"].update({
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "stop_on_first_crash": settings.stop_on_first_crash,
+        "hash_method": "content",
+        "remove_unnecessary_outputs": False,
+        "create_report": False,
+    })
+    nipype_config.set("execution", "check_version", "false")
+    plugin, args = nipype_plugin(settings)
+    LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
+    workflow.run(plugin=plugin, plugin_args=args)
+
+
+def run_participant(settings: Settings, bids: BIDSInputs, subjects: list[str], run_id: str) -> None:
+    """Participant level: preprocess (and with --model, map anomalies) for the selected subjects."""
+    if settings.reports_only:
+        _require_stage("reports")
+    plan = collect_participant_inputs(settings, bids, subjects)
+    LOGGER.info("%d session(s) of %d subject(s) selected", len(plan.sessions), len(subjects))
+    workflow, missing = init_participant_wf(settings, plan)
+    if workflow.list_node_names():
+        run_workflow(workflow, settings, run_id)
+    if settings.model is not None and stage_builder("anomaly") is None:
+        missing.append("anomaly")
+    if stage_builder("reports") is None:
+        missing.append("reports")
+    if missing:
+        names = "; ".join(STAGES[m][2] for m in missing)
+        raise StageNotImplementedError(
+            f"input validation{' and the available stages' if workflow.list_node_names() else ''} "
+            f"completed, but these stages are not implemented yet: {names}"
+        )
+
+
+def _require_stage(stage: str):
+    builder = stage_builder(stage)
+    if builder is None:
+        raise StageNotImplementedError(f"{STAGES[stage][2]} is not implemented yet")
+    return builder
+
+
+def run_group(settings: Settings, bids: BIDSInputs, run_id: str) -> None:
+    """Group level: train and calibrate the models on the controls, evaluate, group report."""
+    controls = bids.controls(settings.group_column, settings.control_value)
+    if len(controls) < 3:
+        raise InputValidationError(
+            f"only {len(controls)} control(s) with {settings.group_column}={settings.control_value!r} "
+            "in participants.tsv; at least 3 are needed to train and calibrate",
+            settings.bids_dir / "participants.tsv",
+        )
+    if settings.participant_labels:
+        controls = [c for c in controls if c in settings.participant_labels]
+    LOGGER.info("%d controls available for training: %s", len(controls), ", ".join(controls))
+    training = _require_stage("training")
+    training(settings, bids, controls, run_id)
