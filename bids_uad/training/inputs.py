@@ -46,6 +46,14 @@ def normalise_dwi(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: n
     return out, bvals[~b0], bvecs[~b0]
 
 
+def dw_gradients(bvals: np.ndarray, bvecs: np.ndarray, b0_threshold: float = B0_THRESHOLD
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Diffusion-weighted part (b0s removed) of a gradient table: (bvals (C,), bvecs (C, 3))."""
+    bvals = np.asarray(bvals, dtype=float).ravel()
+    keep = bvals > b0_threshold
+    return bvals[keep], _as_nx3(bvecs)[keep]
+
+
 def _as_nx3(bvecs: np.ndarray) -> np.ndarray:
     bvecs = np.asarray(bvecs, dtype=float)
     if bvecs.ndim == 2 and bvecs.shape[0] == 3 and bvecs.shape[1] != 3:
