@@ -122,4 +122,6 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
         if name.startswith(prefix):
             idx, key = name[len(prefix):].split(".", 1)
             state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]  # JSON turned tuples (betas) into lists
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,86 @@
+"""Forward shapes, losses and the registry of the anomaly-detection networks."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bids_uad.errors import UsageError
+from bids_uad.models import MODELS, get_model
+from bids_uad.training.settings import ModelSettings, Settings, preset
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def _batch(s: ModelSettings, b=2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, s.n_channels, *s.grid, generator=g)
+    # smooth structured signal so that a network can learn something in a few steps
+    x = torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=False)
+    anomaly = (torch.rand(b, *s.grid, generator=g) > 0.9).float()
+    return {"clean": x, "input": x, "anomaly": anomaly}
+
+
+@pytest.mark.parametrize("name", ["dae", "recdisc"])
+@pytest.mark.parametrize("variant", [{}, {"norm": "group", "output_activation": "linear", "grid": (16, 8, 16)}])
+def test_forward_shapes(name, variant):
+    s = replace(preset("quick", name).model, **variant)
+    model = get_model(name, s)
+    batch = _batch(s)
+    loss, parts = model.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert set(parts) == ({"mse", "kl"} if name == "dae" else {"mse", "bce"})
+    score = model.score(batch["clean"])
+    assert score.shape == (2, *s.grid)
+    if name == "recdisc":
+        assert float(score.min()) >= 0 and float(score.max()) <= 1
+    recon = model(batch["clean"])[0]
+    assert recon.shape == batch["clean"].shape
+    if s.output_activation == "sigmoid":
+        recon = recon.detach()
+        assert float(recon.min()) >= 0 and float(recon.max()) <= 1
+
+
+def test_dae_score_is_abs_of_channel_sum():
+    s = preset("quick", "dae").model
+    model = get_model("dae", s).eval()
+    x = _batch(s)["clean"]
+    recon = model(x)[0]
+    torch.testing.assert_close(model.score(x), (recon - x).sum(1).abs())
+
+
+@pytest.mark.parametrize("name", ["dae", "recdisc"])
+def test_loss_decreases(name):
+    torch.manual_seed(0)
+    s = replace(preset("quick", name).model, n_channels=8)
+    model = get_model(name, s)
+    batch = _batch(s)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_registry_and_settings_errors():
+    assert {"dae", "recdisc"} <= set(MODELS)
+    with pytest.raises(UsageError):
+        get_model("nope", ModelSettings())
+    with pytest.raises(UsageError):
+        ModelSettings(grid=(90, 90, 54), depth=4)  # not divisible by 16
+    with pytest.raises(UsageError):
+        ModelSettings(output_activation="tanh")
+
+
+def test_settings_round_trip():
+    for name in ("quick", "paper"):
+        s = preset(name, "recdisc")
+        assert Settings.from_dict(s.to_dict()) == s
+    with pytest.raises(UsageError):
+        Settings.from_dict({"model": {"bogus": 1}})
