@@ -186,8 +186,8 @@ class BIDSInputs:
         runs = []
         dwi_meta = {f.path: dict(self.layout.get_metadata(f.path)) for f in dwi_files}
         for f in dwi_files:
-            bval = self.layout.get_bval(f.path)
-            bvec = self.layout.get_bvec(f.path)
+            bval = self._nearest(f.path, "bval")
+            bvec = self._nearest(f.path, "bvec")
             entities = {k: v for k, v in f.get_entities().items() if k not in ("suffix", "extension", "datatype")}
             runs.append(DwiRun(
                 path=Path(f.path),
@@ -227,6 +227,14 @@ class BIDSInputs:
                 if other != dwi_path and ometa.get("PhaseEncodingDirection") == OPPOSITE_PE.get(pe):
                     return ReversePE(path=Path(other), metadata=ometa, kind="dwi")
         return None
+
+    def _nearest(self, image_path: str, kind: str) -> str | None:
+        """The ``.bval``/``.bvec`` of a dwi, next to it or inherited; None when there is none."""
+        getter = self.layout.get_bval if kind == "bval" else self.layout.get_bvec
+        try:
+            return getter(image_path) or None
+        except (IndexError, ValueError):  # pybids raises these when nothing matches
+            return None
 
     def _sidecar_of(self, image_path: str) -> Path:
         p = Path(image_path)

@@ -1,0 +1,155 @@
+"""The command line: every documented exit code, one-line messages, options, settings log."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from bids_uad.cli.parser import build_parser
+from bids_uad.cli.run import main, settings_from_args
+from bids_uad.config import Settings
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_help_documents_every_option(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--participant-label", "--session-label", "--work-dir", "--nprocs", "--omp-nthreads",
+                   "--mem-gb", "--skip-bids-validation", "--bids-filter-file", "--preproc-backend",
+                   "--model", "--output-spaces", "--reports-only", "--stop-on-first-crash", "--seed",
+                   "--verbose", "--version", "exit codes"):
+        assert option in out, option
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert "bids_uad" in capsys.readouterr().out
+
+
+def test_missing_bids_dir_exits_66(capsys, tmp_path):
+    code, err = _run(capsys, "/nonexistent", tmp_path / "out", "participant")
+    assert code == 66
+    assert err.count("\n") == 1 and "/nonexistent" in err and "does not exist" in err
+
+
+def test_unknown_level_exits_17(capsys, small_bids, tmp_path):
+    code, err = _run(capsys, small_bids, tmp_path / "out", "session")
+    assert code == 17 and "unknown analysis level" in err
+
+
+def test_unknown_participant_exits_18_and_writes_nothing(capsys, small_bids, tmp_path):
+    out = tmp_path / "out"
+    code, err = _run(capsys, small_bids, out, "participant", "--participant-label", "nobody", "-w", tmp_path / "w")
+    assert code == 18 and "sub-nobody" in err
+    assert not (out / "logs").exists()
+
+
+@pytest.mark.parametrize("label", ["../x", "a/b", "sub-..", "x\\y"])
+def test_path_like_label_exits_64(capsys, small_bids, tmp_path, label):
+    code, err = _run(capsys, small_bids, tmp_path / "out", "participant", "--participant-label", label)
+    assert code == 64 and "invalid sub label" in err
+
+
+def test_usage_errors_exit_64(capsys, small_bids, tmp_path):
+    assert _run(capsys, small_bids)[0] == 64  # missing positionals
+    assert _run(capsys, small_bids, tmp_path / "o", "participant", "--nprocs", "0")[0] == 64
+    assert _run(capsys, small_bids, tmp_path / "o", "participant", "--bogus")[0] == 64
+    code, err = _run(capsys, small_bids, small_bids / "derivatives" / "x", "participant")
+    assert code == 64 and "inside" in err
+    assert _run(capsys, small_bids, small_bids, "participant")[0] == 64
+    code, err = _run(capsys, small_bids, tmp_path / "o", "participant", "-w", small_bids / "work")
+    assert code == 64 and "work folder" in err
+    assert not (small_bids / "work").exists() and not (small_bids / "derivatives").exists()
+
+
+def test_fsl_backend_without_fsl_is_usage_error(capsys, small_bids, tmp_path, monkeypatch):
+    monkeypatch.delenv("FSLDIR", raising=False)
+    code, err = _run(capsys, small_bids, tmp_path / "o", "participant", "--preproc-backend", "fsl")
+    assert code == 64 and "FSL is not installed" in err
+
+
+def test_unwritable_output_exits_73(capsys, small_bids, tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        code, err = _run(capsys, small_bids, blocker / "out", "participant", "-w", tmp_path / "w")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        code, err = _run(capsys, small_bids, ro / "out", "participant", "-w", tmp_path / "w")
+    assert code == 73 and "cannot create the output folder" in err
+
+
+def test_invalid_dataset_exits_16(capsys, tmp_path):
+    (tmp_path / "bids").mkdir()
+    code, err = _run(capsys, tmp_path / "bids", tmp_path / "out", "participant", "-w", tmp_path / "w")
+    assert code == 16 and "dataset_description.json" in err
+
+
+def test_bad_dwi_exits_16_naming_the_file(capsys, small_bids, tmp_path):
+    bval = small_bids / "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_dwi.bval"
+    bval.write_text("0 1000")
+    code, err = _run(capsys, small_bids, tmp_path / "out", "participant", "--participant-label", "pat01",
+                     "-w", tmp_path / "w")
+    assert code == 16 and "sub-pat01_ses-pre_dir-AP_dwi.bval" in err and "mismatch" in err
+
+
+def test_group_needs_three_controls(capsys, tmp_path):
+    from tests.conftest import build_small_bids
+
+    bids = build_small_bids(tmp_path / "bids", n_controls=2, n_patients=1)
+    code, err = _run(capsys, bids, tmp_path / "out", "group", "-w", tmp_path / "w")
+    assert code == 16 and "only 2 control(s)" in err and "participants.tsv" in err
+    code, err = _run(capsys, bids, tmp_path / "out", "group", "-w", tmp_path / "w", "--control-value", "healthy")
+    assert code == 16 and "only 0 control(s)" in err
+
+
+def test_filter_file_errors(capsys, small_bids, tmp_path):
+    assert _run(capsys, small_bids, tmp_path / "o", "participant", "--bids-filter-file", tmp_path / "none.json")[0] == 66
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert _run(capsys, small_bids, tmp_path / "o", "participant", "--bids-filter-file", bad)[0] == 64
+
+
+def test_settings_are_frozen_and_round_trip(small_bids, tmp_path):
+    s = settings_from_args([str(small_bids), str(tmp_path / "o"), "participant", "--participant_label", "sub-pat01",
+                            "--session-label", "ses-pre", "--nprocs", "2", "--mem-gb", "3.5", "--seed", "7"])
+    assert s.participant_labels == ("pat01",) and s.session_labels == ("pre",)
+    assert s.nprocs == 2 and s.mem_gb == 3.5 and s.seed == 7
+    with pytest.raises(Exception):
+        s.seed = 3  # type: ignore[misc]
+    assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_settings_written_to_logs_and_input_untouched(capsys, small_bids, tmp_path):
+    before = sorted((p.relative_to(small_bids), p.stat().st_mtime_ns) for p in small_bids.rglob("*"))
+    out = tmp_path / "out"
+    code, _ = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
+    assert code in (0, 70)  # 70 while a pipeline stage is not implemented yet
+    logs = list((out / "logs").glob("run-*_settings.json"))
+    assert len(logs) == 1 and json.loads(logs[0].read_text())["participant_labels"] == ["pat01"]
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    after = sorted((p.relative_to(small_bids), p.stat().st_mtime_ns) for p in small_bids.rglob("*"))
+    assert before == after
+
+
+def test_parser_accepts_underscore_aliases():
+    args = build_parser().parse_args(["b", "o", "participant", "--participant_label", "01", "02"])
+    assert args.participant_label == ["01", "02"]
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bids_uad", "/nonexistent", str(tmp_path / "o"), "participant"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 66 and "does not exist" in proc.stderr
