@@ -101,7 +101,7 @@ def match_directions(dirs: np.ndarray, ref_dirs: np.ndarray, angle_tol_deg: floa
 
 
 def sh_resampling_matrix(dirs: np.ndarray, ref_dirs: np.ndarray, sh_order_max: int | None = None,
-                         smooth: float = 0.006) -> np.ndarray:
+                         smooth: float = 1e-4) -> np.ndarray:
     """Matrix M (n_ref, n_dirs) mapping signals on ``dirs`` to ``ref_dirs`` via an even SH fit.
 
     The fit uses dipy's real symmetric (Descoteaux) basis with Laplace-Beltrami

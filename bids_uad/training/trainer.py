@@ -7,6 +7,7 @@ Checkpoints are safetensors + JSON (model, Adam state flattened, best weights, c
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def _validation_loss(model, data, masks, settings, device, fold) -> float:
 
 
 def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
-    return {"settings": settings.to_dict(), "fold": fold, "data_hash": dhash}
+    return json.loads(json.dumps({"settings": settings.to_dict(), "fold": fold, "data_hash": dhash}))
 
 
 def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks: Sequence[np.ndarray],
