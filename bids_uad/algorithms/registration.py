@@ -1,0 +1,295 @@
+"""Image registration with ANTs (antspyx, in-process): rigid, affine and SyN, lesion-aware.
+
+Images come in and go out as nibabel images (array + RAS affine); ANTs works in LPS
+physical space, so :func:`to_ants`/:func:`from_ants` convert the affine exactly.  Transforms
+are written by ANTs itself (``.mat`` affines, ``Warp.nii.gz`` fields and, with
+``composite=True``, one ``Composite.h5`` / ``InverseComposite.h5`` pair) and are listed in
+antspyx order: the image goes through the *last* transform of a list first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+#: Interpolation per kind of image: labels keep their values, the rest is resampled smoothly.
+INTERPOLATION = {
+    "label": "genericLabel",
+    "dseg": "genericLabel",
+    "mask": "genericLabel",
+    "probability": "linear",
+    "probseg": "linear",
+    "image": "linear",
+    "scalar": "linear",
+}
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def interpolation_for(kind: str) -> str:
+    """ANTs interpolator for ``label|dseg|mask`` (genericLabel) or ``image|probability`` (linear)."""
+    try:
+        return INTERPOLATION[kind]
+    except KeyError as exc:
+        raise ValueError(f"unknown image kind {kind!r}; one of {sorted(INTERPOLATION)}") from exc
+
+
+def configure_ants(threads: int = 1, seed: int | None = 0) -> None:
+    """Set ITK's thread count and ANTs' random seed (sampling in Mattes MI) for reproducibility."""
+    import ants
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(threads)))
+    if seed is not None:
+        os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+        ants.config._random_seed = int(seed)  # read by ants.registration (--random-seed)
+        np.random.seed(int(seed))
+
+
+def to_ants(img: nib.Nifti1Image | "object", pixeltype: str = "float"):
+    """nibabel image (RAS affine) → ANTsImage with the same physical space (LPS)."""
+    import ants
+
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        return img  # already an ANTsImage
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3-D image, got shape {data.shape}")
+    lps = _LPS @ img.affine
+    zooms = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / zooms
+    return ants.from_numpy(
+        data, origin=tuple(float(v) for v in lps[:3, 3]), spacing=tuple(float(v) for v in zooms),
+        direction=direction.astype(float),
+    ).clone(pixeltype)
+
+
+def from_ants(aimg, dtype=np.float32, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """ANTsImage → nibabel image with the equivalent RAS affine."""
+    spacing = np.asarray(aimg.spacing, dtype=float)
+    direction = np.asarray(aimg.direction, dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = np.asarray(aimg.origin, dtype=float)
+    affine = _LPS @ lps
+    out = nib.Nifti1Image(np.asarray(aimg.numpy()).astype(dtype), affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+def _as_nib(img) -> nib.Nifti1Image:
+    if isinstance(img, (str, Path)):
+        return nib.load(str(img))
+    if isinstance(img, nib.spatialimages.SpatialImage):
+        return img
+    return from_ants(img)
+
+
+@dataclass
+class RegistrationResult:
+    """Transforms (antspyx order) from one registration and the warped moving image."""
+
+    forward: list[str]            # moving → fixed (resample moving onto fixed)
+    inverse: list[str]            # fixed → moving
+    forward_invert: list[bool]    # whichtoinvert flags for ``forward``
+    inverse_invert: list[bool]    # whichtoinvert flags for ``inverse``
+    warped: nib.Nifti1Image       # moving resampled on fixed
+    kind: str = "SyN"
+    extras: dict = field(default_factory=dict)
+
+
+def exclusion_mask(brain_mask: np.ndarray | None, lesion_mask: np.ndarray | None,
+                   shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Metric mask for ANTs: brain (or everything) minus the lesion — lesions do not drive the fit."""
+    if brain_mask is None and lesion_mask is None:
+        return None
+    if brain_mask is None:
+        brain = np.ones(shape or lesion_mask.shape, dtype=bool)
+    else:
+        brain = np.asarray(brain_mask) > 0
+    if lesion_mask is not None:
+        brain = brain & ~(np.asarray(lesion_mask) > 0)
+    return brain
+
+
+def _mask_image(mask, like: nib.Nifti1Image | None = None):
+    if mask is None:
+        return None
+    if isinstance(mask, np.ndarray):
+        if like is None:
+            raise ValueError("a mask given as an array needs a reference image")
+        mask = nib.Nifti1Image(mask.astype(np.float32), like.affine)
+    mask = _as_nib(mask)
+    data = (np.asarray(mask.dataobj) > 0).astype(np.float32)
+    return to_ants(nib.Nifti1Image(data, mask.affine))
+
+
+def register(
+    fixed,
+    moving,
+    kind: str = "SyN",
+    fixed_mask=None,
+    moving_mask=None,
+    lesion_mask=None,
+    out_prefix: str | Path | None = None,
+    composite: bool = False,
+    seed: int | None = 0,
+    threads: int = 1,
+    reg_iterations: Sequence[int] = (40, 20, 0),
+    aff_metric: str = "mattes",
+    syn_metric: str = "mattes",
+    initial_transform: str | None = None,
+    **kwargs,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` (ANTs ``Rigid``, ``Affine``, ``SyN``, ``SyNRA``...).
+
+    ``lesion_mask`` (in moving space) is removed from the moving metric mask (and from the
+    brain mask if one is given), so a tumour neither pulls nor tears the deformation; the
+    masks are used in every stage.  Transforms go to ``out_prefix`` (a temporary folder
+    when None); ``composite=True`` writes ``Composite.h5``/``InverseComposite.h5``.
+    """
+    import ants
+
+    configure_ants(threads, seed)
+    fixed_n, moving_n = _as_nib(fixed), _as_nib(moving)
+    if lesion_mask is not None:
+        lesion = np.asarray(_as_nib(lesion_mask).dataobj) > 0
+        brain = None if moving_mask is None else np.asarray(_as_nib(moving_mask).dataobj) > 0
+        moving_mask = nib.Nifti1Image(
+            exclusion_mask(brain, lesion, moving_n.shape[:3]).astype(np.float32), moving_n.affine)
+    fmask, mmask = _mask_image(fixed_mask, fixed_n), _mask_image(moving_mask, moving_n)
+    if out_prefix is None:
+        out_prefix = Path(tempfile.mkdtemp(prefix="bids_uad_reg_")) / "reg_"
+    out_prefix = str(out_prefix)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    args = dict(
+        type_of_transform=kind, outprefix=out_prefix, mask=fmask, moving_mask=mmask,
+        mask_all_stages=fmask is not None or mmask is not None,
+        reg_iterations=tuple(reg_iterations), aff_metric=aff_metric, syn_metric=syn_metric,
+        write_composite_transform=composite, verbose=False,
+    )
+    if initial_transform is not None:
+        args["initial_transform"] = initial_transform
+    args.update(kwargs)
+    LOGGER.info("antsRegistration %s (%s masks)", kind, "with" if args["mask_all_stages"] else "no")
+    res = ants.registration(to_ants(fixed_n), to_ants(moving_n), **args)
+    fwd, inv = res["fwdtransforms"], res["invtransforms"]
+    if composite:
+        fwd, inv = [fwd], [inv]
+        fwd_inv, inv_inv = [False], [False]
+    else:
+        fwd, inv = list(fwd), list(inv)
+        fwd_inv = [False] * len(fwd)
+        inv_inv = [p.endswith(".mat") for p in inv]
+    return RegistrationResult(
+        forward=[str(p) for p in fwd], inverse=[str(p) for p in inv],
+        forward_invert=fwd_inv, inverse_invert=inv_inv,
+        warped=from_ants(res["warpedmovout"]), kind=kind,
+    )
+
+
+def apply_transforms(
+    moving_img,
+    fixed_img,
+    transforms: Sequence[str],
+    interpolation: str = "linear",
+    invert: Sequence[bool] | None = None,
+    default_value: float = 0.0,
+    dtype=None,
+) -> nib.Nifti1Image:
+    """Resample ``moving_img`` onto the grid of ``fixed_img`` through ``transforms``.
+
+    ``interpolation`` is an ANTs interpolator or an image kind (``label``, ``mask``,
+    ``probability``, ``image``; see :data:`INTERPOLATION`).  ``invert`` flags the affine
+    ``.mat`` files to invert (antspyx ``whichtoinvert``).  4-D inputs are resampled per volume.
+    Label outputs keep an integer dtype.
+    """
+    import ants
+
+    interp = INTERPOLATION.get(interpolation, interpolation)
+    moving_n, fixed_n = _as_nib(moving_img), _as_nib(fixed_img)
+    if fixed_n.ndim > 3:
+        fixed_n = nib.Nifti1Image(np.asarray(fixed_n.dataobj)[..., 0], fixed_n.affine)
+    transforms = [str(t) for t in transforms] or ["identity"]
+    if transforms == ["identity"]:
+        invert = None
+    elif invert is None:
+        invert = [False] * len(transforms)
+    invert = None if invert is None else [bool(v) for v in invert]
+    fixed_a = to_ants(fixed_n)
+    data = np.asarray(moving_n.dataobj, dtype=np.float32)
+    vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[-1])]
+    out = []
+    for vol in vols:
+        mov = to_ants(nib.Nifti1Image(vol, moving_n.affine))
+        if transforms == ["identity"]:
+            warped = ants.resample_image_to_target(mov, fixed_a, interp_type=interp)
+        else:
+            warped = ants.apply_transforms(fixed_a, mov, transformlist=list(transforms),
+                                           interpolator=interp, whichtoinvert=invert,
+                                           defaultvalue=default_value)
+        out.append(warped.numpy())
+    arr = out[0] if data.ndim == 3 else np.stack(out, axis=-1)
+    if dtype is None:
+        dtype = np.int16 if interp in ("genericLabel", "nearestNeighbor", "multiLabel") else np.float32
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        arr = np.rint(arr)
+    img = nib.Nifti1Image(arr.astype(dtype), fixed_n.affine)
+    img.set_qform(fixed_n.affine, code=1)
+    img.set_sform(fixed_n.affine, code=1)
+    return img
+
+
+def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert: Sequence[bool],
+                          t1w2mni: Sequence[str], t1w2mni_invert: Sequence[bool] | None = None,
+                          ) -> tuple[list[str], list[bool]]:
+    """Transform list (and invert flags) taking a dwi-space image to the template.
+
+    The image first goes dwi → T1w (inverse of T1w→dwi), then T1w → template; antspyx
+    applies the last transform of the list first, so the T1w→template part comes first.
+    """
+    fwd_flags = list(t1w2mni_invert) if t1w2mni_invert is not None else [False] * len(t1w2mni)
+    return list(t1w2mni) + list(t1w2dwi_inverse), fwd_flags + list(t1w2dwi_inverse_invert)
+
+
+def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
+                    t1w2mni: Sequence[str], interpolation: str = "linear",
+                    t1w2dwi_inverse_invert: Sequence[bool] | None = None) -> nib.Nifti1Image:
+    """Carry a dwi-space map to template space in one resampling (dwi → T1w → template).
+
+    ``t1w2dwi_inverse`` is the inverse of T1w→dwi (``InverseComposite.h5`` or the
+    ``[affine.mat, InverseWarp.nii.gz]`` pair, whose ``.mat`` is inverted automatically).
+    """
+    flags = (list(t1w2dwi_inverse_invert) if t1w2dwi_inverse_invert is not None
+             else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
+    xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
+    return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
+
+
+def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> list[str]:
+    """Copy ANTs transform files next to each other under predictable names."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, p in enumerate(paths):
+        name = Path(p).name
+        ext = ".nii.gz" if name.endswith(".nii.gz") else Path(p).suffix
+        target = out_dir / f"{stem}_{i}{ext}"
+        shutil.copyfile(p, target)
+        out.append(str(target))
+    return out
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two binary arrays (1.0 when both are empty)."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    denom = a.sum() + b.sum()
+    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

@@ -1,0 +1,178 @@
+"""T1w skull stripping with nothing fetched at run time.
+
+Default (``method="template"``): a morphological first guess (tissue threshold, erosion
+to cut the brain from the scalp, largest component, dilation back) is refined by
+registering the brain-only template to the subject (affine + coarse SyN, antspyx) and
+warping its brain mask.  ``method="morph"`` stops after the first guess (fast, for tests);
+``method="deepbet"`` uses deepbet when it is installed (its weights ship in its wheel).
+FSL's ``bet`` is chosen in the interface layer when the FSL backend is active.
+"""
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from bids_uad.algorithms.intensity import head_mask, otsu
+from bids_uad.algorithms.registration import apply_transforms, register
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _ball(radius_vox: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.asarray(radius_vox, dtype=float), 0.5)
+    half = np.ceil(r).astype(int)
+    grid = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    return sum((g / rr) ** 2 for g, rr in zip(grid, r)) <= 1.0
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndi.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndi.sum(mask, labels, range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def morphological_brain_mask(data: np.ndarray, zooms, erode_mm: float = 5.0) -> np.ndarray:
+    """First guess of the brain: bright tissue, eroded, largest component, dilated back, filled.
+
+    The skull is dark on T1w, so after thresholding at the tissue level and eroding a few
+    mm the brain is no longer connected to the (bright) scalp.
+    """
+    zooms = np.asarray(zooms[:3], dtype=float)
+    head = head_mask(data)
+    inside = data[head]
+    if inside.size == 0:
+        return head
+    tissue = (data > otsu(inside)) & head
+    ball = _ball(erode_mm / zooms)
+    core = ndi.binary_erosion(tissue, structure=ball)
+    if not core.any():
+        core = tissue
+    core = _largest(core)
+    brain = ndi.binary_dilation(core, structure=ball) & head
+    # include the dark CSF inside and around the brain: close, fill holes
+    brain = ndi.binary_closing(brain, structure=_ball(3.0 / zooms), iterations=1)
+    brain = ndi.binary_fill_holes(brain)
+    return brain & head
+
+
+def template_brain_mask(
+    img: nib.Nifti1Image,
+    template_t1w: str,
+    template_mask: str,
+    first_guess: np.ndarray | None = None,
+    resolution_mm: float = 2.0,
+    seed: int | None = 0,
+    threads: int = 1,
+    syn_iterations=(30, 15, 0),
+) -> tuple[np.ndarray, dict]:
+    """Warp a template brain mask to the subject (template brain-only T1w → subject brain).
+
+    Registration runs at ``resolution_mm`` on the subject masked by the dilated first guess
+    (which keeps the scalp out of the metric); the warped mask is thresholded at 0.5.
+    """
+    from nibabel.processing import resample_to_output
+
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    zooms = img.header.get_zooms()[:3]
+    if first_guess is None:
+        first_guess = morphological_brain_mask(data, zooms)
+    grown = ndi.binary_dilation(first_guess, structure=_ball(4.0 / np.asarray(zooms, float)))
+    fixed = nib.Nifti1Image(data * grown, img.affine)
+    res = max(resolution_mm, float(min(zooms)))
+    fixed_lo = resample_to_output(fixed, [res] * 3, order=1) if min(zooms) < res else fixed
+    tpl = nib.load(str(template_t1w))
+    tpl = nib.Nifti1Image(np.asarray(tpl.dataobj, dtype=np.float32), tpl.affine)
+    moving_lo = resample_to_output(tpl, [res] * 3, order=1)
+    reg = register(fixed_lo, moving_lo, kind="SyN", seed=seed, threads=threads,
+                   reg_iterations=syn_iterations, composite=True)
+    warped = apply_transforms(template_mask, img, reg.forward, "probability")
+    mask = np.asarray(warped.dataobj) >= 0.5
+    mask = ndi.binary_fill_holes(_largest(mask))
+    return mask, {"transforms": reg.forward, "inverse": reg.inverse}
+
+
+def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 4.0,
+                  min_dice: float = 0.85) -> np.ndarray:
+    """Keep the data-driven edges of ``guess`` where the warped template agrees.
+
+    ``guess`` is cut to the template mask grown by ``margin_mm`` (drops leaks into eyes,
+    scalp or neck); when the two disagree grossly (Dice < ``min_dice``) the template mask
+    wins, since a failed threshold is the more likely cause.
+    """
+    a, b = guess > 0, warped > 0
+    denom = a.sum() + b.sum()
+    agreement = 2.0 * (a & b).sum() / denom if denom else 1.0
+    if agreement < min_dice:
+        LOGGER.warning("skull strip: threshold mask and template mask disagree (Dice %.2f); "
+                       "using the template mask", agreement)
+        return b
+    grown = ndi.binary_dilation(b, structure=_ball(margin_mm / np.asarray(zooms[:3], float)))
+    return ndi.binary_fill_holes(_largest(a & grown))
+
+
+def deepbet_available() -> bool:
+    try:
+        import deepbet  # noqa: F401
+    except Exception:  # deepbet is optional
+        return False
+    return True
+
+
+def skull_strip(
+    img: nib.Nifti1Image,
+    method: str = "template",
+    template=None,
+    seed: int | None = 0,
+    threads: int = 1,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Brain mask and brain-extracted image of a T1w (with skull).
+
+    ``template`` is a :class:`bids_uad.algorithms.templates.Template` (found when None).
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    zooms = img.header.get_zooms()[:3]
+    guess = morphological_brain_mask(data, zooms)
+    if method == "morph":
+        mask = guess
+    elif method == "template":
+        if template is None:
+            from bids_uad.algorithms.templates import find_template
+
+            template = find_template()
+        warped, _ = template_brain_mask(img, template.t1w, template.brain_mask, guess,
+                                        seed=seed, threads=threads)
+        mask = combine_masks(guess, warped, zooms)
+    elif method == "template-only":
+        if template is None:
+            from bids_uad.algorithms.templates import find_template
+
+            template = find_template()
+        mask, _ = template_brain_mask(img, template.t1w, template.brain_mask, guess,
+                                      seed=seed, threads=threads)
+    elif method == "deepbet":
+        mask = _deepbet_mask(img)
+    else:
+        raise ValueError(f"unknown skull-strip method {method!r}")
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+    mask_img.set_data_dtype(np.uint8)
+    brain = nib.Nifti1Image((data * mask).astype(np.float32), img.affine)
+    return mask_img, brain
+
+
+def _deepbet_mask(img: nib.Nifti1Image) -> np.ndarray:  # pragma: no cover - optional package
+    import os
+    import tempfile
+
+    from deepbet import run_bet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t1w.nii.gz")
+        out = os.path.join(tmp, "mask.nii.gz")
+        nib.save(img, src)
+        run_bet([src], mask_paths=[out], threshold=0.5, n_dilate=0, no_gpu=True)
+        return np.asarray(nib.load(out).dataobj) > 0
