@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from bids_uad import __version__
+from bids_uad.training.settings import MODEL_NAMES, THRESHOLD_METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")
 DEVICES = ("auto", "cpu", "cuda")
-THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
+TRAIN_PRESETS = ("quick", "paper")
 #: FSL programs the ``fsl`` backend needs on PATH (with ``FSLDIR`` set).
 FSL_PROGRAMS = ("topup", "applytopup", "eddy", "bet", "fast")
 
@@ -51,6 +52,9 @@ class Settings:
     lesion_masks: Path | None = None
     threshold: str = "fixed"
     device: str = "auto"
+    models: tuple[str, ...] = MODEL_NAMES
+    train_preset: str = "paper"
+    ensemble: bool = False
     command_line: tuple[str, ...] = ()
     version: str = __version__
 

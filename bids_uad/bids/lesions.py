@@ -13,8 +13,8 @@ def find_lesion_mask(root: str | Path | None, subject: str, session: str | None 
                      space: str = "T1w") -> Path | None:
     """The lesion mask of ``sub-<subject>[_ses-<session>]`` in ``space``, or None.
 
-    Looks in ``root/sub-X[/ses-Y]/anat/`` for ``*_desc-{tumor,lesion}_mask.nii[.gz]``; a file
-    without a ``space-`` entity is taken as T1w space (the BIDS default for anat masks).
+    Looks in ``root/sub-X[/ses-Y]/{anat,dwi}/`` for ``*_desc-{tumor,lesion}_mask.nii[.gz]``; a
+    file without a ``space-`` entity is in its folder's native space (T1w for anat, dwi for dwi).
     """
     if root is None:
         return None
@@ -22,14 +22,14 @@ def find_lesion_mask(root: str | Path | None, subject: str, session: str | None 
     folder = Path(root) / f"sub-{subject}"
     if session:
         folder = folder / f"ses-{validate_label(session, 'ses')}"
-    folder = folder / "anat"
-    if not folder.is_dir():
-        return None
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     for desc in LESION_DESCS:
-        for path in sorted(folder.glob(f"{prefix}_*desc-{desc}_mask.nii*")):
-            name = path.name
-            has_space = "_space-" in name
-            if (has_space and f"_space-{space}_" in name) or (not has_space and space == "T1w"):
-                return path
+        for datatype, implied_space in (("anat", "T1w"), ("dwi", "dwi")):
+            for path in sorted((folder / datatype).glob(f"{prefix}_*desc-{desc}_mask.nii*")):
+                name = path.name
+                if "_space-" in name:
+                    if f"_space-{space}_" in name:
+                        return path
+                elif space == implied_space:
+                    return path
     return None

@@ -104,6 +104,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         lesion_masks=args.lesion_masks.resolve() if args.lesion_masks else None,
         threshold=args.threshold,
         device=args.device,
+        models=tuple(dict.fromkeys(args.models)),
+        train_preset=args.train_preset,
+        ensemble=args.ensemble,
         command_line=tuple(["bids_uad", *(argv if argv is not None else sys.argv[1:])]),
     )
 

@@ -21,7 +21,9 @@ from bids_uad.bids.derivatives import DerivativesWriter, atomic_path, write_json
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="file to store")
+    in_file = traits.Str(mandatory=True, desc="file to store")
+    skip_empty = traits.Bool(False, usedefault=True,
+                             desc="store nothing when in_file is '' (an optional output that was not made)")
     output_dir = traits.Str(mandatory=True, desc="derivatives root (OUTPUT_DIR)")
     bids_dir = traits.Str(desc="input dataset, to refuse writing inside it and to cite sources")
     entities = traits.Dict(mandatory=True, desc="BIDS entities (sub, ses, space, desc, ...)")
@@ -34,7 +36,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
-    out_file = File(desc="the stored derivative")
+    out_file = traits.Str(desc="the stored derivative ('' when skipped)")
     out_meta = File(desc="its JSON sidecar")
 
 
@@ -53,6 +55,11 @@ class DerivativesDataSink(SimpleInterface):
     output_spec = _DerivativesDataSinkOutputSpec
 
     def _run_interface(self, runtime):
+        if not self.inputs.in_file and self.inputs.skip_empty:
+            self._results["out_file"] = ""
+            return runtime
+        if not Path(self.inputs.in_file).is_file():
+            raise FileNotFoundError(f"DerivativesDataSink: no such file {self.inputs.in_file!r}")
         writer = DerivativesWriter(self.inputs.output_dir, self.inputs.bids_dir or None)
         extension = self.inputs.extension or _extension_of(self.inputs.in_file)
         datatype = self.inputs.datatype or None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
+from bids_uad.bids.preprocessed import find_preprocessed_dwi
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError, StageNotImplementedError
@@ -82,53 +83,94 @@ def _session_name(ses: SessionInputs) -> str:
 
 
 def init_participant_wf(settings: Settings, plan: ParticipantPlan):
-    """Build the nipype workflow of all selected sessions; returns (workflow, missing stages)."""
+    """Build the nipype workflow of all selected sessions; returns (workflow, missing stages).
+
+    With ``--model``, a session whose preprocessed derivatives already exist in OUTPUT_DIR is
+    scored from them (the derivatives are the interface between levels); otherwise
+    preprocessing runs first and feeds inference directly.
+    """
     from nipype.pipeline import engine as pe
 
     workflow = pe.Workflow(name="bids_uad_participant_wf")
     missing: list[str] = []
-    dwi_builder = stage_builder("dwi")
-    anat_builder = stage_builder("anat")
-    if dwi_builder is None:
-        missing.append("dwi")
-    if anat_builder is None:
-        missing.append("anat")
+    builders = {stage: stage_builder(stage) for stage in ("dwi", "anat", "anomaly")}
+    wanted = ["dwi", "anat"] + (["anomaly"] if settings.model is not None else [])
+    missing = [stage for stage in wanted if builders[stage] is None]
     for ses in plan.sessions:
-        first_dwi = None
-        for index, run in enumerate(ses.dwi):
-            if dwi_builder is None:
-                break
-            wf = dwi_builder(settings, name=f"dwi_{_session_name(ses)}_{index}")
-            entities = {k: v for k, v in run.entities.items()}
-            wf.inputs.inputnode.dwi_file = str(run.path)
-            wf.inputs.inputnode.bval_file = str(run.bval)
-            wf.inputs.inputnode.bvec_file = str(run.bvec)
-            wf.inputs.inputnode.dwi_metadata = dict(run.metadata)
-            wf.inputs.inputnode.rpe_file = str(run.reverse_pe.path) if run.reverse_pe else ""
-            wf.inputs.inputnode.rpe_metadata = dict(run.reverse_pe.metadata) if run.reverse_pe else {}
-            wf.inputs.inputnode.source_entities = entities
-            workflow.add_nodes([wf])
-            first_dwi = first_dwi or wf
-        if anat_builder is None or not ses.t1w:
-            if ses.dwi and not ses.t1w:
-                LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped", ses.subject)
+        done = find_preprocessed_dwi(settings.output_dir, ses.subject, ses.session) if settings.model else None
+        if done is not None and done.analysis_mask is not None:
+            LOGGER.info("sub-%s%s: preprocessed derivatives found, scoring them", ses.subject,
+                        f" ses-{ses.session}" if ses.session else "")
+            if builders["anomaly"] is not None:
+                awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}")
+                awf.inputs.inputnode.dwi_preproc = str(done.dwi)
+                awf.inputs.inputnode.bval = str(done.bval)
+                awf.inputs.inputnode.bvec = str(done.bvec)
+                awf.inputs.inputnode.brain_mask = str(done.brain_mask)
+                awf.inputs.inputnode.analysis_mask = str(done.analysis_mask)
+                awf.inputs.inputnode.source_entities = done.entities
+                workflow.add_nodes([awf])
             continue
-        if first_dwi is None:
-            LOGGER.warning("sub-%s: no dwi in this session: T1w processed without dwi registration", ses.subject)
-        awf = anat_builder(settings, name=f"anat_{_session_name(ses)}")
-        awf.inputs.inputnode.t1w_file = str(ses.t1w[0])
-        awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
-        lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
-        awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
-        awf.inputs.inputnode.source_entities = ses.entities
-        if first_dwi is not None:
-            workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
-                                                ("outputnode.brain_mask", "inputnode.dwi_mask")])])
-        else:
-            awf.inputs.inputnode.dwi_ref = ""
-            awf.inputs.inputnode.dwi_mask = ""
-            workflow.add_nodes([awf])
+        first_dwi = _add_dwi_stage(workflow, builders["dwi"], settings, ses)
+        anat_wf = _add_anat_stage(workflow, builders["anat"], settings, ses, first_dwi)
+        if builders["anomaly"] is not None and settings.model is not None and first_dwi is not None:
+            awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}")
+            awf.inputs.inputnode.source_entities = ses.entities
+            workflow.connect([(first_dwi, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
+                                                ("outputnode.bval", "inputnode.bval"),
+                                                ("outputnode.bvec", "inputnode.bvec"),
+                                                ("outputnode.brain_mask", "inputnode.brain_mask")])])
+            if anat_wf is not None:
+                workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
+            else:
+                LOGGER.warning("sub-%s: no anatomical analysis mask: anomalies scored in the whole brain mask",
+                               ses.subject)
+                awf.inputs.inputnode.analysis_mask = ""
     return workflow, missing
+
+
+def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs):
+    """One preprocessing workflow per dwi run; returns the first (its b0 reference anchors anat)."""
+    first = None
+    if builder is None:
+        return None
+    for index, run in enumerate(ses.dwi):
+        wf = builder(settings, name=f"dwi_{_session_name(ses)}_{index}")
+        wf.inputs.inputnode.dwi_file = str(run.path)
+        wf.inputs.inputnode.bval_file = str(run.bval)
+        wf.inputs.inputnode.bvec_file = str(run.bvec)
+        wf.inputs.inputnode.dwi_metadata = dict(run.metadata)
+        wf.inputs.inputnode.rpe_file = str(run.reverse_pe.path) if run.reverse_pe else ""
+        wf.inputs.inputnode.rpe_metadata = dict(run.reverse_pe.metadata) if run.reverse_pe else {}
+        wf.inputs.inputnode.source_entities = dict(run.entities)
+        workflow.add_nodes([wf])
+        first = first or wf
+    return first
+
+
+def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, first_dwi):
+    """The anatomical workflow of a session, registered to its first dwi run when there is one."""
+    if builder is None:
+        return None
+    if not ses.t1w:
+        if ses.dwi:
+            LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped", ses.subject)
+        return None
+    awf = builder(settings, name=f"anat_{_session_name(ses)}")
+    awf.inputs.inputnode.t1w_file = str(ses.t1w[0])
+    awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
+    lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
+    awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
+    awf.inputs.inputnode.source_entities = ses.entities
+    if first_dwi is not None:
+        workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
+                                            ("outputnode.brain_mask", "inputnode.dwi_mask")])])
+    else:
+        LOGGER.warning("sub-%s: no dwi in this session: T1w processed without dwi registration", ses.subject)
+        awf.inputs.inputnode.dwi_ref = ""
+        awf.inputs.inputnode.dwi_mask = ""
+        workflow.add_nodes([awf])
+    return awf
 
 
 def nipype_plugin(settings: Settings) -> tuple[str, dict]:
@@ -170,8 +212,6 @@ def run_participant(settings: Settings, bids: BIDSInputs, subjects: list[str], r
     workflow, missing = init_participant_wf(settings, plan)
     if workflow.list_node_names():
         run_workflow(workflow, settings, run_id)
-    if settings.model is not None and stage_builder("anomaly") is None:
-        missing.append("anomaly")
     if stage_builder("reports") is None:
         missing.append("reports")
     if missing:

@@ -1,0 +1,84 @@
+"""Participant-level anomaly inference workflow: score, p-value and binary maps per model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.config import Settings
+from bids_uad.errors import InputMissingError
+from bids_uad.interfaces.anomaly import AnomalyInference
+from bids_uad.interfaces.derivatives import DerivativesDataSink
+
+
+def resolve_model_files(path: str | Path) -> list[Path]:
+    """``--model``: one ``model-<name>.json`` or a folder holding several (each with its tensors)."""
+    path = Path(path)
+    files = sorted(path.glob("model-*.json")) if path.is_dir() else [path]
+    files = [f for f in files if f.suffix == ".json" and f.with_suffix(".safetensors").is_file()]
+    if not files:
+        raise InputMissingError("no trained model found (model-<name>.json with its .safetensors)", path)
+    return files
+
+
+def model_entities(source_entities: dict, model_name: str, extra: dict) -> dict:
+    """Entities of a per-model output (self-contained: nipype runs it from its source)."""
+    keep = {k: v for k, v in source_entities.items() if k in ("subject", "session", "acquisition", "run")}
+    keep.update(extra)
+    keep["model"] = model_name
+    return keep
+
+
+#: output key -> (extra entities, BIDS suffix)
+OUTPUTS = {
+    "score": ({"space": "dwi", "stat": "score"}, "anomaly"),
+    "pvalue": ({"space": "dwi", "stat": "pvalue"}, "anomaly"),
+    "mask": ({"space": "dwi", "desc": "anomaly"}, "mask"),
+}
+
+
+def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
+    """Inference for every model in ``settings.model``, maps written in diffusion space.
+
+    inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_entities.
+    outputnode: scores, masks (lists, one per model).
+    """
+    models = resolve_model_files(settings.model)
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask",
+                                                      "analysis_mask", "source_entities"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks"]), name="outputnode")
+    infer = pe.MapNode(AnomalyInference(threshold_method=settings.threshold, ensemble=settings.ensemble,
+                                        device="cpu" if settings.device == "auto" else settings.device,
+                                        threads=settings.omp_nthreads),
+                       iterfield=["model_file"], name="infer", mem_gb=2.0)
+    infer.inputs.model_file = [str(m) for m in models]
+    common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir), "datatype": "dwi"}
+    sinks = {}
+    for key, (extra, suffix) in OUTPUTS.items():
+        ent = pe.MapNode(niu.Function(input_names=["source_entities", "model_name", "extra"],
+                                      output_names=["entities"], function=model_entities),
+                         iterfield=["model_name"], name=f"entities_{key}")
+        ent.inputs.extra = extra
+        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=(key == "pvalue"), **common), iterfield=["in_file", "entities", "meta"],
+                          name=f"ds_{key}", run_without_submitting=True)
+        workflow.connect([
+            (inputnode, ent, [("source_entities", "source_entities")]),
+            (infer, ent, [("model_name", "model_name")]),
+            (ent, sink, [("entities", "entities")]),
+            (infer, sink, [(key, "in_file"), ("meta", "meta")]),
+            (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
+        ])
+        sinks[key] = sink
+    workflow.connect([
+        (inputnode, infer, [("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
+                            ("brain_mask", "brain_mask"), ("analysis_mask", "analysis_mask")]),
+        (sinks["score"], outputnode, [("out_file", "scores")]),
+        (sinks["mask"], outputnode, [("out_file", "masks")]),
+    ])
+    return workflow
+
+
+def _as_list(value):
+    return [value]

@@ -1,0 +1,154 @@
+"""Group level: train the anomaly models on the controls, calibrate, evaluate, report.
+
+This level is one process (torch training), not a nipype graph: it reads the participant
+derivatives of the controls from ``OUTPUT_DIR``, trains every requested model with k-fold
+cross-validation (calibrating thresholds on each fold's held-out controls), saves the
+models under ``OUTPUT_DIR/models/`` (safetensors + JSON), evaluates them on subjects with
+lesion masks, and writes the tables under ``OUTPUT_DIR/group/``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bids_uad.bids.derivatives import write_tsv
+from bids_uad.bids.layout import BIDSInputs
+from bids_uad.bids.lesions import find_lesion_mask
+from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, order_sessions
+from bids_uad.config import Settings
+from bids_uad.errors import InputValidationError, NoFilesSelectedError
+
+LOGGER = logging.getLogger("bids_uad.group")
+
+
+def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> PreprocessedDwi | None:
+    """The preprocessed dwi of a subject's first session (by ``acq_time``) that has one."""
+    sessions = order_sessions(bids.sessions(subject, settings.session_labels), bids.sessions_table(subject))
+    for session in sessions:
+        found = find_preprocessed_dwi(settings.output_dir, subject, session)
+        if found is not None:
+            return found
+    return None
+
+
+def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int]):
+    """Training settings from the preset, sized to the data: channels and a grid that covers it."""
+    from bids_uad.training.settings import preset
+
+    base = preset(settings.train_preset, model)
+    div = 2 ** base.model.depth
+    grid = tuple(int(math.ceil(s / div) * div) for s in shape)
+    return replace(
+        base,
+        model=replace(base.model, n_channels=int(n_channels), grid=grid),
+        training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads,
+                         device=settings.device, progress=True),
+        scoring=replace(base.scoring, threshold_method=settings.threshold),
+    )
+
+
+def _load_controls(found: list[PreprocessedDwi]) -> dict:
+    loaded = [f.load() for f in found]
+    shapes = {d["dwi"].shape[:3] for d in loaded}
+    shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
+    return {"items": loaded, "shape": shape}
+
+
+def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str], run_id: str) -> None:
+    """Train, calibrate and evaluate every model in ``settings.models``."""
+    from bids_uad.training.bundle import train_from_dwi
+    from bids_uad.training.inputs import dw_gradients
+
+    found, missing = [], []
+    for subject in controls:
+        item = baseline_derivatives(settings, bids, subject)
+        (found if item is not None else missing).append(item or subject)
+    if missing:
+        LOGGER.warning("controls without preprocessed dwi (run the participant level for them): %s",
+                       ", ".join(f"sub-{m}" for m in missing))
+    if len(found) < 3:
+        raise NoFilesSelectedError(
+            f"only {len(found)} control(s) have preprocessed dwi in {settings.output_dir}; at least 3 are "
+            "needed: run the participant level first",
+            settings.output_dir,
+        )
+    data = _load_controls(found)
+    items = data["items"]
+    ref_bvals, _ = dw_gradients(items[0]["bvals"], items[0]["bvecs"])
+    models_dir = settings.output_dir / "models"
+    group_dir = settings.output_dir / "group"
+    subjects = [f.subject for f in found]
+    for model in settings.models:
+        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"])
+        if len(found) < msettings.training.n_folds:
+            msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
+        LOGGER.info("training %s on %d controls (%d folds, grid %s, %d channels)", model, len(found),
+                    msettings.training.n_folds, msettings.model.grid, msettings.model.n_channels)
+        bundle = train_from_dwi(
+            msettings,
+            [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],
+            [i["brain_mask"] for i in items], subjects,
+            analysis_masks=[i["analysis_mask"] for i in items],
+            checkpoint_dir=settings.work_dir / "training" / model,
+        )
+        path = bundle.save(models_dir)
+        LOGGER.info("saved %s", path)
+        write_tsv(group_dir / f"model-{model}_folds.tsv", [
+            {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss,
+             "heldout": " ".join(f"sub-{subjects[i]}" for i in f.val_idx),
+             "threshold_at_fpr": None if f.calibration is None else f.calibration.threshold(msettings.scoring.fpr)}
+            for f in bundle.folds
+        ])
+        evaluate_bundle(settings, bids, bundle, controls, group_dir)
+
+
+def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:
+    """Per-subject AUROC/AUPRC/Dice for subjects with a dwi-space lesion mask; mean ± SD table."""
+    import nibabel as nib
+
+    from bids_uad.scoring.inference import evaluate, infer
+
+    rows = []
+    for subject in bids.subjects():
+        if subject in controls:
+            continue
+        found = baseline_derivatives(settings, bids, subject)
+        if found is None:
+            continue
+        lesion = find_lesion_mask(settings.lesion_masks, subject, found.session, space="dwi")
+        if lesion is None:
+            continue
+        arrays = found.load()
+        truth = np.asarray(nib.load(str(lesion)).dataobj) > 0
+        if truth.shape != arrays["brain_mask"].shape:
+            raise InputValidationError(
+                f"lesion mask shape {truth.shape} differs from the dwi grid {arrays['brain_mask'].shape}", lesion)
+        result = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
+                       arrays["analysis_mask"])
+        metrics = evaluate(result.score, truth, arrays["analysis_mask"], bundle.name, bundle.settings.scoring,
+                           bundle.calibration())
+        row = {"participant_id": f"sub-{subject}", "session": found.session or "n/a",
+               "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
+        for method, value in metrics["dice"].items():
+            row[f"dice_{method}"] = value
+        for method, value in metrics["dice_opened"].items():
+            row[f"dice_opened_{method}"] = value
+        rows.append(row)
+    if not rows:
+        LOGGER.info("%s: no subject with a dwi-space lesion mask: evaluation skipped", bundle.name)
+        return
+    write_tsv(group_dir / f"model-{bundle.name}_evaluation.tsv", rows)
+    columns = [c for c in rows[0] if c not in ("participant_id", "session")]
+    summary = []
+    for c in columns:
+        values = np.array([r[c] for r in rows if r.get(c) is not None], float)
+        values = values[np.isfinite(values)]
+        summary.append({"metric": c, "mean": values.mean() if values.size else None,
+                        "sd": values.std(ddof=1) if values.size > 1 else None, "n": int(values.size)})
+    write_tsv(group_dir / f"model-{bundle.name}_evaluation_summary.tsv", summary)
+    auroc = next(s for s in summary if s["metric"] == "auroc")
+    LOGGER.info("%s: AUROC %.3f over %d subjects", bundle.name, auroc["mean"] or float("nan"), auroc["n"])
