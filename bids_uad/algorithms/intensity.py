@@ -40,7 +40,9 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     mu0 = m0 / np.maximum(w0, 1)
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
     between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+    between = between[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # middle of a flat optimum
+    return float(centres[int(best[len(best) // 2])])
 
 
 def n4_correct(

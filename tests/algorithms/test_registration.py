@@ -1,0 +1,160 @@
+"""ANTs registration helpers: spaces, SyN recovery, interpolation, lesion masking, templates."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_uad.algorithms import registration as reg
+from bids_uad.algorithms.templates import (
+    NILEARN_NAME, TEMPLATEFLOW_NAME, find_template, phantom_head, ventricle_prior,
+)
+
+
+def test_ants_roundtrip_keeps_oblique_affine():
+    rot = np.deg2rad(10)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(rot), -np.sin(rot), 0], [np.sin(rot), np.cos(rot), 0], [0, 0, 1]]) \
+        @ np.diag([2.0, 2.5, 3.0])
+    affine[:3, 3] = [-40, 12, 7]
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    back = reg.from_ants(reg.to_ants(nib.Nifti1Image(data, affine)))
+    assert np.allclose(back.affine, affine, atol=1e-5)
+    assert np.allclose(back.get_fdata(), data)
+
+
+@pytest.mark.parametrize("kind,expected", [("label", "genericLabel"), ("mask", "genericLabel"),
+                                           ("dseg", "genericLabel"), ("probability", "linear"),
+                                           ("image", "linear")])
+def test_interpolation_per_kind(kind, expected):
+    assert reg.interpolation_for(kind) == expected
+
+
+def test_interpolation_unknown_kind():
+    with pytest.raises(ValueError):
+        reg.interpolation_for("banana")
+
+
+def test_apply_transforms_labels_stay_labels():
+    head = phantom_head(4.0)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [1.3, -0.7, 0.4]
+    target = nib.Nifti1Image(np.zeros(head["dseg"].shape, np.float32), shifted @ head["dseg"].affine)
+    out = reg.apply_transforms(head["dseg"], target, [], "label")
+    assert set(np.unique(out.get_fdata())) <= {0, 1, 2, 3}
+    assert np.issubdtype(out.get_data_dtype(), np.integer)
+    prob = reg.apply_transforms(head["brain_mask"], target, [], "probability")
+    values = np.unique(prob.get_fdata())
+    assert prob.get_data_dtype() == np.float32 and len(values) > 2  # linear: in-between values
+
+
+def test_syn_recovers_known_deformation(tmp_path):
+    fixed = phantom_head(4.0, bias=0.0, noise=0.0)
+    moving = phantom_head(4.0, warp_mm=6.0, bias=0.0, noise=0.0)
+    wm_f = fixed["dseg"].get_fdata() == 3
+    before = reg.dice(moving["dseg"].get_fdata() == 3, wm_f)
+    res = reg.register(fixed["t1w"], moving["t1w"], kind="SyN", composite=True,
+                       out_prefix=tmp_path / "x_", reg_iterations=(60, 30, 0))
+    assert res.forward[0].endswith("Composite.h5") and res.inverse[0].endswith("InverseComposite.h5")
+    warped = reg.apply_transforms(moving["dseg"], fixed["t1w"], res.forward, "label")
+    after = reg.dice(warped.get_fdata() == 3, wm_f)
+    assert after > before + 0.1 and after >= 0.8, (before, after)
+    # the inverse brings the fixed labels back onto the moving image
+    back = reg.apply_transforms(fixed["dseg"], moving["t1w"], res.inverse, "label")
+    assert reg.dice(back.get_fdata() == 3, moving["dseg"].get_fdata() == 3) > before + 0.1
+
+
+def test_lesion_mask_reaches_ants(monkeypatch):
+    import ants
+
+    captured = {}
+
+    def fake_registration(fixed, moving, **kwargs):
+        captured.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(ants, "registration", fake_registration)
+    head = phantom_head(4.0, lesion_radius_mm=12.0)
+    lesion = head["lesion"]
+    assert lesion.get_fdata().sum() > 10
+    with pytest.raises(RuntimeError, match="stop"):
+        reg.register(head["t1w"], head["t1w"], moving_mask=head["brain_mask"], lesion_mask=lesion)
+    mmask = captured["moving_mask"].numpy() > 0
+    les, brain = lesion.get_fdata() > 0, head["brain_mask"].get_fdata() > 0
+    assert not mmask[les].any()                     # lesion excluded from the metric
+    assert mmask[brain & ~les].all()                # rest of the brain kept
+    assert captured["mask_all_stages"] is True
+    # without a brain mask: everything but the lesion
+    captured.clear()
+    with pytest.raises(RuntimeError):
+        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion)
+    mmask = captured["moving_mask"].numpy() > 0
+    assert mmask.sum() == mmask.size - les.sum()
+
+
+def test_seed_and_threads_are_set(monkeypatch):
+    import ants
+
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    reg.configure_ants(threads=2, seed=7)
+    import os
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
+    assert ants.config._random_seed == 7
+
+
+def test_chain_dwi_to_template_order():
+    xfms, flags = reg.chain_dwi_to_template(["aff.mat", "inv.nii.gz"], [True, False],
+                                            ["warp.nii.gz", "mni.mat"])
+    assert xfms == ["warp.nii.gz", "mni.mat", "aff.mat", "inv.nii.gz"]
+    assert flags == [False, False, True, False]
+
+
+def test_template_falls_back_to_nilearn(tmp_path):
+    empty_tf = tmp_path / "tf"
+    (empty_tf / f"tpl-{TEMPLATEFLOW_NAME}").mkdir(parents=True)
+    # placeholder (empty) files as a TemplateFlow skeleton leaves them
+    (empty_tf / f"tpl-{TEMPLATEFLOW_NAME}" / f"tpl-{TEMPLATEFLOW_NAME}_res-01_T1w.nii.gz").write_bytes(b"")
+    tpl = find_template(templateflow_home=empty_tf)
+    assert tpl.name == NILEARN_NAME == "MNI152NLin2009aSym"
+    name, t1w, mask, priors = tpl
+    assert set(priors) == {"GM", "WM", "CSF"}
+    brain = nib.load(mask).get_fdata() > 0
+    vent = nib.load(tpl.ventricles).get_fdata()
+    assert 8_000 < (vent > 0.5).sum() < 40_000          # lateral ventricles: ~10-40 ml at 1 mm
+    assert (vent[~brain] > 0.5).sum() == 0
+    csf = nib.load(priors["CSF"]).get_fdata()
+    assert csf.max() <= 1.0 and csf[brain].mean() > 0.05
+
+
+def test_template_uses_templateflow_when_present(tmp_path):
+    base = tmp_path / "tf" / f"tpl-{TEMPLATEFLOW_NAME}"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-96, -132, -78]
+    shape = (25, 30, 25)
+    brain = np.zeros(shape, bool)
+    brain[4:21, 4:26, 4:21] = True
+    stem = f"tpl-{TEMPLATEFLOW_NAME}_res-01"
+    files = {"T1w": rng.random(shape) * 100, "desc-brain_mask": brain,
+             "label-GM_probseg": rng.random(shape) * 0.5, "label-WM_probseg": rng.random(shape) * 0.4,
+             "label-CSF_probseg": rng.random(shape) * 0.1}
+    for key, arr in files.items():
+        nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), affine), base / f"{stem}_{key}.nii.gz")
+    tpl = find_template(templateflow_home=tmp_path / "tf", cache=tmp_path / "cache")
+    assert tpl.name == TEMPLATEFLOW_NAME and tpl.source == "templateflow"
+    assert tpl.priors["WM"].endswith("label-WM_probseg.nii.gz")
+
+
+def test_ventricle_prior_picks_central_component():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-60, -80, -40]
+    shape = (60, 80, 60)
+    brain = np.zeros(shape, bool)
+    brain[5:55, 5:75, 5:55] = True
+    csf = np.zeros(shape, np.float32)
+    csf[25:35, 35:45, 25:30] = 1.0    # around (0, -5, 15) mm: ventricles
+    csf[5:8, 10:20, 10:20] = 1.0      # lateral, at the brain's edge: sulcal CSF
+    prior = ventricle_prior(csf, brain, affine)
+    assert prior[30, 40, 27] > 0.9
+    assert prior[6, 15, 15] < 0.01
