@@ -55,6 +55,7 @@ class Settings:
     models: tuple[str, ...] = MODEL_NAMES
     train_preset: str = "paper"
     ensemble: bool = False
+    use_plugin: Path | None = None
     command_line: tuple[str, ...] = ()
     version: str = __version__
 
@@ -81,7 +82,7 @@ class Settings:
                 continue
             value = data[f.name]
             if f.name in {"bids_dir", "output_dir", "work_dir"} or (
-                f.name in {"model", "lesion_masks"} and value is not None
+                f.name in {"model", "lesion_masks", "use_plugin"} and value is not None
             ):
                 value = Path(value)
             elif isinstance(value, list):

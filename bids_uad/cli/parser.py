@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per process (torch, ITK, BLAS) (default: 1)")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float,
                       help="memory limit for scheduling, in GB")
+    perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=Path, metavar="FILE",
+                      help="nipype plugin settings (YAML or JSON: {plugin: MultiProc|SLURM|..., plugin_args: {...}})")
     perf.add_argument("--stop-on-first-crash", action="store_true",
                       help="stop at the first failing step instead of finishing the others")
     perf.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,

@@ -40,6 +40,24 @@ def _load_filters(path: Path | None) -> dict:
     return data
 
 
+def load_plugin_settings(path: Path) -> tuple[str, dict]:
+    """Read a nipype plugin file: ``{plugin: NAME, plugin_args: {...}}`` in YAML or JSON."""
+    import yaml
+
+    if not path.is_file():
+        raise InputMissingError("plugin settings file does not exist", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"plugin settings file is not valid YAML/JSON ({exc})", path) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
+        raise UsageError("plugin settings file must name a 'plugin' (e.g. MultiProc, SLURM)", path)
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise UsageError("'plugin_args' must be a mapping", path)
+    return data["plugin"], args
+
+
 def _check_writable_dir(path: Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -79,6 +97,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if args.model is not None and not args.model.exists():
         raise InputMissingError("model file or folder does not exist", args.model)
     filters = _load_filters(args.bids_filter_file)
+    if args.use_plugin is not None:
+        load_plugin_settings(args.use_plugin)  # fail early on a bad file
     resolve_preproc_backend(args.preproc_backend)  # fsl without FSL is a usage error, early
     return Settings(
         bids_dir=bids_dir,
@@ -107,6 +127,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         ensemble=args.ensemble,
+        use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
         command_line=tuple(["bids_uad", *(argv if argv is not None else sys.argv[1:])]),
     )
 

@@ -174,7 +174,16 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
 
 
 def nipype_plugin(settings: Settings) -> tuple[str, dict]:
-    """Linear for one process, MultiProc otherwise (with the memory limit)."""
+    """The ``--use-plugin`` file when given; else Linear for one process, MultiProc otherwise."""
+    if settings.use_plugin is not None:
+        from bids_uad.cli.run import load_plugin_settings
+
+        plugin, args = load_plugin_settings(settings.use_plugin)
+        if plugin == "MultiProc":
+            args = {"n_procs": settings.nprocs, **args}
+            if settings.mem_gb:
+                args.setdefault("memory_gb", settings.mem_gb)
+        return plugin, args
     if settings.nprocs <= 1:
         return "Linear", {}
     args: dict = {"n_procs": settings.nprocs, "raise_insufficient": False}

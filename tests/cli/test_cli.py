@@ -153,3 +153,18 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bids_uad", "/nonexistent", str(tmp_path / "o"), "participant"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 66 and "does not exist" in proc.stderr
+
+
+def test_plugin_file(small_bids, tmp_path, capsys):
+    from bids_uad.workflows.base import nipype_plugin
+
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args:\n  maxtasksperchild: 1\n")
+    s = settings_from_args([str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin),
+                            "--nprocs", "2", "--mem-gb", "4"])
+    assert nipype_plugin(s) == ("MultiProc", {"n_procs": 2, "maxtasksperchild": 1, "memory_gb": 4.0})
+    s = settings_from_args([str(small_bids), str(tmp_path / "o"), "participant"])
+    assert nipype_plugin(s) == ("Linear", {})
+    plugin.write_text("plugin_args: {}\n")
+    assert main([str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin)]) == 64
+    assert "must name a 'plugin'" in capsys.readouterr().err
