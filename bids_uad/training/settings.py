@@ -77,6 +77,7 @@ class TrainingSettings:
     learning_rate: float = 1e-4
     lr_decay: float = 0.95  # exponential decay per epoch
     batch_size: int = 4
+    steps_per_epoch: int | None = None  # None: one pass over the training subjects
     n_folds: int = 7
     patience: int = 15  # early stopping: epochs without validation improvement
     seed: int = 0
@@ -158,8 +159,8 @@ def preset(name: str, model: str = "dae") -> Settings:
         return Settings(
             model=ModelSettings(name=model, grid=(16, 16, 16), n_channels=32, features=8,
                                 max_features=32, depth=2, latent_size=32),
-            training=TrainingSettings(epochs=6, learning_rate=2e-3, lr_decay=0.95, batch_size=4,
-                                      n_folds=3, patience=5, progress=False),
+            training=TrainingSettings(epochs=6, learning_rate=5e-3, lr_decay=0.95, batch_size=4,
+                                      steps_per_epoch=4, n_folds=3, patience=5, progress=False),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )
     if name == "paper":

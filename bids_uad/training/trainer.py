@@ -141,10 +141,16 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         model.train()
         rng = np.random.default_rng([ts.seed, fold, epoch])
         torch.manual_seed(_seed_int(ts.seed, fold, epoch))
-        order = rng.permutation(n)
+        if ts.steps_per_epoch is None:
+            order = rng.permutation(n)
+            batches = [order[b:b + ts.batch_size] for b in range(0, n, ts.batch_size)]
+        else:  # fixed number of batches drawn from consecutive permutations
+            need = ts.steps_per_epoch * ts.batch_size
+            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+            batches = np.split(order, ts.steps_per_epoch)
         losses = []
-        for b in range(0, n, ts.batch_size):
-            batch = make_batch(model, train_data, train_masks, order[b:b + ts.batch_size], rng, settings, device)
+        for idx in batches:
+            batch = make_batch(model, train_data, train_masks, idx, rng, settings, device)
             opt.zero_grad(set_to_none=True)
             loss, _ = model.loss(batch)
             loss.backward()
