@@ -56,6 +56,7 @@ class Settings:
     train_preset: str = "paper"
     ensemble: bool = False
     use_plugin: Path | None = None
+    baseline_session: str | None = None
     command_line: tuple[str, ...] = ()
     version: str = __version__
 

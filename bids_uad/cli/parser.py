@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
                      metavar="FILE",
                      help="JSON file of pybids filters per suffix, e.g. {\"dwi\": {\"acquisition\": \"b1000\"}}")
+    sel.add_argument("--baseline-session", metavar="LABEL",
+                     help="longitudinal baseline session (default: the first session with dwi by acq_time "
+                          "in sessions.tsv)")
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                      action="store_true", help="do not validate the input dataset layout")
     sel.add_argument("--group-column", default="group", metavar="COLUMN",

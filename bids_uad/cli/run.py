@@ -128,6 +128,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         train_preset=args.train_preset,
         ensemble=args.ensemble,
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
+        baseline_session=validate_label(args.baseline_session, "ses") if args.baseline_session else None,
         command_line=tuple(["bids_uad", *(argv if argv is not None else sys.argv[1:])]),
     )
 
