@@ -1,0 +1,301 @@
+"""Anatomical workflow: N4 → skull strip → T1w→template SyN → tissues → T1w→dwi SyN → outputs.
+
+Wiring only; numerics live in :mod:`bids_uad.algorithms` behind :mod:`bids_uad.interfaces.anat`.
+The FSL backend (``settings.resolved_backend() == "fsl"``) swaps skull stripping for
+``bet`` and segmentation for ``fast``; everything downstream sees the same file kinds.
+"""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.algorithms.templates import find_template
+from bids_uad.interfaces.anat import (
+    AnalysisMask,
+    ApplyMask,
+    ApplyTransforms,
+    FASTToDseg,
+    FlairToT1w,
+    N4BiasFieldCorrection,
+    RegisterImages,
+    SkullStrip,
+    TissueSegmentation,
+    VentricleMask,
+    fsl_bet,
+    fsl_fast,
+)
+from bids_uad.interfaces.derivatives import DerivativesDataSink
+
+INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "source_entities"]
+OUTPUT_FIELDS = [
+    "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
+    "dwi_dseg", "dwi_probsegs", "dwi_ventricles", "dwi_analysis_mask",
+    "t1w2dwi_xfm", "dwi2t1w_xfm", "t1w2mni_xfm", "mni2t1w_xfm", "template_name", "template_file",
+]
+#: resolution (mm) the T1w→template registration runs at (transforms are physical: any grid)
+TEMPLATE_REG_MM = 2.0
+
+
+def derivative_entities(source_entities: dict, extra: dict) -> dict:
+    """Entities of one derivative: subject/session (and acquisition/run) of the source + extra."""
+    keep = {k: v for k, v in dict(source_entities).items()
+            if k in ("subject", "session", "sub", "ses") and v}
+    keep.update(extra)
+    return keep
+
+
+def _first(items):
+    return items[0] if items else ""
+
+
+def _pick(items, index):
+    return items[index] if items and len(items) > index else ""
+
+
+def _list3(a, b, c):
+    return [a, b, c]
+
+
+def _ants_node(interface, name, settings, **kw):
+    node = pe.Node(interface, name=name, n_procs=max(1, int(settings.omp_nthreads)), **kw)
+    if "num_threads" in node.inputs.copyable_trait_names():
+        node.inputs.num_threads = max(1, int(settings.omp_nthreads))
+    if "seed" in node.inputs.copyable_trait_names():
+        node.inputs.seed = int(settings.seed)
+    return node
+
+
+def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "template",
+                 reg_iterations=(40, 20, 0)) -> pe.Workflow:
+    """The anatomical stage of one session (see module docstring); writes its derivatives.
+
+    inputnode: ``t1w_file``, ``flair_file`` ('' when none), ``dwi_ref`` (b0 reference in dwi
+    space; '' when the session has no dwi), ``dwi_mask``, ``lesion_mask`` ('' when none),
+    ``source_entities`` (dict: subject[, session]).
+    outputnode: see :data:`OUTPUT_FIELDS`; transform outputs are lists in antspyx order
+    (one composite ``.h5`` each); probseg lists are ordered GM, WM, CSF.
+    """
+    template = find_template()
+    backend = settings.resolved_backend()
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+    outputnode.inputs.template_name = template.name
+    outputnode.inputs.template_file = template.t1w
+
+    n4 = _ants_node(N4BiasFieldCorrection(), "t1w_n4", settings)
+    workflow.connect(inputnode, "t1w_file", n4, "in_file")
+
+    # -- skull stripping -------------------------------------------------------------
+    brain = pe.Node(niu.IdentityInterface(fields=["mask", "brain"]), name="brain")
+    if backend == "fsl":
+        bet = pe.Node(fsl_bet(), name="fsl_bet")
+        apply_mask = pe.Node(ApplyMask(), name="bet_apply_mask")
+        workflow.connect([
+            (n4, bet, [("out_file", "in_file")]),
+            (bet, apply_mask, [("mask_file", "mask_file")]),
+            (n4, apply_mask, [("out_file", "in_file")]),
+            (bet, brain, [("mask_file", "mask")]),
+            (apply_mask, brain, [("out_file", "brain")]),
+        ])
+    else:
+        strip = _ants_node(SkullStrip(method=skullstrip_method, template_t1w=template.t1w,
+                                      template_mask=template.brain_mask), "skull_strip", settings)
+        workflow.connect([
+            (n4, strip, [("out_file", "in_file")]),
+            (strip, brain, [("out_mask", "mask"), ("out_file", "brain")]),
+        ])
+
+    # -- T1w → template (lesion-aware), priors back to T1w ---------------------------
+    t1w2tpl = _ants_node(RegisterImages(fixed_file=template.t1w, transform_type="SyN",
+                                        resolution=TEMPLATE_REG_MM, composite=True,
+                                        reg_iterations=list(reg_iterations)),
+                         "t1w_to_template", settings)
+    priors = _ants_node(ApplyTransforms(
+        in_files=[template.priors["CSF"], template.priors["GM"], template.priors["WM"],
+                  template.ventricles],
+        interpolation="probability"), "priors_to_t1w", settings)
+    workflow.connect([
+        (brain, t1w2tpl, [("brain", "moving_file"), ("mask", "moving_mask")]),
+        (inputnode, t1w2tpl, [("lesion_mask", "lesion_mask")]),
+        (n4, priors, [("out_file", "reference")]),
+        (t1w2tpl, priors, [("reverse_transforms", "transforms"),
+                           ("reverse_invert_flags", "invert_flags")]),
+    ])
+
+    # -- tissue segmentation -----------------------------------------------------------
+    seg = pe.Node(niu.IdentityInterface(fields=["dseg", "dseg_tsv", "probsegs", "gm", "wm", "csf"]),
+                  name="segmentation")
+    if backend == "fsl":
+        fast = pe.Node(fsl_fast(), name="fsl_fast")
+        fast2dseg = pe.Node(FASTToDseg(), name="fast_to_dseg")
+        workflow.connect([
+            (brain, fast, [(("brain", _as_list), "in_files")]),
+            (fast, fast2dseg, [("tissue_class_map", "tissue_class_map"),
+                               ("partial_volume_files", "partial_volume_files")]),
+        ])
+        seg_src = fast2dseg
+    else:
+        atropos = _ants_node(TissueSegmentation(), "atropos", settings)
+        prior3 = pe.Node(niu.Function(input_names=["values"], output_names=["out"],
+                                      function=_first3), name="tissue_priors")
+        workflow.connect([
+            (n4, atropos, [("out_file", "in_file")]),
+            (brain, atropos, [("mask", "mask_file")]),
+            (priors, prior3, [("out_files", "values")]),
+            (prior3, atropos, [("out", "prior_files")]),
+        ])
+        seg_src = atropos
+    workflow.connect(seg_src, "dseg", seg, "dseg")
+    workflow.connect(seg_src, "dseg_tsv", seg, "dseg_tsv")
+    workflow.connect(seg_src, "probsegs", seg, "probsegs")
+    workflow.connect(seg_src, "gm_probseg", seg, "gm")
+    workflow.connect(seg_src, "wm_probseg", seg, "wm")
+    workflow.connect(seg_src, "csf_probseg", seg, "csf")
+
+    ventricles = pe.Node(VentricleMask(), name="ventricles_t1w")
+    workflow.connect([
+        (seg, ventricles, [("dseg", "dseg")]),
+        (priors, ventricles, [(("out_files", _pick, 3), "prior")]),
+    ])
+
+    # -- FLAIR → T1w ---------------------------------------------------------------------
+    flair = _ants_node(FlairToT1w(), "flair_to_t1w", settings)
+    workflow.connect([
+        (inputnode, flair, [("flair_file", "flair_file")]),
+        (n4, flair, [("out_file", "t1w_file")]),
+        (brain, flair, [("mask", "t1w_mask")]),
+    ])
+
+    # -- T1w → dwi (lesion-aware), tissue maps into dwi space -------------------------
+    t1w2dwi = _ants_node(RegisterImages(transform_type="SyN", composite=True,
+                                        reg_iterations=list(reg_iterations)),
+                         "t1w_to_dwi", settings)
+    workflow.connect([
+        (inputnode, t1w2dwi, [("dwi_ref", "fixed_file"), ("dwi_mask", "fixed_mask"),
+                              ("lesion_mask", "lesion_mask")]),
+        (brain, t1w2dwi, [("brain", "moving_file"), ("mask", "moving_mask")]),
+    ])
+    dwi_labels = _ants_node(ApplyTransforms(interpolation="label"), "labels_to_dwi", settings)
+    dwi_probs = _ants_node(ApplyTransforms(interpolation="probability"), "probsegs_to_dwi", settings)
+    label_list = pe.Node(niu.Function(input_names=["a", "b", "c"], output_names=["out"],
+                                      function=_list3), name="label_list")
+    workflow.connect([
+        (seg, label_list, [("dseg", "a")]),
+        (ventricles, label_list, [("out_file", "b")]),
+        (brain, label_list, [("mask", "c")]),
+        (label_list, dwi_labels, [("out", "in_files")]),
+        (seg, dwi_probs, [("probsegs", "in_files")]),
+    ])
+    for node in (dwi_labels, dwi_probs):
+        workflow.connect([
+            (inputnode, node, [("dwi_ref", "reference")]),
+            (t1w2dwi, node, [("forward_transforms", "transforms"),
+                             ("forward_invert_flags", "invert_flags")]),
+        ])
+    dwi_tsv = pe.Node(niu.Function(input_names=["value", "gate"], output_names=["out"],
+                                   function=_gate), name="dwi_dseg_tsv")
+    workflow.connect([
+        (seg, dwi_tsv, [("dseg_tsv", "value")]),
+        (dwi_labels, dwi_tsv, [(("out_files", _pick, 0), "gate")]),
+    ])
+    analysis = pe.Node(AnalysisMask(), name="analysis_mask_dwi")
+    workflow.connect([
+        (dwi_labels, analysis, [(("out_files", _pick, 0), "dseg"), (("out_files", _pick, 1), "ventricles")]),
+        (inputnode, analysis, [("dwi_mask", "brain_mask")]),
+    ])
+
+    # -- outputnode ------------------------------------------------------------------------
+    workflow.connect([
+        (n4, outputnode, [("out_file", "t1w_preproc")]),
+        (brain, outputnode, [("mask", "t1w_brain_mask")]),
+        (seg, outputnode, [("dseg", "t1w_dseg"), ("probsegs", "t1w_probsegs")]),
+        (ventricles, outputnode, [("out_file", "t1w_ventricles")]),
+        (flair, outputnode, [("out_file", "flair_t1w")]),
+        (dwi_labels, outputnode, [(("out_files", _pick, 0), "dwi_dseg"),
+                                  (("out_files", _pick, 1), "dwi_ventricles")]),
+        (dwi_probs, outputnode, [("out_files", "dwi_probsegs")]),
+        (analysis, outputnode, [("out_file", "dwi_analysis_mask")]),
+        (t1w2dwi, outputnode, [("forward_transforms", "t1w2dwi_xfm"),
+                               ("reverse_transforms", "dwi2t1w_xfm")]),
+        (t1w2tpl, outputnode, [("forward_transforms", "t1w2mni_xfm"),
+                               ("reverse_transforms", "mni2t1w_xfm")]),
+    ])
+
+    # -- derivatives ------------------------------------------------------------------------
+    tpl = template.name
+    method_meta = {
+        "SkullStripped": True,
+        "SkullStripping": "fsl bet" if backend == "fsl" else f"bids_uad {skullstrip_method}",
+        "Segmentation": "fsl fast" if backend == "fsl" else "ANTs Atropos (antspyx), template priors",
+        "Template": tpl,
+    }
+    outputs = [
+        # (source node, field, extra entities, suffix, datatype, extension, meta)
+        (n4, "out_file", {"desc": "preproc"}, "T1w", "anat", None, {"BiasCorrected": "N4 (antspyx)"}),
+        (brain, "mask", {"desc": "brain"}, "mask", "anat", None, {"Type": "Brain", **method_meta}),
+        (seg, "dseg", {}, "dseg", "anat", None, method_meta),
+        (seg, "dseg_tsv", {}, "dseg", "anat", ".tsv", None),
+        (seg, "gm", {"label": "GM"}, "probseg", "anat", None, method_meta),
+        (seg, "wm", {"label": "WM"}, "probseg", "anat", None, method_meta),
+        (seg, "csf", {"label": "CSF"}, "probseg", "anat", None, method_meta),
+        (ventricles, "out_file", {"desc": "ventricles"}, "mask", "anat", None,
+         {"Description": f"lateral ventricles: CSF within the warped {tpl} ventricle prior"}),
+        (flair, "out_file", {"space": "T1w", "desc": "preproc"}, "FLAIR", "anat", None,
+         {"Registration": "ANTs rigid (Mattes MI) to the T1w", "BiasCorrected": "N4 (antspyx)"}),
+        (t1w2tpl, "forward_xfm", {"from": "T1w", "to": tpl, "mode": "image"}, "xfm", "anat", ".h5",
+         {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": tpl}),
+        (t1w2tpl, "reverse_xfm", {"from": tpl, "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5",
+         {"Template": tpl}),
+        (t1w2dwi, "forward_xfm", {"from": "T1w", "to": "dwi", "mode": "image"}, "xfm", "anat", ".h5",
+         {"Registration": "ANTs SyN (antspyx) onto the b0 reference, lesion excluded from the metric"}),
+        (t1w2dwi, "reverse_xfm", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5", None),
+        (dwi_labels, ("out_files", _pick, 0), {"space": "dwi"}, "dseg", "dwi", None,
+         {"Resampling": "genericLabel"}),
+        (dwi_tsv, "out", {"space": "dwi"}, "dseg", "dwi", ".tsv", None),
+        (dwi_probs, ("out_files", _pick, 0), {"space": "dwi", "label": "GM"}, "probseg", "dwi", None,
+         {"Resampling": "linear"}),
+        (dwi_probs, ("out_files", _pick, 1), {"space": "dwi", "label": "WM"}, "probseg", "dwi", None,
+         {"Resampling": "linear"}),
+        (dwi_probs, ("out_files", _pick, 2), {"space": "dwi", "label": "CSF"}, "probseg", "dwi", None,
+         {"Resampling": "linear"}),
+        (dwi_labels, ("out_files", _pick, 1), {"space": "dwi", "desc": "ventricles"}, "mask", "dwi", None,
+         {"Resampling": "genericLabel"}),
+        (analysis, "out_file", {"space": "dwi", "desc": "analysis"}, "mask", "dwi", None,
+         {"Description": "GM and WM minus the lateral ventricles, within the dwi brain mask; "
+                         "where anomalies are scored"}),
+    ]
+    for index, (node, field, extra, suffix, datatype, ext, meta) in enumerate(outputs):
+        label = "_".join(f"{k}{v}" for k, v in extra.items()) or "none"
+        ent = pe.Node(niu.Function(input_names=["source_entities", "extra"], output_names=["entities"],
+                                   function=derivative_entities),
+                      name=f"ent_{index:02d}_{suffix}_{label}")
+        ent.inputs.extra = extra
+        sink = pe.Node(DerivativesDataSink(
+            output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+            suffix=suffix, datatype=datatype, skip_empty=True), name=f"ds_{index:02d}_{suffix}_{label}",
+            run_without_submitting=True)
+        if ext:
+            sink.inputs.extension = ext
+        if meta:
+            sink.inputs.meta = meta
+        workflow.connect([
+            (inputnode, ent, [("source_entities", "source_entities")]),
+            (ent, sink, [("entities", "entities")]),
+            (inputnode, sink, [(("t1w_file", _as_list), "source_files")]),
+            (node, sink, [(field, "in_file")]),
+        ])
+    return workflow
+
+
+def _gate(value, gate):
+    """``value`` when ``gate`` is a non-empty string, else '' (optional outputs)."""
+    return value if gate else ""
+
+
+def _as_list(value):
+    return [value] if value else []
+
+
+def _first3(values):
+    return list(values[:3])
