@@ -1,0 +1,259 @@
+"""Report figures as plain functions on arrays: slice mosaics, plots, histograms.
+
+Every function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no display);
+:func:`save_figure` writes it atomically as deterministic SVG (no date, fixed ids), so a
+rebuild from the same data gives the same bytes.  Images are shown in RAS orientation
+(left of the subject on the left of each panel, anterior/superior up).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import rcParams
+from matplotlib.figure import Figure
+
+from bids_uad.bids.derivatives import atomic_write
+
+#: Views of a mosaic: name -> (axis sliced, horizontal axis, vertical axis).
+VIEWS = {"x": (0, 1, 2), "y": (1, 0, 2), "z": (2, 0, 1)}
+VIEW_NAMES = {"x": "sagittal", "y": "coronal", "z": "axial"}
+#: Contour colours (dseg labels 1 CSF, 2 GM, 3 WM; masks; anomalies).
+COLORS = {"CSF": "#3aa0ff", "GM": "#39d353", "WM": "#ff4fd8", "brain": "#ff3b30",
+          "anomaly": "#00e5ff", "truth": "#ffd60a", "edges": "#ff3b30"}
+PLOT_STYLE = {"axes.spines.top": False, "axes.spines.right": False, "font.size": 9,
+              "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3}
+
+
+def to_canonical(img) -> tuple[np.ndarray, np.ndarray]:
+    """(3D float32 data in closest-RAS orientation, its affine); 4D images give volume 0."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(img)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    data = np.squeeze(data) if data.ndim > 3 else data
+    return np.nan_to_num(data), img.affine
+
+
+def robust_range(data: np.ndarray, mask: np.ndarray | None = None, low: float = 2.0,
+                 high: float = 98.0) -> tuple[float, float]:
+    """Percentile window of the non-zero (or masked) voxels; (0, 1) for an empty image."""
+    values = data[mask > 0] if mask is not None and np.any(mask > 0) else data[data != 0]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, [low, high])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def pick_slices(shape: Sequence[int], mask: np.ndarray | None = None, n: int = 7,
+                views: Sequence[str] = ("x", "y", "z")) -> dict[str, list[int]]:
+    """``n`` evenly spaced slice indices per view, inside the mask's bounding box when given."""
+    out: dict[str, list[int]] = {}
+    for view in views:
+        axis = VIEWS[view][0]
+        lo, hi = 0, shape[axis] - 1
+        if mask is not None and np.any(mask > 0):
+            other = tuple(a for a in range(3) if a != axis)
+            present = np.flatnonzero(np.any(mask > 0, axis=other))
+            lo, hi = int(present[0]), int(present[-1])
+        idx = np.linspace(lo, hi, n + 2)[1:-1] if hi - lo >= n + 1 else np.linspace(lo, hi, n)
+        out[view] = sorted(set(int(round(i)) for i in idx))
+    return out
+
+
+def _slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
+    axis = VIEWS[view][0]
+    return np.take(data, index, axis=axis).T  # rows = vertical axis, columns = horizontal
+
+
+def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
+           contours: Sequence[tuple[np.ndarray, str, str]] = (),
+           overlay: np.ndarray | None = None, overlay_range: tuple[float, float] | None = None,
+           overlay_cmap: str = "hot", slices: Mapping[str, Sequence[int]] | None = None,
+           window: tuple[float, float] | None = None, cmap: str = "gray", n_slices: int = 7,
+           width_in: float = 11.0) -> Figure:
+    """Rows of slices (sagittal, coronal, axial) of ``background`` with optional overlays.
+
+    ``contours``: (mask, colour, label) drawn as 0.5 iso-lines; ``overlay``: a map shown
+    above ``overlay_range[0]`` with ``overlay_cmap``; ``slices``: fixed indices (use the same
+    for two figures that must line up, e.g. a flicker pair).
+    """
+    affine = np.eye(4) if affine is None else np.asarray(affine)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    slices = dict(slices or pick_slices(background.shape, None, n_slices))
+    views = [v for v in ("x", "y", "z") if slices.get(v)]
+    ncols = max(len(slices[v]) for v in views)
+    vmin, vmax = window or robust_range(background)
+    ratios = []
+    for v in views:
+        _, h_ax, v_ax = VIEWS[v]
+        ratios.append(background.shape[v_ax] * zooms[v_ax] / (background.shape[h_ax] * zooms[h_ax]))
+    fig = Figure(figsize=(width_in, width_in / ncols * sum(ratios)), facecolor="black")
+    axes = fig.subplots(len(views), ncols, squeeze=False,
+                        gridspec_kw={"height_ratios": ratios, "wspace": 0.01, "hspace": 0.01})
+    fig.subplots_adjust(0, 0, 1, 1)
+    if overlay is not None:
+        lo, hi = overlay_range or robust_range(overlay, low=50, high=99.5)
+        shown = np.ma.masked_less_equal(overlay, lo)
+    for row, view in enumerate(views):
+        axis, h_ax, v_ax = VIEWS[view]
+        aspect = zooms[v_ax] / zooms[h_ax]
+        for col in range(ncols):
+            ax = axes[row, col]
+            ax.set_facecolor("black")
+            ax.set_axis_off()
+            if col >= len(slices[view]):
+                continue
+            k = slices[view][col]
+            ax.imshow(_slice(background, view, k), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower",
+                      aspect=aspect, interpolation="none")
+            if overlay is not None:
+                ax.imshow(_slice(shown, view, k), cmap=overlay_cmap, vmin=lo, vmax=hi, origin="lower",
+                          aspect=aspect, interpolation="none", alpha=0.85)
+            for mask, color, _label in contours:
+                sl = _slice(np.asarray(mask, dtype=np.float32), view, k)
+                if sl.max() > 0.5 > sl.min():
+                    ax.contour(sl, levels=[0.5], colors=[color], linewidths=0.8)
+            coord = (affine @ np.r_[[k if a == axis else 0 for a in range(3)], 1.0])[axis]
+            ax.text(0.03, 0.97, f"{view}={coord:.0f}", transform=ax.transAxes, color="white",
+                    fontsize=7, va="top", ha="left")
+    return fig
+
+
+def motion_figure(columns: Mapping[str, Sequence[float]]) -> Figure:
+    """Translations (mm), rotations (degrees) and framewise displacement per volume."""
+    with rcParams_context(PLOT_STYLE):
+        fig = Figure(figsize=(10, 5.4), layout="constrained")
+        axes = fig.subplots(3, 1, sharex=True)
+        groups = (("trans", "translation (mm)", 1.0), ("rot", "rotation (degrees)", 180 / np.pi))
+        for ax, (prefix, label, scale) in zip(axes[:2], groups):
+            for axis_name in "xyz":
+                key = f"{prefix}_{axis_name}"
+                if key in columns:
+                    ax.plot(np.asarray(columns[key], float) * scale, lw=1.2, label=axis_name)
+            ax.set_ylabel(label)
+            ax.legend(loc="upper right", ncols=3, frameon=False)
+        fd = np.asarray(columns.get("framewise_displacement", []), float)
+        if fd.size:
+            axes[2].bar(np.arange(fd.size), np.nan_to_num(fd), color="#4c72b0", width=0.8)
+            mean = float(np.nanmean(fd)) if np.isfinite(fd).any() else 0.0
+            axes[2].axhline(mean, color="#dd5555", lw=1, ls="--", label=f"mean {mean:.3f} mm")
+            axes[2].legend(loc="upper right", frameon=False)
+        from matplotlib.ticker import MaxNLocator
+
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[2].set_ylabel("FD (mm)")
+        axes[2].set_xlabel("volume")
+    return fig
+
+
+def histogram_figure(values: np.ndarray, thresholds: Mapping[str, float], title: str = "",
+                     truth: np.ndarray | None = None) -> Figure:
+    """Histogram of scores inside the analysis mask with each threshold as a vertical line.
+
+    With ``truth`` (boolean, same length as ``values``) healthy and lesion voxels are
+    stacked in two colours.
+    """
+    values = np.asarray(values, float)
+    with rcParams_context(PLOT_STYLE):
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.subplots()
+        bins = np.histogram_bin_edges(values, bins=60) if values.size else 10
+        if truth is not None and np.any(truth):
+            ax.hist([values[~truth], values[truth]], bins=bins, stacked=True, log=True,
+                    color=["#8da0cb", "#fc8d62"], label=["healthy", "lesion (ground truth)"])
+        else:
+            ax.hist(values, bins=bins, log=True, color="#8da0cb", label="voxels")
+        for i, (name, t) in enumerate(thresholds.items()):
+            ax.axvline(t, color=["#d62728", "#2ca02c", "#9467bd", "#8c564b"][i % 4], lw=1.5,
+                       ls="--", label=f"{name}: {t:.4g}")
+        ax.set_xlabel("anomaly score")
+        ax.set_ylabel("voxels (log)")
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def curves_figure(series: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
+                  title: str = "", xlabel: str = "epoch", ylabel: str = "loss",
+                  marks: Sequence[tuple[float, str]] = ()) -> Figure:
+    """Line plot of (label, x, y, linestyle) series, e.g. training/validation loss per fold."""
+    with rcParams_context(PLOT_STYLE):
+        fig = Figure(figsize=(6.5, 3.4), layout="constrained")
+        ax = fig.subplots()
+        colors: dict[str, str] = {}
+        palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+        for label, x, y, style in series:
+            group = label.split(" ")[0]
+            colors.setdefault(group, palette[len(colors) % len(palette)])
+            ax.plot(x, y, ls=style, color=colors[group], lw=1.4, label=label)
+        for x, label in marks:
+            ax.axvline(x, color="#999999", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if series:
+            ax.legend(frameon=False, fontsize=7, ncols=2)
+    return fig
+
+
+def scatter_figure(points: Sequence[tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
+                   diagonal: bool = True) -> Figure:
+    """Labelled points (e.g. nominal vs observed false-positive rate) with the identity line."""
+    with rcParams_context(PLOT_STYLE):
+        fig = Figure(figsize=(4.2, 3.6), layout="constrained")
+        ax = fig.subplots()
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for label, x, y in points:
+            groups.setdefault(label, []).append((x, y))
+        for label, xy in groups.items():
+            xy_arr = np.asarray(sorted(xy))
+            ax.plot(xy_arr[:, 0], xy_arr[:, 1], "o-", ms=4, lw=1, label=label)
+        if diagonal and points:
+            lim = max(max(p[1] for p in points), max(p[2] for p in points))
+            ax.plot([0, lim], [0, lim], color="#999999", lw=0.8, ls="--", label="ideal")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+class rcParams_context:  # noqa: N801 - used like matplotlib.rc_context, without pyplot
+    """Temporarily update matplotlib rcParams."""
+
+    def __init__(self, params: Mapping[str, object]):
+        self.params, self.saved = dict(params), {}
+
+    def __enter__(self):
+        self.saved = {k: rcParams[k] for k in self.params}
+        rcParams.update(self.params)
+        return self
+
+    def __exit__(self, *exc):
+        rcParams.update(self.saved)
+        return False
+
+
+def figure_bytes(fig: Figure, fmt: str = "svg") -> bytes:
+    """Serialise a figure deterministically (no date in the metadata, fixed SVG ids)."""
+    buffer = io.BytesIO()
+    metadata = {"Date": None, "Creator": "bids_uad"} if fmt == "svg" else {"Software": "bids_uad"}
+    with rcParams_context({"svg.hashsalt": "bids_uad", "svg.fonttype": "path"}):
+        fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), metadata=metadata,
+                    dpi=110 if fmt == "png" else rcParams["savefig.dpi"])
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` atomically to ``path`` (format from the extension)."""
+    path = Path(path)
+    data = figure_bytes(fig, path.suffix.lstrip(".") or "svg")
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+    return path

@@ -1,0 +1,167 @@
+"""Sections of the group report: cohort, training curves, cross-validation, calibration, evaluation.
+
+Inputs (see docs/reports.md):
+
+* ``OUTPUT_DIR/models/model-<name>.json`` — the JSON half of a trained model bundle
+  (:meth:`bids_uad.training.bundle.ModelBundle.metadata`): ``folds`` with ``history``
+  (epoch, train_loss, val_loss), ``best_epoch``, ``best_val_loss``, ``train_subjects``,
+  ``heldout_subjects`` and ``calibration`` (n_healthy_voxels, threshold_at_fpr, fpr).
+* ``OUTPUT_DIR/group/*.tsv`` — evaluation tables; a table with a ``model`` column, a
+  threshold-method column (``threshold_method``/``method``) and numeric metric columns is
+  also summarised as models × methods (mean over rows).  A table whose name contains
+  ``calibration`` with ``nominal_fpr`` and ``observed_fpr`` columns is drawn as a
+  calibration plot.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bids_uad.reports import figures as F
+from bids_uad.reports.collect import list_subjects, read_tsv, to_float
+from bids_uad.reports.reportlets import FigureMaker, heading, kv, note, table, text
+
+METHOD_COLUMNS = ("threshold_method", "method", "threshold")
+
+
+def load_models(models_dir: Path) -> dict[str, dict]:
+    """Model name -> bundle metadata, for every readable ``models/*.json`` with folds."""
+    models: dict[str, dict] = {}
+    for path in sorted(models_dir.glob("*.json")) if models_dir.is_dir() else []:
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("folds"), list):
+            name = str(meta.get("architecture", {}).get("name") or path.stem.replace("model-", ""))
+            meta["_file"] = path.name
+            models[name] = meta
+    return models
+
+
+def cohort_section(output_dir: Path, bids_dir: Path | None, models: dict[str, dict]) -> list[dict]:
+    items: list[dict] = []
+    subjects = list_subjects(output_dir)
+    rows: list[tuple[str, Any]] = [("subjects with derivatives", len(subjects))]
+    participants = read_tsv(bids_dir / "participants.tsv") if bids_dir else []
+    if participants:
+        rows.append(("participants in participants.tsv", len(participants)))
+        for column in ("group", "sex"):
+            values = [r.get(column, "n/a") for r in participants]
+            if column in participants[0]:
+                counts = {v: values.count(v) for v in sorted(set(values))}
+                rows.append((f"by {column}", ", ".join(f"{k}: {n}" for k, n in counts.items())))
+        ages = np.array([to_float(r.get("age")) for r in participants])
+        if np.isfinite(ages).any():
+            rows.append(("age (years)", f"{np.nanmean(ages):.1f} ± {np.nanstd(ages):.1f} "
+                                        f"(range {np.nanmin(ages):.0f}–{np.nanmax(ages):.0f})"))
+    for name, meta in models.items():
+        rows.append((f"training controls ({name})", ", ".join(meta.get("training_subjects", []))))
+    items.append(kv(rows))
+    if subjects:
+        items.append(text("Participant reports: " + ", ".join(f"sub-{s}" for s in subjects) + "."))
+        items.append({"type": "links", "links": [(f"sub-{s}.html", f"sub-{s}") for s in subjects
+                                                 if (output_dir / f"sub-{s}.html").is_file()]})
+    return items
+
+
+def training_section(models: dict[str, dict], maker: FigureMaker) -> list[dict]:
+    if not models:
+        return [note("Not available: no trained models (models/model-<name>.json); run the group level.")]
+    items: list[dict] = []
+    for name, meta in models.items():
+        items.append(heading(f"model {name}"))
+        series, marks = [], []
+        for fold in meta["folds"]:
+            hist = [h for h in fold.get("history", []) if isinstance(h, dict)]
+            epochs = [h.get("epoch", i) for i, h in enumerate(hist)]
+            k = fold.get("fold", "?")
+            series.append((f"fold{k} train", epochs, [to_float(h.get("train_loss")) for h in hist], "-"))
+            series.append((f"fold{k} validation", epochs, [to_float(h.get("val_loss")) for h in hist], "--"))
+            if fold.get("best_epoch") is not None:
+                marks.append((fold["best_epoch"], f"fold{k}"))
+        items.append(maker.figure(
+            f"model-{name}_desc-training_loss.svg", [maker.output_dir / "models" / meta["_file"]],
+            lambda series=series, marks=marks: F.curves_figure(series, f"{name}: loss per epoch", marks=marks),
+            f"Training (solid) and validation (dashed) loss per fold of {name}; dotted: best epoch of each fold.",
+            f"Training curves of {name}", wide=False))
+        rows = []
+        for fold in meta["folds"]:
+            rows.append([fold.get("fold"), len(fold.get("train_subjects", [])),
+                         ", ".join(fold.get("heldout_subjects", [])), fold.get("best_epoch"),
+                         to_float(fold.get("best_val_loss")),
+                         "best" if fold.get("fold") == meta.get("best_fold") else ""])
+        items.append(table(["fold", "training subjects", "held-out subjects", "best epoch",
+                            "best validation loss", ""], rows, caption=f"Cross-validation of {name}"))
+    return items
+
+
+def calibration_section(models: dict[str, dict], group_dir: Path, maker: FigureMaker) -> list[dict]:
+    items: list[dict] = []
+    for name, meta in models.items():
+        rows = [[fold.get("fold"), (fold.get("calibration") or {}).get("n_healthy_voxels"),
+                 (fold.get("calibration") or {}).get("fpr"),
+                 to_float((fold.get("calibration") or {}).get("threshold_at_fpr"))] for fold in meta["folds"]]
+        if any(r[1] is not None for r in rows):
+            items.append(table(["fold", "healthy voxels (null sample)", "target FPR", "threshold at FPR"], rows,
+                               caption=f"Calibration of {name} on held-out controls"))
+    for path in sorted(group_dir.glob("*calibration*.tsv")) if group_dir.is_dir() else []:
+        rows = read_tsv(path)
+        if rows and {"nominal_fpr", "observed_fpr"} <= set(rows[0]):
+            points = [(r.get("model", "model"), to_float(r["nominal_fpr"]), to_float(r["observed_fpr"]))
+                      for r in rows]
+            points = [p for p in points if np.isfinite(p[1]) and np.isfinite(p[2])]
+            items.append(maker.figure(
+                f"desc-{path.stem.replace('_', '').replace('-', '')}_calibration.svg", [path],
+                lambda points=points: F.scatter_figure(points, "calibration", "nominal FPR", "observed FPR"),
+                f"Observed against nominal false-positive rate on held-out healthy voxels ({path.name}).",
+                "Calibration plot", wide=False))
+    return items or [note("Not available: no calibration recorded in the model files or group/*calibration*.tsv.")]
+
+
+def _pivot(rows: list[dict[str, str]]) -> tuple[list[str], list[list[Any]], str] | None:
+    if not rows:
+        return None
+    cols = list(rows[0])
+    method = next((c for c in METHOD_COLUMNS if c in cols), None)
+    if "model" not in cols or method is None:
+        return None
+    metric = next((c for c in ("dice", "dice_opened", "auroc", "auprc") if c in cols), None)
+    if metric is None:
+        metric = next((c for c in cols if c not in ("model", method) and
+                       np.isfinite([to_float(r[c]) for r in rows]).any()), None)
+    if metric is None:
+        return None
+    models = sorted({r["model"] for r in rows})
+    methods = sorted({r[method] for r in rows})
+    table_rows = []
+    for model in models:
+        row: list[Any] = [model]
+        for m in methods:
+            vals = np.array([to_float(r[metric]) for r in rows if r["model"] == model and r[method] == m])
+            vals = vals[np.isfinite(vals)]
+            row.append(f"{vals.mean():.3f} ± {vals.std():.3f} (n={vals.size})" if vals.size else "n/a")
+        table_rows.append(row)
+    return ["model"] + methods, table_rows, metric
+
+
+def evaluation_section(group_dir: Path) -> list[dict]:
+    paths = [p for p in sorted(group_dir.glob("*.tsv")) if "calibration" not in p.name] if group_dir.is_dir() else []
+    if not paths:
+        return [note("Not available: no evaluation tables (group/*.tsv).")]
+    items: list[dict] = []
+    for path in paths:
+        rows = read_tsv(path)
+        items.append(heading(path.name))
+        pivot = _pivot(rows)
+        if pivot is not None:
+            columns, prow, metric = pivot
+            items.append(table(columns, prow, caption=f"{metric}: models × threshold methods (mean ± SD)"))
+        cols = list(rows[0]) if rows else []
+        item = table(cols, [[r.get(c, "") for c in cols] for r in rows], caption=f"{path.name}: all rows")
+        item["collapsed"] = pivot is not None or len(rows) > 20
+        items.append(item)
+    return items
