@@ -85,12 +85,14 @@ def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
 
 def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks: Sequence[np.ndarray],
                val_data: Sequence[np.ndarray], val_masks: Sequence[np.ndarray], fold: int = 0,
-               checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> FoldResult:
+               checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
+               data_id: str | None = None) -> FoldResult:
     """Train one fold; returns the model with its best validation weights.
 
     ``checkpoint_dir``: epoch checkpoints ``fold-<k>.safetensors/.json`` are written there and
     a present checkpoint is resumed.  ``stop_after`` (tests) stops after that many epochs
-    in this call, as if the process had been killed.
+    in this call, as if the process had been killed.  ``data_id`` identifies the data in the
+    checkpoint (default: a hash of the arrays).
     """
     ts = settings.training
     torch.set_num_threads(max(1, ts.threads))
@@ -99,7 +101,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
     model = get_model(settings.model.name, settings.model).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=ts.learning_rate)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=ts.lr_decay)
-    dhash = data_hash(list(train_data) + list(val_data))
+    dhash = data_id or data_hash(list(train_data) + list(val_data))
     start, best_val, best_epoch, bad, history = 0, math.inf, -1, 0, []
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     done = False
@@ -213,9 +215,12 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
     masks = [np.asarray(m) > 0 for m in masks]
     results = []
+    hashes = [data_hash([d]) for d in data]  # once per subject, reused by every fold
     for fold, (tr, va) in enumerate(make_folds(len(data), settings.training.n_folds, settings.training.seed)):
+        fold_id = data_hash([np.frombuffer("".join(hashes[i] for i in (*tr, *va)).encode(), np.uint8)])
         res = train_fold(settings, [data[i] for i in tr], [masks[i] for i in tr],
-                         [data[i] for i in va], [masks[i] for i in va], fold, checkpoint_dir)
+                         [data[i] for i in va], [masks[i] for i in va], fold, checkpoint_dir,
+                         data_id=fold_id)
         res.train_idx, res.val_idx = tr.tolist(), va.tolist()
         scores = [score_volume(res.model, data[i]) for i in va]
         res.calibration = calibrate(scores, [analysis_masks[i] for i in va],
