@@ -93,12 +93,21 @@ def warnings_of(meta: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def citation_keys(text: str) -> list[str]:
-    """Citation keys implied by a step/backend description."""
+#: with a generic FSL/ANTs backend, the step name says which tool of the suite ran
+STEP_TOOLS = {"fsl": ((r"suscept|sdc|topup", "topup"), (r"eddy|motion", "eddy"), (r"mask|extract|bet", "bet"),
+                      (r"segment|fast", "fast")),
+              "ants": ((r"bias|n4", "n4"), (r"segment|atropos", "atropos"))}
+
+
+def citation_keys(backend: str, step: str = "") -> list[str]:
+    """Citation keys implied by the backend that ran a step (the step name refines FSL/ANTs)."""
     keys: list[str] = []
     for pattern, cites in KEYWORDS:
-        if re.search(pattern, text.lower()):
+        if re.search(pattern, backend.lower()):
             keys.extend(k for k in cites if k not in keys)
+    for suite, tools in STEP_TOOLS.items():
+        if suite in keys:
+            keys.extend(tool for pattern, tool in tools if re.search(pattern, step.lower()) and tool not in keys)
     return keys
 
 
@@ -148,7 +157,7 @@ def describe_steps(label: str, steps: list[Step]) -> list[tuple[str, list[str]]]
         items = [f"{s.name} ({s.backend})" if s.backend else s.name for s in ran]
         keys: list[str] = []
         for s in ran:
-            keys.extend(k for k in citation_keys(f"{s.name} {s.backend}") if k not in keys)
+            keys.extend(k for k in citation_keys(s.backend, s.name) if k not in keys)
         out.append((f"{label} comprised: " + "; ".join(items), keys))
     for s in steps:
         if s.skipped:

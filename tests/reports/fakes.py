@@ -1,0 +1,184 @@
+"""A small fake derivatives folder (what the dwi/anat/anomaly stages write) for report tests.
+
+The images are tiny synthetic heads: an ellipsoid brain with ventricles, white matter and a
+spherical "tumour" that the fake anomaly score lights up.  Several dataset strings carry
+``<script>alert(1)</script>`` to check that the report escapes them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from bids_uad.config import Settings
+
+EVIL = "<script>alert(1)</script>"
+SPACE = "MNI152NLin2009cAsym"
+
+
+def _grid(shape, zoom):
+    affine = np.diag([zoom, zoom, zoom, 1.0])
+    affine[:3, 3] = -np.array(shape) * zoom / 2
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = (ijk * zoom + affine[:3, 3]).reshape(*shape, 3)
+    return affine, xyz
+
+
+def _head(shape, zoom, shift_y=0.0):
+    """(dseg, tumour) on a grid: 1 CSF, 2 GM, 3 WM; tumour sphere in the right hemisphere."""
+    affine, xyz = _grid(shape, zoom)
+    x, y, z = xyz[..., 0], xyz[..., 1] - shift_y, xyz[..., 2]
+    r = np.sqrt((x / 62) ** 2 + (y / 78) ** 2 + (z / 56) ** 2)
+    seg = np.zeros(shape, np.int16)
+    seg[r < 1.0] = 2
+    seg[r < 0.82] = 3
+    vent = ((np.abs(x) - 9) / 7) ** 2 + (y / 26) ** 2 + ((z - 6) / 12) ** 2 < 1
+    seg[vent & (r < 1)] = 1
+    tumour = (x - 28) ** 2 + (y + 10) ** 2 + (z - 10) ** 2 < 14 ** 2
+    return affine, seg, tumour
+
+
+def _save(img_data, affine, path: Path, sidecar: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(img_data), affine), str(path))
+    if sidecar is not None:
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar))
+    return path
+
+
+def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_anomaly: bool = True,
+                     evil: bool = True) -> Path:
+    """Write a plausible set of derivatives of one session under ``out``."""
+    rng = np.random.default_rng(0)
+    p = f"sub-{subject}_ses-{session}"
+    dwi_dir = out / f"sub-{subject}" / f"ses-{session}" / "dwi"
+    anat_dir = out / f"sub-{subject}" / f"ses-{session}" / "anat"
+    shape, zoom = (44, 52, 40), 3.0
+    affine, seg, tumour = _head(shape, zoom)
+    brain = seg > 0
+    b0 = np.select([seg == 1, seg == 2, seg == 3], [1500.0, 900.0, 700.0], 0.0)
+    b0 = b0 * (1 + 0.6 * tumour * brain) + rng.normal(0, 20, shape) * brain
+    _, seg_warp, tumour_w = _head(shape, zoom, shift_y=5.0)
+    b0_before = np.select([seg_warp == 1, seg_warp == 2, seg_warp == 3], [1500.0, 900.0, 700.0], 0.0)
+    fa = np.where(seg == 3, 0.55, np.where(seg == 2, 0.18, 0.05)) * brain * (1 - 0.6 * tumour)
+    fa = np.clip(fa + rng.normal(0, 0.03, shape) * brain, 0, 1)
+    md = np.where(seg == 1, 3.0e-3, 0.8e-3) * brain * (1 + 0.8 * tumour)
+    steps = [
+        {"Name": "susceptibility distortion correction", "Backend": "python", "Status": "skipped",
+         "Reason": "no reverse phase-encoding image"},
+        {"Name": "motion and eddy-current correction", "Backend": "python (dipy affine)", "Status": "run"},
+        {"Name": "brain mask", "Backend": "python (dipy median_otsu)", "Status": "run"},
+    ]
+    if evil:
+        steps.append({"Name": f"denoising {EVIL}", "Backend": f"fsl {EVIL}", "Status": "run"})
+    sidecar = {"Steps": steps, "Sources": [f"bids:raw:sub-{subject}/ses-{session}/dwi/{p}_dir-AP_dwi.nii.gz"]
+               + ([f"bids:raw:{EVIL}.nii.gz"] if evil else []),
+               "PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
+    if evil:
+        sidecar["Warnings"] = [f"sidecar warning {EVIL}"]
+    dwi = np.stack([b0] + [b0 * np.exp(-1000 * md) for _ in range(6)], axis=-1).astype(np.float32)
+    pre = _save(dwi, affine, dwi_dir / f"{p}_space-dwi_desc-preproc_dwi.nii.gz", sidecar)
+    pre.with_name(pre.name.replace(".nii.gz", ".bval")).write_text("0 1000 1000 1000 1000 1000 1000\n")
+    _save(b0.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_desc-b0_dwiref.nii.gz", {})
+    _save(b0_before.astype(np.float32), affine, dwi_dir / f"{p}_desc-uncorrected_dwiref.nii.gz", {})
+    _save(brain.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-brain_mask.nii.gz", {})
+    _save(brain.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-analysis_mask.nii.gz", {})
+    _save(seg, affine, dwi_dir / f"{p}_space-dwi_dseg.nii.gz", {})
+    tensor = {"Steps": [{"Name": "tensor fit", "Backend": "dipy (weighted least squares)"}]}
+    _save(fa.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_model-tensor_param-fa_dwimap.nii.gz", tensor)
+    _save(md.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_model-tensor_param-md_dwimap.nii.gz", tensor)
+    t1_dwi = np.select([seg == 1, seg == 2, seg == 3], [300.0, 650.0, 900.0], 0.0)
+    _save(t1_dwi.astype(np.float32), affine, anat_dir / f"{p}_space-dwi_desc-preproc_T1w.nii.gz", {})
+    _save(tumour.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-tumor_mask.nii.gz", {})
+    n = 20
+    t = np.arange(n)
+    motion = {"trans_x": 0.05 * t / n, "trans_y": 0.2 * np.sin(t / 3), "trans_z": 0.1 * t / n,
+              "rot_x": 0.002 * np.cos(t / 4), "rot_y": 0.001 * t / n, "rot_z": -0.001 * t / n}
+    fd = np.r_[np.nan, np.abs(np.diff(np.stack(list(motion.values())), axis=1)).sum(axis=0)]
+    lines = ["\t".join(list(motion) + ["framewise_displacement"])]
+    for i in range(n):
+        lines.append("\t".join([f"{motion[k][i]:.6f}" for k in motion] + ["n/a" if i == 0 else f"{fd[i]:.6f}"]))
+    (dwi_dir / f"{p}_space-dwi_desc-motion_timeseries.tsv").write_text("\n".join(lines) + "\n")
+    if with_anomaly:
+        for model, thr in (("dae", 0.3), ("recdisc", 0.5)):
+            score = (rng.gamma(2.0, 0.05, shape) + 0.6 * tumour * rng.uniform(0.7, 1.0, shape)) * brain
+            meta = {"ThresholdMethod": "fixed", "Threshold": thr, "Model": model}
+            _save(score.astype(np.float32), affine,
+                  dwi_dir / f"{p}_space-dwi_model-{model}_stat-score_anomaly.nii.gz", meta)
+            _save((score > thr).astype(np.uint8), affine,
+                  dwi_dir / f"{p}_space-dwi_model-{model}_desc-anomaly_mask.nii.gz", meta)
+    # anatomical space: 2 mm grid of the same head
+    a_shape, a_zoom = (64, 80, 60), 2.0
+    a_aff, a_seg, _ = _head(a_shape, a_zoom)
+    t1 = np.select([a_seg == 1, a_seg == 2, a_seg == 3], [300.0, 650.0, 900.0], 80.0 * (rng.random(a_shape) > 0.5))
+    anat_meta = {"Steps": {"bias field correction": "ants N4", "brain extraction": "python",
+                           "tissue segmentation": {"Backend": "ants Atropos"}}}
+    _save(t1.astype(np.float32), a_aff, anat_dir / f"{p}_desc-preproc_T1w.nii.gz", anat_meta)
+    _save((a_seg > 0).astype(np.uint8), a_aff, anat_dir / f"{p}_desc-brain_mask.nii.gz", {})
+    _save(a_seg, a_aff, anat_dir / f"{p}_dseg.nii.gz", {})
+    for label, value in (("CSF", 1), ("GM", 2), ("WM", 3)):
+        _save((a_seg == value).astype(np.float32), a_aff, anat_dir / f"{p}_label-{label}_probseg.nii.gz", {})
+    # template space: the nilearn MNI template on a 4 mm grid stands in for the normalised T1w
+    from nilearn.datasets import load_mni152_template
+    from nilearn.image import resample_img
+
+    mni_aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    mni_aff[:3, 3] = [-90, -126, -72]
+    mni = resample_img(load_mni152_template(resolution=2), target_affine=mni_aff, target_shape=(46, 55, 46),
+                       force_resample=True, copy_header=True)
+    data = np.roll(np.asarray(mni.dataobj, np.float32), 1, axis=1)
+    _save(data, mni_aff, anat_dir / f"{p}_space-{SPACE}_desc-preproc_T1w.nii.gz",
+          {"Steps": [{"Name": "spatial normalisation", "Backend": "ants SyN"}]})
+    return out
+
+
+def make_logs(out: Path, subject: str = "01", run_id: str = "20260101-000000_abcd1234") -> None:
+    """A run log with a warning for the subject and a nipype crash file with evil content."""
+    logs = out / "logs"
+    crash = logs / f"crash-{run_id}"
+    crash.mkdir(parents=True, exist_ok=True)
+    (crash / f"crash-20260101-000001-root-tensor-{subject}.txt").write_text(
+        f"Node: bids_uad_participant_wf.dwi_sub_{subject}_ses_pre_0.tensor\n"
+        "Working directory: /work/x\n\nTraceback (most recent call last):\n"
+        f"  File \"x.py\", line 1\nValueError: bad value {EVIL}\n")
+    (logs / f"run-{run_id}.log").write_text(
+        f"2026-01-01 00:00:00 WARNING bids_uad.workflows: sub-{subject}_ses-pre_dir-AP_dwi.nii.gz: "
+        "no reverse phase-encoding image: susceptibility correction will be skipped\n"
+        "2026-01-01 00:00:00 WARNING bids_uad.workflows: sub-99: unrelated\n")
+
+
+def make_group(out: Path) -> None:
+    """Model JSON (the bundle metadata shape) and evaluation/calibration tables."""
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for name, base in (("dae", 0.02), ("recdisc", 0.05)):
+        folds = []
+        for k in range(3):
+            hist = [{"epoch": e, "train_loss": base * (1 + 3 * np.exp(-e / 4)) + 0.001 * k,
+                     "val_loss": base * (1.1 + 3 * np.exp(-e / 5)) + 0.002 * k, "lr": 1e-3} for e in range(15)]
+            folds.append({"fold": k, "train_subjects": ["ctrl01", "ctrl02"], "heldout_subjects": [f"ctrl0{k + 3}"],
+                          "best_epoch": 12 - k, "best_val_loss": hist[12 - k]["val_loss"], "history": hist,
+                          "calibration": {"n_healthy_voxels": 5000 + k, "threshold_at_fpr": 0.3 + 0.01 * k,
+                                          "fpr": 0.01}})
+        (models / f"model-{name}.json").write_text(json.dumps({
+            "architecture": {"name": name}, "folds": folds, "best_fold": 0,
+            "training_subjects": ["ctrl01", "ctrl02", "ctrl03", "ctrl04", f"{EVIL}"],
+            "settings": {"training": {"epochs": 15, "seed": 0}}}))
+    group = out / "group"
+    group.mkdir(parents=True, exist_ok=True)
+    rows = ["subject\tmodel\tthreshold_method\tdice\tauroc"]
+    for s in ("pat01", "pat02"):
+        for m in ("dae", "recdisc", EVIL):
+            for t, d in (("fixed", 0.4), ("otsu", 0.5), ("healthy-fpr", 0.55)):
+                rows.append(f"{s}\t{m}\t{t}\t{d:.3f}\t0.9")
+    (group / "desc-evaluation_metrics.tsv").write_text("\n".join(rows) + "\n")
+    cal = ["model\tnominal_fpr\tobserved_fpr"] + [f"{m}\t{f}\t{f * r}" for m, r in (("dae", 1.1), ("recdisc", 0.9))
+                                                   for f in (0.001, 0.01, 0.05)]
+    (group / "desc-calibration_fpr.tsv").write_text("\n".join(cal) + "\n")
+
+
+def settings_for(out: Path, bids: Path | None = None, **kw) -> Settings:
+    return Settings(bids_dir=bids or out.parent / "bids", output_dir=out, analysis_level="participant",
+                    work_dir=out.parent / "work", command_line=("bids_uad", str(bids), str(out), "participant"),
+                    **kw)

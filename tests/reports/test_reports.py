@@ -1,0 +1,217 @@
+"""Participant and group reports built from a fake derivatives folder."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from bids_uad.reports.build import build_group_report, build_participant_report
+from bids_uad.reports.collect import LOOKUP, collect_subject, matches
+from tests.reports.fakes import EVIL, make_derivatives, settings_for
+
+SECTIONS = ("summary", "anatomical", "diffusion", "anomaly", "longitudinal", "about", "errors")
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.ids: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.append(attrs["id"])
+        if tag == "img":
+            self.links.append(attrs.get("src", ""))
+        if tag == "object":
+            self.links.append(attrs.get("data", ""))
+        if tag == "script":
+            self.scripts += 1
+
+
+def parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text())
+    return parser
+
+
+def test_every_section_and_figure(built_reports):
+    html = built_reports["html"]
+    assert html == built_reports["out"] / "sub-01.html"
+    page = parse(html)
+    for section in SECTIONS:
+        assert section in page.ids, section
+    text = html.read_text()
+    assert "Methods" in text and "References" in text
+    assert len(page.links) >= 14
+    for src in page.links:
+        assert src and not src.startswith(("/", "http", "file:")), src
+        target = (html.parent / src).resolve()
+        assert target.is_file() and target.stat().st_size > 500, src
+        assert target.parent == (built_reports["out"] / "sub-01" / "figures").resolve()
+    names = {Path(s).name for s in page.links}
+    for expected in ("sub-01_ses-pre_desc-sdc_dwi.svg", "sub-01_ses-pre_desc-motion_dwi.svg",
+                     "sub-01_ses-pre_space-dwi_model-dae_stat-score_anomaly.svg",
+                     "sub-01_ses-pre_space-MNI152NLin2009cAsym_desc-reg_T1w.svg"):
+        assert expected in names
+
+
+def test_self_contained(built_reports):
+    for page in (built_reports["html"], built_reports["group"]):
+        text = page.read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), page.name
+        assert "<link" not in text and "@import" not in text
+    for svg in (built_reports["out"] / "sub-01" / "figures").glob("*.svg"):
+        body = svg.read_text()
+        assert not re.search(r"(href|src)=\"https?:", body), svg.name
+
+
+def test_dataset_strings_are_escaped(built_reports):
+    for page in (built_reports["html"], built_reports["group"]):
+        text = page.read_text()
+        assert EVIL not in text
+        assert ESCAPED in text
+        assert parse(page).scripts == 1  # only the report's own image check
+    text = built_reports["html"].read_text()
+    assert f"ValueError: bad value {ESCAPED}" in text  # crash file shown, escaped
+
+
+def test_summary_warnings_steps_and_errors(built_reports):
+    text = built_reports["html"].read_text()
+    assert "no reverse phase-encoding image: susceptibility correction will be skipped" in text
+    assert "susceptibility distortion correction skipped: no reverse phase-encoding image" in text
+    assert "sub-99" not in text
+    assert "python (dipy affine)" in text and "ants SyN" in text
+    assert "b=0: 1, b=1000: 6" in text
+    assert "crash-20260101-000001-root-tensor-01.txt" in text
+    assert 'class="has-errors"' in text
+
+
+def test_anomaly_metrics_with_ground_truth(built_reports):
+    text = built_reports["html"].read_text()
+    for key in ("AUROC (in analysis mask)", "AUPRC (in analysis mask)", "Dice (anomaly mask vs ground truth)",
+                "ground-truth lesion volume (mL)", "ThresholdMethod"):
+        assert key in text
+    assert text.count("model dae") >= 1 and text.count("model recdisc") >= 1
+
+
+def test_methods_name_what_ran(built_reports):
+    text = built_reports["html"].read_text()
+    for ref in ("Nipype", "Dipy, a library", "N4ITK", "Symmetric diffeomorphic", "n-tissue segmentation",
+                "PyTorch", "reference study", "FSL. NeuroImage"):
+        assert ref in text, ref
+
+
+def test_methods_leave_out_fsl_when_not_used(tmp_path):
+    out = make_derivatives(tmp_path / "out", evil=False, with_anomaly=False)
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "FSL. NeuroImage" not in text and "TOPUP" not in text
+    assert "PyTorch" not in text
+    assert "Dipy, a library" in text
+    assert "Not available: no anomaly maps" in text
+
+
+def test_rebuild_is_idempotent_and_reuses_figures(built_reports):
+    settings, html = built_reports["settings"], built_reports["html"]
+    before = html.read_bytes()
+    figures = sorted((built_reports["out"] / "sub-01" / "figures").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in figures}
+    again = build_participant_report(settings, "01", run_id="20260101-000000_abcd1234")
+    assert again.read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in figures} == stamps
+    group_before = built_reports["group"].read_bytes()
+    assert build_group_report(settings).read_bytes() == group_before
+
+
+def test_figure_remade_when_input_is_newer(tmp_path):
+    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    settings = settings_for(out)
+    build_participant_report(settings, "01")
+    fig = out / "sub-01" / "figures" / "sub-01_ses-pre_desc-motion_dwi.svg"
+    old = fig.stat().st_mtime
+    os.utime(fig, (old - 100, old - 100))
+    tsv = next((out / "sub-01" / "ses-pre" / "dwi").glob("*motion_timeseries.tsv"))
+    os.utime(tsv, None)
+    build_participant_report(settings, "01")
+    assert fig.stat().st_mtime > old - 100
+
+
+def test_missing_derivatives_give_notes(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub-02" / "dwi").mkdir(parents=True)
+    text = build_participant_report(settings_for(out), "sub-02").read_text()
+    for section in SECTIONS:
+        assert f'id="{section}"' in text
+    assert text.count("Not available") >= 4
+    assert "<img" not in text
+    # a subject with no folder at all still gets a page saying so
+    text = build_participant_report(settings_for(out), "03").read_text()
+    assert "no derivatives found under sub-03/" in text
+
+
+def test_broken_image_does_not_break_report(tmp_path):
+    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    fa = next((out / "sub-01" / "ses-pre" / "dwi").glob("*param-fa_dwimap.nii.gz"))
+    fa.write_bytes(b"not a nifti")
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert 'id="diffusion"' in text and "could not be built" in text
+
+
+def test_lookup_distinguishes_entities():
+    want = LOOKUP["t1w_mask"][1][0]
+    assert matches("sub-01_ses-pre_desc-brain_mask.nii.gz", want)
+    assert not matches("sub-01_ses-pre_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz", want)
+    assert matches("sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
+    assert not matches("sub-01_space-dwi_model-dae_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
+
+
+def test_collect_subject_without_sessions(tmp_path):
+    out = make_derivatives(tmp_path / "out", with_anomaly=True)
+    ses = out / "sub-01" / "ses-pre"
+    for folder in ("dwi", "anat"):
+        target = out / "sub-01" / folder
+        target.mkdir()
+        for path in (ses / folder).iterdir():
+            path.rename(target / path.name.replace("_ses-pre", ""))
+    shutil.rmtree(ses)
+    subj = collect_subject(out, "01")
+    assert [s.session for s in subj.sessions] == [None]
+    assert {"dwi_preproc", "b0", "t1w", "fa", "motion"} <= set(subj.sessions[0].files)
+    assert set(subj.sessions[0].anomaly) == {"dae", "recdisc"}
+
+
+def test_group_report(built_reports):
+    group = built_reports["group"]
+    text = group.read_text()
+    page = parse(group)
+    for section in ("cohort", "training", "calibration", "evaluation", "about"):
+        assert section in page.ids
+    assert "model-dae_desc-training_loss.svg" in text
+    assert "dice: models × threshold methods" in text
+    assert "healthy-fpr" in text and "0.550 ± 0.000 (n=2)" in text
+    assert "by group" in text and "patient: 1" in text
+    for src in page.links:
+        assert (group.parent / src).is_file(), src
+    assert len(page.links) == 3  # two training curves + one calibration plot
+
+
+def test_group_report_without_models(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    text = build_group_report(settings_for(out)).read_text()
+    assert "Not available: no trained models" in text
+    assert "Not available: no evaluation tables" in text
+
+
+def test_invalid_subject_label_rejected(tmp_path):
+    from bids_uad.errors import UsageError
+
+    with pytest.raises(UsageError):
+        build_participant_report(settings_for(tmp_path), "../x")
