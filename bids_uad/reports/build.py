@@ -100,3 +100,16 @@ def build_group_report(settings, run_id: str | None = None) -> Path:
     path = write_text(output_dir / "group.html", html)
     LOGGER.info("group report written: %s", path)
     return path
+
+
+def build_reports(settings, subjects=None, run_id: str | None = None, group: bool | None = None) -> list[Path]:
+    """Build the participant reports of ``subjects`` (default: every ``sub-*`` in OUTPUT_DIR)
+    and the group report (default: when ``models/`` exists).  What ``--reports-only`` runs."""
+    from bids_uad.reports.collect import list_subjects
+
+    output_dir = Path(settings.output_dir)
+    subjects = list(subjects) if subjects else list_subjects(output_dir)
+    paths = [build_participant_report(settings, s, run_id) for s in subjects]
+    if group or (group is None and (output_dir / "models").is_dir()):
+        paths.append(build_group_report(settings, run_id))
+    return paths

@@ -31,11 +31,10 @@ def to_canonical(img) -> tuple[np.ndarray, np.ndarray]:
     """(3D float32 data in closest-RAS orientation, its affine); 4D images give volume 0."""
     import nibabel as nib
 
+    while len(img.shape) > 3:  # first volume only, without reading the others
+        img = img.slicer[..., 0]
     img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4:
-        data = data[..., 0]
-    data = np.squeeze(data) if data.ndim > 3 else data
     return np.nan_to_num(data), img.affine
 
 

@@ -61,10 +61,10 @@ def cohort_section(output_dir: Path, bids_dir: Path | None, models: dict[str, di
     for name, meta in models.items():
         rows.append((f"training controls ({name})", ", ".join(meta.get("training_subjects", []))))
     items.append(kv(rows))
-    if subjects:
-        items.append(text("Participant reports: " + ", ".join(f"sub-{s}" for s in subjects) + "."))
-        items.append({"type": "links", "links": [(f"sub-{s}.html", f"sub-{s}") for s in subjects
-                                                 if (output_dir / f"sub-{s}.html").is_file()]})
+    links = [(f"sub-{s}.html", f"sub-{s}") for s in subjects if (output_dir / f"sub-{s}.html").is_file()]
+    if links:
+        items.append(text("Participant reports:"))
+        items.append({"type": "links", "links": links})
     return items
 
 

@@ -215,3 +215,17 @@ def test_invalid_subject_label_rejected(tmp_path):
 
     with pytest.raises(UsageError):
         build_participant_report(settings_for(tmp_path), "../x")
+
+
+def test_b0_taken_from_preprocessed_dwi_when_missing(tmp_path):
+    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    next((out / "sub-01" / "ses-pre" / "dwi").glob("*desc-b0_dwiref.nii.gz")).unlink()
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "sub-01_ses-pre_desc-brain_dwiref.svg" in text
+
+
+def test_build_reports_for_every_subject(built_reports):
+    from bids_uad.reports.build import build_reports
+
+    paths = build_reports(built_reports["settings"])
+    assert [p.name for p in paths] == ["sub-01.html", "group.html"]
