@@ -112,7 +112,14 @@ class ModelBundle:
 
 
 def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
-    """Load a bundle from ``model-<name>.json``/``.safetensors`` (or their stem); no pickle involved."""
+    """Load a bundle from ``model-<name>.json``/``.safetensors``, their stem, or a folder holding
+    exactly one ``model-*.json``; no pickle involved."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("model-*.json"))
+        if len(found) != 1:
+            raise InputValidationError(f"expected one model-*.json in the folder, found {len(found)}", path)
+        path = found[0]
     tensors, meta = load_tensors(path)
     settings = Settings.from_dict(meta["settings"])
     dev = resolve_device(device)

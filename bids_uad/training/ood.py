@@ -34,12 +34,17 @@ def _draw(rng, dist, mean, std, size):
 
 
 def add_ood_patches(x: np.ndarray, brain: np.ndarray, rng: np.random.Generator,
-                    settings: OODSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Return (corrupted copy of x (C,X,Y,Z) clipped to [0,1], anomaly mask (X,Y,Z) float32)."""
+                    settings: OODSettings, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (corrupted copy of x (C,X,Y,Z) clipped to [0,1], anomaly mask (X,Y,Z) float32).
+
+    ``info``, when given, receives what was drawn (``n_ellipsoids``, ``modes``, ``distributions``).
+    """
     shape = x.shape[1:]
     out = x.copy()
     anomaly = np.zeros(shape, bool)
-    n = rng.choice(3, p=np.asarray(settings.count_probabilities, float))
+    n = int(rng.choice(3, p=np.asarray(settings.count_probabilities, float)))
+    if info is not None:
+        info.update(n_ellipsoids=n, modes=[], distributions=[])
     inside = np.argwhere(brain)
     if n == 0 or len(inside) == 0:
         return out, anomaly.astype(np.float32)
@@ -59,6 +64,9 @@ def add_ood_patches(x: np.ndarray, brain: np.ndarray, rng: np.random.Generator,
         mode = settings.modes[rng.integers(len(settings.modes))]
         mu = mean * settings.mean_scales[rng.integers(len(settings.mean_scales))]
         c = x.shape[0]
+        if info is not None:
+            info["modes"].append(mode)
+            info["distributions"].append(dist)
         if mode == "random":
             values = _draw(rng, dist, mu, std, (c, k))
         elif mode == "directional":

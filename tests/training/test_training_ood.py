@@ -15,16 +15,22 @@ def test_patches_inside_mask_and_count_probabilities():
     x, mask = _subject()
     rng = np.random.default_rng(0)
     settings = OODSettings(min_radius=0.1, max_radius=0.25)
-    empty = 0
+    counts, modes, dists = [], [], []
     n = 300
     for _ in range(n):
-        y, a = add_ood_patches(x, mask, rng, settings)
+        info = {}
+        y, a = add_ood_patches(x, mask, rng, settings, info)
         region = a.astype(bool)
         assert not np.any(region & ~mask)
         assert np.array_equal(y[:, ~region], x[:, ~region])
         assert y.min() >= 0 and y.max() <= 1
-        empty += not region.any()
-    assert abs(empty / n - 0.2) < 0.07
+        assert region.any() == (info["n_ellipsoids"] > 0)
+        counts.append(info["n_ellipsoids"])
+        modes += info["modes"]
+        dists += info["distributions"]
+    freq = np.bincount(counts, minlength=3) / n
+    np.testing.assert_allclose(freq, [0.2, 0.6, 0.2], atol=0.07)
+    assert set(modes) == {"random", "directional", "isotropic"} and set(dists) == {"normal", "uniform"}
 
 
 def test_modes():
