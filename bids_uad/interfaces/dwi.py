@@ -1,0 +1,621 @@
+"""Thin nipype interfaces for diffusion preprocessing: files in, one algorithm, files out.
+
+The numerics live in :mod:`bids_uad.algorithms`; here we read/validate inputs (phase-encoding
+metadata, grids, gradient tables), call the algorithm and write NIfTI/TSV/text outputs into the
+node's working directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from bids_uad.errors import InputValidationError
+from bids_uad.interfaces.derivatives import DerivativesDataSink
+
+LOGGER = logging.getLogger("bids_uad.dwi")
+
+SDC_SKIPPED = "None (no reverse phase-encoding image)"
+MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement")
+MOTION_COLUMN_DESCRIPTIONS: dict[str, Any] = {
+    "trans_x": {"Description": "Translation along the first voxel axis (x) of the reference", "Units": "mm"},
+    "trans_y": {"Description": "Translation along the second voxel axis (y)", "Units": "mm"},
+    "trans_z": {"Description": "Translation along the third voxel axis (z)", "Units": "mm"},
+    "rot_x": {"Description": "Rotation about x (R = Rz Ry Rx, about the grid centre)", "Units": "rad"},
+    "rot_y": {"Description": "Rotation about y", "Units": "rad"},
+    "rot_z": {"Description": "Rotation about z", "Units": "rad"},
+    "framewise_displacement": {
+        "Description": "Framewise displacement (Power et al. 2012; rotations on a 50 mm sphere)",
+        "Units": "mm",
+    },
+    "eddy_pe_offset": {"Description": "Eddy-current translation along phase encoding", "Units": "voxel"},
+    "eddy_pe_i": {"Description": "Eddy-current shear of the PE coordinate per voxel along i", "Units": "1"},
+    "eddy_pe_j": {"Description": "Eddy-current shear/scale of the PE coordinate per voxel along j", "Units": "1"},
+    "eddy_pe_k": {"Description": "Eddy-current shear of the PE coordinate per voxel along k", "Units": "1"},
+}
+
+
+def _sidecar_of(path: str) -> str:
+    name = str(path)
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)] + ".json"
+    return name + ".json"
+
+
+def _out(runtime, name: str) -> str:
+    return str(Path(runtime.cwd) / name)
+
+
+def _set_threads(n: int | None) -> None:
+    if n and n > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def total_readout_time(meta: dict, n_pe: int, where: str) -> float:
+    """``TotalReadoutTime`` from a sidecar, or from ``EffectiveEchoSpacing`` * (N_PE - 1)."""
+    if meta.get("TotalReadoutTime") not in (None, ""):
+        trt = float(meta["TotalReadoutTime"])
+    elif meta.get("EffectiveEchoSpacing") not in (None, ""):
+        n = int(meta.get("ReconMatrixPE") or n_pe)
+        trt = float(meta["EffectiveEchoSpacing"]) * (n - 1)
+    else:
+        raise InputValidationError(
+            "TotalReadoutTime (or EffectiveEchoSpacing) is missing: it is needed for "
+            "susceptibility distortion correction with a reverse phase-encoding image", where)
+    if not (0 < trt < 1):
+        raise InputValidationError(f"TotalReadoutTime {trt} s is not plausible (expected 0-1 s)", where)
+    return trt
+
+
+def phase_encoding(meta: dict, where: str) -> tuple[int, int]:
+    """(axis, polarity) from ``PhaseEncodingDirection``; InputValidationError naming the sidecar."""
+    from bids_uad.algorithms.resample import parse_phase_encoding
+
+    ped = meta.get("PhaseEncodingDirection")
+    if not ped:
+        raise InputValidationError(
+            "PhaseEncodingDirection is missing (needed with a reverse phase-encoding image)", where)
+    try:
+        return parse_phase_encoding(ped)
+    except ValueError as exc:
+        raise InputValidationError(str(exc), where) from exc
+
+
+def _b0_mean_of(path: str, b0_threshold: float = 50.0) -> tuple[np.ndarray, Any, str]:
+    """Mean of the b0 volumes of an image (all volumes of an EPI fieldmap without .bval)."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    how = "single volume"
+    if data.ndim == 4:
+        bval = Path(str(path).replace(".nii.gz", "").replace(".nii", "") + ".bval")
+        if bval.exists():
+            from bids_uad.bids.gradients import read_bvals
+
+            b = read_bvals(bval)
+            if b.size != data.shape[3]:
+                raise InputValidationError(f"{b.size} b-values for {data.shape[3]} volumes", bval)
+            sel = b <= b0_threshold
+            if not sel.any():
+                raise InputValidationError("the reverse phase-encoding series has no b0 volume", bval)
+            data = data[..., sel]
+            how = f"mean of {int(sel.sum())} b0 volume(s) (from .bval)"
+        else:
+            how = f"mean of {data.shape[3]} volume(s)"
+        data = data.mean(-1)
+    return data, img, how
+
+
+# --------------------------------------------------------------------------------------------
+class _DenoiseInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    denoise = traits.Enum("none", "mppca", "patch2self", usedefault=True)
+    gibbs = traits.Bool(False, usedefault=True)
+
+
+class _DenoiseOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    report = traits.Dict()
+
+
+class DenoiseDWI(SimpleInterface):
+    """Optional MP-PCA / Patch2Self denoising then Gibbs-ringing removal (dipy)."""
+
+    input_spec = _DenoiseInputSpec
+    output_spec = _DenoiseOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.denoise import denoise_series, remove_gibbs
+        from bids_uad.bids.gradients import read_bvals
+
+        report = {"Denoising": "None", "GibbsRingingRemoval": False}
+        if self.inputs.denoise == "none" and not self.inputs.gibbs:
+            self._results["out_file"] = self.inputs.in_file
+            self._results["report"] = report
+            return runtime
+        img = nib.load(self.inputs.in_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if self.inputs.denoise != "none":
+            data = denoise_series(data, read_bvals(self.inputs.bval_file), self.inputs.denoise)
+            report["Denoising"] = f"dipy {self.inputs.denoise}"
+        if self.inputs.gibbs:
+            data = remove_gibbs(data)
+            report["GibbsRingingRemoval"] = "dipy gibbs_removal (Kellner 2016)"
+        out = _out(runtime, "dwi_denoised.nii.gz")
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
+        self._results["out_file"] = out
+        self._results["report"] = report
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _EstimateSDCInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    dwi_metadata = traits.Dict(mandatory=True)
+    rpe_file = traits.Str("", usedefault=True, desc="reverse-PE image or '' when none")
+    rpe_metadata = traits.Dict(desc="sidecar of the reverse-PE image")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _EstimateSDCOutputSpec(TraitedSpec):
+    fieldmap_hz = traits.Str(desc="field in Hz on the dwi grid, or '' when skipped")
+    b0_pair_raw = traits.List(traits.Str)
+    b0_pair_corrected = traits.List(traits.Str)
+    pe_direction = traits.Str()
+    readout_scale = traits.Float(desc="TotalReadoutTime * polarity of the dwi (0 if unknown)")
+    report = traits.Dict()
+
+
+class EstimateSDC(SimpleInterface):
+    """Validate the PE metadata, then fit the susceptibility field from the reverse-PE b0 pair."""
+
+    input_spec = _EstimateSDCInputSpec
+    output_spec = _EstimateSDCOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.resample import resample_to_grid, same_grid
+        from bids_uad.algorithms.sdc import estimate_sdc
+        from bids_uad.bids.gradients import load_gradients
+
+        _set_threads(self.inputs.num_threads)
+        dwi_json = _sidecar_of(self.inputs.dwi_file)
+        meta = dict(self.inputs.dwi_metadata or {})
+        img = nib.load(self.inputs.dwi_file)
+        if img.ndim != 4:
+            raise InputValidationError(f"the dwi image is {img.ndim}-D, expected 4-D", self.inputs.dwi_file)
+        gt = load_gradients(self.inputs.bval_file, self.inputs.bvec_file, n_volumes=img.shape[3],
+                            image_path=self.inputs.dwi_file)
+        first_b0 = int(np.flatnonzero(gt.b0_mask)[0])
+        b0 = np.asarray(img.dataobj[..., first_b0], dtype=np.float32)
+        self._results.update(fieldmap_hz="", b0_pair_raw=[], b0_pair_corrected=[],
+                             pe_direction=str(meta.get("PhaseEncodingDirection", "")), readout_scale=0.0)
+        rpe = self.inputs.rpe_file or ""
+        if not rpe:
+            LOGGER.warning("%s: no reverse phase-encoding image; susceptibility distortion correction "
+                           "skipped", Path(self.inputs.dwi_file).name)
+            if meta.get("PhaseEncodingDirection"):
+                axis, pol = phase_encoding(meta, dwi_json)
+                try:
+                    self._results["readout_scale"] = pol * total_readout_time(meta, img.shape[axis], dwi_json)
+                except InputValidationError:
+                    self._results["readout_scale"] = 0.0
+            self._results["report"] = {"SusceptibilityDistortionCorrection": SDC_SKIPPED}
+            return runtime
+        rpe_json = _sidecar_of(rpe)
+        rmeta = dict(self.inputs.rpe_metadata or {}) if isdefined(self.inputs.rpe_metadata) else {}
+        axis, pol = phase_encoding(meta, dwi_json)
+        raxis, rpol = phase_encoding(rmeta, rpe_json)
+        if raxis != axis:
+            raise InputValidationError(
+                f"reverse phase-encoding image has PE axis {rmeta['PhaseEncodingDirection']!r} but the dwi has "
+                f"{meta['PhaseEncodingDirection']!r}: the pair must share the PE axis", rpe_json)
+        if rpol == pol:
+            raise InputValidationError(
+                f"reverse phase-encoding image has the same polarity ({rmeta['PhaseEncodingDirection']!r}) "
+                "as the dwi: it must be the opposite", rpe_json)
+        trt = total_readout_time(meta, img.shape[axis], dwi_json)
+        rimg_data, rimg, how = _b0_mean_of(rpe)
+        if rimg_data.ndim != 3:
+            raise InputValidationError(f"reverse phase-encoding image is {rimg_data.ndim}-D", rpe)
+        rtrt = total_readout_time(rmeta, rimg.shape[raxis], rpe_json)
+        resampled = False
+        if not same_grid(rimg.shape, rimg.affine, img.shape, img.affine):
+            LOGGER.warning("%s: grid differs from the dwi; resampled to the dwi grid", Path(rpe).name)
+            rimg_data = resample_to_grid(rimg_data, rimg.affine, img.shape[:3], img.affine, order=1)
+            resampled = True
+        res = estimate_sdc([b0, rimg_data], [trt * pol, rtrt * rpol], axis)
+        hdr = img.header.copy()
+        hdr.set_data_dtype(np.float32)
+        affine = img.affine
+        names = {}
+        for key, arr in (("fieldmap_hz", res.field_hz), ("raw_dwi", b0), ("raw_rpe", rimg_data),
+                         ("cor_dwi", res.corrected[0]), ("cor_rpe", res.corrected[1])):
+            names[key] = _out(runtime, f"sdc_{key}.nii.gz")
+            out = nib.Nifti1Image(np.asarray(arr, np.float32), affine)
+            out.header.set_xyzt_units("mm", "sec")
+            nib.save(out, names[key])
+        self._results.update(
+            fieldmap_hz=names["fieldmap_hz"],
+            b0_pair_raw=[names["raw_dwi"], names["raw_rpe"]],
+            b0_pair_corrected=[names["cor_dwi"], names["cor_rpe"]],
+            readout_scale=float(trt * pol),
+        )
+        self._results["report"] = {
+            "SusceptibilityDistortionCorrection": "TOPUP model, bids_uad python (torch B-spline field)",
+            "SDCSettings": {
+                "PhaseEncodingDirection": meta["PhaseEncodingDirection"],
+                "ReversePhaseEncodingDirection": rmeta["PhaseEncodingDirection"],
+                "TotalReadoutTime": trt, "ReverseTotalReadoutTime": rtrt,
+                "ReversePEImage": Path(rpe).name, "ReversePEb0": how,
+                "ReversePEResampledToDwiGrid": resampled, **res.info,
+            },
+        }
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _MotionCorrectInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    fieldmap_hz = traits.Str("", usedefault=True, desc="field (Hz) on the dwi grid or ''")
+    pe_direction = traits.Str("", usedefault=True)
+    readout_scale = traits.Float(0.0, usedefault=True)
+    eddy = traits.Bool(True, usedefault=True, desc="model eddy currents along PE")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _MotionCorrectOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    out_bval = File(exists=True)
+    out_bvec = File(exists=True)
+    b0_ref = File(exists=True)
+    motion_tsv = File(exists=True)
+    report = traits.Dict()
+
+
+class MotionCorrect(SimpleInterface):
+    """Head motion + eddy currents (+ SDC in the same interpolation); rotated b-vectors; TSV."""
+
+    input_spec = _MotionCorrectInputSpec
+    output_spec = _MotionCorrectOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.hmc import correct_motion
+        from bids_uad.algorithms.resample import parse_phase_encoding
+        from bids_uad.bids.derivatives import write_tsv
+        from bids_uad.bids.gradients import GradientTable, load_gradients, write_fsl_gradients
+
+        _set_threads(self.inputs.num_threads)
+        img = nib.load(self.inputs.dwi_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        gt = load_gradients(self.inputs.bval_file, self.inputs.bvec_file, n_volumes=data.shape[3],
+                            image_path=self.inputs.dwi_file)
+        pe_axis = None
+        if self.inputs.pe_direction:
+            pe_axis = parse_phase_encoding(self.inputs.pe_direction)[0]
+        disp = None
+        if self.inputs.fieldmap_hz:
+            if pe_axis is None or not self.inputs.readout_scale:
+                raise InputValidationError("a field map needs the PE direction and readout time",
+                                           _sidecar_of(self.inputs.dwi_file))
+            disp = np.asarray(nib.load(self.inputs.fieldmap_hz).dataobj, np.float32) * self.inputs.readout_scale
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        res = correct_motion(data, gt.bvals, gt.bvecs, zooms, pe_axis=pe_axis, disp_vox=disp,
+                             eddy=self.inputs.eddy, affine_det_positive=np.linalg.det(img.affine[:3, :3]) > 0)
+        corrected = np.clip(res.corrected, 0, None).astype(np.float32)
+        hdr = img.header.copy()
+        hdr.set_data_dtype(np.float32)
+        out = _out(runtime, "dwi_preproc.nii.gz")
+        nib.save(nib.Nifti1Image(corrected, img.affine, hdr), out)
+        b0_ref = corrected[..., gt.b0_mask].mean(-1)
+        ref = _out(runtime, "dwi_b0ref.nii.gz")
+        nib.save(nib.Nifti1Image(b0_ref.astype(np.float32), img.affine), ref)
+        new = GradientTable(bvals=gt.bvals, bvecs=res.bvecs, b0_threshold=gt.b0_threshold)
+        bval, bvec = _out(runtime, "dwi_preproc.bval"), _out(runtime, "dwi_preproc.bvec")
+        write_fsl_gradients(new, bval, bvec)
+        rows = []
+        for i in range(data.shape[3]):
+            row = dict(zip(MOTION_COLUMNS[:6], res.motion[i]))
+            row["framewise_displacement"] = res.framewise_displacement[i]
+            if pe_axis is not None:
+                row.update(dict(zip(("eddy_pe_offset", "eddy_pe_i", "eddy_pe_j", "eddy_pe_k"), res.eddy[i])))
+            rows.append(row)
+        tsv = _out(runtime, "motion.tsv")
+        write_tsv(tsv, rows)
+        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref, motion_tsv=tsv)
+        self._results["report"] = {
+            "HeadMotionCorrection": "bids_uad python: per-volume rigid + eddy-current (affine along PE) "
+                                    "registration, b0s to b0 reference, DWIs to leave-one-out tensor prediction",
+            "HMCSettings": res.info,
+            "BvecsRotated": True,
+            "SingleInterpolation": "motion, eddy currents and susceptibility field applied in one trilinear "
+                                   "resampling with Jacobian modulation" if disp is not None else
+                                   "motion and eddy currents applied in one trilinear resampling",
+            "MeanFramewiseDisplacement": float(np.nanmean(res.framewise_displacement))
+            if data.shape[3] > 1 else 0.0,
+        }
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    method = traits.Enum("otsu", "median_otsu", usedefault=True)
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True)
+    report = traits.Dict()
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask of the corrected mean b0."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.masking import brain_mask
+
+        img = nib.load(self.inputs.in_file)
+        mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
+        out = _out(runtime, "brain_mask.nii.gz")
+        m = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+        m.header.set_data_dtype(np.uint8)
+        nib.save(m, out)
+        self._results["out_mask"] = out
+        self._results["report"] = {"BrainMask": f"bids_uad python ({self.inputs.method} on the corrected mean b0)"}
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _TensorInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, mandatory=True)
+
+
+class _TensorOutputSpec(TraitedSpec):
+    fa = File(exists=True)
+    md = File(exists=True)
+    ad = File(exists=True)
+    rd = File(exists=True)
+    s0 = File(exists=True)
+    report = traits.Dict()
+
+
+class TensorFit(SimpleInterface):
+    """WLS diffusion tensor fit -> FA, MD, AD, RD, S0 maps."""
+
+    input_spec = _TensorInputSpec
+    output_spec = _TensorOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.tensor import TENSOR_MAPS, fit_tensor
+        from bids_uad.bids.gradients import load_gradients
+
+        img = nib.load(self.inputs.dwi_file)
+        data = np.asarray(img.dataobj, np.float32)
+        gt = load_gradients(self.inputs.bval_file, self.inputs.bvec_file, n_volumes=data.shape[3])
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        maps = fit_tensor(data, gt.bvals, gt.bvecs, mask, b0_threshold=gt.b0_threshold)
+        for key in TENSOR_MAPS:
+            out = _out(runtime, f"tensor_{key}.nii.gz")
+            nib.save(nib.Nifti1Image(maps[key], img.affine), out)
+            self._results[key] = out
+        self._results["report"] = {"TensorFit": "dipy TensorModel, weighted least squares (WLS)",
+                                   "Shells": list(gt.shells)}
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _MergeReportsInputSpec(BaseInterfaceInputSpec):
+    backend = traits.Str(mandatory=True)
+    denoise = traits.Dict()
+    sdc = traits.Dict()
+    hmc = traits.Dict()
+    mask = traits.Dict()
+    tensor = traits.Dict()
+
+
+class _MergeReportsOutputSpec(TraitedSpec):
+    backend_report = traits.Dict()
+    dwi_meta = traits.Dict(desc="sidecar of the preprocessed dwi")
+    field_meta = traits.Dict()
+    motion_meta = traits.Dict()
+    mask_meta = traits.Dict()
+    tensor_meta = traits.Dict()
+    ref_meta = traits.Dict()
+
+
+class MergeReports(SimpleInterface):
+    """Collect what ran in each step (backend and key settings) into sidecar dictionaries."""
+
+    input_spec = _MergeReportsInputSpec
+    output_spec = _MergeReportsOutputSpec
+
+    def _run_interface(self, runtime):
+        def get(name):
+            value = getattr(self.inputs, name)
+            return dict(value) if isdefined(value) and value else {}
+
+        sdc, hmc, den, mask, ten = get("sdc"), get("hmc"), get("denoise"), get("mask"), get("tensor")
+        sdc_line = sdc.get("SusceptibilityDistortionCorrection", SDC_SKIPPED)
+        report = {"Backend": self.inputs.backend, **den, **sdc, **hmc, **mask, **ten}
+        report.setdefault("SusceptibilityDistortionCorrection", sdc_line)
+        common = {"PreprocessingBackend": self.inputs.backend, "SusceptibilityDistortionCorrection": sdc_line}
+        self._results["backend_report"] = report
+        self._results["dwi_meta"] = {k: v for k, v in report.items() if k not in ("BrainMask", "TensorFit", "Shells")}
+        self._results["ref_meta"] = {**common, "Description": "b0 reference: mean of the corrected b0 volumes",
+                                     "HeadMotionCorrection": hmc.get("HeadMotionCorrection", "")}
+        self._results["field_meta"] = {**sdc, "Units": "Hz", "PreprocessingBackend": self.inputs.backend,
+                                       "Description": "Off-resonance field on the dwi grid; displacement "
+                                                      "(voxels along PE) = field * TotalReadoutTime * polarity"}
+        self._results["motion_meta"] = {**MOTION_COLUMN_DESCRIPTIONS, **common,
+                                        "HeadMotionCorrection": hmc.get("HeadMotionCorrection", "")}
+        self._results["mask_meta"] = {**common, "Type": "Brain", **mask}
+        self._results["tensor_meta"] = {**common, **ten}
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _OptionalSinkInputSpec(BaseInterfaceInputSpec):
+    in_file = traits.Str(mandatory=True, desc="file to store, or '' to store nothing")
+    output_dir = traits.Str(mandatory=True)
+    bids_dir = traits.Str()
+    entities = traits.Dict(mandatory=True)
+    suffix = traits.Str(mandatory=True)
+    datatype = traits.Str()
+    meta = traits.Dict()
+    source_files = traits.List(traits.Str)
+
+
+class _OptionalSinkOutputSpec(TraitedSpec):
+    out_file = traits.Str()
+
+
+class OptionalDerivativesDataSink(SimpleInterface):
+    """A :class:`DerivativesDataSink` that stores nothing when ``in_file`` is '' (skipped step)."""
+
+    input_spec = _OptionalSinkInputSpec
+    output_spec = _OptionalSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        if not self.inputs.in_file:
+            self._results["out_file"] = ""
+            return runtime
+        sink = DerivativesDataSink(
+            in_file=self.inputs.in_file, output_dir=self.inputs.output_dir, entities=self.inputs.entities,
+            suffix=self.inputs.suffix)
+        for name in ("bids_dir", "datatype", "meta", "source_files"):
+            value = getattr(self.inputs, name)
+            if isdefined(value):
+                setattr(sink.inputs, name, value)
+        res = sink.run(cwd=runtime.cwd)
+        self._results["out_file"] = res.outputs.out_file
+        return runtime
+
+
+class _EntitiesInputSpec(BaseInterfaceInputSpec):
+    source_entities = traits.Dict(mandatory=True)
+
+
+class _EntitiesOutputSpec(TraitedSpec):
+    entities = traits.Dict()
+
+
+class DerivativeEntities(SimpleInterface):
+    """Keep subject/session/acquisition/run of the raw dwi; drop direction and the rest."""
+
+    input_spec = _EntitiesInputSpec
+    output_spec = _EntitiesOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["entities"] = derivative_entities(self.inputs.source_entities)
+        return runtime
+
+
+def derivative_entities(source: dict) -> dict:
+    """Entities of dwi derivatives from those of the raw dwi (subject, session, acq, run)."""
+    keep = {"subject": "subject", "sub": "subject", "session": "session", "ses": "session",
+            "acquisition": "acquisition", "acq": "acquisition", "run": "run"}
+    out = {}
+    for key, value in (source or {}).items():
+        if key in keep and value not in (None, ""):
+            out[keep[key]] = str(value)
+    if "subject" not in out:
+        raise InputValidationError("source_entities has no subject")
+    return out
+
+
+class _ApplyEntitiesInputSpec(BaseInterfaceInputSpec):
+    entities = traits.Dict(mandatory=True)
+    extra = traits.Dict(mandatory=True)
+
+
+class _ApplyEntitiesOutputSpec(TraitedSpec):
+    entities = traits.Dict()
+
+
+class AddEntities(SimpleInterface):
+    """Base entities + this output's own (space, desc, model, param)."""
+
+    input_spec = _ApplyEntitiesInputSpec
+    output_spec = _ApplyEntitiesOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["entities"] = {**self.inputs.entities, **self.inputs.extra}
+        return runtime
+
+
+def os_cpu_threads(requested: int) -> int:
+    """Threads to give torch inside a node: the request, capped at the CPU count."""
+    return max(1, min(int(requested or 1), os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------------------------
+class _DwiSinkInputSpec(_OptionalSinkInputSpec):
+    base_entities = traits.Dict(desc="entities of the source (subject, session, ...)")
+    source_file = traits.Str(desc="raw file this derivative comes from")
+    write_sidecar = traits.Bool(True, usedefault=True)
+
+
+class DwiDerivativesSink(SimpleInterface):
+    """:class:`DerivativesDataSink` with the source entities merged in at run time.
+
+    ``entities`` holds this output's own entities (space, desc, model, param), ``base_entities``
+    the subject/session/acq/run connected from the workflow; ``in_file == ''`` stores nothing
+    (e.g. no field map when distortion correction was skipped).
+    """
+
+    input_spec = _DwiSinkInputSpec
+    output_spec = _OptionalSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        if not self.inputs.in_file:
+            self._results["out_file"] = ""
+            return runtime
+        base = dict(self.inputs.base_entities) if isdefined(self.inputs.base_entities) else {}
+        sink = DerivativesDataSink(
+            in_file=self.inputs.in_file, output_dir=self.inputs.output_dir,
+            entities={**base, **self.inputs.entities}, suffix=self.inputs.suffix,
+            write_sidecar=self.inputs.write_sidecar)
+        for name in ("bids_dir", "datatype", "meta"):
+            value = getattr(self.inputs, name)
+            if isdefined(value) and value != "":
+                setattr(sink.inputs, name, value)
+        if isdefined(self.inputs.source_file) and self.inputs.source_file:
+            sink.inputs.source_files = [self.inputs.source_file]
+        res = sink.run(cwd=runtime.cwd)
+        self._results["out_file"] = res.outputs.out_file
+        return runtime
