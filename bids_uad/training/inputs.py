@@ -151,9 +151,11 @@ def reconcile_gradients(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
     missing = [int(round(ref_shells[k])) for k in range(len(ref_shells)) if not np.any(idx == k)]
     if missing:
         raise InputValidationError(f"the data lack the model's b-value shell(s) {missing}")
-    same_order = bvals.size == ref_bvals.size and match_directions(bvecs, ref_bvecs, angle_tol_deg) is not None \
-        and np.array_equal(match_directions(bvecs, ref_bvecs, angle_tol_deg), np.arange(bvals.size)) \
-        and np.array_equal(idx, ref_idx)
+    if bvals.size == ref_bvals.size and np.array_equal(idx, ref_idx):
+        order = match_directions(bvecs, ref_bvecs, angle_tol_deg)
+        same_order = order is not None and np.array_equal(order, np.arange(bvals.size))
+    else:
+        same_order = False
     if same_order:
         return data, "identity"
     out = np.zeros(data.shape[:-1] + (ref_bvals.size,), dtype=np.float32)

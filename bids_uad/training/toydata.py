@@ -41,7 +41,9 @@ def tensor_signal(evals: np.ndarray, e1: np.ndarray, bvecs: np.ndarray, bval: fl
 
 
 def _smooth_noise(rng, shape, sigma):
-    return ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    """Smooth Gaussian random field with zero mean and unit standard deviation."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    return (field - field.mean()) / (field.std() + 1e-12)
 
 
 @dataclass
@@ -60,12 +62,12 @@ def make_toy_subject(shape: tuple[int, int, int], bvecs: np.ndarray, seed: int, 
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
     s = min(shape) / 8
     scale = 0.9 + 0.04 * rng.normal(size=3)
-    radius = np.linalg.norm(grid / scale, axis=-1) + 0.08 * _smooth_noise(rng, shape, s) / 0.1 * 0.1
+    radius = np.linalg.norm(grid / scale, axis=-1) + 0.03 * _smooth_noise(rng, shape, s)
     mask = radius < 1.0
     vent = np.linalg.norm((grid - [0, 0.05, 0.05]) / [0.12, 0.3, 0.15], axis=-1) < 1.0
     dseg = np.zeros(shape, np.uint8)
     dseg[mask] = 3
-    dseg[mask & (radius > 0.75 + 0.05 * _smooth_noise(rng, shape, s) / 0.1 * 0.1)] = 2
+    dseg[mask & (radius > 0.75 + 0.03 * _smooth_noise(rng, shape, s))] = 2
     dseg[mask & (radius > 0.93)] = 1
     dseg[mask & vent] = 1
     # smooth fibre orientation field
@@ -75,14 +77,14 @@ def make_toy_subject(shape: tuple[int, int, int], bvecs: np.ndarray, seed: int, 
     evals[dseg == 1] = [3.0e-3, 3.0e-3]
     evals[dseg == 2] = [0.9e-3, 0.75e-3]
     evals[dseg == 3] = [1.6e-3, 0.35e-3]
-    wiggle = 1 + 0.05 * _smooth_noise(rng, shape, s)[..., None] / 0.1 * 0.1
+    wiggle = 1 + 0.05 * _smooth_noise(rng, shape, s)[..., None]
     evals *= wiggle
     les = np.zeros(shape, bool)
     if lesion:
         inner = np.argwhere(mask & (radius < 0.6) & ~vent)
         centre = inner[rng.integers(len(inner))]
         dist = np.linalg.norm((np.indices(shape).transpose(1, 2, 3, 0) - centre) / (lesion_radius * min(shape)), axis=-1)
-        blob = dist + 0.5 * _smooth_noise(rng, shape, s / 2) / np.std(_smooth_noise(rng, shape, s / 2))
+        blob = dist + 0.5 * _smooth_noise(rng, shape, s / 2)
         les = (blob < 1.0) & mask
         core = (dist < 0.5) & les
         evals[les] = [1.4e-3, 1.1e-3]
