@@ -614,8 +614,8 @@ class DwiDerivativesSink(SimpleInterface):
             value = getattr(self.inputs, name)
             if isdefined(value) and value != "":
                 setattr(sink.inputs, name, value)
-        if isdefined(self.inputs.source_file) and self.inputs.source_file:
-            sink.inputs.source_files = [self.inputs.source_file]
+        has_source = isdefined(self.inputs.source_file) and self.inputs.source_file
+        sink.inputs.source_files = [self.inputs.source_file] if has_source else []
         res = sink.run(cwd=runtime.cwd)
         self._results["out_file"] = res.outputs.out_file
         return runtime

@@ -1,0 +1,175 @@
+"""dwi interfaces: input validation (PE metadata, b0s, grids), FSL command lines, entities."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+
+from bids_uad.errors import InputValidationError  # noqa: E402
+from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
+from bids_uad.interfaces.dwi import (  # noqa: E402
+    DwiDerivativesSink,
+    EstimateSDC,
+    derivative_entities,
+    total_readout_time,
+)
+
+
+def _write(tmp_path: Path, bvals, shape=(12, 14, 10), rpe_shape=None, rpe_affine=None):
+    rng = np.random.default_rng(0)
+    n = len(bvals)
+    data = (rng.random(shape + (n,)) * 100 + 100).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    dwi = tmp_path / "sub-01_dir-AP_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), str(dwi))
+    bvecs = rng.standard_normal((n, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    bvecs[np.asarray(bvals) == 0] = 0
+    (tmp_path / "sub-01_dir-AP_dwi.bval").write_text(" ".join(str(b) for b in bvals))
+    (tmp_path / "sub-01_dir-AP_dwi.bvec").write_text("\n".join(" ".join(map(str, r)) for r in bvecs.T))
+    rpe = tmp_path / "sub-01_dir-PA_epi.nii.gz"
+    rshape = rpe_shape or shape
+    nib.save(nib.Nifti1Image((rng.random(rshape) * 100 + 100).astype(np.float32),
+                             aff if rpe_affine is None else rpe_affine), str(rpe))
+    return str(dwi), str(tmp_path / "sub-01_dir-AP_dwi.bval"), str(tmp_path / "sub-01_dir-AP_dwi.bvec"), str(rpe)
+
+
+def _sdc(tmp_path, dwi, bval, bvec, rpe, meta, rmeta):
+    node = EstimateSDC(dwi_file=dwi, bval_file=bval, bvec_file=bvec, dwi_metadata=meta, rpe_file=rpe,
+                       rpe_metadata=rmeta)
+    return node.run(cwd=str(tmp_path))
+
+
+def test_series_without_b0_is_clear_error(tmp_path):
+    dwi, bval, bvec, rpe = _write(tmp_path, [1000, 1000, 1000])
+    with pytest.raises(InputValidationError, match="no b0"):
+        _sdc(tmp_path, dwi, bval, bvec, "", {"PhaseEncodingDirection": "j-"}, {})
+
+
+def test_same_polarity_names_sidecar(tmp_path):
+    dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000, 1000])
+    meta = {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
+    with pytest.raises(InputValidationError) as err:
+        _sdc(tmp_path, dwi, bval, bvec, rpe, meta, dict(meta))
+    assert "same polarity" in str(err.value)
+    assert err.value.path.endswith("sub-01_dir-PA_epi.json")
+
+
+def test_missing_readout_time_names_sidecar(tmp_path):
+    dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000])
+    with pytest.raises(InputValidationError) as err:
+        _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-"},
+             {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05})
+    assert "TotalReadoutTime" in str(err.value)
+    assert err.value.path.endswith("sub-01_dir-AP_dwi.json")
+
+
+def test_missing_pe_direction_and_axis_mismatch(tmp_path):
+    dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000])
+    with pytest.raises(InputValidationError, match="PhaseEncodingDirection"):
+        _sdc(tmp_path, dwi, bval, bvec, rpe, {"TotalReadoutTime": 0.05},
+             {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05})
+    with pytest.raises(InputValidationError, match="PE axis"):
+        _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05},
+             {"PhaseEncodingDirection": "i", "TotalReadoutTime": 0.05})
+
+
+def test_readout_time_from_echo_spacing():
+    assert total_readout_time({"EffectiveEchoSpacing": 0.0005}, 101, "x.json") == pytest.approx(0.05)
+    with pytest.raises(InputValidationError):
+        total_readout_time({"TotalReadoutTime": 5.0}, 10, "x.json")
+
+
+def test_reverse_pe_on_other_grid_is_resampled(tmp_path):
+    aff = np.diag([2.5, 2.5, 2.5, 1.0])
+    dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000], rpe_shape=(10, 11, 8), rpe_affine=aff)
+    res = _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05},
+               {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05})
+    assert res.outputs.report["SDCSettings"]["ReversePEResampledToDwiGrid"] is True
+    assert nib.load(res.outputs.fieldmap_hz).shape == (12, 14, 10)
+    assert len(res.outputs.b0_pair_raw) == 2 and len(res.outputs.b0_pair_corrected) == 2
+
+
+def test_no_reverse_pe_skips_with_report(tmp_path):
+    dwi, bval, bvec, _ = _write(tmp_path, [0, 1000])
+    res = _sdc(tmp_path, dwi, bval, bvec, "", {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}, {})
+    assert res.outputs.fieldmap_hz == ""
+    assert res.outputs.b0_pair_raw == []
+    assert res.outputs.report["SusceptibilityDistortionCorrection"] == "None (no reverse phase-encoding image)"
+    assert res.outputs.readout_scale == pytest.approx(-0.05)
+
+
+def test_derivative_entities_drop_direction():
+    ents = derivative_entities({"subject": "01", "session": "pre", "direction": "AP", "run": 2,
+                                "acquisition": "hb", "suffix": "dwi", "extension": ".nii.gz"})
+    assert ents == {"subject": "01", "session": "pre", "run": "2", "acquisition": "hb"}
+    with pytest.raises(InputValidationError):
+        derivative_entities({"session": "pre"})
+
+
+def test_sink_skips_empty_and_names_file(tmp_path):
+    res = DwiDerivativesSink(in_file="", output_dir=str(tmp_path / "out"), entities={"desc": "x"},
+                             suffix="fieldmap").run(cwd=str(tmp_path))
+    assert res.outputs.out_file == ""
+    f = tmp_path / "f.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(f))
+    res = DwiDerivativesSink(in_file=str(f), output_dir=str(tmp_path / "out"), base_entities={"subject": "01"},
+                             entities={"space": "dwi", "desc": "susceptibility"}, suffix="fieldmap",
+                             datatype="dwi", meta={"Units": "Hz"}).run(cwd=str(tmp_path))
+    out = Path(res.outputs.out_file)
+    assert out.name == "sub-01_space-dwi_desc-susceptibility_fieldmap.nii.gz"
+    assert json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["Units"] == "Hz"
+
+
+# ---------------------------------------------------------------- FSL command lines (no FSL)
+@pytest.fixture
+def fsl_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FSLOUTPUTTYPE", "NIFTI_GZ")
+    for f in ("pair.nii.gz", "acqp.txt", "dwi.nii.gz", "dwi.bval", "dwi.bvec", "mask.nii.gz", "index.txt",
+              "tu_fieldcoef.nii.gz", "tu_movpar.txt", "b0.nii.gz"):
+        (tmp_path / f).write_text("")
+    return tmp_path
+
+
+def test_topup_cmdline(fsl_files):
+    cmd = fsl_if.topup_interface("pair.nii.gz", "acqp.txt", out_base="tu").cmdline
+    assert cmd.startswith("topup ")
+    for part in ("--config=b02b0.cnf", "--datain=acqp.txt", "--imain=pair.nii.gz", "--out=tu",
+                 "--fout=tu_field.nii.gz", "--iout=tu_corrected.nii.gz"):
+        assert part in cmd
+
+
+def test_applytopup_and_bet_cmdline(fsl_files):
+    cmd = fsl_if.applytopup_interface(["b0.nii.gz"], "acqp.txt", "tu_fieldcoef.nii.gz", "tu_movpar.txt", [1]).cmdline
+    assert cmd.startswith("applytopup ") and "--method=jac" in cmd and "--inindex=1" in cmd and "--topup=tu" in cmd
+    bet = fsl_if.bet_interface("b0.nii.gz", 0.3).cmdline
+    assert bet.startswith("bet b0.nii.gz") and "-f 0.30" in bet and "-m" in bet.split()
+
+
+def test_eddy_cmdline_with_and_without_topup(fsl_files):
+    cmd = fsl_if.eddy_interface("dwi.nii.gz", "dwi.bval", "dwi.bvec", "mask.nii.gz", "index.txt", "acqp.txt",
+                                topup_base="tu", num_threads=2).cmdline
+    assert cmd.split()[0].startswith("eddy")
+    for part in ("--imain=dwi.nii.gz", "--bvals=dwi.bval", "--bvecs=dwi.bvec", "--mask=mask.nii.gz",
+                 "--index=index.txt", "--acqp=acqp.txt", "--topup=tu", "--repol"):
+        assert part in cmd
+    cmd = fsl_if.eddy_interface("dwi.nii.gz", "dwi.bval", "dwi.bvec", "mask.nii.gz", "index.txt",
+                                "acqp.txt").cmdline
+    assert "--topup" not in cmd
+
+
+def test_acqparams_any_axis_and_polarity():
+    assert fsl_if.acqparams_lines(1, [-1, 1], [0.05, 0.05]) == "0 -1 0 0.050000\n0 1 0 0.050000\n"
+    assert fsl_if.acqparams_lines(0, [1], [0.03]) == "1 0 0 0.030000\n"
+
+
+def test_eddy_parameters_to_motion(tmp_path):
+    p = tmp_path / "x.eddy_parameters"
+    p.write_text("0.1 0.2 0.3 0.01 0.02 0.03 1 2 3 4\n0 0 0 0 0 0 0 0 0 0\n")
+    m = fsl_if.eddy_parameters_to_motion(str(p))
+    assert m.shape == (2, 6) and m[0, 5] == pytest.approx(0.03)
