@@ -100,3 +100,32 @@ def test_train_from_dwi_reconciles_gradients(controls):
     bundle = train_from_dwi(_settings("dae", epochs=1), dwis, bvals, bvecs, masks[:4], list("abcd"))
     assert len(bundle.folds) == 3 and all(f.calibration.n > 0 for f in bundle.folds)
     np.testing.assert_allclose(bundle.ref_bvecs, BVECS)
+
+
+def test_train_model_killed_between_folds_resumes(tmp_path, controls, monkeypatch):
+    import bids_uad.training.trainer as trainer
+
+    data, masks = controls
+    s = _settings("recdisc", epochs=2)
+    args = (s, data[:4], masks[:4], list("abcd"), np.full(8, 1000.0), BVECS)
+    reference = train_model(*args)
+    real = trainer.train_fold
+    calls = []
+
+    def dies_in_fold_1(*a, **k):
+        if a[5] == 1:  # fold index
+            k["stop_after"] = 1
+            real(*a, **k)
+            raise KeyboardInterrupt("killed")
+        calls.append(a[5])
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_fold", dies_in_fold_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(*args, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(trainer, "train_fold", real)
+    resumed = train_model(*args, checkpoint_dir=tmp_path)
+    for f0, f1 in zip(reference.folds, resumed.folds):
+        a, b = _params(f0.model), _params(f1.model)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        np.testing.assert_array_equal(f0.calibration.null, f1.calibration.null)
