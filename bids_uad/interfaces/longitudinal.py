@@ -1,0 +1,800 @@
+"""Nipype interfaces of the longitudinal comparison (files in → algorithms → files out).
+
+* :class:`SessionDerivatives` — finds one session's derivatives in ``OUTPUT_DIR`` (and its
+  lesion mask in ``--lesion-masks``) at run time; a missing file is a clear
+  :class:`~bids_uad.errors.InputMissingError`, never a silent skip.
+* :class:`SessionLesionMask` — the given lesion mask, or a FLAIR-hyperintensity *estimate*,
+  in the session's T1w space (and, for the baseline, in its dwi space).
+* :class:`FollowupToBaseline` — follow-up T1w → baseline T1w (rigid, then SyN with both
+  lesions excluded from the metric), everything of the follow-up carried into baseline dwi
+  space in one resampling (composed with the baseline T1w→dwi transform).
+* :class:`LongitudinalCompare` — per model: mismatch, volumes, overlap, random-region null,
+  score change, the side-by-side figure; lists of files + entities for the sink.
+* :class:`LongitudinalTables` — the per-subject TSV and the group TSV (rebuilt from every
+  subject's TSV under a file lock, written atomically), and the report fragment.
+
+:func:`plot_longitudinal` (SVG text) and :func:`longitudinal_html` (an HTML fragment) are
+what the report builder can call directly.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec, traits
+
+from bids_uad.errors import InputMissingError
+
+LOGGER = logging.getLogger("bids_uad.longitudinal")
+
+#: ``desc-`` of lesion masks made here: given masks vs the FLAIR-hyperintensity estimate
+GIVEN_DESC = "lesion"
+ESTIMATE_DESC = "flairhyperEstimate"
+#: ``space-`` label of follow-up images resampled onto the baseline's dwi / T1w grid
+BASELINE_DWI_SPACE = "dwibaseline"
+BASELINE_T1W_SPACE = "T1wbaseline"
+#: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
+ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
+              "baseline_lesion_source", "followup_lesion_source")
+SUBJECT_TSV = "sub-{subject}_desc-longitudinal_stats.tsv"
+GROUP_TSV = "desc-longitudinal_stats.tsv"
+
+
+def _given(value) -> bool:
+    return value is not None and value is not traits.Undefined and str(value) != ""
+
+
+def _load_bool(path: str) -> np.ndarray:
+    data = np.asarray(nib.load(path).dataobj)
+    if data.ndim > 3:
+        data = data[..., 0]
+    return data > 0
+
+
+def _load_float(path: str) -> np.ndarray:
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data[..., 0]
+    return data
+
+
+def _save(array: np.ndarray, like: nib.Nifti1Image, path: Path, dtype) -> str:
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype), like.affine)
+    img.set_qform(like.affine, code=1)
+    img.set_sform(like.affine, code=1)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def _set_threads(n: int) -> None:
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
+
+
+# ============================================================================ finding inputs
+
+def _one(folder: Path, pattern: str, what: str, required: bool) -> str:
+    hits = sorted(folder.glob(pattern))
+    if hits:
+        return str(hits[0])
+    if required:
+        raise InputMissingError(
+            f"longitudinal comparison needs the {what} ({pattern}), not found; run the participant "
+            "level (preprocessing, and --model for anomaly maps) on this session first", folder)
+    return ""
+
+
+def session_derivatives(output_dir: str | Path, subject: str, session: str, *,
+                        lesion_dir: str | Path | None = None, require_dwi: bool = False,
+                        models: list[str] | tuple[str, ...] = (), require_anomaly: bool = False,
+                        ) -> dict:
+    """The files of one session the comparison reads, found in ``output_dir``.
+
+    Returns a dict of paths ('' when absent and optional): ``t1w``, ``brain_mask``,
+    ``flair`` (T1w space), ``csf`` (CSF probseg), ``t1w2dwi``/``dwi2t1w`` (composite .h5),
+    ``analysis_mask`` (dwi), ``models`` and per model ``anomaly_masks``/``anomaly_scores``,
+    ``lesion``/``lesion_space`` from ``lesion_dir``.  Raises :class:`InputMissingError` naming
+    the missing derivative.  ``models=()`` means every model found for this session.
+    """
+    from bids_uad.bids.derivatives import validate_label
+    from bids_uad.bids.lesions import find_lesion_mask
+
+    subject = validate_label(subject, "sub")
+    session = validate_label(session, "ses")
+    prefix = f"sub-{subject}_ses-{session}"
+    root = Path(output_dir) / f"sub-{subject}" / f"ses-{session}"
+    anat, dwi = root / "anat", root / "dwi"
+    out = {
+        "subject": subject, "session": session,
+        "t1w": _one(anat, f"{prefix}_desc-preproc_T1w.nii.gz", "preprocessed T1w", True),
+        "brain_mask": _one(anat, f"{prefix}_desc-brain_mask.nii.gz", "T1w brain mask", True),
+        "flair": _one(anat, f"{prefix}_space-T1w_desc-preproc_FLAIR.nii.gz", "FLAIR in T1w space", False),
+        "csf": _one(anat, f"{prefix}_label-CSF_probseg.nii.gz", "CSF probability map", False),
+        "t1w2dwi": _one(anat, f"{prefix}_from-T1w_to-dwi_mode-image_xfm.h5", "T1w→dwi transform", require_dwi),
+        "dwi2t1w": _one(anat, f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5", "dwi→T1w transform", False),
+        "analysis_mask": _one(dwi, f"{prefix}_space-dwi_desc-analysis_mask.nii.gz",
+                              "analysis mask in dwi space", require_dwi),
+    }
+    if require_dwi and not out["analysis_mask"]:
+        raise InputMissingError("no analysis mask in dwi space", dwi)
+    found = sorted(p.name[len(prefix) + len("_space-dwi_model-"):-len("_desc-anomaly_mask.nii.gz")]
+                   for p in dwi.glob(f"{prefix}_space-dwi_model-*_desc-anomaly_mask.nii.gz"))
+    names = list(models) if models else found
+    if require_anomaly and not names:
+        raise InputMissingError(
+            f"no anomaly maps ({prefix}_space-dwi_model-<name>_desc-anomaly_mask.nii.gz) for the "
+            "baseline session; run the participant level with --model first", dwi)
+    masks, scores = [], []
+    for name in names:
+        mask = dwi / f"{prefix}_space-dwi_model-{name}_desc-anomaly_mask.nii.gz"
+        score = dwi / f"{prefix}_space-dwi_model-{name}_stat-score_anomaly.nii.gz"
+        if require_anomaly and not (mask.is_file() and score.is_file()):
+            raise InputMissingError(f"anomaly maps of model {name!r} missing for sub-{subject} "
+                                    f"ses-{session}; run the participant level with --model", mask)
+        masks.append(str(mask) if mask.is_file() else "")
+        scores.append(str(score) if score.is_file() else "")
+    out.update(models=names, anomaly_masks=masks, anomaly_scores=scores)
+    lesion, space = "", ""
+    if lesion_dir:
+        for candidate in ("T1w", "dwi"):
+            found_mask = find_lesion_mask(lesion_dir, subject, session, space=candidate)
+            if found_mask is not None:
+                lesion, space = str(found_mask), candidate
+                break
+        if lesion and space == "dwi" and not out["dwi2t1w"]:
+            raise InputMissingError("lesion mask given in dwi space but the dwi→T1w transform of "
+                                    "this session is missing", lesion)
+    out.update(lesion=lesion, lesion_space=space)
+    return out
+
+
+class _SessionDerivativesInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    lesion_dir = traits.Str("", usedefault=True, desc="--lesion-masks folder ('' = none)")
+    subject = traits.Str(mandatory=True)
+    session = traits.Str(mandatory=True)
+    models = traits.List(traits.Str, desc="model names; empty = those found")
+    require_dwi = traits.Bool(False, usedefault=True)
+    require_anomaly = traits.Bool(False, usedefault=True)
+    wait = traits.Any(desc="connect an upstream output here to run after it (value unused)")
+
+
+class _SessionDerivativesOutputSpec(TraitedSpec):
+    t1w = traits.Str()
+    brain_mask = traits.Str()
+    flair = traits.Str()
+    csf = traits.Str()
+    t1w2dwi = traits.List(traits.Str)
+    dwi2t1w = traits.List(traits.Str)
+    analysis_mask = traits.Str()
+    models = traits.List(traits.Str)
+    anomaly_masks = traits.List(traits.Str)
+    anomaly_scores = traits.List(traits.Str)
+    lesion = traits.Str()
+    lesion_space = traits.Str()
+
+
+class SessionDerivatives(SimpleInterface):
+    """Find a session's derivatives at run time (see :func:`session_derivatives`)."""
+
+    input_spec = _SessionDerivativesInputSpec
+    output_spec = _SessionDerivativesOutputSpec
+    _always_run = True  # the files on disk may have changed since the last run
+
+    def _run_interface(self, runtime):
+        found = session_derivatives(
+            self.inputs.output_dir, self.inputs.subject, self.inputs.session,
+            lesion_dir=self.inputs.lesion_dir or None, require_dwi=self.inputs.require_dwi,
+            models=list(self.inputs.models) if _given(self.inputs.models) else (),
+            require_anomaly=self.inputs.require_anomaly)
+        for key in ("t1w", "brain_mask", "flair", "csf", "analysis_mask", "lesion", "lesion_space"):
+            self._results[key] = found[key]
+        for key in ("t1w2dwi", "dwi2t1w"):
+            self._results[key] = [found[key]] if found[key] else []
+        for key in ("models", "anomaly_masks", "anomaly_scores"):
+            self._results[key] = list(found[key])
+        return runtime
+
+
+# ============================================================================ lesion masks
+
+class _SessionLesionInputSpec(BaseInterfaceInputSpec):
+    lesion_file = traits.Str("", usedefault=True, desc="given lesion mask ('' = estimate from FLAIR)")
+    lesion_space = traits.Str("T1w", usedefault=True, desc="T1w or dwi (the given mask's space)")
+    dwi2t1w = traits.List(traits.Str, desc="dwi→T1w transforms (for a dwi-space given mask)")
+    t1w = traits.Str(mandatory=True, desc="preprocessed T1w (the T1w grid)")
+    brain_mask = traits.Str(mandatory=True)
+    flair = traits.Str("", usedefault=True, desc="FLAIR in T1w space ('' = none)")
+    csf = traits.Str("", usedefault=True, desc="CSF probseg in T1w space ('' = none)")
+    z_threshold = traits.Float(3.0, usedefault=True)
+    min_volume_ml = traits.Float(0.1, usedefault=True)
+    t1w2dwi = traits.List(traits.Str, desc="T1w→dwi transforms; with dwi_reference: also a dwi-space mask")
+    dwi_reference = traits.Str("", usedefault=True, desc="dwi grid ('' = no dwi-space outputs)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _SessionLesionOutputSpec(TraitedSpec):
+    mask_t1w = traits.Str(desc="lesion mask (given or estimated) on the T1w grid")
+    mask_dwi = traits.Str(desc="the same on the dwi grid ('' without dwi_reference)")
+    background_dwi = traits.Str(desc="FLAIR (or T1w) on the dwi grid, for figures")
+    source = traits.Str(desc="'given' or 'estimate'")
+    desc = traits.Str(desc=f"'{GIVEN_DESC}' or '{ESTIMATE_DESC}'")
+    meta = traits.Dict()
+
+
+class SessionLesionMask(SimpleInterface):
+    """The session's lesion mask on its T1w grid: given (resampled), or a FLAIR estimate."""
+
+    input_spec = _SessionLesionInputSpec
+    output_spec = _SessionLesionOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_uad.algorithms.longitudinal import flair_hyperintensity_estimate, volume_ml
+        from bids_uad.algorithms.registration import apply_transforms
+
+        _set_threads(self.inputs.num_threads)
+        t1w = nib.load(self.inputs.t1w)
+        zooms = t1w.header.get_zooms()[:3]
+        cwd = Path(runtime.cwd)
+        if _given(self.inputs.lesion_file):
+            xfms = list(self.inputs.dwi2t1w) if self.inputs.lesion_space == "dwi" else []
+            if self.inputs.lesion_space == "dwi" and not xfms:
+                raise InputMissingError("a dwi-space lesion mask needs the dwi→T1w transform",
+                                        self.inputs.lesion_file)
+            img = apply_transforms(self.inputs.lesion_file, t1w, xfms, "mask")
+            mask = np.asarray(img.dataobj) > 0
+            source, desc = "given", GIVEN_DESC
+            meta = {"Description": "lesion mask from --lesion-masks, resampled to the T1w grid",
+                    "LesionMaskSource": "given", "Sources": [os.path.basename(self.inputs.lesion_file)]}
+        else:
+            if not _given(self.inputs.flair):
+                LOGGER.warning("%s: no lesion mask and no FLAIR: the lesion estimate is empty",
+                               os.path.basename(self.inputs.t1w))
+                image, contrast = None, "none"
+            else:
+                image, contrast = _load_float(self.inputs.flair), "FLAIR"
+            brain = _load_bool(self.inputs.brain_mask)
+            csf = _load_float(self.inputs.csf) > 0.5 if _given(self.inputs.csf) else None
+            if image is None:
+                mask, info = np.zeros(brain.shape, bool), {"Method": "no FLAIR: empty estimate"}
+            else:
+                mask, info = flair_hyperintensity_estimate(
+                    image, brain, csf, zooms=zooms, z_threshold=self.inputs.z_threshold,
+                    min_volume_ml=self.inputs.min_volume_ml)
+            source, desc = "estimate", ESTIMATE_DESC
+            meta = {"Description": "ESTIMATE of the lesion as FLAIR hyperintensity (robust z-score "
+                                   "within the brain, minus CSF, cleaned morphologically); not a "
+                                   "manual segmentation", "LesionMaskSource": "estimate",
+                    "Contrast": contrast, **info}
+        meta["VolumeMl"] = volume_ml(mask, zooms)
+        self._results["mask_t1w"] = _save(mask, t1w, cwd / "lesion_t1w.nii.gz", np.uint8)
+        self._results["mask_dwi"] = ""
+        self._results["background_dwi"] = ""
+        if _given(self.inputs.dwi_reference):
+            xfms = list(self.inputs.t1w2dwi)
+            ref = nib.load(self.inputs.dwi_reference)
+            dwi_mask = apply_transforms(self._results["mask_t1w"], ref, xfms, "mask")
+            self._results["mask_dwi"] = _save(np.asarray(dwi_mask.dataobj) > 0, ref,
+                                              cwd / "lesion_dwi.nii.gz", np.uint8)
+            bg_src = self.inputs.flair if _given(self.inputs.flair) else self.inputs.t1w
+            bg = apply_transforms(bg_src, ref, xfms, "image")
+            self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref,
+                                                    cwd / "background_dwi.nii.gz", np.float32)
+        self._results.update(source=source, desc=desc, meta=meta)
+        return runtime
+
+
+# ============================================================================ registration
+
+class _FollowupInputSpec(BaseInterfaceInputSpec):
+    baseline_t1w = traits.Str(mandatory=True)
+    baseline_brain_mask = traits.Str(mandatory=True)
+    baseline_lesion = traits.Str("", usedefault=True, desc="baseline lesion on its T1w grid")
+    followup_t1w = traits.Str(mandatory=True)
+    followup_brain_mask = traits.Str(mandatory=True)
+    followup_lesion = traits.Str("", usedefault=True, desc="follow-up lesion on its T1w grid")
+    followup_flair = traits.Str("", usedefault=True, desc="follow-up FLAIR in its T1w space")
+    baseline_t1w2dwi = traits.List(traits.Str, mandatory=True)
+    dwi_reference = traits.Str(mandatory=True, desc="baseline dwi grid (its analysis mask)")
+    followup_dwi2t1w = traits.List(traits.Str, desc="follow-up dwi→T1w (for its score maps)")
+    followup_scores = traits.List(traits.Str, desc="follow-up score maps (dwi), '' entries allowed")
+    followup_masks = traits.List(traits.Str, desc="follow-up anomaly masks (dwi), '' entries allowed")
+    resolution = traits.Float(2.0, usedefault=True, desc="registration grid (mm); 0 = native")
+    syn = traits.Bool(True, usedefault=True, desc="SyN after the rigid stage")
+    reg_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _FollowupOutputSpec(TraitedSpec):
+    xfm = traits.Str(desc="follow-up T1w → baseline T1w (composite .h5)")
+    inverse_xfm = traits.Str(desc="baseline T1w → follow-up T1w (composite .h5)")
+    t1w_baseline = traits.Str(desc="follow-up T1w on the baseline T1w grid")
+    lesion_dwi = traits.Str(desc="follow-up lesion on the baseline dwi grid")
+    background_dwi = traits.Str(desc="follow-up FLAIR (or T1w) on the baseline dwi grid")
+    scores_dwi = traits.List(traits.Str, desc="follow-up score maps on the baseline dwi grid ('' = none)")
+    masks_dwi = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
+    meta = traits.Dict()
+
+
+def _on_grid(path_or_img, grid: nib.Nifti1Image | None, order: int) -> nib.Nifti1Image:
+    from nibabel.processing import resample_from_to
+
+    img = nib.load(path_or_img) if isinstance(path_or_img, (str, Path)) else path_or_img
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    img = nib.Nifti1Image(data if data.ndim == 3 else data[..., 0], img.affine)
+    if grid is None:
+        return img
+    return resample_from_to(img, (grid.shape[:3], grid.affine), order=order)
+
+
+def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w, followup_mask,
+                      followup_lesion, out_prefix, resolution: float = 2.0, syn: bool = True,
+                      reg_iterations=(40, 20, 0), seed: int = 0, threads: int = 1):
+    """Follow-up T1w brain → baseline T1w brain: rigid, then SyN; returns the last RegistrationResult.
+
+    Both lesions stay out of the metric: the baseline lesion and the rigidly mapped
+    follow-up lesion (dilated by a voxel) are removed from the fixed mask, the follow-up
+    lesion from the moving mask, so tumour growth is not "registered away".  The SyN stage
+    starts from the rigid transform and the composite it writes includes it.
+    """
+    from nibabel.processing import resample_to_output
+    from scipy import ndimage as ndi
+
+    from bids_uad.algorithms.registration import apply_transforms, exclusion_mask, register
+
+    def brain_img(t1w, mask):
+        img = _on_grid(t1w, None, 1)
+        if resolution > 0 and min(img.header.get_zooms()[:3]) < resolution - 1e-3:
+            img = resample_to_output(img, [resolution] * 3, order=1)
+        m = np.asarray(_on_grid(mask, img, 0).dataobj) > 0.5
+        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * m, img.affine), m
+
+    fixed, fmask = brain_img(baseline_t1w, baseline_mask)
+    moving, mmask = brain_img(followup_t1w, followup_mask)
+    base_les = (np.asarray(_on_grid(baseline_lesion, fixed, 0).dataobj) > 0.5 if baseline_lesion
+                else np.zeros(fixed.shape, bool))
+    fu_les = (np.asarray(_on_grid(followup_lesion, moving, 0).dataobj) > 0.5 if followup_lesion
+              else np.zeros(moving.shape, bool))
+    fu_les_img = nib.Nifti1Image(fu_les.astype(np.float32), moving.affine)
+    mmask_img = nib.Nifti1Image(mmask.astype(np.float32), moving.affine)
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, base_les).astype(np.float32), fixed.affine)
+    rigid = register(fixed, moving, kind="Rigid", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                     lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}rigid_",
+                     seed=seed, threads=threads)
+    if not syn:
+        return rigid, rigid
+    fu_on_base = np.asarray(apply_transforms(fu_les_img, fixed, rigid.forward, "mask").dataobj) > 0
+    excl = ndi.binary_dilation(base_les | fu_on_base) if (base_les.any() or fu_on_base.any()) else base_les
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, excl).astype(np.float32), fixed.affine)
+    result = register(fixed, moving, kind="SyNOnly", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                      lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}syn_",
+                      composite=True, initial_transform=rigid.forward, seed=seed, threads=threads,
+                      reg_iterations=tuple(reg_iterations))
+    return rigid, result
+
+
+class FollowupToBaseline(SimpleInterface):
+    """Register the follow-up to the baseline T1w and carry its images into baseline dwi space."""
+
+    input_spec = _FollowupInputSpec
+    output_spec = _FollowupOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_uad.algorithms.registration import apply_transforms, dice
+
+        _set_threads(self.inputs.num_threads)
+        cwd = Path(runtime.cwd)
+        rigid, result = register_followup(
+            self.inputs.baseline_t1w, self.inputs.baseline_brain_mask, self.inputs.baseline_lesion or "",
+            self.inputs.followup_t1w, self.inputs.followup_brain_mask, self.inputs.followup_lesion or "",
+            str(cwd / "fu2base_"), resolution=self.inputs.resolution, syn=self.inputs.syn,
+            reg_iterations=list(self.inputs.reg_iterations), seed=self.inputs.seed,
+            threads=self.inputs.num_threads)
+        fwd, fwd_inv = list(result.forward), list(result.forward_invert)
+        base_t1w = nib.load(self.inputs.baseline_t1w)
+        ref = nib.load(self.inputs.dwi_reference)
+        to_dwi = list(self.inputs.baseline_t1w2dwi) + fwd
+        to_dwi_inv = [False] * len(self.inputs.baseline_t1w2dwi) + fwd_inv
+        t1w_base = apply_transforms(self.inputs.followup_t1w, base_t1w, fwd, "image", invert=fwd_inv)
+        self._results["t1w_baseline"] = _save(np.asarray(t1w_base.dataobj), base_t1w,
+                                              cwd / "followup_t1w_on_baseline.nii.gz", np.float32)
+        warped_mask = apply_transforms(self.inputs.followup_brain_mask, base_t1w, fwd, "mask", invert=fwd_inv)
+        brain_dice = dice(np.asarray(warped_mask.dataobj), _load_bool(self.inputs.baseline_brain_mask))
+        if _given(self.inputs.followup_lesion):
+            les = apply_transforms(self.inputs.followup_lesion, ref, to_dwi, "mask", invert=to_dwi_inv)
+            les = np.asarray(les.dataobj) > 0
+        else:
+            les = np.zeros(ref.shape[:3], bool)
+        self._results["lesion_dwi"] = _save(les, ref, cwd / "followup_lesion_dwi.nii.gz", np.uint8)
+        bg_src = self.inputs.followup_flair if _given(self.inputs.followup_flair) else self.inputs.followup_t1w
+        bg = apply_transforms(bg_src, ref, to_dwi, "image", invert=to_dwi_inv)
+        self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref, cwd / "followup_bg_dwi.nii.gz",
+                                                np.float32)
+        from_dwi = to_dwi + list(self.inputs.followup_dwi2t1w)
+        from_dwi_inv = to_dwi_inv + [False] * len(self.inputs.followup_dwi2t1w)
+        scores, masks = [], []
+        for i, (score, mask) in enumerate(zip(list(self.inputs.followup_scores or []),
+                                              list(self.inputs.followup_masks or []))):
+            if not (_given(score) and self.inputs.followup_dwi2t1w):
+                scores.append("")
+                masks.append("")
+                continue
+            s = apply_transforms(score, ref, from_dwi, "image", invert=from_dwi_inv)
+            scores.append(_save(np.asarray(s.dataobj), ref, cwd / f"followup_score_{i}.nii.gz", np.float32))
+            if _given(mask):
+                m = apply_transforms(mask, ref, from_dwi, "mask", invert=from_dwi_inv)
+                masks.append(_save(np.asarray(m.dataobj) > 0, ref, cwd / f"followup_mask_{i}.nii.gz", np.uint8))
+            else:
+                masks.append("")
+        self._results["scores_dwi"] = scores
+        self._results["masks_dwi"] = masks
+        self._results["xfm"] = result.forward[0] if self.inputs.syn else rigid.forward[0]
+        self._results["inverse_xfm"] = result.inverse[0] if self.inputs.syn else rigid.inverse[0]
+        self._results["meta"] = {
+            "Registration": ("ANTs rigid then SyN (antspyx), follow-up onto baseline T1w; both lesions "
+                             "excluded from the metric" if self.inputs.syn else
+                             "ANTs rigid (antspyx), follow-up onto baseline T1w; lesions excluded"),
+            "RegistrationResolutionMm": float(self.inputs.resolution),
+            "BrainMaskDiceAfterRegistration": round(float(brain_dice), 4),
+        }
+        return runtime
+
+
+# ============================================================================ comparison
+
+def _centre_slices(*masks: np.ndarray, shape) -> tuple[int, int, int]:
+    for m in masks:
+        if m is not None and np.any(m):
+            idx = np.argwhere(m)
+            return tuple(int(v) for v in np.round(idx.mean(0)))
+    return tuple(s // 2 for s in shape[:3])
+
+
+def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly: np.ndarray,
+                      baseline_lesion: np.ndarray, followup_lesion: np.ndarray, mismatch: np.ndarray,
+                      zooms=(1.0, 1.0, 1.0), title: str = "", lesion_label: str = "lesion",
+                      fmt: str = "svg") -> str | bytes:
+    """Baseline (top) and follow-up (bottom) side by side in baseline dwi space; SVG text.
+
+    Baseline: anomaly map filled (orange), baseline lesion outlined (cyan), mismatch
+    outlined (magenta).  Follow-up: follow-up lesion outlined (yellow) and the same mismatch
+    outline, so mismatch that became lesion is visible.  Three planes through the mismatch.
+    Returns SVG text (``fmt="svg"``) or the bytes of another matplotlib format.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(zooms, float)[:3]
+    centre = _centre_slices(mismatch, anomaly, baseline_lesion, shape=baseline_bg.shape)
+    planes = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
+
+    def cut(vol, axis):
+        return np.take(np.asarray(vol), centre[axis], axis=axis).T
+
+    def aspect(axis):
+        dims = [d for d in range(3) if d != axis]
+        return z[dims[1]] / z[dims[0]]
+
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), facecolor="black")
+    rows = [("baseline", baseline_bg), ("follow-up", followup_bg)]
+    for r, (label, bg) in enumerate(rows):
+        bgv = np.asarray(bg, float)
+        hi = np.percentile(bgv[bgv > 0], 99) if np.any(bgv > 0) else 1.0
+        for c, (plane, axis) in enumerate(planes):
+            ax = axes[r, c]
+            ax.imshow(cut(bgv, axis), cmap="gray", origin="lower", vmin=0, vmax=hi, aspect=aspect(axis),
+                      interpolation="nearest")
+            if r == 0:
+                an = cut(anomaly, axis).astype(float)
+                ax.imshow(np.ma.masked_where(an == 0, an), cmap="autumn", alpha=0.45, origin="lower",
+                          aspect=aspect(axis), interpolation="nearest")
+            for mask, color in ((mismatch, "magenta"),
+                                (baseline_lesion if r == 0 else followup_lesion, "cyan" if r == 0 else "yellow")):
+                sl = cut(mask, axis).astype(float)
+                if sl.any() and sl.min() != sl.max():
+                    ax.contour(sl, levels=[0.5], colors=color, linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label} · {plane}", color="white", fontsize=9)
+    fig.suptitle(title + f"\nbaseline: anomaly (orange), {lesion_label} (cyan), mismatch (magenta) · "
+                 f"follow-up: {lesion_label} (yellow)", color="white", fontsize=9)
+    fig.tight_layout()
+    buf = io.StringIO() if fmt == "svg" else io.BytesIO()
+    fig.savefig(buf, format=fmt, facecolor="black")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class _CompareInputSpec(BaseInterfaceInputSpec):
+    subject = traits.Str(mandatory=True)
+    baseline_session = traits.Str(mandatory=True)
+    followup_session = traits.Str(mandatory=True)
+    models = traits.List(traits.Str, mandatory=True)
+    anomaly_masks = traits.List(traits.Str, mandatory=True, desc="baseline anomaly masks, per model")
+    anomaly_scores = traits.List(traits.Str, mandatory=True, desc="baseline score maps, per model")
+    analysis_mask = traits.Str(mandatory=True)
+    baseline_lesion = traits.Str(mandatory=True, desc="baseline lesion, dwi grid")
+    baseline_lesion_t1w = traits.Str("", usedefault=True)
+    baseline_lesion_source = traits.Str("given", usedefault=True)
+    baseline_lesion_meta = traits.Dict()
+    baseline_background = traits.Str("", usedefault=True)
+    followup_lesion = traits.Str(mandatory=True, desc="follow-up lesion, baseline dwi grid")
+    followup_lesion_t1w = traits.Str("", usedefault=True, desc="follow-up lesion, its own T1w grid")
+    followup_lesion_source = traits.Str("given", usedefault=True)
+    followup_lesion_meta = traits.Dict()
+    followup_background = traits.Str("", usedefault=True)
+    followup_scores = traits.List(traits.Str, desc="follow-up scores on the baseline dwi grid")
+    followup_masks = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
+    xfm = traits.Str("", usedefault=True, desc="follow-up T1w → baseline T1w transform, to store")
+    inverse_xfm = traits.Str("", usedefault=True)
+    registration_meta = traits.Dict()
+    n_permutations = traits.Int(200, usedefault=True)
+    null_method = traits.Str("components", usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+
+
+class _CompareOutputSpec(TraitedSpec):
+    rows = traits.List(traits.Dict, desc="one statistics row per model")
+    out_files = traits.List(traits.Str, desc="files to store (parallel lists below)")
+    out_entities = traits.List(traits.Dict)
+    out_suffixes = traits.List(traits.Str)
+    out_datatypes = traits.List(traits.Str)
+    out_meta = traits.List(traits.Dict)
+
+
+def _json_number(value):
+    """A plain float for a sidecar, None for NaN (JSON has no NaN)."""
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def figure_desc(followup: str) -> str:
+    """``desc-`` of a figure: ``longitudinal`` + the follow-up label (figures/ has no session folder)."""
+    return "longitudinal" + followup[:1].upper() + followup[1:]
+
+
+def _desc(source: str) -> str:
+    return ESTIMATE_DESC if source == "estimate" else GIVEN_DESC
+
+
+class LongitudinalCompare(SimpleInterface):
+    """Per model: mismatch, volumes, overlap with the follow-up lesion, null, score change, figure."""
+
+    input_spec = _CompareInputSpec
+    output_spec = _CompareOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_uad.algorithms.longitudinal import compare_sessions
+
+        cwd = Path(runtime.cwd)
+        sub, base, fu = self.inputs.subject, self.inputs.baseline_session, self.inputs.followup_session
+        ref = nib.load(self.inputs.analysis_mask)
+        zooms = ref.header.get_zooms()[:3]
+        analysis = _load_bool(self.inputs.analysis_mask)
+        base_les = _load_bool(self.inputs.baseline_lesion)
+        fu_les = _load_bool(self.inputs.followup_lesion)
+        base_bg = (_load_float(self.inputs.baseline_background) if _given(self.inputs.baseline_background)
+                   else analysis.astype(np.float32))
+        fu_bg = (_load_float(self.inputs.followup_background) if _given(self.inputs.followup_background)
+                 else analysis.astype(np.float32))
+        base_src, fu_src = self.inputs.baseline_lesion_source, self.inputs.followup_lesion_source
+        estimate = "estimate" in (base_src, fu_src)
+        files: list[tuple[str, dict, str, str, dict]] = []
+        est_note = ({"LesionMaskNote": "at least one lesion mask is a FLAIR-hyperintensity ESTIMATE"}
+                    if estimate else {})
+        # lesion masks and the registration, stored once per pair
+        files.append((self.inputs.baseline_lesion, {"sub": sub, "ses": base, "space": "dwi",
+                                                    "desc": _desc(base_src)}, "mask", "dwi",
+                      {**self.inputs.baseline_lesion_meta, "Space": "baseline dwi"}))
+        if _given(self.inputs.baseline_lesion_t1w) and base_src == "estimate":
+            files.append((self.inputs.baseline_lesion_t1w, {"sub": sub, "ses": base, "desc": ESTIMATE_DESC},
+                          "mask", "anat", dict(self.inputs.baseline_lesion_meta)))
+        if _given(self.inputs.followup_lesion_t1w) and fu_src == "estimate":
+            files.append((self.inputs.followup_lesion_t1w, {"sub": sub, "ses": fu, "desc": ESTIMATE_DESC},
+                          "mask", "anat", dict(self.inputs.followup_lesion_meta)))
+        space_meta = {"SpaceDescription": f"diffusion space of the baseline session ses-{base}"}
+        files.append((self.inputs.followup_lesion, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
+                                                    "desc": _desc(fu_src)}, "mask", "dwi",
+                      {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta}))
+        if _given(self.inputs.xfm):
+            files.append((self.inputs.xfm, {"sub": sub, "ses": fu, "from": "T1w", "to": BASELINE_T1W_SPACE,
+                                            "mode": "image"}, "xfm", "anat",
+                          {**self.inputs.registration_meta,
+                           "SpaceDescription": f"T1w space of the baseline session ses-{base}"}))
+        if _given(self.inputs.inverse_xfm):
+            files.append((self.inputs.inverse_xfm, {"sub": sub, "ses": fu, "from": BASELINE_T1W_SPACE,
+                                                    "to": "T1w", "mode": "image"}, "xfm", "anat", {}))
+        rows = []
+        fu_scores = list(self.inputs.followup_scores or [])
+        fu_masks = list(self.inputs.followup_masks or [])
+        for i, model in enumerate(self.inputs.models):
+            anomaly = _load_bool(self.inputs.anomaly_masks[i])
+            score0 = _load_float(self.inputs.anomaly_scores[i]) if _given(self.inputs.anomaly_scores[i]) else None
+            score1 = _load_float(fu_scores[i]) if i < len(fu_scores) and _given(fu_scores[i]) else None
+            mask1 = _load_bool(fu_masks[i]) if i < len(fu_masks) and _given(fu_masks[i]) else None
+            stats, maps = compare_sessions(
+                anomaly, base_les, fu_les, analysis, zooms, followup_anomaly=mask1,
+                baseline_score=score0 if score1 is not None else None, followup_score=score1,
+                n_permutations=self.inputs.n_permutations, seed=self.inputs.seed,
+                null_method=self.inputs.null_method)
+            row = {"participant_id": f"sub-{sub}", "baseline_session": f"ses-{base}",
+                   "followup_session": f"ses-{fu}", "model": model,
+                   "baseline_lesion_source": base_src, "followup_lesion_source": fu_src, **stats}
+            rows.append(row)
+            summary = {k: _json_number(stats[k]) for k in ("mismatch_ml", "overlap_fraction",
+                                                            "overlap_fraction_random_mean",
+                                                            "overlap_fraction_random_p")}
+            mism_path = _save(maps["mismatch"], ref, cwd / f"mismatch_{model}.nii.gz", np.uint8)
+            files.append((mism_path, {"sub": sub, "ses": base, "space": "dwi", "model": model, "desc": "mismatch"},
+                          "mask", "dwi",
+                          {"Description": "anomalous at baseline, outside the baseline lesion mask "
+                                          f"({_desc(base_src)}), within the analysis mask",
+                           "BaselineLesionSource": base_src, **est_note, **summary}))
+            if "score_change" in maps:
+                path = _save(maps["score_change"], ref, cwd / f"scorechange_{model}.nii.gz", np.float32)
+                files.append((path, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE, "model": model,
+                                     "stat": "scorechange"}, "anomaly", "dwi",
+                              {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
+                                              "dwi grid (0 outside the analysis mask)", **space_meta}))
+            label = "lesion estimate" if estimate else "lesion"
+            title = (f"sub-{sub} · model {model} · ses-{base} → ses-{fu} · mismatch {stats['mismatch_ml']:.2f} mL,"
+                     f" overlap {stats['overlap_fraction']:.2f} (random {stats['overlap_fraction_random_mean']:.2f})")
+            svg = plot_longitudinal(base_bg, fu_bg, anomaly, base_les, fu_les, maps["mismatch"], zooms,
+                                    title, lesion_label=label)
+            fig = cwd / f"longitudinal_{model}.svg"
+            fig.write_text(svg)
+            files.append((str(fig), {"sub": sub, "model": model, "desc": figure_desc(fu)},
+                          "anomaly", "figures", {}))
+        self._results["rows"] = rows
+        self._results["out_files"] = [f[0] for f in files]
+        self._results["out_entities"] = [f[1] for f in files]
+        self._results["out_suffixes"] = [f[2] for f in files]
+        self._results["out_datatypes"] = [f[3] for f in files]
+        self._results["out_meta"] = [f[4] for f in files]
+        return runtime
+
+
+# ============================================================================ tables and report
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.3g}"
+    return html.escape(str(value))
+
+
+def longitudinal_html(rows: list[dict], figures: list[str] = ()) -> str:
+    """A small HTML fragment: the key numbers per follow-up and model, then the figures.
+
+    ``figures`` are paths as the report should reference them (e.g. relative to the subject's
+    HTML).  Rows made with an estimated lesion mask are flagged as such.
+    """
+    parts = ['<section id="longitudinal">', "<h2>Longitudinal comparison</h2>"]
+    if any("estimate" in (r.get("baseline_lesion_source"), r.get("followup_lesion_source")) for r in rows):
+        parts.append('<p class="warning"><strong>Lesion masks are estimates</strong> (FLAIR '
+                     "hyperintensity, not a manual segmentation): volumes and overlaps are approximate.</p>")
+    cols = [("followup_session", "follow-up"), ("model", "model"), ("baseline_anomaly_ml", "anomaly (mL)"),
+            ("baseline_lesion_ml", "baseline lesion (mL)"), ("followup_lesion_ml", "follow-up lesion (mL)"),
+            ("mismatch_ml", "mismatch (mL)"), ("mismatch_growth_ml", "mismatch → lesion (mL)"),
+            ("overlap_fraction", "overlap"), ("overlap_fraction_random_mean", "random overlap"),
+            ("overlap_fraction_random_p", "p (one-sided)")]
+    if rows:
+        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
+                     + "</tr></thead><tbody>")
+        for r in rows:
+            parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k, _ in cols) + "</tr>")
+        parts.append("</tbody></table>")
+        parts.append("<p>Mismatch: anomalous at baseline, outside the baseline lesion. Overlap: the "
+                     "part of the mismatch that is lesion at follow-up, against randomly placed "
+                     "regions of the same size in the analysis mask (baseline lesion excluded).</p>")
+    else:
+        parts.append("<p>No follow-up session compared.</p>")
+    for fig in figures:
+        parts.append(f'<figure><img src="{html.escape(str(fig))}" alt="longitudinal comparison"/></figure>')
+    parts.append("</section>")
+    return "\n".join(parts) + "\n"
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def rebuild_group_table(output_dir: str | Path) -> Path:
+    """``OUTPUT_DIR/group/desc-longitudinal_stats.tsv`` from every subject's TSV (locked, atomic).
+
+    The lock serialises concurrent rebuilds (subjects running in parallel); the atomic
+    rename means a reader never sees a half-written table.  The last rebuild sees every
+    subject TSV written before it, so no subject is lost.
+    """
+    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
+    from bids_uad.bids.derivatives import write_tsv
+
+    output_dir = Path(output_dir)
+    target = output_dir / "group" / GROUP_TSV
+    with _locked(output_dir / "group" / f".{GROUP_TSV}.lock"):
+        rows: list[dict] = []
+        for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
+            rows.extend(read_tsv(path))
+        rows.sort(key=lambda r: (r.get("participant_id", ""), r.get("followup_session", ""), r.get("model", "")))
+        columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
+        columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
+        write_tsv(target, rows, columns)
+    return target
+
+
+def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) -> Path:
+    """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` (atomic)."""
+    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
+    from bids_uad.bids.derivatives import safe_join, validate_label, write_tsv
+
+    subject = validate_label(subject, "sub")
+    path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
+    return write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
+
+
+class _TablesInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    subject = traits.Str(mandatory=True)
+    rows = traits.List(traits.Any, mandatory=True, desc="rows, or lists of rows (one per follow-up)")
+    figures = traits.List(traits.Any, desc="stored figure paths (lists allowed)")
+
+
+class _TablesOutputSpec(TraitedSpec):
+    subject_tsv = traits.Str()
+    group_tsv = traits.Str()
+    html = traits.Str(desc="report fragment, sub-X/figures/sub-X_desc-longitudinal_reportlet.html")
+
+
+def _flatten(items) -> list:
+    out = []
+    for item in items or []:
+        if isinstance(item, (list, tuple)):
+            out.extend(_flatten(item))
+        elif item not in (None, "") and item is not traits.Undefined:
+            out.append(item)
+    return out
+
+
+class LongitudinalTables(SimpleInterface):
+    """Per-subject TSV, group TSV rebuild, and the HTML fragment of the subject report."""
+
+    input_spec = _TablesInputSpec
+    output_spec = _TablesOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_uad.bids.derivatives import safe_join, write_text
+
+        rows = _flatten(self.inputs.rows)
+        sub = self.inputs.subject
+        subject_tsv = write_subject_table(self.inputs.output_dir, sub, rows)
+        group_tsv = rebuild_group_table(self.inputs.output_dir)
+        figs = [str(f) for f in _flatten(self.inputs.figures) if str(f).endswith(".svg")]
+        subject_dir = Path(self.inputs.output_dir) / f"sub-{sub}"
+        rel = [os.path.relpath(f, subject_dir.parent) for f in figs]  # relative to OUTPUT_DIR/sub-X.html
+        fragment = safe_join(self.inputs.output_dir, f"sub-{sub}", "figures",
+                             f"sub-{sub}_desc-longitudinal_reportlet.html")
+        write_text(fragment, longitudinal_html(rows, rel))
+        self._results.update(subject_tsv=str(subject_tsv), group_tsv=str(group_tsv), html=str(fragment))
+        return runtime
