@@ -236,9 +236,10 @@ def random_region_null(region: np.ndarray, target: np.ndarray, allowed: np.ndarr
     n = int(np.count_nonzero(region))
     if n == 0 or n_permutations <= 0:
         return RandomNull(observed, np.zeros(0), method, n)
-    if n > np.count_nonzero(allowed):
-        raise ValueError(f"region ({n} voxels) larger than the allowed region "
-                         f"({int(np.count_nonzero(allowed))} voxels)")
+    if 2 * n > np.count_nonzero(allowed):
+        LOGGER.warning("random-region null skipped: the region (%d voxels) covers more than half "
+                       "of the allowed region (%d voxels)", n, int(np.count_nonzero(allowed)))
+        return RandomNull(observed, np.zeros(0), method, n, extras={"skipped": "region too large"})
     # random regions live in ``allowed``: work in its bounding box (fast on whole-brain grids)
     box = _bbox(allowed | region)
     region, target, allowed = region[box], target[box], allowed[box]

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec, traits
 
-from bids_uad.errors import InputMissingError
+from bids_uad.errors import InputMissingError, InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.longitudinal")
 
@@ -279,7 +279,11 @@ class SessionLesionMask(SimpleInterface):
         if _given(self.inputs.dwi_reference):
             xfms = list(self.inputs.t1w2dwi)
             ref = nib.load(self.inputs.dwi_reference)
-            dwi_mask = apply_transforms(self._results["mask_t1w"], ref, xfms, "mask")
+            if _given(self.inputs.lesion_file) and self.inputs.lesion_space == "dwi":
+                # given in this session's dwi space: resample once (grid only), not through T1w
+                dwi_mask = apply_transforms(self.inputs.lesion_file, ref, [], "mask")
+            else:
+                dwi_mask = apply_transforms(self._results["mask_t1w"], ref, xfms, "mask")
             self._results["mask_dwi"] = _save(np.asarray(dwi_mask.dataobj) > 0, ref,
                                               cwd / "lesion_dwi.nii.gz", np.uint8)
             bg_src = self.inputs.flair if _given(self.inputs.flair) else self.inputs.t1w
@@ -580,6 +584,11 @@ class LongitudinalCompare(SimpleInterface):
         ref = nib.load(self.inputs.analysis_mask)
         zooms = ref.header.get_zooms()[:3]
         analysis = _load_bool(self.inputs.analysis_mask)
+        for path in list(self.inputs.anomaly_masks) + [self.inputs.baseline_lesion, self.inputs.followup_lesion]:
+            if _given(path) and nib.load(path).shape[:3] != analysis.shape:
+                raise InputValidationError(
+                    f"not on the baseline dwi grid of the analysis mask {analysis.shape}: "
+                    f"{nib.load(path).shape[:3]}", path)
         base_les = _load_bool(self.inputs.baseline_lesion)
         fu_les = _load_bool(self.inputs.followup_lesion)
         base_bg = (_load_float(self.inputs.baseline_background) if _given(self.inputs.baseline_background)
@@ -741,17 +750,56 @@ def rebuild_group_table(output_dir: str | Path) -> Path:
         columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
         columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
         write_tsv(target, rows, columns)
+        _write_columns_sidecar(target)
     return target
 
 
+#: TSV column descriptions (written as the tables' JSON sidecars)
+COLUMN_DESCRIPTIONS = {
+    "participant_id": "subject",
+    "baseline_session": "baseline session (first with dwi by acq_time, or --baseline-session)",
+    "followup_session": "follow-up session compared with the baseline",
+    "model": "anomaly model",
+    "baseline_lesion_source": "'given' (--lesion-masks) or 'estimate' (FLAIR hyperintensity estimate)",
+    "followup_lesion_source": "'given' or 'estimate'",
+    "baseline_anomaly_ml": "anomalous volume at baseline (mL)",
+    "baseline_lesion_ml": "baseline lesion volume in baseline dwi space (mL)",
+    "followup_lesion_ml": "follow-up lesion volume carried into baseline dwi space (mL)",
+    "new_lesion_ml": "follow-up lesion outside the baseline lesion (mL)",
+    "mismatch_ml": "anomalous at baseline, outside the baseline lesion, in the analysis mask (mL)",
+    "mismatch_components": "connected components of the mismatch (26-connectivity)",
+    "mismatch_growth_ml": "mismatch volume that is lesion at follow-up (mL)",
+    "overlap_fraction": "mismatch_growth_ml / mismatch_ml",
+    "overlap_fraction_random_mean": "mean overlap fraction of random regions of the same size "
+                                    "(analysis mask minus baseline lesion)",
+    "overlap_fraction_random_std": "standard deviation of the random overlap fractions",
+    "overlap_fraction_random_p": "one-sided permutation p-value: P(random >= observed), (1+k)/(1+n)",
+    "new_lesion_in_mismatch_fraction": "part of the new lesion that was mismatch at baseline",
+    "followup_anomaly_ml": "anomalous volume at follow-up, in baseline dwi space (mL; follow-up dwi only)",
+    "anomaly_change_ml": "followup_anomaly_ml - baseline_anomaly_ml",
+    "score_change_mean": "mean follow-up minus baseline anomaly score in the analysis mask",
+    "score_change_mismatch_mean": "mean score change within the mismatch",
+    "n_permutations": "random regions drawn",
+    "null_method": "components (shifted/flipped copies of the mismatch components) or blobs",
+}
+
+
+def _write_columns_sidecar(tsv: Path) -> None:
+    from bids_uad.bids.derivatives import write_json
+
+    write_json(tsv.with_suffix(".json"), {c: {"Description": d} for c, d in COLUMN_DESCRIPTIONS.items()})
+
+
 def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) -> Path:
-    """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` (atomic)."""
+    """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` and its JSON sidecar (atomic)."""
     from bids_uad.algorithms.longitudinal import STAT_COLUMNS
     from bids_uad.bids.derivatives import safe_join, validate_label, write_tsv
 
     subject = validate_label(subject, "sub")
     path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
-    return write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
+    write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
+    _write_columns_sidecar(path)
+    return path
 
 
 class _TablesInputSpec(BaseInterfaceInputSpec):

@@ -102,6 +102,26 @@ def plan_sessions(settings, subject: str, sessions: list[str]) -> tuple[str, lis
     return baseline, followups
 
 
+def check_longitudinal_inputs(settings, subject: str, sessions: list[str],
+                              require_anomaly: bool = True) -> dict:
+    """Find every derivative the workflow will read, now; raise the error the nodes would raise.
+
+    For a run where the derivatives already exist (e.g. the comparison runs after the
+    participant graph): failing here gives the CLI its exit code (66) instead of a nipype
+    crash file.  Returns {"baseline": files, "followups": {session: files}}.
+    """
+    from bids_uad.interfaces.longitudinal import session_derivatives
+
+    subject = validate_label(subject, "sub")
+    baseline, followups = plan_sessions(settings, subject, sessions)
+    lesion_dir = getattr(settings, "lesion_masks", None)
+    base = session_derivatives(settings.output_dir, subject, baseline, lesion_dir=lesion_dir, require_dwi=True,
+                               models=_model_names(settings), require_anomaly=require_anomaly)
+    return {"baseline": base,
+            "followups": {fu: session_derivatives(settings.output_dir, subject, fu, lesion_dir=lesion_dir,
+                                                  models=base["models"]) for fu in followups}}
+
+
 def _model_names(settings) -> list[str]:
     if getattr(settings, "model", None) is None:
         return []

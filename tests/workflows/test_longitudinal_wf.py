@@ -119,16 +119,16 @@ def dataset(tmp_path_factory):
     return {"root": root, "bids": bids, "out": out, "lesions": lesions}
 
 
-def _settings(dataset, lesions: bool, **kw):
-    return Settings(bids_dir=dataset["bids"], output_dir=dataset["out"], analysis_level="participant",
-                    work_dir=dataset["root"] / "work", lesion_masks=dataset["lesions"] if lesions else None,
-                    seed=0, **kw)
+def _settings(dataset, lesions: bool, output_dir=None, **kw):
+    return Settings(bids_dir=dataset["bids"], output_dir=output_dir or dataset["out"],
+                    analysis_level="participant", work_dir=dataset["root"] / "work",
+                    lesion_masks=dataset["lesions"] if lesions else None, seed=0, **kw)
 
 
-def _run(dataset, subject, lesions):
+def _run(dataset, subject, lesions, output_dir=None):
     from bids_uad.workflows.longitudinal import init_longitudinal_wf
 
-    settings = _settings(dataset, lesions)
+    settings = _settings(dataset, lesions, output_dir)
     wf = init_longitudinal_wf(settings, subject, ["pre", "followup"], name=f"long_{subject}",
                               n_permutations=60, reg_iterations=(20, 10, 0))
     wf.base_dir = str(settings.work_dir)
@@ -143,6 +143,11 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def ran(dataset):
+    import shutil
+
+    # the same patient without lesion masks (FLAIR estimate), in a copy of the derivatives
+    shutil.copytree(dataset["out"], dataset["root"] / "out_estimate")
+    _run(dataset, "pat01", lesions=False, output_dir=dataset["root"] / "out_estimate")
     _run(dataset, "pat01", lesions=True)
     _run(dataset, "ctl01", lesions=False)
     return dataset
@@ -194,6 +199,18 @@ def test_patient_outputs_and_overlap_above_random(ran):
     assert "sub-pat01/figures/" in html and "estimate" not in html.lower()
 
 
+def test_patient_with_flair_estimate_still_beats_random(ran):
+    out = ran["root"] / "out_estimate"
+    row = _rows(out / "sub-pat01" / "sub-pat01_desc-longitudinal_stats.tsv")[0]
+    assert row["baseline_lesion_source"] == "estimate" == row["followup_lesion_source"]
+    assert float(row["baseline_lesion_ml"]) > 0 and float(row["followup_lesion_ml"]) > float(row["baseline_lesion_ml"])
+    assert float(row["overlap_fraction"]) > 0.3 > float(row["overlap_fraction_random_mean"])
+    assert float(row["overlap_fraction_random_p"]) < 0.05
+    dwi = out / "sub-pat01" / "ses-followup" / "dwi"
+    assert (dwi / "sub-pat01_ses-followup_space-dwibaseline_desc-flairhyperEstimate_mask.nii.gz").is_file()
+    assert "estimate" in (out / "sub-pat01" / "figures" / "sub-pat01_desc-longitudinal_reportlet.html").read_text()
+
+
 def test_control_estimate_labelled_and_no_mismatch_growth(ran):
     out = ran["out"]
     row = _rows(out / "sub-ctl01" / "sub-ctl01_desc-longitudinal_stats.tsv")[0]
@@ -215,10 +232,19 @@ def test_group_table_has_both_subjects(ran):
     rows = _rows(ran["out"] / "group" / "desc-longitudinal_stats.tsv")
     assert [r["participant_id"] for r in rows] == ["sub-ctl01", "sub-pat01"]
     assert "overlap_fraction_random_p" in rows[0]
+    sidecar = json.loads((ran["out"] / "group" / "desc-longitudinal_stats.json").read_text())
+    assert "Description" in sidecar["overlap_fraction_random_p"]
 
 
 def test_missing_baseline_anomaly_maps_is_a_clear_error(dataset, tmp_path):
     from bids_uad.interfaces.longitudinal import session_derivatives
+    from bids_uad.workflows.longitudinal import check_longitudinal_inputs
+
+    found = check_longitudinal_inputs(_settings(dataset, True), "pat01", ["pre", "followup"])
+    assert found["baseline"]["models"] == [MODEL] and found["baseline"]["lesion_space"] == "T1w"
+    assert list(found["followups"]) == ["followup"]
+    with pytest.raises(InputMissingError, match="preprocessed T1w"):
+        check_longitudinal_inputs(_settings(dataset, True, output_dir=tmp_path), "pat01", ["pre", "followup"])
 
     with pytest.raises(InputMissingError, match="anomaly"):
         session_derivatives(dataset["out"], "ctl01", "followup", require_anomaly=True)
