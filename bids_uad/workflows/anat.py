@@ -34,6 +34,8 @@ OUTPUT_FIELDS = [
 ]
 #: resolution (mm) the T1w→template registration runs at (transforms are physical: any grid)
 TEMPLATE_REG_MM = 2.0
+#: SyN iterations at the dwi resolution after the rigid T1w→dwi fit
+DWI_SYN_ITERATIONS = 20
 
 
 def derivative_entities(source_entities: dict, extra: dict) -> dict:
@@ -66,7 +68,8 @@ def _ants_node(interface, name, settings, **kw):
 
 
 def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "template",
-                 reg_iterations=(40, 20, 0)) -> pe.Workflow:
+                 reg_iterations=(40, 20, 0), dwi_transform: str = "Rigid+SyN",
+                 template_reg_mm: float = TEMPLATE_REG_MM) -> pe.Workflow:
     """The anatomical stage of one session (see module docstring); writes its derivatives.
 
     inputnode: ``t1w_file``, ``flair_file`` ('' when none), ``dwi_ref`` (b0 reference in dwi
@@ -74,6 +77,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     ``source_entities`` (dict: subject[, session]).
     outputnode: see :data:`OUTPUT_FIELDS`; transform outputs are lists in antspyx order
     (one composite ``.h5`` each); probseg lists are ordered GM, WM, CSF.
+    Keyword arguments exist for tests and benchmarks (coarser, faster registrations).
     """
     template = find_template()
     backend = settings.resolved_backend()
@@ -108,7 +112,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
 
     # -- T1w → template (lesion-aware), priors back to T1w ---------------------------
     t1w2tpl = _ants_node(RegisterImages(fixed_file=template.t1w, transform_type="SyN",
-                                        resolution=TEMPLATE_REG_MM, composite=True,
+                                        resolution=template_reg_mm, composite=True,
                                         reg_iterations=list(reg_iterations)),
                          "t1w_to_template", settings)
     priors = _ants_node(ApplyTransforms(
@@ -116,7 +120,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
                   template.ventricles],
         interpolation="probability"), "priors_to_t1w", settings)
     workflow.connect([
-        (brain, t1w2tpl, [("brain", "moving_file"), ("mask", "moving_mask")]),
+        (brain, t1w2tpl, [("brain", "moving_file")]),
         (inputnode, t1w2tpl, [("lesion_mask", "lesion_mask")]),
         (n4, priors, [("out_file", "reference")]),
         (t1w2tpl, priors, [("reverse_transforms", "transforms"),
@@ -168,13 +172,14 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     ])
 
     # -- T1w → dwi (lesion-aware), tissue maps into dwi space -------------------------
-    t1w2dwi = _ants_node(RegisterImages(transform_type="SyN", composite=True,
-                                        reg_iterations=list(reg_iterations)),
+    # rigid, then SyN at the dwi resolution only; no brain masks in the metric (they were
+    # measured to destabilise the rigid fit), only the lesion is excluded (docs/anat.md)
+    t1w2dwi = _ants_node(RegisterImages(transform_type=dwi_transform, composite=True,
+                                        reg_iterations=[DWI_SYN_ITERATIONS]),
                          "t1w_to_dwi", settings)
     workflow.connect([
-        (inputnode, t1w2dwi, [("dwi_ref", "fixed_file"), ("dwi_mask", "fixed_mask"),
-                              ("lesion_mask", "lesion_mask")]),
-        (brain, t1w2dwi, [("brain", "moving_file"), ("mask", "moving_mask")]),
+        (inputnode, t1w2dwi, [("dwi_ref", "fixed_file"), ("lesion_mask", "lesion_mask")]),
+        (brain, t1w2dwi, [("brain", "moving_file")]),
     ])
     dwi_labels = _ants_node(ApplyTransforms(interpolation="label"), "labels_to_dwi", settings)
     dwi_probs = _ants_node(ApplyTransforms(interpolation="probability"), "probsegs_to_dwi", settings)
@@ -248,7 +253,8 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         (t1w2tpl, "reverse_xfm", {"from": tpl, "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5",
          {"Template": tpl}),
         (t1w2dwi, "forward_xfm", {"from": "T1w", "to": "dwi", "mode": "image"}, "xfm", "anat", ".h5",
-         {"Registration": "ANTs SyN (antspyx) onto the b0 reference, lesion excluded from the metric"}),
+         {"Registration": f"ANTs {dwi_transform} (antspyx) onto the b0 reference, "
+                         "lesion excluded from the metric"}),
         (t1w2dwi, "reverse_xfm", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5", None),
         (dwi_labels, ("out_files", _pick, 0), {"space": "dwi"}, "dseg", "dwi", None,
          {"Resampling": "genericLabel"}),

@@ -64,6 +64,48 @@ def test_syn_recovers_known_deformation(tmp_path):
     assert reg.dice(back.get_fdata() == 3, moving["dseg"].get_fdata() == 3) > before + 0.1
 
 
+def test_rigid_plus_syn_recovers_rigid_pose_across_contrasts(tmp_path):
+    """T1w → b0-like image (inverted contrast, moved rigidly): sub-voxel point error."""
+    rot = np.deg2rad(6.0)
+    pose = np.eye(4)
+    pose[:3, :3] = [[np.cos(rot), -np.sin(rot), 0], [np.sin(rot), np.cos(rot), 0], [0, 0, 1]]
+    pose[:3, 3] = [3.0, -4.0, 2.0]
+    from nibabel.processing import resample_to_output
+
+    t1 = phantom_head(3.0, bias=0.0, noise=0.0)
+    moved = phantom_head(3.0, pose=pose, bias=0.0, noise=0.0)
+    dseg = moved["dseg"].get_fdata()
+    b0 = nib.Nifti1Image(np.select([dseg == 1, dseg == 2, dseg == 3], [1000.0, 600.0, 450.0], 0.0)
+                         .astype(np.float32), moved["dseg"].affine)
+    b0 = resample_to_output(b0, [4.0] * 3, order=1)  # dwi grid coarser than the T1w
+    moved = {"brain_mask": resample_to_output(moved["brain_mask"], [4.0] * 3, order=0)}
+    brain = nib.Nifti1Image(t1["t1w"].get_fdata().astype(np.float32) * (t1["brain_mask"].get_fdata() > 0),
+                            t1["t1w"].affine)
+    res = reg.register(b0, brain, kind="Rigid+SyN", composite=True, out_prefix=tmp_path / "d_",
+                       reg_iterations=(10,))
+    assert len(res.forward) == 1 and res.forward[0].endswith("Composite.h5")
+    # where does the centre of each b0 brain voxel land in T1w space?
+    coords = []
+    for axis in range(3):
+        ijk = np.indices(t1["t1w"].shape, dtype=np.float32)
+        world = (t1["t1w"].affine[:3, :3] @ ijk.reshape(3, -1) + t1["t1w"].affine[:3, 3:4])[axis]
+        img = nib.Nifti1Image(world.reshape(t1["t1w"].shape).astype(np.float32), t1["t1w"].affine)
+        coords.append(reg.apply_transforms(img, b0, res.forward, "image").get_fdata())
+    mask = ndi_erode(moved["brain_mask"].get_fdata() > 0)
+    vox = np.argwhere(mask).T
+    world = b0.affine[:3, :3] @ vox + b0.affine[:3, 3:4]
+    truth = (np.linalg.inv(pose) @ np.vstack([world, np.ones((1, world.shape[1]))]))[:3]
+    est = np.stack([c[mask] for c in coords])
+    err = np.linalg.norm(est - truth, axis=0)
+    assert err.mean() < 2.0, err.mean()  # half a 4 mm voxel
+
+
+def ndi_erode(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=2)
+
+
 def test_lesion_mask_reaches_ants(monkeypatch):
     import ants
 

@@ -58,7 +58,7 @@ def test_anat_wf_runs_and_writes_derivatives(session):
     from bids_uad.workflows.anat import init_anat_wf
 
     settings = _settings(session, "full")
-    wf = init_anat_wf(settings, reg_iterations=(20, 10, 0))
+    wf = init_anat_wf(settings, reg_iterations=(20, 10, 0), template_reg_mm=4.0)
     wf.base_dir = str(settings.work_dir)
     wf.inputs.inputnode.t1w_file = str(session["t1w"])
     wf.inputs.inputnode.flair_file = str(session["flair"])
@@ -105,7 +105,7 @@ def test_anat_wf_without_flair_or_dwi(session):
     from bids_uad.workflows.anat import init_anat_wf
 
     settings = _settings(session, "nodwi")
-    wf = init_anat_wf(settings, skullstrip_method="morph", reg_iterations=(10, 0, 0))
+    wf = init_anat_wf(settings, skullstrip_method="morph", reg_iterations=(10, 0, 0), template_reg_mm=6.0)
     wf.base_dir = str(settings.work_dir)
     wf.inputs.inputnode.t1w_file = str(session["t1w"])
     wf.inputs.inputnode.flair_file = ""
