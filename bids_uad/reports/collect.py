@@ -53,6 +53,7 @@ LOOKUP: dict[str, tuple[tuple[str, ...], list[dict[str, Any]]]] = {
 #: the template-space T1w: any space that is not native/dwi
 TEMPLATE_T1W = spec("T1w", space=ANY, desc="preproc")
 NATIVE_SPACES = {None, "T1w", "dwi", "orig"}
+TEMPLATE_XFM = spec("xfm", ".h5", space=None, **{"from": "T1w", "to": ANY})
 ANOMALY_KINDS = {"score": spec("anomaly", space="dwi", model=ANY, stat="score"),
                  "pvalue": spec("anomaly", space="dwi", model=ANY, stat="pvalue"),
                  "mask": spec("mask", space="dwi", model=ANY, desc="anomaly")}
@@ -129,6 +130,14 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
     return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
 
 
+def meta_value(meta: dict, *keys: str, default: Any = None) -> Any:
+    """The first of ``keys`` present in a sidecar (BIDS CamelCase or the snake_case some stages use)."""
+    for key in keys:
+        if meta.get(key) not in (None, ""):
+            return meta[key]
+    return default
+
+
 def to_float(value: Any) -> float:
     try:
         return float(value)
@@ -145,6 +154,7 @@ class SessionDerivatives:
     root: Path                      # sub-X[/ses-Y]
     files: dict[str, Path] = field(default_factory=dict)
     template_t1w: dict[str, Path] = field(default_factory=dict)   # space -> file
+    template_xfm: dict[str, Path] = field(default_factory=dict)   # space -> T1w-to-template transform
     anomaly: dict[str, dict[str, Path]] = field(default_factory=dict)  # model -> kind -> file
 
     @property
@@ -201,6 +211,10 @@ def collect_session(root: Path, subject: str, session: str | None) -> SessionDer
             space = parse_name(path.name)[0].get("space")
             if space not in NATIVE_SPACES:
                 ses.template_t1w.setdefault(space, path)
+        elif matches(path.name, TEMPLATE_XFM):
+            space = parse_name(path.name)[0].get("to")
+            if space not in NATIVE_SPACES:
+                ses.template_xfm.setdefault(space, path)
     for path in by_type["dwi"]:
         for kind, wanted in ANOMALY_KINDS.items():
             if matches(path.name, wanted):

@@ -70,6 +70,16 @@ def _slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
     return np.take(data, index, axis=axis).T  # rows = vertical axis, columns = horizontal
 
 
+def _row(volume: np.ndarray, view: str, indices: Sequence[int], gap: int, fill: float) -> np.ndarray:
+    """Slices of one view side by side (gap columns of ``fill`` between them)."""
+    panels = [_slice(volume, view, k) for k in indices]
+    spacer = np.full((panels[0].shape[0], gap), fill, dtype=np.float32)
+    parts: list[np.ndarray] = []
+    for i, panel in enumerate(panels):
+        parts.extend([spacer, panel.astype(np.float32)] if i else [panel.astype(np.float32)])
+    return np.concatenate(parts, axis=1)
+
+
 def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
            contours: Sequence[tuple[np.ndarray, str, str]] = (),
            overlay: np.ndarray | None = None, overlay_range: tuple[float, float] | None = None,
@@ -80,46 +90,55 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
 
     ``contours``: (mask, colour, label) drawn as 0.5 iso-lines; ``overlay``: a map shown
     above ``overlay_range[0]`` with ``overlay_cmap``; ``slices``: fixed indices (use the same
-    for two figures that must line up, e.g. a flicker pair).
+    for two figures that must line up, e.g. a flicker pair).  Each view is one image (its
+    slices side by side), which keeps figures light.
     """
+    import matplotlib
+
     affine = np.eye(4) if affine is None else np.asarray(affine)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     slices = dict(slices or pick_slices(background.shape, None, n_slices))
     views = [v for v in ("x", "y", "z") if slices.get(v)]
-    ncols = max(len(slices[v]) for v in views)
     vmin, vmax = window or robust_range(background)
-    ratios = []
+    gap = max(1, int(round(0.02 * max(background.shape))))
+    rows, ratios, widths = [], [], []
     for v in views:
         _, h_ax, v_ax = VIEWS[v]
-        ratios.append(background.shape[v_ax] * zooms[v_ax] / (background.shape[h_ax] * zooms[h_ax]))
-    fig = Figure(figsize=(width_in, width_in / ncols * sum(ratios)), facecolor="black")
-    axes = fig.subplots(len(views), ncols, squeeze=False,
-                        gridspec_kw={"height_ratios": ratios, "wspace": 0.01, "hspace": 0.01})
+        canvas = _row(background, v, slices[v], gap, np.nan)
+        rows.append(canvas)
+        widths.append(canvas.shape[1] * zooms[h_ax])
+        ratios.append(canvas.shape[0] * zooms[v_ax])
+    scale = max(widths)
+    fig = Figure(figsize=(width_in, width_in * sum(ratios) / scale * 1.0), facecolor="black")
+    axes = fig.subplots(len(views), 1, squeeze=False, gridspec_kw={"height_ratios": ratios, "hspace": 0.01})
     fig.subplots_adjust(0, 0, 1, 1)
+    gray = matplotlib.colormaps[cmap].with_extremes(bad="black")
     if overlay is not None:
         lo, hi = overlay_range or robust_range(overlay, low=50, high=99.5)
-        shown = np.ma.masked_less_equal(overlay, lo)
+        shown = np.where(overlay > lo, overlay, np.nan)
+        hot = matplotlib.colormaps[overlay_cmap].with_extremes(bad=(0, 0, 0, 0))
     for row, view in enumerate(views):
         axis, h_ax, v_ax = VIEWS[view]
+        ax = axes[row, 0]
+        ax.set_facecolor("black")
+        ax.set_axis_off()
         aspect = zooms[v_ax] / zooms[h_ax]
-        for col in range(ncols):
-            ax = axes[row, col]
-            ax.set_facecolor("black")
-            ax.set_axis_off()
-            if col >= len(slices[view]):
-                continue
-            k = slices[view][col]
-            ax.imshow(_slice(background, view, k), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower",
-                      aspect=aspect, interpolation="none")
-            if overlay is not None:
-                ax.imshow(_slice(shown, view, k), cmap=overlay_cmap, vmin=lo, vmax=hi, origin="lower",
-                          aspect=aspect, interpolation="none", alpha=0.85)
-            for mask, color, _label in contours:
-                sl = _slice(np.asarray(mask, dtype=np.float32), view, k)
-                if sl.max() > 0.5 > sl.min():
-                    ax.contour(sl, levels=[0.5], colors=[color], linewidths=0.8)
+        canvas = rows[row]
+        ax.imshow(canvas, cmap=gray, vmin=vmin, vmax=vmax, origin="lower", aspect=aspect, interpolation="none")
+        if overlay is not None:
+            ax.imshow(_row(shown, view, slices[view], gap, np.nan), cmap=hot, vmin=lo, vmax=hi,
+                      origin="lower", aspect=aspect, interpolation="none", alpha=0.85)
+        for mask, color, _label in contours:
+            band = _row(np.asarray(mask, dtype=np.float32), view, slices[view], gap, 0.0)
+            if band.max() > 0.5 > band.min():
+                ax.contour(band, levels=[0.5], colors=[color], linewidths=0.8)
+        width = canvas.shape[1] * zooms[h_ax]
+        pad = (scale - width) / zooms[h_ax] / 2  # centre narrower rows
+        ax.set_xlim(-0.5 - pad, canvas.shape[1] - 0.5 + pad)
+        panel_w = _slice(background, view, slices[view][0]).shape[1]
+        for col, k in enumerate(slices[view]):
             coord = (affine @ np.r_[[k if a == axis else 0 for a in range(3)], 1.0])[axis]
-            ax.text(0.03, 0.97, f"{view}={coord:.0f}", transform=ax.transAxes, color="white",
+            ax.text(col * (panel_w + gap) + 1, canvas.shape[0] - 1.5, f"{view}={coord:.0f}", color="white",
                     fontsize=7, va="top", ha="left")
     return fig
 

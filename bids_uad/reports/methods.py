@@ -23,8 +23,9 @@ from bids_uad.reports.collect import read_json, sidecar_of
 
 #: regular expression on "step name + backend" -> citation keys (bids_uad/data/reports/citations.json)
 KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"topup", ("fsl", "topup")), (r"\beddy\b", ("fsl", "eddy")), (r"\bbet\b", ("fsl", "bet")),
-    (r"\bfast\b", ("fsl", "fast")), (r"\bfsl\b", ("fsl",)), (r"dipy", ("dipy",)),
+    (r"\bfsl\b.*\btopup|\btopup\b", ("topup",)), (r"\bfsl\b.*\beddy\b(?!-)", ("eddy",)),
+    (r"\bfsl\b.*\bbet\b", ("bet",)), (r"\bfsl\b.*\bfast\b", ("fast",)), (r"\bfsl\b", ("fsl",)),
+    (r"dipy", ("dipy",)),
     (r"\bn4", ("ants", "n4")), (r"atropos", ("ants", "atropos")), (r"\bants|antspy|\bsyn\b", ("ants",)),
     (r"torch", ("pytorch",)), (r"\bpython\b|numpy|scipy|bids_uad", ("numpy", "scipy")),
 )
@@ -41,7 +42,12 @@ class Step:
 
     @property
     def skipped(self) -> bool:
-        return self.status.lower() in {"skipped", "skip", "not run", "no", "false"}
+        """Not run for lack of input or by failure (a warning), unlike an optional step left off."""
+        return self.status.lower() in {"skipped", "skip", "not run", "no", "false", "failed"}
+
+    @property
+    def ran(self) -> bool:
+        return not self.skipped and self.status.lower() not in {"off", "disabled"}
 
 
 def _text(value: Any) -> str:
@@ -68,6 +74,38 @@ def _step_from(name: str, value: Any) -> Step:
     return Step(name, _text(value))
 
 
+#: top-level sidecar keys that describe one step (as the dwi/anat workflows write them):
+#: key -> (step name, optional: switched off on purpose rather than skipped for lack of input)
+STEP_KEYS: dict[str, tuple[str, bool]] = {
+    "Denoising": ("denoising", True),
+    "GibbsRingingRemoval": ("Gibbs-ringing removal", True),
+    "SusceptibilityDistortionCorrection": ("susceptibility distortion correction", False),
+    "HeadMotionCorrection": ("head-motion and eddy-current correction", False),
+    "BrainMask": ("brain mask", False),
+    "TensorFit": ("tensor fit", False),
+    "BiasCorrected": ("bias-field correction", False),
+    "SkullStripping": ("skull stripping", False),
+    "Segmentation": ("tissue segmentation", False),
+    "Registration": ("registration", False),
+}
+_NONE_RE = re.compile(r"^\s*(none|no|off|false|skipped)\b\s*(?:\((.*)\))?\s*[:,-]?\s*(.*)$", re.I)
+
+
+def _keyed_step(key: str, value: Any) -> Step | None:
+    name, optional = STEP_KEYS[key]
+    if value is True:
+        return Step(name, "", "run")
+    if value is False or value is None:
+        return Step(name, "", "off" if optional else "skipped")
+    if isinstance(value, Mapping):
+        return _step_from(name, value)
+    text = _text(value)
+    match = _NONE_RE.match(text)
+    if match:
+        return Step(name, "", "off" if optional else "skipped", match.group(2) or match.group(3) or "")
+    return Step(name, text, "run")
+
+
 def steps_of(meta: Mapping[str, Any]) -> list[Step]:
     """The processing steps a sidecar records (empty when it records none)."""
     raw = meta.get("Steps", meta.get("ProcessingSteps"))
@@ -76,8 +114,15 @@ def steps_of(meta: Mapping[str, Any]) -> list[Step]:
         steps = [_step_from(str(k), v) for k, v in raw.items()]
     elif isinstance(raw, (list, tuple)):
         steps = [_step_from("", v) if isinstance(v, Mapping) else Step(_text(v)) for v in raw]
+    for key in STEP_KEYS:
+        if key in meta:
+            step = _keyed_step(key, meta[key])
+            if key == "Registration" and meta.get("Template"):
+                step.name = f"registration to {_text(meta['Template'])}"
+            if step.name not in {s.name for s in steps}:
+                steps.append(step)
     if not steps:
-        backend = _first(meta, "Backend", "PreprocBackend", "Software")
+        backend = _first(meta, "Backend", "PreprocessingBackend", "PreprocBackend", "Software")
         if backend:
             steps = [Step(_first(meta, "Description") or "processing", backend)]
     return steps
@@ -151,7 +196,7 @@ class Methods:
 
 def describe_steps(label: str, steps: list[Step]) -> list[tuple[str, list[str]]]:
     """Sentences for the steps of one stage, naming each backend that ran."""
-    ran = [s for s in steps if not s.skipped]
+    ran = [s for s in steps if s.ran]
     out: list[tuple[str, list[str]]] = []
     if ran:
         items = [f"{s.name} ({s.backend})" if s.backend else s.name for s in ran]
@@ -207,14 +252,15 @@ def build_methods(subject, version: str, models: Mapping[str, Mapping[str, Any]]
                 continue
             seen.add(model)
             meta = read_json(sidecar_of(files.get("score"))) or read_json(sidecar_of(files.get("mask")))
-            method = _text(meta.get("ThresholdMethod", ""))
+            method = _text(meta.get("ThresholdMethod", meta.get("threshold_method", "")))
+            threshold = meta.get("Threshold", meta.get("threshold"))
             keys = ["pytorch", "reference"] + (["otsu"] if method == "otsu" else []) + (
                 ["bh"] if method == "fdr" else [])
             anomaly_sentences.append((
                 f"Voxel-wise anomaly scores were computed with the {model} model, trained on healthy "
                 "controls only, as in the reference study, implemented in PyTorch"
                 + (f"; the anomaly mask used the {method} threshold" if method else "")
-                + (f" ({_text(meta.get('Threshold'))})" if meta.get("Threshold") not in (None, "") else ""),
+                + (f" ({threshold:.4g})" if isinstance(threshold, (int, float)) else ""),
                 keys))
     m.paragraph(anomaly_sentences)
     m.paragraph([("Figures were made with Matplotlib", ["matplotlib"])])

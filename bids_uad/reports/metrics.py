@@ -26,9 +26,16 @@ def anomaly_metrics(score: np.ndarray, binary: np.ndarray | None, truth: np.ndar
 
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     rows: list[tuple[str, Any]] = []
-    for key in ("ThresholdMethod", "Threshold", "Model", "ModelFile", "Ensemble", "Fold"):
-        if key in meta:
-            rows.append((key, meta[key]))
+    from bids_uad.reports.collect import meta_value
+
+    for label, keys in (("model", ("Model", "model")), ("model file", ("ModelFile", "model_file")),
+                        ("threshold method", ("ThresholdMethod", "threshold_method")),
+                        ("threshold", ("Threshold", "threshold")), ("ensemble of folds", ("Ensemble", "ensemble")),
+                        ("folds", ("Folds", "folds")), ("opening size", ("OpeningSize", "opening_size")),
+                        ("target FPR", ("FPR", "fpr")), ("FDR q", ("FDRq", "fdr_q"))):
+        value = meta_value(dict(meta), *keys)
+        if value is not None:
+            rows.append((label, value))
     rows.append(("analysis mask volume (mL)", round(float(amask.sum()) * voxel_ml, 2)))
     if binary is not None:
         rows.append(("anomaly volume (mL)", round(float(binary.sum()) * voxel_ml, 2)))

@@ -6,15 +6,14 @@ for all sessions of the subject; a figure whose inputs are missing becomes a
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import (LOOKUP, SessionDerivatives, SubjectDerivatives, read_json,
-                                      read_tsv, sidecar_of, to_float)
+from bids_uad.reports.collect import (LOOKUP, SessionDerivatives, SubjectDerivatives, meta_value,
+                                      read_json, read_tsv, sidecar_of, to_float)
 from bids_uad.reports.methods import steps_of, warnings_of
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note, pre, table, text, warning
 
@@ -138,27 +137,6 @@ def summary_section(subj: SubjectDerivatives) -> list[dict]:
 
 
 # ---------------------------------------------------------------- anatomical
-def _template_reference(space: str, target):
-    """The template image of ``space`` resampled onto ``target`` (TemplateFlow, else nilearn)."""
-    import os
-
-    import nibabel as nib
-    from nilearn.image import resample_to_img
-
-    home = Path(os.environ.get("TEMPLATEFLOW_HOME", Path.home() / ".cache" / "templateflow"))
-    candidates = [home / f"tpl-{space}" / f"tpl-{space}_res-01_desc-brain_T1w.nii.gz",
-                  home / f"tpl-{space}" / f"tpl-{space}_res-01_T1w.nii.gz"]
-    img = next((nib.load(str(p)) for p in candidates if p.is_file() and p.stat().st_size > 1000), None)
-    if img is None:
-        from nilearn.datasets import load_mni152_template
-
-        img = load_mni152_template(resolution=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = resample_to_img(img, target, interpolation="continuous", force_resample=True, copy_header=True)
-    return F.to_canonical(res)
-
-
 def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
     items: list[dict] = []
     sessions = [s for s in subj.sessions if s.get("t1w") or s.template_t1w]
@@ -195,39 +173,57 @@ def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dic
                     "Tissue segmentation of the T1w image. " + LEGEND, "Tissue segmentation on T1w"))
             else:
                 items.append(missing(ses, "tissue segmentation", "t1w_dseg"))
-        if not ses.template_t1w:
-            items.append(note("Not available: T1w ↔ template registration — no anat/"
-                              f"{ses.prefix}_space-<template>_desc-preproc_T1w.nii.gz in the derivatives."))
-        for space, path in sorted(ses.template_t1w.items()):
-            items.append(_template_flicker(ses, space, path, maker))
+        spaces = sorted(set(ses.template_t1w) | (set(ses.template_xfm) if ses.get("t1w") else set()))
+        if not spaces:
+            items.append(note("Not available: T1w ↔ template registration — neither anat/"
+                              f"{ses.prefix}_space-<template>_desc-preproc_T1w.nii.gz nor anat/"
+                              f"{ses.prefix}_from-T1w_to-<template>_mode-image_xfm.h5 in the derivatives."))
+        for space in spaces:
+            items.append(_template_flicker(ses, space, maker))
     return items
 
 
-def _template_flicker(ses: SessionDerivatives, space: str, path: Path, maker: FigureMaker) -> dict:
+def _template_flicker(ses: SessionDerivatives, space: str, maker: FigureMaker) -> dict:
+    """Flicker of the T1w in template space and the template (the warp is applied if needed)."""
     import nibabel as nib
 
-    moving, aff = load(path)
+    from bids_uad.reports import registration as R
+
+    path, xfm = ses.template_t1w.get(space), ses.template_xfm.get(space)
+    inputs = [path] if path is not None else [ses.get("t1w"), xfm, ses.get("t1w_mask")]
     cache: dict = {}
 
-    def reference():
-        if "ref" not in cache:
-            cache["ref"] = _template_reference(space, nib.as_closest_canonical(nib.load(str(path))))[0]
-        return cache["ref"]
+    def images():
+        if not cache:
+            if path is not None:
+                moving, aff = load(path)
+                found = R.reference_on(space, nib.as_closest_canonical(nib.load(str(path))))
+                if found is None:
+                    raise RuntimeError(f"no {space} template on disk to compare with")
+                cache.update(moving=moving, aff=aff, ref=found[0], what=found[1])
+            else:
+                found = R.warp_to_template(ses.get("t1w"), xfm, space, ses.get("t1w_mask"))
+                if found is None:
+                    raise RuntimeError(f"no {space} template on disk to warp onto")
+                cache.update(moving=found[0], aff=found[1], ref=found[2], what=found[3])
+            from scipy import ndimage as ndi
 
-    sl = F.pick_slices(moving.shape, moving > np.percentile(moving[moving > 0], 20) if np.any(moving > 0) else None)
+            ref = cache["ref"]
+            brain = ref > 0.15 * ref.max() if ref.max() > 0 else ref > 0
+            cache["outline"] = [(ndi.binary_fill_holes(ndi.binary_closing(brain, iterations=2)),
+                                 F.COLORS["edges"], "template")]
+            cache["slices"] = F.pick_slices(ref.shape, cache["outline"][0][0])
+        return cache
 
-    def outline():
-        from scipy import ndimage as ndi
-
-        ref = reference()
-        brain = ndi.binary_fill_holes(ndi.binary_closing(ref > 0.15 * ref.max(), iterations=2)) if ref.max() > 0 else ref > 0
-        return [(brain, F.COLORS["edges"], "template")]
+    def layer(key):
+        def render():
+            c = images()
+            return F.mosaic(c[key], c["aff"], slices=c["slices"], contours=c["outline"])
+        return render
 
     stem = f"{ses.prefix}_space-{space}_desc-"
     return maker.flicker(
-        (stem + "reg_T1w.svg", stem + "regtemplate_T1w.svg"), [path],
-        (lambda: F.mosaic(moving, aff, slices=sl, contours=outline()),
-         lambda: F.mosaic(reference(), aff, slices=sl, contours=outline())),
+        (stem + "reg_T1w.svg", stem + "regtemplate_T1w.svg"), inputs, (layer("moving"), layer("ref")),
         (f"T1w in {space}", f"{space} template"),
         f"Spatial normalisation of the T1w image to {space}: hover over the figure to alternate the "
         "normalised T1w and the template (red: template brain outline).",
@@ -320,15 +316,23 @@ def _dwi_registration(ses: SessionDerivatives, b0, sl, maker: FigureMaker) -> di
     contours = _tissue_contours(np.rint(seg[0]).astype(int)) if seg is not None and _same_grid(b0[0], seg[0]) else []
     wm = [c for c in contours if c[2] == "WM"]
     t1 = load(ses.get("t1w_dwi"))
+    label = "T1w in dwi space"
+    if (t1 is None or not _same_grid(b0[0], t1[0])) and contours:
+        # no T1w resampled into dwi space: a T1-like contrast from the mapped tissue classes
+        seg_i = np.rint(seg[0]).astype(int)
+        t1 = (np.select([seg_i == 1, seg_i == 2, seg_i == 3], [0.25, 0.6, 1.0], 0.0), b0[1])
+        label = "T1w tissue classes in dwi space"
     if t1 is not None and _same_grid(b0[0], t1[0]):
         return maker.flicker(
             (f"{ses.prefix}_space-dwi_desc-reg_dwiref.svg", f"{ses.prefix}_space-dwi_desc-reg_T1w.svg"),
             [ses.get("b0"), ses.get("t1w_dwi"), ses.get("dwi_dseg")],
             (lambda: F.mosaic(b0[0], b0[1], slices=sl, contours=wm),
              lambda: F.mosaic(t1[0], t1[1], slices=sl, contours=wm)),
-            ("b0 reference", "T1w in dwi space"),
+            ("b0 reference", label),
             "Registration of the T1w image to diffusion space: hover to alternate the b0 reference and the "
-            "T1w resampled into dwi space" + (" (magenta: white-matter boundary)." if wm else "."),
+            + ("T1w resampled into dwi space" if label == "T1w in dwi space" else
+               "T1w tissue classes (CSF dark, GM grey, WM bright) mapped into dwi space")
+            + (" (magenta: white-matter boundary from the T1w segmentation)." if wm else "."),
             "T1w to dwi registration")
     if contours:
         return maker.figure(
@@ -367,8 +371,8 @@ def anomaly_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
             bg = load(ses.get(bg_key)) if bg_key else None
             if bg is None or not _same_grid(bg[0], score[0]):
                 bg, bg_key = score, "score"
-            threshold = to_float(meta.get("Threshold"))
-            method = str(meta.get("ThresholdMethod", "threshold"))
+            threshold = to_float(meta_value(meta, "Threshold", "threshold"))
+            method = str(meta_value(meta, "ThresholdMethod", "threshold_method", default="threshold"))
             values = score[0][amask]
             lo = threshold if np.isfinite(threshold) else float(np.percentile(values, 95)) if values.size else 0.0
             hi = float(np.percentile(values, 99.9)) if values.size else lo + 1

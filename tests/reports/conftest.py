@@ -1,4 +1,4 @@
-"""Fixtures of the report tests: fake derivatives with both reports built once per module."""
+"""Fixtures of the report tests: fake derivatives with both reports built once per session."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from tests.reports.fakes import make_derivatives, make_group, make_logs, settings_for
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built_reports(tmp_path_factory):
     """Derivatives + logs + group inputs, with both reports built once for the module."""
     from bids_uad.reports.build import build_group_report, build_participant_report

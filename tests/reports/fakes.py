@@ -48,7 +48,7 @@ def _save(img_data, affine, path: Path, sidecar: dict | None = None) -> Path:
 
 
 def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_anomaly: bool = True,
-                     evil: bool = True) -> Path:
+                     evil: bool = True, template: bool = True) -> Path:
     """Write a plausible set of derivatives of one session under ``out``."""
     rng = np.random.default_rng(0)
     p = f"sub-{subject}_ses-{session}"
@@ -64,32 +64,29 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     fa = np.where(seg == 3, 0.55, np.where(seg == 2, 0.18, 0.05)) * brain * (1 - 0.6 * tumour)
     fa = np.clip(fa + rng.normal(0, 0.03, shape) * brain, 0, 1)
     md = np.where(seg == 1, 3.0e-3, 0.8e-3) * brain * (1 + 0.8 * tumour)
-    steps = [
-        {"Name": "susceptibility distortion correction", "Backend": "python", "Status": "skipped",
-         "Reason": "no reverse phase-encoding image"},
-        {"Name": "motion and eddy-current correction", "Backend": "python (dipy affine)", "Status": "run"},
-        {"Name": "brain mask", "Backend": "python (dipy median_otsu)", "Status": "run"},
-    ]
-    if evil:
-        steps.append({"Name": f"denoising {EVIL}", "Backend": f"fsl {EVIL}", "Status": "run"})
-    sidecar = {"Steps": steps, "Sources": [f"bids:raw:sub-{subject}/ses-{session}/dwi/{p}_dir-AP_dwi.nii.gz"]
-               + ([f"bids:raw:{EVIL}.nii.gz"] if evil else []),
+    # sidecars in the shapes the dwi workflow writes (bids_uad.interfaces.dwi.MergeReports)
+    sidecar = {"Backend": "python", "PreprocessingBackend": "python", "Denoising": "None",
+               "GibbsRingingRemoval": False,
+               "SusceptibilityDistortionCorrection": "None (no reverse phase-encoding image)",
+               "HeadMotionCorrection": "bids_uad python: per-volume rigid + eddy-current (affine along PE)",
+               "Sources": [f"bids:raw:sub-{subject}/ses-{session}/dwi/{p}_dir-AP_dwi.nii.gz"],
                "PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
     if evil:
+        sidecar["Sources"].append(f"bids:raw:{EVIL}.nii.gz")
         sidecar["Warnings"] = [f"sidecar warning {EVIL}"]
+        sidecar["Steps"] = [{"Name": f"denoising {EVIL}", "Backend": f"fsl {EVIL}", "Status": "run"}]
     dwi = np.stack([b0] + [b0 * np.exp(-1000 * md) for _ in range(6)], axis=-1).astype(np.float32)
     pre = _save(dwi, affine, dwi_dir / f"{p}_space-dwi_desc-preproc_dwi.nii.gz", sidecar)
     pre.with_name(pre.name.replace(".nii.gz", ".bval")).write_text("0 1000 1000 1000 1000 1000 1000\n")
     _save(b0.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_desc-b0_dwiref.nii.gz", {})
     _save(b0_before.astype(np.float32), affine, dwi_dir / f"{p}_desc-uncorrected_dwiref.nii.gz", {})
-    _save(brain.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-brain_mask.nii.gz", {})
+    _save(brain.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-brain_mask.nii.gz",
+          {"BrainMask": "bids_uad python (median_otsu on the corrected mean b0)", "Type": "Brain"})
     _save(brain.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-analysis_mask.nii.gz", {})
     _save(seg, affine, dwi_dir / f"{p}_space-dwi_dseg.nii.gz", {})
-    tensor = {"Steps": [{"Name": "tensor fit", "Backend": "dipy (weighted least squares)"}]}
+    tensor = {"TensorFit": "dipy TensorModel, weighted least squares (WLS)", "PreprocessingBackend": "python"}
     _save(fa.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_model-tensor_param-fa_dwimap.nii.gz", tensor)
     _save(md.astype(np.float32), affine, dwi_dir / f"{p}_space-dwi_model-tensor_param-md_dwimap.nii.gz", tensor)
-    t1_dwi = np.select([seg == 1, seg == 2, seg == 3], [300.0, 650.0, 900.0], 0.0)
-    _save(t1_dwi.astype(np.float32), affine, anat_dir / f"{p}_space-dwi_desc-preproc_T1w.nii.gz", {})
     _save(tumour.astype(np.uint8), affine, dwi_dir / f"{p}_space-dwi_desc-tumor_mask.nii.gz", {})
     n = 20
     t = np.arange(n)
@@ -103,7 +100,8 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     if with_anomaly:
         for model, thr in (("dae", 0.3), ("recdisc", 0.5)):
             score = (rng.gamma(2.0, 0.05, shape) + 0.6 * tumour * rng.uniform(0.7, 1.0, shape)) * brain
-            meta = {"ThresholdMethod": "fixed", "Threshold": thr, "Model": model}
+            meta = {"model": model, "model_file": f"model-{model}.json", "threshold_method": "fixed",
+                    "threshold": thr, "opening_size": 3, "ensemble": False, "folds": [0]}
             _save(score.astype(np.float32), affine,
                   dwi_dir / f"{p}_space-dwi_model-{model}_stat-score_anomaly.nii.gz", meta)
             _save((score > thr).astype(np.uint8), affine,
@@ -112,13 +110,16 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     a_shape, a_zoom = (64, 80, 60), 2.0
     a_aff, a_seg, _ = _head(a_shape, a_zoom)
     t1 = np.select([a_seg == 1, a_seg == 2, a_seg == 3], [300.0, 650.0, 900.0], 80.0 * (rng.random(a_shape) > 0.5))
-    anat_meta = {"Steps": {"bias field correction": "ants N4", "brain extraction": "python",
-                           "tissue segmentation": {"Backend": "ants Atropos"}}}
-    _save(t1.astype(np.float32), a_aff, anat_dir / f"{p}_desc-preproc_T1w.nii.gz", anat_meta)
-    _save((a_seg > 0).astype(np.uint8), a_aff, anat_dir / f"{p}_desc-brain_mask.nii.gz", {})
-    _save(a_seg, a_aff, anat_dir / f"{p}_dseg.nii.gz", {})
+    # sidecars in the shapes the anat workflow writes
+    method_meta = {"SkullStripped": True, "SkullStripping": "bids_uad template", "Template": SPACE,
+                   "Segmentation": "ANTs Atropos (antspyx), template priors"}
+    _save(t1.astype(np.float32), a_aff, anat_dir / f"{p}_desc-preproc_T1w.nii.gz", {"BiasCorrected": "N4 (antspyx)"})
+    _save((a_seg > 0).astype(np.uint8), a_aff, anat_dir / f"{p}_desc-brain_mask.nii.gz", method_meta)
+    _save(a_seg, a_aff, anat_dir / f"{p}_dseg.nii.gz", method_meta)
     for label, value in (("CSF", 1), ("GM", 2), ("WM", 3)):
-        _save((a_seg == value).astype(np.float32), a_aff, anat_dir / f"{p}_label-{label}_probseg.nii.gz", {})
+        _save((a_seg == value).astype(np.float32), a_aff, anat_dir / f"{p}_label-{label}_probseg.nii.gz", method_meta)
+    if not template:
+        return out
     # template space: the nilearn MNI template on a 4 mm grid stands in for the normalised T1w
     from nilearn.datasets import load_mni152_template
     from nilearn.image import resample_img
@@ -129,7 +130,7 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
                        force_resample=True, copy_header=True)
     data = np.roll(np.asarray(mni.dataobj, np.float32), 1, axis=1)
     _save(data, mni_aff, anat_dir / f"{p}_space-{SPACE}_desc-preproc_T1w.nii.gz",
-          {"Steps": [{"Name": "spatial normalisation", "Backend": "ants SyN"}]})
+          {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": SPACE})
     return out
 
 

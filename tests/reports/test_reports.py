@@ -88,7 +88,8 @@ def test_summary_warnings_steps_and_errors(built_reports):
     assert "no reverse phase-encoding image: susceptibility correction will be skipped" in text
     assert "susceptibility distortion correction skipped: no reverse phase-encoding image" in text
     assert "sub-99" not in text
-    assert "python (dipy affine)" in text and "ants SyN" in text
+    assert "per-volume rigid + eddy-current" in text and "ANTs SyN (antspyx)" in text
+    assert "registration to MNI152NLin2009cAsym" in text
     assert "b=0: 1, b=1000: 6" in text
     assert "crash-20260101-000001-root-tensor-01.txt" in text
     assert 'class="has-errors"' in text
@@ -97,7 +98,7 @@ def test_summary_warnings_steps_and_errors(built_reports):
 def test_anomaly_metrics_with_ground_truth(built_reports):
     text = built_reports["html"].read_text()
     for key in ("AUROC (in analysis mask)", "AUPRC (in analysis mask)", "Dice (anomaly mask vs ground truth)",
-                "ground-truth lesion volume (mL)", "ThresholdMethod"):
+                "ground-truth lesion volume (mL)", "threshold method", "model-dae.json"):
         assert key in text
     assert text.count("model dae") >= 1 and text.count("model recdisc") >= 1
 
@@ -110,7 +111,7 @@ def test_methods_name_what_ran(built_reports):
 
 
 def test_methods_leave_out_fsl_when_not_used(tmp_path):
-    out = make_derivatives(tmp_path / "out", evil=False, with_anomaly=False)
+    out = make_derivatives(tmp_path / "out", evil=False, with_anomaly=False, template=False)
     text = build_participant_report(settings_for(out), "01").read_text()
     assert "FSL. NeuroImage" not in text and "TOPUP" not in text
     assert "PyTorch" not in text
@@ -131,7 +132,7 @@ def test_rebuild_is_idempotent_and_reuses_figures(built_reports):
 
 
 def test_figure_remade_when_input_is_newer(tmp_path):
-    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, template=False)
     settings = settings_for(out)
     build_participant_report(settings, "01")
     fig = out / "sub-01" / "figures" / "sub-01_ses-pre_desc-motion_dwi.svg"
@@ -157,7 +158,7 @@ def test_missing_derivatives_give_notes(tmp_path):
 
 
 def test_broken_image_does_not_break_report(tmp_path):
-    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, template=False)
     fa = next((out / "sub-01" / "ses-pre" / "dwi").glob("*param-fa_dwimap.nii.gz"))
     fa.write_bytes(b"not a nifti")
     text = build_participant_report(settings_for(out), "01").read_text()
@@ -218,7 +219,7 @@ def test_invalid_subject_label_rejected(tmp_path):
 
 
 def test_b0_taken_from_preprocessed_dwi_when_missing(tmp_path):
-    out = make_derivatives(tmp_path / "out", with_anomaly=False)
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, template=False)
     next((out / "sub-01" / "ses-pre" / "dwi").glob("*desc-b0_dwiref.nii.gz")).unlink()
     text = build_participant_report(settings_for(out), "01").read_text()
     assert "sub-01_ses-pre_desc-brain_dwiref.svg" in text
@@ -229,3 +230,36 @@ def test_build_reports_for_every_subject(built_reports):
 
     paths = build_reports(built_reports["settings"])
     assert [p.name for p in paths] == ["sub-01.html", "group.html"]
+
+
+def test_steps_from_the_sidecar_shapes():
+    from bids_uad.reports.methods import build_methods, citation_keys, steps_of, warnings_of
+
+    dwi = {"Backend": "fsl", "Denoising": "None", "GibbsRingingRemoval": False,
+           "SusceptibilityDistortionCorrection": "FSL topup", "HeadMotionCorrection": "FSL eddy"}
+    steps = {s.name: s for s in steps_of(dwi)}
+    assert steps["susceptibility distortion correction"].backend == "FSL topup"
+    assert steps["denoising"].status == "off" and not steps["denoising"].ran
+    assert warnings_of(dwi) == []  # optional steps left off are no warning
+    skipped = steps_of({"SusceptibilityDistortionCorrection": "None (no reverse phase-encoding image)"})[0]
+    assert skipped.skipped and skipped.detail == "no reverse phase-encoding image"
+    listed = steps_of({"Steps": [{"Name": "mask", "Backend": "fsl bet", "Status": "run"}]})
+    assert listed[0].backend == "fsl bet"
+    assert steps_of({"Steps": {"fit": "dipy"}})[0].backend == "dipy"
+    assert set(citation_keys("FSL topup")) == {"fsl", "topup"}
+    assert "fsl" not in citation_keys("TOPUP model, bids_uad python (torch B-spline field)")
+    assert "eddy" not in citation_keys("bids_uad python: rigid + eddy-current")
+    assert set(citation_keys("fsl", "brain mask")) == {"fsl", "bet"}
+
+
+def test_template_check_from_the_transform(tmp_path):
+    """Without a template-space T1w the report applies the T1w→template .h5 with antspyx."""
+    ants = pytest.importorskip("ants")
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, evil=False)
+    anat = out / "sub-01" / "ses-pre" / "anat"
+    next(anat.glob("*space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")).unlink()
+    tx = ants.new_ants_transform(dimension=3, transform_type="AffineTransform")
+    ants.write_transform(tx, str(anat / "sub-01_ses-pre_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"))
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "sub-01_ses-pre_space-MNI152NLin2009aSym_desc-reg_T1w.svg" in text
+    assert "sub-01_ses-pre_space-MNI152NLin2009aSym_desc-regtemplate_T1w.svg" in text
