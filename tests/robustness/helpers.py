@@ -164,6 +164,19 @@ def assert_valid_json_and_tsv(root: Path) -> None:
         assert len(widths) == 1, f"{path}: rows with different column counts"
 
 
+#: sidecar keys that record how long something took or when: they differ between equal runs
+VOLATILE_KEYS = {"seconds", "elapsed", "elapsed_seconds", "ElapsedTime", "Duration", "DateTime", "timestamp"}
+
+
+def _stable(value):
+    """JSON content without the volatile keys (at any depth)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
 def compare_outputs(a: Path, b: Path) -> list[str]:
     """Differences between two output folders, ignoring logs and what legitimately varies."""
     import nibabel as nib
@@ -181,7 +194,7 @@ def compare_outputs(a: Path, b: Path) -> list[str]:
                     not np.array_equal(np.asanyarray(ia.dataobj), np.asanyarray(ib.dataobj)):
                 problems.append(f"image differs: {key}")
         elif key.endswith(".json"):
-            ja, jb = json.loads(pa.read_text()), json.loads(pb.read_text())
+            ja, jb = _stable(json.loads(pa.read_text())), _stable(json.loads(pb.read_text()))
             if key == "dataset_description.json":
                 ja.pop("SourceDatasets", None), jb.pop("SourceDatasets", None)
             if ja != jb:
