@@ -146,7 +146,7 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
 def motion_figure(columns: Mapping[str, Sequence[float]]) -> Figure:
     """Translations (mm), rotations (degrees) and framewise displacement per volume."""
     with rcParams_context(PLOT_STYLE):
-        fig = Figure(figsize=(10, 5.4), layout="constrained")
+        fig = Figure(figsize=(10, 4.4), layout="constrained")
         axes = fig.subplots(3, 1, sharex=True)
         groups = (("trans", "translation (mm)", 1.0), ("rot", "rotation (degrees)", 180 / np.pi))
         for ax, (prefix, label, scale) in zip(axes[:2], groups):

@@ -239,7 +239,7 @@ def build_methods(subject, version: str, models: Mapping[str, Mapping[str, Any]]
         steps = steps_of(anat.sidecar("t1w"))
         for key in ("t1w_dseg", "t1w_dwi"):
             steps.extend(s for s in steps_of(anat.sidecar(key)) if s.name not in {t.name for t in steps})
-        for path in anat.template_t1w.values():
+        for path in list(anat.template_t1w.values()) + list(anat.template_xfm.values()):
             steps.extend(s for s in steps_of(read_json(sidecar_of(path))) if s.name not in {t.name for t in steps})
         m.paragraph(describe_steps("Anatomical processing of the T1-weighted image", steps)
                     or [("The T1-weighted image was processed; its sidecars do not record the software", [])])

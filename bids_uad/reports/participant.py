@@ -70,6 +70,9 @@ def _protocol(ses: SessionDerivatives) -> list[tuple[str, object]]:
             shells = ", ".join(f"b={int(b)}: {int((values == b).sum())}" for b in np.unique(values))
             rows.append(("b-values (volumes)", shells))
         meta = ses.sidecar("dwi_preproc")
+        backend = meta_value(meta, "PreprocessingBackend", "Backend")
+        if backend:
+            rows.insert(0, ("preprocessing backend", backend))
         for key in ("PhaseEncodingDirection", "TotalReadoutTime", "EchoTime", "RepetitionTime"):
             if key in meta:
                 rows.append((key, meta[key]))
@@ -100,7 +103,10 @@ def summary_section(subj: SubjectDerivatives) -> list[dict]:
                    for kind, p in files.items()]
         sources: list[str] = []
         steps_rows = []
-        for key, path in list(found) + [(f"T1w in {s}", p) for s, p in ses.template_t1w.items()]:
+        extra = [(f"T1w in {s}", p) for s, p in ses.template_t1w.items()]
+        extra += [(f"T1w to {s} transform", p) for s, p in ses.template_xfm.items()]
+        inputs += [(k, p.name) for k, p in extra if k.endswith("transform")]
+        for key, path in list(found) + extra:
             meta = read_json(sidecar_of(path))
             for src in meta.get("Sources", []) if isinstance(meta.get("Sources"), list) else []:
                 if str(src) not in sources:
@@ -125,10 +131,15 @@ def summary_section(subj: SubjectDerivatives) -> list[dict]:
         if protocol:
             items.append(kv(protocol))
         if steps_rows:
-            items.append(table(["step", "backend", "status", "detail", "recorded in"], steps_rows,
-                               caption="Processing steps and the backend that ran them"))
+            steps_table = table(["step", "backend", "status", "detail", "recorded in"], steps_rows,
+                                caption="Processing steps and the backend that ran them")
+            steps_table["css"] = "steps"
+            items.append(steps_table)
         else:
             items.append(note("Not available: processing steps — no sidecar records its steps."))
+    # a step skipped for a reason the run log already states is one warning, not two
+    all_warnings = [w for w in all_warnings if not (" skipped: " in w and any(
+        w.split(" skipped: ", 1)[1] in other for other in all_warnings if other != w))]
     if all_warnings:
         items.insert(1, heading("Warnings"))
         for i, w in enumerate(all_warnings):

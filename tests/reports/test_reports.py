@@ -86,7 +86,8 @@ def test_dataset_strings_are_escaped(built_reports):
 def test_summary_warnings_steps_and_errors(built_reports):
     text = built_reports["html"].read_text()
     assert "no reverse phase-encoding image: susceptibility correction will be skipped" in text
-    assert "susceptibility distortion correction skipped: no reverse phase-encoding image" in text
+    assert "susceptibility distortion correction skipped" not in text  # said once, by the log line
+    assert "no reverse phase-encoding image</td>" in text  # and in the steps table
     assert "sub-99" not in text
     assert "per-volume rigid + eddy-current" in text and "ANTs SyN (antspyx)" in text
     assert "registration to MNI152NLin2009cAsym" in text
@@ -117,6 +118,8 @@ def test_methods_leave_out_fsl_when_not_used(tmp_path):
     assert "PyTorch" not in text
     assert "Dipy, a library" in text
     assert "Not available: no anomaly maps" in text
+    # no run log here: the sidecar alone says why SDC did not run
+    assert "susceptibility distortion correction skipped: no reverse phase-encoding image" in text
 
 
 def test_rebuild_is_idempotent_and_reuses_figures(built_reports):
