@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--permutations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default="components", choices=("components", "blobs"))
+    parser.add_argument("--perilesional-mm", type=float, default=20.0,
+                        help="also a stricter null: random regions within this distance of the lesion (0 = off)")
     args = parser.parse_args(argv)
 
     from bids_uad.algorithms.longitudinal import compare_sessions
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         anomaly = simulate_detector(base["tumor"], base["infiltration"], analysis, rng) & analysis
         stats, _ = compare_sessions(anomaly, base["tumor"], follow["tumor"], analysis, zooms,
                                     n_permutations=args.permutations, seed=args.seed + i,
-                                    null_method=args.method)
+                                    null_method=args.method, perilesional_mm=args.perilesional_mm)
         rows.append({"subject": f"pat{i + 1:02d}", "group": "patient", **stats})
     for i in range(args.controls):
         rng = np.random.default_rng(1000 + args.seed + i)
@@ -87,10 +89,12 @@ def main(argv=None) -> int:
         rows.append({"subject": f"ctl{i + 1:02d}", "group": "control", **stats})
 
     cols = ("subject", "baseline_lesion_ml", "new_lesion_ml", "mismatch_ml", "mismatch_growth_ml",
-            "overlap_fraction", "overlap_fraction_random_mean", "overlap_fraction_random_p")
-    print("  ".join(f"{c:>18s}" for c in cols))
+            "overlap_fraction", "overlap_fraction_random_mean", "overlap_fraction_random_p",
+            "overlap_fraction_perilesional_mean", "overlap_fraction_perilesional_p")
+    short = {c: c.replace("overlap_fraction", "ovl").replace("perilesional", "peri")[:16] for c in cols}
+    print("  ".join(f"{short[c]:>16s}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r[c]:>18.4g}" if isinstance(r[c], float) else f"{r[c]:>18s}" for c in cols))
+        print("  ".join(f"{r[c]:>16.4g}" if isinstance(r[c], float) else f"{r[c]:>16s}" for c in cols))
     pats = [r for r in rows if r["group"] == "patient"]
     ctls = [r for r in rows if r["group"] == "control"]
     summary = {
@@ -102,6 +106,11 @@ def main(argv=None) -> int:
         "overlap_observed_median": round(float(np.median([r["overlap_fraction"] for r in pats])), 4) if pats else None,
         "overlap_random_median": round(float(np.median([r["overlap_fraction_random_mean"] for r in pats])), 4) if pats else None,
         "patients_p_below_0.05": int(sum(r["overlap_fraction_random_p"] < 0.05 for r in pats)),
+        "perilesional_mm": args.perilesional_mm,
+        "overlap_perilesional_median": (round(float(np.nanmedian([r["overlap_fraction_perilesional_mean"]
+                                                                  for r in pats])), 4)
+                                        if pats and args.perilesional_mm > 0 else None),
+        "patients_perilesional_p_below_0.05": int(sum(r["overlap_fraction_perilesional_p"] < 0.05 for r in pats)),
         "control_mismatch_growth_ml_max": max((r["mismatch_growth_ml"] for r in ctls), default=None),
         "wall_s": round(time.time() - t0, 1),
     }

@@ -330,6 +330,7 @@ STAT_COLUMNS = (
     "baseline_anomaly_ml", "baseline_lesion_ml", "followup_lesion_ml", "new_lesion_ml",
     "mismatch_ml", "mismatch_components", "mismatch_growth_ml", "overlap_fraction",
     "overlap_fraction_random_mean", "overlap_fraction_random_std", "overlap_fraction_random_p",
+    "overlap_fraction_perilesional_mean", "overlap_fraction_perilesional_p",
     "new_lesion_in_mismatch_fraction", "followup_anomaly_ml", "anomaly_change_ml",
     "score_change_mean", "score_change_mismatch_mean", "n_permutations", "null_method",
 )
@@ -341,14 +342,17 @@ def compare_sessions(anomaly: np.ndarray, baseline_lesion: np.ndarray | None,
                      baseline_score: np.ndarray | None = None,
                      followup_score: np.ndarray | None = None,
                      n_permutations: int = 200, seed: int = 0, null_method: str = "components",
-                     min_mismatch_voxels: int = 1) -> tuple[dict, dict]:
+                     min_mismatch_voxels: int = 1, perilesional_mm: float = 0.0) -> tuple[dict, dict]:
     """Every number of one baseline/follow-up pair, all arrays on the baseline dwi grid.
 
     Returns (stats, maps): ``stats`` holds :data:`STAT_COLUMNS` (volumes in mL; NaN where
     undefined, e.g. the overlap of an empty mismatch); ``maps`` holds ``mismatch`` and, when
     both score maps are given, ``score_change``.  ``mismatch_growth_ml`` is the mismatch
     volume that is lesion at follow-up; ``new_lesion_in_mismatch_fraction`` the part of the
-    new lesion (follow-up minus baseline lesion) the mismatch predicted.
+    new lesion (follow-up minus baseline lesion) the mismatch predicted.  With
+    ``perilesional_mm > 0`` a second, stricter null draws the random regions only within that
+    distance of the baseline lesion (does the mismatch predict *where* around the tumour it
+    grows, beyond being close to it?): ``overlap_fraction_perilesional_mean``/``_p``.
     """
     anomaly = as_bool(anomaly)
     shape = anomaly.shape
@@ -372,6 +376,8 @@ def compare_sessions(anomaly: np.ndarray, baseline_lesion: np.ndarray | None,
         "overlap_fraction_random_mean": null.mean,
         "overlap_fraction_random_std": null.std,
         "overlap_fraction_random_p": null.p,
+        "overlap_fraction_perilesional_mean": float("nan"),
+        "overlap_fraction_perilesional_p": float("nan"),
         "new_lesion_in_mismatch_fraction": (float(np.count_nonzero(new_lesion & mism)) / n_new
                                             if n_new else float("nan")),
         "followup_anomaly_ml": float("nan"),
@@ -381,6 +387,12 @@ def compare_sessions(anomaly: np.ndarray, baseline_lesion: np.ndarray | None,
         "n_permutations": int(null.samples.size),
         "null_method": null_method,
     }
+    if perilesional_mm > 0 and base_les.any() and mism.any():
+        near = ndi.distance_transform_edt(~base_les, sampling=np.asarray(zooms, float)[:3]) <= perilesional_mm
+        zone = allowed & (near | mism)  # the observed mismatch is always a possible draw
+        peri = random_region_null(mism, fu_les, zone, n_permutations, seed + 1, null_method)
+        stats["overlap_fraction_perilesional_mean"] = peri.mean
+        stats["overlap_fraction_perilesional_p"] = peri.p
     maps: dict = {"mismatch": mism}
     if followup_anomaly is not None:
         fu_anom = as_bool(followup_anomaly) & analysis

@@ -543,6 +543,7 @@ class _CompareInputSpec(BaseInterfaceInputSpec):
     registration_meta = traits.Dict()
     n_permutations = traits.Int(200, usedefault=True)
     null_method = traits.Str("components", usedefault=True)
+    perilesional_mm = traits.Float(0.0, usedefault=True, desc="> 0: also a null within this distance of the lesion")
     seed = traits.Int(0, usedefault=True)
 
 
@@ -634,7 +635,7 @@ class LongitudinalCompare(SimpleInterface):
                 anomaly, base_les, fu_les, analysis, zooms, followup_anomaly=mask1,
                 baseline_score=score0 if score1 is not None else None, followup_score=score1,
                 n_permutations=self.inputs.n_permutations, seed=self.inputs.seed,
-                null_method=self.inputs.null_method)
+                null_method=self.inputs.null_method, perilesional_mm=self.inputs.perilesional_mm)
             row = {"participant_id": f"sub-{sub}", "baseline_session": f"ses-{base}",
                    "followup_session": f"ses-{fu}", "model": model,
                    "baseline_lesion_source": base_src, "followup_lesion_source": fu_src, **stats}
@@ -774,6 +775,9 @@ COLUMN_DESCRIPTIONS = {
                                     "(analysis mask minus baseline lesion)",
     "overlap_fraction_random_std": "standard deviation of the random overlap fractions",
     "overlap_fraction_random_p": "one-sided permutation p-value: P(random >= observed), (1+k)/(1+n)",
+    "overlap_fraction_perilesional_mean": "mean random overlap when the random regions are drawn within "
+                                          "perilesional_mm of the baseline lesion (n/a when not asked for)",
+    "overlap_fraction_perilesional_p": "one-sided p-value against the perilesional random regions",
     "new_lesion_in_mismatch_fraction": "part of the new lesion that was mismatch at baseline",
     "followup_anomaly_ml": "anomalous volume at follow-up, in baseline dwi space (mL; follow-up dwi only)",
     "anomaly_change_ml": "followup_anomaly_ml - baseline_anomaly_ml",

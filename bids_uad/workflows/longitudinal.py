@@ -133,7 +133,7 @@ def _model_names(settings) -> list[str]:
 def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str = "longitudinal_wf",
                          n_permutations: int = 200, null_method: str = "components",
                          registration_resolution: float = 2.0, reg_iterations=(40, 20, 0),
-                         syn: bool = True) -> pe.Workflow:
+                         syn: bool = True, perilesional_mm: float = 0.0) -> pe.Workflow:
     """Compare the baseline session of ``subject`` with each later session (see module docstring).
 
     ``sessions``: the subject's session labels (any order, with or without ``ses-``); the
@@ -183,7 +183,8 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
                            name=f"register_{fu}", n_procs=threads, mem_gb=2.0)
         compare = pe.Node(LongitudinalCompare(subject=subject, baseline_session=baseline, followup_session=fu,
                                               n_permutations=n_permutations, null_method=null_method,
-                                              seed=seed), name=f"compare_{fu}")
+                                              perilesional_mm=perilesional_mm, seed=seed),
+                          name=f"compare_{fu}")
         sink = pe.MapNode(DerivativesDataSink(output_dir=output_dir, bids_dir=str(settings.bids_dir)),
                           iterfield=["in_file", "entities", "suffix", "datatype", "meta"],
                           name=f"ds_{fu}", run_without_submitting=True)

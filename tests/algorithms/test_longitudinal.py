@@ -201,3 +201,13 @@ def test_flair_estimate_finds_bright_lesion_and_ignores_csf_and_edge():
     assert not (est & csf).any()
     assert "estimate" in info["Method"]
     assert info["VolumeMl"] == pytest.approx(est.sum() * 0.008)
+
+
+def test_perilesional_null_is_stricter_than_the_whole_brain_null():
+    brain, tumour, _, followup, anomaly = _glioma_case()
+    stats, _ = lg.compare_sessions(anomaly, tumour, followup, brain, (2, 2, 2), n_permutations=40,
+                                   seed=0, perilesional_mm=20.0)
+    assert stats["overlap_fraction_perilesional_mean"] > stats["overlap_fraction_random_mean"]
+    assert 0.0 <= stats["overlap_fraction_perilesional_p"] <= 1.0
+    plain, _ = lg.compare_sessions(anomaly, tumour, followup, brain, (2, 2, 2), n_permutations=5)
+    assert math.isnan(plain["overlap_fraction_perilesional_mean"])
