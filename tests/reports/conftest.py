@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reports.fakes import make_derivatives, make_group, make_logs, settings_for
+from tests.reports.fakes import make_derivatives, make_group, make_logs, make_longitudinal, settings_for
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,7 @@ def built_reports(tmp_path_factory):
     out = root / "derivatives"
     make_derivatives(out)
     make_logs(out)
+    make_longitudinal(out)
     make_group(out)
     bids = root / "bids"
     bids.mkdir()

@@ -183,3 +183,22 @@ def settings_for(out: Path, bids: Path | None = None, **kw) -> Settings:
     return Settings(bids_dir=bids or out.parent / "bids", output_dir=out, analysis_level="participant",
                     work_dir=out.parent / "work", command_line=("bids_uad", str(bids), str(out), "participant"),
                     **kw)
+
+
+def make_longitudinal(out: Path, subject: str = "01") -> None:
+    """Outputs in the shape of the longitudinal stage: stats TSV and a figure in figures/."""
+    from matplotlib.figure import Figure
+
+    root = out / f"sub-{subject}"
+    (root / "figures").mkdir(parents=True, exist_ok=True)
+    cols = ["participant_id", "baseline_session", "followup_session", "model", "baseline_lesion_source",
+            "followup_lesion_source", "baseline_anomaly_ml", "baseline_lesion_ml", "followup_lesion_ml",
+            "mismatch_ml", "mismatch_growth_ml", "overlap_fraction", "overlap_fraction_random_mean",
+            "overlap_fraction_random_p"]
+    row = [f"sub-{subject}", "ses-pre", "ses-followup", EVIL, "given", "estimate", "17.664", "0.768", "10.304",
+           "16.896", "9.536", "0.564394", "0.00467172", "0.0163934"]
+    (root / f"sub-{subject}_desc-longitudinal_stats.tsv").write_text("\t".join(cols) + "\n" + "\t".join(row) + "\n")
+    fig = Figure(figsize=(4, 2))
+    fig.subplots().plot([0, 1], [1, 0])
+    fig.savefig(str(root / "figures" / f"sub-{subject}_model-dae_desc-longitudinalFollowup_anomaly.svg"))
+    (root / "figures" / f"sub-{subject}_desc-longitudinal_reportlet.html").write_text(f"<p>{EVIL}</p>")

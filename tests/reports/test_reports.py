@@ -266,3 +266,13 @@ def test_template_check_from_the_transform(tmp_path):
     text = build_participant_report(settings_for(out), "01").read_text()
     assert "sub-01_ses-pre_space-MNI152NLin2009aSym_desc-reg_T1w.svg" in text
     assert "sub-01_ses-pre_space-MNI152NLin2009aSym_desc-regtemplate_T1w.svg" in text
+
+
+def test_longitudinal_outputs_shown_natively(built_reports):
+    text = built_reports["html"].read_text()
+    section = text[text.index('id="longitudinal"'):text.index('id="about"')]
+    assert "sub-01/figures/sub-01_model-dae_desc-longitudinalFollowup_anomaly.svg" in section
+    assert "Longitudinal comparison, model dae, follow-up Followup." in section
+    assert "mismatch (mL)" in section and "16.9" in section
+    assert "Lesion masks are estimates" in section
+    assert "reportlet" not in section  # HTML fragments are never embedded
