@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
             "auprc": float(np.nanmean([r["auprc"] for r in rows])),
             "dice": {m: float(np.mean([r["dice_opened"][m] for r in rows])) for m in methods},
             "dice_no_opening": {m: float(np.mean([r["dice"][m] for r in rows])) for m in methods},
+            "healthy_tissue_fpr": {m: float(np.mean([r["fpr"][m] for r in rows])) for m in methods},
             "best_val_loss": [f.best_val_loss for f in bundle.folds],
             "epochs_run": [len(f.history) for f in bundle.folds],
         }

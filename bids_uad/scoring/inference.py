@@ -89,13 +89,15 @@ def evaluate(score: np.ndarray, truth: np.ndarray, analysis_mask: np.ndarray, mo
     """Per-subject metrics inside ``analysis_mask``.
 
     Returns ``{"auroc", "auprc", "dice": {method: .}, "dice_opened": {method: .},
-    "thresholds": {method: .}}``; oracle methods (``oracle-youden``, ``oracle-dice``) use the
+    "thresholds": {method: .}, "fpr": {method: fraction of non-lesion voxels flagged before
+    opening}}``; oracle methods (``oracle-youden``, ``oracle-dice``) use the
     ground truth and appear under the same keys with their ``oracle-`` prefix.
     """
     amask = np.asarray(analysis_mask, bool)
     truth = np.asarray(truth, bool) & amask
     s, y = score[amask], truth[amask]
-    out = {"auroc": auroc(s, y), "auprc": auprc(s, y), "dice": {}, "dice_opened": {}, "thresholds": {}}
+    out = {"auroc": auroc(s, y), "auprc": auprc(s, y), "dice": {}, "dice_opened": {}, "thresholds": {},
+           "fpr": {}}
     pvals = None if calibration is None else calibration.pvalues(score)
     for m in methods:
         if m in ("healthy-fpr", "fdr") and calibration is None:
@@ -110,6 +112,8 @@ def evaluate(score: np.ndarray, truth: np.ndarray, analysis_mask: np.ndarray, mo
 
 
 def _record(out, name, binary, t, truth, amask, size):
+    healthy = amask & ~truth
+    out["fpr"][name] = float(binary[healthy].mean()) if healthy.any() else float("nan")
     out["dice"][name] = dice(binary, truth)
     out["dice_opened"][name] = dice(opening(binary, size) & amask, truth)
     out["thresholds"][name] = float(t)

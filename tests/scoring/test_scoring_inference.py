@@ -59,5 +59,5 @@ def test_evaluate_reports_every_method(bundle):
     out = evaluate(res.score, sub.lesion, sub.mask, "dae", bundle.settings.scoring, bundle.calibration())
     assert 0 <= out["auroc"] <= 1 and 0 <= out["auprc"] <= 1
     names = {"fixed", "otsu", "meanpool", "healthy-fpr", "fdr", "oracle-youden", "oracle-dice"}
-    assert set(out["dice"]) == set(out["dice_opened"]) == names
+    assert set(out["dice"]) == set(out["dice_opened"]) == set(out["fpr"]) == names
     assert out["dice"]["oracle-dice"] >= max(v for k, v in out["dice"].items() if not k.startswith("oracle"))
