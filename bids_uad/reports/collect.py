@@ -263,8 +263,13 @@ def _log_warnings(output_dir: Path, subject: str, run_id: str | None) -> list[st
     return out
 
 
-def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = None) -> SubjectDerivatives:
-    """Everything the participant report of ``sub-<subject>`` can show."""
+def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = None,
+                    lesion_masks: str | Path | None = None) -> SubjectDerivatives:
+    """Everything the participant report of ``sub-<subject>`` can show.
+
+    ``lesion_masks`` (``--lesion-masks``): where a dwi-space ground truth is looked up when
+    the derivatives hold none.
+    """
     output_dir = Path(output_dir)
     root = output_dir / f"sub-{subject}"
     subj = SubjectDerivatives(subject, root, output_dir)
@@ -273,6 +278,14 @@ def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = N
         subj.sessions.append(collect_session(folder, subject, folder.name[4:]))
     if any((root / d).is_dir() for d in ("dwi", "anat")):
         subj.sessions.insert(0, collect_session(root, subject, None))
+    if lesion_masks is not None:
+        from bids_uad.bids.lesions import find_lesion_mask
+
+        for ses in subj.sessions:
+            if "truth" not in ses.files:
+                found = find_lesion_mask(lesion_masks, subject, ses.session, space="dwi")
+                if found is not None:
+                    ses.files["truth"] = found
     subj.longitudinal = sorted(
         p for p in list(root.glob("**/*desc-longitudinal*")) + list(root.glob("**/*_longitudinal.*"))
         if p.is_file() and p.suffix in (".svg", ".png", ".tsv")

@@ -258,20 +258,22 @@ class rcParams_context:  # noqa: N801 - used like matplotlib.rc_context, without
         return False
 
 
-def figure_bytes(fig: Figure, fmt: str = "svg") -> bytes:
+def figure_bytes(fig: Figure, fmt: str = "svg", description: str | None = None) -> bytes:
     """Serialise a figure deterministically (no date in the metadata, fixed SVG ids)."""
     buffer = io.BytesIO()
     metadata = {"Date": None, "Creator": "bids_uad"} if fmt == "svg" else {"Software": "bids_uad"}
+    if description:
+        metadata["Description"] = description
     with rcParams_context({"svg.hashsalt": "bids_uad", "svg.fonttype": "path"}):
         fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), metadata=metadata,
                     dpi=110 if fmt == "png" else rcParams["savefig.dpi"])
     return buffer.getvalue()
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path, description: str | None = None) -> Path:
     """Write ``fig`` atomically to ``path`` (format from the extension)."""
     path = Path(path)
-    data = figure_bytes(fig, path.suffix.lstrip(".") or "svg")
+    data = figure_bytes(fig, path.suffix.lstrip(".") or "svg", description)
     with atomic_write(path, "wb") as handle:
         handle.write(data)
     return path

@@ -148,12 +148,60 @@ def _pivot(rows: list[dict[str, str]]) -> tuple[list[str], list[list[Any]], str]
     return ["model"] + methods, table_rows, metric
 
 
+def _mean_sd(values: list[float]) -> str:
+    arr = np.array([v for v in values if np.isfinite(v)])
+    if not arr.size:
+        return "n/a"
+    sd = f" ± {arr.std(ddof=1):.3f}" if arr.size > 1 else ""
+    return f"{arr.mean():.3f}{sd} (n={arr.size})"
+
+
+def wide_evaluation(tables: dict[str, list[dict[str, str]]]) -> list[dict]:
+    """Models × threshold methods from per-subject tables with ``dice_<method>`` columns.
+
+    ``tables``: model name -> rows of ``group/model-<name>_evaluation.tsv`` (as written by
+    the group level: participant_id, session, auroc, auprc, dice_<method>, dice_opened_<method>).
+    """
+    items: list[dict] = []
+    for prefix, title in (("dice_", "Dice"), ("dice_opened_", "Dice after morphological opening")):
+        methods: list[str] = []
+        for rows in tables.values():
+            for col in (rows[0] if rows else {}):
+                if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_opened_")):
+                    if col[len(prefix):] not in methods:
+                        methods.append(col[len(prefix):])
+        if not methods:
+            continue
+        body = [[model] + [_mean_sd([to_float(r.get(prefix + m)) for r in rows]) for m in methods]
+                for model, rows in tables.items()]
+        items.append(table(["model"] + methods, body,
+                           caption=f"{title}: models × threshold methods (mean ± SD over subjects)"))
+    body = [[model, _mean_sd([to_float(r.get("auroc")) for r in rows]),
+             _mean_sd([to_float(r.get("auprc")) for r in rows]), len(rows)] for model, rows in tables.items()]
+    items.append(table(["model", "AUROC", "AUPRC", "subjects"], body,
+                       caption="Voxel-wise detection in the analysis mask (mean ± SD over subjects)"))
+    return items
+
+
 def evaluation_section(group_dir: Path) -> list[dict]:
     paths = [p for p in sorted(group_dir.glob("*.tsv")) if "calibration" not in p.name] if group_dir.is_dir() else []
-    if not paths:
-        return [note("Not available: no evaluation tables (group/*.tsv).")]
-    items: list[dict] = []
-    for path in paths:
+    wide = {p.name[len("model-"):-len("_evaluation.tsv")]: read_tsv(p) for p in paths
+            if p.name.startswith("model-") and p.name.endswith("_evaluation.tsv")}
+    wide = {m: rows for m, rows in wide.items() if rows}
+    derived = [p for p in paths if p.name.endswith(("_evaluation_summary.tsv", "_folds.tsv"))]
+    others = [p for p in paths if p not in derived and not (p.name.startswith("model-")
+                                                             and p.name.endswith("_evaluation.tsv"))]
+    if not wide and not others:
+        return [note("Not available: no evaluation tables (group/model-<name>_evaluation.tsv); they are "
+                     "written when patients have dwi-space lesion masks (--lesion-masks).")]
+    items: list[dict] = wide_evaluation(wide) if wide else []
+    for model, rows in wide.items():
+        cols = list(rows[0])
+        item = table(cols, [[r.get(c, "") for c in cols] for r in rows],
+                     caption=f"model-{model}_evaluation.tsv: per subject")
+        item["collapsed"] = True
+        items.append(item)
+    for path in others:
         rows = read_tsv(path)
         items.append(heading(path.name))
         pivot = _pivot(rows)

@@ -3,11 +3,12 @@
 A section is a list of *items* (plain dicts with a ``type``) that the jinja2 templates
 render: ``figure``, ``flicker``, ``note``, ``warning``, ``table``, ``kv``, ``text``,
 ``heading``, ``pre``.  Figures are written once into ``sub-<label>/figures/`` and remade
-only when an input is newer than the figure, so rebuilding a report is cheap and
-idempotent.
+only when their inputs change (a signature of the input files is kept in the figure's
+metadata), so rebuilding a report is cheap and idempotent.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -66,11 +67,28 @@ class FigureMaker:
     def rel(self, path: Path) -> str:
         return path.relative_to(self.output_dir).as_posix()
 
-    def _fresh(self, target: Path, inputs: Sequence[Path | None]) -> bool:
+    @staticmethod
+    def signature(inputs: Sequence[Path | None]) -> str:
+        """Identity of a figure's inputs (which files, their sizes and times), kept in the figure."""
+        parts = []
+        for p in inputs:
+            if p is None or not Path(p).exists():
+                parts.append("-")
+                continue
+            st = Path(p).stat()
+            parts.append(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns}")
+        return "bids_uad-inputs:" + hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+    def _fresh(self, target: Path, signature: str) -> bool:
+        """The figure exists and was made from exactly these inputs (none added, removed or changed)."""
         if not target.is_file():
             return False
-        stamp = target.stat().st_mtime
-        return all(p is None or not Path(p).exists() or Path(p).stat().st_mtime <= stamp for p in inputs)
+        try:
+            with open(target, "rb") as handle:
+                head = handle.read(8192)
+        except OSError:
+            return False
+        return signature.encode() in head
 
     def make(self, name: str, inputs: Sequence[Path | None], render: Callable[[], Any]) -> str | None:
         """Path (relative to OUTPUT_DIR) of figure ``name``, rendering it when needed.
@@ -80,9 +98,10 @@ class FigureMaker:
         from bids_uad.reports.figures import save_figure
 
         target = self.figures_dir / name
-        if not self._fresh(target, inputs):
+        signature = self.signature(inputs)
+        if not self._fresh(target, signature):
             try:
-                save_figure(render(), target)
+                save_figure(render(), target, signature)
             except Exception as exc:  # a figure must never break the report
                 LOGGER.warning("figure %s could not be made: %s", name, exc)
                 self.errors.append(f"{name}: {type(exc).__name__}: {exc}")

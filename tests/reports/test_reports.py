@@ -199,7 +199,10 @@ def test_group_report(built_reports):
         assert section in page.ids
     assert "model-dae_desc-training_loss.svg" in text
     assert "dice: models × threshold methods" in text
-    assert "healthy-fpr" in text and "0.550 ± 0.000 (n=2)" in text
+    assert "healthy-fpr" in text and "0.550 ± 0.000 (n=2)" in text  # long-format table
+    assert "Dice: models × threshold methods" in text  # from model-<name>_evaluation.tsv
+    assert "0.605 ± 0.007 (n=2)" in text and "0.450 (n=1)" not in text and "0.450 ± 0.000 (n=2)" in text
+    assert "model-dae_folds.tsv" not in text
     assert "by group" in text and "patient: 1" in text
     for src in page.links:
         assert (group.parent / src).is_file(), src
@@ -276,3 +279,18 @@ def test_longitudinal_outputs_shown_natively(built_reports):
     assert "mismatch (mL)" in section and "16.9" in section
     assert "Lesion masks are estimates" in section
     assert "reportlet" not in section  # HTML fragments are never embedded
+
+
+def test_ground_truth_from_lesion_masks_folder(tmp_path):
+    out = make_derivatives(tmp_path / "out", template=False)
+    truth = next((out / "sub-01" / "ses-pre" / "dwi").glob("*desc-tumor_mask.nii.gz"))
+    masks = tmp_path / "masks" / "sub-01" / "ses-pre" / "dwi"
+    masks.mkdir(parents=True)
+    truth.rename(masks / "sub-01_ses-pre_space-dwi_desc-tumor_mask.nii.gz")
+    text = build_participant_report(settings_for(out, lesion_masks=tmp_path / "masks"), "01").read_text()
+    assert "AUROC (in analysis mask)" in text
+    fig = out / "sub-01" / "figures" / "sub-01_ses-pre_space-dwi_model-dae_stat-score_anomaly.svg"
+    with_truth = fig.read_bytes()
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "AUROC (in analysis mask)" not in text and "none in the derivatives" in text
+    assert fig.read_bytes() != with_truth  # an input gone: the figure is remade without its contour
