@@ -258,10 +258,11 @@ def random_region_null(region: np.ndarray, target: np.ndarray, allowed: np.ndarr
 
 # -- lesion estimate from FLAIR ------------------------------------------------------------------
 
-def robust_zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(x − median) / (1.4826 · MAD) with statistics from ``mask``; 0 outside the mask."""
+def robust_zscore(image: np.ndarray, mask: np.ndarray, out_mask: np.ndarray | None = None) -> np.ndarray:
+    """(x − median) / (1.4826 · MAD), statistics from ``mask``; 0 outside ``out_mask`` (default ``mask``)."""
     image = np.asarray(image, dtype=np.float64)
     mask = as_bool(mask)
+    out_mask = mask if out_mask is None else as_bool(out_mask)
     values = image[mask]
     if values.size == 0:
         return np.zeros(image.shape, dtype=np.float32)
@@ -270,16 +271,39 @@ def robust_zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if mad <= 0:
         mad = float(values.std()) or 1.0
     z = (image - med) / mad
-    return np.where(mask, z, 0.0).astype(np.float32)
+    return np.where(out_mask, z, 0.0).astype(np.float32)
+
+
+def _fill_holes(mask: np.ndarray, min_axes: int = 2) -> np.ndarray:
+    """3-D hole filling plus 2-D filling of slices: a voxel enclosed in the slices of at least
+    ``min_axes`` of the three axes is filled (a solid tumour inside a hyperintense oedema ring
+    that is open somewhere in 3-D); ``min_axes=0`` fills 3-D holes only."""
+    out = ndi.binary_fill_holes(mask)
+    if min_axes <= 0 or not mask.any():
+        return out
+    votes = np.zeros(mask.shape, dtype=np.int8)
+    for axis in range(3):
+        filled = np.zeros(mask.shape, dtype=bool)
+        for i in range(mask.shape[axis]):
+            sl = [slice(None)] * 3
+            sl[axis] = i
+            plane = mask[tuple(sl)]
+            if plane.any():
+                filled[tuple(sl)] = ndi.binary_fill_holes(plane)
+        votes += filled & ~mask
+    return out | (votes >= min_axes)
 
 
 def flair_hyperintensity_estimate(flair: np.ndarray, brain_mask: np.ndarray,
                                   csf_mask: np.ndarray | None = None, zooms=(1.0, 1.0, 1.0),
                                   z_threshold: float = 3.0, min_volume_ml: float = 0.1,
-                                  edge_mm: float = 2.0, opening: int = 1) -> tuple[np.ndarray, dict]:
+                                  edge_mm: float = 2.0, opening: int = 1,
+                                  reference_mask: np.ndarray | None = None,
+                                  fill_axes: int = 1) -> tuple[np.ndarray, dict]:
     """An *estimate* of the lesion (oedema/tumour) as FLAIR hyperintensity; returns (mask, info).
 
-    Robust z-score of FLAIR within the brain (CSF excluded from the statistics), above
+    Robust z-score of FLAIR against a reference tissue — ``reference_mask`` (e.g. grey
+    matter, the brightest normal tissue on FLAIR) or else the whole brain without CSF — above
     ``z_threshold``; minus CSF and a ``edge_mm`` rim inside the brain edge (skull-stripping
     leftovers are bright on FLAIR); binary opening (``opening`` iterations, 6-connectivity),
     hole filling, and components under ``min_volume_ml`` dropped.  Not a segmentation:
@@ -291,11 +315,15 @@ def flair_hyperintensity_estimate(flair: np.ndarray, brain_mask: np.ndarray,
     if edge_mm > 0:
         dist = ndi.distance_transform_edt(brain, sampling=np.asarray(zooms, float)[:3])
         tissue &= dist > edge_mm
-    z = robust_zscore(flair, tissue if tissue.any() else brain)
+    ref = tissue if tissue.any() else brain
+    use_reference = reference_mask is not None and np.count_nonzero(as_bool(reference_mask) & tissue) >= 50
+    if use_reference:
+        ref = as_bool(reference_mask) & tissue
+    z = robust_zscore(flair, ref, out_mask=tissue)
     mask = (z > z_threshold) & tissue
     if opening > 0 and mask.any():
         mask = ndi.binary_opening(mask, iterations=opening)
-    mask = ndi.binary_fill_holes(mask) & brain & ~csf
+    mask = _fill_holes(mask, fill_axes) & brain & ~csf
     min_vox = int(math.ceil(min_volume_ml / voxel_volume_ml(zooms))) if min_volume_ml > 0 else 1
     n_comp = 0
     if mask.any():
@@ -308,7 +336,9 @@ def flair_hyperintensity_estimate(flair: np.ndarray, brain_mask: np.ndarray,
     info = {"Method": "FLAIR hyperintensity estimate (not a manual segmentation)",
             "RobustZThreshold": float(z_threshold), "MinComponentVolumeMl": float(min_volume_ml),
             "BrainEdgeExclusionMm": float(edge_mm), "OpeningIterations": int(opening),
+            "HoleFilling": f"3-D, and 2-D slices enclosed along >= {fill_axes} axes" if fill_axes else "3-D",
             "CSFExcluded": csf_mask is not None, "Components": n_comp,
+            "Reference": "reference tissue (grey matter)" if use_reference else "brain without CSF",
             "VolumeMl": volume_ml(mask, zooms)}
     return mask, info
 
