@@ -35,7 +35,8 @@ def _run_in_parallel(commands: list[list[str]], timeout: float = 900) -> list[su
     return results
 
 
-@pytest.mark.parametrize("shared_work", [False, True], ids=["own-work-dirs", "shared-work-dir"])
+@pytest.mark.parametrize("shared_work", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["own-work-dirs", "shared-work-dir"])
 def test_two_participants_in_parallel_share_one_output_folder(tmp_path, shared_work):
     bids = small_dwi_bids(tmp_path / "bids", n_controls=3, n_patients=1)
     out = tmp_path / "out"

@@ -116,7 +116,7 @@ def _monitored_run(tmp_path: Path, *args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("nprocs", [1, 2])
+@pytest.mark.parametrize("nprocs", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_real_run_respects_nprocs_and_mem_gb(tmp_path, nprocs):
     bids = small_dwi_bids(tmp_path / "bids", n_controls=3, n_patients=1)
     out = tmp_path / "out"
