@@ -170,12 +170,17 @@ def wide_evaluation(tables: dict[str, list[dict[str, str]]]) -> list[dict]:
                 if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_opened_")):
                     if col[len(prefix):] not in methods:
                         methods.append(col[len(prefix):])
-        if not methods:
-            continue
-        body = [[model] + [_mean_sd([to_float(r.get(prefix + m)) for r in rows]) for m in methods]
-                for model, rows in tables.items()]
-        items.append(table(["model"] + methods, body,
-                           caption=f"{title}: models × threshold methods (mean ± SD over subjects)"))
+        # oracle thresholds look at the ground truth: an upper bound, reported apart
+        for group, caption in (([m for m in methods if not m.startswith("oracle")],
+                                f"{title}: models × threshold methods (mean ± SD over subjects)"),
+                               ([m for m in methods if m.startswith("oracle")],
+                                f"{title} with oracle thresholds (chosen with the ground truth: upper bounds, "
+                                "not achievable in practice)")):
+            if not group:
+                continue
+            body = [[model] + [_mean_sd([to_float(r.get(prefix + m)) for r in rows]) for m in group]
+                    for model, rows in tables.items()]
+            items.append(table(["model"] + group, body, caption=caption))
     body = [[model, _mean_sd([to_float(r.get("auroc")) for r in rows]),
              _mean_sd([to_float(r.get("auprc")) for r in rows]), len(rows)] for model, rows in tables.items()]
     items.append(table(["model", "AUROC", "AUPRC", "subjects"], body,

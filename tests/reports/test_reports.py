@@ -203,6 +203,7 @@ def test_group_report(built_reports):
     assert "Dice: models × threshold methods" in text  # from model-<name>_evaluation.tsv
     assert "0.605 ± 0.007 (n=2)" in text and "0.450 (n=1)" not in text and "0.450 ± 0.000 (n=2)" in text
     assert "model-dae_folds.tsv" not in text
+    assert "Dice with oracle thresholds" in text
     assert "by group" in text and "patient: 1" in text
     for src in page.links:
         assert (group.parent / src).is_file(), src
