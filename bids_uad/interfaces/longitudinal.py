@@ -440,7 +440,8 @@ class FollowupToBaseline(SimpleInterface):
         self._results["scores_dwi"] = scores
         self._results["masks_dwi"] = masks
         self._results["xfm"] = result.forward[0] if self.inputs.syn else rigid.forward[0]
-        self._results["inverse_xfm"] = result.inverse[0] if self.inputs.syn else rigid.inverse[0]
+        # rigid only: the inverse is the same .mat applied inverted, not a file of its own
+        self._results["inverse_xfm"] = result.inverse[0] if self.inputs.syn else ""
         self._results["meta"] = {
             "Registration": ("ANTs rigid then SyN (antspyx), follow-up onto baseline T1w; both lesions "
                              "excluded from the metric" if self.inputs.syn else
