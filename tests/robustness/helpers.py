@@ -129,8 +129,10 @@ def unshare_available() -> bool:
     return probe.returncode == 0
 
 
-def read_only_prefix(*folders: Path) -> list[str]:
+def read_only_prefix(*folders: Path, offline: bool = False) -> list[str]:
     """A command prefix running the rest in a mount namespace where ``folders`` are read-only.
+
+    ``offline`` adds a new network namespace (loopback only, down): no network at all.
 
     The shell checks that writing really fails there before exec'ing the command (exit 99
     otherwise), so a test using it cannot pass vacuously.
@@ -139,7 +141,8 @@ def read_only_prefix(*folders: Path) -> list[str]:
               'mount --bind "$d" "$d" && mount -o remount,bind,ro "$d" || exit 98;',
               'if touch "$d/.ro_probe" 2>/dev/null; then echo "$d still writable" >&2; exit 99; fi;',
               'done; while [ "$1" != -- ]; do shift; done; shift; exec "$@"']
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", " ".join(script), "sh",
+    return ["unshare", "--mount", *(["--net"] if offline else []), "--propagation", "private", "--",
+            "sh", "-c", " ".join(script), "sh",
             *[str(f) for f in folders], "--"]
 
 
