@@ -53,6 +53,13 @@ LOOKUP: dict[str, tuple[tuple[str, ...], list[dict[str, Any]]]] = {
 #: the template-space T1w: any space that is not native/dwi
 TEMPLATE_T1W = spec("T1w", space=ANY, desc="preproc")
 NATIVE_SPACES = {None, "T1w", "dwi", "orig"}
+#: spaces of the subject's own images (e.g. T1wbaseline, dwibaseline of the longitudinal stage)
+NATIVE_PREFIXES = ("T1w", "T2w", "FLAIR", "dwi", "orig", "fsnative")
+
+
+def is_template_space(space: str | None) -> bool:
+    """True for a standard template (MNI152NLin2009cAsym, ...), False for subject spaces."""
+    return bool(space) and space not in NATIVE_SPACES and not space.startswith(NATIVE_PREFIXES)
 TEMPLATE_XFM = spec("xfm", ".h5", space=None, **{"from": "T1w", "to": ANY})
 ANOMALY_KINDS = {"score": spec("anomaly", space="dwi", model=ANY, stat="score"),
                  "pvalue": spec("anomaly", space="dwi", model=ANY, stat="pvalue"),
@@ -209,11 +216,11 @@ def collect_session(root: Path, subject: str, session: str | None) -> SessionDer
     for path in by_type["anat"]:
         if matches(path.name, TEMPLATE_T1W):
             space = parse_name(path.name)[0].get("space")
-            if space not in NATIVE_SPACES:
+            if is_template_space(space):
                 ses.template_t1w.setdefault(space, path)
         elif matches(path.name, TEMPLATE_XFM):
             space = parse_name(path.name)[0].get("to")
-            if space not in NATIVE_SPACES:
+            if is_template_space(space):
                 ses.template_xfm.setdefault(space, path)
     for path in by_type["dwi"]:
         for kind, wanted in ANOMALY_KINDS.items():

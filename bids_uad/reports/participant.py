@@ -381,7 +381,8 @@ def anomaly_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
             bg_key = next((k for k in ("md", "fa", "b0") if ses.get(k)), None)
             bg = load(ses.get(bg_key)) if bg_key else None
             if bg is None or not _same_grid(bg[0], score[0]):
-                bg, bg_key = score, "score"
+                # no map to show underneath: the analysis mask in dark grey, scores in colour
+                bg, bg_key = ((amask * 0.35).astype(np.float32), score[1]), "score"
             threshold = to_float(meta_value(meta, "Threshold", "threshold"))
             method = str(meta_value(meta, "ThresholdMethod", "threshold_method", default="threshold"))
             values = score[0][amask]
@@ -399,9 +400,10 @@ def anomaly_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
                 f"{ses.prefix}_space-dwi_model-{model}_stat-score_anomaly.svg",
                 [score_path, files.get("mask"), ses.get(bg_key) if bg_key != "score" else None, ses.get("truth")],
                 lambda: F.mosaic(bg[0], bg[1], overlay=score[0] * amask, overlay_range=(lo, hi), slices=sl,
-                                 contours=contours, window=(0.0, F.robust_range(bg[0], high=99.0)[1])),
+                                 contours=contours, window=(0.0, 1.0) if bg_key == "score" else
+                                 (0.0, F.robust_range(bg[0], high=99.0)[1])),
                 f"Anomaly score of model {model} (hot colours, shown from {lo:.3g} to {hi:.3g}) on "
-                f"{bg_key.upper() if bg_key != 'score' else 'the score map'}; cyan: anomaly mask"
+                f"{bg_key.upper() if bg_key != 'score' else 'the analysis mask (grey)'}; cyan: anomaly mask"
                 + ("; yellow: ground-truth lesion." if truth is not None else "."),
                 f"Anomaly score map of {model}"))
             thresholds = {method: threshold} if np.isfinite(threshold) else {}
@@ -470,8 +472,9 @@ def longitudinal_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[d
         meta = read_json(path.with_suffix(".json"))
         entities = (parse_name(path.name) or ({}, "", ""))[0]
         follow = entities.get("desc", "")[len("longitudinal"):]
+        follow = follow[:1].lower() + follow[1:]
         default = ("Longitudinal comparison" + (f", model {entities['model']}" if "model" in entities else "")
-                   + (f", follow-up {follow}" if follow else "") + ".")
+                   + (f", follow-up session {follow}" if follow else "") + ".")
         items.append({"type": "figure", "src": maker.rel(path), "alt": "Longitudinal comparison", "wide": True,
                       "caption": str(meta.get("Caption") or meta.get("Description") or default)})
     return items

@@ -174,6 +174,10 @@ def test_lookup_distinguishes_entities():
     assert not matches("sub-01_ses-pre_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz", want)
     assert matches("sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
     assert not matches("sub-01_space-dwi_model-dae_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
+    from bids_uad.reports.collect import is_template_space
+
+    assert is_template_space("MNI152NLin2009cAsym") and is_template_space("MNI152NLin2009aSym")
+    assert not any(is_template_space(s) for s in (None, "T1w", "dwi", "T1wbaseline", "dwibaseline"))
 
 
 def test_collect_subject_without_sessions(tmp_path):
@@ -276,7 +280,7 @@ def test_longitudinal_outputs_shown_natively(built_reports):
     text = built_reports["html"].read_text()
     section = text[text.index('id="longitudinal"'):text.index('id="about"')]
     assert "sub-01/figures/sub-01_model-dae_desc-longitudinalFollowup_anomaly.svg" in section
-    assert "Longitudinal comparison, model dae, follow-up Followup." in section
+    assert "Longitudinal comparison, model dae, follow-up session followup." in section
     assert "mismatch (mL)" in section and "16.9" in section
     assert "Lesion masks are estimates" in section
     assert "reportlet" not in section  # HTML fragments are never embedded
