@@ -18,7 +18,8 @@ pytestmark = pytest.mark.browser
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=10000"]
 SECTIONS = ("summary", "anatomical", "diffusion", "anomaly", "longitudinal", "about", "errors")
 
 
@@ -51,6 +52,10 @@ def chromium() -> str:
     exe = _find()
     if result.returncode != 0 or not exe:
         pytest.skip("could not install chromium with apt-get: " + (result.stderr or result.stdout)[-400:])
+    try:  # a font for the screenshots; the test does not depend on it
+        _apt("install", "-y", "--no-install-recommends", "fonts-dejavu-core", timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     return exe
 
 
