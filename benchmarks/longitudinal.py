@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=6)
     parser.add_argument("--controls", type=int, default=3)
-    parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument("--permutations", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default="components", choices=("components", "blobs"))
     parser.add_argument("--perilesional-mm", type=float, default=20.0,
