@@ -96,7 +96,7 @@ def summary_section(subj: SubjectDerivatives) -> list[dict]:
     all_warnings = list(subj.log_warnings)
     for ses in subj.sessions:
         items.append(heading(f"{ses.title}"))
-        found = sorted(ses.files.items())
+        found = [(k, ses.files[k]) for k in LOOKUP if k in ses.files]  # the table's (pipeline) order
         inputs = [(key, path.name) for key, path in found]
         inputs += [(f"T1w in {space}", p.name) for space, p in ses.template_t1w.items()]
         inputs += [(f"anomaly {model} {kind}", p.name) for model, files in ses.anomaly.items()
