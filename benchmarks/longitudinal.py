@@ -10,9 +10,12 @@ the mismatch components inside the brain minus the baseline lesion.  Controls (n
 false positives only, identical sessions) give the mismatch growth, which should be zero.
 
 No registration here (both sessions on the template grid): this measures the statistic, the
-workflow test measures the registration path.  Prints a table; the last line is one JSON object.
+workflow test measures the registration path.  With ``--dataset DIR`` (or ``--generate DIR``)
+it uses a generated synthetic BIDS dataset instead: its T1w images (follow-up registered to
+baseline as in the workflow) and its truth masks.  Prints a table; the last line is one JSON object.
 
-    .venv/bin/python benchmarks/longitudinal.py [--patients 6] [--controls 3] [--permutations 200]
+    .venv/bin/python benchmarks/longitudinal.py [--patients 6] [--controls 3] [--permutations 100]
+    .venv/bin/python benchmarks/longitudinal.py --generate /tmp/synth   # needs generate_dataset
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -39,6 +43,93 @@ def simulate_detector(tumour, infiltration, brain, rng, sensitivity=0.8, n_fp=3)
     return anomaly
 
 
+def _truth(folder: Path, prefix: str, desc: str):
+    """A truth mask of one session in T1w space (``space-T1w`` or no space entity), or None."""
+    for pattern in (f"{prefix}_*space-T1w_desc-{desc}_mask.nii*", f"{prefix}_desc-{desc}_mask.nii*"):
+        hits = sorted(folder.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def dataset_rows(root: Path, args, work: Path) -> list[dict]:
+    """Patients and controls of a generated dataset: truth masks + the real registration path.
+
+    Per subject with two sessions (ordered by ``acq_time``): the follow-up T1w is registered to
+    the baseline T1w (rigid + SyN, lesions masked, as in the workflow) and its tumour truth is
+    carried onto the baseline T1w grid; the anomaly mask is the simulated detector on the
+    baseline tumour + infiltration truth; everything is compared in baseline T1w space.
+    """
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    from bids_uad.algorithms.longitudinal import compare_sessions
+    from bids_uad.algorithms.registration import apply_transforms
+    from bids_uad.bids.preprocessed import order_sessions
+    from bids_uad.interfaces.longitudinal import read_tsv, register_followup
+
+    truth_root = root / "derivatives" / "synthetic-truth"
+    if not truth_root.is_dir():
+        raise SystemExit(f"{truth_root}: no synthetic truth (is {root} a generated dataset?)")
+    groups = {}
+    if (root / "participants.tsv").is_file():
+        groups = {r["participant_id"]: r.get("group", "") for r in read_tsv(root / "participants.tsv")}
+    rows = []
+    for sub_dir in sorted(p for p in truth_root.glob("sub-*") if p.is_dir()):
+        sub = sub_dir.name[4:]
+        sessions = sorted(p.name[4:] for p in sub_dir.glob("ses-*") if p.is_dir())
+        table = root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv"
+        sessions = order_sessions(sessions, read_tsv(table) if table.is_file() else [])
+        if len(sessions) < 2:
+            continue
+        base, fu = sessions[0], sessions[1]
+        files = {}
+        for ses in (base, fu):
+            prefix = f"sub-{sub}_ses-{ses}"
+            anat = sub_dir / f"ses-{ses}" / "anat"
+            t1w = sorted((root / f"sub-{sub}" / f"ses-{ses}" / "anat").glob(f"{prefix}*_T1w.nii*"))
+            brain = _truth(anat, prefix, "brain")
+            if not t1w or brain is None:
+                print(f"sub-{sub} ses-{ses}: no T1w or no brain-mask truth, skipped", file=sys.stderr)
+                break
+            files[ses] = {"t1w": t1w[0], "brain": brain, "tumor": _truth(anat, prefix, "tumor"),
+                          "infiltration": _truth(anat, prefix, "infiltration")}
+        if len(files) < 2:
+            continue
+        ref = nib.load(str(files[base]["t1w"]))
+        shape = ref.shape[:3]
+
+        def load(path):
+            if path is None:
+                return np.zeros(shape, bool)
+            img = nib.load(str(path))
+            if img.shape[:3] != shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+                img = resample_from_to(img, (shape, ref.affine), order=0)
+            return np.asarray(img.dataobj).reshape(shape) > 0
+
+        t0 = time.time()
+        _, reg = register_followup(files[base]["t1w"], files[base]["brain"], files[base]["tumor"] or "",
+                                   files[fu]["t1w"], files[fu]["brain"], files[fu]["tumor"] or "",
+                                   str(work / f"sub-{sub}_"), seed=args.seed)
+        if files[fu]["tumor"] is not None:
+            fu_tumour = np.asarray(apply_transforms(str(files[fu]["tumor"]), ref, reg.forward, "mask",
+                                                    invert=reg.forward_invert).dataobj) > 0
+        else:
+            fu_tumour = np.zeros(shape, bool)
+        reg_s = time.time() - t0
+        brain = load(files[base]["brain"])
+        tumour, infil = load(files[base]["tumor"]), load(files[base]["infiltration"])
+        rng = np.random.default_rng(args.seed + len(rows))
+        anomaly = simulate_detector(tumour, infil, brain, rng) & brain
+        stats, _ = compare_sessions(anomaly, tumour, fu_tumour, brain, ref.header.get_zooms()[:3],
+                                    n_permutations=args.permutations, seed=args.seed + len(rows),
+                                    null_method=args.method, perilesional_mm=args.perilesional_mm)
+        group = groups.get(f"sub-{sub}", "") or ("patient" if tumour.any() else "control")
+        rows.append({"subject": sub, "group": "control" if group == "control" else "patient",
+                     "registration_s": round(reg_s, 1), **stats})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=6)
@@ -48,6 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="components", choices=("components", "blobs"))
     parser.add_argument("--perilesional-mm", type=float, default=20.0,
                         help="also a stricter null: random regions within this distance of the lesion (0 = off)")
+    parser.add_argument("--dataset", type=Path, help="a generated synthetic BIDS dataset: use its "
+                        "truth and T1w images (registration included) instead of the template model")
+    parser.add_argument("--generate", type=Path, help="generate the tiny synthetic dataset here first "
+                        "(bids_uad.synthetic.generate_dataset), then use it as --dataset")
     args = parser.parse_args(argv)
 
     from bids_uad.algorithms.longitudinal import compare_sessions
@@ -55,6 +150,17 @@ def main(argv=None) -> int:
     from bids_uad.synthetic.lesions import grow_lesion, lesion_fields, make_lesion
 
     t0 = time.time()
+    if args.generate is not None:
+        from bids_uad.synthetic import generate_dataset
+
+        generate_dataset(args.generate, preset="tiny", seed=args.seed)
+        args.dataset = args.generate
+    if args.dataset is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bids_uad_long_") as work:
+            rows = dataset_rows(Path(args.dataset), args, Path(work))
+        return report(rows, args, t0, source=str(args.dataset))
     tpl = load_template(2)
     brain = tpl.brain > 0.5
     csf = np.clip(tpl.brain - tpl.gm - tpl.wm, 0, 1)
@@ -87,7 +193,11 @@ def main(argv=None) -> int:
                                     n_permutations=args.permutations, seed=args.seed + i,
                                     null_method=args.method)
         rows.append({"subject": f"ctl{i + 1:02d}", "group": "control", **stats})
+    return report(rows, args, t0, source="template glioma model")
 
+
+def report(rows: list[dict], args, t0: float, source: str) -> int:
+    """Print the table and the final JSON line."""
     cols = ("subject", "baseline_lesion_ml", "new_lesion_ml", "mismatch_ml", "mismatch_growth_ml",
             "overlap_fraction", "overlap_fraction_random_mean", "overlap_fraction_random_p",
             "overlap_fraction_perilesional_mean", "overlap_fraction_perilesional_p")
@@ -99,6 +209,7 @@ def main(argv=None) -> int:
     ctls = [r for r in rows if r["group"] == "control"]
     summary = {
         "benchmark": "longitudinal",
+        "source": source,
         "null_method": args.method,
         "n_patients": len(pats),
         "n_controls": len(ctls),
