@@ -322,6 +322,7 @@ class _FollowupOutputSpec(TraitedSpec):
     t1w_baseline = traits.Str(desc="follow-up T1w on the baseline T1w grid")
     lesion_dwi = traits.Str(desc="follow-up lesion on the baseline dwi grid")
     background_dwi = traits.Str(desc="follow-up FLAIR (or T1w) on the baseline dwi grid")
+    background_contrast = traits.Str(desc="FLAIR or T1w: what background_dwi is")
     scores_dwi = traits.List(traits.Str, desc="follow-up score maps on the baseline dwi grid ('' = none)")
     masks_dwi = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
     meta = traits.Dict()
@@ -421,6 +422,7 @@ class FollowupToBaseline(SimpleInterface):
         bg = apply_transforms(bg_src, ref, to_dwi, "image", invert=to_dwi_inv)
         self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref, cwd / "followup_bg_dwi.nii.gz",
                                                 np.float32)
+        self._results["background_contrast"] = "FLAIR" if _given(self.inputs.followup_flair) else "T1w"
         from_dwi = to_dwi + list(self.inputs.followup_dwi2t1w)
         from_dwi_inv = to_dwi_inv + [False] * len(self.inputs.followup_dwi2t1w)
         scores, masks = [], []
@@ -537,6 +539,8 @@ class _CompareInputSpec(BaseInterfaceInputSpec):
     followup_lesion_source = traits.Str("given", usedefault=True)
     followup_lesion_meta = traits.Dict()
     followup_background = traits.Str("", usedefault=True)
+    followup_background_contrast = traits.Str("FLAIR", usedefault=True)
+    followup_t1w_baseline = traits.Str("", usedefault=True, desc="follow-up T1w on the baseline T1w grid")
     followup_scores = traits.List(traits.Str, desc="follow-up scores on the baseline dwi grid")
     followup_masks = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
     xfm = traits.Str("", usedefault=True, desc="follow-up T1w → baseline T1w transform, to store")
@@ -616,6 +620,16 @@ class LongitudinalCompare(SimpleInterface):
         files.append((self.inputs.followup_lesion, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
                                                     "desc": _desc(fu_src)}, "mask", "dwi",
                       {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta}))
+        if _given(self.inputs.followup_background):
+            contrast = self.inputs.followup_background_contrast
+            files.append((self.inputs.followup_background, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
+                                                            "desc": "preproc"}, contrast, "dwi",
+                          {**space_meta, **self.inputs.registration_meta, "Resampling": "linear"}))
+        if _given(self.inputs.followup_t1w_baseline):
+            files.append((self.inputs.followup_t1w_baseline, {"sub": sub, "ses": fu, "space": BASELINE_T1W_SPACE,
+                                                              "desc": "preproc"}, "T1w", "anat",
+                          {"SpaceDescription": f"T1w space of the baseline session ses-{base}",
+                           **self.inputs.registration_meta, "Resampling": "linear"}))
         if _given(self.inputs.xfm):
             files.append((self.inputs.xfm, {"sub": sub, "ses": fu, "from": "T1w", "to": BASELINE_T1W_SPACE,
                                             "mode": "image"}, "xfm", "anat",

@@ -209,6 +209,8 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
             (fu_lesion, compare, [("mask_t1w", "followup_lesion_t1w"), ("source", "followup_lesion_source"),
                                   ("meta", "followup_lesion_meta")]),
             (register, compare, [("lesion_dwi", "followup_lesion"), ("background_dwi", "followup_background"),
+                                 ("background_contrast", "followup_background_contrast"),
+                                 ("t1w_baseline", "followup_t1w_baseline"),
                                  ("scores_dwi", "followup_scores"), ("masks_dwi", "followup_masks"),
                                  ("xfm", "xfm"), ("inverse_xfm", "inverse_xfm"),
                                  ("meta", "registration_meta")]),

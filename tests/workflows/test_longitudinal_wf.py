@@ -191,6 +191,10 @@ def test_patient_outputs_and_overlap_above_random(ran):
     assert (ses_fu / "dwi" / "sub-pat01_ses-followup_space-dwibaseline_desc-lesion_mask.nii.gz").is_file()
     assert (ses_fu / "dwi" / f"sub-pat01_ses-followup_space-dwibaseline_model-{MODEL}_stat-scorechange_anomaly.nii.gz").is_file()
     assert (ses_fu / "anat" / "sub-pat01_ses-followup_from-T1w_to-T1wbaseline_mode-image_xfm.h5").is_file()
+    assert (ses_fu / "dwi" / "sub-pat01_ses-followup_space-dwibaseline_desc-preproc_FLAIR.nii.gz").is_file()
+    fu_t1w = ses_fu / "anat" / "sub-pat01_ses-followup_space-T1wbaseline_desc-preproc_T1w.nii.gz"
+    assert nib.load(fu_t1w).shape == nib.load(
+        ran["out"] / "sub-pat01" / "ses-pre" / "anat" / "sub-pat01_ses-pre_desc-preproc_T1w.nii.gz").shape
     meta = json.loads((ses_fu / "dwi" / "sub-pat01_ses-followup_space-dwibaseline_desc-lesion_mask.json").read_text())
     assert meta["BrainMaskDiceAfterRegistration"] > 0.9
     fig = out / "sub-pat01" / "figures" / f"sub-pat01_model-{MODEL}_desc-longitudinalFollowup_anomaly.svg"
