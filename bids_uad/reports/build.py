@@ -67,7 +67,8 @@ def build_participant_report(settings, subject: str, run_id: str | None = None) 
         LOGGER.warning("methods text failed: %s", exc)
         methods = None
     n_ses = len(subj.sessions)
-    html = render_report(
+    links = [("group.html", "Group report")] if (output_dir / "group.html").is_file() else []
+    html = render_report(links=links,
         title=f"sub-{subject}", heading=f"Participant sub-{subject}", version=settings.version,
         subtitle=f"{n_ses} session(s) · quality control of preprocessing and anomaly detection",
         sections=sections, methods=methods)

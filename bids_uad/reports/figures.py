@@ -24,7 +24,8 @@ VIEW_NAMES = {"x": "sagittal", "y": "coronal", "z": "axial"}
 COLORS = {"CSF": "#3aa0ff", "GM": "#39d353", "WM": "#ff4fd8", "brain": "#ff3b30",
           "anomaly": "#00e5ff", "truth": "#ffd60a", "edges": "#ff3b30"}
 PLOT_STYLE = {"axes.spines.top": False, "axes.spines.right": False, "font.size": 9,
-              "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3}
+              "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3,
+              "text.parse_math": False}  # dataset strings ("$x^") are text, never mathtext
 
 
 def to_canonical(img) -> tuple[np.ndarray, np.ndarray]:

@@ -33,4 +33,5 @@ def environment() -> jinja2.Environment:
 def render_report(**context: Any) -> str:
     """Render ``report.html`` (title, heading, subtitle, sections, methods, version)."""
     context.setdefault("methods", None)
+    context.setdefault("links", [])
     return environment().get_template("report.html").render(**context)

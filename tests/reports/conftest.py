@@ -24,4 +24,5 @@ def built_reports(tmp_path_factory):
     settings = settings_for(out, bids)
     html = build_participant_report(settings, "01", run_id="20260101-000000_abcd1234")
     group = build_group_report(settings)
+    html = build_participant_report(settings, "01", run_id="20260101-000000_abcd1234")  # now links group.html
     return {"out": out, "settings": settings, "html": html, "group": group}

@@ -299,3 +299,18 @@ def test_ground_truth_from_lesion_masks_folder(tmp_path):
     text = build_participant_report(settings_for(out), "01").read_text()
     assert "AUROC (in analysis mask)" not in text and "none in the derivatives" in text
     assert fig.read_bytes() != with_truth  # an input gone: the figure is remade without its contour
+
+
+def test_figures_take_dataset_strings_literally(tmp_path):
+    from bids_uad.reports.figures import curves_figure, save_figure, scatter_figure
+
+    save_figure(curves_figure([("fold0 $x^", [0, 1], [1, 0], "-")], "model $\\frac{"), tmp_path / "a.svg")
+    save_figure(scatter_figure([("$_", 0.1, 0.1)], "t", "x", "y"), tmp_path / "b.svg")
+    assert "$x^" in (tmp_path / "a.svg").read_text() or (tmp_path / "a.svg").stat().st_size > 1000
+
+
+def test_participant_page_links_the_group_report(built_reports):
+    from bids_uad.reports.build import build_participant_report
+
+    text = build_participant_report(built_reports["settings"], "01", run_id="20260101-000000_abcd1234").read_text()
+    assert 'href="group.html"' in text
