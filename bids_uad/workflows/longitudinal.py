@@ -133,7 +133,8 @@ def _model_names(settings) -> list[str]:
 def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str = "longitudinal_wf",
                          n_permutations: int = 200, null_method: str = "components",
                          registration_resolution: float = 2.0, reg_iterations=(40, 20, 0),
-                         syn: bool = True, perilesional_mm: float = 0.0) -> pe.Workflow:
+                         syn: bool = True, perilesional_mm: float = 0.0,
+                         check_inputs: bool = False) -> pe.Workflow:
     """Compare the baseline session of ``subject`` with each later session (see module docstring).
 
     ``sessions``: the subject's session labels (any order, with or without ``ses-``); the
@@ -142,6 +143,9 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
     whose anomaly maps exist for the baseline at run time.
     inputnode: ``wait_baseline``, ``wait_followups`` — ordering only; connect e.g. the
     anomaly workflows' ``outputnode.masks`` so this runs after the maps are written.
+    ``check_inputs=True`` looks every derivative up at build time (use it when they already
+    exist, i.e. when the comparison runs after the graph that made them): a missing one is
+    then an :class:`InputMissingError` here instead of a nipype crash later.
     outputnode: ``subject_tsv``, ``group_tsv``, ``html`` (report fragment), ``rows``
     (statistics dicts, one per follow-up and model), ``figures`` (every stored file of the
     comparison; the SVGs among them are the figures).
@@ -150,6 +154,8 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
     baseline, followups = plan_sessions(settings, subject, sessions)
     LOGGER.info("sub-%s: longitudinal baseline ses-%s, follow-up(s) %s", subject, baseline,
                 ", ".join(f"ses-{s}" for s in followups))
+    if check_inputs:
+        check_longitudinal_inputs(settings, subject, sessions)
     threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
     seed = int(getattr(settings, "seed", 0) or 0)
     lesion_dir = str(settings.lesion_masks) if getattr(settings, "lesion_masks", None) else ""

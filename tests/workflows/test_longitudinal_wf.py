@@ -240,16 +240,20 @@ def test_group_table_has_both_subjects(ran):
     assert "Description" in sidecar["overlap_fraction_random_p"]
 
 
-def test_missing_baseline_anomaly_maps_is_a_clear_error(dataset, tmp_path):
+def test_missing_derivatives_are_clear_errors(dataset, tmp_path):
     from bids_uad.interfaces.longitudinal import session_derivatives
-    from bids_uad.workflows.longitudinal import check_longitudinal_inputs
+    from bids_uad.workflows.longitudinal import check_longitudinal_inputs, init_longitudinal_wf
 
     found = check_longitudinal_inputs(_settings(dataset, True), "pat01", ["pre", "followup"])
     assert found["baseline"]["models"] == [MODEL] and found["baseline"]["lesion_space"] == "T1w"
     assert list(found["followups"]) == ["followup"]
     with pytest.raises(InputMissingError, match="preprocessed T1w"):
         check_longitudinal_inputs(_settings(dataset, True, output_dir=tmp_path), "pat01", ["pre", "followup"])
-
+    wf = init_longitudinal_wf(_settings(dataset, True), "pat01", ["pre", "followup"], check_inputs=True)
+    assert "register_followup" in wf.list_node_names()
+    with pytest.raises(InputMissingError, match="preprocessed T1w"):  # at build time, not in a node
+        init_longitudinal_wf(_settings(dataset, True, output_dir=tmp_path), "pat01", ["pre", "followup"],
+                             check_inputs=True)
     with pytest.raises(InputMissingError, match="anomaly"):
         session_derivatives(dataset["out"], "ctl01", "followup", require_anomaly=True)
     with pytest.raises(InputMissingError, match="preprocessed T1w"):
