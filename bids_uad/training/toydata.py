@@ -55,8 +55,13 @@ class ToySubject:
 
 
 def make_toy_subject(shape: tuple[int, int, int], bvecs: np.ndarray, seed: int, lesion: bool = False,
-                     bval: float = 1000.0, noise: float = 0.02, lesion_radius: float = 0.18) -> ToySubject:
-    """One synthetic subject; ``lesion_radius`` is a fraction of the smallest axis."""
+                     bval: float = 1000.0, noise: float = 0.02, lesion_radius: float = 0.18,
+                     severity: float = 1.0) -> ToySubject:
+    """One synthetic subject; ``lesion_radius`` is a fraction of the smallest axis.
+
+    ``severity`` in (0, 1] blends the lesion tensors between the local healthy tissue (0) and
+    oedema / necrotic core (1); below 1 the contrast is subtler.
+    """
     rng = np.random.default_rng(seed)
     shape = tuple(shape)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
@@ -87,8 +92,8 @@ def make_toy_subject(shape: tuple[int, int, int], bvecs: np.ndarray, seed: int, 
         blob = dist + 0.5 * _smooth_noise(rng, shape, s / 2)
         les = (blob < 1.0) & mask
         core = (dist < 0.5) & les
-        evals[les] = [1.4e-3, 1.1e-3]
-        evals[core] = [2.2e-3, 2.0e-3]
+        evals[les] = (1 - severity) * evals[les] + severity * np.array([1.4e-3, 1.1e-3])
+        evals[core] = (1 - severity) * evals[core] + severity * np.array([2.2e-3, 2.0e-3])
     sig = np.zeros(shape + (len(bvecs),), np.float32)
     sig[mask] = tensor_signal(evals[mask], e1[mask], np.asarray(bvecs, float), bval)
     sig[mask] += noise * rng.normal(size=sig[mask].shape)
