@@ -55,6 +55,12 @@ class InputMissingError(BidsUadError):
     exit_code = 66
 
 
+class PipelineCrashError(BidsUadError):
+    """A processing step crashed; nipype wrote crash files (exit 1, as other BIDS-Apps)."""
+
+    exit_code = 1
+
+
 class StageNotImplementedError(BidsUadError):
     """A pipeline stage that does not exist yet was asked for (sysexits EX_SOFTWARE, 70).
 
@@ -71,6 +77,7 @@ class OutputNotWritableError(BidsUadError):
 
 
 EXIT_CODES: dict[str, int] = {
+    "a processing step crashed (crash files in OUTPUT_DIR/logs/crash-*)": PipelineCrashError.exit_code,
     "input validation failed": InputValidationError.exit_code,
     "unknown analysis level": UnknownAnalysisLevelError.exit_code,
     "filters selected no files": NoFilesSelectedError.exit_code,

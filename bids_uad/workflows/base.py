@@ -18,7 +18,7 @@ from bids_uad.bids.lesions import find_lesion_mask
 from bids_uad.bids.preprocessed import find_preprocessed_dwi
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
-from bids_uad.errors import InputValidationError, NoFilesSelectedError, StageNotImplementedError
+from bids_uad.errors import BidsUadError, InputValidationError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
 
 LOGGER = logging.getLogger("bids_uad.workflows")
 
@@ -209,7 +209,18 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
     nipype_config.set("execution", "check_version", "false")
     plugin, args = nipype_plugin(settings)
     LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
-    workflow.run(plugin=plugin, plugin_args=args)
+    try:
+        workflow.run(plugin=plugin, plugin_args=args)
+    except (BidsUadError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # nipype raises RuntimeError / NodeExecutionError on crashed nodes
+        crashes = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
+        LOGGER.debug("workflow failure", exc_info=True)
+        raise PipelineCrashError(
+            f"{len(crashes) or 'some'} processing step(s) failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+            f"crash files in {crash_dir}"
+        ) from exc
 
 
 def run_participant(settings: Settings, bids: BIDSInputs, subjects: list[str], run_id: str) -> None:
