@@ -67,7 +67,8 @@ ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="bids_uad" \
       org.opencontainers.image.description="Unsupervised anomaly detection in diffusion MRI (BIDS-App)" \
       org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      bids_uad.with-fsl="${WITH_FSL}"
 
 COPY --from=fsl /opt/fsl /opt/fsl
 COPY --from=build /opt/venv /opt/venv
