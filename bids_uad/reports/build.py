@@ -52,7 +52,8 @@ def build_participant_report(settings, subject: str, run_id: str | None = None) 
     """Write ``OUTPUT_DIR/sub-<label>.html`` (figures in ``sub-<label>/figures/``); return its path."""
     subject = validate_label(subject, "sub")
     output_dir = Path(settings.output_dir)
-    subj = collect_subject(output_dir, subject, run_id, getattr(settings, "lesion_masks", None))
+    subj = collect_subject(output_dir, subject, run_id, getattr(settings, "lesion_masks", None),
+                           getattr(settings, "bids_dir", None))
     maker = FigureMaker(output_dir, subj.figures_dir)
     sections = [Section("summary", "Summary", _safe("summary", lambda: P.summary_section(subj)))]
     for key, title in (("anatomical", "Anatomical"), ("diffusion", "Diffusion"), ("anomaly", "Anomaly"),

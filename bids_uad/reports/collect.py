@@ -188,6 +188,7 @@ class SubjectDerivatives:
     crashes: list[Path] = field(default_factory=list)
     longitudinal: list[Path] = field(default_factory=list)   # figures and tables
     log_warnings: list[str] = field(default_factory=list)
+    bids_dir: Path | None = None   # the input dataset (read only), for the raw b0 of the SDC check
 
     @property
     def figures_dir(self) -> Path:
@@ -271,7 +272,8 @@ def _log_warnings(output_dir: Path, subject: str, run_id: str | None) -> list[st
 
 
 def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = None,
-                    lesion_masks: str | Path | None = None) -> SubjectDerivatives:
+                    lesion_masks: str | Path | None = None,
+                    bids_dir: str | Path | None = None) -> SubjectDerivatives:
     """Everything the participant report of ``sub-<subject>`` can show.
 
     ``lesion_masks`` (``--lesion-masks``): where a dwi-space ground truth is looked up when
@@ -279,7 +281,8 @@ def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = N
     """
     output_dir = Path(output_dir)
     root = output_dir / f"sub-{subject}"
-    subj = SubjectDerivatives(subject, root, output_dir)
+    subj = SubjectDerivatives(subject, root, output_dir,
+                              bids_dir=Path(bids_dir) if bids_dir and Path(bids_dir).is_dir() else None)
     session_dirs = sorted(p for p in root.glob("ses-*") if p.is_dir()) if root.is_dir() else []
     for folder in session_dirs:
         subj.sessions.append(collect_session(folder, subject, folder.name[4:]))

@@ -6,6 +6,7 @@ for all sessions of the subject; a figure whose inputs are missing becomes a
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -259,17 +260,26 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
         sl = F.pick_slices(b0[0].shape, mask_arr) if b0 is not None else None
         contour = [(mask_arr, F.COLORS["brain"], "brain")] if mask_arr is not None else []
         # susceptibility distortion correction
-        before = load(ses.get("b0_uncorrected"))
+        before, before_src, what = load(ses.get("b0_uncorrected")), ses.get("b0_uncorrected"), "the b0 reference"
+        if before is None and b0 is not None and ses.get("fieldmap") is not None:
+            raw = _raw_b0(ses, subj.bids_dir, b0)
+            if raw is not None:
+                before, before_src = raw[:2], raw[2]
+                what = f"the first b0 volume of the raw series ({raw[2].name})"
         if b0 is not None and before is not None and _same_grid(b0[0], before[0]):
-            window = F.robust_range(b0[0], mask_arr)
+            win_after = F.robust_range(b0[0], mask_arr)
+            win_before = F.robust_range(before[0], mask_arr)
             items.append(maker.flicker(
                 (f"{ses.prefix}_desc-sdcbefore_dwi.svg", f"{ses.prefix}_desc-sdc_dwi.svg"),
-                [ses.get("b0"), ses.get("b0_uncorrected"), ses.get("dwi_mask")],
-                (lambda: F.mosaic(before[0], before[1], slices=sl, contours=contour, window=window),
-                 lambda: F.mosaic(b0[0], b0[1], slices=sl, contours=contour, window=window)),
+                [ses.get("b0"), before_src, ses.get("dwi_mask")],
+                (lambda: F.mosaic(before[0], before[1], slices=sl, contours=contour, window=win_before),
+                 lambda: F.mosaic(b0[0], b0[1], slices=sl, contours=contour, window=win_after)),
                 ("before correction", "after correction"),
-                "Susceptibility distortion correction: hover to alternate the b0 reference before and "
-                "after correction (red: brain mask of the corrected data).", "b0 before/after SDC"))
+                f"Susceptibility distortion correction: hover to alternate {what} before correction and the "
+                "corrected b0 reference (red: brain mask of the corrected data).", "b0 before/after SDC"))
+        elif b0 is not None and ses.get("fieldmap") is None and ses.get("dwi_preproc") is not None:
+            items.append(note("Not available: b0 before/after susceptibility correction — no correction was "
+                              "applied (no estimated field; see the warnings in the Summary)."))
         else:
             items.append(missing(ses, "b0 before/after susceptibility correction", "b0_uncorrected", "b0"))
         field = load(ses.get("fieldmap"))
@@ -318,6 +328,42 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 f"{label} map of the tensor fit, axial slices.", label))
         items.append(_dwi_registration(ses, b0, sl, maker))
     return items
+
+
+def _raw_b0(ses: SessionDerivatives, bids_dir: Path | None, b0) -> tuple | None:
+    """(RAS data, affine, path) of the first b0 of the raw dwi named in the sidecar's Sources.
+
+    The raw series is read from the input dataset (never written); it is resampled onto the
+    corrected grid when the grids differ.  None when it cannot be found.
+    """
+    import nibabel as nib
+
+    if bids_dir is None:
+        return None
+    sources = ses.sidecar("dwi_preproc").get("Sources", [])
+    raw = next((Path(bids_dir) / s[len("bids:raw:"):] for s in sources if isinstance(s, str)
+                and s.startswith("bids:raw:") and s.endswith(("_dwi.nii.gz", "_dwi.nii"))), None)
+    if raw is None or not raw.is_file():
+        return None
+    img = nib.load(str(raw))
+    index = 0
+    bval = raw.with_name(raw.name.split(".")[0] + ".bval")
+    if bval.is_file():
+        try:
+            index = int(np.argmin(np.loadtxt(bval, ndmin=1)))
+        except ValueError:
+            index = 0
+    vol = img.slicer[..., index] if len(img.shape) == 4 else img
+    target = nib.Nifti1Image(b0[0], b0[1])
+    vol = nib.as_closest_canonical(vol)
+    if vol.shape != target.shape or not np.allclose(vol.affine, target.affine, atol=1e-3):
+        from nilearn.image import resample_to_img
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vol = resample_to_img(vol, target, interpolation="continuous", force_resample=True, copy_header=True)
+    data, affine = F.to_canonical(vol)
+    return data, affine, raw
 
 
 def _dwi_registration(ses: SessionDerivatives, b0, sl, maker: FigureMaker) -> dict:

@@ -314,3 +314,27 @@ def test_participant_page_links_the_group_report(built_reports):
 
     text = build_participant_report(built_reports["settings"], "01", run_id="20260101-000000_abcd1234").read_text()
     assert 'href="group.html"' in text
+
+
+def test_sdc_check_from_the_raw_series(tmp_path):
+    """Without an uncorrected b0 derivative, 'before' is the first b0 of the raw dwi (input dataset)."""
+    import nibabel as nib
+    import numpy as np
+
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, template=False, evil=False)
+    dwi_dir = out / "sub-01" / "ses-pre" / "dwi"
+    before = nib.load(str(next(dwi_dir.glob("*desc-uncorrected_dwiref.nii.gz"))))
+    before = nib.Nifti1Image(np.asarray(before.dataobj), before.affine)  # read before removing the file
+    next(dwi_dir.glob("*desc-uncorrected_dwiref.nii.gz")).unlink()
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "no correction was applied" in text and "desc-sdcbefore" not in text
+    field = np.zeros(before.shape, np.float32)
+    nib.save(nib.Nifti1Image(field, before.affine), str(dwi_dir / "sub-01_ses-pre_space-dwi_desc-susceptibility_fieldmap.nii.gz"))
+    raw_dir = tmp_path / "bids" / "sub-01" / "ses-pre" / "dwi"
+    raw_dir.mkdir(parents=True)
+    data = np.stack([np.asarray(before.dataobj)] * 3, axis=-1) * np.array([0.5, 1.0, 0.5])
+    nib.save(nib.Nifti1Image(data.astype(np.float32), before.affine), str(raw_dir / "sub-01_ses-pre_dir-AP_dwi.nii.gz"))
+    (raw_dir / "sub-01_ses-pre_dir-AP_dwi.bval").write_text("1000 0 1000\n")
+    text = build_participant_report(settings_for(out, tmp_path / "bids"), "01").read_text()
+    assert "sub-01/figures/sub-01_ses-pre_desc-sdcbefore_dwi.svg" in text
+    assert "first b0 volume of the raw series (sub-01_ses-pre_dir-AP_dwi.nii.gz)" in text
