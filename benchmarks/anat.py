@@ -55,6 +55,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (all threads, ANTs included): the time on an idle machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Meter:
     """Wall time and peak RSS (sampled every 50 ms) of named steps."""
 
@@ -77,13 +83,15 @@ class Meter:
             def __enter__(self):
                 meter._peak = _rss_mb()
                 self.t0 = time.perf_counter()
+                self.c0 = _cpu_s()
                 return self
 
             def __exit__(self, *exc):
                 wall = time.perf_counter() - self.t0
                 peak = max(meter._peak, _rss_mb())
-                entry = meter.steps.setdefault(name, {"wall_s": 0.0, "peak_rss_mb": 0.0, "n": 0})
+                entry = meter.steps.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": 0.0, "n": 0})
                 entry["wall_s"] += wall
+                entry["cpu_s"] += _cpu_s() - self.c0
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"], peak)
                 entry["n"] += 1
                 return False
@@ -227,7 +235,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
                  "dwi_shape": list(case.b0.shape[:3]), "dwi_voxel_mm": float(case.b0.header.get_zooms()[0]),
                  "has_lesion": case.lesion is not None}
     t1w = nib.Nifti1Image(np.asarray(case.t1w.dataobj, dtype=np.float32), case.t1w.affine)
-    t_case = time.perf_counter()
+    t_case, c_case = time.perf_counter(), _cpu_s()
     with meter.step("n4"):
         n4, _ = intensity.n4_correct(t1w, threads=threads, seed=seed)
     with meter.step("skullstrip"):
@@ -277,6 +285,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
         dwi_vent = registration.apply_transforms(vent_img, case.b0, reg_dwi.forward, "label")
         segmentation.analysis_mask(dwi_dseg.get_fdata(), dwi_vent.get_fdata())
     out["wall_s"] = time.perf_counter() - t_case
+    out["cpu_s"] = _cpu_s() - c_case
     truth_dwi = case.truth_dwi_dseg.get_fdata()
     dice_dwi = segmentation.dice_per_class(dwi_dseg.get_fdata(), truth_dwi)
     out.update({"wm_dice_dwi_space": dice_dwi["WM"], "gm_dice_dwi_space": dice_dwi["GM"],
@@ -331,6 +340,8 @@ def main(argv=None) -> dict:
         "template": template.name, "dwi_transform": DWI_TRANSFORM,
         "dwi_syn_iterations": DWI_SYN_ITERATIONS, "threads": args.threads, "n_cases": len(per_case),
         "wall_s": max(c["wall_s"] for c in per_case), "wall_s_mean": mean("wall_s"), "wall_s_total": total,
+        "cpu_s": max(c["cpu_s"] for c in per_case),
+        "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in meter.steps.values()),
         "seg_dice_gm": mean("seg_dice_gm"), "seg_dice_wm": mean("seg_dice_wm"),
         "seg_dice_csf": mean("seg_dice_csf"), "skullstrip_dice": mean("skullstrip_dice"),
@@ -339,7 +350,8 @@ def main(argv=None) -> dict:
         "wm_dice_dwi_space_truth_labels": mean("wm_dice_dwi_space_truth_labels"),
         "registration_error_mm": mean("registration_error_mm"),
         "registration_error_p95_mm": mean("registration_error_p95_mm"),
-        "steps": {k: {"wall_s_mean": v["wall_s"] / v["n"], "peak_rss_mb": v["peak_rss_mb"]}
+        "steps": {k: {"wall_s_mean": v["wall_s"] / v["n"], "cpu_s_mean": v["cpu_s"] / v["n"],
+                      "peak_rss_mb": v["peak_rss_mb"]}
                   for k, v in meter.steps.items()},
         "cases": per_case,
         "targets": {"wall_s": "< 180 per 1 mm T1w", "peak_rss_mb": "< 6144", "wm_dice_dwi_space": ">= 0.85"},
@@ -362,6 +374,8 @@ def _markdown(r: dict) -> str:
              f"Template: {r['template']}; ITK threads: {r['threads']}; cases: {r['n_cases']}", "",
              "| metric | value | target |", "|---|---|---|",
              f"| wall time per session (max), s | {f(r['wall_s'], 1)} | < 180 (1 mm T1w) |",
+             f"| CPU time per session (max), s | {f(r['cpu_s'], 1)} | (≈ wall time on an idle machine) |",
+             f"| load average during the run / cores | {f(r['load_average_1min'], 1)} / {r['cpu_count']} | |",
              f"| peak RSS, MB | {f(r['peak_rss_mb'], 0)} | < 6144 |",
              f"| segmentation Dice GM / WM / CSF | {f(r['seg_dice_gm'])} / {f(r['seg_dice_wm'])} / "
              f"{f(r['seg_dice_csf'])} | |",
@@ -372,9 +386,10 @@ def _markdown(r: dict) -> str:
              f"{f(r['wm_dice_dwi_space_truth_labels'])} | |",
              f"| T1w→dwi displacement error, mean / p95 mm | {f(r['registration_error_mm'], 2)} / "
              f"{f(r['registration_error_p95_mm'], 2)} | |", "",
-             "## Steps (mean wall time per session, peak RSS)", "", "| step | s | MB |", "|---|---|---|"]
+             "## Steps (mean per session: wall s, CPU s, peak RSS MB)", "", "| step | wall s | CPU s | MB |",
+             "|---|---|---|---|"]
     for k, v in r["steps"].items():
-        lines.append(f"| {k} | {v['wall_s_mean']:.1f} | {v['peak_rss_mb']:.0f} |")
+        lines.append(f"| {k} | {v['wall_s_mean']:.1f} | {v['cpu_s_mean']:.1f} | {v['peak_rss_mb']:.0f} |")
     lines += ["", "## Cases", "", "| case | lesion | T1w mm | seg WM | dwi WM | err mm | wall s |",
               "|---|---|---|---|---|---|---|"]
     for c in r["cases"]:

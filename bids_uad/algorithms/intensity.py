@@ -45,6 +45,31 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(best[len(best) // 2])])
 
 
+def otsu_multi(values: np.ndarray, classes: int = 3, bins: int = 128) -> list[float]:
+    """Thresholds of a multi-class Otsu split (exhaustive over a histogram; 2 or 3 classes)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if classes == 2:
+        return [otsu(values, bins)]
+    if classes != 3:
+        raise ValueError("only 2 or 3 classes")
+    hist, edges = np.histogram(values, bins=bins)
+    p = hist / max(hist.sum(), 1)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    cw = np.concatenate([[0.0], np.cumsum(p)])
+    cm = np.concatenate([[0.0], np.cumsum(p * centres)])
+    best, best_ij = -1.0, (1, 2)
+    for i in range(1, bins - 1):
+        for j in range(i + 1, bins):
+            score = 0.0
+            for lo, hi in ((0, i), (i, j), (j, bins)):
+                w = cw[hi] - cw[lo]
+                if w > 0:
+                    score += (cm[hi] - cm[lo]) ** 2 / w
+            if score > best:
+                best, best_ij = score, (i, j)
+    return [float(edges[best_ij[0]]), float(edges[best_ij[1]])]
+
+
 def n4_correct(
     img: nib.Nifti1Image,
     mask: np.ndarray | None = None,

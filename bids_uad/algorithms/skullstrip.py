@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from bids_uad.algorithms.intensity import head_mask, otsu
+from bids_uad.algorithms.intensity import head_mask, otsu_multi
 from bids_uad.algorithms.registration import apply_transforms, register
 
 LOGGER = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ def morphological_brain_mask(data: np.ndarray, zooms, erode_mm: float = 5.0) -> 
     inside = data[head]
     if inside.size == 0:
         return head
-    tissue = (data > otsu(inside)) & head
+    # 3-class Otsu in the head: dark (background, bone, CSF) | GM, diploe, muscle | WM, fat;
+    # tissue = above the lower threshold (a 2-class split can fall between GM and WM)
+    tissue = (data > otsu_multi(inside[:: max(1, inside.size // 200_000)], 3)[0]) & head
     ball = _ball(erode_mm / zooms)
     core = ndi.binary_erosion(tissue, structure=ball)
     if not core.any():
@@ -96,13 +98,16 @@ def template_brain_mask(
     return mask, {"transforms": reg.forward, "inverse": reg.inverse}
 
 
-def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 4.0,
+def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 2.0,
                   min_dice: float = 0.85) -> np.ndarray:
-    """Keep the data-driven edges of ``guess`` where the warped template agrees.
+    """Union of the threshold mask and the warped template mask, cut to the template grown.
 
-    ``guess`` is cut to the template mask grown by ``margin_mm`` (drops leaks into eyes,
-    scalp or neck); when the two disagree grossly (Dice < ``min_dice``) the template mask
-    wins, since a failed threshold is the more likely cause.
+    The union keeps sulcal CSF the threshold mask misses and brain the template misses; the
+    cut to the template mask grown by ``margin_mm`` drops leaks into eyes, scalp or neck.
+    When the two disagree grossly (Dice < ``min_dice``) the template mask alone is used,
+    since a failed threshold is the more likely cause.  Measured on phantom heads (Dice vs
+    truth, threshold / template / this): 4 mm 0.89/0.92/0.92, 3 mm 0.984/0.984/0.984,
+    2 mm 0.981/0.984/0.985, 1 mm 0.973/0.986/0.986 (with a 4 mm margin: 0.90 at 4 mm).
     """
     a, b = guess > 0, warped > 0
     denom = a.sum() + b.sum()
@@ -112,7 +117,7 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
                        "using the template mask", agreement)
         return b
     grown = ndi.binary_dilation(b, structure=_ball(margin_mm / np.asarray(zooms[:3], float)))
-    return ndi.binary_fill_holes(_largest(a & grown))
+    return ndi.binary_fill_holes(_largest((a | b) & grown))
 
 
 def deepbet_available() -> bool:

@@ -14,7 +14,7 @@ from bids_uad.interfaces import anat as ia
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("anat_if")
-    head = phantom_head(4.0, lesion_radius_mm=12.0)
+    head = phantom_head(4.0, warp_mm=3.0, lesion_radius_mm=12.0)
     paths = {}
     for key in ("t1w", "brain_mask", "dseg", "lesion"):
         paths[key] = str(root / f"{key}.nii.gz")
