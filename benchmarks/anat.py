@@ -273,6 +273,9 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
             reg_fl = registration.register(n4, fl_n4, kind="Rigid", fixed_mask=mask_img, seed=seed,
                                            threads=threads)
             registration.apply_transforms(fl_n4, n4, reg_fl.forward, "image")
+        # the synthetic FLAIR shares the T1w grid and pose: the truth is the identity
+        out["flair_registration_error_mm"] = registration_error(
+            case.flair, case.t1w, case.truth_t1w_brain, reg_fl.forward, reg_fl.forward_invert, np.eye(4))["mean"]
     with meter.step("t1w_to_dwi"):
         reg_dwi = registration.register(case.b0, brain, kind=DWI_TRANSFORM, lesion_mask=lesion,
                                         reg_iterations=(DWI_SYN_ITERATIONS,), composite=True,
@@ -350,6 +353,7 @@ def main(argv=None) -> dict:
         "wm_dice_dwi_space_truth_labels": mean("wm_dice_dwi_space_truth_labels"),
         "registration_error_mm": mean("registration_error_mm"),
         "registration_error_p95_mm": mean("registration_error_p95_mm"),
+        "flair_registration_error_mm": mean("flair_registration_error_mm"),
         "steps": {k: {"wall_s_mean": v["wall_s"] / v["n"], "cpu_s_mean": v["cpu_s"] / v["n"],
                       "peak_rss_mb": v["peak_rss_mb"]}
                   for k, v in meter.steps.items()},

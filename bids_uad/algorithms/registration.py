@@ -120,6 +120,19 @@ def exclusion_mask(brain_mask: np.ndarray | None, lesion_mask: np.ndarray | None
     return brain
 
 
+def _on_grid(mask: nib.Nifti1Image, like: nib.Nifti1Image) -> np.ndarray:
+    """A mask as a boolean array on ``like``'s grid (nearest-neighbour resampling if needed)."""
+    data = np.asarray(mask.dataobj)
+    if data.ndim > 3:
+        data = data[..., 0]
+    if data.shape[:3] == like.shape[:3] and np.allclose(mask.affine, like.affine, atol=1e-3):
+        return data > 0
+    from nibabel.processing import resample_from_to
+
+    img = nib.Nifti1Image((data > 0).astype(np.float32), mask.affine)
+    return np.asarray(resample_from_to(img, (like.shape[:3], like.affine), order=0).dataobj) > 0
+
+
 def _mask_image(mask, like: nib.Nifti1Image | None = None):
     if mask is None:
         return None
@@ -164,8 +177,8 @@ def register(
     configure_ants(threads, seed)
     fixed_n, moving_n = _as_nib(fixed), _as_nib(moving)
     if lesion_mask is not None:
-        lesion = np.asarray(_as_nib(lesion_mask).dataobj) > 0
-        brain = None if moving_mask is None else np.asarray(_as_nib(moving_mask).dataobj) > 0
+        lesion = _on_grid(_as_nib(lesion_mask), moving_n)
+        brain = None if moving_mask is None else _on_grid(_as_nib(moving_mask), moving_n)
         moving_mask = nib.Nifti1Image(
             exclusion_mask(brain, lesion, moving_n.shape[:3]).astype(np.float32), moving_n.affine)
     fmask, mmask = _mask_image(fixed_mask, fixed_n), _mask_image(moving_mask, moving_n)

@@ -134,6 +134,26 @@ def test_lesion_mask_reaches_ants(monkeypatch):
     assert mmask.sum() == mmask.size - les.sum()
 
 
+def test_lesion_mask_on_another_grid_is_resampled(monkeypatch):
+    import ants
+    from nibabel.processing import resample_to_output
+
+    captured = {}
+
+    def fake_registration(fixed, moving, **kwargs):
+        captured.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(ants, "registration", fake_registration)
+    head = phantom_head(4.0, lesion_radius_mm=14.0)
+    lesion_2mm = resample_to_output(head["lesion"], [2.0] * 3, order=0)
+    with pytest.raises(RuntimeError):
+        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion_2mm)
+    mmask = captured["moving_mask"].numpy() > 0
+    assert mmask.shape == head["t1w"].shape
+    assert (~mmask).sum() == pytest.approx((head["lesion"].get_fdata() > 0).sum(), rel=0.3)
+
+
 def test_seed_and_threads_are_set(monkeypatch):
     import ants
 
@@ -200,3 +220,31 @@ def test_ventricle_prior_picks_central_component():
     prior = ventricle_prior(csf, brain, affine)
     assert prior[30, 40, 27] > 0.9
     assert prior[6, 15, 15] < 0.01
+
+
+def _translation(path, shift_lps):
+    import ants
+
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                    matrix=np.eye(3), translation=list(shift_lps))
+    ants.write_transform(tx, str(path))
+    return str(path)
+
+
+def test_dwi_to_template_composes_inverse_then_forward(tmp_path):
+    """dwi → T1w (inverse of T1w→dwi) then T1w → template, in one resampling."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-30, -30, -30]
+    data = np.zeros((30, 30, 30), np.float32)
+    data[13:17, 13:17, 13:17] = 1.0          # blob centred at world (0, 0, 0)
+    img = nib.Nifti1Image(data, affine)
+    # ANTs transforms map fixed points to moving points (LPS): T1w→dwi "forward" maps a dwi
+    # point to T1w; its inverse (dwi→T1w) maps a T1w point to dwi.
+    t1_to_dwi_inverse = _translation(tmp_path / "dwi2t1w.mat", [0.0, 0.0, -6.0])  # p_dwi = p_T1 - 6 z
+    t1_to_mni = _translation(tmp_path / "t1w2mni.mat", [0.0, 0.0, 2.0])            # p_T1 = p_MNI + 2 z
+    out = reg.dwi_to_template(img, img, [t1_to_dwi_inverse], [t1_to_mni], "image",
+                              t1w2dwi_inverse_invert=[False]).get_fdata()
+    # p_dwi = p_MNI + 2 - 6 = p_MNI - 4 (mm, z): the blob at dwi z=0 appears at MNI z=+4
+    com = np.array(np.nonzero(out > 0.5)).mean(axis=1)
+    world = affine[:3, :3] @ com + affine[:3, 3]
+    assert np.allclose(world, [-1.0, -1.0, 3.0], atol=0.6)  # blob centre (-1,-1,-1) + 4 z
