@@ -114,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     perf = parser.add_argument_group("resources and execution")
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, default=Path("work"),
                       help="work folder for intermediate files; reuse it to resume (default: ./work)")
-    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, default=1,
-                      help="processes run in parallel (default: 1)")
+    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, default=None,
+                      help="processes run in parallel (default: the plugin file's n_procs, else 1); "
+                           "overrides --use-plugin")
     perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, default=1,
                       help="threads per process (torch, ITK, BLAS) (default: 1)")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float,
-                      help="memory limit for scheduling, in GB")
+                      help="memory limit for scheduling parallel steps, in GB (overrides --use-plugin)")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=Path, metavar="FILE",
                       help="nipype plugin settings (YAML or JSON: {plugin: MultiProc|SLURM|..., plugin_args: {...}})")
     perf.add_argument("--stop-on-first-crash", action="store_true",

@@ -97,8 +97,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if args.model is not None and not args.model.exists():
         raise InputMissingError("model file or folder does not exist", args.model)
     filters = _load_filters(args.bids_filter_file)
+    plugin_args: dict = {}
     if args.use_plugin is not None:
-        load_plugin_settings(args.use_plugin)  # fail early on a bad file
+        plugin_args = load_plugin_settings(args.use_plugin)[1]  # fail early on a bad file
     resolve_preproc_backend(args.preproc_backend)  # fsl without FSL is a usage error, early
     return Settings(
         bids_dir=bids_dir,
@@ -107,9 +108,9 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         work_dir=work_dir,
         participant_labels=participants,
         session_labels=sessions,
-        nprocs=args.nprocs,
+        nprocs=args.nprocs or int(plugin_args.get("n_procs", 1)),
         omp_nthreads=args.omp_nthreads,
-        mem_gb=args.mem_gb,
+        mem_gb=args.mem_gb or plugin_args.get("memory_gb"),
         skip_bids_validation=args.skip_bids_validation,
         bids_filters=filters,
         preproc_backend=args.preproc_backend,
@@ -133,6 +134,16 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     )
 
 
+class _FirstLineFormatter(logging.Formatter):
+    """Console format for nipype: first line only (tracebacks go to the run log and crash files)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.msg, record.args = record.getMessage().splitlines()[0] if record.getMessage() else "", None
+        record.exc_info = record.exc_text = None
+        return super().format(record)
+
+
 def _setup_logging(settings: Settings, log_file: Path) -> None:
     level = logging.WARNING - 10 * min(settings.verbosity + 1, 2)
     root = logging.getLogger("bids_uad")
@@ -147,6 +158,17 @@ def _setup_logging(settings: Settings, log_file: Path) -> None:
     to_file.setLevel(logging.DEBUG)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s"))
     root.addHandler(to_file)
+    # nipype's loggers keep the stream they found at import; send them through ours instead
+    nipype_console = logging.StreamHandler(sys.stderr)
+    nipype_console.setLevel(logging.WARNING if settings.verbosity < 2 else logging.INFO)
+    nipype_console.setFormatter(_FirstLineFormatter("%(asctime)s [%(levelname)s] nipype: %(message)s", "%H:%M:%S"))
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(nipype_console)
+        logger.addHandler(to_file)
+        logger.propagate = False
 
 
 def run(settings: Settings) -> int:

@@ -179,10 +179,10 @@ def nipype_plugin(settings: Settings) -> tuple[str, dict]:
         from bids_uad.cli.run import load_plugin_settings
 
         plugin, args = load_plugin_settings(settings.use_plugin)
-        if plugin == "MultiProc":
-            args = {"n_procs": settings.nprocs, **args}
+        if plugin == "MultiProc":  # the command line (already merged into settings) wins
+            args = {**args, "n_procs": settings.nprocs}
             if settings.mem_gb:
-                args.setdefault("memory_gb", settings.mem_gb)
+                args["memory_gb"] = settings.mem_gb
         return plugin, args
     if settings.nprocs <= 1:
         return "Linear", {}

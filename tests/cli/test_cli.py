@@ -132,11 +132,14 @@ def test_settings_are_frozen_and_round_trip(small_bids, tmp_path):
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
-def test_settings_written_to_logs_and_input_untouched(capsys, small_bids, tmp_path):
+def test_settings_written_to_logs_and_input_untouched(capsys, small_bids, tmp_path, monkeypatch):
+    import bids_uad.workflows.base as base
+
+    monkeypatch.setattr(base, "stage_builder", lambda stage: None)  # foundation only: no stage runs
     before = sorted((p.relative_to(small_bids), p.stat().st_mtime_ns) for p in small_bids.rglob("*"))
     out = tmp_path / "out"
-    code, _ = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
-    assert code in (0, 70)  # 70 while a pipeline stage is not implemented yet
+    code, err = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
+    assert code == 70 and "not implemented" in err
     logs = list((out / "logs").glob("run-*_settings.json"))
     assert len(logs) == 1 and json.loads(logs[0].read_text())["participant_labels"] == ["pat01"]
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
@@ -168,3 +171,14 @@ def test_plugin_file(small_bids, tmp_path, capsys):
     plugin.write_text("plugin_args: {}\n")
     assert main([str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin)]) == 64
     assert "must name a 'plugin'" in capsys.readouterr().err
+
+
+def test_command_line_overrides_plugin_file(small_bids, tmp_path):
+    from bids_uad.workflows.base import nipype_plugin
+
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args: {n_procs: 8, memory_gb: 16}\n")
+    base = [str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin)]
+    assert nipype_plugin(settings_from_args(base)) == ("MultiProc", {"n_procs": 8, "memory_gb": 16})
+    s = settings_from_args(base + ["--nprocs", "2", "--mem-gb", "3"])
+    assert nipype_plugin(s) == ("MultiProc", {"n_procs": 2, "memory_gb": 3.0})

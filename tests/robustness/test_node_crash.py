@@ -31,8 +31,6 @@ def _crashing_dwi_builder(settings, name):
     return wf
 
 
-@pytest.mark.xfail(reason="run_workflow lets nipype's NodeExecutionError/RuntimeError escape main(): "
-                          "traceback and exit 1 instead of one line and a documented code", strict=False)
 def test_node_crash_gives_one_line_and_an_exit_code(tmp_path, monkeypatch, capsys):
     import bids_uad.workflows.base as base
 
