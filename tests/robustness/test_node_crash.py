@@ -1,9 +1,8 @@
 """A crashing pipeline step ends the run with a defined exit status and one line naming the crash file.
 
 The crash is injected: the diffusion stage builder is replaced by a one-node workflow whose
-node raises.  Today ``run_workflow`` lets nipype's exception out of ``main`` (a traceback and
-exit status 1), hence the xfail; the test starts passing once that is turned into an error
-of the exit-code family.
+node raises.  ``run_workflow`` turns nipype's exception into a ``PipelineCrashError`` (exit 1)
+whose one line names the crash folder; nipype's own console lines carry no traceback.
 """
 from __future__ import annotations
 
