@@ -224,22 +224,43 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
 
 
 def run_participant(settings: Settings, bids: BIDSInputs, subjects: list[str], run_id: str) -> None:
-    """Participant level: preprocess (and with --model, map anomalies) for the selected subjects."""
+    """Participant level: preprocess (and with --model, map anomalies) for the selected subjects.
+
+    The HTML reports are built from the derivatives on disk after the workflow ran, also when
+    it crashed (the report then shows the crash files); ``--reports-only`` builds only them.
+    """
     if settings.reports_only:
-        _require_stage("reports")
+        from bids_uad.reports.build import build_reports
+
+        for path in build_reports(settings, subjects, run_id, group=False):
+            LOGGER.info("report: %s", path)
+        return
     plan = collect_participant_inputs(settings, bids, subjects)
     LOGGER.info("%d session(s) of %d subject(s) selected", len(plan.sessions), len(subjects))
     workflow, missing = init_participant_wf(settings, plan)
-    if workflow.list_node_names():
-        run_workflow(workflow, settings, run_id)
-    if stage_builder("reports") is None:
-        missing.append("reports")
+    try:
+        if workflow.list_node_names():
+            run_workflow(workflow, settings, run_id)
+    finally:
+        _build_participant_reports(settings, subjects, run_id)
     if missing:
         names = "; ".join(STAGES[m][2] for m in missing)
         raise StageNotImplementedError(
             f"input validation{' and the available stages' if workflow.list_node_names() else ''} "
             f"completed, but these stages are not implemented yet: {names}"
         )
+
+
+def _build_participant_reports(settings: Settings, subjects: list[str], run_id: str) -> None:
+    """One HTML report per subject; a failing report is logged, never hides the run's own error."""
+    builder = stage_builder("reports")
+    if builder is None:
+        return
+    for subject in subjects:
+        try:
+            LOGGER.info("report: %s", builder(settings, subject, run_id))
+        except Exception:  # noqa: BLE001 - a report must not mask the pipeline's outcome
+            LOGGER.exception("sub-%s: the HTML report could not be built", subject)
 
 
 def _require_stage(stage: str):
@@ -263,3 +284,6 @@ def run_group(settings: Settings, bids: BIDSInputs, run_id: str) -> None:
     LOGGER.info("%d controls available for training: %s", len(controls), ", ".join(controls))
     training = _require_stage("training")
     training(settings, bids, controls, run_id)
+    from bids_uad.reports.build import build_group_report
+
+    LOGGER.info("group report: %s", build_group_report(settings, run_id))
