@@ -504,28 +504,6 @@ class _OptionalSinkOutputSpec(TraitedSpec):
     out_file = traits.Str()
 
 
-class OptionalDerivativesDataSink(SimpleInterface):
-    """A :class:`DerivativesDataSink` that stores nothing when ``in_file`` is '' (skipped step)."""
-
-    input_spec = _OptionalSinkInputSpec
-    output_spec = _OptionalSinkOutputSpec
-
-    def _run_interface(self, runtime):
-        if not self.inputs.in_file:
-            self._results["out_file"] = ""
-            return runtime
-        sink = DerivativesDataSink(
-            in_file=self.inputs.in_file, output_dir=self.inputs.output_dir, entities=self.inputs.entities,
-            suffix=self.inputs.suffix)
-        for name in ("bids_dir", "datatype", "meta", "source_files"):
-            value = getattr(self.inputs, name)
-            if isdefined(value):
-                setattr(sink.inputs, name, value)
-        res = sink.run(cwd=runtime.cwd)
-        self._results["out_file"] = res.outputs.out_file
-        return runtime
-
-
 class _EntitiesInputSpec(BaseInterfaceInputSpec):
     source_entities = traits.Dict(mandatory=True)
 

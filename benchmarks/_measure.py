@@ -1,0 +1,74 @@
+"""Shared benchmark helper: wall time and peak resident memory of a stage.
+
+``with measure("sdc") as m: ...`` then ``m.wall_s`` and ``m.peak_rss_mb``.  Peak memory is
+sampled from ``/proc/self/statm`` by a background thread (every 20 ms) because
+``resource.getrusage`` only reports the process-wide peak since start; both are recorded
+(``ru_maxrss_mb`` is the process peak so far, an upper bound for the stage).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (MB); falls back to getrusage's peak."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class Measurement:
+    name: str
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    start_rss_mb: float = 0.0
+    ru_maxrss_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"stage": self.name, "wall_s": round(self.wall_s, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "start_rss_mb": round(self.start_rss_mb, 1), **self.extra}
+
+
+@contextmanager
+def measure(name: str, interval: float = 0.02):
+    """Time a block and sample its peak RSS in a background thread."""
+    m = Measurement(name, start_rss_mb=current_rss_mb())
+    peak = [m.start_rss_mb]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], current_rss_mb())
+            stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.wall_s = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        m.peak_rss_mb = max(peak[0], current_rss_mb())
+        m.ru_maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
