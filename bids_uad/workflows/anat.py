@@ -6,6 +6,8 @@ The FSL backend (``settings.resolved_backend() == "fsl"``) swaps skull stripping
 """
 from __future__ import annotations
 
+import logging
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -26,6 +28,7 @@ from bids_uad.interfaces.anat import (
 )
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
+LOGGER = logging.getLogger("bids_uad.workflows.anat")
 INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "source_entities"]
 OUTPUT_FIELDS = [
     "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
@@ -80,6 +83,10 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     Keyword arguments exist for tests and benchmarks (coarser, faster registrations).
     """
     template = find_template()
+    wanted = [s for s in getattr(settings, "output_spaces", ()) if s.startswith("MNI")]
+    if wanted and template.name not in wanted:
+        LOGGER.warning("template %s asked for but not available offline; using %s (outputs are "
+                       "named space-%s)", ", ".join(wanted), template.name, template.name)
     backend = settings.resolved_backend()
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
@@ -248,6 +255,8 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
          {"Description": f"lateral ventricles: CSF within the warped {tpl} ventricle prior"}),
         (flair, "out_file", {"space": "T1w", "desc": "preproc"}, "FLAIR", "anat", None,
          {"Registration": "ANTs rigid (Mattes MI) to the T1w", "BiasCorrected": "N4 (antspyx)"}),
+        (t1w2tpl, "warped_file", {"space": tpl, "desc": "brain"}, "T1w", "anat", None,
+         {"Registration": "ANTs SyN (antspyx)", "Template": tpl, "Resampling": "linear"}),
         (t1w2tpl, "forward_xfm", {"from": "T1w", "to": tpl, "mode": "image"}, "xfm", "anat", ".h5",
          {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": tpl}),
         (t1w2tpl, "reverse_xfm", {"from": tpl, "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5",

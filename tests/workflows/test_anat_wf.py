@@ -75,6 +75,7 @@ def test_anat_wf_runs_and_writes_derivatives(session):
         "desc-ventricles_mask.nii.gz", "space-T1w_desc-preproc_FLAIR.nii.gz",
         "from-T1w_to-dwi_mode-image_xfm.h5", "from-dwi_to-T1w_mode-image_xfm.h5",
         f"from-T1w_to-{NILEARN_NAME}_mode-image_xfm.h5", f"from-{NILEARN_NAME}_to-T1w_mode-image_xfm.h5",
+        f"space-{NILEARN_NAME}_desc-brain_T1w.nii.gz",
     ]
     for suffix in expected_anat:
         assert (out / "anat" / f"sub-pat01_ses-pre_{suffix}").is_file(), suffix
