@@ -61,7 +61,13 @@ def _list3(a, b, c):
     return [a, b, c]
 
 
+#: peak memory (GB) per node kind for a 1 mm T1w, measured with benchmarks/anat.py (rounded up)
+MEM_GB = {"t1w_n4": 1.0, "skull_strip": 2.0, "t1w_to_template": 2.0, "priors_to_t1w": 1.5,
+          "atropos": 2.0, "flair_to_t1w": 2.0, "t1w_to_dwi": 2.0}
+
+
 def _ants_node(interface, name, settings, **kw):
+    kw.setdefault("mem_gb", MEM_GB.get(name, 1.0))
     node = pe.Node(interface, name=name, n_procs=max(1, int(settings.omp_nthreads)), **kw)
     if "num_threads" in node.inputs.copyable_trait_names():
         node.inputs.num_threads = max(1, int(settings.omp_nthreads))
