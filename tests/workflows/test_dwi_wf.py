@@ -129,3 +129,30 @@ def test_fsl_backend_chosen_when_installed(tmp_path, monkeypatch):
     monkeypatch.delenv("FSLDIR")
     wf = init_dwi_preproc_wf(_settings(tmp_path, "auto"))
     assert "sdc" in wf.list_node_names() and "fsl_preproc" not in wf.list_node_names()
+
+
+REAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata" / "xa30_dwi_apa"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL.exists(), reason="real xa30 pair not available")
+def test_workflow_on_real_ap_pa_series(tmp_path):
+    """Real AP dwi series with the PA dwi series as reverse-PE image (b0 picked from its .bval)."""
+    ap, pa = REAL / "17_DWI_dir80_AP", REAL / "10_DWI_dir80_PA"
+    series = {"dwi": f"{ap}.nii.gz", "bval": f"{ap}.bval", "bvec": f"{ap}.bvec",
+              "meta": json.loads(Path(f"{ap}.json").read_text()), "rpe": f"{pa}.nii.gz",
+              "rpe_meta": json.loads(Path(f"{pa}.json").read_text())}
+    (tmp_path / "bids").mkdir()
+    settings, _ = _run(tmp_path, series)
+    out = settings.output_dir / "sub-01" / "ses-pre" / "dwi"
+    raw = [p for p in (tmp_path / "work").rglob("sdc_raw_*.nii.gz")]
+    cor = [p for p in (tmp_path / "work").rglob("sdc_cor_*.nii.gz")]
+    mask = nib.load(str(out / "sub-01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
+
+    def corr(files):
+        a, b = (nib.load(str(f)).get_fdata() for f in sorted(files))
+        return np.corrcoef(a[mask], b[mask])[0, 1]
+
+    assert corr(cor) > corr(raw) + 0.1
+    fa = nib.load(str(out / "sub-01_ses-pre_space-dwi_model-tensor_param-fa_dwimap.nii.gz")).get_fdata()
+    assert 0.1 < np.median(fa[mask]) < 0.6
