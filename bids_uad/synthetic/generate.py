@@ -1,0 +1,331 @@
+"""Write a synthetic BIDS dataset and its ground truth (``derivatives/synthetic-truth``).
+
+One subject at a time: draw the anatomy, pose, susceptibility field and (for patients) a
+glioma that grows by the follow-up; simulate T1w, FLAIR and the distorted dwi series with
+:mod:`bids_uad.synthetic.simulate`; write raw BIDS files and the truth.  Every subject has its
+own random stream (seeded from ``seed`` and its index), so the dataset is identical for a seed
+whatever the number of worker processes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bids_uad import __version__
+from bids_uad.errors import OutputNotWritableError, UsageError
+
+from .anatomy import SubjectAnatomy, load_template
+from .lesions import LESION_GENERATORS, Lesion, grow_lesion, make_lesion
+from .presets import Preset, get_preset
+from .simulate import Susceptibility, dseg_labels, random_pose, simulate_anat, simulate_dwi
+from .distortion import rigid_matrix
+
+LOGGER = logging.getLogger("bids_uad.synthetic")
+GENERATOR_NAME = "bids_uad-synth"
+TRUTH_NAME = "synthetic-truth"
+LESION_CLASSES = ("tumor", "core", "solid", "oedema", "infiltration")
+_BASE_DATE = datetime(2024, 1, 8, 9, 30)
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """Who a subject is and what gets written for them."""
+
+    index: int
+    label: str
+    group: str
+    sessions: tuple[str, ...]
+    reverse_pe: bool
+    dwi_sessions: tuple[str, ...]
+
+
+def plan_subjects(preset: Preset, seed: int) -> list[SubjectPlan]:
+    """Labels, groups, sessions and which subjects lack a reverse-PE image (seeded)."""
+    rng = np.random.default_rng([seed, 999])
+    n_total = preset.n_controls + preset.n_patients
+    n_no_rpe = int(round(preset.no_reverse_pe_fraction * n_total))
+    no_rpe = set(rng.permutation(n_total)[:n_no_rpe].tolist()) if n_no_rpe else set()
+    plans = []
+    for i in range(n_total):
+        patient = i >= preset.n_controls
+        label = f"pat{i - preset.n_controls + 1:02d}" if patient else f"ctrl{i + 1:02d}"
+        two = patient or i < preset.n_controls_two_sessions
+        sessions = ("pre", "followup") if two else ("pre",)
+        dwi_sessions = sessions if preset.followup_dwi else ("pre",)
+        plans.append(SubjectPlan(i, label, "patient" if patient else "control", sessions,
+                                 i not in no_rpe, dwi_sessions))
+    return plans
+
+
+# -- writing helpers ------------------------------------------------------------------------
+def _json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data)
+    img = nib.Nifti1Image(data.astype(np.uint8) if data.dtype == bool else data, affine)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def _fsl_gradients(stem: Path, bvals: np.ndarray, bvecs: np.ndarray) -> None:
+    stem.with_suffix(".bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    stem.with_suffix(".bvec").write_text(
+        "\n".join(" ".join(f"{v:.6f}" for v in row) for row in np.asarray(bvecs).T) + "\n")
+
+
+def _truth_masks(folder: Path, prefix: str, t: dict, shape, affine) -> None:
+    _nifti(folder / f"{prefix}_dseg.nii.gz", dseg_labels(t).reshape(shape), affine, np.uint8)
+    _nifti(folder / f"{prefix}_desc-brain_mask.nii.gz", (t["brain"] >= 0.5).reshape(shape), affine, np.uint8)
+    if t["tumor"].any() or t["infiltration"].any():
+        for name in LESION_CLASSES:
+            key = "infiltration" if name == "infiltration" else name
+            _nifti(folder / f"{prefix}_desc-{name}_mask.nii.gz", t[key].reshape(shape), affine, np.uint8)
+
+
+def _acq_date(rng: np.random.Generator, index: int) -> tuple[datetime, datetime]:
+    pre = _BASE_DATE + timedelta(days=int(7 * index + rng.integers(0, 5)), minutes=int(rng.integers(0, 480)))
+    follow = pre + timedelta(days=int(rng.integers(6 * 30, 24 * 30)))
+    return pre, follow
+
+
+# -- one subject -------------------------------------------------------------------------------
+def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_generator: str,
+                     write_clean_dwi: bool, root: str) -> dict:
+    """Simulate and write one subject (raw files and truth); returns its participants row."""
+    rng = np.random.default_rng([seed, plan.index])
+    tpl_src, tpl2 = load_template(preset.t1w_source_mm), load_template(2)
+    root_path = Path(root)
+    truth_root = root_path / "derivatives" / TRUTH_NAME
+    subj = SubjectAnatomy.random(rng)
+    suscept = Susceptibility.random(rng)
+    skull_scale = float(rng.uniform(0.9, 1.15))
+    lesions: dict[str, Lesion | None] = {s: None for s in plan.sessions}
+    lesion_info: dict[str, dict] = {}
+    if plan.group == "patient":
+        lesions["pre"] = make_lesion(tpl2, rng, lesion_generator)
+        lesion_info["pre"] = lesions["pre"].info()
+        if "followup" in plan.sessions:
+            lesions["followup"] = grow_lesion(tpl2, lesions["pre"], rng)
+            lesion_info["followup"] = lesions["followup"].info()
+    dates = dict(zip(("pre", "followup"), _acq_date(rng, plan.index)))
+    sub = f"sub-{plan.label}"
+    session_rows = []
+    for ses in plan.sessions:
+        prefix = f"{sub}_ses-{ses}"
+        raw = root_path / sub / f"ses-{ses}"
+        truth = truth_root / sub / f"ses-{ses}"
+        head_t1 = random_pose(rng)
+        # the head moves a little between the anatomical and the diffusion scan
+        head_dwi = rigid_matrix(np.concatenate([rng.normal(scale=1.0, size=3),
+                                                np.deg2rad(rng.normal(scale=1.0, size=3))])) @ head_t1
+        anat = simulate_anat(tpl_src, tpl2, subj, lesions[ses], head_t1, preset, rng, skull_scale)
+        anat_meta = {"Manufacturer": "bids_uad synthetic phantom", "MagneticFieldStrength": 3,
+                     "AcquisitionDuration": 300}
+        _nifti(raw / "anat" / f"{prefix}_T1w.nii.gz", anat["t1w"] * 1000, anat["affine"], np.int16)
+        _json(raw / "anat" / f"{prefix}_T1w.json", {**anat_meta, "RepetitionTime": 2.3, "EchoTime": 0.00298,
+                                                    "InversionTime": 0.9, "FlipAngle": 9})
+        _nifti(raw / "anat" / f"{prefix}_FLAIR.nii.gz", anat["flair"] * 1000, anat["affine"], np.int16)
+        _json(raw / "anat" / f"{prefix}_FLAIR.json", {**anat_meta, "RepetitionTime": 5.0, "EchoTime": 0.387,
+                                                      "InversionTime": 1.8})
+        _truth_masks(truth / "anat", f"{prefix}_space-T1w", anat["truth"], anat["shape"], anat["affine"])
+        session_rows.append({"session_id": f"ses-{ses}", "acq_time": dates[ses].strftime("%Y-%m-%dT%H:%M:%S")})
+        if ses not in plan.dwi_sessions:
+            continue
+        want_rpe = plan.reverse_pe
+        dwi = simulate_dwi(tpl_src, tpl2, subj, lesions[ses], suscept, head_dwi, preset, rng,
+                           skull_scale, want_rpe)
+        shape, aff = dwi["shape"], dwi["affine"]
+        dwi_name = f"{prefix}_dir-AP_dwi"
+        field_id = f"pepolar{plan.label}{ses}"
+        _nifti(raw / "dwi" / f"{dwi_name}.nii.gz", dwi["raw"], aff, np.int16)
+        _fsl_gradients(raw / "dwi" / f"{dwi_name}.nii", dwi["bvals"], dwi["bvecs"])
+        dwi_meta = {"PhaseEncodingDirection": "j-", "TotalReadoutTime": preset.total_readout_time,
+                    "EchoTime": preset.echo_time, "RepetitionTime": 8.0,
+                    "Manufacturer": "bids_uad synthetic phantom", "MagneticFieldStrength": 3}
+        if want_rpe:
+            dwi_meta["B0FieldSource"] = field_id
+        _json(raw / "dwi" / f"{dwi_name}.json", dwi_meta)
+        if want_rpe:
+            _nifti(raw / "fmap" / f"{prefix}_dir-PA_epi.nii.gz", dwi["fmap"], aff, np.int16)
+            _json(raw / "fmap" / f"{prefix}_dir-PA_epi.json", {
+                "PhaseEncodingDirection": "j", "TotalReadoutTime": preset.total_readout_time,
+                "EchoTime": preset.echo_time, "RepetitionTime": 8.0, "B0FieldIdentifier": field_id,
+                "IntendedFor": [f"bids::{sub}/ses-{ses}/dwi/{dwi_name}.nii.gz"]})
+        tdir = truth / "dwi"
+        _truth_masks(tdir, f"{prefix}_space-dwi", dwi["truth"], shape, aff)
+        _nifti(tdir / f"{prefix}_space-dwi_model-tensor_param-fa_dwimap.nii.gz", dwi["fa"], aff)
+        _nifti(tdir / f"{prefix}_space-dwi_model-tensor_param-md_dwimap.nii.gz", dwi["md"], aff)
+        _nifti(tdir / f"{prefix}_desc-susceptibility_fieldmap.nii.gz", dwi["field"], aff)
+        _json(tdir / f"{prefix}_desc-susceptibility_fieldmap.json", {
+            "Units": "Hz", "Description": "true off-resonance field on the undistorted dwi grid; "
+            "displacement along j in voxels = field * TotalReadoutTime * polarity (j: +1, j-: -1)"})
+        motion_rows = ["\t".join(["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
+                                  "eddy_translation", "eddy_shear_x", "eddy_scale_y", "eddy_shear_z"])]
+        for m, e in zip(dwi["motion"], dwi["eddy"]):
+            motion_rows.append("\t".join(f"{v:.6f}" for v in [*m, *e]))
+        (tdir / f"{prefix}_desc-motion_timeseries.tsv").write_text("\n".join(motion_rows) + "\n")
+        _json(tdir / f"{prefix}_desc-motion_timeseries.json", {
+            "trans_x": {"Units": "mm"}, "rot_x": {"Units": "rad"},
+            "Description": "volume i = reference volume moved by x -> R (x - c) + c + t in world mm, "
+            "c = centre of the dwi grid, R = Rz Ry Rx; volume 0 is the reference (no motion). Eddy "
+            "terms add a displacement along j (voxels): translation + shear_x*(i-ci) + scale_y*(j-cj) "
+            "+ shear_z*(k-ck)."})
+        if write_clean_dwi:
+            _nifti(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii.gz", dwi["clean"], aff)
+            _fsl_gradients(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii", dwi["bvals"], dwi["bvecs"])
+        t1_to_dwi = head_dwi @ np.linalg.inv(head_t1)
+        (truth / "anat").mkdir(parents=True, exist_ok=True)
+        np.savetxt(truth / "anat" / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.txt", t1_to_dwi, fmt="%.8f")
+    sessions_tsv = root_path / sub / f"{sub}_sessions.tsv"
+    sessions_tsv.parent.mkdir(parents=True, exist_ok=True)
+    sessions_tsv.write_text("session_id\tacq_time\n" + "".join(
+        f"{r['session_id']}\t{r['acq_time']}\n" for r in session_rows))
+    if lesion_info:
+        _json(truth_root / sub / f"{sub}_desc-lesion_info.json", lesion_info)
+    return {"participant_id": sub, "group": plan.group, "age": int(rng.integers(25, 80)),
+            "sex": "F" if rng.random() < 0.5 else "M"}
+
+
+# -- the dataset -------------------------------------------------------------------------------
+def _is_previous_synthetic(path: Path) -> bool:
+    try:
+        desc = json.loads((path / "dataset_description.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(g.get("Name") == GENERATOR_NAME for g in desc.get("GeneratedBy", []))
+
+
+def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: list[dict]) -> None:
+    generated_by = [{"Name": GENERATOR_NAME, "Version": __version__,
+                     "Description": f"preset {preset.name}, seed {seed}, lesion generator {generator}"}]
+    _json(root / "dataset_description.json", {
+        "Name": f"bids_uad synthetic dataset ({preset.name})", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+        "License": "CC0", "Authors": ["bids_uad synthetic generator"], "GeneratedBy": generated_by})
+    (root / "README").write_text(
+        f"Synthetic diffusion MRI dataset made by {GENERATOR_NAME} {__version__} (preset {preset.name}, "
+        f"seed {seed}).\nHealthy controls and glioma patients built from the MNI152 2009a template; the ground "
+        f"truth is in derivatives/{TRUTH_NAME}/ (see its README).\n")
+    (root / ".bidsignore").write_text("derivatives/\n")
+    columns = ["participant_id", "group", "age", "sex"]
+    (root / "participants.tsv").write_text("\t".join(columns) + "\n" + "".join(
+        "\t".join(str(r[c]) for c in columns) + "\n" for r in rows))
+    _json(root / "participants.json", {
+        "group": {"Description": "cohort", "Levels": {"control": "healthy control", "patient": "glioma patient"}},
+        "age": {"Description": "age at the first session", "Units": "year"},
+        "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}}})
+    truth = root / "derivatives" / TRUTH_NAME
+    _json(truth / "dataset_description.json", {
+        "Name": "Ground truth of the synthetic dataset", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": generated_by})
+    (truth / "dseg.tsv").write_text("index\tname\n1\tCSF\n2\tGM\n3\tWM\n")
+    (truth / "README").write_text(TRUTH_README)
+
+
+TRUTH_README = """Ground truth of the synthetic dataset (all in BIDS-derivatives naming)
+
+sub-X/ses-Y/anat/  (T1w grid of that session)
+  *_space-T1w_dseg.nii.gz                tissue labels 1=CSF 2=GM 3=WM (dseg.tsv)
+  *_space-T1w_desc-brain_mask.nii.gz
+  *_space-T1w_desc-{tumor,core,solid,oedema,infiltration}_mask.nii.gz   patients only;
+        tumor = core | solid | oedema (what FLAIR shows); infiltration changes diffusion only
+  *_from-T1w_to-dwi_mode-image_xfm.txt  4x4 world(mm)->world(mm): a point of the T1w world maps
+        to the same anatomy in the dwi world (undistorted grid)
+sub-X/ses-Y/dwi/   (undistorted grid of the raw dwi: same shape and affine)
+  *_space-dwi_dseg.nii.gz, *_space-dwi_desc-brain_mask.nii.gz, *_space-dwi_desc-<class>_mask.nii.gz
+  *_space-dwi_desc-clean_dwi.nii.gz (+ .bval .bvec)   artefact-free noise-free series (what perfect
+        preprocessing would give)
+  *_space-dwi_model-tensor_param-{fa,md}_dwimap.nii.gz   tensor fit of the clean series
+  *_desc-susceptibility_fieldmap.nii.gz  off-resonance field (Hz) on the undistorted grid;
+        displacement along j (voxels) = field * TotalReadoutTime * polarity (j: +1, j-: -1);
+        intensities are modulated by the Jacobian (1 + d displacement / dj)
+  *_desc-motion_timeseries.tsv           per-volume rigid motion (trans mm, rot rad) and eddy
+        terms, see its JSON; volume 0 has no motion and defines the reference position
+sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients)
+"""
+
+
+def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: int | None = None,
+                     n_patients: int | None = None, seed: int = 0, lesion_generator: str = "mixed",
+                     no_reverse_pe_fraction: float | None = None, write_clean_dwi: bool = True,
+                     progress: bool = True, n_jobs: int | None = None) -> Path:
+    """Write a synthetic BIDS dataset (and its truth) to ``output_dir``; returns the path.
+
+    The dataset is built in a temporary folder next to ``output_dir`` and renamed into place,
+    so a killed generation leaves nothing half-written.  An existing ``output_dir`` must be
+    empty or a previous synthetic dataset (which is replaced).
+    """
+    if lesion_generator not in LESION_GENERATORS:
+        raise UsageError(f"--lesion-generator must be one of {', '.join(LESION_GENERATORS)}")
+    if no_reverse_pe_fraction is not None and not 0 <= no_reverse_pe_fraction <= 1:
+        raise UsageError("--no-reverse-pe-fraction must lie in [0, 1]")
+    for name, value in (("--controls", n_controls), ("--patients", n_patients)):
+        if value is not None and value < 0:
+            raise UsageError(f"{name} must not be negative")
+    spec = get_preset(preset, n_controls=n_controls, n_patients=n_patients,
+                      no_reverse_pe_fraction=no_reverse_pe_fraction)
+    spec = get_preset(preset, n_controls=spec.n_controls, n_patients=spec.n_patients,
+                      no_reverse_pe_fraction=spec.no_reverse_pe_fraction,
+                      n_controls_two_sessions=min(spec.n_controls_two_sessions, spec.n_controls))
+    out = Path(output_dir).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_previous_synthetic(out))):
+        raise UsageError(f"{out} exists and is not empty (nor a previous synthetic dataset); choose a new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot create the dataset folder ({exc.strerror})", out) from exc
+    try:
+        plans = plan_subjects(spec, seed)
+        jobs = n_jobs or min(2, os.cpu_count() or 1, len(plans))
+        args = [(p, spec, seed, lesion_generator, write_clean_dwi, str(tmp)) for p in plans]
+        rows = _run_all(args, jobs, progress)
+        _dataset_files(tmp, spec, seed, lesion_generator, rows)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _simulate_star(args) -> dict:
+    return simulate_subject(*args)
+
+
+def _run_all(args: list, jobs: int, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(args), desc="synthetic subjects", unit="subject", disable=not progress)
+    try:
+        if jobs <= 1:
+            rows = []
+            for a in args:
+                rows.append(_simulate_star(a))
+                bar.update()
+            return rows
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            rows = []
+            for row in pool.map(_simulate_star, args):
+                rows.append(row)
+                bar.update()
+            return rows
+    finally:
+        bar.close()

@@ -1,0 +1,308 @@
+"""Image synthesis for one subject/session: T1w, FLAIR, distorted noisy dwi and their truth."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .anatomy import (SubjectAnatomy, Template, apply_affine, grid_affine, grid_world,
+                      orientations, sample, shell_intensity)
+from .distortion import distort, rigid_matrix
+from .lesions import Lesion, lesion_fields
+
+T1W_CENTRE = (0.0, -17.0, 5.0)
+DWI_CENTRE = (0.0, -17.0, 14.0)
+
+# compartment b0 weights (T2/PD at the dwi TE) and diffusivities (mm^2/s)
+S0 = {"wm": 1.0, "gm": 1.25, "csf": 2.2, "fw": 2.2, "nec": 2.0, "sol": 1.5}
+D_ISO = {"csf": 3.0e-3, "fw": 3.0e-3, "nec": 2.6e-3, "sol": 1.1e-3, "scalp": 1.0e-3}
+WM_TENSOR = (1.5e-3, 0.35e-3)   # (parallel, perpendicular): FA ~0.73, MD ~0.73e-3
+GM_TENSOR = (0.95e-3, 0.725e-3)  # FA ~0.16, MD ~0.8e-3
+DWI_SCALE = 1000.0              # b0 signal of pure WM
+
+
+def gradient_directions(n: int, seed: int = 1234) -> np.ndarray:
+    """``n`` well-spread unit vectors (antipodally symmetric electrostatic repulsion)."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    step = 0.05
+    for _ in range(400):
+        force = np.zeros_like(v)
+        for sgn in (1.0, -1.0):
+            diff = v[:, None, :] - sgn * v[None, :, :]
+            dist = np.linalg.norm(diff, axis=2) + np.eye(n) * 1e9 * (sgn > 0)
+            force += (diff / dist[..., None] ** 3).sum(1)
+        force -= (force * v).sum(1, keepdims=True) * v
+        v = v + step * force / (np.abs(force).max() + 1e-12)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[v[:, 2] < 0] *= -1  # one hemisphere
+    return v
+
+
+def gradient_table(shells) -> tuple[np.ndarray, np.ndarray]:
+    """bvals (N,) and unit bvecs (N, 3) for ((b, count), ...); b0s first."""
+    bvals, bvecs = [], []
+    for b, count in sorted(shells, key=lambda s: s[0]):
+        if b == 0:
+            bvals += [0] * count
+            bvecs += [np.zeros(3)] * count
+        else:
+            bvals += [b] * count
+            bvecs += list(gradient_directions(count))
+    return np.asarray(bvals, float), np.asarray(bvecs, float)
+
+
+@dataclass
+class Susceptibility:
+    """Off-resonance field (Hz) as Gaussian sources near the air cavities (template mm)."""
+
+    centres: np.ndarray
+    sigmas: np.ndarray
+    amps: np.ndarray
+    linear: np.ndarray
+
+    @classmethod
+    def random(cls, rng: np.random.Generator) -> "Susceptibility":
+        base = np.array([[0, 44, -30], [0, 66, 6], [-46, 4, -42], [46, 4, -42], [0, 12, -44]], float)
+        centres = base + rng.normal(scale=3.0, size=base.shape)
+        sigmas = np.array([22, 18, 17, 17, 20], float) * rng.uniform(0.9, 1.1, 5)
+        amps = np.array([125, 60, 85, 85, 50], float) * rng.uniform(0.75, 1.2, 5)
+        return cls(centres, sigmas, amps, rng.normal(scale=0.05, size=3))
+
+    def __call__(self, m: np.ndarray) -> np.ndarray:
+        out = (self.linear[:, None] * m).sum(0)
+        for c, s, a in zip(self.centres, self.sigmas, self.amps):
+            d2 = ((m - c[:, None].astype(np.float32)) ** 2).sum(0)
+            out = out + a * np.exp(-d2 / (2 * s * s))
+        return out.astype(np.float32)
+
+
+def random_pose(rng, rot_deg=(8.0, 3.0, 3.0), trans_mm=(4.0, 6.0, 5.0)) -> np.ndarray:
+    """Head position: a 4x4 rigid head(mm) -> scanner world(mm) transform."""
+    p = np.concatenate([rng.uniform(-1, 1, 3) * trans_mm,
+                        np.deg2rad(rng.uniform(-1, 1, 3) * rot_deg)])
+    return rigid_matrix(p)
+
+
+def bias_field(rng, pts: np.ndarray, strength: float = 0.18) -> np.ndarray:
+    """Smooth multiplicative intensity bias (low-order sinusoids over the head)."""
+    out = np.zeros(pts.shape[1], np.float32)
+    for _ in range(4):
+        k = rng.normal(size=3) * (2 * np.pi / 260.0)
+        out += np.sin(k.astype(np.float32) @ pts + rng.uniform(0, 2 * np.pi)).astype(np.float32)
+    return np.exp(strength * out / 2.0).astype(np.float32)
+
+
+def tissue_at(tpl_src: Template, tpl2: Template, subj: SubjectAnatomy, lesion: Lesion | None,
+              world: np.ndarray, head_to_world: np.ndarray, skull_scale: float,
+              with_orient: bool = False) -> dict:
+    """Everything the signal models need at (3, N) world points for one head pose."""
+    head = apply_affine(np.linalg.inv(head_to_world), world)
+    m = subj.to_template(head)
+    m0 = lesion.mass_effect_inverse(m) if lesion is not None else m
+    v = tpl_src.to_voxel(m0)
+    gm, wm, brain, t1 = (sample(a, v) for a in (tpl_src.gm, tpl_src.wm, tpl_src.brain, tpl_src.t1))
+    csf = np.clip(brain - gm - wm, 0, 1)
+    v2 = tpl2.to_voxel(m0)
+    hd = sample(tpl2.extra["headdist"], v2, cval=1e3)
+    out = {"m": m, "gm": gm, "wm": wm, "csf": csf, "brain": brain, "t1": t1,
+           "headdist": hd, "skull_scale": skull_scale}
+    n = world.shape[1]
+    zeros = np.zeros(n, np.float32)
+    if lesion is not None:
+        out.update(lesion_fields(tpl2, lesion, m, wm, csf, brain))
+    else:
+        z = np.zeros(n, bool)
+        out.update({"mu_core": zeros, "mu_solid": zeros, "mu_oed": zeros, "mu_inf": zeros,
+                    "core": z, "solid": z, "oedema": z, "infiltration": z, "tumor": z})
+    if with_orient:
+        e_wm, e_gm = orientations(tpl2, v2)
+        rot = head_to_world[:3, :3].astype(np.float32)
+        out["e_wm"] = e_wm @ rot.T
+        out["e_gm"] = e_gm @ rot.T
+    return out
+
+
+def dseg_labels(t: dict) -> np.ndarray:
+    """1=CSF, 2=GM, 3=WM inside the brain mask, else 0."""
+    lab = (np.argmax(np.stack([t["csf"], t["gm"], t["wm"]]), axis=0) + 1).astype(np.uint8)
+    lab[t["brain"] < 0.5] = 0
+    return lab
+
+
+def anat_images(t: dict, rng: np.random.Generator, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T1w and FLAIR intensities (arbitrary units, WM ~1) with bias field and Rician noise."""
+    mu_mass = t["mu_core"] + t["mu_solid"]
+    keep = 1.0 - mu_mass
+    shell_w = np.clip(1.0 - t["brain"], 0, 1)
+    hd = t["headdist"]
+    t1 = (t["t1"] * keep + 0.55 * t["mu_solid"] + 0.22 * t["mu_core"]) * (1 - 0.15 * t["mu_oed"])
+    t1 = t1 + shell_w * shell_intensity(hd, 1, t["skull_scale"])
+    tissue_fl = 0.55 * t["wm"] + 0.75 * t["gm"] + 0.05 * t["csf"]
+    fl = tissue_fl * keep + 0.85 * t["mu_solid"] + 0.4 * t["mu_core"]
+    fl = fl * (1 - t["mu_oed"]) + 1.0 * t["mu_oed"] * (t["wm"] + t["gm"] + 0.3)
+    fl = fl + shell_w * shell_intensity(hd, 2, t["skull_scale"])
+    images = []
+    for img, sigma in ((t1, 0.02), (fl, 0.025)):
+        img = img * bias_field(rng, world)
+        n1 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
+        n2 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
+        images.append(np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32))
+    return images[0], images[1]
+
+
+def compartments(t: dict) -> dict:
+    """Signal fractions (including S0 weights) and per-voxel tensors for the dwi model."""
+    keep = 1.0 - t["mu_core"] - t["mu_solid"]
+    fw = 0.30 * t["mu_oed"] + 0.05 * t["mu_inf"]
+    tis = keep * (1 - fw)
+    perp_factor = 1.0 + 0.30 * t["mu_oed"] + 0.20 * t["mu_inf"]
+    par_factor = 1.0 - 0.05 * t["mu_inf"]
+    shell_w = np.clip(1.0 - t["brain"], 0, 1)
+    scalp = shell_w * shell_intensity(t["headdist"], 3, t["skull_scale"])
+    return {
+        "wm": tis * t["wm"] * S0["wm"], "gm": tis * t["gm"] * S0["gm"],
+        "csf": keep * t["csf"] * S0["csf"],
+        "fw": keep * fw * (t["wm"] + t["gm"]) * S0["fw"],
+        "nec": t["mu_core"] * S0["nec"], "sol": t["mu_solid"] * S0["sol"], "scalp": scalp,
+        "perp_factor": perp_factor, "par_factor": par_factor,
+    }
+
+
+def dwi_signal(comp: dict, t: dict, bvals, bvecs) -> np.ndarray:
+    """Noise-free multi-compartment signal (N, nvol), b0 of pure WM = DWI_SCALE."""
+    n = comp["wm"].shape[0]
+    out = np.empty((n, len(bvals)), np.float32)
+    wpar, wperp = WM_TENSOR[0] * comp["par_factor"], WM_TENSOR[1] * comp["perp_factor"]
+    gpar, gperp = GM_TENSOR[0] * comp["par_factor"], GM_TENSOR[1] * comp["perp_factor"]
+    for i, (b, g) in enumerate(zip(bvals, bvecs)):
+        g = g.astype(np.float32)
+        if b == 0:
+            s = sum(comp[k] for k in ("wm", "gm", "csf", "fw", "nec", "sol", "scalp"))
+        else:
+            cw = (t["e_wm"] @ g) ** 2
+            cg = (t["e_gm"] @ g) ** 2
+            s = (comp["wm"] * np.exp(-b * (wperp + (wpar - wperp) * cw))
+                 + comp["gm"] * np.exp(-b * (gperp + (gpar - gperp) * cg)))
+            for k in ("csf", "fw", "nec", "sol", "scalp"):
+                s = s + comp[k] * np.float32(np.exp(-b * D_ISO["csf" if k == "fw" else k]))
+        out[:, i] = s * DWI_SCALE
+    return out
+
+
+def tensor_fa_md(signal: np.ndarray, bvals, bvecs, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares log-linear tensor fit; FA and MD (mm^2/s) inside ``mask``."""
+    n = signal.shape[0]
+    fa = np.zeros(n, np.float32)
+    md = np.zeros(n, np.float32)
+    idx = np.flatnonzero(mask & (signal[:, 0] > 1e-3))
+    if idx.size == 0:
+        return fa, md
+    g = bvecs
+    design = np.column_stack([np.ones(len(bvals)), -bvals * g[:, 0] ** 2, -bvals * g[:, 1] ** 2,
+                              -bvals * g[:, 2] ** 2, -2 * bvals * g[:, 0] * g[:, 1],
+                              -2 * bvals * g[:, 0] * g[:, 2], -2 * bvals * g[:, 1] * g[:, 2]])
+    pinv = np.linalg.pinv(design)
+    y = np.log(np.clip(signal[idx].astype(np.float64), 1e-6, None))
+    coef = y @ pinv.T
+    dxx, dyy, dzz, dxy, dxz, dyz = (coef[:, k] for k in range(1, 7))
+    tens = np.stack([np.stack([dxx, dxy, dxz], -1), np.stack([dxy, dyy, dyz], -1),
+                     np.stack([dxz, dyz, dzz], -1)], -2)
+    ev = np.clip(np.linalg.eigvalsh(tens), 0, None)
+    mean = ev.mean(1)
+    num = np.sqrt(((ev - mean[:, None]) ** 2).sum(1))
+    den = np.sqrt((ev ** 2).sum(1)) + 1e-12
+    fa[idx] = np.sqrt(1.5) * num / den
+    md[idx] = mean
+    return fa, md
+
+
+def random_motion(rng, n_vol: int) -> np.ndarray:
+    """(n_vol, 6) tx ty tz (mm) rx ry rz (rad) relative to volume 0 (drift + rare jumps)."""
+    steps = np.concatenate([rng.normal(scale=0.06, size=(n_vol, 3)),
+                            rng.normal(scale=np.deg2rad(0.08), size=(n_vol, 3))], 1)
+    jumps = rng.random(n_vol) < 0.04
+    steps[jumps, :3] += rng.normal(scale=0.6, size=(int(jumps.sum()), 3))
+    steps[jumps, 3:] += rng.normal(scale=np.deg2rad(0.6), size=(int(jumps.sum()), 3))
+    steps[0] = 0
+    return np.cumsum(steps, axis=0)
+
+
+def random_eddy(rng) -> np.ndarray:
+    """(4, 3) matrix E: eddy terms (translation vox, shear_x, scale_y, shear_z) = E @ g * b/1000."""
+    return np.stack([rng.normal(scale=0.7, size=3), rng.normal(scale=0.004, size=3),
+                     rng.normal(scale=0.008, size=3), rng.normal(scale=0.004, size=3)])
+
+
+def rician(rng, img: np.ndarray, sigma: float) -> np.ndarray:
+    n1 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
+    n2 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
+    return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
+
+
+def simulate_dwi(tpl_src, tpl2, subj, lesion, suscept, head_to_world, preset, rng,
+                 skull_scale, want_fmap: bool) -> dict:
+    """Distorted noisy dwi series + reverse-PE b0 and all dwi-space truth."""
+    shape = preset.dwi_shape
+    aff = grid_affine(shape, preset.dwi_voxel_mm, DWI_CENTRE)
+    world = grid_world(shape, aff)
+    t = tissue_at(tpl_src, tpl2, subj, lesion, world, head_to_world, skull_scale, with_orient=True)
+    bvals, bvecs = gradient_table(preset.shells)
+    comp = compartments(t)
+    clean = dwi_signal(comp, t, bvals, bvecs)
+    brainmask = t["brain"] >= 0.5
+    fa, md = tensor_fa_md(clean, bvals, bvecs, brainmask)
+    field_ref = suscept(t["m"])
+    n_vol = len(bvals)
+    motion = random_motion(rng, n_vol)
+    eddy_mat = random_eddy(rng)
+    eddy = np.zeros((n_vol, 4))
+    centre_world = aff[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + aff[:3, 3]
+    inv_aff = np.linalg.inv(aff)
+    inv_h = np.linalg.inv(head_to_world)
+    trt = preset.total_readout_time
+    ijk = np.indices(shape, dtype=np.float32)
+    cidx = (np.asarray(shape, np.float32) - 1) / 2
+    clean4 = clean.reshape(shape + (n_vol,))
+    sigma = DWI_SCALE / preset.b0_snr
+    raw = np.empty(shape + (n_vol,), np.float32)
+    from scipy.ndimage import map_coordinates
+    for i in range(n_vol):
+        mot = rigid_matrix(motion[i], centre_world)
+        # voxel -> reference-voxel map for this volume's head position
+        vmap = inv_aff @ np.linalg.inv(mot) @ aff
+        ref_vox = apply_affine(vmap, ijk.reshape(3, -1))
+        moved = map_coordinates(clean4[..., i], ref_vox, order=1, mode="constant",
+                                prefilter=False).reshape(shape)
+        if i == 0:
+            field_t = field_ref
+        else:
+            head = apply_affine(inv_h @ np.linalg.inv(mot), world)
+            field_t = suscept(subj.to_template(head))
+        disp = field_t.reshape(shape) * trt * -1.0  # AP: polarity -1 ("j-")
+        if bvals[i] > 0:
+            e = eddy_mat @ bvecs[i] * (bvals[i] / 1000.0)
+            eddy[i] = e
+            disp = disp + (e[0] + e[1] * (ijk[0] - cidx[0]) + e[2] * (ijk[1] - cidx[1])
+                           + e[3] * (ijk[2] - cidx[2]))
+        raw[..., i] = rician(rng, distort(moved, disp, axis=1), sigma)
+    out = {"affine": aff, "raw": raw, "clean": clean4, "bvals": bvals, "bvecs": bvecs,
+           "fa": fa.reshape(shape), "md": md.reshape(shape), "field": field_ref.reshape(shape),
+           "motion": motion, "eddy": eddy, "truth": t, "shape": shape}
+    if want_fmap:
+        disp_pa = field_ref.reshape(shape) * trt * 1.0
+        b0 = clean4[..., int(np.argmin(bvals))]
+        out["fmap"] = rician(rng, distort(b0, disp_pa, axis=1), sigma)
+    return out
+
+
+def simulate_anat(tpl_src, tpl2, subj, lesion, head_to_world, preset, rng, skull_scale) -> dict:
+    """T1w + FLAIR (same grid and pose) and T1w-space truth."""
+    shape = preset.t1w_shape
+    aff = grid_affine(shape, preset.t1w_voxel_mm, T1W_CENTRE)
+    world = grid_world(shape, aff)
+    t = tissue_at(tpl_src, tpl2, subj, lesion, world, head_to_world, skull_scale)
+    t1, fl = anat_images(t, rng, world)
+    return {"affine": aff, "shape": shape, "t1w": t1.reshape(shape), "flair": fl.reshape(shape),
+            "truth": t}
