@@ -285,3 +285,56 @@ def test_concurrent_group_table_writes_stay_valid(tmp_path):
     header = table.read_text().splitlines()[0].split("\t")
     assert all(len(line.split("\t")) == len(header) for line in table.read_text().splitlines())
     assert not [p for p in (tmp_path / "group").iterdir() if p.name.endswith(".tsv") and p.name != table.name]
+
+
+@pytest.mark.slow
+def test_generated_dataset_mismatch_predicts_growth(tmp_path):
+    """The synthetic generator's patients (infiltration becomes lesion at follow-up): the follow-up
+    T1w registered to the baseline as in the workflow, truth masks as lesion masks, a detector that
+    flags the tumour and the infiltration; overlap above random regions.  Its two-session control:
+    no mismatch growth."""
+    from bids_uad.algorithms.longitudinal import compare_sessions
+    from bids_uad.algorithms.registration import apply_transforms
+    from bids_uad.interfaces.longitudinal import register_followup
+    from bids_uad.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "synth", preset="tiny", n_controls=1, n_patients=1, seed=0,
+                            progress=False, write_clean_dwi=False)
+    truth = Path(root) / "derivatives" / "synthetic-truth"
+    results = {}
+    for sub in ("pat01", "ctrl01"):
+        def files(ses):
+            prefix = f"sub-{sub}_ses-{ses}"
+            anat = truth / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            tumour = anat / f"{prefix}_space-T1w_desc-tumor_mask.nii.gz"
+            return {"t1w": Path(root) / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"{prefix}_T1w.nii.gz",
+                    "brain": anat / f"{prefix}_space-T1w_desc-brain_mask.nii.gz",
+                    "tumor": str(tumour) if tumour.is_file() else "",
+                    "infiltration": anat / f"{prefix}_space-T1w_desc-infiltration_mask.nii.gz"}
+
+        base, fu = files("pre"), files("followup")
+        _, reg = register_followup(base["t1w"], base["brain"], base["tumor"], fu["t1w"], fu["brain"], fu["tumor"],
+                                   str(tmp_path / f"{sub}_"), reg_iterations=(20, 10, 0))
+        ref = nib.load(base["t1w"])
+
+        def load(path):
+            if not path or not Path(path).is_file():
+                return np.zeros(ref.shape, bool)
+            return np.asarray(nib.load(str(path)).dataobj) > 0
+
+        brain, tumour, infil = load(base["brain"]), load(base["tumor"]), load(base["infiltration"])
+        fu_tumour = (np.asarray(apply_transforms(fu["tumor"], ref, reg.forward, "mask",
+                                                 invert=reg.forward_invert).dataobj) > 0
+                     if fu["tumor"] else np.zeros(ref.shape, bool))
+        anomaly = (tumour | infil) & brain
+        fp = np.zeros(ref.shape, bool)
+        fp[tuple(np.argwhere(brain & ~tumour & ~infil)[::997][:5].T)] = True  # a few false positives
+        stats, _ = compare_sessions(anomaly | fp, tumour, fu_tumour, brain, ref.header.get_zooms()[:3],
+                                    n_permutations=60, seed=0)
+        results[sub] = stats
+    pat, ctl = results["pat01"], results["ctrl01"]
+    assert pat["new_lesion_ml"] > 1.0
+    assert pat["overlap_fraction"] > 0.2 > pat["overlap_fraction_random_mean"]
+    assert pat["overlap_fraction"] > 5 * pat["overlap_fraction_random_mean"]
+    assert pat["overlap_fraction_random_p"] < 0.05
+    assert ctl["mismatch_growth_ml"] == 0.0 and ctl["new_lesion_ml"] == 0.0
