@@ -217,7 +217,7 @@ def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: 
                      "Description": f"preset {preset.name}, seed {seed}, lesion generator {generator}"}]
     _json(root / "dataset_description.json", {
         "Name": f"bids_uad synthetic dataset ({preset.name})", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-        "License": "CC0", "Authors": ["bids_uad synthetic generator"], "GeneratedBy": generated_by})
+        "License": "CC0", "Authors": ["bids_uad synthetic generator", "bids_uad developers"], "GeneratedBy": generated_by})
     (root / "README").write_text(
         f"Synthetic diffusion MRI dataset made by {GENERATOR_NAME} {__version__} (preset {preset.name}, "
         f"seed {seed}).\nHealthy controls and glioma patients built from the MNI152 2009a template; the ground "
