@@ -16,6 +16,7 @@ baseline as in the workflow) and its truth masks.  Prints a table; the last line
 
     .venv/bin/python benchmarks/longitudinal.py [--patients 6] [--controls 3] [--permutations 100]
     .venv/bin/python benchmarks/longitudinal.py --generate /tmp/synth   # needs generate_dataset
+    .venv/bin/python benchmarks/longitudinal.py --dataset /tmp/synth --workflow [--lesions estimate]
 """
 from __future__ import annotations
 
@@ -130,6 +131,104 @@ def dataset_rows(root: Path, args, work: Path) -> list[dict]:
     return rows
 
 
+def _ants_affine(ras: np.ndarray, path: Path) -> None:
+    """Write a RAS world→world 4x4 as the ANTs transform that resamples along it (fixed→moving, LPS)."""
+    import ants
+
+    flip = np.diag([-1.0, -1.0, 1.0])
+    inv = np.linalg.inv(ras)
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                                    matrix=flip @ inv[:3, :3] @ flip,
+                                                    translation=flip @ inv[:3, 3]), str(path))
+
+
+def fake_participant_derivatives(root: Path, out: Path, args) -> list[tuple[str, list[str]]]:
+    """OUTPUT_DIR as the participant level would leave it, made from the dataset's truth.
+
+    anat: raw T1w/FLAIR as ``desc-preproc`` (same grid), truth brain mask, the truth T1w→dwi
+    rigid as ANTs ``.h5``; dwi: truth brain mask ∩ tissue as the analysis mask and, as the
+    ``model-oracle`` anomaly maps, the simulated detector on the dwi-space tumour and
+    infiltration truth.  Returns (subject, sessions) of subjects with two or more sessions.
+    """
+    import shutil
+
+    import nibabel as nib
+
+    truth_root = root / "derivatives" / "synthetic-truth"
+    subjects = []
+    for sub_dir in sorted(p for p in truth_root.glob("sub-*") if p.is_dir()):
+        sub = sub_dir.name[4:]
+        sessions = sorted(p.name[4:] for p in sub_dir.glob("ses-*") if p.is_dir())
+        for k, ses in enumerate(sessions):
+            prefix = f"sub-{sub}_ses-{ses}"
+            raw, tru = root / f"sub-{sub}" / f"ses-{ses}", sub_dir / f"ses-{ses}"
+            anat, dwi = out / f"sub-{sub}" / f"ses-{ses}" / "anat", out / f"sub-{sub}" / f"ses-{ses}" / "dwi"
+            anat.mkdir(parents=True, exist_ok=True)
+            dwi.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(raw / "anat" / f"{prefix}_T1w.nii.gz", anat / f"{prefix}_desc-preproc_T1w.nii.gz")
+            shutil.copyfile(tru / "anat" / f"{prefix}_space-T1w_desc-brain_mask.nii.gz",
+                            anat / f"{prefix}_desc-brain_mask.nii.gz")
+            if (raw / "anat" / f"{prefix}_FLAIR.nii.gz").is_file():
+                shutil.copyfile(raw / "anat" / f"{prefix}_FLAIR.nii.gz",
+                                anat / f"{prefix}_space-T1w_desc-preproc_FLAIR.nii.gz")
+            xfm = tru / "anat" / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.txt"
+            if not xfm.is_file():
+                continue
+            ras = np.loadtxt(xfm)
+            _ants_affine(ras, anat / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.h5")
+            _ants_affine(np.linalg.inv(ras), anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5")
+            brain_img = nib.load(str(tru / "dwi" / f"{prefix}_space-dwi_desc-brain_mask.nii.gz"))
+            dseg = np.asarray(nib.load(str(tru / "dwi" / f"{prefix}_space-dwi_dseg.nii.gz")).dataobj)
+            analysis = (np.asarray(brain_img.dataobj) > 0) & (dseg >= 2)
+
+            def truth_dwi(desc):
+                path = tru / "dwi" / f"{prefix}_space-dwi_desc-{desc}_mask.nii.gz"
+                return np.asarray(nib.load(str(path)).dataobj) > 0 if path.is_file() else np.zeros_like(analysis)
+
+            rng = np.random.default_rng(args.seed + 17 * k + len(subjects))
+            anomaly = simulate_detector(truth_dwi("tumor"), truth_dwi("infiltration"), analysis, rng) & analysis
+            score = anomaly * 3.0 + 0.3 * rng.random(anomaly.shape)
+            for data, name, dtype in ((analysis, f"{prefix}_space-dwi_desc-analysis_mask", np.uint8),
+                                      (anomaly, f"{prefix}_space-dwi_model-oracle_desc-anomaly_mask", np.uint8),
+                                      (score * analysis, f"{prefix}_space-dwi_model-oracle_stat-score_anomaly",
+                                       np.float32)):
+                nib.save(nib.Nifti1Image(data.astype(dtype), brain_img.affine), str(dwi / f"{name}.nii.gz"))
+        if len(sessions) > 1:
+            subjects.append((sub, sessions))
+    return subjects
+
+
+def workflow_rows(root: Path, args, work: Path) -> list[dict]:
+    """Run ``init_longitudinal_wf`` on every two-session subject of a generated dataset."""
+    from bids_uad.config import Settings
+    from bids_uad.interfaces.longitudinal import read_tsv
+    from bids_uad.workflows.longitudinal import init_longitudinal_wf
+
+    out = work / "derivatives"
+    subjects = fake_participant_derivatives(root, out, args)
+    lesions = root / "derivatives" / "synthetic-truth" if args.lesions == "truth" else None
+    settings = Settings(bids_dir=root, output_dir=out, analysis_level="participant", work_dir=work / "work",
+                        lesion_masks=lesions, seed=args.seed)
+    rows = []
+    for sub, sessions in subjects:
+        t0 = time.time()
+        wf = init_longitudinal_wf(settings, sub, sessions, name=f"longitudinal_{sub}",
+                                  n_permutations=args.permutations, perilesional_mm=args.perilesional_mm,
+                                  check_inputs=True)
+        wf.base_dir = str(settings.work_dir)
+        wf.run(plugin="Linear")
+        for row in read_tsv(out / f"sub-{sub}" / f"sub-{sub}_desc-longitudinal_stats.tsv"):
+            row = {k: (float(v) if v not in ("n/a",) and k.endswith(("_ml", "_mean", "_p", "_std", "fraction"))
+                       else (float("nan") if v == "n/a" else v)) for k, v in row.items()}
+            rows.append({"subject": sub, "group": "control" if sub.startswith("ctrl") else "patient",
+                         "workflow_s": round(time.time() - t0, 1), **row})
+    if args.keep:
+        import shutil
+
+        shutil.copytree(out, args.keep, dirs_exist_ok=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=6)
@@ -143,6 +242,11 @@ def main(argv=None) -> int:
                         "truth and T1w images (registration included) instead of the template model")
     parser.add_argument("--generate", type=Path, help="generate the tiny synthetic dataset here first "
                         "(bids_uad.synthetic.generate_dataset), then use it as --dataset")
+    parser.add_argument("--workflow", action="store_true", help="with --dataset/--generate: run the "
+                        "nipype workflow on derivatives made from the truth (model-oracle anomaly maps)")
+    parser.add_argument("--lesions", default="truth", choices=("truth", "estimate"),
+                        help="--workflow: truth masks as --lesion-masks, or FLAIR estimates")
+    parser.add_argument("--keep", type=Path, help="--workflow: copy the derivatives here")
     args = parser.parse_args(argv)
 
     from bids_uad.algorithms.longitudinal import compare_sessions
@@ -159,8 +263,9 @@ def main(argv=None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="bids_uad_long_") as work:
-            rows = dataset_rows(Path(args.dataset), args, Path(work))
-        return report(rows, args, t0, source=str(args.dataset))
+            rows = (workflow_rows if args.workflow else dataset_rows)(Path(args.dataset), args, Path(work))
+        source = str(args.dataset) + (f" (workflow, lesions: {args.lesions})" if args.workflow else "")
+        return report(rows, args, t0, source=source)
     tpl = load_template(2)
     brain = tpl.brain > 0.5
     csf = np.clip(tpl.brain - tpl.gm - tpl.wm, 0, 1)
