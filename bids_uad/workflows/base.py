@@ -18,7 +18,7 @@ from bids_uad.bids.lesions import find_lesion_mask
 from bids_uad.bids.preprocessed import find_preprocessed_dwi
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
-from bids_uad.errors import BidsUadError, InputValidationError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
+from bids_uad.errors import BidsUadError, InputMissingError, InputValidationError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
 
 LOGGER = logging.getLogger("bids_uad.workflows")
 
@@ -96,7 +96,9 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     builders = {stage: stage_builder(stage) for stage in ("dwi", "anat", "anomaly")}
     wanted = ["dwi", "anat"] + (["anomaly"] if settings.model is not None else [])
     missing = [stage for stage in wanted if builders[stage] is None]
+    finished: dict[tuple[str, str | None], list[tuple[object, str]]] = {}
     for ses in plan.sessions:
+        signals = finished.setdefault((ses.subject, ses.session), [])
         done = find_preprocessed_dwi(settings.output_dir, ses.subject, ses.session) if settings.model else None
         if done is not None and done.analysis_mask is not None:
             LOGGER.info("sub-%s%s: preprocessed derivatives found, scoring them", ses.subject,
@@ -110,9 +112,12 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 awf.inputs.inputnode.analysis_mask = str(done.analysis_mask)
                 awf.inputs.inputnode.source_entities = done.entities
                 workflow.add_nodes([awf])
+                signals.append((awf, "outputnode.masks"))
             continue
         first_dwi = _add_dwi_stage(workflow, builders["dwi"], settings, ses)
         anat_wf = _add_anat_stage(workflow, builders["anat"], settings, ses, first_dwi)
+        signals += [(first_dwi, "outputnode.dwi_preproc")] if first_dwi is not None else []
+        signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
         if builders["anomaly"] is not None and settings.model is not None and first_dwi is not None:
             awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}")
             awf.inputs.inputnode.source_entities = ses.entities
@@ -126,7 +131,51 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 LOGGER.warning("sub-%s: no anatomical analysis mask: anomalies scored in the whole brain mask",
                                ses.subject)
                 awf.inputs.inputnode.analysis_mask = ""
+            signals.append((awf, "outputnode.masks"))
+    if settings.model is not None:
+        _add_longitudinal_stage(workflow, settings, plan, finished)
     return workflow, missing
+
+
+def _add_longitudinal_stage(workflow, settings: Settings, plan: ParticipantPlan,
+                            finished: dict[tuple[str, str | None], list[tuple[object, str]]]) -> None:
+    """Baseline vs follow-up comparison for each subject with several sessions (after scoring)."""
+    from nipype.interfaces import utility as niu
+
+    builder = stage_builder("longitudinal")
+    by_subject: dict[str, list[str]] = {}
+    for ses in plan.sessions:
+        if ses.session:
+            by_subject.setdefault(ses.subject, []).append(ses.session)
+    for subject, sessions in by_subject.items():
+        if len(sessions) < 2:
+            continue
+        if builder is None:
+            raise StageNotImplementedError("the longitudinal comparison is not implemented yet")
+        from bids_uad.workflows.longitudinal import plan_sessions
+
+        try:
+            baseline, followups = plan_sessions(settings, subject, sessions)
+        except InputMissingError as exc:
+            LOGGER.warning("sub-%s: longitudinal comparison skipped: %s", subject, exc.one_line())
+            continue
+        lwf = builder(settings, subject, sessions, name=f"longitudinal_sub_{subject}")
+        for field, labels in (("wait_baseline", [baseline]), ("wait_followups", followups)):
+            signals = [sig for label in labels for sig in finished.get((subject, label), [])]
+            if not signals:
+                setattr(lwf.inputs.inputnode, field, [])
+                continue
+            merge = niu.Merge(len(signals))
+            node = _merge_node(merge, f"{field}_sub_{subject}")
+            for index, (source, output) in enumerate(signals, start=1):
+                workflow.connect(source, output, node, f"in{index}")
+            workflow.connect(node, "out", lwf, f"inputnode.{field}")
+
+
+def _merge_node(interface, name: str):
+    from nipype.pipeline import engine as pe
+
+    return pe.Node(interface, name=name, run_without_submitting=True)
 
 
 def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs):
