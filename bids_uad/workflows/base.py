@@ -241,6 +241,29 @@ def nipype_plugin(settings: Settings) -> tuple[str, dict]:
     return "MultiProc", args
 
 
+class NodeProgress:
+    """nipype status callback: one log line per finished node, ``[done/total] name (seconds)``."""
+
+    def __init__(self, workflow):
+        self.total = sum(1 for _ in workflow._get_all_nodes())
+        self.done = 0
+        self.started: dict[str, float] = {}
+
+    def __call__(self, node, status: str) -> None:
+        import time
+
+        if status == "start":
+            self.started[node.fullname] = time.monotonic()
+            return
+        self.done += 1
+        seconds = time.monotonic() - self.started.pop(node.fullname, time.monotonic())
+        name = node.fullname.removeprefix("bids_uad_participant_wf.")
+        if status == "exception":
+            LOGGER.error("[%d/%d] %s failed after %.1f s", self.done, self.total, name, seconds)
+        else:
+            LOGGER.info("[%d/%d] %s (%.1f s)", self.done, self.total, name, seconds)
+
+
 def run_workflow(workflow, settings: Settings, run_id: str) -> None:
     """Run a nipype workflow in the work folder with crash files in the output logs."""
     from nipype import config as nipype_config
@@ -257,6 +280,8 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
     })
     nipype_config.set("execution", "check_version", "false")
     plugin, args = nipype_plugin(settings)
+    if plugin in ("Linear", "MultiProc", "LegacyMultiProc"):
+        args = {**args, "status_callback": NodeProgress(workflow)}
     LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
     try:
         workflow.run(plugin=plugin, plugin_args=args)
