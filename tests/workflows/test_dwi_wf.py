@@ -156,3 +156,46 @@ def test_workflow_on_real_ap_pa_series(tmp_path):
     assert corr(cor) > corr(raw) + 0.1
     fa = nib.load(str(out / "sub-01_ses-pre_space-dwi_model-tensor_param-fa_dwimap.nii.gz")).get_fdata()
     assert 0.1 < np.median(fa[mask]) < 0.6
+
+
+@pytest.mark.slow
+def test_workflow_on_generated_synthetic_subject(tmp_path):
+    """One tiny subject of bids_uad.synthetic: field and motion against the truth folder."""
+    from bids_uad.synthetic import generate_dataset
+
+    bids = generate_dataset(tmp_path / "bids", preset="tiny", n_controls=1, n_patients=0,
+                            no_reverse_pe_fraction=0, progress=False, n_jobs=1)
+    base = bids / "sub-ctrl01" / "ses-pre"
+    dwi = base / "dwi" / "sub-ctrl01_ses-pre_dir-AP_dwi"
+    rpe = base / "fmap" / "sub-ctrl01_ses-pre_dir-PA_epi"
+    settings = Settings(bids_dir=bids, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", preproc_backend="python")
+    wf = init_dwi_preproc_wf(settings)
+    wf.base_dir = str(tmp_path / "work")
+    i = wf.get_node("inputnode").inputs
+    i.dwi_file, i.bval_file, i.bvec_file = f"{dwi}.nii.gz", f"{dwi}.bval", f"{dwi}.bvec"
+    i.dwi_metadata = json.loads(Path(f"{dwi}.json").read_text())
+    i.rpe_file, i.rpe_metadata = f"{rpe}.nii.gz", json.loads(Path(f"{rpe}.json").read_text())
+    i.source_entities = {"subject": "ctrl01", "session": "pre", "direction": "AP"}
+    wf.run(plugin="Linear")
+    out = settings.output_dir / "sub-ctrl01" / "ses-pre" / "dwi"
+    truth = bids / "derivatives" / "synthetic-truth" / "sub-ctrl01" / "ses-pre" / "dwi"
+    mask = nib.load(str(truth / "sub-ctrl01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
+    trt = i.dwi_metadata["TotalReadoutTime"]
+    est = nib.load(str(out / "sub-ctrl01_ses-pre_space-dwi_desc-susceptibility_fieldmap.nii.gz")).get_fdata()
+    true = nib.load(str(truth / "sub-ctrl01_ses-pre_desc-susceptibility_fieldmap.nii.gz")).get_fdata()
+    assert np.median(np.abs(est - true)[mask]) * trt < 0.2
+    import csv
+
+    def read(path):
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        return np.array([[float(r[c]) for c in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")]
+                         for r in rows])
+
+    m_est = read(out / "sub-ctrl01_ses-pre_desc-motion_timeseries.tsv")
+    m_true = read(truth / "sub-ctrl01_ses-pre_desc-motion_timeseries.tsv")
+    assert np.abs(m_est[:, :3] - m_true[:, :3]).mean() < 0.6  # 4 mm voxels
+    assert np.rad2deg(np.abs(m_est[:, 3:] - m_true[:, 3:])).mean() < 0.4
+    mask_est = nib.load(str(out / "sub-ctrl01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
+    assert 2 * (mask_est & mask).sum() / (mask_est.sum() + mask.sum()) > 0.9
