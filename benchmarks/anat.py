@@ -129,10 +129,15 @@ def _generator_cases(preset: str, seed: int, max_subjects: int, data_dir: Path |
         root = Path(tempfile.mkdtemp(prefix=f"bench_anat_{preset}_")) if root is None else root
         from bids_uad.synthetic import generate_dataset
 
-        generate_dataset(root, preset=preset, seed=seed)
+        generate_dataset(root, preset=preset, seed=seed, n_jobs=1, progress=False)
     truth = root / "derivatives" / "synthetic-truth"
     t1ws = sorted(glob.glob(str(root / "sub-*" / "ses-*" / "anat" / "*_T1w.nii.gz")))
     t1ws += sorted(glob.glob(str(root / "sub-*" / "anat" / "*_T1w.nii.gz")))
+    def has_dwi_truth(t1w):
+        rel = Path(t1w).parent.parent.relative_to(root)
+        return bool(glob.glob(str(truth / rel / "dwi" / "*_space-dwi_desc-clean_dwi.nii.gz")))
+
+    t1ws = [p for p in t1ws if has_dwi_truth(p)]
     patients = [p for p in t1ws if "sub-pat" in p]
     controls = [p for p in t1ws if "sub-pat" not in p]
     chosen = []

@@ -32,7 +32,7 @@ def segment_tissues(
     mask: nib.Nifti1Image | np.ndarray,
     priors: dict | None = None,
     prior_weight: float = 0.25,
-    mrf: float = 0.1,
+    mrf: float = 0.2,
     iterations: int = 5,
     seed: int | None = 0,
     threads: int = 1,

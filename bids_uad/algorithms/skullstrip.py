@@ -99,15 +99,17 @@ def template_brain_mask(
 
 
 def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 2.0,
-                  min_dice: float = 0.85) -> np.ndarray:
-    """Union of the threshold mask and the warped template mask, cut to the template grown.
+                  close_mm: float = 6.0, min_dice: float = 0.85) -> np.ndarray:
+    """Threshold mask, completed by the warped template mask inside its own closing.
 
-    The union keeps sulcal CSF the threshold mask misses and brain the template misses; the
-    cut to the template mask grown by ``margin_mm`` drops leaks into eyes, scalp or neck.
-    When the two disagree grossly (Dice < ``min_dice``) the template mask alone is used,
-    since a failed threshold is the more likely cause.  Measured on phantom heads (Dice vs
-    truth, threshold / template / this): 4 mm 0.89/0.92/0.92, 3 mm 0.984/0.984/0.984,
-    2 mm 0.981/0.984/0.985, 1 mm 0.973/0.986/0.986 (with a 4 mm margin: 0.90 at 4 mm).
+    ``guess`` follows the data closely but misses sulcal CSF open to the surface; the
+    template mask covers that CSF but tends to include some extra-axial CSF and bone.  So:
+    guess ∪ (template ∩ closing(guess, ``close_mm``)), cut to the template mask grown by
+    ``margin_mm`` (drops leaks into eyes, scalp or neck), holes filled.  When the two disagree
+    grossly (Dice < ``min_dice``) the template mask alone is used, since a failed threshold is
+    the more likely cause.  Measured Dice vs truth (threshold / template / this), synthetic
+    generator T1w: 2 mm 0.990/0.978/0.989, 1 mm control 0.996/0.981/0.995, 1 mm patient
+    0.977/0.988/0.981; template-derived phantom 1 mm 0.973/0.985/0.978.
     """
     a, b = guess > 0, warped > 0
     denom = a.sum() + b.sum()
@@ -116,8 +118,12 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
         LOGGER.warning("skull strip: threshold mask and template mask disagree (Dice %.2f); "
                        "using the template mask", agreement)
         return b
-    grown = ndi.binary_dilation(b, structure=_ball(margin_mm / np.asarray(zooms[:3], float)))
-    return ndi.binary_fill_holes(_largest((a | b) & grown))
+    zooms = np.asarray(zooms[:3], float)
+    pad = int(np.ceil(close_mm / zooms.min())) + 1
+    closed = ndi.binary_closing(np.pad(a, pad), structure=_ball(close_mm / zooms))
+    closed = closed[pad:-pad, pad:-pad, pad:-pad]
+    grown = ndi.binary_dilation(b, structure=_ball(margin_mm / zooms))
+    return ndi.binary_fill_holes(_largest((a | (b & closed)) & grown))
 
 
 def deepbet_available() -> bool:

@@ -273,7 +273,7 @@ class _SegmentInputSpec(_AntsInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
     prior_files = traits.List(traits.Str, desc="CSF, GM, WM priors on the T1w grid (optional)")
     prior_weight = traits.Float(0.5, usedefault=True)
-    mrf = traits.Float(0.1, usedefault=True)
+    mrf = traits.Float(0.2, usedefault=True)
     iterations = traits.Int(5, usedefault=True)
 
 
