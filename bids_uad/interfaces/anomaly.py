@@ -80,3 +80,64 @@ class AnomalyInference(SimpleInterface):
         info["voxel_volume_mm3"] = float(np.prod(img.header.get_zooms()[:3]))
         self._results["meta"] = info
         return runtime
+
+
+class _ToTemplateInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="a map in diffusion space")
+    output_dir = traits.Str(mandatory=True, desc="OUTPUT_DIR holding the anatomical transforms")
+    source_entities = traits.Dict(mandatory=True)
+    template_name = traits.Str(mandatory=True)
+    template_file = File(exists=True, mandatory=True)
+    kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
+    in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
+
+
+class _ToTemplateOutputSpec(TraitedSpec):
+    out_file = traits.Str(desc="the map in template space ('' when the transforms are missing)")
+    meta = traits.Dict()
+
+
+class ToTemplateSpace(SimpleInterface):
+    """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
+
+    Reads the session's ``from-dwi_to-T1w`` and ``from-T1w_to-<template>`` transforms from the
+    derivatives; without them (no T1w) it writes nothing and says so in the log.
+    """
+
+    input_spec = _ToTemplateInputSpec
+    output_spec = _ToTemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        import logging
+
+        import nibabel as nib
+
+        from bids_uad.algorithms.registration import apply_transforms
+
+        ent = self.inputs.source_entities
+        prefix = f"sub-{ent['subject']}" + (f"_ses-{ent['session']}" if ent.get("session") else "")
+        anat = Path(self.inputs.output_dir) / f"sub-{ent['subject']}"
+        if ent.get("session"):
+            anat = anat / f"ses-{ent['session']}"
+        anat = anat / "anat"
+        dwi2t1w = anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5"
+        t1w2tpl = anat / f"{prefix}_from-T1w_to-{self.inputs.template_name}_mode-image_xfm.h5"
+        self._results["meta"] = {}
+        if not (dwi2t1w.is_file() and t1w2tpl.is_file()):
+            logging.getLogger("bids_uad.anomaly").warning(
+                "%s: no anatomical transforms (%s, %s): %s map not written", prefix, dwi2t1w.name,
+                t1w2tpl.name, self.inputs.template_name)
+            self._results["out_file"] = ""
+            return runtime
+        kind = "label" if self.inputs.kind == "mask" else "image"
+        warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                  [str(t1w2tpl), str(dwi2t1w)], kind)
+        out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
+        if kind == "label":
+            warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)
+        nib.save(warped, str(out))
+        self._results["out_file"] = str(out)
+        self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t1w2tpl.name, dwi2t1w.name],
+                                 "Template": self.inputs.template_name,
+                                 "Interpolation": "nearest label" if kind == "label" else "linear"}
+        return runtime

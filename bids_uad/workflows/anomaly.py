@@ -8,7 +8,7 @@ from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
 from bids_uad.errors import InputMissingError
-from bids_uad.interfaces.anomaly import AnomalyInference
+from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
 
@@ -71,6 +71,8 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
             (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
         ])
         sinks[key] = sink
+    if any(space.startswith("MNI") for space in settings.output_spaces):
+        _add_template_outputs(workflow, settings, inputnode, infer, common)
     workflow.connect([
         (inputnode, infer, [("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
                             ("brain_mask", "brain_mask"), ("analysis_mask", "analysis_mask")]),
@@ -78,6 +80,41 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
         (sinks["mask"], outputnode, [("out_file", "masks")]),
     ])
     return workflow
+
+
+def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common: dict) -> None:
+    """Score and mask maps also in the MNI template actually available (named as such)."""
+    import logging
+
+    from bids_uad.algorithms.templates import find_template
+
+    template = find_template()
+    wanted = [s for s in settings.output_spaces if s.startswith("MNI")]
+    if template.name not in wanted:
+        logging.getLogger("bids_uad.anomaly").info(
+            "output space %s asked for; the template available is %s, outputs are named after it",
+            ", ".join(wanted), template.name)
+    for key, kind, extra, suffix in (("score", "image", {"stat": "score"}, "anomaly"),
+                                     ("mask", "mask", {"desc": "anomaly"}, "mask")):
+        warp = pe.MapNode(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
+                                          template_file=template.t1w, kind=kind),
+                          iterfield=["in_file", "in_meta"], name=f"to_template_{key}", mem_gb=1.5)
+        ent = pe.MapNode(niu.Function(input_names=["source_entities", "model_name", "extra"],
+                                      output_names=["entities"], function=model_entities),
+                         iterfield=["model_name"], name=f"entities_template_{key}")
+        ent.inputs.extra = {**extra, "space": template.name}
+        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=True, **common),
+                          iterfield=["in_file", "entities", "meta"], name=f"ds_template_{key}",
+                          run_without_submitting=True)
+        workflow.connect([
+            (inputnode, warp, [("source_entities", "source_entities")]),
+            (infer, warp, [(key, "in_file"), ("meta", "in_meta")]),
+            (inputnode, ent, [("source_entities", "source_entities")]),
+            (infer, ent, [("model_name", "model_name")]),
+            (ent, sink, [("entities", "entities")]),
+            (warp, sink, [("out_file", "in_file"), ("meta", "meta")]),
+            (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
+        ])
 
 
 def _as_list(value):
