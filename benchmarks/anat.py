@@ -394,7 +394,9 @@ def _markdown(r: dict) -> str:
              f"| WM Dice in dwi space, truth labels carried by our transform | "
              f"{f(r['wm_dice_dwi_space_truth_labels'])} | |",
              f"| T1w→dwi displacement error, mean / p95 mm | {f(r['registration_error_mm'], 2)} / "
-             f"{f(r['registration_error_p95_mm'], 2)} | |", "",
+             f"{f(r['registration_error_p95_mm'], 2)} | |",
+             f"| FLAIR→T1w displacement error (truth: identity), mean mm | "
+             f"{f(r.get('flair_registration_error_mm'), 2)} | |", "",
              "## Steps (mean per session: wall s, CPU s, peak RSS MB)", "", "| step | wall s | CPU s | MB |",
              "|---|---|---|---|"]
     for k, v in r["steps"].items():
