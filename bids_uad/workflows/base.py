@@ -252,6 +252,8 @@ class NodeProgress:
     def __call__(self, node, status: str) -> None:
         import time
 
+        if node.name.startswith("_"):  # the per-item children of a MapNode: counted with their parent
+            return
         if status == "start":
             self.started[node.fullname] = time.monotonic()
             return
