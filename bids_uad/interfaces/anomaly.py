@@ -24,6 +24,7 @@ class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
     ensemble = traits.Bool(False, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
+    source_entities = traits.Dict(desc="entities of the input; out_entities adds the model")
 
 
 class _AnomalyInferenceOutputSpec(TraitedSpec):
@@ -31,6 +32,7 @@ class _AnomalyInferenceOutputSpec(TraitedSpec):
     pvalue = traits.Either(File, traits.Str, desc="conformal p-value map ('' when uncalibrated)")
     mask = File(desc="binary anomaly mask (thresholded, opened)")
     model_name = traits.Str()
+    out_entities = traits.Dict(desc="subject/session/acquisition/run of the input plus model-<name>")
     meta = traits.Dict(desc="provenance for the sidecars")
 
 
@@ -73,6 +75,9 @@ class AnomalyInference(SimpleInterface):
         self._results["mask"] = save(result.mask, "mask.nii.gz", np.uint8)
         self._results["pvalue"] = save(result.pvalues, "pvalue.nii.gz", np.float32) if result.pvalues is not None else ""
         self._results["model_name"] = bundle.name
+        keep = ("subject", "session", "acquisition", "run")
+        self._results["out_entities"] = {**{k: v for k, v in (self.inputs.source_entities or {}).items()
+                                            if k in keep}, "model": bundle.name}
         info = dict(result.info)
         info["model_file"] = os.path.basename(self.inputs.model_file)
         info["analysis_mask"] = "WM ∪ GM minus ventricles" if self.inputs.analysis_mask else "brain mask"

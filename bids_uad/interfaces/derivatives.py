@@ -27,6 +27,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True, desc="derivatives root (OUTPUT_DIR)")
     bids_dir = traits.Str(desc="input dataset, to refuse writing inside it and to cite sources")
     entities = traits.Dict(mandatory=True, desc="BIDS entities (sub, ses, space, desc, ...)")
+    extra_entities = traits.Dict(desc="entities merged over ``entities`` (e.g. space, stat)")
     suffix = traits.Str(mandatory=True, desc="BIDS suffix, e.g. dwi, mask, dwimap")
     extension = traits.Str(desc="extension; default: that of in_file")
     datatype = traits.Str(desc="datatype folder: anat, dwi, fmap, figures")
@@ -63,7 +64,8 @@ class DerivativesDataSink(SimpleInterface):
         writer = DerivativesWriter(self.inputs.output_dir, self.inputs.bids_dir or None)
         extension = self.inputs.extension or _extension_of(self.inputs.in_file)
         datatype = self.inputs.datatype or None
-        target = writer.path(self.inputs.entities, self.inputs.suffix, extension, datatype)
+        entities = {**self.inputs.entities, **(self.inputs.extra_entities or {})}
+        target = writer.path(entities, self.inputs.suffix, extension, datatype)
         with atomic_path(target) as tmp:
             shutil.copyfile(self.inputs.in_file, tmp)
         self._results["out_file"] = str(target)

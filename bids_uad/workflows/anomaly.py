@@ -22,14 +22,6 @@ def resolve_model_files(path: str | Path) -> list[Path]:
     return files
 
 
-def model_entities(source_entities: dict, model_name: str, extra: dict) -> dict:
-    """Entities of a per-model output (self-contained: nipype runs it from its source)."""
-    keep = {k: v for k, v in source_entities.items() if k in ("subject", "session", "acquisition", "run")}
-    keep.update(extra)
-    keep["model"] = model_name
-    return keep
-
-
 #: output key -> (extra entities, BIDS suffix)
 OUTPUTS = {
     "score": ({"space": "dwi", "stat": "score"}, "anomaly"),
@@ -57,24 +49,18 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir), "datatype": "dwi"}
     sinks = {}
     for key, (extra, suffix) in OUTPUTS.items():
-        ent = pe.MapNode(niu.Function(input_names=["source_entities", "model_name", "extra"],
-                                      output_names=["entities"], function=model_entities),
-                         iterfield=["model_name"], name=f"entities_{key}")
-        ent.inputs.extra = extra
-        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=(key == "pvalue"), **common), iterfield=["in_file", "entities", "meta"],
-                          name=f"ds_{key}", run_without_submitting=True)
+        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=(key == "pvalue"), extra_entities=extra,
+                                              **common),
+                          iterfield=["in_file", "entities", "meta"], name=f"ds_{key}", run_without_submitting=True)
         workflow.connect([
-            (inputnode, ent, [("source_entities", "source_entities")]),
-            (infer, ent, [("model_name", "model_name")]),
-            (ent, sink, [("entities", "entities")]),
-            (infer, sink, [(key, "in_file"), ("meta", "meta")]),
+            (infer, sink, [(key, "in_file"), ("meta", "meta"), ("out_entities", "entities")]),
             (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
         ])
         sinks[key] = sink
     if any(space.startswith("MNI") for space in settings.output_spaces):
         _add_template_outputs(workflow, settings, inputnode, infer, common)
     workflow.connect([
-        (inputnode, infer, [("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
+        (inputnode, infer, [("source_entities", "source_entities"), ("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
                             ("brain_mask", "brain_mask"), ("analysis_mask", "analysis_mask")]),
         (sinks["score"], outputnode, [("out_file", "scores")]),
         (sinks["mask"], outputnode, [("out_file", "masks")]),
@@ -99,19 +85,14 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
         warp = pe.MapNode(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
                                           template_file=template.t1w, kind=kind),
                           iterfield=["in_file", "in_meta"], name=f"to_template_{key}", mem_gb=1.5)
-        ent = pe.MapNode(niu.Function(input_names=["source_entities", "model_name", "extra"],
-                                      output_names=["entities"], function=model_entities),
-                         iterfield=["model_name"], name=f"entities_template_{key}")
-        ent.inputs.extra = {**extra, "space": template.name}
-        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=True, **common),
+        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=True,
+                                              extra_entities={**extra, "space": template.name}, **common),
                           iterfield=["in_file", "entities", "meta"], name=f"ds_template_{key}",
                           run_without_submitting=True)
         workflow.connect([
             (inputnode, warp, [("source_entities", "source_entities")]),
             (infer, warp, [(key, "in_file"), ("meta", "in_meta")]),
-            (inputnode, ent, [("source_entities", "source_entities")]),
-            (infer, ent, [("model_name", "model_name")]),
-            (ent, sink, [("entities", "entities")]),
+            (infer, sink, [("out_entities", "entities")]),
             (warp, sink, [("out_file", "in_file"), ("meta", "meta")]),
             (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
         ])
