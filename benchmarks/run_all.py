@@ -1,0 +1,214 @@
+"""Whole-pipeline benchmark: one subject through the participant level, per-stage figures.
+
+``python benchmarks/run_all.py [--preset paper|tiny]`` (``make bench``)
+
+1. generates a synthetic dataset (3 controls + 1 patient) at the preset's geometry;
+2. trains a *timing-only* model of each kind at the reference architecture on the controls'
+   artefact-free series (1 epoch; its accuracy means nothing — the models benchmark reports
+   accuracy), so that inference runs at its real size;
+3. runs ``bids_uad participant --model`` for the patient's baseline session in-process with the
+   Linear plugin, timing every nipype node and sampling the process's resident memory, and
+   sums nodes into stages (dwi preprocessing, anatomy, anomaly inference, reports);
+4. prints a table, gathers the other benchmarks' last results from ``benchmarks/results/``,
+   writes ``benchmarks/results/run_all_<preset>.json`` and ``.md``, and prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _measure import current_rss_mb, markdown_table, measure  # noqa: E402
+
+STAGE_PREFIXES = (("dwi_", "dwi_preproc"), ("anat_", "anat"), ("anomaly_", "anomaly"),
+                  ("longitudinal_", "longitudinal"))
+
+
+class NodeMeter:
+    """Stands in for the pipeline's progress callback: wall time and peak RSS per node."""
+
+    records: list[dict] = []
+
+    def __init__(self, workflow):
+        self.open: dict[str, tuple[float, float]] = {}
+        self.peak = [0.0]
+        self.stop = threading.Event()
+
+    def __call__(self, node, status):
+        if node.name.startswith("_"):
+            return
+        if status == "start":
+            self.peak[0] = current_rss_mb()
+            self.open[node.fullname] = (time.perf_counter(), self.peak[0])
+            self._sample()
+            return
+        t0, _ = self.open.pop(node.fullname, (time.perf_counter(), 0.0))
+        self.stop.set()
+        name = node.fullname.removeprefix("bids_uad_participant_wf.")
+        stage = next((s for p, s in STAGE_PREFIXES if name.startswith(p)), "other")
+        NodeMeter.records.append({"node": name, "stage": stage, "wall_s": time.perf_counter() - t0,
+                                  "peak_rss_mb": max(self.peak[0], current_rss_mb()), "status": status})
+
+    def _sample(self):
+        self.stop = threading.Event()
+        stop, peak = self.stop, self.peak
+
+        def run():
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], current_rss_mb())
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) -> dict:
+    """Reference-architecture models trained for one epoch on the controls' clean series."""
+    import nibabel as nib
+    import numpy as np
+
+    from bids_uad.bids.gradients import load_gradients
+    from bids_uad.training.bundle import train_from_dwi
+    from bids_uad.training.settings import preset
+    from bids_uad.workflows.group import model_settings_for  # noqa: F401 (grid rule documented there)
+
+    truth = bids / "derivatives" / "synthetic-truth"
+    dwis, bvals, bvecs, masks, subjects = [], [], [], [], []
+    for sub in sorted(p.name for p in truth.glob("sub-ctrl*")):
+        d = truth / sub / "ses-pre" / "dwi"
+        stem = f"{sub}_ses-pre_space-dwi_desc-clean_dwi"
+        img = nib.load(str(d / f"{stem}.nii.gz"))
+        table = load_gradients(d / f"{stem}.bval", d / f"{stem}.bvec")
+        dwis.append(np.asarray(img.dataobj, np.float32))
+        bvals.append(table.bvals)
+        bvecs.append(table.bvecs)
+        masks.append(np.asarray(nib.load(str(d / f"{sub}_ses-pre_space-dwi_desc-brain_mask.nii.gz")).dataobj) > 0)
+        subjects.append(sub.removeprefix("sub-"))
+    timings = {}
+    shape = dwis[0].shape[:3]
+    for name in models:
+        base = preset("paper", name)
+        div = 2 ** base.model.depth
+        grid = tuple(int(-(-s // div) * div) for s in shape)
+        settings = replace(base, model=replace(base.model, grid=grid, n_channels=int((bvals[0] > 50).sum())),
+                           training=replace(base.training, epochs=1, n_folds=2, steps_per_epoch=1,
+                                            threads=threads, progress=False))
+        with measure(f"train_{name}") as m:
+            bundle = train_from_dwi(settings, dwis, bvals, bvecs, masks, subjects)
+            bundle.save(out)
+        timings[name] = m.as_dict()
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="paper")
+    parser.add_argument("--threads", type=int, default=2, help="--omp-nthreads of the run (default 2)")
+    parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
+    parser.add_argument("--models", nargs="+", default=["dae", "recdisc"])
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    import bids_uad.workflows.base as base
+    from bids_uad.cli.run import main as bids_uad_main
+    from bids_uad.synthetic import generate_dataset
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bids_uad_bench_"))
+    root.mkdir(parents=True, exist_ok=True)
+    bids, out, models_dir = root / "bids", root / "out", root / "models"
+    print(f"benchmark folder: {root}", flush=True)
+    with measure("generate") as gen:
+        if not (bids / "dataset_description.json").exists():
+            generate_dataset(bids, preset=args.preset, n_controls=3, n_patients=1, seed=0,
+                             no_reverse_pe_fraction=0.0, progress=True)
+    with measure("train_timing_models") as train:
+        train_info = train_timing_models(bids, models_dir, args.models, args.threads)
+
+    NodeMeter.records = []
+    base.NodeProgress = NodeMeter  # per-node figures instead of progress lines
+    reports_meter = {}
+    real_reports = base._build_participant_reports
+
+    def timed_reports(*a, **k):
+        with measure("reports") as m:
+            real_reports(*a, **k)
+        reports_meter["m"] = m
+
+    base._build_participant_reports = timed_reports
+    argv_run = [str(bids), str(out), "participant", "--participant-label", "pat01", "--session-label", "pre",
+                "--model", str(models_dir), "-w", str(root / "work"), "--omp-nthreads", str(args.threads),
+                "--lesion-masks", str(bids / "derivatives" / "synthetic-truth")]
+    with measure("participant") as part:
+        code = bids_uad_main(argv_run)
+    if code != 0:
+        print(f"participant level failed with exit code {code}", file=sys.stderr)
+        return code
+
+    stages: dict[str, dict] = {}
+    for rec in NodeMeter.records:
+        st = stages.setdefault(rec["stage"], {"wall_s": 0.0, "peak_rss_mb": 0.0, "nodes": 0})
+        st["wall_s"] += rec["wall_s"]
+        st["peak_rss_mb"] = max(st["peak_rss_mb"], rec["peak_rss_mb"])
+        st["nodes"] += 1
+    if "m" in reports_meter:
+        stages["reports"] = {"wall_s": reports_meter["m"].wall_s, "peak_rss_mb": reports_meter["m"].peak_rss_mb,
+                             "nodes": 0}
+    accounted = sum(s["wall_s"] for s in stages.values())
+    stages["overhead"] = {"wall_s": max(part.wall_s - accounted, 0.0), "peak_rss_mb": part.peak_rss_mb, "nodes": 0}
+    for st in stages.values():
+        st["wall_s"] = round(st["wall_s"], 2)
+        st["peak_rss_mb"] = round(st["peak_rss_mb"], 1)
+    slowest = sorted(NodeMeter.records, key=lambda r: -r["wall_s"])[:8]
+
+    import nibabel as nib
+
+    dwi_shape = nib.load(str(next((bids / "sub-pat01" / "ses-pre" / "dwi").glob("*_dwi.nii.gz")))).shape
+    t1_shape = nib.load(str(next((bids / "sub-pat01" / "ses-pre" / "anat").glob("*_T1w.nii.gz")))).shape
+    others = {}
+    for path in sorted((HERE / "results").glob("*.json")):
+        if path.name.startswith("run_all"):
+            continue
+        try:
+            others[path.stem] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+    result = {
+        "benchmark": "run_all", "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "threads": args.threads, "dwi_shape": list(dwi_shape), "t1w_shape": list(t1_shape),
+        "models": args.models, "model_note": "timing-only models (reference architecture, 1 epoch)",
+        "participant_wall_s": round(part.wall_s, 2), "participant_peak_rss_mb": round(part.peak_rss_mb, 1),
+        "targets": {"participant_wall_s<=300": part.wall_s <= 300, "participant_peak_rss_mb<=6144":
+                    part.peak_rss_mb <= 6144},
+        "stages": stages,
+        "slowest_nodes": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in slowest],
+        "generate_s": round(gen.wall_s, 1), "train_timing_models": train_info,
+        "other_benchmarks": {name: {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
+                             for name, data in others.items()},
+    }
+    rows = [{"stage": k, **v} for k, v in stages.items()]
+    table = markdown_table(rows, ["stage", "wall_s", "peak_rss_mb", "nodes"])
+    print(f"\nparticipant level, one {args.preset} subject ({dwi_shape} dwi, {t1_shape} T1w), "
+          f"{args.threads} threads: {part.wall_s:.1f} s, peak {part.peak_rss_mb:.0f} MB\n{table}")
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"run_all_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"run_all_{args.preset}.md").write_text(
+        f"# Whole participant level, {args.preset} preset ({result['date']}, {result['machine']})\n\n"
+        f"dwi {dwi_shape}, T1w {t1_shape}, {args.threads} threads; total {part.wall_s:.1f} s, "
+        f"peak {part.peak_rss_mb:.0f} MB\n\n{table}\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
