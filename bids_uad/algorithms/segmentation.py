@@ -33,7 +33,7 @@ def segment_tissues(
     priors: dict | None = None,
     prior_weight: float = 0.25,
     mrf: float = 0.2,
-    iterations: int = 5,
+    iterations: int = 3,
     seed: int | None = 0,
     threads: int = 1,
 ) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image]]:

@@ -274,7 +274,7 @@ class _SegmentInputSpec(_AntsInputSpec):
     prior_files = traits.List(traits.Str, desc="CSF, GM, WM priors on the T1w grid (optional)")
     prior_weight = traits.Float(0.5, usedefault=True)
     mrf = traits.Float(0.2, usedefault=True)
-    iterations = traits.Int(5, usedefault=True)
+    iterations = traits.Int(3, usedefault=True)
 
 
 class _SegmentOutputSpec(TraitedSpec):
@@ -452,7 +452,7 @@ class FlairToT1w(SimpleInterface):
 
     def _run_interface(self, runtime):
         from bids_uad.algorithms.intensity import n4_correct
-        from bids_uad.algorithms.registration import apply_transforms, register
+        from bids_uad.algorithms.registration import register_flair
 
         _set_threads(self.inputs.num_threads)
         if not _given(self.inputs.flair_file):
@@ -465,10 +465,9 @@ class FlairToT1w(SimpleInterface):
         flair_n4, _ = n4_correct(flair, threads=self.inputs.num_threads, seed=self.inputs.seed)
         n4_path = _save(flair_n4, runtime.cwd, "flair_n4.nii.gz")
         mask = self.inputs.t1w_mask if _given(self.inputs.t1w_mask) else None
-        result = register(self.inputs.t1w_file, n4_path, kind="Rigid", fixed_mask=mask,
-                          out_prefix=Path(runtime.cwd) / "flair2t1w_", seed=self.inputs.seed,
-                          threads=self.inputs.num_threads)
-        out = apply_transforms(n4_path, self.inputs.t1w_file, result.forward, "image")
+        out, result = register_flair(self.inputs.t1w_file, n4_path, mask, seed=self.inputs.seed,
+                                     threads=self.inputs.num_threads,
+                                     out_prefix=Path(runtime.cwd) / "flair2t1w_")
         self._results["out_file"] = _save(out, runtime.cwd, "flair_space-T1w.nii.gz")
         self._results["transforms"] = result.forward
         return runtime

@@ -248,3 +248,18 @@ def test_dwi_to_template_composes_inverse_then_forward(tmp_path):
     com = np.array(np.nonzero(out > 0.5)).mean(axis=1)
     world = affine[:3, :3] @ com + affine[:3, 3]
     assert np.allclose(world, [-1.0, -1.0, 3.0], atol=0.6)  # blob centre (-1,-1,-1) + 4 z
+
+
+def test_register_flair_rigid_onto_t1w():
+    rot = np.deg2rad(5.0)
+    pose = np.eye(4)
+    pose[:3, :3] = [[1, 0, 0], [0, np.cos(rot), -np.sin(rot)], [0, np.sin(rot), np.cos(rot)]]
+    pose[:3, 3] = [2.0, 3.0, -2.0]
+    t1 = phantom_head(4.0, bias=0.0)
+    flair = phantom_head(4.0, pose=pose, bias=0.0, seed=5)
+    out, res = reg.register_flair(t1["t1w"], flair["t1w"], t1["brain_mask"], resolution_mm=4.0)
+    assert out.shape == t1["t1w"].shape and np.allclose(out.affine, t1["t1w"].affine)
+    brain = t1["brain_mask"].get_fdata() > 0
+    before = np.corrcoef(flair["t1w"].get_fdata()[brain], t1["t1w"].get_fdata()[brain])[0, 1]
+    after = np.corrcoef(out.get_fdata()[brain], t1["t1w"].get_fdata()[brain])[0, 1]
+    assert after > before + 0.2 and after > 0.85, (before, after)
