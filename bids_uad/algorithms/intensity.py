@@ -6,6 +6,7 @@ import logging
 import nibabel as nib
 import numpy as np
 
+from bids_uad.algorithms.histogram import otsu_threshold as otsu
 from bids_uad.algorithms.registration import configure_ants, from_ants, to_ants
 
 LOGGER = logging.getLogger(__name__)
@@ -27,22 +28,6 @@ def head_mask(data: np.ndarray) -> np.ndarray:
         fg = labels == (int(np.argmax(sizes)) + 1)
     fg = ndi.binary_closing(fg, iterations=2)
     return ndi.binary_fill_holes(fg)
-
-
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu threshold of a 1-D sample."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    hist, edges = np.histogram(values, bins=bins)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    between = between[:-1]
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # middle of a flat optimum
-    return float(centres[int(best[len(best) // 2])])
 
 
 def otsu_multi(values: np.ndarray, classes: int = 3, bins: int = 128) -> list[float]:

@@ -8,29 +8,15 @@ Oracle thresholds live in :mod:`bids_uad.scoring.metrics` (evaluation only).
 from __future__ import annotations
 
 import numpy as np
+
 from scipy import ndimage
+
+from bids_uad.algorithms.histogram import otsu_threshold
 
 from bids_uad.errors import UsageError
 from bids_uad.models import FIXED_THRESHOLDS
 from bids_uad.training.calibration import Calibration
 from bids_uad.training.settings import ScoringSettings
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold maximising the between-class variance of a histogram."""
-    values = np.asarray(values, float).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return hi
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
 def meanpool_threshold(score: np.ndarray, mask: np.ndarray, size: int = 16) -> float:
