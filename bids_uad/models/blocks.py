@@ -84,6 +84,32 @@ class Decoder(nn.Module):
         return h
 
 
+class FanInLinear(nn.Linear):
+    """Dense layer with weights ~ N(0, 1) used as ``W / sqrt(fan_in)`` ("equalised learning rate").
+
+    Same initial output scale as a standard layer, but one Adam step (which moves every weight
+    by about ``lr``) changes an output by ~ ``lr * sqrt(fan_in) * E|h|`` instead of
+    ``lr * fan_in * E|h|``: with a flattened 3D feature map of tens of thousands of inputs the
+    standard parametrisation throws the VAE latent statistics far out of range in one step.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.in_features ** -0.5, self.bias)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over channels and the voxels where ``mask`` (B, X, Y, Z) is set;
+    over the whole grid when ``mask`` is None."""
+    if mask is None:
+        return nn.functional.mse_loss(pred, target)
+    m = mask.to(pred.dtype).unsqueeze(1)
+    return (((pred - target) ** 2) * m).sum() / (m.sum() * pred.shape[1]).clamp(min=1)
+
+
 def output_activation(kind: str) -> nn.Module:
     """Sigmoid (signals in [0, 1]) or identity."""
     return nn.Sigmoid() if kind == "sigmoid" else nn.Identity()

@@ -1,7 +1,8 @@
 """RecDiscNet: reconstruction network + discriminative U-Net on (input, reconstruction).
 
 Loss = MSE(reconstruction, clean input) + bce_weight * BCE(logit, synthetic-anomaly mask)
-with positive-class weight ``pos_weight``; score = sigmoid(logit).
+with positive-class weight ``pos_weight``; score = sigmoid(logit).  The MSE is a mean over
+channels and brain voxels (``mse_region="brain"``) or the whole grid; the BCE a mean over the grid.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bids_uad.models.blocks import Decoder, Encoder, feature_list, output_activation
+from bids_uad.models.blocks import Decoder, Encoder, feature_list, masked_mse, output_activation
 from bids_uad.training.settings import ModelSettings
 
 
@@ -41,7 +42,8 @@ class RecDiscNet(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]):
         """Reconstruction MSE to the clean volume + weighted BCE on the anomaly mask."""
         recon, logit = self(batch["input"])
-        mse = F.mse_loss(recon, batch["clean"])
+        mask = batch.get("mask") if self.settings.mse_region == "brain" else None
+        mse = masked_mse(recon, batch["clean"], mask)
         pos_weight = torch.tensor(self.settings.pos_weight, dtype=logit.dtype, device=logit.device)
         bce = F.binary_cross_entropy_with_logits(logit[:, 0], batch["anomaly"], pos_weight=pos_weight)
         return mse + self.settings.bce_weight * bce, {"mse": mse.detach(), "bce": bce.detach()}

@@ -1,6 +1,12 @@
 """DAE: 3D convolutional variational autoencoder with a dense latent.
 
 Loss = MSE + kl_weight * KL; score = |sum_c (x_hat_c - x_c)| (sum over channels first).
+
+Reductions (see docs/models.md): the MSE is a *mean* over channels and brain voxels
+(``mse_region="brain"``, the default) or over the whole padded grid (``"grid"``); the KL is
+*summed* over the latent dimensions and averaged over the batch.  With a mean MSE the paper's
+weight 1.22e-5 keeps the KL a small regulariser whatever the volume size, and averaging over
+brain voxels only makes the balance independent of how much zero padding the grid adds.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bids_uad.models.blocks import Decoder, Encoder, feature_list, output_activation
+from bids_uad.models.blocks import Decoder, Encoder, FanInLinear, feature_list, masked_mse, output_activation
 from bids_uad.training.settings import ModelSettings
 
 
@@ -25,28 +31,42 @@ class VAE3d(nn.Module):
         feats = feature_list(settings.features, settings.max_features, settings.depth)
         self.bottleneck = tuple(g // 2**settings.depth for g in settings.grid)
         n_flat = feats[-1] * math.prod(self.bottleneck)
+        dense = FanInLinear if settings.latent_scaling == "fan-in" else nn.Linear
         self.encoder = Encoder(settings.n_channels, feats, settings.norm)
-        self.fc_mu = nn.Linear(n_flat, settings.latent_size)
-        self.fc_logvar = nn.Linear(n_flat, settings.latent_size)
+        self.fc_mu = dense(n_flat, settings.latent_size)
+        self.fc_logvar = dense(n_flat, settings.latent_size)
         self.fc_dec = nn.Linear(settings.latent_size, n_flat)
         self.decoder = Decoder(feats, settings.norm)
         self.head = nn.Conv3d(feats[0], settings.n_channels, 1)
         self.act = output_activation(settings.output_activation)
         self._feats = feats
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar).  logvar is clamped to +-logvar_bound in value but with a straight-through
+        gradient: a plain clamp (or a saturating tanh) has zero gradient outside the range, which
+        traps a latent whose logvar once overshoots (KL ~ exp(bound) for ever)."""
+        h = self.encoder(x).flatten(1)
+        raw = self.fc_logvar(h)
+        bound = self.settings.logvar_bound
+        return self.fc_mu(h), raw + (raw.clamp(-bound, bound) - raw).detach()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.fc_dec(z), 0.01).view(-1, self._feats[-1], *self.bottleneck)
+        return self.act(self.head(self.decoder(h)))
+
     def forward(self, x: torch.Tensor):
         """Return (reconstruction, mu, logvar); samples z only in training mode."""
-        h = self.encoder(x).flatten(1)
-        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
+        mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        h = F.leaky_relu(self.fc_dec(z), 0.01).view(-1, self._feats[-1], *self.bottleneck)
-        return self.act(self.head(self.decoder(h))), mu, logvar
+        return self.decode(z), mu, logvar
 
     def loss(self, batch: dict[str, torch.Tensor]):
-        """MSE to the clean input + weighted KL (summed over latent, mean over batch)."""
+        """Mean MSE to the clean input (brain voxels if ``batch["mask"]`` and mse_region="brain")
+        + kl_weight * KL (summed over the latent, mean over the batch)."""
         x = batch["clean"]
         recon, mu, logvar = self(x)
-        mse = F.mse_loss(recon, x)
+        mask = batch.get("mask") if self.settings.mse_region == "brain" else None
+        mse = masked_mse(recon, x, mask)
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
         return mse + self.settings.kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 

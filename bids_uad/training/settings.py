@@ -32,13 +32,22 @@ class ModelSettings:
     latent_size: int = 128  # DAE dense latent (16-512 in the paper)
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
-    kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL
+    kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL (MSE a mean, KL summed over latent)
+    mse_region: str = "brain"  # MSE averaged over "brain" voxels (x channels) or the whole "grid"
+    latent_scaling: str = "none"  # DAE dense mu/logvar layers: "none" (PyTorch default) or "fan-in"
+    logvar_bound: float = 20.0  # DAE: logvar clamped to +-bound, straight-through gradient
     bce_weight: float = 1.0  # RecDiscNet: loss = MSE + bce_weight * BCE
     pos_weight: float = 3.0  # RecDiscNet: BCE positive-class weight p1
 
     def __post_init__(self) -> None:
         if self.output_activation not in ("sigmoid", "linear"):
             raise UsageError(f"output_activation must be sigmoid or linear, not {self.output_activation!r}")
+        if self.mse_region not in ("brain", "grid"):
+            raise UsageError(f"mse_region must be brain or grid, not {self.mse_region!r}")
+        if self.latent_scaling not in ("none", "fan-in"):
+            raise UsageError(f"latent_scaling must be none or fan-in, not {self.latent_scaling!r}")
+        if not self.logvar_bound > 0:
+            raise UsageError("logvar_bound must be positive")
         if self.norm not in ("instance", "group"):
             raise UsageError(f"norm must be instance or group, not {self.norm!r}")
         if not 1 <= self.latent_size <= 4096:
@@ -156,10 +165,13 @@ def _build(cls, data: dict[str, Any]):
 def preset(name: str, model: str = "dae") -> Settings:
     """Named settings: ``quick`` (tiny CPU model for tests/CI) or ``paper`` (reference geometry)."""
     if name == "quick":
+        # Sized for CI: a few dozen Adam steps per fold on CPU.  The DAE needs the fan-in
+        # parametrisation of its dense latent layers at this learning rate (see FanInLinear).
+        epochs, lr = (10, 1e-2) if model == "dae" else (5, 5e-3)
         return Settings(
             model=ModelSettings(name=model, grid=(16, 16, 16), n_channels=32, features=8,
-                                max_features=32, depth=2, latent_size=32),
-            training=TrainingSettings(epochs=6, learning_rate=5e-3, lr_decay=0.95, batch_size=4,
+                                max_features=32, depth=2, latent_size=32, latent_scaling="fan-in"),
+            training=TrainingSettings(epochs=epochs, learning_rate=lr, lr_decay=0.95, batch_size=2,
                                       steps_per_epoch=4, n_folds=3, patience=5, progress=False),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )

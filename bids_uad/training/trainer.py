@@ -57,9 +57,10 @@ class FoldResult:
 
 
 def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
-    """Stack subjects ``idx`` into a batch; corrupt inputs with synthetic patches if the model needs them."""
+    """Stack subjects ``idx`` (and their brain masks, ``"mask"``) into a batch; corrupt inputs with
+    synthetic patches if the model needs them."""
     clean = np.stack([data[i] for i in idx])
-    batch = {"clean": clean}
+    batch = {"clean": clean, "mask": np.stack([np.asarray(masks[i], np.float32) for i in idx])}
     if getattr(model, "needs_ood", False):
         pairs = [add_ood_patches(data[i], masks[i], rng, settings.ood) for i in idx]
         batch["input"] = np.stack([p[0] for p in pairs])
