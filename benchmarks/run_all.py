@@ -35,40 +35,47 @@ STAGE_PREFIXES = (("dwi_", "dwi_preproc"), ("anat_", "anat"), ("anomaly_", "anom
                   ("longitudinal_", "longitudinal"))
 
 
+_SAMPLER: dict = {"peak": 0.0, "stop": None, "open": {}}
+
+
 class NodeMeter:
-    """Stands in for the pipeline's progress callback: wall time and peak RSS per node."""
+    """Stands in for the pipeline's progress callback: wall time and peak RSS per node.
+
+    nipype pickles its plugin arguments with the nodes, so the callback keeps no thread
+    objects itself (they live in the module-level ``_SAMPLER``).
+    """
 
     records: list[dict] = []
 
     def __init__(self, workflow):
-        self.open: dict[str, tuple[float, float]] = {}
-        self.peak = [0.0]
-        self.stop = threading.Event()
+        self.workflow_name = workflow.name
 
     def __call__(self, node, status):
         if node.name.startswith("_"):
             return
         if status == "start":
-            self.peak[0] = current_rss_mb()
-            self.open[node.fullname] = (time.perf_counter(), self.peak[0])
-            self._sample()
+            _SAMPLER["peak"] = current_rss_mb()
+            _SAMPLER["open"][node.fullname] = time.perf_counter()
+            _start_sampler()
             return
-        t0, _ = self.open.pop(node.fullname, (time.perf_counter(), 0.0))
-        self.stop.set()
+        t0 = _SAMPLER["open"].pop(node.fullname, time.perf_counter())
+        if _SAMPLER["stop"] is not None:
+            _SAMPLER["stop"].set()
         name = node.fullname.removeprefix("bids_uad_participant_wf.")
         stage = next((s for p, s in STAGE_PREFIXES if name.startswith(p)), "other")
         NodeMeter.records.append({"node": name, "stage": stage, "wall_s": time.perf_counter() - t0,
-                                  "peak_rss_mb": max(self.peak[0], current_rss_mb()), "status": status})
+                                  "peak_rss_mb": max(_SAMPLER["peak"], current_rss_mb()), "status": status})
 
-    def _sample(self):
-        self.stop = threading.Event()
-        stop, peak = self.stop, self.peak
 
-        def run():
-            while not stop.wait(0.05):
-                peak[0] = max(peak[0], current_rss_mb())
+def _start_sampler() -> None:
+    stop = threading.Event()
+    _SAMPLER["stop"] = stop
 
-        threading.Thread(target=run, daemon=True).start()
+    def run():
+        while not stop.wait(0.05):
+            _SAMPLER["peak"] = max(_SAMPLER["peak"], current_rss_mb())
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) -> dict:
