@@ -84,3 +84,36 @@ def test_settings_round_trip():
         assert Settings.from_dict(s.to_dict()) == s
     with pytest.raises(UsageError):
         Settings.from_dict({"model": {"bogus": 1}})
+
+
+def test_masked_mse_and_fan_in_linear():
+    from bids_uad.models.blocks import FanInLinear, masked_mse
+
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.rand(2, 3, 4, 5, 6, generator=g), torch.rand(2, 3, 4, 5, 6, generator=g)
+    full = torch.ones(2, 4, 5, 6)
+    torch.testing.assert_close(masked_mse(pred, target, full), torch.nn.functional.mse_loss(pred, target))
+    assert masked_mse(pred, target, None) == torch.nn.functional.mse_loss(pred, target)
+    half = torch.zeros(2, 4, 5, 6)
+    half[:, :2] = 1
+    torch.testing.assert_close(masked_mse(pred, target, half),
+                               torch.nn.functional.mse_loss(pred[:, :, :2], target[:, :, :2]))
+    layer = FanInLinear(10_000, 4)
+    out = layer(torch.ones(1, 10_000))
+    assert float(out.abs().max()) < 6  # sum of 10,000 N(0, 1) weights / sqrt(10,000) ~ N(0, 1)
+    assert abs(float(layer.weight.std()) - 1) < 0.05
+
+
+@pytest.mark.parametrize("region", ["brain", "grid"])
+def test_dae_mse_region(region):
+    s = replace(preset("quick", "dae").model, n_channels=4, mse_region=region)
+    model = get_model("dae", s).eval()
+    batch = _batch(s)
+    batch["mask"] = torch.zeros(2, *s.grid)
+    batch["mask"][:, 4:12, 4:12, 4:12] = 1
+    _, parts = model.loss(batch)
+    recon = model(batch["clean"])[0]
+    inside = batch["mask"].bool().unsqueeze(1).expand_as(recon)
+    want = ((recon - batch["clean"]) ** 2)[inside].mean() if region == "brain" else \
+        torch.nn.functional.mse_loss(recon, batch["clean"])
+    torch.testing.assert_close(parts["mse"], want.detach())
