@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "run_all", "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "threads": args.threads, "dwi_shape": list(dwi_shape), "t1w_shape": list(t1_shape),
         "models": args.models, "model_note": "timing-only models (reference architecture, 1 epoch)",
         "participant_wall_s": round(part.wall_s, 2), "participant_peak_rss_mb": round(part.peak_rss_mb, 1),
