@@ -21,6 +21,11 @@ LOGGER = logging.getLogger("bids_uad.bids")
 OPPOSITE_PE = {"i": "i-", "i-": "i", "j": "j-", "j-": "j", "k": "k-", "k-": "k"}
 
 
+def session_entities(subject: str, session: str | None) -> dict[str, str]:
+    """pybids-style entities of a subject/session (no session entity when there is none)."""
+    return {"subject": subject, **({"session": session} if session else {})}
+
+
 @dataclass(frozen=True)
 class ReversePE:
     """An image with the opposite phase encoding to a dwi run, for susceptibility correction."""
@@ -54,10 +59,7 @@ class SessionInputs:
 
     @property
     def entities(self) -> dict[str, str]:
-        out = {"subject": self.subject}
-        if self.session:
-            out["session"] = self.session
-        return out
+        return session_entities(self.subject, self.session)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from bids_uad.bids.derivatives import validate_label
 from bids_uad.bids.gradients import load_gradients
+from bids_uad.bids.layout import session_entities
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,7 @@ class PreprocessedDwi:
 
     @property
     def entities(self) -> dict[str, str]:
-        out = {"subject": self.subject}
-        if self.session:
-            out["session"] = self.session
-        return out
+        return session_entities(self.subject, self.session)
 
     def load(self) -> dict:
         """Arrays: dwi (X,Y,Z,N float32), bvals, bvecs (N,3), brain and analysis masks, affine."""
