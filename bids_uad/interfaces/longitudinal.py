@@ -758,7 +758,8 @@ def rebuild_group_table(output_dir: str | Path) -> Path:
 
     output_dir = Path(output_dir)
     target = output_dir / "group" / GROUP_TSV
-    with _locked(output_dir / "group" / f".{GROUP_TSV}.lock"):
+    # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
+    with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
         rows: list[dict] = []
         for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
             rows.extend(read_tsv(path))
