@@ -92,7 +92,6 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     from nipype.pipeline import engine as pe
 
     workflow = pe.Workflow(name="bids_uad_participant_wf")
-    missing: list[str] = []
     builders = {stage: stage_builder(stage) for stage in ("dwi", "anat", "anomaly")}
     wanted = ["dwi", "anat"] + (["anomaly"] if settings.model is not None else [])
     missing = [stage for stage in wanted if builders[stage] is None]
