@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,68 @@ def is_within(path: str | Path, parent: str | Path) -> bool:
     return p == q or q in p.parents
 
 
+#: Temporary files of atomic writes: ``.<stem>.tmp-<host>-<pid>-<random><extension>``.
+_TEMPORARY_RE = re.compile(r"^\.[^/]*\.tmp-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)*$")
+#: Temporaries written by another host are removed only when older than this (seconds).
+FOREIGN_TEMPORARY_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _host_tag() -> str:
+    """This machine's name reduced to the characters allowed in a temporary file's name."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _make_temporary(path: Path) -> tuple[int, str]:
+    """Create the temporary file of an atomic write next to ``path``, keeping its extension.
+
+    The name records host and process id so that a later run can tell a temporary left by a
+    killed process (removed by :func:`remove_orphaned_temporaries`) from one a live run is writing.
+    """
+    suffix = "".join(path.suffixes) or ".tmp"
+    prefix = f".{path.name.split('.')[0]}.tmp-{_host_tag()}-{os.getpid()}-"
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(root: str | Path, now: float | None = None) -> list[Path]:
+    """Delete temporaries of atomic writes under ``root`` whose writer is gone; return them.
+
+    A temporary from this host is orphaned when its process no longer runs (a run killed with
+    SIGKILL cannot clean up after itself); one from another host (a shared HPC file system) only
+    when it is older than :data:`FOREIGN_TEMPORARY_MAX_AGE_S`.  Live runs' temporaries are kept.
+    """
+    import time
+
+    root, now = Path(root), time.time() if now is None else now
+    if not root.is_dir():
+        return []
+    host, removed = _host_tag(), []
+    for candidate in root.rglob(".*.tmp-*"):
+        match = _TEMPORARY_RE.match(candidate.name)
+        if match is None or not candidate.is_file() or candidate.is_symlink():
+            continue
+        try:
+            if match["host"] == host:
+                orphaned = not _process_alive(int(match["pid"]))
+            else:
+                orphaned = now - candidate.stat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
+            if orphaned:
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:  # another run removed it first
+            continue
+    return removed
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file next to ``path``; on success rename it over ``path``.
@@ -95,9 +158,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputNotWritableError(f"cannot create folder ({exc.strerror})", path.parent) from exc
-    suffix = "".join(path.suffixes) or ".tmp"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+        fd, tmp = _make_temporary(path)
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write ({exc.strerror})", path.parent) from exc
     tmp_path = Path(tmp)
@@ -122,8 +184,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(path.suffixes) or ".tmp"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+        fd, tmp = _make_temporary(path)
         os.close(fd)
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write ({exc.strerror})", path.parent) from exc

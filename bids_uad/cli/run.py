@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.bids.derivatives import DerivativesWriter, is_within, validate_label
+from bids_uad.bids.derivatives import DerivativesWriter, is_within, remove_orphaned_temporaries, validate_label
 from bids_uad.config import ANALYSIS_LEVELS, Settings, resolve_preproc_backend
 from bids_uad.errors import (
     BidsUadError,
@@ -183,6 +183,7 @@ def run(settings: Settings) -> int:
                       filters=settings.bids_filters)
     subjects = bids.select_subjects(settings.participant_labels) if settings.analysis_level == "participant" else []
     writer.ensure_dataset_description()
+    orphans = remove_orphaned_temporaries(settings.output_dir)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     logs = settings.output_dir / "logs"
     _check_writable_dir(logs, "logs folder")
@@ -190,6 +191,8 @@ def run(settings: Settings) -> int:
     _setup_logging(settings, logs / f"run-{run_id}.log")
     LOGGER.info("bids_uad %s, %s level, run %s", __version__, settings.analysis_level, run_id)
     LOGGER.info("preprocessing backend: %s", settings.resolved_backend())
+    if orphans:
+        LOGGER.info("removed %d temporary file(s) left by a killed run, e.g. %s", len(orphans), orphans[0])
     if settings.analysis_level == "participant":
         run_participant(settings, bids, subjects, run_id)
     else:

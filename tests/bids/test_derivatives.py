@@ -10,6 +10,7 @@ import pytest
 
 from bids_uad.bids.derivatives import (
     DerivativesWriter,
+    atomic_path,
     atomic_write,
     bids_name,
     safe_join,
@@ -88,3 +89,51 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_tsv_na(tmp_path):
     write_tsv(tmp_path / "t.tsv", [{"a": 1.5, "b": None}, {"a": float("nan"), "b": "x"}])
     assert (tmp_path / "t.tsv").read_text() == "a\tb\n1.5\tn/a\nn/a\tx\n"
+
+
+def _leave_temporary(folder, pid: int, host: str | None = None):
+    """Create the temporary an atomic write by process ``pid`` would leave when killed."""
+    from bids_uad.bids import derivatives
+
+    name = f".sub-01_dwi.tmp-{host or derivatives._host_tag()}-{pid}-abc123.nii.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"partial")
+    return folder / name
+
+
+def test_temporary_names_are_recognised_by_the_cleanup(tmp_path):
+    from bids_uad.bids import derivatives
+
+    with atomic_path(tmp_path / "sub-01_dwi.nii.gz") as tmp:
+        assert tmp.name.endswith(".nii.gz")
+        assert derivatives._TEMPORARY_RE.match(tmp.name)
+        # the writer is alive: its temporary is kept
+        assert derivatives.remove_orphaned_temporaries(tmp_path) == []
+        tmp.write_bytes(b"x")
+    assert os.listdir(tmp_path) == ["sub-01_dwi.nii.gz"]
+
+
+def test_orphaned_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from bids_uad.bids.derivatives import FOREIGN_TEMPORARY_MAX_AGE_S, remove_orphaned_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    orphan = _leave_temporary(tmp_path / "sub-01" / "dwi", dead_pid)
+    live = _leave_temporary(tmp_path / "sub-02" / "dwi", os.getpid())
+    foreign_recent = _leave_temporary(tmp_path / "sub-03", 1234, host="othernode")
+    foreign_old = _leave_temporary(tmp_path / "sub-04", 1234, host="othernode")
+    old = time.time() - FOREIGN_TEMPORARY_MAX_AGE_S - 60
+    os.utime(foreign_old, (old, old))
+    lookalike = tmp_path / "sub-05" / ".hidden.nii.gz"
+    lookalike.parent.mkdir()
+    lookalike.write_text("not ours")
+
+    removed = remove_orphaned_temporaries(tmp_path)
+    assert sorted(removed) == sorted([orphan, foreign_old])
+    assert not orphan.exists() and not foreign_old.exists()
+    assert live.exists() and foreign_recent.exists() and lookalike.exists()

@@ -182,3 +182,25 @@ def test_command_line_overrides_plugin_file(small_bids, tmp_path):
     assert nipype_plugin(settings_from_args(base)) == ("MultiProc", {"n_procs": 8, "memory_gb": 16})
     s = settings_from_args(base + ["--nprocs", "2", "--mem-gb", "3"])
     assert nipype_plugin(s) == ("MultiProc", {"n_procs": 2, "memory_gb": 3.0})
+
+
+def test_run_removes_temporaries_left_by_a_killed_run(capsys, small_bids, tmp_path, monkeypatch):
+    """A SIGKILLed run leaves hidden ``.*.tmp-<host>-<pid>-*`` files; the next run removes them."""
+    import subprocess
+    import sys
+
+    import bids_uad.workflows.base as base
+    from bids_uad.bids import derivatives
+
+    monkeypatch.setattr(base, "stage_builder", lambda stage: None)  # no stage runs: only the start-up
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, check=True).stdout)
+    out = tmp_path / "out"
+    orphan = out / "sub-pat01" / "ses-pre" / "dwi" / f".sub-pat01_ses-pre_dwi.tmp-{derivatives._host_tag()}-{dead_pid}-x1.nii.gz"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half written")
+    code, _ = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
+    assert code == 70
+    assert not orphan.exists()
+    log = next((out / "logs").glob("run-*.log")).read_text()
+    assert "removed 1 temporary file(s) left by a killed run" in log
