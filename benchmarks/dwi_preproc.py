@@ -55,16 +55,18 @@ def synthetic_subject(preset_name: str, seed: int) -> dict:
 
 
 def rigid_from_world(mat: np.ndarray, affine: np.ndarray, shape) -> np.ndarray:
-    """dipy's static->moving world affine as (trans mm, rot rad) about the grid centre."""
+    """dipy's static->moving world affine as (trans mm, rot rad) about the grid centre, in the
+    grid's voxel-mm frame (the frame of the truth and of our estimates; world x flips for LAS)."""
     from bids_uad.algorithms.hmc import matrix_to_params
 
     centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     a, b = mat[:3, :3], mat[:3, 3]
     u, _, vt = np.linalg.svd(a)
     rot = u @ vt
     out = np.eye(4)
-    out[:3, :3] = rot
-    out[:3, 3] = a @ centre + b - centre
+    out[:3, :3] = axes.T @ rot @ axes
+    out[:3, 3] = axes.T @ (a @ centre + b - centre)
     return matrix_to_params(out)
 
 

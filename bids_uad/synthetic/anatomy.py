@@ -47,8 +47,8 @@ class Template:
 
     def to_voxel(self, pts_mm: np.ndarray) -> np.ndarray:
         """(3, N) template mm -> (3, N) voxel coordinates."""
-        inv = self.inv_affine
-        return (inv[:3, :3] @ pts_mm + inv[:3, 3:4]).astype(np.float32)
+        inv = self.inv_affine.astype(np.float32)
+        return inv[:3, :3] @ np.asarray(pts_mm, np.float32) + inv[:3, 3:4]
 
 
 def sample(vol: np.ndarray, vox: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
@@ -169,11 +169,21 @@ def apply_affine(mat: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return (mat[:3, :3].astype(np.float32) @ pts + mat[:3, 3:4].astype(np.float32))
 
 
-def grid_affine(shape, voxel_mm: float, centre_mm) -> np.ndarray:
-    """Axis-aligned RAS affine whose grid centre is at ``centre_mm``."""
-    aff = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
-    aff[:3, 3] = np.asarray(centre_mm, float) - voxel_mm * (np.asarray(shape) - 1) / 2.0
+def grid_affine(shape, voxel_mm: float, centre_mm, las: bool = False) -> np.ndarray:
+    """Axis-aligned affine whose grid centre is at ``centre_mm``: RAS, or LAS with ``las``.
+
+    LAS (first voxel axis right->left, negative determinant) is how dcm2niix stores scanner
+    images; FSL b-vectors of such an image are plain voxel-frame vectors.
+    """
+    aff = np.diag([-voxel_mm if las else voxel_mm, voxel_mm, voxel_mm, 1.0])
+    aff[:3, 3] = np.asarray(centre_mm, float) - aff[:3, :3] @ ((np.asarray(shape[:3]) - 1) / 2.0)
     return aff
+
+
+def axis_directions(affine: np.ndarray) -> np.ndarray:
+    """3x3 orthonormal matrix whose columns are the world directions of the voxel axes."""
+    lin = np.asarray(affine, float)[:3, :3]
+    return lin / np.linalg.norm(lin, axis=0)
 
 
 # Skull/scalp layers as (outer distance from the brain surface in mm, T1w, FLAIR, dwi S0).

@@ -12,7 +12,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 __all__ = [
-    "displacement_voxels", "distort", "undistort", "polarity_of", "rigid_matrix",
+    "displacement_voxels", "distort", "undistort", "polarity_of", "rigid_matrix", "source_positions",
+    "interp_along", "voxel_motion_map",
 ]
 
 
@@ -41,29 +42,60 @@ def _sample_along(vol: np.ndarray, coords: np.ndarray, order: int = 1) -> np.nda
     return map_coordinates(vol, coords, order=order, mode="nearest", prefilter=False)
 
 
+def interp_along(arr: np.ndarray, pos: np.ndarray, axis: int, outside: float | None = None) -> np.ndarray:
+    """Linear interpolation of ``arr`` at fractional indices ``pos`` along one axis.
+
+    ``pos`` has the shape of ``arr``: every line along ``axis`` is sampled at its own positions
+    (the other indices stay).  Outside the line the edge value is used (``outside=None``) or
+    ``outside``.  A 1D gather per line, much cheaper than a 3D ``map_coordinates``.
+    """
+    n = arr.shape[axis]
+    clipped = np.clip(pos, 0, n - 1)
+    lo = np.minimum(np.floor(clipped).astype(np.intp), max(n - 2, 0))
+    w = (clipped - lo).astype(np.float32)
+    a0 = np.take_along_axis(arr, lo, axis)
+    a1 = np.take_along_axis(arr, np.minimum(lo + 1, n - 1), axis)
+    out = a0 + w * (a1 - a0)
+    if outside is not None:
+        out[(pos < -0.5) | (pos > n - 0.5)] = outside
+    return out.astype(np.float32)
+
+
+def source_positions(displacement: np.ndarray, axis: int = 1, n_iter: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Undistorted positions ``y`` (along ``axis``) and Jacobians of every distorted voxel.
+
+    Solves ``y + d(y) = x`` per line by fixed-point iteration (valid while ``|d'| < 1``, i.e.
+    no fold-over); the Jacobian ``1 + d'(y)`` (clipped at 0.1) divides the intensities.
+    """
+    disp = np.asarray(displacement, dtype=np.float32)
+    shape = [1] * disp.ndim
+    shape[axis] = disp.shape[axis]
+    x = np.broadcast_to(np.arange(disp.shape[axis], dtype=np.float32).reshape(shape), disp.shape)
+    y = x - disp
+    for _ in range(n_iter):
+        y = x - interp_along(disp, y, axis)
+    dprime = np.gradient(disp, axis=axis).astype(np.float32)
+    jac = np.clip(1.0 + interp_along(dprime, y, axis), 0.1, None)
+    return y.astype(np.float32), jac
+
+
 def distort(image: np.ndarray, displacement: np.ndarray, axis: int = 1,
             n_iter: int = 6, jacobian: bool = True, order: int = 1) -> np.ndarray:
     """Apply a displacement field (voxels, defined on the undistorted grid) to a 3D image.
 
-    For every distorted voxel ``x`` solves ``y + d(y) = x`` by fixed-point iteration (valid
-    while ``|d'| < 1``, i.e. no fold-over) and returns ``I(y) / (1 + d'(y))``.
+    For every distorted voxel ``x`` solves ``y + d(y) = x`` (:func:`source_positions`) and
+    returns ``I(y) / (1 + d'(y))``.
     """
     image = np.asarray(image, dtype=np.float32)
-    disp = np.asarray(displacement, dtype=np.float32)
-    grid = _grid(image.shape)
-    x = grid[axis].copy()
-    y = x - disp
-    coords = grid.copy()
-    for _ in range(n_iter):
+    y, jac = source_positions(displacement, axis, n_iter)
+    if order == 1:
+        out = interp_along(image, y, axis, outside=0.0)
+    else:
+        coords = _grid(image.shape)
         coords[axis] = y
-        y = x - _sample_along(disp, coords)
-    coords[axis] = y
-    out = map_coordinates(image, coords, order=order, mode="constant", cval=0.0,
-                          prefilter=order > 1)
+        out = map_coordinates(image, coords, order=order, mode="constant", cval=0.0, prefilter=True)
     if jacobian:
-        dprime = np.gradient(disp, axis=axis).astype(np.float32)
-        jac = 1.0 + _sample_along(dprime, coords)
-        out = out / np.clip(jac, 0.1, None)
+        out = out / jac
     return out.astype(np.float32)
 
 
@@ -99,3 +131,17 @@ def rigid_matrix(params, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
     mat[:3, :3] = rot
     mat[:3, 3] = c - rot @ c + np.array([tx, ty, tz])
     return mat
+
+
+def voxel_motion_map(params, shape, zooms) -> np.ndarray:
+    """4x4 map from a voxel of a moved volume to the reference voxel showing the same anatomy.
+
+    ``params`` (tx, ty, tz mm, rx, ry, rz rad) move the head by ``q -> R q + t`` in the
+    grid-centred voxel-mm frame (axes along the voxel axes i, j, k, scaled by ``zooms``): the
+    frame of FSL's and this project's motion parameters for an image stored with a negative
+    determinant (LAS, as dcm2niix writes).
+    """
+    centre = (np.asarray(shape[:3], float) - 1) / 2.0
+    to_mm = np.diag([*np.asarray(zooms, float)[:3], 1.0])
+    to_mm[:3, 3] = -np.asarray(zooms, float)[:3] * centre
+    return np.linalg.inv(to_mm) @ np.linalg.inv(rigid_matrix(params)) @ to_mm

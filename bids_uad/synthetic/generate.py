@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,10 @@ GENERATOR_NAME = "bids_uad-synth"
 TRUTH_NAME = "synthetic-truth"
 LESION_CLASSES = ("tumor", "core", "solid", "oedema", "infiltration")
 _BASE_DATE = datetime(2024, 1, 8, 9, 30)
+#: the necrotic core of every glioma is at least this many voxels of the preset's dwi grid
+MIN_CORE_DWI_VOXELS = 4
+#: the smallest tumour mass is this many dwi voxels across (radius 6 mm or more)
+MIN_LESION_DWI_DIAMETER = 5
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,29 @@ def _fsl_gradients(stem: Path, bvals: np.ndarray, bvecs: np.ndarray) -> None:
         "\n".join(" ".join(f"{v:.6f}" for v in row) for row in np.asarray(bvecs).T) + "\n")
 
 
+MOTION_DESCRIPTION = (
+    "volume i shows the head of volume 0 moved by q -> R q + t, with q in mm in the grid-centred voxel "
+    "frame of the dwi (axes along the voxel axes i, j, k; the grid is LAS, so q_x = -(world x - centre x)), "
+    "R = Rz Ry Rx: the frame of FSL eddy and of this project's motion estimates for an image with a "
+    "negative determinant. Rotating the head rotates the gradient it sees: its signal is that of the "
+    "b-vector R^T g. Eddy terms (diffusion-weighted volumes) add a displacement along j (voxels): "
+    "translation + shear_x*(i-ci) + scale_y*(j-cj) + shear_z*(k-ck), (ci, cj, ck) the grid centre.")
+
+
+def _motion_tsv(path: Path, motion: np.ndarray, eddy: np.ndarray | None = None) -> None:
+    """Per-volume rigid motion (and eddy terms) as a TSV with its JSON sidecar."""
+    columns = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+    table = np.asarray(motion, float)
+    if eddy is not None:
+        columns += ["eddy_translation", "eddy_shear_x", "eddy_scale_y", "eddy_shear_z"]
+        table = np.hstack([table, np.asarray(eddy, float)])
+    rows = ["\t".join(columns)] + ["\t".join(f"{v:.6f}" for v in row) for row in table]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    _json(path.with_suffix(".json"), {"trans_x": {"Units": "mm"}, "rot_x": {"Units": "rad"},
+                                      "Description": MOTION_DESCRIPTION})
+
+
 def _truth_masks(folder: Path, prefix: str, t: dict, shape, affine) -> None:
     _nifti(folder / f"{prefix}_dseg.nii.gz", dseg_labels(t).reshape(shape), affine, np.uint8)
     _nifti(folder / f"{prefix}_desc-brain_mask.nii.gz", (t["brain"] >= 0.5).reshape(shape), affine, np.uint8)
@@ -119,10 +147,12 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
     lesions: dict[str, Lesion | None] = {s: None for s in plan.sessions}
     lesion_info: dict[str, dict] = {}
     if plan.group == "patient":
-        lesions["pre"] = make_lesion(tpl2, rng, lesion_generator)
+        min_core = MIN_CORE_DWI_VOXELS * preset.dwi_voxel_mm ** 3
+        lesions["pre"] = make_lesion(tpl2, rng, lesion_generator, min_core_mm3=min_core,
+                                     min_radius_mm=max(6.0, MIN_LESION_DWI_DIAMETER / 2 * preset.dwi_voxel_mm))
         lesion_info["pre"] = lesions["pre"].info()
         if "followup" in plan.sessions:
-            lesions["followup"] = grow_lesion(tpl2, lesions["pre"], rng)
+            lesions["followup"] = grow_lesion(tpl2, lesions["pre"], rng, min_core_mm3=min_core)
             lesion_info["followup"] = lesions["followup"].info()
     dates = dict(zip(("pre", "followup"), _acq_date(rng, plan.index)))
     sub = f"sub-{plan.label}"
@@ -176,17 +206,10 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
         _json(tdir / f"{prefix}_desc-susceptibility_fieldmap.json", {
             "Units": "Hz", "Description": "true off-resonance field on the undistorted dwi grid; "
             "displacement along j in voxels = field * TotalReadoutTime * polarity (j: +1, j-: -1)"})
-        motion_rows = ["\t".join(["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
-                                  "eddy_translation", "eddy_shear_x", "eddy_scale_y", "eddy_shear_z"])]
-        for m, e in zip(dwi["motion"], dwi["eddy"]):
-            motion_rows.append("\t".join(f"{v:.6f}" for v in [*m, *e]))
-        (tdir / f"{prefix}_desc-motion_timeseries.tsv").write_text("\n".join(motion_rows) + "\n")
-        _json(tdir / f"{prefix}_desc-motion_timeseries.json", {
-            "trans_x": {"Units": "mm"}, "rot_x": {"Units": "rad"},
-            "Description": "volume i = reference volume moved by x -> R (x - c) + c + t in world mm, "
-            "c = centre of the dwi grid, R = Rz Ry Rx; volume 0 is the reference (no motion). Eddy "
-            "terms add a displacement along j (voxels): translation + shear_x*(i-ci) + scale_y*(j-cj) "
-            "+ shear_z*(k-ck)."})
+        _nifti(tdir / f"{prefix}_space-dwi_desc-fibre_dwimap.nii.gz", dwi["fibre"], aff)
+        _motion_tsv(tdir / f"{prefix}_desc-motion_timeseries.tsv", dwi["motion"], dwi["eddy"])
+        if want_rpe:
+            _motion_tsv(tdir / f"{prefix}_dir-PA_desc-motion_timeseries.tsv", dwi["fmap_motion"][None, :])
         if write_clean_dwi:
             _nifti(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii.gz", dwi["clean"], aff)
             _fsl_gradients(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii", dwi["bvals"], dwi["bvecs"])
@@ -240,23 +263,40 @@ def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: 
 
 TRUTH_README = """Ground truth of the synthetic dataset (all in BIDS-derivatives naming)
 
+Orientation: T1w and FLAIR are stored RAS; the dwi series, the reverse phase-encoding b0
+(fmap/*_dir-PA_epi) and every dwi-space truth file are stored LAS (first voxel axis right->left,
+negative determinant), as dcm2niix writes scanner data, all on the same grid.  The .bvec files
+hold voxel-frame vectors, which for an LAS image is exactly FSL's b-vector convention.  Phase
+encoding is along the second voxel axis j (posterior->anterior): AP = "j-", PA = "j".
+
 sub-X/ses-Y/anat/  (T1w grid of that session)
   *_space-T1w_dseg.nii.gz                tissue labels 1=CSF 2=GM 3=WM (dseg.tsv)
   *_space-T1w_desc-brain_mask.nii.gz
   *_space-T1w_desc-{tumor,core,solid,oedema,infiltration}_mask.nii.gz   patients only;
-        tumor = core | solid | oedema (what FLAIR shows); infiltration changes diffusion only
+        tumor = core | solid | oedema (what FLAIR shows); infiltration changes diffusion only.
+        Every glioma has all four regions: the core is the deepest 15-35 % of the tumour mass
+        (at least four dwi voxels' volume, at most 60 % of the mass), the solid part the rest of
+        the mass, then oedema and infiltration shells around it.  Radii are 6-24 mm, and at
+        least 2.5 dwi voxels (10 mm for the 4 mm tiny preset) so that the regions are resolved
   *_from-T1w_to-dwi_mode-image_xfm.txt  4x4 world(mm)->world(mm): a point of the T1w world maps
         to the same anatomy in the dwi world (undistorted grid)
 sub-X/ses-Y/dwi/   (undistorted grid of the raw dwi: same shape and affine)
   *_space-dwi_dseg.nii.gz, *_space-dwi_desc-brain_mask.nii.gz, *_space-dwi_desc-<class>_mask.nii.gz
   *_space-dwi_desc-clean_dwi.nii.gz (+ .bval .bvec)   artefact-free noise-free series (what perfect
-        preprocessing would give)
+        preprocessing would give; head at the position of volume 0, nominal gradients)
   *_space-dwi_model-tensor_param-{fa,md}_dwimap.nii.gz   tensor fit of the clean series
-  *_desc-susceptibility_fieldmap.nii.gz  off-resonance field (Hz) on the undistorted grid;
+  *_space-dwi_desc-fibre_dwimap.nii.gz   4D (x, y, z, 3): unit WM fibre direction the simulator
+        used, in world (RAS mm) axes, where the WM fraction is >= 0.5 (else 0)
+  *_desc-susceptibility_fieldmap.nii.gz  off-resonance field (Hz) on the undistorted grid, head at
+        the position of volume 0 (the field moves with the head);
         displacement along j (voxels) = field * TotalReadoutTime * polarity (j: +1, j-: -1);
         intensities are modulated by the Jacobian (1 + d displacement / dj)
   *_desc-motion_timeseries.tsv           per-volume rigid motion (trans mm, rot rad) and eddy
-        terms, see its JSON; volume 0 has no motion and defines the reference position
+        terms, see its JSON; volume 0 has no motion and defines the reference position.
+        Parameters are in the grid-centred voxel-mm frame of the (LAS) dwi grid, as FSL eddy
+        reports them; a rotated head sees the rotated gradient R^T g
+  *_dir-PA_desc-motion_timeseries.tsv    head position of the reverse phase-encoding b0 (one row,
+        same frame, relative to dwi volume 0)
 sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients)
 """
 
@@ -293,7 +333,8 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
         raise OutputNotWritableError(f"cannot create the dataset folder ({exc.strerror})", out) from exc
     try:
         plans = plan_subjects(spec, seed)
-        jobs = n_jobs or min(2, os.cpu_count() or 1, len(plans))
+        jobs = max(1, n_jobs or min(2, os.cpu_count() or 1, len(plans)))
+        load_template(spec.t1w_source_mm), load_template(2)  # once, before the workers fork
         args = [(p, spec, seed, lesion_generator, write_clean_dwi, str(tmp)) for p in plans]
         rows = _run_all(args, jobs, progress)
         _dataset_files(tmp, spec, seed, lesion_generator, rows)
@@ -310,7 +351,17 @@ def _simulate_star(args) -> dict:
     return simulate_subject(*args)
 
 
+def _workload(plan: SubjectPlan) -> int:
+    """Relative cost of a subject (sessions simulated) for scheduling the longest first."""
+    return len(plan.sessions) + 2 * len(plan.dwi_sessions) + (plan.group == "patient")
+
+
 def _run_all(args: list, jobs: int, progress: bool) -> list[dict]:
+    """Simulate every subject (in ``jobs`` processes) with a progress bar; rows in plan order.
+
+    Workers are forked after the templates are loaded, so they share them instead of each
+    loading its own copy; the costliest subjects start first to keep both cores busy.
+    """
     from tqdm import tqdm
 
     bar = tqdm(total=len(args), desc="synthetic subjects", unit="subject", disable=not progress)
@@ -321,11 +372,15 @@ def _run_all(args: list, jobs: int, progress: bool) -> list[dict]:
                 rows.append(_simulate_star(a))
                 bar.update()
             return rows
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            rows = []
-            for row in pool.map(_simulate_star, args):
-                rows.append(row)
+        order = sorted(range(len(args)), key=lambda k: -_workload(args[k][0]))
+        rows: list[dict | None] = [None] * len(args)
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                              else None)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_simulate_star, args[k]): k for k in order}
+            for future in as_completed(futures):
+                rows[futures[future]] = future.result()
                 bar.update()
-            return rows
+        return rows
     finally:
         bar.close()

@@ -5,6 +5,10 @@ else derives from its signed distance ``s`` (mm, <0 inside):
 
 * core        ``s < -core_depth``            (necrosis: high MD, low FA, FLAIR intermediate)
 * solid       ``-core_depth <= s < 0``
+
+``core_depth`` is chosen per lesion so that the core is the deepest ``core_fraction`` (15-35 %)
+of the mass, and at least ``min_core_mm3`` (a few voxels of the dwi grid) but never more than
+60 % of it: every glioma, however small, has a core, a solid part, oedema and infiltration.
 * oedema      ``0 <= s < w_oed``  (w_oed larger in WM: oedema spreads along WM)
 * infiltration ``w_oed <= s < w_inf``        (diffusion change only, invisible on FLAIR)
 
@@ -37,6 +41,7 @@ class Lesion:
     mass_radius: float
     shape_kind: str
     location: str
+    core_fraction: float = 0.25
 
     def widths(self, wm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Oedema and infiltration outer distances (mm) given the local WM fraction."""
@@ -56,15 +61,47 @@ class Lesion:
         return {"centre_template_mm": [round(float(v), 2) for v in self.centre_mm],
                 "shape": self.shape_kind, "location": self.location,
                 "mass_volume_ml": round(float(self.mass.sum()) * 8e-3, 2),
-                "core_depth_mm": round(self.core_depth, 2), "oedema_width_mm": round(self.w_oed, 2),
+                "core_depth_mm": round(self.core_depth, 2),
+                "core_volume_ml": round(float((self.sdist < -self.core_depth).sum()) * 8e-3, 2),
+                "oedema_width_mm": round(self.w_oed, 2),
                 "infiltration_width_mm": round(self.w_inf, 2),
                 "mass_effect_max_mm": round(self.mass_amp * self.mass_radius / 2, 2)}
 
 
-def signed_distance(mask: np.ndarray, voxel_mm: float = 2.0) -> np.ndarray:
-    """Signed Euclidean distance (mm) to a binary mask, negative inside."""
-    out = ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
-    return (out * voxel_mm).astype(np.float32)
+def signed_distance(mask: np.ndarray, voxel_mm: float = 2.0, margin_mm: float = 60.0) -> np.ndarray:
+    """Signed Euclidean distance (mm) to a binary mask, negative inside.
+
+    Computed in the mask's bounding box grown by ``margin_mm``; farther voxels get
+    ``margin_mm`` (every lesion width is well below it), which keeps this cheap.
+    """
+    out = np.full(mask.shape, margin_mm, np.float32)
+    if not mask.any():
+        return out
+    pad = int(np.ceil(margin_mm / voxel_mm))
+    idx = np.argwhere(mask)
+    box = tuple(slice(max(lo - pad, 0), min(hi + pad + 1, n))
+                for lo, hi, n in zip(idx.min(0), idx.max(0), mask.shape))
+    sub = mask[box]
+    dist = (ndimage.distance_transform_edt(~sub) - ndimage.distance_transform_edt(sub)) * voxel_mm
+    out[box] = np.minimum(dist, margin_mm)
+    return out
+
+
+def core_depth_for(sdist: np.ndarray, mass: np.ndarray, fraction: float, min_core_mm3: float = 0.0,
+                   voxel_mm3: float = 8.0) -> float:
+    """Depth (mm below the mass surface) whose deeper part is the core.
+
+    The core holds ``fraction`` of the mass voxels, raised to ``min_core_mm3`` and capped at 60 %
+    of the mass (so a solid rim always remains).  Masses of one voxel get a core of that voxel.
+    """
+    depth = np.sort(-sdist[mass])[::-1]  # deepest first, mm (> 0 inside)
+    if depth.size == 0:
+        return 1e3
+    n_core = max(fraction * depth.size, min_core_mm3 / voxel_mm3)
+    n_core = int(np.clip(round(n_core), 1, max(1, int(0.6 * depth.size))))
+    # the core is s < -core_depth: put the threshold halfway to the next shallower voxel
+    below = depth[n_core] if n_core < depth.size else 0.0
+    return float(0.5 * (depth[n_core - 1] + below))
 
 
 def _pick_centre(tpl: Template, rng, radius: float, location: str) -> np.ndarray:
@@ -131,25 +168,35 @@ def _irregular(tpl: Template, rng, centre, radius) -> np.ndarray:
     return mask
 
 
-def make_lesion(tpl: Template, rng: np.random.Generator, generator: str = "mixed") -> Lesion:
-    """Random glioma: size from small (6 mm) to large (24 mm radius), in WM or GM."""
+def make_lesion(tpl: Template, rng: np.random.Generator, generator: str = "mixed",
+                min_core_mm3: float = 0.0, radius_mm: float | None = None,
+                min_radius_mm: float = 6.0) -> Lesion:
+    """Random glioma: size from small (``min_radius_mm``, 6 mm) to large (24 mm radius), in WM or GM.
+
+    ``min_core_mm3``: smallest necrotic core (e.g. four voxels of the dwi grid); ``radius_mm``
+    fixes the size instead of drawing it.
+    """
     if generator not in LESION_GENERATORS:
         raise ValueError(f"lesion generator must be one of {LESION_GENERATORS}")
     kind = generator if generator != "mixed" else ("ellipsoid" if rng.random() < 0.5 else "irregular")
-    radius = float(rng.uniform(6.0, 24.0))
+    radius = float(rng.uniform(min(min_radius_mm, 24.0), 24.0))
+    if radius_mm is not None:
+        radius = float(radius_mm)
     location = "gm" if rng.random() < 0.3 else "wm"
     centre = _pick_centre(tpl, rng, radius, location)
     mass = (_ellipsoid if kind == "ellipsoid" else _irregular)(tpl, rng, centre, radius)
     mass &= tpl.brain > 0.5
-    core_depth = float(radius * rng.uniform(0.25, 0.5)) if radius > 10 else 1e3
+    sdist = signed_distance(mass)
+    fraction = float(rng.uniform(0.15, 0.35))
     return Lesion(
-        centre_mm=np.asarray(centre, np.float32), mass=mass, sdist=signed_distance(mass),
-        core_depth=core_depth, w_oed=float(rng.uniform(5, 8) + 0.5 * radius),
+        centre_mm=np.asarray(centre, np.float32), mass=mass, sdist=sdist,
+        core_depth=core_depth_for(sdist, mass, fraction, min_core_mm3),
+        w_oed=float(rng.uniform(5, 8) + 0.5 * radius),
         w_inf=float(rng.uniform(6, 12)), mass_amp=float(rng.uniform(0.3, 0.6)),
-        mass_radius=radius, shape_kind=kind, location=location)
+        mass_radius=radius, shape_kind=kind, location=location, core_fraction=fraction)
 
 
-def grow_lesion(tpl: Template, lesion: Lesion, rng: np.random.Generator) -> Lesion:
+def grow_lesion(tpl: Template, lesion: Lesion, rng: np.random.Generator, min_core_mm3: float = 0.0) -> Lesion:
     """Follow-up: the mass grows in a lobe into the baseline oedema and infiltration zone."""
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
@@ -162,11 +209,13 @@ def grow_lesion(tpl: Template, lesion: Lesion, rng: np.random.Generator) -> Lesi
     reach = (w_oed + 0.6 * (w_inf - w_oed)) * lobe + 2.0  # +2 mm everywhere
     mass = lesion.mass | ((lesion.sdist <= reach) & (tpl.brain > 0.5) & (tpl.wm + tpl.gm > 0.4))
     radius_new = lesion.mass_radius * float((mass.sum() / max(lesion.mass.sum(), 1)) ** (1 / 3))
+    sdist = signed_distance(mass)
     return Lesion(
-        centre_mm=lesion.centre_mm, mass=mass, sdist=signed_distance(mass),
-        core_depth=min(lesion.core_depth, radius_new * 0.45) if radius_new > 10 else lesion.core_depth,
+        centre_mm=lesion.centre_mm, mass=mass, sdist=sdist,
+        core_depth=core_depth_for(sdist, mass, lesion.core_fraction, min_core_mm3),
         w_oed=lesion.w_oed * 1.1, w_inf=lesion.w_inf, mass_amp=min(lesion.mass_amp * 1.2, 0.7),
-        mass_radius=radius_new, shape_kind=lesion.shape_kind, location=lesion.location)
+        mass_radius=radius_new, shape_kind=lesion.shape_kind, location=lesion.location,
+        core_fraction=lesion.core_fraction)
 
 
 def lesion_fields(tpl: Template, lesion: Lesion, m: np.ndarray, wm: np.ndarray,

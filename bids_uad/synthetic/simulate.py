@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-from .anatomy import (SubjectAnatomy, Template, apply_affine, grid_affine, grid_world,
+from scipy.ndimage import map_coordinates
+
+from .anatomy import (SubjectAnatomy, Template, apply_affine, axis_directions, grid_affine, grid_world,
                       orientations, sample, shell_intensity)
-from .distortion import distort, rigid_matrix
+from .distortion import interp_along, rigid_matrix, rotation_matrix, source_positions, voxel_motion_map
 from .lesions import Lesion, lesion_fields
 
 T1W_CENTRE = (0.0, -17.0, 5.0)
@@ -23,6 +26,11 @@ DWI_SCALE = 1000.0              # b0 signal of pure WM
 
 def gradient_directions(n: int, seed: int = 1234) -> np.ndarray:
     """``n`` well-spread unit vectors (antipodally symmetric electrostatic repulsion)."""
+    return _gradient_directions(n, seed).copy()
+
+
+@lru_cache(maxsize=8)
+def _gradient_directions(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(n, 3))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -170,24 +178,32 @@ def compartments(t: dict) -> dict:
     }
 
 
-def dwi_signal(comp: dict, t: dict, bvals, bvecs) -> np.ndarray:
-    """Noise-free multi-compartment signal (N, nvol), b0 of pure WM = DWI_SCALE."""
-    n = comp["wm"].shape[0]
-    out = np.empty((n, len(bvals)), np.float32)
+def dwi_volume(comp: dict, t: dict, b: float, g_world: np.ndarray) -> np.ndarray:
+    """Noise-free signal (N,) of one volume for b-value ``b`` and unit gradient ``g_world``.
+
+    ``g_world`` is the gradient direction in the world frame of the head's reference position
+    (for a moved head: the scanner gradient rotated into the head, ``R^T g``).
+    """
+    if b == 0:
+        s = sum(comp[k] for k in ("wm", "gm", "csf", "fw", "nec", "sol", "scalp"))
+        return (s * DWI_SCALE).astype(np.float32)
+    g = np.asarray(g_world, np.float32)
     wpar, wperp = WM_TENSOR[0] * comp["par_factor"], WM_TENSOR[1] * comp["perp_factor"]
     gpar, gperp = GM_TENSOR[0] * comp["par_factor"], GM_TENSOR[1] * comp["perp_factor"]
-    for i, (b, g) in enumerate(zip(bvals, bvecs)):
-        g = g.astype(np.float32)
-        if b == 0:
-            s = sum(comp[k] for k in ("wm", "gm", "csf", "fw", "nec", "sol", "scalp"))
-        else:
-            cw = (t["e_wm"] @ g) ** 2
-            cg = (t["e_gm"] @ g) ** 2
-            s = (comp["wm"] * np.exp(-b * (wperp + (wpar - wperp) * cw))
-                 + comp["gm"] * np.exp(-b * (gperp + (gpar - gperp) * cg)))
-            for k in ("csf", "fw", "nec", "sol", "scalp"):
-                s = s + comp[k] * np.float32(np.exp(-b * D_ISO["csf" if k == "fw" else k]))
-        out[:, i] = s * DWI_SCALE
+    cw = (t["e_wm"] @ g) ** 2
+    cg = (t["e_gm"] @ g) ** 2
+    s = (comp["wm"] * np.exp(-b * (wperp + (wpar - wperp) * cw))
+         + comp["gm"] * np.exp(-b * (gperp + (gpar - gperp) * cg)))
+    for k in ("csf", "fw", "nec", "sol", "scalp"):
+        s = s + comp[k] * np.float32(np.exp(-b * D_ISO["csf" if k == "fw" else k]))
+    return (s * DWI_SCALE).astype(np.float32)
+
+
+def dwi_signal(comp: dict, t: dict, bvals, gvecs_world) -> np.ndarray:
+    """Noise-free multi-compartment signal (N, nvol), b0 of pure WM = DWI_SCALE."""
+    out = np.empty((comp["wm"].shape[0], len(bvals)), np.float32)
+    for i, (b, g) in enumerate(zip(bvals, gvecs_world)):
+        out[:, i] = dwi_volume(comp, t, float(b), g)
     return out
 
 
@@ -219,7 +235,11 @@ def tensor_fa_md(signal: np.ndarray, bvals, bvecs, mask: np.ndarray) -> tuple[np
 
 
 def random_motion(rng, n_vol: int) -> np.ndarray:
-    """(n_vol, 6) tx ty tz (mm) rx ry rz (rad) relative to volume 0 (drift + rare jumps)."""
+    """(n_vol, 6) tx ty tz (mm) rx ry rz (rad) relative to volume 0 (drift + rare jumps).
+
+    Parameters move the head by ``q -> R q + t`` in the grid-centred voxel-mm frame of the dwi
+    (:func:`bids_uad.synthetic.distortion.voxel_motion_map`).
+    """
     steps = np.concatenate([rng.normal(scale=0.06, size=(n_vol, 3)),
                             rng.normal(scale=np.deg2rad(0.08), size=(n_vol, 3))], 1)
     jumps = rng.random(n_vol) < 0.04
@@ -229,6 +249,11 @@ def random_motion(rng, n_vol: int) -> np.ndarray:
     return np.cumsum(steps, axis=0)
 
 
+def random_fmap_pose(rng) -> np.ndarray:
+    """(6,) head position of the reverse-PE b0 relative to dwi volume 0 (a separate scan)."""
+    return np.concatenate([rng.normal(scale=0.5, size=3), rng.normal(scale=np.deg2rad(0.5), size=3)])
+
+
 def random_eddy(rng) -> np.ndarray:
     """(4, 3) matrix E: eddy terms (translation vox, shear_x, scale_y, shear_z) = E @ g * b/1000."""
     return np.stack([rng.normal(scale=0.7, size=3), rng.normal(scale=0.004, size=3),
@@ -236,64 +261,108 @@ def random_eddy(rng) -> np.ndarray:
 
 
 def rician(rng, img: np.ndarray, sigma: float) -> np.ndarray:
+    """Magnitude of the image plus complex Gaussian noise of standard deviation ``sigma``."""
     n1 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
     n2 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
     return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
 
 
+def head_gradient(bvec_voxel: np.ndarray, params: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """World gradient direction seen by a head moved by ``params`` (voxel-mm frame).
+
+    The scanner applies the nominal b-vector (voxel frame, FSL convention for an LAS image);
+    the head is rotated by ``R``, so its tissue sees ``R^T g``; ``axes`` maps voxel-frame
+    vectors to world.
+    """
+    rot = rotation_matrix(*np.asarray(params, float)[3:])
+    return axes @ (rot.T @ np.asarray(bvec_voxel, float))
+
+
+def acquire(signal_ref: np.ndarray, field_ref: np.ndarray, params, shape, zooms,
+            disp_scale: float, eddy_disp: np.ndarray | None = None, pe_axis: int = 1) -> np.ndarray:
+    """One EPI volume of a moved head: rigid motion, susceptibility and eddy distortion.
+
+    ``signal_ref``/``field_ref``: noise-free image and field (Hz) with the head at the reference
+    position; ``params``: head motion (voxel-mm frame); ``disp_scale``: TotalReadoutTime *
+    polarity; ``eddy_disp``: extra displacement (voxels along PE) on the grid.  The field moves
+    with the head; the distortion is solved along PE and sampled in one interpolation.
+    """
+    grid = np.indices(shape, dtype=np.float32)
+    moved = np.any(np.asarray(params) != 0)
+    vmap = voxel_motion_map(params, shape, zooms).astype(np.float32)
+    ref0 = apply_affine(vmap, grid.reshape(3, -1)) if moved else grid.reshape(3, -1)
+    field = (map_coordinates(field_ref, ref0, order=1, mode="nearest", prefilter=False).reshape(shape)
+             if moved else field_ref)
+    disp = field * np.float32(disp_scale)
+    if eddy_disp is not None:
+        disp = disp + eddy_disp
+    y, jac = source_positions(disp, axis=pe_axis)
+    if not moved:
+        return interp_along(signal_ref, y, pe_axis, outside=0.0) / jac
+    shift = (y - grid[pe_axis]).reshape(1, -1)
+    ref = ref0 + vmap[:3, pe_axis:pe_axis + 1] * shift
+    out = map_coordinates(signal_ref, ref, order=1, mode="constant", cval=0.0, prefilter=False)
+    return out.reshape(shape) / jac
+
+
+def eddy_displacement(e: np.ndarray, shape) -> np.ndarray:
+    """Eddy displacement along PE (voxels): translation + shear_x*(i-ci) + scale_y*(j-cj) + shear_z*(k-ck)."""
+    c = (np.asarray(shape, np.float32) - 1) / 2
+    i, j, k = (np.arange(n, dtype=np.float32) - c[a] for a, n in enumerate(shape))
+    return (np.float32(e[0]) + np.float32(e[1]) * i[:, None, None] + np.float32(e[2]) * j[None, :, None]
+            + np.float32(e[3]) * k[None, None, :]).astype(np.float32)
+
+
 def simulate_dwi(tpl_src, tpl2, subj, lesion, suscept, head_to_world, preset, rng,
                  skull_scale, want_fmap: bool) -> dict:
-    """Distorted noisy dwi series + reverse-PE b0 and all dwi-space truth."""
-    shape = preset.dwi_shape
-    aff = grid_affine(shape, preset.dwi_voxel_mm, DWI_CENTRE)
+    """Distorted noisy dwi series + reverse-PE b0 and all dwi-space truth.
+
+    The grid is LAS (as dcm2niix writes scanner data), so the b-vectors (voxel frame) are FSL
+    b-vectors.  Every volume has its own head position; its signal is computed with the
+    gradient rotated into the moved head.  ``motion`` and ``fmap_motion`` are in the
+    grid-centred voxel-mm frame, relative to volume 0.
+    """
+    shape = tuple(preset.dwi_shape)
+    aff = grid_affine(shape, preset.dwi_voxel_mm, DWI_CENTRE, las=True)
+    axes = axis_directions(aff)
+    zooms = (preset.dwi_voxel_mm,) * 3
     world = grid_world(shape, aff)
     t = tissue_at(tpl_src, tpl2, subj, lesion, world, head_to_world, skull_scale, with_orient=True)
     bvals, bvecs = gradient_table(preset.shells)
+    g_world = bvecs @ axes.T
     comp = compartments(t)
-    clean = dwi_signal(comp, t, bvals, bvecs)
+    clean = dwi_signal(comp, t, bvals, g_world)
     brainmask = t["brain"] >= 0.5
-    fa, md = tensor_fa_md(clean, bvals, bvecs, brainmask)
-    field_ref = suscept(t["m"])
+    fa, md = tensor_fa_md(clean, bvals, g_world, brainmask)
+    field_ref = suscept(t["m"]).reshape(shape)
     n_vol = len(bvals)
     motion = random_motion(rng, n_vol)
     eddy_mat = random_eddy(rng)
     eddy = np.zeros((n_vol, 4))
-    centre_world = aff[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + aff[:3, 3]
-    inv_aff = np.linalg.inv(aff)
-    inv_h = np.linalg.inv(head_to_world)
     trt = preset.total_readout_time
-    ijk = np.indices(shape, dtype=np.float32)
-    cidx = (np.asarray(shape, np.float32) - 1) / 2
     clean4 = clean.reshape(shape + (n_vol,))
     sigma = DWI_SCALE / preset.b0_snr
     raw = np.empty(shape + (n_vol,), np.float32)
-    from scipy.ndimage import map_coordinates
+    b0_signal = None
     for i in range(n_vol):
-        mot = rigid_matrix(motion[i], centre_world)
-        # voxel -> reference-voxel map for this volume's head position
-        vmap = inv_aff @ np.linalg.inv(mot) @ aff
-        ref_vox = apply_affine(vmap, ijk.reshape(3, -1))
-        moved = map_coordinates(clean4[..., i], ref_vox, order=1, mode="constant",
-                                prefilter=False).reshape(shape)
-        if i == 0:
-            field_t = field_ref
-        else:
-            head = apply_affine(inv_h @ np.linalg.inv(mot), world)
-            field_t = suscept(subj.to_template(head))
-        disp = field_t.reshape(shape) * trt * -1.0  # AP: polarity -1 ("j-")
         if bvals[i] > 0:
-            e = eddy_mat @ bvecs[i] * (bvals[i] / 1000.0)
-            eddy[i] = e
-            disp = disp + (e[0] + e[1] * (ijk[0] - cidx[0]) + e[2] * (ijk[1] - cidx[1])
-                           + e[3] * (ijk[2] - cidx[2]))
-        raw[..., i] = rician(rng, distort(moved, disp, axis=1), sigma)
+            signal = dwi_volume(comp, t, float(bvals[i]), head_gradient(bvecs[i], motion[i], axes))
+            eddy[i] = eddy_mat @ bvecs[i] * (bvals[i] / 1000.0)
+            extra = eddy_displacement(eddy[i], shape)
+        else:
+            b0_signal = clean[:, i] if b0_signal is None else b0_signal
+            signal, extra = b0_signal, None
+        vol = acquire(signal.reshape(shape), field_ref, motion[i], shape, zooms, -trt, extra)  # AP: "j-"
+        raw[..., i] = rician(rng, vol, sigma)
     out = {"affine": aff, "raw": raw, "clean": clean4, "bvals": bvals, "bvecs": bvecs,
-           "fa": fa.reshape(shape), "md": md.reshape(shape), "field": field_ref.reshape(shape),
-           "motion": motion, "eddy": eddy, "truth": t, "shape": shape}
+           "fa": fa.reshape(shape), "md": md.reshape(shape), "field": field_ref,
+           "motion": motion, "eddy": eddy, "truth": t, "shape": shape,
+           "fibre": (t["e_wm"] * (t["wm"] >= 0.5)[:, None]).reshape(shape + (3,))}
     if want_fmap:
-        disp_pa = field_ref.reshape(shape) * trt * 1.0
+        fmap_motion = random_fmap_pose(rng)
         b0 = clean4[..., int(np.argmin(bvals))]
-        out["fmap"] = rician(rng, distort(b0, disp_pa, axis=1), sigma)
+        out["fmap"] = rician(rng, acquire(b0, field_ref, fmap_motion, shape, zooms, trt), sigma)  # PA: "j"
+        out["fmap_motion"] = fmap_motion
     return out
 
 

@@ -132,6 +132,81 @@ def test_raw_dwi_is_distorted_against_clean(tiny):
     assert meta["PhaseEncodingDirection"] == "j" and meta["IntendedFor"][0].startswith("bids::sub-ctrl01/")
 
 
+def test_dwi_files_are_las_on_one_grid(tiny):
+    """dwi, reverse-PE b0 and every dwi-space truth file share one LAS grid (as dcm2niix writes);
+    the anatomical images stay RAS; phase encoding stays along j (AP = j-, PA = j)."""
+    root, _ = tiny
+    ses = root / "sub-pat01" / "ses-pre"
+    dwi = nib.load(str(ses / "dwi" / "sub-pat01_ses-pre_dir-AP_dwi.nii.gz"))
+    assert nib.aff2axcodes(dwi.affine) == ("L", "A", "S") and np.linalg.det(dwi.affine[:3, :3]) < 0
+    others = [ses / "fmap" / "sub-pat01_ses-pre_dir-PA_epi.nii.gz",
+              *sorted((root / TRUTH / "sub-pat01" / "ses-pre" / "dwi").glob("*.nii.gz"))]
+    assert len(others) >= 12
+    for path in others:
+        img = nib.load(str(path))
+        assert img.shape[:3] == dwi.shape[:3] and np.allclose(img.affine, dwi.affine), path.name
+    t1w = nib.load(str(ses / "anat" / "sub-pat01_ses-pre_T1w.nii.gz"))
+    assert nib.aff2axcodes(t1w.affine) == ("R", "A", "S")
+    assert json.loads((ses / "dwi" / "sub-pat01_ses-pre_dir-AP_dwi.json").read_text())["PhaseEncodingDirection"] == "j-"
+    assert json.loads((ses / "fmap" / "sub-pat01_ses-pre_dir-PA_epi.json").read_text())["PhaseEncodingDirection"] == "j"
+
+
+def _world_directions(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """FSL b-vector frame -> world (RAS) directions: voxel frame if det < 0, x flipped if det > 0."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    if np.linalg.det(affine[:3, :3]) > 0:
+        axes = axes @ np.diag([-1.0, 1.0, 1.0])
+    return vectors @ axes.T
+
+
+def test_bvecs_follow_the_fsl_convention(tiny):
+    """A tensor fitted to the raw dwi with the written bval/bvec read by FSL's rule points along
+    the fibres the simulator used (a wrong x flip fails on oblique fibres)."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import TensorModel
+
+    root, _ = tiny
+    stem = root / "sub-ctrl02" / "ses-pre" / "dwi" / "sub-ctrl02_ses-pre_dir-AP_dwi"
+    img = nib.load(f"{stem}.nii.gz")
+    bvals = np.loadtxt(f"{stem}.bval")
+    bvecs = np.loadtxt(f"{stem}.bvec").T
+    truth = root / TRUTH / "sub-ctrl02" / "ses-pre" / "dwi"
+    fibre = _load(truth / "sub-ctrl02_ses-pre_space-dwi_desc-fibre_dwimap.nii.gz")
+    fa = _load(truth / "sub-ctrl02_ses-pre_space-dwi_model-tensor_param-fa_dwimap.nii.gz")
+    sel = (fa > 0.5) & (np.linalg.norm(fibre, axis=-1) > 0.5)
+    oblique = sel & (fibre[..., 0] ** 2 > 0.25) & (fibre[..., 0] ** 2 < 0.75)
+    assert oblique.sum() > 100
+    fit = TensorModel(gradient_table(bvals, bvecs=bvecs)).fit(np.asarray(img.dataobj, np.float32)[sel])
+    principal = _world_directions(fit.evecs[..., 0], img.affine)
+    cos = np.abs((principal * fibre[sel]).sum(-1))
+    assert np.median(cos) > 0.95
+    assert np.median(cos[oblique[sel]]) > 0.9
+    flipped = principal * np.array([-1.0, 1.0, 1.0])  # what the opposite convention would give
+    assert np.median(np.abs((flipped * fibre[sel]).sum(-1))[oblique[sel]]) < 0.6
+
+
+def test_reverse_pe_b0_has_its_own_head_position(tiny):
+    root, _ = tiny
+    d = root / TRUTH / "sub-pat01" / "ses-pre" / "dwi"
+    lines = (d / "sub-pat01_ses-pre_dir-PA_desc-motion_timeseries.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"] and len(lines) == 2
+    pose = np.array([float(v) for v in lines[1].split("\t")])
+    assert np.any(pose != 0) and np.abs(pose[:3]).max() < 3 and np.rad2deg(np.abs(pose[3:])).max() < 3
+    meta = json.loads((d / "sub-pat01_ses-pre_dir-PA_desc-motion_timeseries.json").read_text())
+    assert "voxel" in meta["Description"]
+
+
+def test_patient_truth_has_every_lesion_region(tiny):
+    root, _ = tiny
+    for ses in ("pre", "followup"):
+        d = root / TRUTH / "sub-pat01" / f"ses-{ses}" / "dwi"
+        masks = {k: _load(d / f"sub-pat01_ses-{ses}_space-dwi_desc-{k}_mask.nii.gz") > 0
+                 for k in ("core", "solid", "oedema", "infiltration", "tumor")}
+        assert masks["core"].sum() >= 3 and masks["solid"].sum() >= masks["core"].sum() * 0.4
+        assert masks["oedema"].sum() > 0 and masks["infiltration"].sum() > 0
+        assert np.array_equal(masks["tumor"], masks["core"] | masks["solid"] | masks["oedema"])
+
+
 def test_deterministic_by_seed(tmp_path):
     a = generate_dataset(tmp_path / "a", preset="tiny", n_controls=1, n_patients=0, seed=5, progress=False,
                          n_jobs=1)
