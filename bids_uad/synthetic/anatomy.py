@@ -8,6 +8,7 @@ coordinates, so any grid can be sampled directly with one interpolation.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,11 +23,11 @@ PAD_MM = 22
 
 
 def _nilearn_data_dir() -> Path:
-    try:
-        import nilearn.datasets
-    except ImportError as exc:  # pragma: no cover - nilearn is a hard dependency
-        raise InputMissingError("nilearn is needed for the MNI152 template") from exc
-    return Path(nilearn.datasets.__file__).parent / "data"
+    """nilearn's bundled data folder, found without importing nilearn (about 1 s with sklearn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a hard dependency
+        raise InputMissingError("nilearn is needed for the MNI152 template")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
 @dataclass
@@ -152,11 +153,13 @@ class SubjectAnatomy:
 
     def to_template(self, head_mm: np.ndarray) -> np.ndarray:
         """(3, N) head coordinates -> (3, N) template coordinates (mm)."""
-        out = head_mm / self.scale[:, None]
-        for k in range(len(self.phase)):
-            s = np.sin(self.wave[k] @ head_mm + self.phase[k])
-            out = out + self.amp[k][:, None] * s[None, :]
-        return out.astype(np.float32)
+        head_mm = np.asarray(head_mm, np.float32)
+        out = head_mm / self.scale[:, None].astype(np.float32)
+        wave, amp, phase = (np.asarray(a, np.float32) for a in (self.wave, self.amp, self.phase))
+        for k in range(len(phase)):
+            s = np.sin(wave[k] @ head_mm + phase[k])
+            out += amp[k][:, None] * s[None, :]
+        return out
 
 
 def grid_world(shape, affine) -> np.ndarray:

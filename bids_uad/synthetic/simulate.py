@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import affine_transform, map_coordinates
 
 from .anatomy import (SubjectAnatomy, Template, apply_affine, axis_directions, grid_affine, grid_world,
                       orientations, sample, shell_intensity)
@@ -151,12 +151,7 @@ def anat_images(t: dict, rng: np.random.Generator, world: np.ndarray) -> tuple[n
     fl = tissue_fl * keep + 0.85 * t["mu_solid"] + 0.4 * t["mu_core"]
     fl = fl * (1 - t["mu_oed"]) + 1.0 * t["mu_oed"] * (t["wm"] + t["gm"] + 0.3)
     fl = fl + shell_w * shell_intensity(hd, 2, t["skull_scale"])
-    images = []
-    for img, sigma in ((t1, 0.02), (fl, 0.025)):
-        img = img * bias_field(rng, world)
-        n1 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
-        n2 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
-        images.append(np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32))
+    images = [rician(rng, img * bias_field(rng, world), sigma) for img, sigma in ((t1, 0.02), (fl, 0.025))]
     return images[0], images[1]
 
 
@@ -262,9 +257,9 @@ def random_eddy(rng) -> np.ndarray:
 
 def rician(rng, img: np.ndarray, sigma: float) -> np.ndarray:
     """Magnitude of the image plus complex Gaussian noise of standard deviation ``sigma``."""
-    n1 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
-    n2 = rng.normal(scale=sigma, size=img.shape).astype(np.float32)
-    return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
+    real = img + np.float32(sigma) * rng.standard_normal(img.shape, dtype=np.float32)
+    imag = np.float32(sigma) * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.hypot(real, imag).astype(np.float32, copy=False)
 
 
 def head_gradient(bvec_voxel: np.ndarray, params: np.ndarray, axes: np.ndarray) -> np.ndarray:
@@ -291,7 +286,7 @@ def acquire(signal_ref: np.ndarray, field_ref: np.ndarray, params, shape, zooms,
     moved = np.any(np.asarray(params) != 0)
     vmap = voxel_motion_map(params, shape, zooms).astype(np.float32)
     ref0 = apply_affine(vmap, grid.reshape(3, -1)) if moved else grid.reshape(3, -1)
-    field = (map_coordinates(field_ref, ref0, order=1, mode="nearest", prefilter=False).reshape(shape)
+    field = (affine_transform(field_ref, vmap, order=1, mode="nearest", prefilter=False)
              if moved else field_ref)
     disp = field * np.float32(disp_scale)
     if eddy_disp is not None:
