@@ -101,13 +101,16 @@ class FanInLinear(nn.Linear):
         return nn.functional.linear(x, self.weight * self.in_features ** -0.5, self.bias)
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean squared error over channels and the voxels where ``mask`` (B, X, Y, Z) is set;
-    over the whole grid when ``mask`` is None."""
+    over the whole grid when ``mask`` is None.  ``count`` replaces the number of mask voxels
+    in the denominator (sharded training: the batch's share of the whole batch's count)."""
     if mask is None:
         return nn.functional.mse_loss(pred, target)
     m = mask.to(pred.dtype).unsqueeze(1)
-    return (((pred - target) ** 2) * m).sum() / (m.sum() * pred.shape[1]).clamp(min=1)
+    n = m.sum() if count is None else torch.as_tensor(count, dtype=pred.dtype, device=pred.device)
+    return (((pred - target) ** 2) * m).sum() / (n * pred.shape[1]).clamp(min=1)
 
 
 def output_activation(kind: str) -> nn.Module:

@@ -43,7 +43,7 @@ class RecDiscNet(nn.Module):
         """Reconstruction MSE to the clean volume + weighted BCE on the anomaly mask."""
         recon, logit = self(batch["input"])
         mask = batch.get("mask") if self.settings.mse_region == "brain" else None
-        mse = masked_mse(recon, batch["clean"], mask)
+        mse = masked_mse(recon, batch["clean"], mask, batch.get("mask_count"))
         pos_weight = torch.tensor(self.settings.pos_weight, dtype=logit.dtype, device=logit.device)
         bce = F.binary_cross_entropy_with_logits(logit[:, 0], batch["anomaly"], pos_weight=pos_weight)
         return mse + self.settings.bce_weight * bce, {"mse": mse.detach(), "bce": bce.detach()}

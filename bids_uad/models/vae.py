@@ -24,6 +24,7 @@ class VAE3d(nn.Module):
     """Conv encoder -> dense (mu, logvar) -> dense -> conv decoder."""
 
     needs_ood = False
+    needs_noise = True  # training draws latent noise: the trainer may supply it as batch["noise"]
 
     def __init__(self, settings: ModelSettings):
         super().__init__()
@@ -54,19 +55,21 @@ class VAE3d(nn.Module):
         h = F.leaky_relu(self.fc_dec(z), 0.01).view(-1, self._feats[-1], *self.bottleneck)
         return self.act(self.head(self.decoder(h)))
 
-    def forward(self, x: torch.Tensor):
-        """Return (reconstruction, mu, logvar); samples z only in training mode."""
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """Return (reconstruction, mu, logvar); samples z only in training mode (with ``noise``
+        (B, latent) as the standard normal draw when given, e.g. a slice of a larger batch's)."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        eps = torch.randn_like(mu) if noise is None else noise
+        z = mu + eps * torch.exp(0.5 * logvar) if self.training else mu
         return self.decode(z), mu, logvar
 
     def loss(self, batch: dict[str, torch.Tensor]):
         """Mean MSE to the clean input (brain voxels if ``batch["mask"]`` and mse_region="brain")
         + kl_weight * KL (summed over the latent, mean over the batch)."""
         x = batch["clean"]
-        recon, mu, logvar = self(x)
+        recon, mu, logvar = self(x, batch.get("noise"))
         mask = batch.get("mask") if self.settings.mse_region == "brain" else None
-        mse = masked_mse(recon, x, mask)
+        mse = masked_mse(recon, x, mask, batch.get("mask_count"))
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
         return mse + self.settings.kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
