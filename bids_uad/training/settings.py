@@ -91,7 +91,8 @@ class TrainingSettings:
     patience: int = 15  # early stopping: epochs without validation improvement
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    threads: int = 1
+    threads: int = 1  # torch threads in total; each of `processes` workers gets threads // processes
+    processes: int = 1  # data-parallel (DDP) training processes spawned per fold run; see distributed.py
     checkpoint_every: int = 1  # epochs between checkpoints (when a directory is given)
     progress: bool = True
 
@@ -102,6 +103,8 @@ class TrainingSettings:
             raise UsageError("n_folds must be at least 2")
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError("epochs and batch_size must be positive")
+        if self.threads < 1 or self.processes < 1:
+            raise UsageError("threads and processes must be positive")
 
 
 @dataclass(frozen=True)

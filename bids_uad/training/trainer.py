@@ -4,29 +4,43 @@ Randomness is derived from (seed, fold, epoch): model initialisation from (seed,
 batch order, synthetic patches and VAE sampling from (seed, fold, epoch).  A run resumed
 from an epoch checkpoint therefore continues bit-identically (on the same device/threads).
 Checkpoints are safetensors + JSON (model, Adam state flattened, best weights, counters).
+
+Data-parallel training (see :mod:`bids_uad.training.distributed`): inside a process group of
+N > 1 processes every rank draws the same global batch (indices, synthetic patches, VAE latent
+noise) from the shared seeds and computes only its contiguous shard of it; each shard's loss
+is weighted so that DDP's averaged gradient is the gradient of the global batch's loss, so N
+processes follow the single-process trajectory up to floating-point rounding.  Validation is
+sharded over subjects and summed over ranks; only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
+from bids_uad.training import distributed
 from bids_uad.training.calibration import Calibration, calibrate
 from bids_uad.training.folds import make_folds
 from bids_uad.training.ood import add_ood_patches
 from bids_uad.training.settings import Settings
 
 LOG = logging.getLogger(__name__)
+# training settings that change how a run executes, not what it computes: a checkpoint may be
+# resumed with other values (e.g. more processes, other threads)
+RUNTIME_TRAINING_KEYS = ("threads", "processes", "progress")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,32 +70,107 @@ class FoldResult:
     calibration: Calibration | None = None
 
 
-def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
-    """Stack subjects ``idx`` (and their brain masks, ``"mask"``) into a batch; corrupt inputs with
-    synthetic patches if the model needs them."""
+def batch_arrays(model, data, masks, idx, rng, settings: Settings) -> dict[str, np.ndarray]:
+    """Stack subjects ``idx`` (and their brain masks, ``"mask"``) into numpy arrays; corrupt inputs
+    with synthetic patches if the model needs them (drawn from ``rng`` in the order of ``idx``)."""
     clean = np.stack([data[i] for i in idx])
     batch = {"clean": clean, "mask": np.stack([np.asarray(masks[i], np.float32) for i in idx])}
     if getattr(model, "needs_ood", False):
         pairs = [add_ood_patches(data[i], masks[i], rng, settings.ood) for i in idx]
         batch["input"] = np.stack([p[0] for p in pairs])
         batch["anomaly"] = np.stack([p[1] for p in pairs])
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+    return batch
+
+
+def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    """Numpy batch -> tensors on ``device``."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
+    """:func:`batch_arrays` as tensors on ``device``."""
+    return to_tensors(batch_arrays(model, data, masks, idx, rng, settings), device)
+
+
+def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
+    """Standard normal latent draw (n, latent) for models that sample in training (the VAE), from
+    torch's seeded generator: the same values the model would draw itself for the whole batch."""
+    if not getattr(model, "needs_noise", False):
+        return None
+    return torch.randn(n, settings.model.latent_size, device=device)
+
+
+def shard_batch(arrays: dict[str, np.ndarray], noise: torch.Tensor | None, world: int, rank: int,
+                device) -> tuple[dict[str, torch.Tensor], float]:
+    """This rank's part of a global batch, as tensors, and the weight of its loss.
+
+    The weight ``world * n_shard / n_global`` makes DDP's gradient average equal the gradient
+    of the global batch's mean loss.  The brain-masked MSE is a mean over the brain voxels of
+    the *whole* batch, so the shard gets ``mask_count`` = the global count scaled to its share.
+    A rank with an empty shard still takes part (DDP needs every rank's gradients): it
+    forwards the first sample with weight 0.
+    """
+    n = len(arrays["clean"])
+    part = distributed.shard_slice(n, world, rank)
+    n_part = part.stop - part.start
+    weight = distributed.shard_weight(n_part, n, world)
+    if n_part == 0:
+        part, n_part = slice(0, 1), 1
+    batch = to_tensors({k: v[part] for k, v in arrays.items()}, device)
+    if noise is not None:
+        batch["noise"] = noise[part]
+    if world > 1:
+        batch["mask_count"] = float(arrays["mask"].sum(dtype=np.float64)) * n_part / n
+    return batch, weight
+
+
+class LossModule(torch.nn.Module):
+    """``model.loss(batch)[0]`` as a forward pass: DDP synchronises the gradients of forward()."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.loss(batch)[0]
 
 
 def _validation_loss(model, data, masks, settings, device, fold) -> float:
-    """Mean loss over held-out controls with fixed synthetic patches (comparable across epochs)."""
+    """Mean loss over held-out controls with fixed synthetic patches (comparable across epochs).
+
+    In a process group each rank scores its shard of the subjects (patches are still drawn for
+    every subject, in order, so they match the single-process ones) and the sums are added over
+    ranks; rank 0's total is broadcast so that every rank takes the same early-stopping decision.
+    """
     model.eval()
     rng = np.random.default_rng([settings.training.seed, fold, 999_983])
+    mine = distributed.shard_slice(len(data), distributed.world_size(), distributed.rank())
+    needs_ood = getattr(model, "needs_ood", False)
     total = 0.0
     with torch.no_grad():
         for i in range(len(data)):
-            loss, _ = model.loss(make_batch(model, data, masks, [i], rng, settings, device))
-            total += float(loss)
+            if not (mine.start <= i < mine.stop or needs_ood):
+                continue
+            arrays = batch_arrays(model, data, masks, [i], rng, settings)  # draws this subject's patches
+            if mine.start <= i < mine.stop:
+                loss, _ = model.loss(to_tensors(arrays, device))
+                total += float(loss)
+    if distributed.is_distributed():
+        summed = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=device))
+        total = float(distributed.broadcast_from_root(summed)[0])
     return total / max(len(data), 1)
 
 
 def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
     return json.loads(json.dumps({"settings": settings.to_dict(), "fold": fold, "data_hash": dhash}))
+
+
+def _comparable(meta: dict) -> dict:
+    """Checkpoint identity: settings (without runtime keys), fold and data hash."""
+    settings = dict(meta.get("settings") or {})
+    settings["training"] = {k: v for k, v in (settings.get("training") or {}).items()
+                            if k not in RUNTIME_TRAINING_KEYS}
+    return {"settings": settings, "fold": meta.get("fold"), "data_hash": meta.get("data_hash")}
 
 
 def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks: Sequence[np.ndarray],
@@ -94,10 +183,17 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
     a present checkpoint is resumed.  ``stop_after`` (tests) stops after that many epochs
     in this call, as if the process had been killed.  ``data_id`` identifies the data in the
     checkpoint (default: a hash of the arrays).
+
+    Inside an initialised process group of N > 1 processes (every rank calls this with the
+    same arguments) the model is trained data-parallel with DistributedDataParallel; each
+    rank uses ``threads // N`` torch threads and rank 0 alone writes checkpoints.
     """
     ts = settings.training
-    torch.set_num_threads(max(1, ts.threads))
+    world, rank = distributed.world_size(), distributed.rank()
+    torch.set_num_threads(max(1, ts.threads // world))
     device = resolve_device(ts.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # set per rank by distributed.init_group
     torch.manual_seed(_seed_int(ts.seed, fold))
     model = get_model(settings.model.name, settings.model).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=ts.learning_rate)
@@ -109,8 +205,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
     ckpt = Path(checkpoint_dir) / f"fold-{fold}" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.with_suffix(".json").is_file():
         tensors, meta = load_tensors(ckpt)
-        expected = _checkpoint_meta(settings, fold, dhash)
-        if any(meta.get(k) != v for k, v in expected.items()):
+        if _comparable(meta) != _comparable(_checkpoint_meta(settings, fold, dhash)):
             raise UsageError(f"checkpoint {ckpt} was written for other settings or data; "
                              "use an empty checkpoint directory", ckpt)
         model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
@@ -120,10 +215,14 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         start, best_val, best_epoch, bad = meta["epoch"] + 1, meta["best_val"], meta["best_epoch"], meta["bad_epochs"]
         best_val = math.inf if best_val is None else best_val
         history, done = meta["history"], meta["done"]
-        LOG.info("fold %d: resuming from epoch %d checkpoint", fold, start)
+        if rank == 0:
+            LOG.info("fold %d: resuming from epoch %d checkpoint", fold, start)
+    net: torch.nn.Module = LossModule(model)
+    if world > 1 and not done:  # all ranks read the same checkpoint, so all wrap (a collective) or none
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_checkpoint(epoch: int, finished: bool) -> None:
-        if ckpt is None:
+        if ckpt is None or rank != 0:
             return
         opt_t, opt_meta = flatten_optimizer(opt.state_dict())
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -135,13 +234,13 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         save_tensors(ckpt, tensors, meta)
 
     n = len(train_data)
-    bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}", disable=not ts.progress or done,
-               initial=start, total=ts.epochs, leave=False)
+    bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}",
+               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False)
     ran = 0
     for epoch in bar:
         if done:
             break
-        model.train()
+        net.train()
         rng = np.random.default_rng([ts.seed, fold, epoch])
         torch.manual_seed(_seed_int(ts.seed, fold, epoch))
         if ts.steps_per_epoch is None:
@@ -153,12 +252,16 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             batches = np.split(order, ts.steps_per_epoch)
         losses = []
         for idx in batches:
-            batch = make_batch(model, train_data, train_masks, idx, rng, settings, device)
+            arrays = batch_arrays(model, train_data, train_masks, idx, rng, settings)  # the global batch
+            batch, weight = shard_batch(arrays, latent_noise(model, settings, len(idx), device), world, rank, device)
             opt.zero_grad(set_to_none=True)
-            loss, _ = model.loss(batch)
+            loss = net(batch)
+            if world > 1:
+                loss = loss * weight
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+        losses = _global_step_losses(losses, world)
         sched.step()
         val = _validation_loss(model, val_data, val_masks, settings, device, fold)
         if val < best_val:
@@ -172,9 +275,11 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         finished = bad >= ts.patience or epoch == ts.epochs - 1
         if finished or (epoch + 1 - start) % ts.checkpoint_every == 0:
             save_checkpoint(epoch, finished)
+            distributed.barrier()  # no rank runs ahead of (or exits before) rank 0's checkpoint
         ran += 1
         if bad >= ts.patience:
-            LOG.info("fold %d: early stop at epoch %d (best %d)", fold, epoch, best_epoch)
+            if rank == 0:
+                LOG.info("fold %d: early stop at epoch %d (best %d)", fold, epoch, best_epoch)
             break
         if stop_after is not None and ran >= stop_after:
             break
@@ -182,6 +287,15 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
     model.load_state_dict(best_state)
     model.eval()
     return FoldResult(fold, model, [], [], best_epoch, float(best_val), history)
+
+
+def _global_step_losses(losses: list[torch.Tensor], world: int) -> list[float]:
+    """Per-step losses of the global batch: the ranks' weighted shard losses summed over ranks,
+    divided by the number of ranks (the plain losses in a single process)."""
+    if world == 1 or not losses:
+        return [float(x) for x in losses]
+    summed = distributed.all_reduce_sum(torch.stack(losses).to(torch.float64))
+    return (summed / world).tolist()
 
 
 @torch.no_grad()
@@ -210,25 +324,110 @@ def check_training_inputs(data: Sequence[np.ndarray], masks: Sequence[np.ndarray
 def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                 analysis_masks: Sequence[np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                 on_fold: Callable[[FoldResult], None] | None = None) -> list[FoldResult]:
-    """k-fold training + calibration on each fold's held-out controls (arrays on the grid)."""
+    """k-fold training + calibration on each fold's held-out controls (arrays on the grid).
+
+    Data-parallel training, either way:
+
+    * started by torchrun: the process group is joined here and every rank trains every fold
+      (all ranks must call this with the same arguments); rank 0 alone calibrates (the other
+      ranks' results have ``calibration=None``) and calls ``on_fold``.
+    * ``settings.training.processes`` N > 1 (and no process group): N workers are spawned to
+      train all folds, rank 0 writing the fold checkpoints (in ``checkpoint_dir``, or a
+      temporary folder); this process then loads the finished folds from them and calibrates.
+    """
     check_training_inputs(data, masks, settings)
     analysis_masks = masks if analysis_masks is None else analysis_masks
     data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
     masks = [np.asarray(m) > 0 for m in masks]
+    plan = fold_plan(settings, data)
+    distributed.init_from_torchrun(resolve_device(settings.training.device))
     results = []
+    with ExitStack() as cleanup:
+        if spawned_processes(settings) > 1 and not _all_folds_done(plan, checkpoint_dir):
+            checkpoint_dir = _train_in_workers(settings, data, masks, plan, checkpoint_dir, cleanup)
+        for fold, tr, va, fold_id in plan:
+            res = train_fold(settings, [data[i] for i in tr], [masks[i] for i in tr],
+                             [data[i] for i in va], [masks[i] for i in va], fold, checkpoint_dir,
+                             data_id=fold_id)
+            res.train_idx, res.val_idx = list(tr), list(va)
+            results.append(res)
+            if distributed.rank() != 0:
+                continue
+            scores = [score_volume(res.model, data[i]) for i in va]
+            res.calibration = calibrate(scores, [analysis_masks[i] for i in va],
+                                        settings.scoring.max_null_samples, settings.training.seed + fold)
+            LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated",
+                     fold, res.best_epoch, res.best_val_loss, res.calibration.n)
+            if on_fold is not None:
+                on_fold(res)
+    return results
+
+
+def fold_plan(settings: Settings, data: Sequence[np.ndarray]) -> list[tuple[int, list[int], list[int], str]]:
+    """(fold, training indices, held-out indices, data id for the checkpoint) of every fold."""
     hashes = [data_hash([d]) for d in data]  # once per subject, reused by every fold
+    plan = []
     for fold, (tr, va) in enumerate(make_folds(len(data), settings.training.n_folds, settings.training.seed)):
         fold_id = data_hash([np.frombuffer("".join(hashes[i] for i in (*tr, *va)).encode(), np.uint8)])
-        res = train_fold(settings, [data[i] for i in tr], [masks[i] for i in tr],
-                         [data[i] for i in va], [masks[i] for i in va], fold, checkpoint_dir,
-                         data_id=fold_id)
-        res.train_idx, res.val_idx = tr.tolist(), va.tolist()
-        scores = [score_volume(res.model, data[i]) for i in va]
-        res.calibration = calibrate(scores, [analysis_masks[i] for i in va],
-                                    settings.scoring.max_null_samples, settings.training.seed + fold)
-        LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated",
-                 fold, res.best_epoch, res.best_val_loss, res.calibration.n)
-        results.append(res)
-        if on_fold is not None:
-            on_fold(res)
-    return results
+        plan.append((fold, tr.tolist(), va.tolist(), fold_id))
+    return plan
+
+
+def _all_folds_done(plan, checkpoint_dir: str | Path | None) -> bool:
+    """Every fold of ``plan`` has a finished checkpoint (a re-run then needs no workers)."""
+    if checkpoint_dir is None:
+        return False
+    for fold, *_ in plan:
+        meta = Path(checkpoint_dir) / f"fold-{fold}.json"
+        if not meta.is_file() or not json.loads(meta.read_text()).get("done"):
+            return False
+    return True
+
+
+def spawned_processes(settings: Settings) -> int:
+    """Training processes to spawn: ``training.processes`` (at most one per GPU on CUDA), or 1
+    when this process already belongs to a process group (torchrun)."""
+    if distributed.is_initialized():
+        return 1
+    return distributed.plan_processes(settings.training.processes, resolve_device(settings.training.device))
+
+
+def _train_in_workers(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], plan,
+                      checkpoint_dir: str | Path | None, cleanup: ExitStack) -> Path:
+    """Train every fold of ``plan`` in spawned DDP workers; return the folder of their checkpoints.
+
+    The arrays reach the workers as memory-mapped ``.npy`` files (shared pages, no pickling);
+    the folder holding them is removed when ``cleanup`` closes.
+    """
+    ts = settings.training
+    n = spawned_processes(settings)
+    if checkpoint_dir is None:
+        checkpoint_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bids_uad_train_"))
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    shared = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="arrays-", dir=checkpoint_dir)))
+    for name, arrays, dtype in (("data", data, np.float32), ("masks", masks, bool)):
+        out = np.lib.format.open_memmap(shared / f"{name}.npy", "w+", dtype, (len(arrays), *arrays[0].shape))
+        for i, a in enumerate(arrays):
+            out[i] = a
+        out.flush()
+        del out
+    LOG.info("%s: training %d folds in %d DDP processes (%s, %d threads each)", settings.model.name, len(plan),
+             n, distributed.backend_for(resolve_device(ts.device)), max(1, ts.threads // n))
+    distributed.launch(train_folds_worker, n, (settings.to_dict(), str(shared), plan, str(checkpoint_dir)),
+                       device=resolve_device(ts.device), threads=max(1, ts.threads // n))
+    return checkpoint_dir
+
+
+def train_folds_worker(settings: dict, arrays_dir: str, plan: list, checkpoint_dir: str) -> list[dict]:
+    """One spawned DDP rank (see :func:`distributed.launch`): train every fold of ``plan`` on the
+    memory-mapped arrays, checkpointing into ``checkpoint_dir``; returns per-fold summaries."""
+    settings = Settings.from_dict(settings)
+    data = np.load(Path(arrays_dir) / "data.npy", mmap_mode="r")
+    masks = np.load(Path(arrays_dir) / "masks.npy", mmap_mode="r")
+    summary = []
+    for fold, tr, va, fold_id in plan:
+        res = train_fold(settings, [data[i] for i in tr], [masks[i] for i in tr], [data[i] for i in va],
+                         [masks[i] for i in va], fold, checkpoint_dir, data_id=fold_id)
+        summary.append({"fold": fold, "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss})
+    return summary
