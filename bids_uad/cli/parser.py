@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="work folder for intermediate files; reuse it to resume (default: ./work)")
     perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, default=None,
                       help="processes run in parallel (default: the plugin file's n_procs, else 1); "
-                           "overrides --use-plugin")
+                           "overrides --use-plugin; group level: data-parallel training processes "
+                           "(at most the batch size; on CUDA at most one per GPU)")
     perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, default=1,
                       help="threads per process (torch, ITK, BLAS) (default: 1)")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float,

@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     try:
         settings = settings_from_args(argv)
-        return run(settings)
+        from bids_uad.workflows.group import torchrun_worker_main  # torchrun ranks > 0 only train
+        worker_status = torchrun_worker_main(settings)
+        return run(settings) if worker_status is None else worker_status
     except SystemExit as exc:  # --help and --version
         return int(exc.code or 0)
     except BidsUadError as exc:

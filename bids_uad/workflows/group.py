@@ -1,15 +1,21 @@
 """Group level: train the anomaly models on the controls, calibrate, evaluate, report.
 
-This level is one process (torch training), not a nipype graph: it reads the participant
-derivatives of the controls from ``OUTPUT_DIR``, trains every requested model with k-fold
-cross-validation (calibrating thresholds on each fold's held-out controls), saves the
-models under ``OUTPUT_DIR/models/`` (safetensors + JSON), evaluates them on subjects with
-lesion masks, and writes the tables under ``OUTPUT_DIR/group/``.
+This level is torch training, not a nipype graph: it reads the participant derivatives of
+the controls from ``OUTPUT_DIR``, trains every requested model with k-fold cross-validation
+(calibrating thresholds on each fold's held-out controls), saves the models under
+``OUTPUT_DIR/models/`` (safetensors + JSON), evaluates them on subjects with lesion masks,
+and writes the tables under ``OUTPUT_DIR/group/``.
+
+Training is data-parallel (DDP) with ``--nprocs N > 1`` (N spawned processes on CPU, at most
+one per GPU on CUDA; see :func:`training_processes`) or when started by torchrun, where rank
+0 runs the whole level and the other ranks only take part in training
+(:func:`torchrun_worker_main`).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,13 +48,54 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
     grid = tuple(int(math.ceil(s / div) * div) for s in shape)
+    processes = training_processes(settings, base.training.batch_size)
     return replace(
         base,
         model=replace(base.model, n_channels=int(n_channels), grid=grid),
-        training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads,
-                         device=settings.device, progress=True),
+        training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
+                         processes=processes, device=settings.device, progress=True),
         scoring=replace(base.scoring, threshold_method=settings.threshold),
     )
+
+
+def training_processes(settings: Settings, batch_size: int) -> int:
+    """Data-parallel training processes, each with ``--omp-nthreads`` threads.
+
+    Under torchrun: its world size.  Otherwise ``--nprocs``, capped at the batch size (a
+    process beyond it would only idle on an empty shard) and, on CUDA, at the number of GPUs.
+    """
+    from bids_uad.training import distributed
+    from bids_uad.training.trainer import resolve_device
+
+    env = distributed.torchrun_env()
+    if env is not None:
+        return env["world_size"]
+    return distributed.plan_processes(min(settings.nprocs, batch_size), resolve_device(settings.device))
+
+
+def torchrun_worker_main(settings: Settings) -> int | None:
+    """For torchrun ranks other than 0: take part in group-level training, write nothing, and
+    return the exit status; None in every other process (which then runs the level normally).
+
+    Rank 0 runs the whole level (validation, logs, models, evaluation, report); the other
+    ranks select the same controls, load the same derivatives and join each fold's DDP training.
+    """
+    if os.environ.get("RANK", "0") in ("", "0"):  # cheap check before importing torch
+        return None
+    from bids_uad.bids.layout import BIDSInputs
+    from bids_uad.training import distributed
+
+    if distributed.torchrun_env() is None:
+        return None
+    if settings.analysis_level != "group":
+        LOGGER.info("torchrun rank %s: nothing to do at the participant level", os.environ["RANK"])
+        return 0
+    bids = BIDSInputs(settings.bids_dir, validate=False, filters=settings.bids_filters)
+    controls = bids.controls(settings.group_column, settings.control_value)  # as workflows.base.run_group
+    if settings.participant_labels:
+        controls = [c for c in controls if c in settings.participant_labels]
+    run_group_training(settings, bids, controls, run_id="")
+    return 0
 
 
 def _load_controls(found: list[PreprocessedDwi]) -> dict:
@@ -59,7 +106,9 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
 
 
 def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str], run_id: str) -> None:
-    """Train, calibrate and evaluate every model in ``settings.models``."""
+    """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
+    other than 0 only train)."""
+    from bids_uad.training import distributed
     from bids_uad.training.bundle import train_from_dwi
     from bids_uad.training.inputs import dw_gradients
 
@@ -95,6 +144,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             analysis_masks=[i["analysis_mask"] for i in items],
             checkpoint_dir=settings.work_dir / "training" / model,
         )
+        if distributed.rank() != 0:
+            continue
         path = bundle.save(models_dir)
         LOGGER.info("saved %s", path)
         write_tsv(group_dir / f"model-{model}_folds.tsv", [

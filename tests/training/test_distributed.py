@@ -184,3 +184,31 @@ def test_torchrun_env_needs_every_variable():
     assert distributed.torchrun_env(env) == {"rank": 1, "world_size": 2, "local_rank": 1}
     assert distributed.torchrun_env({k: v for k, v in env.items() if k != "MASTER_PORT"}) is None
     assert distributed.backend_for("cpu") == "gloo" and distributed.backend_for("cuda") == "nccl"
+
+
+def test_group_level_process_count(tmp_path, monkeypatch):
+    """--nprocs caps at the batch size, threads per process stay --omp-nthreads; torchrun's world wins."""
+    from bids_uad.config import Settings as RunSettings
+    from bids_uad.workflows.group import model_settings_for, torchrun_worker_main
+
+    for var in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+    def training(nprocs, omp):
+        run = RunSettings(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="group", work_dir=tmp_path,
+                          nprocs=nprocs, omp_nthreads=omp, device="cpu", train_preset="quick")
+        return model_settings_for(run, "dae", 8, (16, 16, 16)).training, run
+
+    t, run = training(8, 3)  # quick preset: batch 2
+    assert (t.processes, t.threads) == (2, 6)
+    assert (training(1, 2)[0].processes, training(1, 2)[0].threads) == (1, 2)
+    assert torchrun_worker_main(run) is None  # not started by torchrun: run the level normally
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert training(1, 1)[0].processes == 3
+    assert torchrun_worker_main(run) is None  # rank 0 runs the whole level
+    monkeypatch.setenv("RANK", "1")
+    assert torchrun_worker_main(replace(run, analysis_level="participant")) == 0  # nothing to do there
