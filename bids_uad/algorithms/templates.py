@@ -209,11 +209,22 @@ def find_template(templateflow_home: str | Path | None = None,
     cache = Path(cache) if cache is not None else cache_dir()
     files = _templateflow_files(home)
     if files is not None:
-        LOGGER.info("template: TemplateFlow %s from %s", TEMPLATEFLOW_NAME, home)
+        _log_once("template: TemplateFlow %s from %s", TEMPLATEFLOW_NAME, home)
         return _templateflow_template(files, cache)
-    LOGGER.info("template: %s bundled with nilearn (TemplateFlow's %s not available offline)",
-                NILEARN_NAME, TEMPLATEFLOW_NAME)
+    _log_once("template: %s bundled with nilearn (TemplateFlow's %s not available offline)",
+              NILEARN_NAME, TEMPLATEFLOW_NAME)
     return _nilearn_template(cache)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _log_once(message: str, *args) -> None:
+    """Log which template is used once per process (workflows look it up once per session)."""
+    text = message % args
+    if text not in _ANNOUNCED:
+        _ANNOUNCED.add(text)
+        LOGGER.info(text)
 
 
 def phantom_head(resolution_mm: float = 3.0, pose: np.ndarray | None = None,

@@ -6,6 +6,7 @@ The FSL backend (``settings.resolved_backend() == "fsl"``) swaps skull stripping
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 from nipype.interfaces import utility as niu
@@ -76,6 +77,13 @@ def _ants_node(interface, name, settings, **kw):
     return node
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_template_substitution(wanted: str, used: str) -> None:
+    """Warn once per process (not once per session) that another template stands in."""
+    LOGGER.warning("template %s asked for but not available offline; using %s (outputs are "
+                   "named space-%s)", wanted, used, used)
+
+
 def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "template",
                  reg_iterations=(40, 20, 0), dwi_transform: str = "Rigid+SyN",
                  template_reg_mm: float = TEMPLATE_REG_MM) -> pe.Workflow:
@@ -91,8 +99,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     template = find_template()
     wanted = [s for s in getattr(settings, "output_spaces", ()) if s.startswith("MNI")]
     if wanted and template.name not in wanted:
-        LOGGER.warning("template %s asked for but not available offline; using %s (outputs are "
-                       "named space-%s)", ", ".join(wanted), template.name, template.name)
+        _warn_template_substitution(", ".join(wanted), template.name)
     backend = settings.resolved_backend()
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")

@@ -1,0 +1,59 @@
+"""run_workflow: scheduler settings for local plugins and the per-node progress lines."""
+from __future__ import annotations
+
+import logging
+import time
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.config import Settings
+from bids_uad.workflows.base import LOCAL_POLL_SLEEP_S, NodeProgress, run_workflow
+
+
+def _add_one(x):
+    return x + 1
+
+
+def _chain(length: int) -> pe.Workflow:
+    workflow = pe.Workflow(name="chain")
+    previous = None
+    for i in range(length):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_add_one), name=f"step{i}")
+        if previous is None:
+            node.inputs.x = 0
+        else:
+            workflow.connect(previous, "x", node, "x")
+        previous = node
+    return workflow
+
+
+def test_multiproc_runs_do_not_wait_two_seconds_per_node(tmp_path, caplog):
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=2)
+    workflow = _chain(4)
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(workflow, settings, "test")
+    assert workflow.config["execution"]["poll_sleep_duration"] == LOCAL_POLL_SLEEP_S < 0.5
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bids_uad") and r.getMessage().startswith("[")]
+    assert [line.split()[0] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert all(line.endswith(" s)") for line in lines)  # run in workers: each has its duration
+
+
+class _Node:
+    def __init__(self, name):
+        self.name = self.fullname = name
+
+
+def test_progress_line_without_a_start_has_no_duration(caplog):
+    progress = NodeProgress(object())  # not a workflow: total unknown
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        progress(_Node("reused"), "end")  # reused from the work folder: no "start" came
+        progress(_Node("ran"), "start")
+        time.sleep(0.01)
+        progress(_Node("ran"), "end")
+        progress(_Node("_ran0"), "end")  # a MapNode's child: not counted
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "[1/?] reused"
+    assert messages[1].startswith("[2/?] ran (") and messages[1].endswith(" s)")
+    assert len(messages) == 2
