@@ -107,6 +107,8 @@ def load_template(res: int = 1) -> Template:
     tpl.extra["headdist"] = (ndimage.distance_transform_edt(~bmask) * 2.0
                              - ndimage.distance_transform_edt(bmask) * 2.0).astype(np.float32)
     tpl.extra["depth"] = np.clip(-tpl.extra["headdist"], 0, None)
+    # farther than this outside the brain surface every brain map (1 or 2 mm) is empty
+    tpl.extra["brain_reach_mm"] = float(tpl.extra["headdist"][tpl.brain > 0].max()) + 2.0 * 2.0
     # Structure tensor of the smoothed WM map: fibres run along the direction of least
     # change (smallest eigenvalue), i.e. parallel to the WM boundary; cortex is radial
     # (largest eigenvalue).  Smoothing makes the orientation field spatially coherent.

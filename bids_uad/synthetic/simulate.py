@@ -105,30 +105,45 @@ def bias_field(rng, pts: np.ndarray, strength: float = 0.18) -> np.ndarray:
 def tissue_at(tpl_src: Template, tpl2: Template, subj: SubjectAnatomy, lesion: Lesion | None,
               world: np.ndarray, head_to_world: np.ndarray, skull_scale: float,
               with_orient: bool = False) -> dict:
-    """Everything the signal models need at (3, N) world points for one head pose."""
+    """Everything the signal models need at (3, N) world points for one head pose.
+
+    Brain maps and lesion fields are only computed near the brain (``brain_reach_mm``), where
+    the template is not empty: most of a field of view is skull, scalp and air.
+    """
     head = apply_affine(np.linalg.inv(head_to_world), world)
     m = subj.to_template(head)
     m0 = lesion.mass_effect_inverse(m) if lesion is not None else m
-    v = tpl_src.to_voxel(m0)
-    gm, wm, brain, t1 = (sample(a, v) for a in (tpl_src.gm, tpl_src.wm, tpl_src.brain, tpl_src.t1))
+    hd = sample(tpl2.extra["headdist"], tpl2.to_voxel(m0), cval=1e3)
+    near = np.flatnonzero(hd < tpl2.extra["brain_reach_mm"])
+    n = world.shape[1]
+    v = tpl_src.to_voxel(m0[:, near])
+    gm, wm, brain, t1 = (_scatter(sample(a, v), near, n)
+                         for a in (tpl_src.gm, tpl_src.wm, tpl_src.brain, tpl_src.t1))
     csf = np.clip(brain - gm - wm, 0, 1)
-    v2 = tpl2.to_voxel(m0)
-    hd = sample(tpl2.extra["headdist"], v2, cval=1e3)
     out = {"m": m, "gm": gm, "wm": wm, "csf": csf, "brain": brain, "t1": t1,
            "headdist": hd, "skull_scale": skull_scale}
-    n = world.shape[1]
-    zeros = np.zeros(n, np.float32)
     if lesion is not None:
-        out.update(lesion_fields(tpl2, lesion, m, wm, csf, brain))
+        inside = near[brain[near] > 0]  # every lesion field is zero outside the brain
+        fields = lesion_fields(tpl2, lesion, m[:, inside], wm[inside], csf[inside], brain[inside])
+        out.update({k: _scatter(val, inside, n) for k, val in fields.items()})
     else:
-        z = np.zeros(n, bool)
+        zeros, z = np.zeros(n, np.float32), np.zeros(n, bool)
         out.update({"mu_core": zeros, "mu_solid": zeros, "mu_oed": zeros, "mu_inf": zeros,
                     "core": z, "solid": z, "oedema": z, "infiltration": z, "tumor": z})
     if with_orient:
-        e_wm, e_gm = orientations(tpl2, v2)
+        # directions only matter inside the brain; elsewhere any unit vector will do
+        e_wm, e_gm = orientations(tpl2, tpl2.to_voxel(m0[:, near]))
         rot = head_to_world[:3, :3].astype(np.float32)
-        out["e_wm"] = e_wm @ rot.T
-        out["e_gm"] = e_gm @ rot.T
+        out["e_wm"] = _scatter(e_wm @ rot.T, near, n, fill=(1.0, 0.0, 0.0))
+        out["e_gm"] = _scatter(e_gm @ rot.T, near, n, fill=(1.0, 0.0, 0.0))
+    return out
+
+
+def _scatter(values: np.ndarray, index: np.ndarray, n: int, fill=0) -> np.ndarray:
+    """Length-``n`` array (rows) holding ``values`` at ``index`` and ``fill`` elsewhere."""
+    out = np.empty((n,) + values.shape[1:], values.dtype)
+    out[...] = np.asarray(fill, values.dtype)
+    out[index] = values
     return out
 
 
