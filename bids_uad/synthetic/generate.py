@@ -98,8 +98,8 @@ def _fsl_gradients(stem: Path, bvals: np.ndarray, bvecs: np.ndarray) -> None:
 MOTION_DESCRIPTION = (
     "volume i shows the head of volume 0 moved by q -> R q + t, with q in mm in the grid-centred voxel "
     "frame of the dwi (axes along the voxel axes i, j, k; the grid is LAS, so q_x = -(world x - centre x)), "
-    "R = Rz Ry Rx: the frame of FSL eddy and of this project's motion estimates for an image with a "
-    "negative determinant. Rotating the head rotates the gradient it sees: its signal is that of the "
+    "R = Rz Ry Rx: the convention of this project's head-motion estimates (bids_uad.algorithms.hmc); "
+    "for this LAS grid its axes are those of FSL's scaled-voxel frame. Rotating the head rotates the gradient it sees: its signal is that of the "
     "b-vector R^T g. Eddy terms (diffusion-weighted volumes) add a displacement along j (voxels): "
     "translation + shear_x*(i-ci) + scale_y*(j-cj) + shear_z*(k-ck), (ci, cj, ck) the grid centre.")
 
@@ -294,8 +294,9 @@ sub-X/ses-Y/dwi/   (undistorted grid of the raw dwi: same shape and affine)
         intensities are modulated by the Jacobian (1 + d displacement / dj)
   *_desc-motion_timeseries.tsv           per-volume rigid motion (trans mm, rot rad) and eddy
         terms, see its JSON; volume 0 has no motion and defines the reference position.
-        Parameters are in the grid-centred voxel-mm frame of the (LAS) dwi grid, as FSL eddy
-        reports them; a rotated head sees the rotated gradient R^T g
+        Parameters are in the grid-centred voxel-mm frame of the (LAS) dwi grid (the axes of
+        FSL's scaled-voxel frame; the convention of bids_uad's head-motion estimates); a rotated
+        head sees the rotated gradient R^T g
   *_dir-PA_desc-motion_timeseries.tsv    head position of the reverse phase-encoding b0 (one row,
         same frame, relative to dwi volume 0)
 sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients)

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-
 from scipy.ndimage import affine_transform, map_coordinates
 
 from .anatomy import (SubjectAnatomy, Template, apply_affine, axis_directions, grid_affine, grid_world,
@@ -316,7 +315,10 @@ def acquire(signal_ref: np.ndarray, field_ref: np.ndarray, params, shape, zooms,
 
 
 def eddy_displacement(e: np.ndarray, shape) -> np.ndarray:
-    """Eddy displacement along PE (voxels): translation + shear_x*(i-ci) + scale_y*(j-cj) + shear_z*(k-ck)."""
+    """Eddy displacement along PE (voxels) on the grid: ``e0 + e1 (i-ci) + e2 (j-cj) + e3 (k-ck)``.
+
+    ``e`` = (translation, shear_x, scale_y, shear_z); (ci, cj, ck) is the grid centre.
+    """
     c = (np.asarray(shape, np.float32) - 1) / 2
     i, j, k = (np.arange(n, dtype=np.float32) - c[a] for a, n in enumerate(shape))
     return (np.float32(e[0]) + np.float32(e[1]) * i[:, None, None] + np.float32(e[2]) * j[None, :, None]
@@ -353,15 +355,13 @@ def simulate_dwi(tpl_src, tpl2, subj, lesion, suscept, head_to_world, preset, rn
     clean4 = clean.reshape(shape + (n_vol,))
     sigma = DWI_SCALE / preset.b0_snr
     raw = np.empty(shape + (n_vol,), np.float32)
-    b0_signal = None
     for i in range(n_vol):
         if bvals[i] > 0:
             signal = dwi_volume(comp, t, float(bvals[i]), head_gradient(bvecs[i], motion[i], axes))
             eddy[i] = eddy_mat @ bvecs[i] * (bvals[i] / 1000.0)
             extra = eddy_displacement(eddy[i], shape)
-        else:
-            b0_signal = clean[:, i] if b0_signal is None else b0_signal
-            signal, extra = b0_signal, None
+        else:  # a b0 does not depend on the head's orientation
+            signal, extra = clean[:, i], None
         vol = acquire(signal.reshape(shape), field_ref, motion[i], shape, zooms, -trt, extra)  # AP: "j-"
         raw[..., i] = rician(rng, vol, sigma)
     out = {"affine": aff, "raw": raw, "clean": clean4, "bvals": bvals, "bvecs": bvecs,
