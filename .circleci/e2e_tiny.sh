@@ -1,37 +1,67 @@
 #!/bin/bash
-# End-to-end run of the container on the tiny synthetic dataset, as CI does it:
-#   .circleci/e2e_tiny.sh IMAGE [WORKSPACE]
-# Generates the dataset inside the image, runs participant -> group (--train-preset quick)
-# -> participant --model with no network, a read-only root filesystem and the data mounted
-# read-only, checks the data did not change, and compares the outputs with
-# .circleci/expected_outputs_tiny.txt.  Needs a Docker engine.
+# End-to-end run on the tiny synthetic dataset, as CI does it:
+#   .circleci/e2e_tiny.sh IMAGE [WORKSPACE]            # the container (needs a Docker engine)
+#   .circleci/e2e_tiny.sh local [WORKSPACE]            # the bids_uad installed on this machine
+#   .circleci/e2e_tiny.sh local [WORKSPACE] --record   # ... and record the expected file list
+# Generates the dataset, runs participant -> group (--train-preset quick, evaluated against the
+# synthetic truth) -> participant --model.  With an image: no network, a read-only root
+# filesystem and the data mounted read-only; locally: the data folder made read-only.  Checks
+# the data did not change, and compares the outputs with .circleci/expected_outputs_tiny.txt.
+# Recording writes the template space as MNI152NLin2009* (the image bakes in TemplateFlow's
+# MNI152NLin2009cAsym; a checkout without TemplateFlow uses nilearn's MNI152NLin2009aSym).
 set -euo pipefail
 
-IMAGE=${1:?usage: e2e_tiny.sh IMAGE [WORKSPACE]}
+IMAGE=${1:?usage: e2e_tiny.sh IMAGE|local [WORKSPACE] [--record]}
 WS=${2:-/tmp/bids_uad_e2e}
+RECORD=${3:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+EXPECTED=$HERE/expected_outputs_tiny.txt
 DATA=$WS/data OUT=$WS/out WORK=$WS/work
+[ -d "$DATA" ] && chmod -R u+w "$DATA"
 rm -rf "$DATA" "$OUT" "$WORK"
 mkdir -p "$DATA" "$OUT" "$WORK"
 
-USER_OPT=(--user "$(id -u):$(id -g)")
-HARDENED=(--rm --network none --read-only --tmpfs /tmp "${USER_OPT[@]}" --security-opt no-new-privileges)
-MOUNTS=(-v "$DATA:/data:ro" -v "$OUT:/out" -v "$WORK:/work")
+if [ "$IMAGE" = local ]; then
+    synth() { bids_uad-synth "$DATA" "$@"; }
+    bids_uad_run() { bids_uad "$DATA" "$OUT" "$@"; }
+    D=$DATA O=$OUT W=$WORK
+else
+    USER_OPT=(--user "$(id -u):$(id -g)")
+    HARDENED=(--rm --network none --read-only --tmpfs /tmp "${USER_OPT[@]}" --security-opt no-new-privileges)
+    MOUNTS=(-v "$DATA:/data:ro" -v "$OUT:/out" -v "$WORK:/work")
+    synth() {
+        docker run --rm --network none "${USER_OPT[@]}" -e HOME=/tmp -v "$DATA:/data" --entrypoint bids_uad-synth \
+            "$IMAGE" /data "$@"
+    }
+    bids_uad_run() { docker run "${HARDENED[@]}" "${MOUNTS[@]}" "$IMAGE" /data /out "$@"; }
+    D=/data O=/out W=/work
+fi
+COMMON=(-w "$W" --nprocs 2 --seed 0 --lesion-masks "$D/derivatives/synthetic-truth")
 
 echo "--- synthetic dataset"
-docker run --rm --network none "${USER_OPT[@]}" -e HOME=/tmp -v "$DATA:/data" --entrypoint bids_uad-synth \
-    "$IMAGE" /data --preset tiny --seed 0
+synth --preset tiny --seed 0
 checksums() { (cd "$DATA" && find . -type f -exec sha256sum {} + | sort -k2); }
 checksums > "$WS/data.sha256"
+[ "$IMAGE" = local ] && chmod -R a-w "$DATA"
 
 echo "--- participant"
-docker run "${HARDENED[@]}" "${MOUNTS[@]}" "$IMAGE" /data /out participant -w /work --nprocs 2 --seed 0
+bids_uad_run participant "${COMMON[@]}"
 echo "--- group"
-docker run "${HARDENED[@]}" "${MOUNTS[@]}" "$IMAGE" /data /out group -w /work --train-preset quick --nprocs 2 --seed 0
+bids_uad_run group "${COMMON[@]}" --train-preset quick
 echo "--- participant --model"
-docker run "${HARDENED[@]}" "${MOUNTS[@]}" "$IMAGE" /data /out participant -w /work --model /out/models --nprocs 2 --seed 0
+bids_uad_run participant "${COMMON[@]}" --model "$O/models"
 
 echo "--- checks"
 checksums | diff -u "$WS/data.sha256" - || { echo "the input dataset changed" >&2; exit 1; }
 python3 "$HERE/compare_outputs.py" "$OUT" --list > "$WS/outputs.txt"
-python3 "$HERE/compare_outputs.py" "$OUT" "$HERE/expected_outputs_tiny.txt"
+if [ "$RECORD" = --record ]; then
+    {
+        echo "# Files of the tiny end-to-end run (.circleci/e2e_tiny.sh), recorded with"
+        echo "#   .circleci/e2e_tiny.sh local WORKSPACE --record"
+        echo "# Template space written as MNI152NLin2009* (TemplateFlow's cAsym in the image, nilearn's aSym"
+        echo "# elsewhere). Run identifiers are normalized to *."
+        sed 's/MNI152NLin2009aSym/MNI152NLin2009*/g; s/MNI152NLin2009cAsym/MNI152NLin2009*/g' "$WS/outputs.txt" | sort -u
+    } > "$EXPECTED"
+    echo "recorded $(grep -vc '^#' "$EXPECTED") patterns in $EXPECTED"
+fi
+python3 "$HERE/compare_outputs.py" "$OUT" "$EXPECTED"
