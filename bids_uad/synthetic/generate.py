@@ -175,6 +175,7 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
         _json(raw / "anat" / f"{prefix}_FLAIR.json", {**anat_meta, "RepetitionTime": 5.0, "EchoTime": 0.387,
                                                       "InversionTime": 1.8})
         _truth_masks(truth / "anat", f"{prefix}_space-T1w", anat["truth"], anat["shape"], anat["affine"])
+        del anat  # written: free it before the next simulation (halves the peak memory at 1 mm)
         session_rows.append({"session_id": f"ses-{ses}", "acq_time": dates[ses].strftime("%Y-%m-%dT%H:%M:%S")})
         if ses not in plan.dwi_sessions:
             continue
@@ -214,6 +215,7 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
             # int16 with a scale factor (about 1e-4 of the b0): half the size, much faster to compress
             _nifti(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii.gz", dwi["clean"], aff, np.int16)
             _fsl_gradients(tdir / f"{prefix}_space-dwi_desc-clean_dwi.nii", dwi["bvals"], dwi["bvecs"])
+        del dwi
         t1_to_dwi = head_dwi @ np.linalg.inv(head_t1)
         (truth / "anat").mkdir(parents=True, exist_ok=True)
         np.savetxt(truth / "anat" / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.txt", t1_to_dwi, fmt="%.8f")
