@@ -234,6 +234,6 @@ def test_refuses_foreign_folder_and_bad_options(tmp_path, capsys):
 
 
 def test_tiny_generation_time(tiny):
-    # 3 subjects (one with two sessions) including the template load; the full tiny preset
-    # (5 subjects) is measured in benchmarks, this guards against gross slowdowns only
-    assert tiny[1] < 120
+    # 3 subjects (two with two sessions) in one process, template load included: about 7 s on an
+    # idle core; the bound only guards against gross slowdowns on a loaded machine
+    assert tiny[1] < 60
