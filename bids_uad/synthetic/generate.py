@@ -364,27 +364,28 @@ def _run_all(args: list, jobs: int, progress: bool) -> list[dict]:
     """Simulate every subject (in ``jobs`` processes) with a progress bar; rows in plan order.
 
     Workers are forked after the templates are loaded, so they share them instead of each
-    loading its own copy; the costliest subjects start first to keep both cores busy.
+    loading its own copy (and before the progress bar starts its thread); the costliest
+    subjects start first to keep both cores busy.
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(args), desc="synthetic subjects", unit="subject", disable=not progress)
-    try:
-        if jobs <= 1:
-            rows = []
+    def bar():
+        return tqdm(total=len(args), desc="synthetic subjects", unit="subject", disable=not progress)
+
+    if jobs <= 1:
+        rows = []
+        with bar() as pbar:
             for a in args:
                 rows.append(_simulate_star(a))
-                bar.update()
-            return rows
-        order = sorted(range(len(args)), key=lambda k: -_workload(args[k][0]))
-        rows: list[dict | None] = [None] * len(args)
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                              else None)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_simulate_star, args[k]): k for k in order}
+                pbar.update()
+        return rows
+    order = sorted(range(len(args)), key=lambda k: -_workload(args[k][0]))
+    rows: list[dict | None] = [None] * len(args)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_simulate_star, args[k]): k for k in order}
+        with bar() as pbar:
             for future in as_completed(futures):
                 rows[futures[future]] = future.result()
-                bar.update()
-        return rows
-    finally:
-        bar.close()
+                pbar.update()
+    return rows
