@@ -10,7 +10,8 @@ from bids_uad.errors import UsageError
 class Preset:
     """Everything that differs between ``tiny``, ``small`` and ``paper``.
 
-    Grids are axis-aligned (RAS, voxel axis j = posterior->anterior = phase encoding).
+    Grids are axis-aligned: RAS for T1w/FLAIR, LAS for the dwi (as dcm2niix stores scanner data,
+    so FSL b-vectors are voxel-frame vectors); voxel axis j = posterior->anterior = phase encoding.
     """
 
     name: str
