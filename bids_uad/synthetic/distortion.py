@@ -38,10 +38,6 @@ def _grid(shape):
     return np.indices(shape, dtype=np.float32)
 
 
-def _sample_along(vol: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:
-    return map_coordinates(vol, coords, order=order, mode="nearest", prefilter=False)
-
-
 def interp_along(arr: np.ndarray, pos: np.ndarray, axis: int, outside: float | None = None) -> np.ndarray:
     """Linear interpolation of ``arr`` at fractional indices ``pos`` along one axis.
 
@@ -76,7 +72,7 @@ def source_positions(displacement: np.ndarray, axis: int = 1) -> tuple[np.ndarra
     k = np.arange(n, dtype=np.float64)
     slope = np.maximum(np.diff(k + d, axis=1), 0.1)
     fwd = np.concatenate([d[:, :1], d[:, :1] + np.cumsum(slope, axis=1)], axis=1)  # x of voxel k
-    span = fwd[:, -1].max() - fwd[:, 0].min() + n + 2.0
+    span = 2.0 * (np.abs(fwd).max() + n) + 2.0  # lines (and their queries 0..n-1) never overlap
     offset = np.arange(n_lines, dtype=np.float64)[:, None] * span
     flat = (fwd + offset).ravel()
     hit = np.searchsorted(flat, (k[None, :] + offset).ravel(), side="right") - 1

@@ -59,9 +59,10 @@ def test_moved_head_sees_rotated_gradients(templates, monkeypatch):
     assert errors["nominal"] > errors["rotated"] + 8.0, errors
 
 
-def test_source_positions_invert_the_displacement():
+@pytest.mark.parametrize("shift", [0.0, 12.0, -12.0])
+def test_source_positions_invert_the_displacement(shift):
     rng = np.random.default_rng(0)
-    disp = ndimage.gaussian_filter(rng.normal(size=(20, 30, 10)), 5).astype(np.float32) * 20
+    disp = ndimage.gaussian_filter(rng.normal(size=(20, 30, 10)), 5).astype(np.float32) * 20 + np.float32(shift)
     assert np.abs(np.gradient(disp, axis=1)).max() < 0.5
     y, jac = source_positions(disp, axis=1)
     x = np.broadcast_to(np.arange(30, dtype=np.float32)[None, :, None], disp.shape)
