@@ -191,8 +191,14 @@ def test_missing_list_or_folder_exits_2(tmp_path, compare, capsys):
 def test_expected_list_in_the_repo_is_well_formed(compare):
     path = CI / "expected_outputs_tiny.txt"
     if not path.exists():
-        pytest.skip("expected_outputs_tiny.txt not generated yet (needs a full container run)")
+        pytest.skip("expected_outputs_tiny.txt missing: record it with .circleci/e2e_tiny.sh local WORKSPACE --record")
     patterns = compare.read_expected(path)
     assert "dataset_description.json" in patterns
     assert not any(p.startswith("logs/crash-") or "/." in p for p in patterns)
     assert len(patterns) == len(set(patterns))
+    # every level left its mark: preprocessing, models, evaluation, inference in both spaces, reports
+    for needed in ("models/model-dae.safetensors", "models/model-recdisc.safetensors", "group.html",
+                   "group/model-recdisc_evaluation_summary.tsv", "sub-pat01.html"):
+        assert needed in patterns
+    assert any("space-MNI152NLin2009*_model-dae_stat-score_anomaly.nii.gz" in p for p in patterns)
+    assert any(p.endswith("space-dwi_desc-preproc_dwi.nii.gz") for p in patterns)
