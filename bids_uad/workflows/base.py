@@ -221,6 +221,13 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
     return awf
 
 
+#: How MultiProc starts its workers.  Not "fork": a process that has already run torch with
+#: several threads (the group level, or calibration, in the same Python process as a later
+#: participant run: ``make demo``, the end-to-end test) leaves an OpenMP thread pool that a
+#: forked child cannot use; its first multi-threaded torch call then waits for ever.
+MULTIPROC_START_METHOD = "forkserver"
+
+
 def nipype_plugin(settings: Settings) -> tuple[str, dict]:
     """The ``--use-plugin`` file when given; else Linear for one process, MultiProc otherwise."""
     if settings.use_plugin is not None:
@@ -228,13 +235,13 @@ def nipype_plugin(settings: Settings) -> tuple[str, dict]:
 
         plugin, args = load_plugin_settings(settings.use_plugin)
         if plugin == "MultiProc":  # the command line (already merged into settings) wins
-            args = {**args, "n_procs": settings.nprocs}
+            args = {"mp_context": MULTIPROC_START_METHOD, **args, "n_procs": settings.nprocs}
             if settings.mem_gb:
                 args["memory_gb"] = settings.mem_gb
         return plugin, args
     if settings.nprocs <= 1:
         return "Linear", {}
-    args: dict = {"n_procs": settings.nprocs, "raise_insufficient": False}
+    args: dict = {"n_procs": settings.nprocs, "raise_insufficient": False, "mp_context": MULTIPROC_START_METHOD}
     if settings.mem_gb:
         args["memory_gb"] = settings.mem_gb
     return "MultiProc", args

@@ -165,7 +165,7 @@ def test_plugin_file(small_bids, tmp_path, capsys):
     plugin.write_text("plugin: MultiProc\nplugin_args:\n  maxtasksperchild: 1\n")
     s = settings_from_args([str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin),
                             "--nprocs", "2", "--mem-gb", "4"])
-    assert nipype_plugin(s) == ("MultiProc", {"n_procs": 2, "maxtasksperchild": 1, "memory_gb": 4.0})
+    assert nipype_plugin(s) == ("MultiProc", {"mp_context": "forkserver", "n_procs": 2, "maxtasksperchild": 1, "memory_gb": 4.0})
     s = settings_from_args([str(small_bids), str(tmp_path / "o"), "participant"])
     assert nipype_plugin(s) == ("Linear", {})
     plugin.write_text("plugin_args: {}\n")
@@ -179,9 +179,9 @@ def test_command_line_overrides_plugin_file(small_bids, tmp_path):
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: MultiProc\nplugin_args: {n_procs: 8, memory_gb: 16}\n")
     base = [str(small_bids), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin)]
-    assert nipype_plugin(settings_from_args(base)) == ("MultiProc", {"n_procs": 8, "memory_gb": 16})
+    assert nipype_plugin(settings_from_args(base)) == ("MultiProc", {"mp_context": "forkserver", "n_procs": 8, "memory_gb": 16})
     s = settings_from_args(base + ["--nprocs", "2", "--mem-gb", "3"])
-    assert nipype_plugin(s) == ("MultiProc", {"n_procs": 2, "memory_gb": 3.0})
+    assert nipype_plugin(s) == ("MultiProc", {"mp_context": "forkserver", "n_procs": 2, "memory_gb": 3.0})
 
 
 def test_run_removes_temporaries_left_by_a_killed_run(capsys, small_bids, tmp_path, monkeypatch):

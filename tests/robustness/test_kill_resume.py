@@ -68,19 +68,25 @@ RUNNER = textwrap.dedent('''
         return value + 0
 
 
-    work, out, markers, gate = sys.argv[1:5]
-    wf = pe.Workflow(name="resume_wf")
-    a = pe.Node(Function(input_names=["marker_dir"], output_names=["value"], function=first), name="a")
-    b = pe.Node(Function(input_names=["value", "marker_dir", "gate"], output_names=["value"], function=second),
-                name="b")
-    c = pe.Node(Function(input_names=["value", "marker_dir"], output_names=["value"], function=last), name="c")
-    for node in (a, b, c):
-        node.inputs.marker_dir = markers
-    b.inputs.gate = gate
-    wf.connect([(a, b, [("value", "value")]), (b, c, [("value", "value")])])
-    settings = Settings(bids_dir=Path(out).parent, output_dir=Path(out), analysis_level="participant",
-                        work_dir=Path(work), nprocs=int(sys.argv[5]))
-    run_workflow(wf, settings, "test")
+    def main():
+        work, out, markers, gate = sys.argv[1:5]
+        wf = pe.Workflow(name="resume_wf")
+        a = pe.Node(Function(input_names=["marker_dir"], output_names=["value"], function=first), name="a")
+        b = pe.Node(Function(input_names=["value", "marker_dir", "gate"], output_names=["value"],
+                             function=second), name="b")
+        c = pe.Node(Function(input_names=["value", "marker_dir"], output_names=["value"], function=last), name="c")
+        for node in (a, b, c):
+            node.inputs.marker_dir = markers
+        b.inputs.gate = gate
+        wf.connect([(a, b, [("value", "value")]), (b, c, [("value", "value")])])
+        settings = Settings(bids_dir=Path(out).parent, output_dir=Path(out), analysis_level="participant",
+                            work_dir=Path(work), nprocs=int(sys.argv[5]))
+        run_workflow(wf, settings, "test")
+
+
+    # MultiProc workers start from a fork server, which imports this file again: guard the run
+    if __name__ == "__main__":
+        main()
 ''')
 
 

@@ -65,7 +65,7 @@ def test_plugin_file_overrides_are_visible(tmp_path):
     plugin_file = tmp_path / "p.yml"
     plugin_file.write_text("plugin: MultiProc\nplugin_args: {raise_insufficient: false}\n")
     plugin, args = nipype_plugin(_settings(tmp_path, nprocs=2, mem_gb=3.0, use_plugin=plugin_file))
-    assert plugin == "MultiProc" and args == {"n_procs": 2, "memory_gb": 3.0, "raise_insufficient": False}
+    assert plugin == "MultiProc" and args == {"n_procs": 2, "memory_gb": 3.0, "raise_insufficient": False, "mp_context": "forkserver"}
 
 
 MONITOR = textwrap.dedent('''

@@ -1,4 +1,4 @@
-"""run_workflow: scheduler settings for local plugins and the per-node progress lines."""
+"""run_workflow: scheduler settings for local plugins, per-node progress lines, worker start method."""
 from __future__ import annotations
 
 import logging
@@ -57,3 +57,58 @@ def test_progress_line_without_a_start_has_no_duration(caplog):
     assert messages[0] == "[1/?] reused"
     assert messages[1].startswith("[2/?] ran (") and messages[1].endswith(" s)")
     assert len(messages) == 2
+
+
+TORCH_AFTER_TORCH = '''
+import sys
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.config import Settings
+from bids_uad.workflows.base import run_workflow
+
+
+def convolve(threads):
+    import torch
+    torch.set_num_threads(threads)
+    return float(torch.nn.Conv3d(4, 4, 3)(torch.ones(1, 4, 24, 24, 24)).sum())
+
+
+def main():
+    import torch
+    torch.set_num_threads(2)  # like a group level run earlier in this process: an OpenMP pool exists
+    torch.nn.Conv3d(4, 4, 3)(torch.ones(1, 4, 24, 24, 24))
+    tmp = Path(sys.argv[1])
+    workflow = pe.Workflow(name="torch_twice")
+    for i in range(2):
+        node = pe.Node(niu.Function(input_names=["threads"], output_names=["total"], function=convolve),
+                       name=f"conv{i}")
+        node.inputs.threads = 2
+        workflow.add_nodes([node])
+    settings = Settings(bids_dir=tmp, output_dir=tmp / "out", analysis_level="participant",
+                        work_dir=tmp / "work", nprocs=2)
+    run_workflow(workflow, settings, "test")
+    print("finished")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_multiproc_workers_run_torch_after_the_parent_did(tmp_path):
+    """Regression: forked workers of a process that had used torch with 2 threads hung for ever
+    in their first multi-threaded torch call (``make demo`` runs all levels in one process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "torch_twice.py"
+    script.write_text(TORCH_AFTER_TORCH)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=180, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished" in result.stdout
