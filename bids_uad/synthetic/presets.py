@@ -43,12 +43,15 @@ PRESETS: dict[str, Preset] = {
         followup_dwi=True, n_controls_two_sessions=1, no_reverse_pe_fraction=0.2,
         t1w_source_mm=2,
     ),
+    # small: the demo's dataset (make demo): more subjects than tiny on tiny's grids, so that the
+    # whole demo (participant, group training, inference, longitudinal) fits in 20 min on 2 cores.
     "small": Preset(
-        name="small", n_controls=6, n_patients=6,
-        t1w_voxel_mm=1.0, t1w_shape=(192, 224, 176),
-        dwi_voxel_mm=3.0, dwi_shape=(72, 72, 45),
-        shells=((0, 1), (1000, 64)), total_readout_time=0.0426,
-        followup_dwi=True, n_controls_two_sessions=1, no_reverse_pe_fraction=5 / 60,
+        name="small", n_controls=5, n_patients=3,
+        t1w_voxel_mm=2.0, t1w_shape=(96, 112, 88),
+        dwi_voxel_mm=4.0, dwi_shape=(54, 54, 34),
+        shells=((0, 1), (1000, 32)), total_readout_time=0.0265,
+        followup_dwi=True, n_controls_two_sessions=1, no_reverse_pe_fraction=1 / 8,
+        t1w_source_mm=2,
     ),
     "paper": Preset(
         name="paper", n_controls=28, n_patients=32,
