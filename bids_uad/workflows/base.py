@@ -226,6 +226,8 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
 #: participant run: ``make demo``, the end-to-end test) leaves an OpenMP thread pool that a
 #: forked child cannot use; its first multi-threaded torch call then waits for ever.
 MULTIPROC_START_METHOD = "forkserver"
+#: Imported once by the fork server, before it forks the workers: see that module.
+WORKER_PRELOAD = ("bids_uad.workflows.worker",)
 
 
 def nipype_plugin(settings: Settings) -> tuple[str, dict]:
@@ -306,6 +308,10 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
         # chain waited up to 2 s to start: with ~80 nodes per session that dominated small runs.
         # Batch plugins (SLURM, SGE) keep nipype's default: they query the scheduler each loop.
         workflow.config["execution"]["poll_sleep_duration"] = LOCAL_POLL_SLEEP_S
+    if plugin == "MultiProc" and args.get("mp_context") == "forkserver":
+        import multiprocessing
+
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
     LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
     try:
         workflow.run(plugin=plugin, plugin_args=args)

@@ -112,3 +112,53 @@ def test_multiproc_workers_run_torch_after_the_parent_did(tmp_path):
                             timeout=180, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "finished" in result.stdout
+
+
+WORKER_CHATTER = '''
+import sys
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.config import Settings
+from bids_uad.workflows.base import run_workflow
+
+
+def talk(x):
+    import logging
+    logging.getLogger("bids_uad.interfaces.example").info("worker-info-line")
+    logging.getLogger("bids_uad.interfaces.example").warning("worker-warning-line")
+    return x
+
+
+def main():
+    tmp = Path(sys.argv[1])
+    workflow = pe.Workflow(name="chatter")
+    for i in range(2):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=talk), name=f"talk{i}")
+        node.inputs.x = i
+        workflow.add_nodes([node])
+    settings = Settings(bids_dir=tmp, output_dir=tmp / "out", analysis_level="participant",
+                        work_dir=tmp / "work", nprocs=2)
+    run_workflow(workflow, settings, "test")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_workers_print_warnings_but_not_nipype_chatter(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "chatter.py"
+    script.write_text(WORKER_CHATTER)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert output.count("[WARNING] worker-warning-line") == 2
+    assert "worker-info-line" not in output
+    assert "[Node] Finished" not in output and "[Node] Executing" not in output
