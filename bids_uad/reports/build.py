@@ -74,7 +74,7 @@ def build_participant_report(settings, subject: str, run_id: str | None = None) 
         subtitle=f"{n_ses} session(s) · quality control of preprocessing and anomaly detection",
         sections=sections, methods=methods)
     path = write_text(output_dir / f"sub-{subject}.html", html)
-    LOGGER.info("participant report written: %s", path)
+    LOGGER.debug("participant report written: %s", path)
     return path
 
 
@@ -100,7 +100,7 @@ def build_group_report(settings, run_id: str | None = None) -> Path:
                          subtitle=f"{len(models)} model(s) · training, cross-validation, calibration, evaluation",
                          sections=sections, methods=build_group_methods(models, settings.version))
     path = write_text(output_dir / "group.html", html)
-    LOGGER.info("group report written: %s", path)
+    LOGGER.debug("group report written: %s", path)
     return path
 
 
