@@ -245,7 +245,7 @@ class EstimateSDC(SimpleInterface):
             LOGGER.warning("%s: grid differs from the dwi; resampled to the dwi grid", Path(rpe).name)
             rimg_data = resample_to_grid(rimg_data, rimg.affine, img.shape[:3], img.affine, order=1)
             resampled = True
-        res = estimate_sdc([b0, rimg_data], [trt * pol, rtrt * rpol], axis)
+        res = estimate_sdc([b0, rimg_data], [trt * pol, rtrt * rpol], axis, zooms=img.header.get_zooms()[:3])
         hdr = img.header.copy()
         hdr.set_data_dtype(np.float32)
         affine = img.affine

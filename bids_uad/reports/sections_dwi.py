@@ -13,6 +13,25 @@ from bids_uad.reports.common import LEGEND, load, missing, same_grid, tissue_con
 from bids_uad.reports.reportlets import FigureMaker, heading, note
 
 
+def _rpe_movement_text(field_meta: dict) -> str:
+    """Caption sentence: the reverse-PE b0's head movement relative to the dwi b0 (SDC sidecar)."""
+    moves = (field_meta.get("SDCSettings") or {}).get("movement") or []
+    parts = []
+    for mv in moves:
+        try:
+            trans = ", ".join(f"{float(mv[k]):+.2f}" for k in ("trans_x", "trans_y", "trans_z"))
+            rot = ", ".join(f"{float(v):+.2f}" for v in mv["rot_deg"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        fixed = f"; {', '.join(mv['not_estimated'])} not estimated (confounded with the field's mean)" \
+            if mv.get("not_estimated") else ""
+        parts.append(f"translation ({trans}) mm, rotation ({rot}) deg{fixed}")
+    if not parts:
+        return ""
+    return (" Head movement of the reverse phase-encoding b0 relative to the dwi b0, estimated with the field: "
+            + "; ".join(parts) + ".")
+
+
 def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
     items: list[dict] = []
     sessions = [s for s in subj.sessions if s.get("b0") or s.get("dwi_preproc") or s.get("fa")]
@@ -60,7 +79,8 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 lambda: F.mosaic(field[0], field[1], slices=sl, cmap="RdBu_r", window=(-lim, lim),
                                  contours=contour),
                 f"Estimated susceptibility field (blue to red: −{lim:.3g} to +{lim:.3g}, "
-                f"{read_json(sidecar_of(ses.get('fieldmap'))).get('Units', 'Hz')}).", "Susceptibility field"))
+                f"{read_json(sidecar_of(ses.get('fieldmap'))).get('Units', 'Hz')})."
+                + _rpe_movement_text(read_json(sidecar_of(ses.get("fieldmap")))), "Susceptibility field"))
         # motion
         motion = ses.get("motion")
         if motion is not None:
