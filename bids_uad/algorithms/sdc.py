@@ -12,8 +12,8 @@ is a cubic B-spline (separable basis matrices, so evaluation is three small matr
 it is fitted with torch autograd and L-BFGS, coarse to fine (heavier smoothing and wider knot
 spacing first), with a bending-energy penalty.
 
-Head movement between the images (FSL ``topup``'s movement parameters) is estimated jointly
-with the field: the field lives on the grid of the first image (the dwi b0); every other image
+Head movement between the images (FSL ``topup``'s movement parameters) is estimated with the
+field (alternating pose-only and field-only fits at every level): the field lives on the grid of the first image (the dwi b0); every other image
 ``n`` has a rigid pose ``p -> R_n p + t_n`` (grid-centred voxel-mm frame, ``R = Rz Ry Rx``, the
 convention of ``hmc.py`` and of the motion TSV), so a point ``p`` of the reference is seen in
 image ``n`` at
@@ -420,7 +420,7 @@ def estimate_sdc(
     corrected = [apply_sdc(im, field_hz, pe_axis, s, movement=mv, zooms=zooms)
                  for im, s, mv in zip(images, scales, movement)]
     info = {"method": "TOPUP model, cubic B-spline field, torch L-BFGS"
-                      + (", rigid movement of the reverse-PE image(s) fitted jointly" if estimate_movement else ""),
+                      + (", rigid movement of the reverse-PE image(s) fitted with the field" if estimate_movement else ""),
             "levels": history, "pe_axis": int(pe_axis), "seconds": round(time.perf_counter() - t0, 2)}
     if estimate_movement:
         info["movement"] = movement_summary(movement, fixed)
