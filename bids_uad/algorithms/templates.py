@@ -8,6 +8,7 @@ prior, ventricle prior) are computed once into a cache folder and reused.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -216,15 +217,21 @@ def find_template(templateflow_home: str | Path | None = None,
     return _nilearn_template(cache)
 
 
-_ANNOUNCED: set[str] = set()
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str, *args, level: int = logging.INFO) -> None:
+    """Log a template notice once per process (workflows look the template up once per session)."""
+    LOGGER.log(level, message, *args)
 
 
-def _log_once(message: str, *args) -> None:
-    """Log which template is used once per process (workflows look it up once per session)."""
-    text = message % args
-    if text not in _ANNOUNCED:
-        _ANNOUNCED.add(text)
-        LOGGER.info(text)
+def template_for_output_spaces(output_spaces) -> "Template":
+    """:func:`find_template`, warning once per process when the MNI output space asked for is not
+    the template available offline (outputs are then named after the template used)."""
+    template = find_template()
+    wanted = [s for s in output_spaces if s.startswith("MNI")]
+    if wanted and template.name not in wanted:
+        _log_once("template %s asked for but not available offline; using %s (outputs are named space-%s)",
+                  ", ".join(wanted), template.name, template.name, level=logging.WARNING)
+    return template
 
 
 def phantom_head(resolution_mm: float = 3.0, pose: np.ndarray | None = None,

@@ -6,13 +6,11 @@ The FSL backend (``settings.resolved_backend() == "fsl"``) swaps skull stripping
 """
 from __future__ import annotations
 
-import functools
-import logging
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from bids_uad.algorithms.templates import find_template
+from bids_uad.algorithms.templates import template_for_output_spaces
 from bids_uad.interfaces.anat import (
     AnalysisMask,
     ApplyMask,
@@ -29,7 +27,6 @@ from bids_uad.interfaces.anat import (
 )
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
-LOGGER = logging.getLogger("bids_uad.workflows.anat")
 INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "source_entities"]
 OUTPUT_FIELDS = [
     "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
@@ -77,13 +74,6 @@ def _ants_node(interface, name, settings, **kw):
     return node
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_template_substitution(wanted: str, used: str) -> None:
-    """Warn once per process (not once per session) that another template stands in."""
-    LOGGER.warning("template %s asked for but not available offline; using %s (outputs are "
-                   "named space-%s)", wanted, used, used)
-
-
 def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "template",
                  reg_iterations=(40, 20, 0), dwi_transform: str = "Rigid+SyN",
                  template_reg_mm: float = TEMPLATE_REG_MM) -> pe.Workflow:
@@ -96,10 +86,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     (one composite ``.h5`` each); probseg lists are ordered GM, WM, CSF.
     Keyword arguments exist for tests and benchmarks (coarser, faster registrations).
     """
-    template = find_template()
-    wanted = [s for s in getattr(settings, "output_spaces", ()) if s.startswith("MNI")]
-    if wanted and template.name not in wanted:
-        _warn_template_substitution(", ".join(wanted), template.name)
+    template = template_for_output_spaces(getattr(settings, "output_spaces", ()))
     backend = settings.resolved_backend()
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")

@@ -70,16 +70,9 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
 
 def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common: dict) -> None:
     """Score and mask maps also in the MNI template actually available (named as such)."""
-    import logging
+    from bids_uad.algorithms.templates import template_for_output_spaces
 
-    from bids_uad.algorithms.templates import find_template
-
-    template = find_template()
-    wanted = [s for s in settings.output_spaces if s.startswith("MNI")]
-    if template.name not in wanted:
-        logging.getLogger("bids_uad.anomaly").info(
-            "output space %s asked for; the template available is %s, outputs are named after it",
-            ", ".join(wanted), template.name)
+    template = template_for_output_spaces(settings.output_spaces)
     for key, kind, extra, suffix in (("score", "image", {"stat": "score"}, "anomaly"),
                                      ("mask", "mask", {"desc": "anomaly"}, "mask")):
         warp = pe.MapNode(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
