@@ -21,6 +21,15 @@ LOGGER = logging.getLogger("bids_uad.bids")
 OPPOSITE_PE = {"i": "i-", "i-": "i", "j": "j-", "j-": "j", "k": "k-", "k-": "k"}
 
 
+def read_sessions_table(bids_dir: str | Path, subject: str) -> list[dict[str, str]]:
+    """Rows of ``sub-X/sub-X_sessions.tsv`` (empty when absent)."""
+    path = Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
 def session_entities(subject: str, session: str | None) -> dict[str, str]:
     """pybids-style entities of a subject/session (no session entity when there is none)."""
     return {"subject": subject, **({"session": session} if session else {})}
@@ -249,8 +258,4 @@ class BIDSInputs:
 
     def sessions_table(self, subject: str) -> list[dict[str, str]]:
         """Rows of ``sub-X/sub-X_sessions.tsv`` (empty when absent)."""
-        path = self.bids_dir / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-        if not path.is_file():
-            return []
-        with path.open(newline="") as handle:
-            return list(csv.DictReader(handle, delimiter="\t"))
+        return read_sessions_table(self.bids_dir, subject)

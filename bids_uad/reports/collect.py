@@ -285,16 +285,10 @@ def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = N
                               bids_dir=Path(bids_dir) if bids_dir and Path(bids_dir).is_dir() else None)
     session_dirs = sorted(p for p in root.glob("ses-*") if p.is_dir()) if root.is_dir() else []
     if subj.bids_dir is not None:  # chronological, by acq_time in sessions.tsv
+        from bids_uad.bids.layout import read_sessions_table
         from bids_uad.bids.preprocessed import order_sessions
 
-        table_path = subj.bids_dir / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-        table = []
-        if table_path.is_file():
-            import csv
-
-            with table_path.open(newline="") as handle:
-                table = list(csv.DictReader(handle, delimiter="\t"))
-        order = order_sessions([p.name[4:] for p in session_dirs], table)
+        order = order_sessions([p.name[4:] for p in session_dirs], read_sessions_table(subj.bids_dir, subject))
         session_dirs = sorted(session_dirs, key=lambda p: order.index(p.name[4:]))
     for folder in session_dirs:
         subj.sessions.append(collect_session(folder, subject, folder.name[4:]))

@@ -14,7 +14,6 @@ subject TSV, the group TSV (rebuilt under a lock) and the report fragment.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.bids.derivatives import validate_label
+from bids_uad.bids.layout import read_sessions_table
 from bids_uad.bids.preprocessed import find_preprocessed_dwi, order_sessions
 from bids_uad.errors import InputMissingError, UsageError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
@@ -37,14 +37,6 @@ LOGGER = logging.getLogger("bids_uad.workflows")
 
 INPUT_FIELDS = ["wait_baseline", "wait_followups"]
 OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "html", "rows", "figures"]
-
-
-def _sessions_table(bids_dir: Path, subject: str) -> list[dict[str, str]]:
-    path = Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 def _has(bids_dir: Path, output_dir: Path, subject: str, session: str, kind: str) -> bool:
@@ -68,7 +60,7 @@ def plan_sessions(settings, subject: str, sessions: list[str]) -> tuple[str, lis
     """
     subject = validate_label(subject, "sub")
     labels = [validate_label(s, "ses") for s in sessions if s]
-    ordered = [s for s in order_sessions(labels, _sessions_table(settings.bids_dir, subject)) if s]
+    ordered = [s for s in order_sessions(labels, read_sessions_table(settings.bids_dir, subject)) if s]
     requested = getattr(settings, "baseline_session", None)
     if requested:
         baseline = validate_label(requested, "ses")
