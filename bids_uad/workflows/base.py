@@ -18,7 +18,7 @@ from bids_uad.bids.lesions import find_lesion_mask
 from bids_uad.bids.preprocessed import find_preprocessed_dwi
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
-from bids_uad.errors import BidsUadError, InputMissingError, InputValidationError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
+from bids_uad.errors import BidsUadError, InputMissingError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
 
 LOGGER = logging.getLogger("bids_uad.workflows")
 
@@ -376,15 +376,9 @@ def _require_stage(stage: str):
 
 def run_group(settings: Settings, bids: BIDSInputs, run_id: str) -> None:
     """Group level: train and calibrate the models on the controls, evaluate, group report."""
-    controls = bids.controls(settings.group_column, settings.control_value)
-    if len(controls) < 3:
-        raise InputValidationError(
-            f"only {len(controls)} control(s) with {settings.group_column}={settings.control_value!r} "
-            "in participants.tsv; at least 3 are needed to train and calibrate",
-            settings.bids_dir / "participants.tsv",
-        )
-    if settings.participant_labels:
-        controls = [c for c in controls if c in settings.participant_labels]
+    from bids_uad.workflows.group import select_controls
+
+    controls = select_controls(settings, bids)
     LOGGER.info("%d controls available for training: %s", len(controls), ", ".join(controls))
     training = _require_stage("training")
     training(settings, bids, controls, run_id)

@@ -73,6 +73,21 @@ def training_processes(settings: Settings, batch_size: int) -> int:
     return distributed.plan_processes(min(settings.nprocs, batch_size), resolve_device(settings.device))
 
 
+def select_controls(settings: Settings, bids: BIDSInputs) -> list[str]:
+    """The controls to train on: ``--group-column`` = ``--control-value`` in participants.tsv (at
+    least 3 there), restricted to ``--participant-label`` when given."""
+    controls = bids.controls(settings.group_column, settings.control_value)
+    if len(controls) < 3:
+        raise InputValidationError(
+            f"only {len(controls)} control(s) with {settings.group_column}={settings.control_value!r} "
+            "in participants.tsv; at least 3 are needed to train and calibrate",
+            settings.bids_dir / "participants.tsv",
+        )
+    if settings.participant_labels:
+        controls = [c for c in controls if c in settings.participant_labels]
+    return controls
+
+
 def torchrun_worker_main(settings: Settings) -> int | None:
     """For torchrun ranks other than 0: take part in group-level training, write nothing, and
     return the exit status; None in every other process (which then runs the level normally).
@@ -91,10 +106,7 @@ def torchrun_worker_main(settings: Settings) -> int | None:
         LOGGER.info("torchrun rank %s: nothing to do at the participant level", os.environ["RANK"])
         return 0
     bids = BIDSInputs(settings.bids_dir, validate=False, filters=settings.bids_filters)
-    controls = bids.controls(settings.group_column, settings.control_value)  # as workflows.base.run_group
-    if settings.participant_labels:
-        controls = [c for c in controls if c in settings.participant_labels]
-    run_group_training(settings, bids, controls, run_id="")
+    run_group_training(settings, bids, select_controls(settings, bids), run_id="")
     return 0
 
 
