@@ -134,8 +134,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-class _FirstLineFormatter(logging.Formatter):
-    """Console format for nipype: first line only (tracebacks go to the run log and crash files)."""
+class FirstLineFormatter(logging.Formatter):
+    """Console format: first line of the message only (tracebacks go to the run log and crash files)."""
 
     def format(self, record: logging.LogRecord) -> str:
         record = logging.makeLogRecord(record.__dict__)
@@ -161,7 +161,7 @@ def _setup_logging(settings: Settings, log_file: Path) -> None:
     # nipype's loggers keep the stream they found at import; send them through ours instead
     nipype_console = logging.StreamHandler(sys.stderr)
     nipype_console.setLevel(logging.WARNING if settings.verbosity < 2 else logging.INFO)
-    nipype_console.setFormatter(_FirstLineFormatter("%(asctime)s [%(levelname)s] nipype: %(message)s", "%H:%M:%S"))
+    nipype_console.setFormatter(FirstLineFormatter("%(asctime)s [%(levelname)s] nipype: %(message)s", "%H:%M:%S"))
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):

@@ -17,19 +17,15 @@ import sys
 WORKER_LOGGERS = ("bids_uad", "nipype.workflow", "nipype.interface", "nipype.utils")
 
 
-class _FirstLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text.splitlines()[0] if text else text
-
-
 def configure_worker_logging(stream=None) -> logging.Handler:
     """Route the loggers of :data:`WORKER_LOGGERS` to one WARNING handler on ``stream``."""
     import nipype  # noqa: F401  (creates nipype's loggers and their default handlers first)
 
+    from bids_uad.cli.run import FirstLineFormatter
+
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(_FirstLine("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    handler.setFormatter(FirstLineFormatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
     for name in WORKER_LOGGERS:
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
