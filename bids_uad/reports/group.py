@@ -129,7 +129,7 @@ def _pivot(rows: list[dict[str, str]]) -> tuple[list[str], list[list[Any]], str]
     method = next((c for c in METHOD_COLUMNS if c in cols), None)
     if "model" not in cols or method is None:
         return None
-    metric = next((c for c in ("dice", "dice_opened", "auroc", "auprc") if c in cols), None)
+    metric = next((c for c in ("dice", "dice_written", "auroc", "auprc") if c in cols), None)
     if metric is None:
         metric = next((c for c in cols if c not in ("model", method) and
                        np.isfinite([to_float(r[c]) for r in rows]).any()), None)
@@ -160,14 +160,15 @@ def wide_evaluation(tables: dict[str, list[dict[str, str]]]) -> list[dict]:
     """Models × threshold methods from per-subject tables with ``dice_<method>`` columns.
 
     ``tables``: model name -> rows of ``group/model-<name>_evaluation.tsv`` (as written by
-    the group level: participant_id, session, auroc, auprc, dice_<method>, dice_opened_<method>).
+    the group level: participant_id, session, auroc, auprc, dice_<method>, dice_written_<method>).
     """
     items: list[dict] = []
-    for prefix, title in (("dice_", "Dice"), ("dice_opened_", "Dice after morphological opening")):
+    for prefix, title in (("dice_", "Dice before post-processing"),
+                          ("dice_written_", "Dice of the written map (after post-processing)")):
         methods: list[str] = []
         for rows in tables.values():
             for col in (rows[0] if rows else {}):
-                if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_opened_")):
+                if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_written_")):
                     if col[len(prefix):] not in methods:
                         methods.append(col[len(prefix):])
         # oracle thresholds look at the ground truth: an upper bound, reported apart

@@ -90,8 +90,12 @@ class ModelBundle:
                        "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss, "history": f.history,
                        "calibration": None if f.calibration is None else {
                            "n_healthy_voxels": f.calibration.n,
-                           "threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
-                           "fpr": self.settings.scoring.fpr}}
+                           "threshold_at_fpr": f.calibration.threshold_for(self.settings.scoring.fpr),
+                           "fpr": self.settings.scoring.fpr,
+                           "voxelwise_threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
+                           "written_map_level": f.calibration.level,
+                           "written_map_target_fpr": f.calibration.target_fpr,
+                           "written_map_fpr_on_calibration_controls": f.calibration.written_fpr}}
                       for f in self.folds],
             "best_fold": self.best_fold(),
             "versions": self.versions,
@@ -134,11 +138,14 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         model.load_state_dict(state, strict=True)
         model.to(dev).eval()
         null = tensors.get(prefix + "calibration.null")
+        cm = fm.get("calibration") or {}
         index = {s: i for i, s in enumerate(subjects)}
         folds.append(FoldResult(k, model, [index[s] for s in fm["train_subjects"]],
                                 [index[s] for s in fm["heldout_subjects"]], fm["best_epoch"],
                                 fm["best_val_loss"], fm["history"],
-                                None if null is None else Calibration(null.numpy())))
+                                None if null is None else Calibration(
+                                    null.numpy(), cm.get("written_map_level"), cm.get("written_map_target_fpr"),
+                                    cm.get("written_map_fpr_on_calibration_controls"))))
     stem = Path(path).with_suffix("") if Path(path).suffix in (".json", ".safetensors") else Path(path)
     return ModelBundle(settings, folds, np.asarray(meta["reference_gradients"]["bvals"]),
                        np.asarray(meta["reference_gradients"]["bvecs"]), subjects, meta["data_hash"],
@@ -162,7 +169,8 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     if len(ref_bvals) != settings.model.n_channels:
         raise InputValidationError(
             f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
-    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir)
+    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
+                        gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)))
     return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
                        list(subjects), data_hash(data))
 

@@ -80,7 +80,8 @@ def test_outputs_are_consistent(tiny_run):
     analysis = np.asarray(nib.load(dwi / "sub-pat01_ses-pre_space-dwi_desc-analysis_mask.nii.gz").dataobj) > 0
     assert np.all(np.asarray(score.dataobj)[~analysis] == 0)
     meta = json.loads((dwi / "sub-pat01_ses-pre_space-dwi_model-dae_stat-score_anomaly.json").read_text())
-    assert meta["model_sha256"] and meta["threshold_method"] == "fixed"
+    assert meta["model_sha256"] and meta["threshold_method"] == "healthy-fpr"
+    assert meta["threshold_source"].startswith("model file")
     with open(out / "group/model-dae_evaluation.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [r["participant_id"] for r in rows] == ["sub-pat01"]
