@@ -153,6 +153,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     models_dir = settings.output_dir / "models"
     group_dir = settings.output_dir / "group"
     subjects = [f.subject for f in found]
+    bundles = []
     for model in settings.models:
         msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"])
         if len(found) < msettings.training.n_folds:
@@ -177,6 +178,11 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             for f in bundle.folds
         ])
         evaluate_bundle(settings, bids, bundle, controls, group_dir)
+        bundles.append(bundle)
+    if bundles and distributed.rank() == 0:
+        from bids_uad.workflows.group_evaluation import evaluate_detectors
+
+        evaluate_detectors(settings, bids, bundles, controls, items, subjects, group_dir)
 
 
 def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:

@@ -76,6 +76,12 @@ def test_group_then_participant_inference(levels_setup, capsys):
         assert "dice_oracle-dice" in rows[0]
         summary = {r["metric"]: r for r in _tsv(out / "group" / f"model-{model}_evaluation_summary.tsv")}
         assert summary["auroc"]["n"] == "1"
+    detection = {r["detector"]: r for r in _tsv(out / "group" / "detection_summary.tsv")}
+    assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
+    assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
+    assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    assert detection["dae"]["n_controls"] == "4"  # every control scored out of fold
+    assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
 
