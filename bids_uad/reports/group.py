@@ -213,7 +213,8 @@ def detection_section(group_dir: Path, maker: FigureMaker) -> list[dict]:
         "false-positive rate is measured on the controls that calibrated each fold (in-sample). 1-FA and MD are "
         "one-line detectors without a calibrated threshold.")]
     rows = [[r["detector"], _fmt(r.get("auprc"), r.get("auprc_sd")), _fmt(r.get("auroc"), r.get("auroc_sd")),
-             _fmt(r.get("dice_calibrated"), r.get("dice_calibrated_sd")), _fmt(r.get("dice_oracle"), r.get("dice_oracle_sd")),
+             _fmt(r.get("dice_calibrated"), r.get("dice_calibrated_sd")),
+             _fmt(r.get("dice_oracle"), r.get("dice_oracle_sd")),
              _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr")), r.get("n_patients"), r.get("n_controls")]
             for r in summary]
     items.append(table(["detector", "AUPRC", "AUROC", "Dice (written map)", "oracle Dice", "subject AUROC",

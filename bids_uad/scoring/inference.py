@@ -94,8 +94,9 @@ def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> s
         return f"Benjamini-Hochberg at q = {scoring.fdr_q:g} on conformal p-values from held-out controls"
     if method == "fixed":
         return "the reference's fixed threshold on its score scale (not calibrated on this study)"
-    return {"otsu": "Otsu's threshold of this subject's scores (not calibrated)",
-            "meanpool": f"maximum of the local {scoring.meanpool_size}^3 mean score (the reference's eq. 3)"}.get(method, "")
+    reasons = {"otsu": "Otsu's threshold of this subject's scores (not calibrated)",
+               "meanpool": f"maximum of the local {scoring.meanpool_size}^3 mean score (the reference's eq. 3)"}
+    return reasons.get(method, "")
 
 
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,
