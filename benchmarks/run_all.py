@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    import bids_uad.workflows.base as base
+    import bids_uad.cli.levels as levels
+    import bids_uad.workflows.execution as execution
     from bids_uad.cli.run import main as bids_uad_main
     from bids_uad.synthetic import generate_dataset
 
@@ -141,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         train_info = train_timing_models(bids, models_dir, args.models, args.threads)
 
     NodeMeter.records = []
-    base.NodeProgress = NodeMeter  # per-node figures instead of progress lines
+    execution.NodeProgress = NodeMeter  # per-node figures instead of progress lines
     reports_meter = {}
-    real_reports = base._build_participant_reports
+    real_reports = levels._build_participant_reports
 
     def timed_reports(*a, **k):
         with measure("reports") as m:
             real_reports(*a, **k)
         reports_meter["m"] = m
 
-    base._build_participant_reports = timed_reports
+    levels._build_participant_reports = timed_reports
     argv_run = [str(bids), str(out), "participant", "--participant-label", "pat01", "--session-label", "pre",
                 "--model", str(models_dir), "-w", str(root / "work"), "--omp-nthreads", str(args.threads),
                 "--lesion-masks", str(bids / "derivatives" / "synthetic-truth")]
