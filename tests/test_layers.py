@@ -14,6 +14,10 @@ The layers, lowest first (a package may import its own layer and the layers belo
 6. ``reports``.
 7. ``cli`` and ``__main__`` (parse, run the levels, exit codes).
 
+One module sits below its package: ``reports.figures`` holds the figure functions on arrays
+(as niworkflows' ``viz``), which interfaces call to draw a figure stored as a derivative; it
+imports nothing above ``bids`` and is checked at layer 1.
+
 Every import counts, also one inside a function: a deferred import still runs the arrow.
 """
 from __future__ import annotations
@@ -38,6 +42,8 @@ LAYERS: list[set[str]] = [
 LEVEL = {part: level for level, parts in enumerate(LAYERS) for part in parts}
 #: packages that import less than their layer allows
 ONLY = {"synthetic": {"errors", "__init__", "synthetic"}}
+#: modules placed below their package (see the module docstring)
+MODULE_LEVEL = {"bids_uad.reports.figures": 1}
 
 
 def module_name(path: Path) -> str:
@@ -83,6 +89,10 @@ def test_every_package_has_a_layer():
     assert parts <= set(LEVEL), f"give these a layer in tests/test_layers.py: {sorted(parts - set(LEVEL))}"
 
 
+def level_of(module: str) -> int:
+    return MODULE_LEVEL.get(module, LEVEL[part_of(module)])
+
+
 def test_imports_point_down():
     upward = []
     for module, imported in import_graph().items():
@@ -90,9 +100,9 @@ def test_imports_point_down():
         for target, line in imported:
             there = part_of(target)
             allowed = ONLY.get(here)
-            if LEVEL[there] > LEVEL[here] or (allowed is not None and there not in allowed):
-                upward.append(f"{module}:{line} imports {target} ({here} is layer {LEVEL[here]}, "
-                              f"{there} layer {LEVEL[there]})")
+            if level_of(target) > level_of(module) or (allowed is not None and there not in allowed):
+                upward.append(f"{module}:{line} imports {target} (layer {level_of(module)} imports "
+                              f"layer {level_of(target)})")
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 

@@ -125,18 +125,6 @@ def sidecar_of(path: Path | None) -> Path | None:
     return path.with_suffix(".json")
 
 
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a TSV file as dicts of strings (empty list when unreadable)."""
-    try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError:
-        return []
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
-
-
 def meta_value(meta: dict, *keys: str, default: Any = None) -> Any:
     """The first of ``keys`` present in a sidecar (BIDS CamelCase or the snake_case some stages use)."""
     for key in keys:
