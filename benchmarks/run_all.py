@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from _measure import current_rss_mb, markdown_table, measure  # noqa: E402
 
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+
 STAGE_PREFIXES = (("dwi_", "dwi_preproc"), ("anat_", "anat"), ("anomaly_", "anomaly"),
                   ("longitudinal_", "longitudinal"))
 
@@ -106,7 +108,7 @@ def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) 
         base = preset("paper", name)
         div = 2 ** base.model.depth
         grid = tuple(int(-(-s // div) * div) for s in shape)
-        settings = replace(base, model=replace(base.model, grid=grid, n_channels=int((bvals[0] > 50).sum())),
+        settings = replace(base, model=replace(base.model, grid=grid, n_channels=int((bvals[0] > B0_THRESHOLD).sum())),
                            training=replace(base.training, epochs=1, n_folds=2, steps_per_epoch=1,
                                             threads=threads, progress=False))
         with measure(f"train_{name}") as m:

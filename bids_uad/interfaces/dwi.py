@@ -21,6 +21,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
@@ -95,7 +96,7 @@ def phase_encoding(meta: dict, where: str) -> tuple[int, int]:
         raise InputValidationError(str(exc), where) from exc
 
 
-def _b0_mean_of(path: str, b0_threshold: float = 50.0) -> tuple[np.ndarray, Any, str]:
+def _b0_mean_of(path: str, b0_threshold: float = B0_THRESHOLD) -> tuple[np.ndarray, Any, str]:
     """Mean of the b0 volumes of an image (all volumes of an EPI fieldmap without .bval)."""
     import nibabel as nib
 

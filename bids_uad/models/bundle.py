@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
 from bids_uad.models.calibration import Calibration, pool
-from bids_uad.models.inputs import B0_THRESHOLD
 from bids_uad.models.io import file_sha256, load_tensors, save_tensors
 from bids_uad.models.settings import Settings
 
