@@ -417,9 +417,3 @@ def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> lis
         out.append(str(target))
     return out
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

@@ -326,7 +326,8 @@ class FollowupToBaseline(SimpleInterface):
     output_spec = _FollowupOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.algorithms.registration import apply_transforms, dice, register_followup
+        from bids_uad.algorithms.masking import dice
+        from bids_uad.algorithms.registration import apply_transforms, register_followup
 
         _set_threads(self.inputs.num_threads)
         cwd = Path(runtime.cwd)
