@@ -43,11 +43,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.models.inputs import normalise_dwi  # noqa: E402
+from bids_uad.models.settings import preset  # noqa: E402
 from bids_uad.scoring.evaluation import Case, evaluate_detector, one_line_detectors  # noqa: E402
 from bids_uad.scoring.inference import infer  # noqa: E402
-from bids_uad.training.bundle import train_from_dwi  # noqa: E402
-from bids_uad.training.inputs import normalise_dwi  # noqa: E402
-from bids_uad.training.settings import preset  # noqa: E402
+from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
 MODEL_ORDER = ("dae", "recdisc", "normative", "meansignal")
@@ -168,7 +169,7 @@ def _settings(name, p, args, controls, bids):
     if bids:  # as the group level: grid = data shape rounded up to a multiple of 2**depth
         div = 2 ** s.model.depth
         grid = tuple(int(np.ceil(n / div) * div) for n in shape[:3])
-        channels = int((controls[0]["bvals"] > 50).sum())
+        channels = int((controls[0]["bvals"] > B0_THRESHOLD).sum())
     else:
         grid, channels = p["grid"], p["channels"]
     t = s.training

@@ -15,8 +15,8 @@ from torch import nn
 from bids_uad.errors import UsageError
 from bids_uad.models.baselines import MeanSignal, NormativeModel
 from bids_uad.models.recdisc import RecDiscNet
+from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
-from bids_uad.training.settings import ModelSettings
 
 MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet,
                                                            "normative": NormativeModel, "meansignal": MeanSignal}

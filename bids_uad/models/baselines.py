@@ -24,7 +24,7 @@ from scipy import ndimage
 from torch import nn
 
 from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
-from bids_uad.training.settings import ModelSettings
+from bids_uad.models.settings import ModelSettings
 
 #: metrics of the normative model, in buffer order
 NORMATIVE_METRICS = ("fa", "md", "mdw")

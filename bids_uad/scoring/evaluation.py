@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from bids_uad.scoring.metrics import _sweep, auprc, auroc, dice
+from bids_uad.algorithms.masking import dice
+from bids_uad.scoring.metrics import _sweep, auprc, auroc
 
 VOLUME_STRATA = (("<5 mL", 0.0, 5.0), ("5-20 mL", 5.0, 20.0), (">20 mL", 20.0, np.inf))
 SUBJECT_PERCENTILE = 99.0

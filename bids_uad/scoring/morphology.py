@@ -1,7 +1,7 @@
 """Morphological post-processing of binary anomaly masks.
 
 :func:`postprocess` is the one step between a thresholded score map and the binary map that is
-written; calibration (:func:`bids_uad.training.calibration.calibrate_written`) runs the same
+written; calibration (:func:`bids_uad.models.calibration.calibrate_written`) runs the same
 function so the calibrated false-positive rate is that of the written map.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def remove_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
 def postprocess(mask: np.ndarray, scoring) -> np.ndarray:
     """The written binary map: ``scoring.postprocess`` (``cluster`` or ``opening``) of ``mask``.
 
-    ``scoring`` is a :class:`~bids_uad.training.settings.ScoringSettings`.
+    ``scoring`` is a :class:`~bids_uad.models.settings.ScoringSettings`.
     """
     if scoring.postprocess == "opening":
         return opening(mask, scoring.opening_size)

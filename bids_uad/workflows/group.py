@@ -46,7 +46,7 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
     """Training settings from the preset, sized to the data: channels, a grid that covers it and
     the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` (if given) is
     the threshold method stored in the model file."""
-    from bids_uad.training.settings import preset
+    from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
@@ -74,7 +74,7 @@ def training_processes(settings: Settings, batch_size: int) -> int:
     process beyond it would only idle on an empty shard) and, on CUDA, at the number of GPUs.
     """
     from bids_uad.training import distributed
-    from bids_uad.training.trainer import resolve_device
+    from bids_uad.models.bundle import resolve_device
 
     env = distributed.torchrun_env()
     if env is not None:
@@ -131,8 +131,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
     other than 0 only train)."""
     from bids_uad.training import distributed
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.inputs import dw_gradients
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
     for subject in controls:
@@ -182,7 +182,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     if bundles and distributed.rank() == 0:
         from bids_uad.workflows.group_evaluation import evaluate_detectors
 
-        evaluate_detectors(settings, bids, bundles, controls, items, subjects, group_dir)
+        candidates = [baseline_derivatives(settings, bids, s) for s in bids.subjects() if s not in controls]
+        evaluate_detectors(settings, [c for c in candidates if c is not None], bundles, items, subjects, group_dir)
 
 
 def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:

@@ -30,19 +30,14 @@ SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "di
                 "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "n_patients", "n_controls")
 
 
-def _patients(settings, bids, controls: list[str]) -> list[dict]:
-    """Arrays and truth of every non-control subject with a dwi-space lesion mask."""
+def _patients(settings, candidates: list) -> list[dict]:
+    """Arrays and truth of every candidate (a non-control's baseline derivatives) with a dwi-space
+    lesion mask."""
     import nibabel as nib
 
-    from bids_uad.workflows.group import baseline_derivatives
-
     out = []
-    for subject in bids.subjects():
-        if subject in controls:
-            continue
-        found = baseline_derivatives(settings, bids, subject)
-        if found is None:
-            continue
+    for found in candidates:
+        subject = found.subject
         lesion = find_lesion_mask(settings.lesion_masks, subject, found.session, space="dwi")
         if lesion is None:
             continue
@@ -74,18 +69,20 @@ def _case(arrays: dict, score, written=None):
                 arrays.get("instances"), arrays.get("types", {}), _voxel_ml(arrays))
 
 
-def evaluate_detectors(settings, bids, bundles: list, controls: list[str], control_items: list[dict],
+def evaluate_detectors(settings, candidates: list, bundles: list, control_items: list[dict],
                        control_subjects: list[str], group_dir: Path) -> dict | None:
     """Evaluate every bundle and the one-line detectors; write the group/detection_*.tsv tables.
 
-    ``control_items`` are the loaded derivatives of the training controls ``control_subjects``
+    ``candidates``: the non-controls' baseline derivatives (:class:`PreprocessedDwi`); those with a
+    dwi-space lesion mask are the patients.  ``control_items`` are the loaded derivatives of the
+    training controls ``control_subjects``
     (the order of the bundles' ``subjects``).  Returns {detector: results}, or None without patients.
     """
     from bids_uad.scoring.evaluation import evaluate_detector, one_line_detectors, pr_curve, score_histograms
     from bids_uad.scoring.inference import infer
-    from bids_uad.training.inputs import normalise_dwi
+    from bids_uad.models.inputs import normalise_dwi
 
-    patients = _patients(settings, bids, controls)
+    patients = _patients(settings, candidates)
     if not patients:
         LOGGER.info("no subject with a dwi-space lesion mask: detection evaluation skipped")
         return None

@@ -4,8 +4,9 @@ import numpy as np
 from bids_uad.algorithms.tensor import fit_tensor, tensor_metrics_from_ratios
 from bids_uad.scoring.inference import infer
 from bids_uad.scoring.metrics import auroc
-from bids_uad.training.bundle import load_bundle, train_from_dwi
-from bids_uad.training.settings import preset
+from bids_uad.models.bundle import load_bundle
+from bids_uad.training.fit import train_from_dwi
+from bids_uad.models.settings import preset
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from dataclasses import replace
 

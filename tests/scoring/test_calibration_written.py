@@ -3,8 +3,8 @@ import numpy as np
 from scipy import ndimage
 
 from bids_uad.scoring.morphology import postprocess, remove_small_clusters
-from bids_uad.training.calibration import calibrate, calibrate_written, written_fpr
-from bids_uad.training.settings import ScoringSettings
+from bids_uad.models.calibration import calibrate, calibrate_written, written_fpr
+from bids_uad.models.settings import ScoringSettings
 
 
 def _healthy_maps(n, seed, shape=(40, 40, 30)):

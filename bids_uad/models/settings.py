@@ -118,7 +118,7 @@ class ScoringSettings:
     ``threshold_method`` here is the one default of the product: the group level stores it in
     every model file and participant-level inference uses it unless ``--threshold`` overrides.
     ``healthy-fpr`` is calibrated for the map that is written (after post-processing), see
-    :func:`bids_uad.training.calibration.calibrate_written`.
+    :func:`bids_uad.models.calibration.calibrate_written`.
     """
 
     threshold_method: str = "healthy-fpr"
