@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "held-out controls so that the written map flags 1%% of healthy tissue).  "
                            "Given at the participant level it overrides the model file; at the group "
                            "level it is stored in the model files.  fixed is the reference's threshold "
-                           "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale; "
+                           "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale (the "
+                           "baselines have none and keep their model file's method); "
                            "otsu and meanpool are per-subject, uncalibrated")
     proc.add_argument("--ensemble", action="store_true",
                       help="score with the mean of all fold models instead of the best fold")

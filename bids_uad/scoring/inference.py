@@ -60,6 +60,8 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     """
     scoring = scoring or bundle.settings.scoring
     source = "requested (--threshold)" if method else "model file (the default; set at the group level)"
+    if method == "fixed" and scoring.fixed_threshold is None and bundle.name not in FIXED_THRESHOLDS:
+        method, source = None, f"model file (--threshold fixed has no reference value for {bundle.name})"
     method = method or scoring.threshold_method
     gm = prepared.grid_map
     amask = prepared.mask if analysis_mask is None else to_grid(np.asarray(analysis_mask) > 0, gm.grid)[0]

@@ -48,6 +48,8 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
         again = infer(bundle, dwi, bvals, bvecs, patient.mask)
         assert np.array_equal(res.score, again.score)
         assert res.method == "healthy-fpr" and res.info["threshold_source"].startswith("model file")
+        fixed = infer(loaded, dwi, bvals, bvecs, patient.mask, method="fixed")  # no reference value: model file's
+        assert fixed.method == "healthy-fpr" and "no reference value" in fixed.info["threshold_source"]
         # toy brains differ in anatomy from seed to seed, which blurs a voxelwise normative model
         floor = {"normative": 0.65, "meansignal": 0.7}[name]
         assert auroc(res.score[patient.mask], patient.lesion[patient.mask]) > floor, name
