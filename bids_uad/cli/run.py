@@ -27,17 +27,21 @@ LOGGER = logging.getLogger("bids_uad")
 
 
 def _load_filters(path: Path | None) -> dict:
+    """Read and check ``--bids-filter-file`` (64 naming the key; warnings printed here)."""
+    from bids_uad.bids.layout import check_filters
+
     if path is None:
         return {}
     if not path.is_file():
         raise InputMissingError("BIDS filter file does not exist", path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"BIDS filter file is not valid JSON ({exc})", path) from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise UsageError('BIDS filter file must map suffixes to filters, e.g. {"dwi": {"run": 1}}', path)
-    return data
+    filters, warnings = check_filters(data, path)
+    for line in warnings:
+        print(f"bids_uad: warning: {line}", file=sys.stderr)
+    return filters
 
 
 def load_plugin_settings(path: Path) -> tuple[str, dict]:
@@ -183,7 +187,9 @@ def run(settings: Settings) -> int:
                       filters=settings.bids_filters)
     subjects = bids.select_subjects(settings.participant_labels) if settings.analysis_level == "participant" else []
     writer.ensure_dataset_description()
-    orphans = remove_orphaned_temporaries(settings.output_dir)
+    # never walk the input (or the work folder) when OUTPUT_DIR is a parent of it
+    inputs = [p for p in (settings.bids_dir, settings.work_dir, settings.lesion_masks) if p is not None]
+    orphans = remove_orphaned_temporaries(settings.output_dir, exclude=inputs)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     logs = settings.output_dir / "logs"
     _check_writable_dir(logs, "logs folder")
