@@ -24,6 +24,8 @@ from bids_uad.errors import (
 )
 
 LOGGER = logging.getLogger("bids_uad")
+#: the run log's handler once the current run has one (errors are written there too)
+_RUN_LOG: dict[str, logging.Handler | None] = {"handler": None}
 
 
 def _load_filters(path: Path | None) -> dict:
@@ -98,8 +100,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         raise UsageError(f"work folder {work_dir} is inside the input dataset {bids_dir}; choose another -w")
     if args.lesion_masks is not None and not args.lesion_masks.is_dir():
         raise InputMissingError("lesion-mask folder does not exist", args.lesion_masks)
-    if args.model is not None and not args.model.exists():
-        raise InputMissingError("model file or folder does not exist", args.model)
+    if args.model is not None:
+        if not args.model.exists():
+            raise InputMissingError("model file or folder does not exist", args.model)
+        from bids_uad.models.validate import validate_model_argument
+
+        validate_model_argument(args.model)  # schema, types, sizes, shapes, hash: before any work
     filters = _load_filters(args.bids_filter_file)
     plugin_args: dict = {}
     if args.use_plugin is not None:
@@ -148,7 +154,7 @@ class FirstLineFormatter(logging.Formatter):
         return super().format(record)
 
 
-def _setup_logging(settings: Settings, log_file: Path) -> None:
+def _setup_logging(settings: Settings, log_file: Path) -> logging.Handler:
     level = logging.WARNING - 10 * min(settings.verbosity + 1, 2)
     root = logging.getLogger("bids_uad")
     root.setLevel(min(level, logging.INFO))
@@ -173,6 +179,20 @@ def _setup_logging(settings: Settings, log_file: Path) -> None:
         logger.addHandler(nipype_console)
         logger.addHandler(to_file)
         logger.propagate = False
+    return to_file
+
+
+def _to_run_log(message: str, exc_info=None) -> None:
+    """Write the error that ends a run into its run log as well (the console got one line)."""
+    handler = _RUN_LOG["handler"]
+    if handler is None:
+        return
+    record = LOGGER.makeRecord(LOGGER.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    try:
+        handler.handle(record)
+        handler.flush()
+    except Exception:  # noqa: BLE001 - the log may be gone (disk full, folder removed)
+        pass
 
 
 def run(settings: Settings) -> int:
@@ -194,7 +214,7 @@ def run(settings: Settings) -> int:
     logs = settings.output_dir / "logs"
     _check_writable_dir(logs, "logs folder")
     settings.write(logs, run_id)
-    _setup_logging(settings, logs / f"run-{run_id}.log")
+    _RUN_LOG["handler"] = _setup_logging(settings, logs / f"run-{run_id}.log")
     LOGGER.info("bids_uad %s, %s level, run %s", __version__, settings.analysis_level, run_id)
     LOGGER.info("preprocessing backend: %s", settings.resolved_backend())
     if orphans:
@@ -208,7 +228,12 @@ def run(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit status."""
+    """Console-script entry point; returns the exit status.
+
+    Every failure ends as one line on stderr (and in the run log once there is one); an
+    unexpected exception too, with its traceback only in the run log.
+    """
+    _RUN_LOG["handler"] = None
     try:
         settings = settings_from_args(argv)
         from bids_uad.workflows.group import torchrun_worker_main  # torchrun ranks > 0 only train
@@ -218,10 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except BidsUadError as exc:
         print(f"bids_uad: error: {exc.one_line()}", file=sys.stderr)
+        _to_run_log(f"error (exit {exc.exit_code}): {exc.one_line()}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("bids_uad: interrupted", file=sys.stderr)
+        _to_run_log("interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in the run log
+        handler = _RUN_LOG["handler"]
+        where = f"; traceback in {handler.baseFilename}" if isinstance(handler, logging.FileHandler) else ""
+        first = str(exc).splitlines()[0] if str(exc) else "no message"
+        print(f"bids_uad: error: unexpected {type(exc).__name__}: {first}{where} "
+              "(please report this as a bug)", file=sys.stderr)
+        _to_run_log(f"unexpected error: {type(exc).__name__}: {first}", exc_info=sys.exc_info())
+        return 1
 
 
 if __name__ == "__main__":

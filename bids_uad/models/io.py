@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bids_uad.bids.derivatives import atomic_path, atomic_write
 from bids_uad.errors import InputMissingError, InputValidationError
 
 TENSOR_SUFFIX = ".safetensors"
@@ -70,17 +70,19 @@ def check_safetensors(path: str | Path) -> None:
 
 
 def save_tensors(stem: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``stem.safetensors`` + ``stem.json`` atomically; return the JSON path."""
+    """Write ``stem.safetensors`` + ``stem.json`` atomically; return the JSON path.
+
+    Each file goes through the derivatives' atomic writer (a uniquely named hidden temporary
+    in the same folder, renamed into place, mode 0644), so concurrent writers never collide
+    and a killed run's temporaries are removed by the next run's orphan sweep.
+    """
     stem = _stem(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    tmp_t = stem.with_name(stem.name + ".tmp" + TENSOR_SUFFIX)
-    save_file(tensors, str(tmp_t))
-    meta = dict(meta, tensor_sha256=file_sha256(tmp_t), format="bids_uad-safetensors-json/1")
-    tmp_j = stem.with_name(stem.name + ".tmp" + META_SUFFIX)
-    tmp_j.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp_t, stem.with_suffix(TENSOR_SUFFIX))
-    os.replace(tmp_j, stem.with_suffix(META_SUFFIX))
+    with atomic_path(stem.with_suffix(TENSOR_SUFFIX)) as tmp_t:
+        save_file(tensors, str(tmp_t))
+        meta = dict(meta, tensor_sha256=file_sha256(tmp_t), format="bids_uad-safetensors-json/1")
+    with atomic_write(stem.with_suffix(META_SUFFIX), "w") as handle:
+        handle.write(json.dumps(meta, indent=1, sort_keys=True))
     return stem.with_suffix(META_SUFFIX)
 
 

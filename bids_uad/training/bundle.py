@@ -16,10 +16,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from bids_uad.errors import InputValidationError
 from bids_uad.models import get_model
-from bids_uad.models.io import data_hash, file_sha256, load_tensors, save_tensors
+from bids_uad.models.io import data_hash, file_sha256, save_tensors
+from bids_uad.models.validate import validate_model_file
 from bids_uad.training.calibration import Calibration, pool
 from bids_uad.training.inputs import B0_THRESHOLD, dw_gradients, prepare_subject, to_grid
 from bids_uad.training.settings import Settings
@@ -120,8 +122,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         if len(found) != 1:
             raise InputValidationError(f"expected one model-*.json in the folder, found {len(found)}", path)
         path = found[0]
-    tensors, meta = load_tensors(path)
-    settings = Settings.from_dict(meta["settings"])
+    checked = validate_model_file(path)  # the same checks as at start-up (--model)
+    tensors, meta, settings = load_file(str(checked.tensor_path)), checked.meta, checked.settings
     dev = resolve_device(device)
     subjects = meta["training_subjects"]
     folds = []

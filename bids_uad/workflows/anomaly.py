@@ -7,19 +7,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.errors import InputMissingError
 from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
+from bids_uad.models.validate import model_files
 
 
 def resolve_model_files(path: str | Path) -> list[Path]:
     """``--model``: one ``model-<name>.json`` or a folder holding several (each with its tensors)."""
-    path = Path(path)
-    files = sorted(path.glob("model-*.json")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix == ".json" and f.with_suffix(".safetensors").is_file()]
-    if not files:
-        raise InputMissingError("no trained model found (model-<name>.json with its .safetensors)", path)
-    return files
+    return model_files(path)
 
 
 #: output key -> (extra entities, BIDS suffix)

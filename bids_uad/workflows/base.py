@@ -68,6 +68,7 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
             for flair in ses.flair[:1]:
                 validate_anatomical(flair, "FLAIR")
             sessions.append(ses)
+    _check_filters_selected(bids, sessions)
     if not sessions:
         raise NoFilesSelectedError(
             "no dwi or T1w images selected for "
@@ -76,6 +77,20 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
             settings.bids_dir,
         )
     return ParticipantPlan(sessions=tuple(sessions))
+
+
+def _check_filters_selected(bids: BIDSInputs, sessions: list[SessionInputs]) -> None:
+    """A ``--bids-filter-file`` entry that matched nothing in any selected session exits 18.
+
+    Otherwise a filter removing every dwi would silently turn the run into a T1w-only run.
+    """
+    found = {"dwi": any(s.dwi for s in sessions), "T1w": any(s.t1w for s in sessions),
+             "FLAIR": any(s.flair for s in sessions)}
+    for suffix, query in bids.filters.items():
+        if suffix in found and not found[suffix]:
+            raise NoFilesSelectedError(
+                f"the --bids-filter-file entry for {suffix} ({query}) selected no {suffix} image "
+                "in the selected subjects", bids.bids_dir)
 
 
 def _session_name(ses: SessionInputs) -> str:
