@@ -153,7 +153,10 @@ def _pybids_layout(bids_dir: Path, validate: bool, skip: list[str] = ()):
 
     extra = {}
     if skip:
-        extra["ignore"] = [*DEFAULT_LOCATIONS_TO_IGNORE, *(re.compile("^/" + re.escape(n) + "(/|$)") for n in skip)]
+        from bids.layout import BIDSLayoutIndexer
+
+        ignore = [*DEFAULT_LOCATIONS_TO_IGNORE, *(re.compile("^/" + re.escape(n) + "(/|$)") for n in skip)]
+        extra["indexer"] = BIDSLayoutIndexer(validate=validate, ignore=ignore)
     try:
         return bids.BIDSLayout(str(bids_dir), validate=validate, derivatives=False, **extra)
     except Exception as exc:  # pybids raises several types for a broken dataset
@@ -228,9 +231,14 @@ class BIDSInputs:
                 rows = list(csv.DictReader(handle, delimiter="\t"))
         except (OSError, csv.Error, UnicodeDecodeError) as exc:
             raise InputValidationError(f"cannot read participants table ({exc})", path) from exc
+        seen: set[str] = set()
         for row in rows:
             if "participant_id" not in row:
                 raise InputValidationError("participants.tsv has no participant_id column", path)
+            label = str(row["participant_id"] or "").strip()
+            if label in seen:
+                raise InputValidationError(f"participant_id {label!r} appears more than once", path)
+            seen.add(label)
         return rows
 
     def controls(self, column: str = "group", value: str = "control") -> list[str]:

@@ -140,12 +140,29 @@ def _slabs(shape: tuple[int, ...], itemsize: int):
     return [(start, min(start + step, shape[-1])) for start in range(0, shape[-1], step)]
 
 
+def _check_gzip_stream(path: str | Path, what: str) -> None:
+    """Decompress a ``.gz`` image to its end: a corrupt stream fails its CRC here even where the
+    damaged bytes still inflate (into garbage) and nibabel would never read the trailer."""
+    import gzip
+
+    if not str(path).endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(_CHUNK_BYTES):
+                pass
+    except Exception as exc:  # EOFError, gzip.BadGzipFile (CRC, length), zlib.error, OSError
+        raise InputValidationError(
+            f"{what} image data are truncated or corrupt ({type(exc).__name__}: {exc})", path) from exc
+
+
 def check_finite(img, path: str | Path, what: str, require_signal: bool = True) -> None:
     """Read the data in bounded slabs: readable to the end, finite, and (by default) not all zero.
 
     A truncated file or a corrupt gzip stream surfaces here as an unreadable image, and a
     header claiming more data than the file holds fails without allocating the claim.
     """
+    _check_gzip_stream(path, what)
     data = img.dataobj
     shape = tuple(img.shape)
     itemsize = img.get_data_dtype().itemsize
