@@ -195,7 +195,8 @@ def validate_dwi_run(run: DwiRun, require_sidecar: bool | None = None) -> Gradie
 
     The JSON sidecar is recommended, not required, by BIDS: it is needed only where its fields
     are, i.e. for susceptibility correction with a reverse phase-encoding image
-    (``require_sidecar=None``, the default); without one the run goes on with a warning.
+    (``require_sidecar=None``, the default) or when the caller says so (FSL's eddy needs the
+    phase encoding); without one the run goes on with a warning.
     """
     if run.bval is None or run.bvec is None:
         missing = ", ".join(x for x, p in (("bval", run.bval), ("bvec", run.bvec)) if p is None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -26,17 +25,13 @@ from typing import Any
 import numpy as np
 
 from bids_uad.errors import BidsUadError, InputMissingError, InputValidationError, UsageError
-from bids_uad.models.io import META_SUFFIX, TENSOR_SUFFIX, file_sha256
+from bids_uad.models.io import META_SUFFIX, TENSOR_SUFFIX, file_sha256, foreign_format, read_safetensors_header
 
 #: the ``format`` field every model JSON carries (written by :func:`bids_uad.models.io.save_tensors`)
 MODEL_FORMAT = "bids_uad-safetensors-json/1"
 #: inclusive upper bounds of architecture fields; a model beyond them is refused unbuilt
 ARCHITECTURE_BOUNDS = {"grid": 512, "grid_voxels": 256 ** 3, "n_channels": 1024, "features": 512,
                        "max_features": 2048, "depth": 8, "latent_size": 4096, "parameters": 500_000_000}
-#: a safetensors header larger than this is refused (the safetensors library's own limit)
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 @dataclass(frozen=True)
@@ -91,47 +86,12 @@ def validate_model_argument(path: str | Path) -> list[ModelFile]:
 
 
 # -- the tensor file -----------------------------------------------------------------------------
-def _refuse_foreign_format(path: Path, head: bytes) -> None:
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise UsageError("wrong kind of file: a Python pickle, not safetensors (refused, never unpickled)", path)
-    if head[:4] == b"PK\x03\x04":
-        raise UsageError("wrong kind of file: a zip archive (torch.save checkpoint?), not safetensors "
-                         "(refused, never unpickled)", path)
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file, checked against the file's size; data not read."""
-    path = Path(path)
-    size = path.stat().st_size
+def _refuse_foreign_format(path: Path) -> None:
+    """A pickle or a zip archive given as a model is the wrong kind of file (64), never opened."""
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        _refuse_foreign_format(path, head)
-        if len(head) < 8:
-            raise InputValidationError("bad model file: not a safetensors file (too short)", path)
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise InputValidationError("bad model file: not a safetensors file (header size "
-                                       f"{n} for a file of {size} bytes)", path)
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputValidationError("bad model file: not a safetensors file (unreadable header)", path) from None
-    if not isinstance(header, dict):
-        raise InputValidationError("bad model file: not a safetensors file (header is not a table)", path)
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for name, entry in header.items():
-        ok = isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES
-        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
-        ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-        if ok:
-            begin, end = offsets
-            ok = 0 <= begin <= end <= data_size and end - begin == math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]
-        if not ok:
-            raise _bad(path, f"tensor {name!r}", "dtype, shape or byte range inconsistent with the file")
-    return header
+        kind = foreign_format(fh.read(8))
+    if kind is not None:
+        raise UsageError(f"wrong kind of file: {kind}, not safetensors/JSON (refused, never unpickled)", path)
 
 
 # -- the JSON ------------------------------------------------------------------------------------
@@ -316,9 +276,7 @@ def validate_model_file(path: str | Path) -> ModelFile:
     for p in (json_path, tensor_path):
         if not p.is_file():
             raise InputMissingError("model file missing (a model is a .json with its .safetensors)", p)
-    with open(json_path, "rb") as fh:
-        head = fh.read(8)
-    _refuse_foreign_format(json_path, head)
+    _refuse_foreign_format(json_path)
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -329,6 +287,7 @@ def validate_model_file(path: str | Path) -> ModelFile:
                          f"expected {MODEL_FORMAT!r})", json_path)
     settings = _check_json(json_path, meta)
     expected = _expected_shapes(json_path, settings)
+    _refuse_foreign_format(tensor_path)
     header = read_safetensors_header(tensor_path)
     _check_tensors(tensor_path, header, meta, expected)
     if file_sha256(tensor_path) != meta["tensor_sha256"]:

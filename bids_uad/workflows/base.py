@@ -51,6 +51,7 @@ class ParticipantPlan:
 def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: list[str]) -> ParticipantPlan:
     """Gather and validate the files each selected subject/session will use."""
     sessions: list[SessionInputs] = []
+    fsl = settings.resolved_backend() == "fsl"
     for subject in subjects:
         subj = bids.subject_inputs(subject, settings.session_labels)
         for ses in subj.sessions:
@@ -59,7 +60,8 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
                                f" ses-{ses.session}" if ses.session else "")
                 continue
             for run in ses.dwi:
-                validate_dwi_run(run)
+                # the sidecar is needed where its fields are: SDC (a reverse-PE image) and FSL's eddy
+                validate_dwi_run(run, require_sidecar=True if fsl else None)
                 if run.reverse_pe is None:
                     LOGGER.warning("%s: no reverse phase-encoding image: susceptibility correction "
                                    "will be skipped", run.path.name)
