@@ -1,7 +1,7 @@
 """Validation of trained-model files (``model-<name>.json`` + ``.safetensors``) before any work.
 
 One function, :func:`validate_model_file`, is used at start-up (``--model``, by the CLI,
-before anything is written or preprocessed) and by :func:`bids_uad.training.bundle.load_bundle`
+before anything is written or preprocessed) and by :func:`bids_uad.models.bundle.load_bundle`
 when a node loads the model, so both see the same rules:
 
 * the right kind of file (exit 64 otherwise): ``--model`` names a model JSON, its tensors, or
@@ -183,7 +183,7 @@ def _require(path: Path, meta: dict, key: str, kind: type, what: str) -> Any:
 
 def _check_json(path: Path, meta: dict) -> Any:
     """Schema of the model JSON; returns the settings object."""
-    from bids_uad.training.settings import Settings
+    from bids_uad.models.settings import Settings
 
     sha = _require(path, meta, "tensor_sha256", str, "a SHA-256 hex string")
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):

@@ -90,10 +90,9 @@ def _write_model(folder: Path, name: str = "dae", n_channels: int = 6) -> Path:
     import torch
 
     from bids_uad.models import get_model
-    from bids_uad.training.bundle import ModelBundle
-    from bids_uad.training.calibration import Calibration
-    from bids_uad.training.settings import preset
-    from bids_uad.training.trainer import FoldResult
+    from bids_uad.models.bundle import FoldResult, ModelBundle
+    from bids_uad.models.calibration import Calibration
+    from bids_uad.models.settings import preset
 
     s = preset("quick", name)
     s = replace(s, model=replace(s.model, n_channels=n_channels))
@@ -471,7 +470,7 @@ def test_one_validation_function_at_start_up_and_at_load(tmp_path, model_dir):
     """load_bundle (in the inference node) refuses what the start-up check refuses, with the same line."""
     from bids_uad.errors import BidsUadError
     from bids_uad.models.validate import validate_model_file
-    from bids_uad.training.bundle import load_bundle
+    from bids_uad.models.bundle import load_bundle
 
     model = _copy_model(model_dir, tmp_path)
     assert load_bundle(model).name == "dae"
