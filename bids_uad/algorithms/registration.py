@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,18 +401,3 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
              else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
     xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
     return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
-
-
-def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> list[str]:
-    """Copy ANTs transform files next to each other under predictable names."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, p in enumerate(paths):
-        name = Path(p).name
-        ext = ".nii.gz" if name.endswith(".nii.gz") else Path(p).suffix
-        target = out_dir / f"{stem}_{i}{ext}"
-        shutil.copyfile(p, target)
-        out.append(str(target))
-    return out
-

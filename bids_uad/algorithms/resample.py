@@ -24,14 +24,6 @@ def parse_phase_encoding(direction: str) -> tuple[int, int]:
     return PE_AXES[text[0]], -1 if text.endswith("-") else 1
 
 
-def to_torch_volume(vol: np.ndarray) -> torch.Tensor:
-    """(X, Y, Z) or (X, Y, Z, N) numpy -> (N, 1, X, Y, Z) float32 torch (no copy when possible)."""
-    arr = np.asarray(vol, dtype=np.float32)
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))[:, None]
-
-
 def voxel_grid(shape: tuple[int, int, int], dtype=torch.float32) -> torch.Tensor:
     """Continuous voxel indices of every voxel, shape ``(X, Y, Z, 3)``."""
     axes = [torch.arange(n, dtype=dtype) for n in shape]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
