@@ -17,7 +17,15 @@ PE_AXES = {"i": 0, "j": 1, "k": 2}
 
 
 def parse_phase_encoding(direction: str) -> tuple[int, int]:
-    """``'j-'`` -> ``(1, -1)``: the voxel axis and the polarity of a BIDS PE direction."""
+    """``'j-'`` -> ``(1, -1)``: the voxel axis and the polarity of a BIDS PE direction.
+
+    Examples
+    --------
+    >>> parse_phase_encoding("j-")
+    (1, -1)
+    >>> parse_phase_encoding("i")
+    (0, 1)
+    """
     text = str(direction).strip()
     if not text or text[0] not in PE_AXES or text[1:] not in ("", "-", "+"):
         raise ValueError(f"invalid PhaseEncodingDirection {direction!r} (expected i, j, k, i-, j-, k-)")
