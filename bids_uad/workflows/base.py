@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
@@ -121,7 +120,11 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                                                 ("outputnode.bvec", "inputnode.bvec"),
                                                 ("outputnode.brain_mask", "inputnode.brain_mask")])])
             if anat_wf is not None:
-                workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
+                # data along edges: the template-space maps use this graph's transforms, so they wait
+                # for them (reading them from OUTPUT_DIR had no declared order after the anat sinks)
+                workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask"),
+                                                  ("outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm"),
+                                                  ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm")])])
             else:
                 LOGGER.warning("sub-%s: no anatomical analysis mask: anomalies scored in the whole brain mask",
                                ses.subject)
