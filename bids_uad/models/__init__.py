@@ -1,8 +1,9 @@
 """Anomaly-detection networks, registered by name.
 
 Every model is a ``torch.nn.Module`` built from a :class:`ModelSettings` with
-``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, and a class attribute
-``needs_ood`` saying whether training feeds it synthetic anomalies.  Baseline detectors
+``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, a class attribute
+``needs_ood`` saying whether training feeds it synthetic anomalies, and ``__desc__``: how it
+learns, in one clause of the methods text (:func:`describe_model`).  Baseline detectors
 (:mod:`bids_uad.models.baselines`: ``meansignal``, ``normative``) have ``trainable = False`` and
 ``fit(data, masks, bvals, bvecs)`` instead of a loss; everything else treats them alike.
 """
@@ -35,6 +36,12 @@ def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> 
     MODELS[name] = factory
 
 
+def describe_model(name: str) -> str:
+    """The methods-text clause of model ``name`` (its class's ``__desc__``)."""
+    factory = MODELS.get(name)
+    return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
+
+
 def get_model(name: str, settings: ModelSettings) -> nn.Module:
     """Build the registered model ``name`` from ``settings``."""
     try:
@@ -44,5 +51,5 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
     return factory(settings)
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "get_model", "is_trainable", "register_model", "VAE3d", "RecDiscNet",
-           "MeanSignal", "NormativeModel"]
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "is_trainable", "register_model", "VAE3d",
+           "RecDiscNet", "MeanSignal", "NormativeModel"]

@@ -36,6 +36,9 @@ class MeanSignal(nn.Module):
 
     needs_ood = False
     trainable = False
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a baseline detector scoring 1 minus the mean diffusion-weighted signal ratio (no training; "
+                "only its threshold is calibrated on held-out controls)")
 
     def __init__(self, settings: ModelSettings):
         super().__init__()
@@ -56,6 +59,10 @@ class NormativeModel(nn.Module):
 
     needs_ood = False
     trainable = False
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a voxelwise normative model (the per-voxel median and median absolute deviation of FA, MD and "
+                "the mean diffusion-weighted signal ratio over the training controls, pooled over a 3x3x3 "
+                "neighbourhood when controls are few and smoothed), scoring the largest absolute robust z-score")
 
     def __init__(self, settings: ModelSettings):
         super().__init__()
