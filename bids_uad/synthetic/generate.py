@@ -312,7 +312,7 @@ sub-X/ses-Y/anat/  (T1w grid of that session)
         the mass, then oedema and infiltration shells around it.  Radii are 6-24 mm, and at
         least 2.5 dwi voxels (10 mm for the 4 mm tiny preset) so that the regions are resolved.
         Graded lesion types (volumes log-uniform in 1.5-60 mL; severity 0 = mild end, 1 = strong
-        end; the region is its tissue: brain, CSF fraction < 0.6, WM >= 0.5 for an infiltration):
+        end; the region is its tissue: brain, CSF fraction < 0.6; an infiltration is drawn in WM):
           infiltration  along a WM tract: anisotropy loss at near-constant MD (+-3 %)
           oedema        MD +10-30 % (an isotropic diffusivity added), FA mildly lower, b0/FLAIR brighter
           restricted    cellular tumour: MD -20-40 %, mild FA loss, brighter diffusion-weighted signal
