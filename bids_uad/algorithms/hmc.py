@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bids_uad.algorithms.resample import sample_volumes, voxel_grid
+from bids_uad.bids.gradients import B0_THRESHOLD
 
 LOGGER = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def correct_motion(
     pe_axis: int | None = None,
     disp_vox: np.ndarray | None = None,
     mask: np.ndarray | None = None,
-    b0_threshold: float = 50.0,
+    b0_threshold: float = B0_THRESHOLD,
     schedule=DEFAULT_SCHEDULE,
     eddy: bool = True,
     eddy_model: str = "linear",

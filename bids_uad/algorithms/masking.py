@@ -61,7 +61,10 @@ def brain_mask(mean_b0: np.ndarray, method: str = "otsu", zooms=None) -> np.ndar
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    """Dice overlap 2|A ∩ B| / (|A| + |B|) of two masks (voxels > 0); 1.0 when both are empty.
+
+    The one Dice of the package: registration QC, skull-strip agreement, evaluation.
+    """
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
     denom = a.sum() + b.sum()
-    return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

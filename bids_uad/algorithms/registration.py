@@ -303,7 +303,13 @@ def apply_transforms(
     return img
 
 
-def _coarse(img: nib.Nifti1Image, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
+def coarse(img, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
+    """The image (path or image; volume 0 of a 4D one) as float32, resampled to isotropic
+    ``resolution_mm`` when its finest voxel is finer; ``resolution_mm <= 0`` keeps the grid.
+
+    Registrations run on such copies: the transforms they find are physical, so they apply
+    to the native grids unchanged.
+    """
     from nibabel.processing import resample_to_output
 
     img = _as_nib(img)
@@ -323,12 +329,53 @@ def register_flair(t1w, flair, t1w_mask=None, resolution_mm: float = 2.0, seed: 
     antspyx's default random 20 % sampling the same call occasionally (1 run in 5) ended in a
     wrong optimum despite the fixed seed.
     """
-    fixed = _coarse(t1w, resolution_mm)
-    mask = None if t1w_mask is None else _coarse(t1w_mask, resolution_mm, order=0)
-    result = register(fixed, _coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
+    fixed = coarse(t1w, resolution_mm)
+    mask = None if t1w_mask is None else coarse(t1w_mask, resolution_mm, order=0)
+    result = register(fixed, coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
                       aff_random_sampling_rate=1.0,
                       out_prefix=out_prefix, seed=seed, threads=threads)
     return apply_transforms(flair, t1w, result.forward, "image"), result
+
+
+def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w, followup_mask,
+                      followup_lesion, out_prefix, resolution: float = 2.0, syn: bool = True,
+                      reg_iterations=(40, 20, 0), seed: int = 0, threads: int = 1,
+                      ) -> tuple[RegistrationResult, RegistrationResult]:
+    """Follow-up T1w brain → baseline T1w brain: rigid, then SyN; returns (rigid, last) results.
+
+    Both lesions stay out of the metric: the baseline lesion and the rigidly mapped
+    follow-up lesion (dilated by a voxel) are removed from the fixed mask, the follow-up
+    lesion from the moving mask, so tumour growth is not "registered away".  The SyN stage
+    starts from the rigid transform and the composite it writes includes it.  Images are
+    paths; lesions may be ``""`` (none).  Without ``syn`` both results are the rigid one.
+    """
+    from scipy import ndimage as ndi
+
+    def brain_img(t1w, mask):
+        img = coarse(t1w, resolution)
+        m = _on_grid(nib.load(str(mask)), img)
+        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * m, img.affine), m
+
+    fixed, fmask = brain_img(baseline_t1w, baseline_mask)
+    moving, mmask = brain_img(followup_t1w, followup_mask)
+    base_les = _on_grid(nib.load(str(baseline_lesion)), fixed) if baseline_lesion else np.zeros(fixed.shape, bool)
+    fu_les = _on_grid(nib.load(str(followup_lesion)), moving) if followup_lesion else np.zeros(moving.shape, bool)
+    fu_les_img = nib.Nifti1Image(fu_les.astype(np.float32), moving.affine)
+    mmask_img = nib.Nifti1Image(mmask.astype(np.float32), moving.affine)
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, base_les).astype(np.float32), fixed.affine)
+    rigid = register(fixed, moving, kind="Rigid", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                     lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}rigid_",
+                     seed=seed, threads=threads)
+    if not syn:
+        return rigid, rigid
+    fu_on_base = np.asarray(apply_transforms(fu_les_img, fixed, rigid.forward, "mask").dataobj) > 0
+    excl = ndi.binary_dilation(base_les | fu_on_base) if (base_les.any() or fu_on_base.any()) else base_les
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, excl).astype(np.float32), fixed.affine)
+    result = register(fixed, moving, kind="SyNOnly", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                      lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}syn_",
+                      composite=True, initial_transform=rigid.forward, seed=seed, threads=threads,
+                      reg_iterations=tuple(reg_iterations))
+    return rigid, result
 
 
 def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert: Sequence[bool],
@@ -370,9 +417,3 @@ def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> lis
         out.append(str(target))
     return out
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

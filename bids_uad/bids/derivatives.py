@@ -223,6 +223,21 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a BIDS TSV as dicts of strings; an empty list when the file cannot be read.
+
+    BIDS TSVs have no quoting: each line is split on tabs, blank lines are skipped.
+    """
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return []
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
+
+
 def write_tsv(path: str | Path, rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> Path:
     """Write rows as a BIDS TSV (``n/a`` for missing values) atomically."""
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))

@@ -35,6 +35,19 @@ def session_entities(subject: str, session: str | None) -> dict[str, str]:
     return {"subject": subject, **({"session": session} if session else {})}
 
 
+
+def sidecar_of(path: str | Path | None) -> Path | None:
+    """The JSON sidecar path of a BIDS file: ``x.nii.gz``, ``x.nii``, ``x.tsv`` -> ``x.json``
+    (any other single extension is replaced); ``None`` for ``None``."""
+    if path is None:
+        return None
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
 @dataclass(frozen=True)
 class ReversePE:
     """An image with the opposite phase encoding to a dwi run, for susceptibility correction."""
@@ -230,7 +243,7 @@ class BIDSInputs:
                     raise InputValidationError(
                         f"reverse phase-encoding image has the same PhaseEncodingDirection ({pe}) "
                         f"as the dwi it is intended for ({Path(dwi_path).name})",
-                        self._sidecar_of(epi.path),
+                        sidecar_of(epi.path),
                     )
                 return ReversePE(path=Path(epi.path), metadata=emeta, kind="fmap-epi")
         if pe:
@@ -246,11 +259,6 @@ class BIDSInputs:
             return getter(image_path) or None
         except (IndexError, ValueError):  # pybids raises these when nothing matches
             return None
-
-    def _sidecar_of(self, image_path: str) -> Path:
-        p = Path(image_path)
-        name = p.name.removesuffix(".gz").removesuffix(".nii")
-        return p.with_name(name + ".json")
 
     def subject_inputs(self, subject: str, session_labels: tuple[str, ...] | list[str] = ()) -> SubjectInputs:
         sessions = tuple(self.session_inputs(subject, s) for s in self.sessions(subject, session_labels))

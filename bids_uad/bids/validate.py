@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from bids_uad.bids.gradients import GradientTable, load_gradients
-from bids_uad.bids.layout import DwiRun
+from bids_uad.bids.layout import DwiRun, sidecar_of
 from bids_uad.errors import InputValidationError
 
 #: plausible voxel sizes (mm) for human MRI
@@ -91,29 +91,53 @@ def validate_dwi_run(run: DwiRun, require_sidecar: bool = True) -> GradientTable
     table = load_gradients(run.bval, run.bvec, n_volumes=img.shape[3], image_path=run.path)
     check_finite(img, run.path, "dwi")
     if run.reverse_pe is not None:
-        check_phase_encoding(run.metadata, run.path, "dwi")
-        check_phase_encoding(run.reverse_pe.metadata, run.reverse_pe.path, "reverse phase-encoding")
+        check_phase_encoding(run.metadata, run.path, img.shape)
         rimg = load_image(run.reverse_pe.path, (3, 4), "reverse phase-encoding")
+        check_phase_encoding(run.reverse_pe.metadata, run.reverse_pe.path, rimg.shape)
         check_finite(rimg, run.reverse_pe.path, "reverse phase-encoding")
     return table
 
 
-def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path, what: str) -> None:
-    """Susceptibility correction needs a PE direction with polarity and the readout time."""
-    sidecar = _sidecar_name(image_path)
-    pe = metadata.get("PhaseEncodingDirection")
-    if pe not in ("i", "i-", "j", "j-", "k", "k-"):
+def phase_encoding(meta: Mapping[str, Any], where: str | Path) -> tuple[int, int]:
+    """(axis, polarity) from ``PhaseEncodingDirection``; InputValidationError naming the sidecar."""
+    from bids_uad.algorithms.resample import parse_phase_encoding
+
+    ped = meta.get("PhaseEncodingDirection")
+    if not ped:
         raise InputValidationError(
-            f"{what} sidecar lacks a valid PhaseEncodingDirection (found {pe!r}; "
-            "PhaseEncodingAxis alone has no polarity)", sidecar,
-        )
-    trt = metadata.get("TotalReadoutTime")
-    if not isinstance(trt, (int, float)) or not (0 < float(trt) < 1):
-        raise InputValidationError(
-            f"{what} sidecar lacks a plausible TotalReadoutTime in seconds (found {trt!r})", sidecar
-        )
+            "PhaseEncodingDirection is missing (needed with a reverse phase-encoding image; "
+            "PhaseEncodingAxis alone has no polarity)", where)
+    try:
+        return parse_phase_encoding(ped)
+    except ValueError as exc:
+        raise InputValidationError(str(exc), where) from exc
 
 
-def _sidecar_name(image_path: str | Path) -> Path:
-    p = Path(image_path)
-    return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+def total_readout_time(meta: Mapping[str, Any], n_pe: int, where: str | Path) -> float:
+    """``TotalReadoutTime`` from a sidecar, or ``EffectiveEchoSpacing`` * (N_PE - 1), in (0, 1) s."""
+    try:
+        if meta.get("TotalReadoutTime") not in (None, ""):
+            trt = float(meta["TotalReadoutTime"])
+        elif meta.get("EffectiveEchoSpacing") not in (None, ""):
+            n = int(meta.get("ReconMatrixPE") or n_pe)
+            trt = float(meta["EffectiveEchoSpacing"]) * (n - 1)
+        else:
+            raise InputValidationError(
+                "TotalReadoutTime (or EffectiveEchoSpacing) is missing: it is needed for "
+                "susceptibility distortion correction with a reverse phase-encoding image", where)
+    except (TypeError, ValueError) as exc:
+        raise InputValidationError(f"TotalReadoutTime/EffectiveEchoSpacing is not a number ({exc})", where) from exc
+    if not (0 < trt < 1):
+        raise InputValidationError(f"TotalReadoutTime {trt} s is not plausible (expected 0-1 s)", where)
+    return trt
+
+
+def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path,
+                         shape: tuple[int, ...]) -> tuple[int, int]:
+    """Susceptibility correction needs a PE direction with polarity and the readout time: the
+    same rules as the correction itself (:func:`phase_encoding`, :func:`total_readout_time`),
+    checked before any processing starts.  Returns (axis, polarity)."""
+    sidecar = sidecar_of(image_path)
+    axis, polarity = phase_encoding(metadata, sidecar)
+    total_readout_time(metadata, shape[axis], sidecar)
+    return axis, polarity

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bids_uad import __version__
 from bids_uad.bids.derivatives import DerivativesWriter, is_within, remove_orphaned_temporaries, validate_label
-from bids_uad.config import ANALYSIS_LEVELS, Settings, resolve_preproc_backend
+from bids_uad.config import ANALYSIS_LEVELS, Settings, load_plugin_settings, resolve_preproc_backend
 from bids_uad.errors import (
     BidsUadError,
     InputMissingError,
@@ -22,6 +22,7 @@ from bids_uad.errors import (
     UnknownAnalysisLevelError,
     UsageError,
 )
+from bids_uad.workflows.execution import FirstLineFormatter
 
 LOGGER = logging.getLogger("bids_uad")
 
@@ -38,24 +39,6 @@ def _load_filters(path: Path | None) -> dict:
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError('BIDS filter file must map suffixes to filters, e.g. {"dwi": {"run": 1}}', path)
     return data
-
-
-def load_plugin_settings(path: Path) -> tuple[str, dict]:
-    """Read a nipype plugin file: ``{plugin: NAME, plugin_args: {...}}`` in YAML or JSON."""
-    import yaml
-
-    if not path.is_file():
-        raise InputMissingError("plugin settings file does not exist", path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"plugin settings file is not valid YAML/JSON ({exc})", path) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
-        raise UsageError("plugin settings file must name a 'plugin' (e.g. MultiProc, SLURM)", path)
-    args = data.get("plugin_args") or {}
-    if not isinstance(args, dict):
-        raise UsageError("'plugin_args' must be a mapping", path)
-    return data["plugin"], args
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
@@ -134,16 +117,6 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-class FirstLineFormatter(logging.Formatter):
-    """Console format: first line of the message only (tracebacks go to the run log and crash files)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record = logging.makeLogRecord(record.__dict__)
-        record.msg, record.args = record.getMessage().splitlines()[0] if record.getMessage() else "", None
-        record.exc_info = record.exc_text = None
-        return super().format(record)
-
-
 def _setup_logging(settings: Settings, log_file: Path) -> None:
     level = logging.WARNING - 10 * min(settings.verbosity + 1, 2)
     root = logging.getLogger("bids_uad")
@@ -174,7 +147,7 @@ def _setup_logging(settings: Settings, log_file: Path) -> None:
 def run(settings: Settings) -> int:
     """Run one analysis level with validated settings; returns 0 or raises."""
     from bids_uad.bids.layout import BIDSInputs
-    from bids_uad.workflows.base import run_group, run_participant
+    from bids_uad.cli.levels import run_group, run_participant
 
     _check_writable_dir(settings.output_dir, "output folder")
     _check_writable_dir(settings.work_dir, "work folder")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
-from bids_uad.reports.collect import read_json, sidecar_of
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports.collect import read_json
 
 #: regular expression on "step name + backend" -> citation keys (bids_uad/data/reports/citations.json)
 KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
