@@ -125,10 +125,6 @@ def resolve_preproc_backend(requested: str) -> str:
     return requested
 
 
-def settings_json(settings: Settings) -> str:
-    return json.dumps(settings.to_dict(), indent=2, sort_keys=True)
-
-
 def load_plugin_settings(path: Path) -> tuple[str, dict]:
     """Read a nipype plugin file: ``{plugin: NAME, plugin_args: {...}}`` in YAML or JSON."""
     import yaml

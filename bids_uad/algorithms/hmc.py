@@ -80,7 +80,14 @@ def relative_motion(motion: np.ndarray, reference: int = 0) -> np.ndarray:
 
 
 def framewise_displacement(motion: np.ndarray, radius: float = 50.0) -> np.ndarray:
-    """Power et al. (2012) FD: sum of |Δtrans| (mm) + radius * sum of |Δrot| (rad); first is NaN."""
+    """Power et al. (2012) FD: sum of |Δtrans| (mm) + radius * sum of |Δrot| (rad); first is NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> framewise_displacement(np.array([[0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0.01]]))
+    array([nan, 1.5])
+    """
     motion = np.asarray(motion, dtype=float)
     fd = np.full(motion.shape[0], np.nan)
     if motion.shape[0] > 1:

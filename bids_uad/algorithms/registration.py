@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +107,14 @@ class RegistrationResult:
 
 def exclusion_mask(brain_mask: np.ndarray | None, lesion_mask: np.ndarray | None,
                    shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-    """Metric mask for ANTs: brain (or everything) minus the lesion — lesions do not drive the fit."""
+    """Metric mask for ANTs: brain (or everything) minus the lesion — lesions do not drive the fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> exclusion_mask(np.array([1, 1, 1, 0]), np.array([0, 1, 0, 0])).astype(int)
+    array([1, 0, 1, 0])
+    """
     if brain_mask is None and lesion_mask is None:
         return None
     if brain_mask is None:
@@ -309,6 +315,14 @@ def coarse(img, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
 
     Registrations run on such copies: the transforms they find are physical, so they apply
     to the native grids unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4))
+    >>> out = coarse(img, 2.0)
+    >>> out.shape, tuple(float(z) for z in out.header.get_zooms())
+    ((6, 6, 6), (2.0, 2.0, 2.0))
     """
     from nibabel.processing import resample_to_output
 
@@ -385,6 +399,11 @@ def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert
 
     The image first goes dwi → T1w (inverse of T1w→dwi), then T1w → template; antspyx
     applies the last transform of the list first, so the T1w→template part comes first.
+
+    Examples
+    --------
+    >>> chain_dwi_to_template(["dwi2t1w_affine.mat"], [True], ["t1w2mni.h5"])
+    (['t1w2mni.h5', 'dwi2t1w_affine.mat'], [False, True])
     """
     fwd_flags = list(t1w2mni_invert) if t1w2mni_invert is not None else [False] * len(t1w2mni)
     return list(t1w2mni) + list(t1w2dwi_inverse), fwd_flags + list(t1w2dwi_inverse_invert)
@@ -402,18 +421,3 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
              else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
     xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
     return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
-
-
-def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> list[str]:
-    """Copy ANTs transform files next to each other under predictable names."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, p in enumerate(paths):
-        name = Path(p).name
-        ext = ".nii.gz" if name.endswith(".nii.gz") else Path(p).suffix
-        target = out_dir / f"{stem}_{i}{ext}"
-        shutil.copyfile(p, target)
-        out.append(str(target))
-    return out
-

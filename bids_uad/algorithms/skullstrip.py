@@ -125,14 +125,6 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
     return ndi.binary_fill_holes(_largest((a | (b & closed)) & grown))
 
 
-def deepbet_available() -> bool:
-    try:
-        import deepbet  # noqa: F401
-    except Exception:  # deepbet is optional
-        return False
-    return True
-
-
 def skull_strip(
     img: nib.Nifti1Image,
     method: str = "template",

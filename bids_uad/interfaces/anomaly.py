@@ -95,6 +95,10 @@ class _ToTemplateInputSpec(BaseInterfaceInputSpec):
     template_file = File(exists=True, mandatory=True)
     kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
     in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
+    dwi2t1w_xfm = traits.Str(desc="dwi → T1w composite from the anatomical workflow ('' or unset: "
+                                  "the session's from-dwi_to-T1w transform in OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str(desc="T1w → template composite from the anatomical workflow ('' or "
+                                       "unset: the session's from-T1w_to-<template> transform in OUTPUT_DIR)")
 
 
 class _ToTemplateOutputSpec(TraitedSpec):
@@ -105,8 +109,10 @@ class _ToTemplateOutputSpec(TraitedSpec):
 class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
-    Reads the session's ``from-dwi_to-T1w`` and ``from-T1w_to-<template>`` transforms from the
-    derivatives; without them (no T1w) it writes nothing and says so in the log.
+    The transforms come along the graph's edges from the session's anatomical workflow when it
+    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise (scoring existing
+    derivatives) they are the session's ``from-dwi_to-T1w`` and ``from-T1w_to-<template>``
+    derivatives.  Without them (no T1w) it writes nothing and says so in the log.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -117,7 +123,9 @@ class ToTemplateSpace(SimpleInterface):
 
         import nibabel as nib
 
-        from bids_uad.algorithms.registration import apply_transforms
+        from nipype.interfaces.base import isdefined
+
+        from bids_uad.algorithms.registration import dwi_to_template
 
         ent = self.inputs.source_entities
         prefix = f"sub-{ent['subject']}" + (f"_ses-{ent['session']}" if ent.get("session") else "")
@@ -125,8 +133,12 @@ class ToTemplateSpace(SimpleInterface):
         if ent.get("session"):
             anat = anat / f"ses-{ent['session']}"
         anat = anat / "anat"
-        dwi2t1w = anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5"
-        t1w2tpl = anat / f"{prefix}_from-T1w_to-{self.inputs.template_name}_mode-image_xfm.h5"
+        given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
+        if all(given):
+            dwi2t1w, t1w2tpl = Path(given[0]), Path(given[1])
+        else:
+            dwi2t1w = anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5"
+            t1w2tpl = anat / f"{prefix}_from-T1w_to-{self.inputs.template_name}_mode-image_xfm.h5"
         self._results["meta"] = {}
         if not (dwi2t1w.is_file() and t1w2tpl.is_file()):
             logging.getLogger("bids_uad.anomaly").warning(
@@ -135,8 +147,8 @@ class ToTemplateSpace(SimpleInterface):
             self._results["out_file"] = ""
             return runtime
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                  [str(t1w2tpl), str(dwi2t1w)], kind)
+        warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                 [str(dwi2t1w)], [str(t1w2tpl)], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)

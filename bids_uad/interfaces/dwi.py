@@ -7,7 +7,6 @@ node's working directory.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -499,31 +498,6 @@ def derivative_entities(source: dict) -> dict:
     if "subject" not in out:
         raise InputValidationError("source_entities has no subject")
     return out
-
-
-class _ApplyEntitiesInputSpec(BaseInterfaceInputSpec):
-    entities = traits.Dict(mandatory=True)
-    extra = traits.Dict(mandatory=True)
-
-
-class _ApplyEntitiesOutputSpec(TraitedSpec):
-    entities = traits.Dict()
-
-
-class AddEntities(SimpleInterface):
-    """Base entities + this output's own (space, desc, model, param)."""
-
-    input_spec = _ApplyEntitiesInputSpec
-    output_spec = _ApplyEntitiesOutputSpec
-
-    def _run_interface(self, runtime):
-        self._results["entities"] = {**self.inputs.entities, **self.inputs.extra}
-        return runtime
-
-
-def os_cpu_threads(requested: int) -> int:
-    """Threads to give torch inside a node: the request, capped at the CPU count."""
-    return max(1, min(int(requested or 1), os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------------------------

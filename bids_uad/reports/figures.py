@@ -19,7 +19,6 @@ from bids_uad.bids.derivatives import atomic_write
 
 #: Views of a mosaic: name -> (axis sliced, horizontal axis, vertical axis).
 VIEWS = {"x": (0, 1, 2), "y": (1, 0, 2), "z": (2, 0, 1)}
-VIEW_NAMES = {"x": "sagittal", "y": "coronal", "z": "axial"}
 #: Contour colours (dseg labels 1 CSF, 2 GM, 3 WM; masks; anomalies).
 COLORS = {"CSF": "#3aa0ff", "GM": "#39d353", "WM": "#ff4fd8", "brain": "#ff3b30",
           "anomaly": "#00e5ff", "truth": "#ffd60a", "edges": "#ff3b30"}

@@ -7,19 +7,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.errors import InputMissingError
 from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
+from bids_uad.models.validate import model_files
 
 
 def resolve_model_files(path: str | Path) -> list[Path]:
     """``--model``: one ``model-<name>.json`` or a folder holding several (each with its tensors)."""
-    path = Path(path)
-    files = sorted(path.glob("model-*.json")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix == ".json" and f.with_suffix(".safetensors").is_file()]
-    if not files:
-        raise InputMissingError("no trained model found (model-<name>.json with its .safetensors)", path)
-    return files
+    return model_files(path)
 
 
 #: output key -> (extra entities, BIDS suffix)
@@ -33,13 +28,16 @@ OUTPUTS = {
 def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     """Inference for every model in ``settings.model``, maps written in diffusion space.
 
-    inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_entities.
+    inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_entities,
+    dwi2t1w_xfm and t1w2template_xfm (the anatomical workflow's composites, for template-space
+    maps; unset: read from OUTPUT_DIR).
     outputnode: scores, masks (lists, one per model).
     """
     models = resolve_model_files(settings.model)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask",
-                                                      "analysis_mask", "source_entities"]), name="inputnode")
+                                                      "analysis_mask", "source_entities", "dwi2t1w_xfm",
+                                                      "t1w2template_xfm"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks"]), name="outputnode")
     infer = pe.MapNode(AnomalyInference(threshold_method=settings.threshold, ensemble=settings.ensemble,
                                         device="cpu" if settings.device == "auto" else settings.device,
@@ -83,7 +81,8 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
                           iterfield=["in_file", "entities", "meta"], name=f"ds_template_{key}",
                           run_without_submitting=True)
         workflow.connect([
-            (inputnode, warp, [("source_entities", "source_entities")]),
+            (inputnode, warp, [("source_entities", "source_entities"), ("dwi2t1w_xfm", "dwi2t1w_xfm"),
+                               ("t1w2template_xfm", "t1w2template_xfm")]),
             (infer, warp, [(key, "in_file"), ("meta", "in_meta")]),
             (infer, sink, [("out_entities", "entities")]),
             (warp, sink, [("out_file", "in_file"), ("meta", "meta")]),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
@@ -34,6 +33,7 @@ class ParticipantPlan:
 def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: list[str]) -> ParticipantPlan:
     """Gather and validate the files each selected subject/session will use."""
     sessions: list[SessionInputs] = []
+    fsl = settings.resolved_backend() == "fsl"
     for subject in subjects:
         subj = bids.subject_inputs(subject, settings.session_labels)
         for ses in subj.sessions:
@@ -42,7 +42,8 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
                                f" ses-{ses.session}" if ses.session else "")
                 continue
             for run in ses.dwi:
-                validate_dwi_run(run)
+                # the sidecar is needed where its fields are: SDC (a reverse-PE image) and FSL's eddy
+                validate_dwi_run(run, require_sidecar=True if fsl else None)
                 if run.reverse_pe is None:
                     LOGGER.warning("%s: no reverse phase-encoding image: susceptibility correction "
                                    "will be skipped", run.path.name)
@@ -51,6 +52,7 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
             for flair in ses.flair[:1]:
                 validate_anatomical(flair, "FLAIR")
             sessions.append(ses)
+    _check_filters_selected(bids, sessions)
     if not sessions:
         raise NoFilesSelectedError(
             "no dwi or T1w images selected for "
@@ -59,6 +61,20 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
             settings.bids_dir,
         )
     return ParticipantPlan(sessions=tuple(sessions))
+
+
+def _check_filters_selected(bids: BIDSInputs, sessions: list[SessionInputs]) -> None:
+    """A ``--bids-filter-file`` entry that matched nothing in any selected session exits 18.
+
+    Otherwise a filter removing every dwi would silently turn the run into a T1w-only run.
+    """
+    found = {"dwi": any(s.dwi for s in sessions), "T1w": any(s.t1w for s in sessions),
+             "FLAIR": any(s.flair for s in sessions)}
+    for suffix, query in bids.filters.items():
+        if suffix in found and not found[suffix]:
+            raise NoFilesSelectedError(
+                f"the --bids-filter-file entry for {suffix} ({query}) selected no {suffix} image "
+                "in the selected subjects", bids.bids_dir)
 
 
 def _session_name(ses: SessionInputs) -> str:
@@ -104,7 +120,11 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                                                 ("outputnode.bvec", "inputnode.bvec"),
                                                 ("outputnode.brain_mask", "inputnode.brain_mask")])])
             if anat_wf is not None:
-                workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
+                # data along edges: the template-space maps use this graph's transforms, so they wait
+                # for them (reading them from OUTPUT_DIR had no declared order after the anat sinks)
+                workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask"),
+                                                  ("outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm"),
+                                                  ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm")])])
             else:
                 LOGGER.warning("sub-%s: no anatomical analysis mask: anomalies scored in the whole brain mask",
                                ses.subject)
