@@ -285,6 +285,13 @@ def find(output_dir: str | Path, key: str, subject: str, session: str | None = N
     return hits
 
 
+def find_run(output_dir: str | Path, key: str, subject: str, session: str | None, run: Mapping[str, str],
+             **params: str) -> list[Path]:
+    """The files of output ``key`` of exactly one dwi run (its :func:`run_entities` equal ``run``)."""
+    run = {k: str(v) for k, v in run.items()}
+    return [p for p in find(output_dir, key, subject, session, source=run, **params) if run_entities(p.name) == run]
+
+
 def run_entities(source: str | Path | Mapping[str, Any]) -> dict[str, str]:
     """The entities that tell one dwi run of a session from another (all but sub and ses)."""
     return {k: v for k, v in source_entities(source).items() if k not in ("sub", "ses")}
