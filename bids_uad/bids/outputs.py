@@ -293,7 +293,12 @@ def find_run(output_dir: str | Path, key: str, subject: str, session: str | None
 
 
 def run_entities(source: str | Path | Mapping[str, Any]) -> dict[str, str]:
-    """The entities that tell one dwi run of a session from another (all but sub and ses)."""
+    """The entities that tell one dwi run of a session from another (all but sub and ses).
+
+    ``source``: a file name, or entities (with or without sub/ses).
+    """
+    if isinstance(source, Mapping) and not {"sub", "subject"} & set(source):
+        source = {"sub": "x", **source}
     return {k: v for k, v in source_entities(source).items() if k not in ("sub", "ses")}
 
 
