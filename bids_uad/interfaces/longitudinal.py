@@ -44,7 +44,6 @@ BASELINE_T1W_SPACE = "T1wbaseline"
 #: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
 ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
               "baseline_lesion_source", "followup_lesion_source")
-SUBJECT_TSV = "sub-{subject}_desc-longitudinal_stats.tsv"
 GROUP_TSV = "desc-longitudinal_stats.tsv"
 
 
@@ -774,8 +773,9 @@ def rebuild_group_table(output_dir: str | Path) -> Path:
     # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
     with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
         rows: list[dict] = []
-        for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
-            rows.extend(read_tsv(path))
+        for path in sorted(output_dir.glob("sub-*/sub-*.tsv")):
+            if outputs.matches(path.name, "longitudinal_subject_tsv"):
+                rows.extend(read_tsv(path))
         rows.sort(key=lambda r: (r.get("participant_id", ""), r.get("followup_session", ""), r.get("model", "")))
         columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
         columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
@@ -829,7 +829,7 @@ def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) 
     from bids_uad.bids.derivatives import safe_join, validate_label, write_tsv
 
     subject = validate_label(subject, "sub")
-    path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
+    path = safe_join(output_dir, *outputs.relpath_for("longitudinal_subject_tsv", {"sub": subject}).parts)
     write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
     _write_columns_sidecar(path)
     return path
