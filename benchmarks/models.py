@@ -37,11 +37,11 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bids_uad.models.inputs import normalise_dwi  # noqa: E402
+from bids_uad.models.settings import ORACLE_METHODS, THRESHOLD_METHODS, preset  # noqa: E402
 from bids_uad.scoring.inference import evaluate, infer  # noqa: E402
 from bids_uad.scoring.metrics import auprc, auroc, format_table, summarise  # noqa: E402
-from bids_uad.training.bundle import train_from_dwi  # noqa: E402
-from bids_uad.training.inputs import normalise_dwi  # noqa: E402
-from bids_uad.training.settings import ORACLE_METHODS, THRESHOLD_METHODS, preset  # noqa: E402
+from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
 PRESETS = {

@@ -84,8 +84,8 @@ def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) 
     import numpy as np
 
     from bids_uad.bids.gradients import load_gradients
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.settings import preset
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.settings import preset
     from bids_uad.workflows.group import model_settings_for  # noqa: F401 (grid rule documented there)
 
     truth = bids / "derivatives" / "synthetic-truth"

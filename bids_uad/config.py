@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_uad import __version__
-from bids_uad.training.settings import MODEL_NAMES, THRESHOLD_METHODS
+from bids_uad.models.settings import MODEL_NAMES, THRESHOLD_METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")

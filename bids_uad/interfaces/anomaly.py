@@ -50,7 +50,7 @@ class AnomalyInference(SimpleInterface):
 
         from bids_uad.bids.gradients import load_gradients
         from bids_uad.scoring.inference import infer
-        from bids_uad.training.bundle import load_bundle
+        from bids_uad.models.bundle import load_bundle
 
         torch.set_num_threads(max(1, self.inputs.threads))
         img = nib.load(self.inputs.dwi_file)

@@ -12,8 +12,8 @@ from torch import nn
 
 from bids_uad.errors import UsageError
 from bids_uad.models.recdisc import RecDiscNet
+from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
-from bids_uad.training.settings import ModelSettings
 
 MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet}
 FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}  # reference paper's fixed thresholds

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bids_uad.models.blocks import Decoder, Encoder, FanInLinear, feature_list, masked_mse, output_activation
-from bids_uad.training.settings import ModelSettings
+from bids_uad.models.settings import ModelSettings
 
 
 class VAE3d(nn.Module):

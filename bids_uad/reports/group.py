@@ -3,7 +3,7 @@
 Inputs (see docs/reports.md):
 
 * ``OUTPUT_DIR/models/model-<name>.json`` — the JSON half of a trained model bundle
-  (:meth:`bids_uad.training.bundle.ModelBundle.metadata`): ``folds`` with ``history``
+  (:meth:`bids_uad.models.bundle.ModelBundle.metadata`): ``folds`` with ``history``
   (epoch, train_loss, val_loss), ``best_epoch``, ``best_val_loss``, ``train_subjects``,
   ``heldout_subjects`` and ``calibration`` (n_healthy_voxels, threshold_at_fpr, fpr).
 * ``OUTPUT_DIR/group/*.tsv`` — evaluation tables; a table with a ``model`` column, a

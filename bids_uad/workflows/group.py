@@ -43,7 +43,7 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
 
 def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int]):
     """Training settings from the preset, sized to the data: channels and a grid that covers it."""
-    from bids_uad.training.settings import preset
+    from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
@@ -65,7 +65,7 @@ def training_processes(settings: Settings, batch_size: int) -> int:
     process beyond it would only idle on an empty shard) and, on CUDA, at the number of GPUs.
     """
     from bids_uad.training import distributed
-    from bids_uad.training.trainer import resolve_device
+    from bids_uad.models.bundle import resolve_device
 
     env = distributed.torchrun_env()
     if env is not None:
@@ -121,8 +121,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
     other than 0 only train)."""
     from bids_uad.training import distributed
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.inputs import dw_gradients
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
     for subject in controls:
