@@ -89,3 +89,25 @@ def test_find_selects_runs(tmp_path):
     assert [p.name for p in outputs.find(tmp_path, "dwi_preproc", "01", "pre", source={"dir": "PA"})] == \
         ["sub-01_ses-pre_dir-PA_space-dwi_desc-preproc_dwi.nii.gz"]
     assert outputs.find(tmp_path, "dwi_preproc", "01", None) == []
+
+
+def test_table_covers_every_derivative_of_the_tiny_run():
+    """Every file the tiny end-to-end run writes under sub-*/[ses-*/]{anat,dwi}/ (and the subject
+    tables) is a declared output (sidecars through their image), with the run's dir-AP wherever
+    the output inherits a dwi run's entities."""
+    listing = Path(__file__).resolve().parents[2] / ".circleci" / "expected_outputs_tiny.txt"
+    names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    checked = 0
+    for line in names:
+        parts = line.split("/")
+        if not line.startswith("sub-") or "figures" in parts or len(parts) < 2 or line.endswith(".html"):
+            continue
+        name = parts[-1].replace("MNI152NLin2009*", "MNI152NLin2009cAsym")
+        candidates = [name] if not name.endswith(".json") else \
+            [name[:-5] + ext for ext in (".nii.gz", ".tsv", ".h5", ".bval")]
+        keys = [k for k in outputs.OUTPUTS for c in candidates if outputs.matches(c, k)]
+        assert keys, line
+        if any(outputs.OUTPUTS[k].source == "dwi" for k in keys):
+            assert "_dir-AP_" in name, line
+        checked += 1
+    assert checked > 300
