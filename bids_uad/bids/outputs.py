@@ -150,6 +150,24 @@ OUTPUTS: dict[str, Output] = {o.key: o for o in (
 )}
 
 
+#: group-level files (not per subject), relative to OUTPUT_DIR; parametric in the model
+GROUP_OUTPUTS: dict[str, str] = {
+    "model_json": "models/model-{model}.json",
+    "model_weights": "models/model-{model}.safetensors",
+    "folds_tsv": "group/model-{model}_folds.tsv",
+    "evaluation_tsv": "group/model-{model}_evaluation.tsv",
+    "evaluation_summary_tsv": "group/model-{model}_evaluation_summary.tsv",
+    "training_loss_figure": "group/figures/model-{model}_desc-training_loss.svg",
+    "longitudinal_group_tsv": "group/desc-longitudinal_stats.tsv",
+}
+
+
+def group_path(output_dir: str | Path, key: str, **params: str) -> Path:
+    """Where group-level file ``key`` goes (model names validated as BIDS labels)."""
+    params = {k: validate_label(v, k) for k, v in params.items()}
+    return Path(output_dir) / GROUP_OUTPUTS[key].format(**params)
+
+
 def parse_name(name: str) -> tuple[dict[str, str], str, str] | None:
     """``(entities, suffix, extension)`` of a BIDS file name (short keys), or None when it is not one."""
     stem, dot, ext = Path(name).name.partition(".")

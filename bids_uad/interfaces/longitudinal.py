@@ -44,7 +44,7 @@ BASELINE_T1W_SPACE = "T1wbaseline"
 #: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
 ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
               "baseline_lesion_source", "followup_lesion_source")
-GROUP_TSV = "desc-longitudinal_stats.tsv"
+GROUP_TSV = Path(outputs.GROUP_OUTPUTS["longitudinal_group_tsv"]).name
 
 
 def _given(value) -> bool:
@@ -769,7 +769,7 @@ def rebuild_group_table(output_dir: str | Path) -> Path:
     from bids_uad.bids.derivatives import write_tsv
 
     output_dir = Path(output_dir)
-    target = output_dir / "group" / GROUP_TSV
+    target = outputs.group_path(output_dir, "longitudinal_group_tsv")
     # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
     with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
         rows: list[dict] = []
