@@ -326,6 +326,20 @@ def run_label(source: str | Path | Mapping[str, Any]) -> str:
     return "_".join(f"{k}-{ents[k]}" for k in ENTITY_ORDER if k in ents)
 
 
+def common_source(sources: Iterable[str | Path]) -> str:
+    """A source name for a series made from several runs: the entities they all share.
+
+    ``sub-01_dir-AP_dwi.nii.gz`` + ``sub-01_dir-PA_dwi.nii.gz`` → ``sub-01_dwi.nii.gz`` (what a
+    combined opposite-PE pair's derivatives inherit, as QSIPrep names a merged series).  Only
+    the name matters (:func:`source_entities` reads it); no such file needs to exist.
+    """
+    parsed = [source_entities(s) for s in sources]
+    if not parsed:
+        raise ValueError("common_source needs at least one source")
+    shared = {k: v for k, v in parsed[0].items() if all(p.get(k) == v for p in parsed[1:])}
+    return bids_name(shared, "dwi", ".nii.gz")
+
+
 def check_unique(planned: Iterable[tuple[str | Path, str | Path]]) -> None:
     """Raise :class:`InputValidationError` when two planned outputs share a path.
 

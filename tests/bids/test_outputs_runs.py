@@ -111,3 +111,10 @@ def test_table_covers_every_derivative_of_the_tiny_run():
             assert "_dir-AP_" in name, line
         checked += 1
     assert checked > 300
+
+
+def test_common_source_of_a_combined_pair():
+    src = outputs.common_source(["/b/sub-01/ses-pre/dwi/sub-01_ses-pre_acq-hb_dir-AP_dwi.nii.gz",
+                                 "/b/sub-01/ses-pre/dwi/sub-01_ses-pre_acq-hb_dir-PA_dwi.nii.gz"])
+    assert src == "sub-01_ses-pre_acq-hb_dwi.nii.gz"
+    assert outputs.name_for("dwi_preproc", src) == "sub-01_ses-pre_acq-hb_space-dwi_desc-preproc_dwi.nii.gz"
