@@ -118,3 +118,20 @@ def test_common_source_of_a_combined_pair():
                                  "/b/sub-01/ses-pre/dwi/sub-01_ses-pre_acq-hb_dir-PA_dwi.nii.gz"])
     assert src == "sub-01_ses-pre_acq-hb_dwi.nii.gz"
     assert outputs.name_for("dwi_preproc", src) == "sub-01_ses-pre_acq-hb_space-dwi_desc-preproc_dwi.nii.gz"
+
+
+def test_template_transforms_of_each_run(tmp_path):
+    """ToTemplateSpace finds the dwi→T1w transform of the map's own run (through the table)."""
+    from bids_uad.interfaces.anomaly import template_transforms
+
+    tpl = "MNI152NLin2009cAsym"
+    t1w = "sub-01_ses-pre_T1w.nii.gz"
+    ap, pa = "sub-01_ses-pre_dir-AP_dwi.nii.gz", "sub-01_ses-pre_dir-PA_dwi.nii.gz"
+    for key, source in (("xfm_t1w_to_template", t1w), ("xfm_dwi_to_t1w", ap)):
+        path = outputs.path_for(tmp_path, key, source, template=tpl)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    found = template_transforms(tmp_path, "sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz", tpl)
+    assert [p.name for p in found] == [f"sub-01_ses-pre_from-T1w_to-{tpl}_mode-image_xfm.h5",
+                                       "sub-01_ses-pre_dir-AP_from-dwi_to-T1w_mode-image_xfm.h5"]
+    assert template_transforms(tmp_path, pa, tpl) is None  # the T1w was registered to dir-AP only
