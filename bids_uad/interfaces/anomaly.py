@@ -93,6 +93,10 @@ class _ToTemplateInputSpec(BaseInterfaceInputSpec):
     template_file = File(exists=True, mandatory=True)
     kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
     in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
+    dwi2t1w_xfm = traits.Str(desc="dwi → T1w composite from the anatomical workflow ('' or unset: "
+                                  "the session's from-dwi_to-T1w transform in OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str(desc="T1w → template composite from the anatomical workflow ('' or "
+                                       "unset: the session's from-T1w_to-<template> transform in OUTPUT_DIR)")
 
 
 class _ToTemplateOutputSpec(TraitedSpec):
@@ -115,9 +119,11 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
 class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
-    Reads the run's ``from-dwi_to-T1w`` and the session's ``from-T1w_to-<template>`` transforms
-    from the derivatives (:func:`template_transforms`); without them it writes nothing and says
-    so in the log.
+    The transforms come along the graph's edges from the session's anatomical workflow when it
+    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise (scoring existing
+    derivatives) they are the run's ``from-dwi_to-T1w`` and the session's ``from-T1w_to-<template>``
+    derivatives, found through the outputs table (:func:`template_transforms`).  Without them (no
+    T1w, or the T1w was registered to another run) it writes nothing and says so in the log.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -128,9 +134,15 @@ class ToTemplateSpace(SimpleInterface):
 
         import nibabel as nib
 
-        from bids_uad.algorithms.registration import apply_transforms
+        from nipype.interfaces.base import isdefined
 
-        found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
+        from bids_uad.algorithms.registration import dwi_to_template
+
+        given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
+        if all(given):
+            found = (Path(given[1]), Path(given[0]))
+        else:
+            found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
         self._results["meta"] = {}
         if found is None:
             logging.getLogger("bids_uad.anomaly").warning(
@@ -140,8 +152,8 @@ class ToTemplateSpace(SimpleInterface):
             return runtime
         t1w2tpl, dwi2t1w = found
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                  [str(t1w2tpl), str(dwi2t1w)], kind)
+        warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                 [str(dwi2t1w)], [str(t1w2tpl)], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)

@@ -1,8 +1,9 @@
 """Anomaly-detection networks, registered by name.
 
 Every model is a ``torch.nn.Module`` built from a :class:`ModelSettings` with
-``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, and a class attribute
-``needs_ood`` saying whether training feeds it synthetic anomalies.
+``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, a class attribute
+``needs_ood`` saying whether training feeds it synthetic anomalies, and ``__desc__``: how it
+learns, in one clause of the methods text (:func:`describe_model`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> 
     MODELS[name] = factory
 
 
+def describe_model(name: str) -> str:
+    """The methods-text clause of model ``name`` (its class's ``__desc__``)."""
+    factory = MODELS.get(name)
+    return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
+
+
 def get_model(name: str, settings: ModelSettings) -> nn.Module:
     """Build the registered model ``name`` from ``settings``."""
     try:
@@ -33,4 +40,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
     return factory(settings)
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "get_model", "register_model", "VAE3d", "RecDiscNet"]
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "register_model", "VAE3d", "RecDiscNet"]

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from bids_uad.bids.derivatives import read_tsv
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import list_subjects, read_tsv, to_float
+from bids_uad.reports.collect import list_subjects, to_float
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note, table, text
 
 METHOD_COLUMNS = ("threshold_method", "method", "threshold")

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputValidationError
 from bids_uad.models.bundle import ModelBundle, score_volume
 from bids_uad.models.calibration import Calibration
 from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, to_grid
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
-from bids_uad.scoring.metrics import auprc, auroc, dice, dice_optimal_threshold, youden_threshold
+from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import opening
 from bids_uad.scoring.thresholds import threshold_map
 

@@ -64,11 +64,6 @@ def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
 
 
-def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
-    """:func:`batch_arrays` as tensors on ``device``."""
-    return to_tensors(batch_arrays(model, data, masks, idx, rng, settings), device)
-
-
 def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
     """Standard normal latent draw (n, latent) for models that sample in training (the VAE), from
     torch's seeded generator: the same values the model would draw itself for the whole batch."""

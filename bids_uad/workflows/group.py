@@ -31,6 +31,31 @@ from bids_uad.errors import InputValidationError, NoFilesSelectedError
 
 LOGGER = logging.getLogger("bids_uad.group")
 
+#: Methods text of this stage (as nipreps' LiterateWorkflow ``__desc__``/``__postdesc__``), per
+#: trained model; :func:`describe_training` fills it in and the group report assembles it.
+__desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
+            "cross-validation in PyTorch{budget}, is {model}")
+__postdesc__ = ("Each fold's anomaly scores on its held-out controls formed a null sample for calibrated "
+                "thresholds (false-positive rate on healthy tissue) and conformal p-values, with "
+                "Benjamini-Hochberg control of the false discovery rate")
+
+
+def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
+    """Methods sentences (with citation keys) for one trained model, from its model JSON ``meta``.
+
+    The model's own clause comes from its class (:func:`bids_uad.models.describe_model`), so
+    the text says what that architecture does (only RecDiscNet trains on synthetic anomalies).
+    """
+    from bids_uad.models import describe_model
+
+    settings = meta.get("settings", {}) if isinstance(meta.get("settings"), dict) else {}
+    training = settings.get("training", {}) if isinstance(settings.get("training"), dict) else {}
+    budget = (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
+              if training.get("epochs") is not None else "")
+    text = __desc__.format(name=name, model=describe_model(name), n_subjects=len(meta.get("training_subjects", [])),
+                           k=len(meta.get("folds", [])), budget=budget)
+    return [(text, ["reference", "pytorch"]), (__postdesc__, ["bh"])]
+
 
 def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> PreprocessedDwi | None:
     """The preprocessed dwi of a subject's first session (by ``acq_time``) that has one."""

@@ -46,7 +46,7 @@ def test_two_runs_plan_two_derivative_sets(tmp_path):
     assert preproc == ["sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz",
                        "sub-ctrl01_ses-pre_dir-PA_space-dwi_desc-preproc_dwi.nii.gz"]
     assert len({p for p, _ in planned}) == len(planned)
-    workflow, _ = init_participant_wf(settings, plan)
+    workflow = init_participant_wf(settings, plan)
     sources = sorted(workflow.get_node(f"dwi_sub_ctrl01_ses_pre_{i}").inputs.inputnode.source_file for i in (0, 1))
     assert [Path(s).name for s in sources] == ["sub-ctrl01_ses-pre_dir-AP_dwi.nii.gz",
                                                "sub-ctrl01_ses-pre_dir-PA_dwi.nii.gz"]
