@@ -243,6 +243,15 @@ def path_for(output_dir: str | Path, key: str, source, **params: str) -> Path:
     return Path(output_dir) / relpath_for(key, source, **params)
 
 
+def _template_regex(template: str, params: Mapping[str, str]) -> str:
+    """A regex for a table value such as ``longitudinal{followup}``: given parameters literally,
+    the others as any label."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return "".join(re.escape(part) if i % 2 == 0 else
+                   (re.escape(str(params[part])) if part in params else "[A-Za-z0-9]+")
+                   for i, part in enumerate(parts))
+
+
 def matches(name: str, key: str, **params: str) -> dict[str, str] | None:
     """The entities of ``name`` when it is a file of output ``key`` (None otherwise).
 
@@ -254,23 +263,13 @@ def matches(name: str, key: str, **params: str) -> dict[str, str] | None:
         return None
     entities, suffix, ext = parsed
     output = OUTPUTS[key]
-    if ext != output.extension:
-        return None
-    pattern = "^" + re.escape(output.suffix).replace(r"\{", "{").replace(r"\}", "}") + "$"
-    if not re.match(re.sub(r"\{(\w+)\}", lambda m: re.escape(params[m[1]]) if m[1] in params else "[A-Za-z0-9]+",
-                           pattern), suffix):
+    if ext != output.extension or not re.fullmatch(_template_regex(output.suffix, params), suffix):
         return None
     for ent in DERIVED_ENTITIES:
         wanted = output.entities.get(ent)
-        if wanted is None:
-            if ent in entities:
-                return None
-            continue
-        if ent not in entities:
+        if wanted is None and ent in entities:
             return None
-        regex = re.sub(r"\{(\w+)\}", lambda m: re.escape(params[m[1]]) if m[1] in params else "[A-Za-z0-9]*",
-                       re.escape(wanted).replace(r"\{", "{").replace(r"\}", "}"))
-        if not re.fullmatch(regex, entities[ent]):
+        if wanted is not None and not re.fullmatch(_template_regex(wanted, params), entities.get(ent, "")):
             return None
     return entities
 
