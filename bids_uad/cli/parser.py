@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.config import DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
+from bids_uad.config import DEFAULT_MODELS, DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
 from bids_uad.errors import EXIT_CODES, UsageError
 
 
@@ -102,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threshold method for binary anomaly maps (default: fixed)")
     proc.add_argument("--ensemble", action="store_true",
                       help="score with the mean of all fold models instead of the best fold")
-    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                      help="group level: models to train (default: dae recdisc)")
+    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
+                      help="group level: models to train: dae (variational autoencoder), recdisc "
+                           "(RecDiscNet), cdae (U-Net denoising autoencoder trained on coarse noise) "
+                           "(default: dae recdisc)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
                       help="group level: paper (reference architecture, 7 folds) or quick (a small model "
                            "for demos and tests) (default: paper)")

@@ -12,11 +12,12 @@ from typing import Callable
 from torch import nn
 
 from bids_uad.errors import UsageError
+from bids_uad.models.cdae import CoarseDAE
 from bids_uad.models.recdisc import RecDiscNet
 from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
 
-MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet}
+MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet, "cdae": CoarseDAE}
 FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}  # reference paper's fixed thresholds
 
 
@@ -40,4 +41,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
     return factory(settings)
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "register_model", "VAE3d", "RecDiscNet"]
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "register_model", "VAE3d", "RecDiscNet", "CoarseDAE"]

@@ -65,11 +65,11 @@ def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
 
 
 def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
-    """Standard normal latent draw (n, latent) for models that sample in training (the VAE), from
-    torch's seeded generator: the same values the model would draw itself for the whole batch."""
-    if not getattr(model, "needs_noise", False):
-        return None
-    return torch.randn(n, settings.model.latent_size, device=device)
+    """The training noise of a global batch of ``n`` for models that draw some (the VAE's latent
+    draw, the cDAE's coarse input noise: ``model.training_noise``), from torch's seeded generator:
+    the same values the model would draw itself for the whole batch.  None for other models."""
+    draw = getattr(model, "training_noise", None)
+    return None if draw is None else draw(n, device)
 
 
 def shard_batch(arrays: dict[str, np.ndarray], noise: torch.Tensor | None, world: int, rank: int,
@@ -119,13 +119,18 @@ def _validation_loss(model, data, masks, settings, device, fold) -> float:
     mine = distributed.shard_slice(len(data), distributed.world_size(), distributed.rank())
     needs_ood = getattr(model, "needs_ood", False)
     total = 0.0
+    torch.manual_seed(_seed_int(settings.training.seed, fold, 999_983))  # fixed noise draw (cDAE)
     with torch.no_grad():
         for i in range(len(data)):
+            noise = latent_noise(model, settings, 1, device)  # drawn for every subject, as the patches
             if not (mine.start <= i < mine.stop or needs_ood):
                 continue
             arrays = batch_arrays(model, data, masks, [i], rng, settings)  # draws this subject's patches
             if mine.start <= i < mine.stop:
-                loss, _ = model.loss(to_tensors(arrays, device))
+                batch = to_tensors(arrays, device)
+                if noise is not None:
+                    batch["noise"] = noise
+                loss, _ = model.loss(batch)
                 total += float(loss)
     if distributed.is_distributed():
         summed = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=device))
