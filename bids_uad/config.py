@@ -51,7 +51,7 @@ class Settings:
     group_column: str = "group"
     control_value: str = "control"
     lesion_masks: Path | None = None
-    threshold: str = "fixed"
+    threshold: str | None = None  # None: the model file's method (healthy-fpr from the group level)
     device: str = "auto"
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"

@@ -13,13 +13,14 @@ from typing import Any
 
 from bids_uad.errors import UsageError
 
-MODEL_NAMES = ("dae", "recdisc", "cdae")
+MODEL_NAMES = ("dae", "recdisc", "cdae", "normative", "meansignal")
 #: models trained at the group level when --models is not given
-DEFAULT_MODELS = ("dae", "recdisc")
+DEFAULT_MODELS = ("dae", "recdisc", "normative", "meansignal")
 SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
+POSTPROCESS = ("cluster", "opening")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ModelSettings:
     logvar_bound: float = 20.0  # DAE: logvar clamped to +-bound, straight-through gradient
     bce_weight: float = 1.0  # RecDiscNet: loss = MSE + bce_weight * BCE
     pos_weight: float = 3.0  # RecDiscNet: BCE positive-class weight p1
+    normative_pool_below: int = 20  # normative: pool each voxel's neighbourhood when fewer controls
+    normative_pool_radius: int = 1  # normative: neighbourhood half-width in voxels (1: 3x3x3)
+    normative_smoothing: float = 1.0  # normative: Gaussian sigma (voxels) of the centre/spread maps
 
     def __post_init__(self) -> None:
         if self.output_activation not in ("sigmoid", "linear"):
@@ -120,13 +124,25 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """Calibration and thresholding."""
+    """Calibration, thresholding and post-processing of the binary map.
+
+    ``threshold_method`` here is the one default of the product: the group level stores it in
+    every model file and participant-level inference uses it unless ``--threshold`` overrides.
+    ``healthy-fpr`` is calibrated for the map that is written (after post-processing), see
+    :func:`bids_uad.models.calibration.calibrate_written`.
+    """
 
     threshold_method: str = "healthy-fpr"
-    fpr: float = 0.01  # healthy-fpr: target false-positive rate on healthy tissue
+    fpr: float = 0.01  # healthy-fpr: target false-positive rate on healthy tissue of the written map
     fdr_q: float = 0.05  # fdr: Benjamini-Hochberg level on conformal p-values
-    fixed_threshold: float | None = None  # None: 0.3 for DAE, 0.5 for RecDiscNet
+    fixed_threshold: float | None = None  # None: 0.3 for DAE, 0.5 for RecDiscNet (reference score scale)
     meanpool_size: int = 16
+    # post-processing of the thresholded map: "cluster" removes 26-connected clusters smaller than
+    # min_cluster_voxels (the group level sizes it to min_cluster_ml from the controls' voxel size),
+    # "opening" is the reference's binary opening with an opening_size^3 cube
+    postprocess: str = "cluster"
+    min_cluster_ml: float = 0.5
+    min_cluster_voxels: int = 8
     opening_size: int = 3  # cube side of the morphological opening; 0 or 1 disables it
     max_null_samples: int = 200_000  # healthy scores kept per fold for p-values
 
@@ -135,6 +151,14 @@ class ScoringSettings:
             raise UsageError(f"threshold method must be one of {THRESHOLD_METHODS}, not {self.threshold_method!r}")
         if not 0 < self.fpr < 1 or not 0 < self.fdr_q < 1:
             raise UsageError("fpr and fdr_q must lie in (0, 1)")
+        if self.postprocess not in POSTPROCESS:
+            raise UsageError(f"postprocess must be one of {POSTPROCESS}, not {self.postprocess!r}")
+        if self.min_cluster_voxels < 1 or not self.min_cluster_ml >= 0:
+            raise UsageError("min_cluster_voxels must be >= 1 and min_cluster_ml >= 0")
+
+    def sized_to(self, voxel_ml: float) -> "ScoringSettings":
+        """The same settings with ``min_cluster_voxels`` = ``min_cluster_ml`` in voxels of ``voxel_ml``."""
+        return replace(self, min_cluster_voxels=max(1, int(self.min_cluster_ml / voxel_ml)))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
                                                       "analysis_mask", "source_entities", "dwi2t1w_xfm",
                                                       "t1w2template_xfm"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks"]), name="outputnode")
-    infer = pe.MapNode(AnomalyInference(threshold_method=settings.threshold, ensemble=settings.ensemble,
+    infer = pe.MapNode(AnomalyInference(threshold_method=settings.threshold or "", ensemble=settings.ensemble,
                                         device="cpu" if settings.device == "auto" else settings.device,
                                         threads=settings.omp_nthreads),
                        iterfield=["model_file"], name="infer", mem_gb=2.0)

@@ -63,7 +63,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
     code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work),
                  "--lesion-masks", str(lesions), "--seed", "3"])
     assert code == 0, capsys.readouterr().err
-    for model in ("dae", "recdisc"):
+    for model in ("dae", "recdisc", "normative", "meansignal"):
         meta = json.loads((out / "models" / f"model-{model}.json").read_text())
         assert (out / "models" / f"model-{model}.safetensors").is_file()
         assert meta["training_subjects"] == ["ctrl01", "ctrl02", "ctrl03", "ctrl04"]
@@ -76,17 +76,23 @@ def test_group_then_participant_inference(levels_setup, capsys):
         assert "dice_oracle-dice" in rows[0]
         summary = {r["metric"]: r for r in _tsv(out / "group" / f"model-{model}_evaluation_summary.tsv")}
         assert summary["auroc"]["n"] == "1"
+    detection = {r["detector"]: r for r in _tsv(out / "group" / "detection_summary.tsv")}
+    assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
+    assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
+    assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    assert detection["dae"]["n_controls"] == "4"  # every control scored out of fold
+    assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
 
     code = main([str(bids), str(out), "participant", "--model", str(out / "models"), "--participant-label",
-                 "pat01", "-w", str(work), "--threshold", "healthy-fpr"])
+                 "pat01", "-w", str(work)])  # no --threshold: the model file's healthy-fpr
     err = capsys.readouterr().err
     assert code == 0, err
     html = (out / "sub-pat01.html").read_text()
     assert "model-dae" in html or "dae" in html
     folder = out / "sub-pat01" / "ses-pre" / "dwi"
-    for model in ("dae", "recdisc"):
+    for model in ("dae", "recdisc", "normative", "meansignal"):
         score = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_stat-score_anomaly.nii.gz"
         mask = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_desc-anomaly_mask.nii.gz"
         pvalue = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_stat-pvalue_anomaly.nii.gz"
@@ -98,6 +104,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
         assert np.all(np.asarray(nib.load(mask).dataobj)[~analysis] == 0)
         meta = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
         assert meta["threshold_method"] == "healthy-fpr" and meta["model_sha256"]
+        assert meta["threshold_source"].startswith("model file") and "written map" in meta["threshold_reason"]
         assert meta["Sources"][0].endswith("_desc-preproc_dwi.nii.gz")
 
 
