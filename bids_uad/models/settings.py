@@ -220,10 +220,10 @@ def preset(name: str, model: str = "dae") -> Settings:
         # (54x54x34 dwi, 32 directions) finishes in <= 15 min; the epoch cap only bounds the time.
         lr = 1e-3
         return Settings(
-            model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=16,
-                                max_features=64, depth=3, latent_size=128, latent_scaling="fan-in"),
-            training=TrainingSettings(epochs=60, learning_rate=lr, lr_decay=0.98, batch_size=2,
-                                      steps_per_epoch=4, n_folds=3, patience=8),
+            model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
+                                max_features=32, depth=3, latent_size=128, latent_scaling="fan-in"),
+            training=TrainingSettings(epochs=40, learning_rate=lr, lr_decay=0.98, batch_size=2,
+                                      steps_per_epoch=4, n_folds=3, patience=6),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )
     if name == "paper":

@@ -42,6 +42,8 @@ LOG = logging.getLogger(__name__)
 # training settings that change how a run executes, not what it computes: a checkpoint may be
 # resumed with other values (e.g. more processes, other threads)
 RUNTIME_TRAINING_KEYS = ("threads", "processes", "progress")
+#: training progress bar: epoch, elapsed and time left (an upper bound: early stopping may end sooner), losses
+PROGRESS_FORMAT = "{desc}: epoch {n_fmt}/{total_fmt} [{elapsed}<{remaining} left at most]{postfix}"
 
 
 def _seed_int(*parts: int) -> int:
@@ -212,8 +214,10 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         save_tensors(ckpt, tensors, meta)
 
     n = len(train_data)
+    # epoch n/N, elapsed<left (left: at the current pace if no early stop comes first), losses
     bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}",
-               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False)
+               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False,
+               unit="epoch", bar_format=PROGRESS_FORMAT)
     ran = 0
     for epoch in bar:
         if done:
@@ -249,7 +253,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             bad += 1
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}")
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}", best=best_epoch, patience=f"{bad}/{ts.patience}")
         finished = bad >= ts.patience or epoch == ts.epochs - 1
         if finished or (epoch + 1 - start) % ts.checkpoint_every == 0:
             save_checkpoint(epoch, finished)
