@@ -270,14 +270,15 @@ def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: 
         "License": "CC0", "Authors": ["bids_uad synthetic generator", "bids_uad developers"], "GeneratedBy": generated_by})
     (root / "README").write_text(
         f"Synthetic diffusion MRI dataset made by {GENERATOR_NAME} {__version__} (preset {preset.name}, "
-        f"seed {seed}).\nHealthy controls and patients (lesion generator {generator}) built from the MNI152 2009a template; the ground "
-        f"truth is in derivatives/{TRUTH_NAME}/ (see its README).\n")
+        f"seed {seed}).\nHealthy controls and patients (lesion generator {generator}) built from the MNI152 "
+        f"2009a template; the ground truth is in derivatives/{TRUTH_NAME}/ (see its README).\n")
     (root / ".bidsignore").write_text("derivatives/\n")
     columns = ["participant_id", "group", "age", "sex"]
     (root / "participants.tsv").write_text("\t".join(columns) + "\n" + "".join(
         "\t".join(str(r[c]) for c in columns) + "\n" for r in rows))
     _json(root / "participants.json", {
-        "group": {"Description": "cohort", "Levels": {"control": "healthy control", "patient": f"patient ({generator} lesions)"}},
+        "group": {"Description": "cohort",
+                  "Levels": {"control": "healthy control", "patient": f"patient ({generator} lesions)"}},
         "age": {"Description": "age at the first session", "Units": "year"},
         "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}}})
     truth = root / "derivatives" / TRUTH_NAME
@@ -312,7 +313,7 @@ sub-X/ses-Y/anat/  (T1w grid of that session)
         the mass, then oedema and infiltration shells around it.  Radii are 6-24 mm, and at
         least 2.5 dwi voxels (10 mm for the 4 mm tiny preset) so that the regions are resolved.
         Graded lesion types (volumes log-uniform in 1.5-60 mL; severity 0 = mild end, 1 = strong
-        end; the region is its tissue: brain, CSF fraction < 0.6, WM >= 0.5 for an infiltration):
+        end; the region is its tissue: brain, CSF fraction < 0.6; an infiltration is drawn in WM):
           infiltration  along a WM tract: anisotropy loss at near-constant MD (+-3 %)
           oedema        MD +10-30 % (an isotropic diffusivity added), FA mildly lower, b0/FLAIR brighter
           restricted    cellular tumour: MD -20-40 %, mild FA loss, brighter diffusion-weighted signal

@@ -14,7 +14,8 @@ Each type changes the tissue in one physiological way, scaled by a ``severity`` 
 * ``mass-effect``   an expansile lesion that displaces tissue without destroying it: tissue
   (and its scalars) is sampled at ``c + d (1 - A exp(-|d|^2 / 2 sigma^2))`` (``A`` = 0.4-0.7),
   the fibre directions are carried by the deformation's Jacobian (tracts bend around the
-  centre) and radially compressed tissue loses a little perpendicular diffusivity.  Its
+  centre) and radially compressed WM tracts lose a little perpendicular diffusivity
+  (scaled by the square root of the radial compression).  Its
   region is the ball of radius ``2 sigma`` (outside it the displacement is small).
 
 Regions live on the 2 mm template grid, in the coordinates of the lesioned brain.  Volumes are
@@ -326,14 +327,12 @@ def graded_fields(tpl: Template, lesion: GradedLesion, m: np.ndarray, wm: np.nda
                   brain: np.ndarray, tau: float = 1.0) -> dict:
     """Soft membership ``mu`` and the hard region of a graded lesion at template points ``m``.
 
-    The hard region is the tissue (brain, CSF fraction < 0.6; WM fraction >= 0.5 for an
-    infiltration) whose centre lies inside the lesion.
+    The hard region is the tissue (brain, CSF fraction < 0.6) whose centre lies inside the
+    lesion (an infiltration's region was drawn in WM).
     """
     s = sample(lesion.sdist, tpl.to_voxel(m), order=1, cval=1e3)
     mu = (1.0 / (1.0 + np.exp(-np.clip(-s / tau, -30, 30)))) * np.clip(brain, 0, 1)
     hard = (brain >= 0.5) & (csf < 0.6) & (s < 0)
-    if lesion.kind == "infiltration":
-        hard &= wm >= 0.5
     out = {"mu": mu.astype(np.float32), "region": hard}
     if lesion.mass_amp > 0:
         # radially compressed tissue has less extracellular space across its tracts

@@ -246,7 +246,7 @@ def compartments(t: dict) -> dict:
     if "md_scale" in t:  # graded lesions
         comp["wm"] = comp["wm"] * t["s0_scale"]
         comp["gm"] = comp["gm"] * t["s0_scale"]
-        comp["wpar"], comp["wperp"] = tissue_tensors(comp["wpar"], comp["wperp"], t)
+        comp["wpar"], comp["wperp"] = tissue_tensors(comp["wpar"], comp["wperp"] * t["rad_scale"], t)
         comp["gpar"], comp["gperp"] = tissue_tensors(comp["gpar"], comp["gperp"], t)
     return comp
 
@@ -254,11 +254,10 @@ def compartments(t: dict) -> dict:
 def tissue_tensors(par: np.ndarray, perp: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray]:
     """Axially symmetric tissue tensor (parallel, perpendicular) changed by graded lesions.
 
-    The perpendicular diffusivity shrinks with radial compression (``rad_scale``); the
-    eigenvalues then move towards their mean by ``iso_mix`` (anisotropy loss at constant
-    trace) and are scaled by ``md_scale`` (the relative MD change).
+    The eigenvalues move towards their mean by ``iso_mix`` (anisotropy loss at constant trace)
+    and are scaled by ``md_scale`` (the relative MD change).  (Compressed WM tracts lose some
+    perpendicular diffusivity first: ``rad_scale``, applied by :func:`compartments`.)
     """
-    perp = perp * t["rad_scale"]
     mean = (par + 2 * perp) / 3
     a, s = t["iso_mix"], t["md_scale"]
     return ((par + a * (mean - par)) * s).astype(np.float32), ((perp + a * (mean - perp)) * s).astype(np.float32)
