@@ -234,6 +234,19 @@ def run_seed(p, args, seed, bids) -> dict:
               f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
               f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
               f"({train_s:.0f} s)", flush=True)
+        if name == "cdae":  # the other score reduction of the same trained networks (ranking metrics only)
+            other = "sum-abs" if s.model.score_reduction == "abs-sum" else "abs-sum"
+            for f in bundle.folds:
+                f.model.settings = replace(f.model.settings, score_reduction=other)
+            alt = {"patients": [], "controls": []}
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    alt[group].append(_case(item, res.score))  # no written map: calibrated for the other score
+            key = f"cdae[{other}]"
+            out["models"][key] = evaluate_detector(alt["patients"], alt["controls"])
+            print(f"seed {seed} {key}: AUPRC {out['models'][key]['auprc']:.3f} AUROC "
+                  f"{out['models'][key]['auroc']:.3f} (same networks, score reduction {other})", flush=True)
     cases = {k: {"patients": [], "controls": []} for k in ONE_LINE}
     for group, items in (("patients", patients), ("controls", heldout)):
         for item in items:
@@ -373,6 +386,8 @@ def main(argv=None) -> dict:
         name += f"_{args.lesions}"
     if args.train_preset:
         name += f"_train-{args.train_preset}"
+    if args.epochs:
+        name += f"_epochs-{args.epochs}"
     if args.cdae_score:
         name += f"_cdae-{args.cdae_score}"
     dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
