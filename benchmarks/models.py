@@ -51,7 +51,7 @@ from bids_uad.scoring.inference import infer  # noqa: E402
 from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
-MODEL_ORDER = ("dae", "recdisc", "normative", "meansignal")
+MODEL_ORDER = ("dae", "recdisc", "cdae", "normative", "meansignal")
 ONE_LINE = ("1-FA", "MD")
 PRESETS = {
     # volume shape, settings preset, grid, channels, controls, patients, epochs, folds
@@ -164,7 +164,9 @@ def _bids_inputs(p, seed, root: Path | None, lesions: str):
 
 def _settings(name, p, args, controls, bids):
     """The preset's settings for model ``name``, sized to the data as the group level does."""
-    s = preset(p["settings"], name)
+    s = preset(args.train_preset or p["settings"], name)
+    if name == "cdae" and args.cdae_score:
+        s = replace(s, model=replace(s.model, score_reduction=args.cdae_score))
     shape = controls[0]["dwi"].shape
     if bids:  # as the group level: grid = data shape rounded up to a multiple of 2**depth
         div = 2 ** s.model.depth
@@ -232,6 +234,19 @@ def run_seed(p, args, seed, bids) -> dict:
               f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
               f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
               f"({train_s:.0f} s)", flush=True)
+        if name == "cdae":  # the other score reduction of the same trained networks (ranking metrics only)
+            other = "sum-abs" if s.model.score_reduction == "abs-sum" else "abs-sum"
+            for f in bundle.folds:
+                f.model.settings = replace(f.model.settings, score_reduction=other)
+            alt = {"patients": [], "controls": []}
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    alt[group].append(_case(item, res.score))  # no written map: calibrated for the other score
+            key = f"cdae[{other}]"
+            out["models"][key] = evaluate_detector(alt["patients"], alt["controls"])
+            print(f"seed {seed} {key}: AUPRC {out['models'][key]['auprc']:.3f} AUROC "
+                  f"{out['models'][key]['auroc']:.3f} (same networks, score reduction {other})", flush=True)
     cases = {k: {"patients": [], "controls": []} for k in ONE_LINE}
     for group, items in (("patients", patients), ("controls", heldout)):
         for item in items:
@@ -318,6 +333,10 @@ def main(argv=None) -> dict:
                     help="controls used neither in training nor in calibration (default: 3)")
     ap.add_argument("--patients", type=int)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-preset", choices=("quick", "standard", "paper"),
+                    help="settings preset of the networks (default: the data preset's, quick for tiny/small)")
+    ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
+                    help="cdae score reduction over channels (default: the preset's, abs-sum)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--bids", type=Path, help="synthetic-bids: folder for the generated datasets (default: temporary)")
     ap.add_argument("--severity", type=float, default=0.3,
@@ -344,7 +363,7 @@ def main(argv=None) -> dict:
                 f"seeds {first}..{first + args.seeds - 1}), truth clean dwi {tuple(shape)} of ses-pre, "
                 f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
                 f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
-                f"(true dseg); settings preset {p['settings']!r} sized to the data as the group level does; "
+                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group level does; "
                 f"{args.threads} torch thread(s) on CPU")
     else:
         desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
@@ -365,6 +384,12 @@ def main(argv=None) -> dict:
     name = f"models_bids-{args.preset}" if bids else f"models_{args.preset}"
     if bids and args.lesions != "irregular":
         name += f"_{args.lesions}"
+    if args.train_preset:
+        name += f"_train-{args.train_preset}"
+    if args.epochs:
+        name += f"_epochs-{args.epochs}"
+    if args.cdae_score:
+        name += f"_cdae-{args.cdae_score}"
     dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")

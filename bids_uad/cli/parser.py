@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.config import DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
+from bids_uad.config import DEFAULT_MODELS, DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
 from bids_uad.errors import EXIT_CODES, UsageError
 
 
@@ -109,14 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "otsu and meanpool are per-subject, uncalibrated")
     proc.add_argument("--ensemble", action="store_true",
                       help="score with the mean of all fold models instead of the best fold")
-    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                      help="group level: models to train: the networks dae and recdisc and the baseline "
-                           "detectors normative (voxelwise normative model of FA, MD and mean dw signal "
-                           "from the controls) and meansignal (1 - mean dw signal ratio) "
-                           "(default: all four)")
+    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
+                      help="group level: models to train: the networks dae (variational autoencoder), "
+                           "recdisc (RecDiscNet) and cdae (U-Net denoising autoencoder trained to remove "
+                           "coarse noise), and the baseline detectors normative (voxelwise normative model "
+                           "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
+                           "signal ratio) (default: dae recdisc normative meansignal)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
-                      help="group level: paper (reference architecture, 7 folds) or quick (a small model "
-                           "for demos and tests) (default: paper)")
+                      help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
+                           "network trained to its best validation loss with early stopping, 3 folds: "
+                           "real training on a few CPU cores) or quick (a small model for demos and "
+                           "tests) (default: paper)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")
     proc.add_argument("--reports-only", action="store_true",

@@ -15,14 +15,15 @@ from torch import nn
 
 from bids_uad.errors import UsageError
 from bids_uad.models.baselines import MeanSignal, NormativeModel
+from bids_uad.models.cdae import CoarseDAE
 from bids_uad.models.recdisc import RecDiscNet
 from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
 
-MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet,
+MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet, "cdae": CoarseDAE,
                                                            "normative": NormativeModel, "meansignal": MeanSignal}
 # the reference paper's fixed thresholds, on its score scales (DAE: residual of sigmoid outputs in
-# [0, 1]; RecDiscNet: a probability); the baselines have none
+# [0, 1]; RecDiscNet: a probability); the baselines and cdae have none
 FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}
 
 
@@ -52,4 +53,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
 
 
 __all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "is_trainable", "register_model", "VAE3d",
-           "RecDiscNet", "MeanSignal", "NormativeModel"]
+           "RecDiscNet", "CoarseDAE", "MeanSignal", "NormativeModel"]

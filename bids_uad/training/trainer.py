@@ -42,6 +42,8 @@ LOG = logging.getLogger(__name__)
 # training settings that change how a run executes, not what it computes: a checkpoint may be
 # resumed with other values (e.g. more processes, other threads)
 RUNTIME_TRAINING_KEYS = ("threads", "processes", "progress")
+#: training progress bar: epoch, elapsed and time left (an upper bound: early stopping may end sooner), losses
+PROGRESS_FORMAT = "{desc}: epoch {n_fmt}/{total_fmt} [{elapsed}<{remaining} left at most]{postfix}"
 
 
 def _seed_int(*parts: int) -> int:
@@ -66,11 +68,11 @@ def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
 
 
 def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
-    """Standard normal latent draw (n, latent) for models that sample in training (the VAE), from
-    torch's seeded generator: the same values the model would draw itself for the whole batch."""
-    if not getattr(model, "needs_noise", False):
-        return None
-    return torch.randn(n, settings.model.latent_size, device=device)
+    """The training noise of a global batch of ``n`` for models that draw some (the VAE's latent
+    draw, the cDAE's coarse input noise: ``model.training_noise``), from torch's seeded generator:
+    the same values the model would draw itself for the whole batch.  None for other models."""
+    draw = getattr(model, "training_noise", None)
+    return None if draw is None else draw(n, device)
 
 
 def shard_batch(arrays: dict[str, np.ndarray], noise: torch.Tensor | None, world: int, rank: int,
@@ -120,13 +122,18 @@ def _validation_loss(model, data, masks, settings, device, fold) -> float:
     mine = distributed.shard_slice(len(data), distributed.world_size(), distributed.rank())
     needs_ood = getattr(model, "needs_ood", False)
     total = 0.0
+    torch.manual_seed(_seed_int(settings.training.seed, fold, 999_983))  # fixed noise draw (cDAE)
     with torch.no_grad():
         for i in range(len(data)):
+            noise = latent_noise(model, settings, 1, device)  # drawn for every subject, as the patches
             if not (mine.start <= i < mine.stop or needs_ood):
                 continue
             arrays = batch_arrays(model, data, masks, [i], rng, settings)  # draws this subject's patches
             if mine.start <= i < mine.stop:
-                loss, _ = model.loss(to_tensors(arrays, device))
+                batch = to_tensors(arrays, device)
+                if noise is not None:
+                    batch["noise"] = noise
+                loss, _ = model.loss(batch)
                 total += float(loss)
     if distributed.is_distributed():
         summed = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=device))
@@ -207,8 +214,10 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         save_tensors(ckpt, tensors, meta)
 
     n = len(train_data)
+    # epoch n/N, elapsed<left (left: at the current pace if no early stop comes first), losses
     bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}",
-               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False)
+               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False,
+               unit="epoch", bar_format=PROGRESS_FORMAT)
     ran = 0
     for epoch in bar:
         if done:
@@ -244,7 +253,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             bad += 1
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}")
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}", best=best_epoch, patience=f"{bad}/{ts.patience}")
         finished = bad >= ts.patience or epoch == ts.epochs - 1
         if finished or (epoch + 1 - start) % ts.checkpoint_every == 0:
             save_checkpoint(epoch, finished)

@@ -128,3 +128,20 @@ def test_group_without_participant_derivatives(tmp_path, capsys):
     code = main([str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "w"), "--train-preset", "quick"])
     assert code == 18
     assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_group_and_participant_with_cdae(levels_setup, capsys):
+    bids, out, lesions, work = levels_setup
+    code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work), "--models", "cdae",
+                 "--lesion-masks", str(lesions)])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "models" / "model-cdae.json").read_text())
+    assert meta["architecture"]["class"] == "CoarseDAE" and len(meta["folds"]) == 3
+    assert not (out / "models" / "model-dae.json").exists()
+    code = main([str(bids), str(out), "participant", "--model", str(out / "models" / "model-cdae.json"),
+                 "--participant-label", "pat01", "-w", str(work), "--threshold", "fixed"])
+    assert code == 0, capsys.readouterr().err
+    score = out / "sub-pat01" / "ses-pre" / "dwi" / "sub-pat01_ses-pre_space-dwi_model-cdae_stat-score_anomaly.nii.gz"
+    assert score.is_file()
+    side = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
+    assert side["threshold_method"] == "healthy-fpr"  # no reference fixed value: the model file's method
