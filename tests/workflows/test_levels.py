@@ -141,7 +141,8 @@ def test_group_and_participant_with_cdae(levels_setup, capsys):
     code = main([str(bids), str(out), "participant", "--model", str(out / "models" / "model-cdae.json"),
                  "--participant-label", "pat01", "-w", str(work), "--threshold", "fixed"])
     assert code == 0, capsys.readouterr().err
-    score = out / "sub-pat01" / "ses-pre" / "dwi" / "sub-pat01_ses-pre_space-dwi_model-cdae_stat-score_anomaly.nii.gz"
+    folder = out / "sub-pat01" / "ses-pre" / "dwi"
+    score = folder / "sub-pat01_ses-pre_dir-AP_space-dwi_model-cdae_stat-score_anomaly.nii.gz"
     assert score.is_file()
     side = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
-    assert side["threshold_method"] == "healthy-fpr"  # no reference fixed value: the model file's method
+    assert side["ThresholdMethod"] == "healthy-fpr"  # no reference fixed value: the model file's method
