@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
 from bids_uad.models.calibration import Calibration, pool
-from bids_uad.models.io import file_sha256, load_tensors, save_tensors
+from bids_uad.models.io import file_sha256, save_tensors
 from bids_uad.models.settings import Settings
+from bids_uad.models.validate import validate_model_file
 
 LOG = logging.getLogger(__name__)
 NORMALISATION = {"method": "dw / mean(b0), clipped to [0, 1], b0 removed, masked",
@@ -153,8 +155,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         if len(found) != 1:
             raise InputValidationError(f"expected one model-*.json in the folder, found {len(found)}", path)
         path = found[0]
-    tensors, meta = load_tensors(path)
-    settings = Settings.from_dict(meta["settings"])
+    checked = validate_model_file(path)  # the same checks as at start-up (--model)
+    tensors, meta, settings = load_file(str(checked.tensor_path)), checked.meta, checked.settings
     dev = resolve_device(device)
     subjects = meta["training_subjects"]
     folds = []
