@@ -221,9 +221,9 @@ def validate_dwi_run(run: DwiRun, require_sidecar: bool | None = None) -> Gradie
                        ", ".join(f"{b:g}" for b in table.shells))
     check_finite(img, run.path, "dwi")
     if run.reverse_pe is not None:
-        check_phase_encoding(run.metadata, run.path, img.shape)
+        check_phase_encoding(run.metadata, run.path, "dwi", img.shape)
         rimg = load_image(run.reverse_pe.path, (3, 4), "reverse phase-encoding")
-        check_phase_encoding(run.reverse_pe.metadata, run.reverse_pe.path, rimg.shape)
+        check_phase_encoding(run.reverse_pe.metadata, run.reverse_pe.path, "reverse phase-encoding", rimg.shape)
         check_finite(rimg, run.reverse_pe.path, "reverse phase-encoding")
     return table
 
@@ -262,12 +262,17 @@ def total_readout_time(meta: Mapping[str, Any], n_pe: int, where: str | Path) ->
     return trt
 
 
-def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path,
-                         shape: tuple[int, ...]) -> tuple[int, int]:
+def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path, what: str = "dwi",
+                         shape: tuple[int, ...] | None = None) -> tuple[int, int]:
     """Susceptibility correction needs a PE direction with polarity and the readout time: the
     same rules as the correction itself (:func:`phase_encoding`, :func:`total_readout_time`),
-    checked before any processing starts.  Returns (axis, polarity)."""
+    checked on the ``what`` image before any processing starts; ``shape`` gives the number of
+    PE lines for an ``EffectiveEchoSpacing`` without ``ReconMatrixPE``.  Returns (axis, polarity).
+    """
     sidecar = sidecar_of(image_path)
-    axis, polarity = phase_encoding(metadata, sidecar)
-    total_readout_time(metadata, shape[axis], sidecar)
+    try:
+        axis, polarity = phase_encoding(metadata, sidecar)
+        total_readout_time(metadata, shape[axis] if shape is not None else 0, sidecar)
+    except InputValidationError as exc:
+        raise InputValidationError(f"{what} sidecar: {exc}", sidecar) from exc
     return axis, polarity

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bids_uad.algorithms import registration as reg
+from bids_uad.algorithms.masking import dice
 from bids_uad.algorithms.templates import (
     NILEARN_NAME, TEMPLATEFLOW_NAME, find_template, phantom_head, ventricle_prior,
 )
@@ -52,16 +53,16 @@ def test_syn_recovers_known_deformation(tmp_path):
     fixed = phantom_head(4.0, bias=0.0, noise=0.0)
     moving = phantom_head(4.0, warp_mm=6.0, bias=0.0, noise=0.0)
     wm_f = fixed["dseg"].get_fdata() == 3
-    before = reg.dice(moving["dseg"].get_fdata() == 3, wm_f)
+    before = dice(moving["dseg"].get_fdata() == 3, wm_f)
     res = reg.register(fixed["t1w"], moving["t1w"], kind="SyN", composite=True,
                        out_prefix=tmp_path / "x_", reg_iterations=(60, 30, 0))
     assert res.forward[0].endswith("Composite.h5") and res.inverse[0].endswith("InverseComposite.h5")
     warped = reg.apply_transforms(moving["dseg"], fixed["t1w"], res.forward, "label")
-    after = reg.dice(warped.get_fdata() == 3, wm_f)
+    after = dice(warped.get_fdata() == 3, wm_f)
     assert after > before + 0.1 and after >= 0.8, (before, after)
     # the inverse brings the fixed labels back onto the moving image
     back = reg.apply_transforms(fixed["dseg"], moving["t1w"], res.inverse, "label")
-    assert reg.dice(back.get_fdata() == 3, moving["dseg"].get_fdata() == 3) > before + 0.1
+    assert dice(back.get_fdata() == 3, moving["dseg"].get_fdata() == 3) > before + 0.1
 
 
 def test_rigid_plus_syn_recovers_rigid_pose_across_contrasts(tmp_path):
