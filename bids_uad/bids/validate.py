@@ -99,7 +99,11 @@ def validate_dwi_run(run: DwiRun, require_sidecar: bool = True) -> GradientTable
 
 
 def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path, what: str) -> None:
-    """Susceptibility correction needs a PE direction with polarity and the readout time."""
+    """Susceptibility correction needs a PE direction with polarity; a readout time, when given, must be plausible.
+
+    A missing readout time is allowed: the correction then assumes a nominal one
+    (``bids.phase_encoding.NOMINAL_TOTAL_READOUT_TIME``) and says so in the field's sidecar.
+    """
     sidecar = _sidecar_name(image_path)
     pe = metadata.get("PhaseEncodingDirection")
     if pe not in ("i", "i-", "j", "j-", "k", "k-"):
@@ -108,6 +112,8 @@ def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path, wh
             "PhaseEncodingAxis alone has no polarity)", sidecar,
         )
     trt = metadata.get("TotalReadoutTime")
+    if trt is None:
+        return
     if not isinstance(trt, (int, float)) or not (0 < float(trt) < 1):
         raise InputValidationError(
             f"{what} sidecar lacks a plausible TotalReadoutTime in seconds (found {trt!r})", sidecar

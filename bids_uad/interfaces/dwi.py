@@ -21,6 +21,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.bids.phase_encoding import SOURCE_KEY as PE_SOURCE_KEY
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
@@ -79,6 +80,26 @@ def total_readout_time(meta: dict, n_pe: int, where: str) -> float:
     if not (0 < trt < 1):
         raise InputValidationError(f"TotalReadoutTime {trt} s is not plausible (expected 0-1 s)", where)
     return trt
+
+
+def readout_time_or_nominal(meta: dict, n_pe: int, where: str,
+                            partner: tuple[float, str] | None = None) -> tuple[float, str]:
+    """(readout time, its source): the sidecar's, else the partner's (same protocol), else nominal.
+
+    ``partner`` is the (time, source) of the other image of a reverse-PE pair when that one
+    has it in its sidecar; with neither, :data:`~bids_uad.bids.phase_encoding.NOMINAL_TOTAL_READOUT_TIME`.
+    """
+    from bids_uad.bids.phase_encoding import NOMINAL_TOTAL_READOUT_TIME, readout_time_source
+
+    source = readout_time_source(meta)
+    if source is not None:
+        return total_readout_time(meta, n_pe, where), source
+    if partner is not None and not partner[1].startswith("nominal"):
+        return partner[0], "the other image of the pair (not in this sidecar; same protocol assumed)"
+    LOGGER.warning("%s: no TotalReadoutTime or EffectiveEchoSpacing; a nominal %.3f s is assumed (the "
+                   "correction is unaffected when both images share it; the field in Hz is in units of "
+                   "this assumed time)", Path(where).name, NOMINAL_TOTAL_READOUT_TIME)
+    return NOMINAL_TOTAL_READOUT_TIME, "nominal (missing from the sidecar)"
 
 
 def phase_encoding(meta: dict, where: str) -> tuple[int, int]:
@@ -235,11 +256,13 @@ class EstimateSDC(SimpleInterface):
             raise InputValidationError(
                 f"reverse phase-encoding image has the same polarity ({rmeta['PhaseEncodingDirection']!r}) "
                 "as the dwi: it must be the opposite", rpe_json)
-        trt = total_readout_time(meta, img.shape[axis], dwi_json)
         rimg_data, rimg, how = _b0_mean_of(rpe)
         if rimg_data.ndim != 3:
             raise InputValidationError(f"reverse phase-encoding image is {rimg_data.ndim}-D", rpe)
-        rtrt = total_readout_time(rmeta, rimg.shape[raxis], rpe_json)
+        rtrt, rtrt_source = readout_time_or_nominal(rmeta, rimg.shape[raxis], rpe_json)
+        trt, trt_source = readout_time_or_nominal(meta, img.shape[axis], dwi_json, partner=(rtrt, rtrt_source))
+        if rtrt_source.startswith("nominal") and not trt_source.startswith("nominal"):
+            rtrt, rtrt_source = trt, "the other image of the pair (not in this sidecar; same protocol assumed)"
         resampled = False
         if not same_grid(rimg.shape, rimg.affine, img.shape, img.affine):
             LOGGER.warning("%s: grid differs from the dwi; resampled to the dwi grid", Path(rpe).name)
@@ -268,6 +291,9 @@ class EstimateSDC(SimpleInterface):
                 "PhaseEncodingDirection": meta["PhaseEncodingDirection"],
                 "ReversePhaseEncodingDirection": rmeta["PhaseEncodingDirection"],
                 "TotalReadoutTime": trt, "ReverseTotalReadoutTime": rtrt,
+                "TotalReadoutTimeSource": trt_source, "ReverseTotalReadoutTimeSource": rtrt_source,
+                "PhaseEncodingDirectionSource": meta.get(PE_SOURCE_KEY, "sidecar PhaseEncodingDirection"),
+                "ReversePhaseEncodingDirectionSource": rmeta.get(PE_SOURCE_KEY, "sidecar PhaseEncodingDirection"),
                 "ReversePEImage": Path(rpe).name, "ReversePEb0": how,
                 "ReversePEResampledToDwiGrid": resampled, **res.info,
             },

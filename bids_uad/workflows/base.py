@@ -61,8 +61,11 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
             for run in ses.dwi:
                 validate_dwi_run(run)
                 if run.reverse_pe is None:
-                    LOGGER.warning("%s: no reverse phase-encoding image: susceptibility correction "
-                                   "will be skipped", run.path.name)
+                    LOGGER.warning("%s: no reverse phase-encoding image%s: susceptibility correction "
+                                   "will be skipped", run.path.name,
+                                   "" if run.metadata.get("PhaseEncodingDirection") else
+                                   " (phase-encoding polarity unknown: "
+                                   f"{run.metadata.get('PhaseEncodingDirectionSource', 'no sidecar')})")
             for t1w in ses.t1w[:1]:
                 validate_anatomical(t1w, "T1w")
             for flair in ses.flair[:1]:
