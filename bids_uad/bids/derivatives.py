@@ -21,16 +21,21 @@ import numpy as np
 from bids_uad import __version__
 from bids_uad.errors import OutputNotWritableError, UsageError
 
-#: Entity order of BIDS derivatives file names (BIDS specification, Appendix "Entity table").
+#: Entity order of BIDS (derivatives) file names (BIDS specification, Appendix "Entity table"),
+#: with the derivative entities of fMRIPrep/QSIPrep (cohort, from, to, mode, model, param, stat).
+#: Every raw entity is here so that a source's distinguishing entities reach its derivatives.
 ENTITY_ORDER: tuple[str, ...] = (
-    "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "hemi", "space",
-    "cohort", "res", "den", "from", "to", "mode", "model", "param", "label", "stat", "desc",
+    "sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain", "rec", "dir",
+    "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space", "cohort", "split",
+    "recording", "chunk", "seg", "res", "den", "from", "to", "mode", "model", "param", "label", "stat",
+    "desc",
 )
 #: pybids' long entity names mapped to the short keys used in file names.
 LONG_TO_SHORT = {
     "subject": "sub", "session": "ses", "acquisition": "acq", "direction": "dir",
     "reconstruction": "rec", "ceagent": "ce", "hemisphere": "hemi",
-    "resolution": "res", "density": "den", "description": "desc",
+    "resolution": "res", "density": "den", "description": "desc", "tracer": "trc",
+    "modality": "mod", "staining": "stain", "nucleus": "nuc", "volume": "voi",
 }
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _SUFFIX_RE = re.compile(r"^[A-Za-z0-9]+$")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
-from bids_uad.bids.preprocessed import find_preprocessed_dwi
+from bids_uad.bids.preprocessed import find_preprocessed_dwi_runs
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
 from bids_uad.errors import BidsUadError, InputMissingError, PipelineCrashError, NoFilesSelectedError, StageNotImplementedError
@@ -85,15 +85,36 @@ def _session_name(ses: SessionInputs) -> str:
     return f"sub_{ses.subject}" + (f"_ses_{ses.session}" if ses.session else "")
 
 
+def planned_outputs(settings: Settings, plan: ParticipantPlan) -> list[tuple[Path, Path]]:
+    """(derivative path, input it is made from) of every per-run and per-T1w output of the plan,
+    named through the outputs table as the sinks will name them."""
+    from bids_uad.algorithms.templates import template_for_output_spaces
+    from bids_uad.bids import outputs
+
+    params = {"model": "model", "template": template_for_output_spaces(settings.output_spaces).name}
+    planned = []
+    for ses in plan.sessions:
+        for key, output in outputs.OUTPUTS.items():
+            sources = [run.path for run in ses.dwi] if output.source == "dwi" else \
+                list(ses.t1w[:1]) if output.source == "t1w" else []
+            planned += [(outputs.path_for(settings.output_dir, key, src, **params), src) for src in sources]
+    return planned
+
+
 def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     """Build the nipype workflow of all selected sessions; returns (workflow, missing stages).
 
-    With ``--model``, a session whose preprocessed derivatives already exist in OUTPUT_DIR is
-    scored from them (the derivatives are the interface between levels); otherwise
-    preprocessing runs first and feeds inference directly.
+    Every dwi run is preprocessed and (with ``--model``) scored on its own, its derivatives
+    named with its entities (acq, dir, run, ...); two runs whose outputs would share a name are
+    refused before anything runs.  With ``--model``, a session whose preprocessed derivatives
+    already exist in OUTPUT_DIR is scored from them, every run of it (the derivatives are the
+    interface between levels); otherwise preprocessing runs first and feeds inference directly.
     """
     from nipype.pipeline import engine as pe
 
+    from bids_uad.bids.outputs import check_unique
+
+    check_unique(planned_outputs(settings, plan))
     workflow = pe.Workflow(name="bids_uad_participant_wf")
     builders = {stage: stage_builder(stage) for stage in ("dwi", "anat", "anomaly")}
     wanted = ["dwi", "anat"] + (["anomaly"] if settings.model is not None else [])
@@ -101,37 +122,45 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     finished: dict[tuple[str, str | None], list[tuple[object, str]]] = {}
     for ses in plan.sessions:
         signals = finished.setdefault((ses.subject, ses.session), [])
-        done = find_preprocessed_dwi(settings.output_dir, ses.subject, ses.session) if settings.model else None
-        if done is not None and done.analysis_mask is not None:
-            LOGGER.info("sub-%s%s: preprocessed derivatives found, scoring them", ses.subject,
-                        f" ses-{ses.session}" if ses.session else "")
+        done = find_preprocessed_dwi_runs(settings.output_dir, ses.subject, ses.session) if settings.model else []
+        if any(run.analysis_mask is not None for run in done):
+            LOGGER.info("sub-%s%s: preprocessed derivatives of %d dwi run(s) found, scoring them", ses.subject,
+                        f" ses-{ses.session}" if ses.session else "", len(done))
             if builders["anomaly"] is not None:
-                awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}")
-                awf.inputs.inputnode.dwi_preproc = str(done.dwi)
-                awf.inputs.inputnode.bval = str(done.bval)
-                awf.inputs.inputnode.bvec = str(done.bvec)
-                awf.inputs.inputnode.brain_mask = str(done.brain_mask)
-                awf.inputs.inputnode.analysis_mask = str(done.analysis_mask)
-                awf.inputs.inputnode.source_entities = done.entities
-                workflow.add_nodes([awf])
-                signals.append((awf, "outputnode.masks"))
+                for index, run in enumerate(done):
+                    if run.analysis_mask is None:
+                        LOGGER.warning("%s: no analysis mask for this run: anomalies scored in the whole "
+                                       "brain mask", run.dwi.name)
+                    awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}_{index}")
+                    awf.inputs.inputnode.dwi_preproc = str(run.dwi)
+                    awf.inputs.inputnode.bval = str(run.bval)
+                    awf.inputs.inputnode.bvec = str(run.bvec)
+                    awf.inputs.inputnode.brain_mask = str(run.brain_mask)
+                    awf.inputs.inputnode.analysis_mask = str(run.analysis_mask or "")
+                    awf.inputs.inputnode.source_file = str(run.dwi)
+                    workflow.add_nodes([awf])
+                    signals.append((awf, "outputnode.masks"))
             continue
-        first_dwi = _add_dwi_stage(workflow, builders["dwi"], settings, ses)
+        dwi_wfs = _add_dwi_stage(workflow, builders["dwi"], settings, ses)
+        first_dwi = dwi_wfs[0] if dwi_wfs else None
         anat_wf = _add_anat_stage(workflow, builders["anat"], settings, ses, first_dwi)
-        signals += [(first_dwi, "outputnode.dwi_preproc")] if first_dwi is not None else []
+        signals += [(wf, "outputnode.dwi_preproc") for wf in dwi_wfs]
         signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
-        if builders["anomaly"] is not None and settings.model is not None and first_dwi is not None:
-            awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}")
-            awf.inputs.inputnode.source_entities = ses.entities
-            workflow.connect([(first_dwi, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
-                                                ("outputnode.bval", "inputnode.bval"),
-                                                ("outputnode.bvec", "inputnode.bvec"),
-                                                ("outputnode.brain_mask", "inputnode.brain_mask")])])
-            if anat_wf is not None:
+        if builders["anomaly"] is None or settings.model is None:
+            continue
+        for index, (run, dwi_wf) in enumerate(zip(ses.dwi, dwi_wfs)):
+            awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}_{index}")
+            awf.inputs.inputnode.source_file = str(run.path)
+            workflow.connect([(dwi_wf, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
+                                             ("outputnode.bval", "inputnode.bval"),
+                                             ("outputnode.bvec", "inputnode.bvec"),
+                                             ("outputnode.brain_mask", "inputnode.brain_mask")])])
+            if anat_wf is not None and dwi_wf is first_dwi:
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
             else:
-                LOGGER.warning("sub-%s: no anatomical analysis mask: anomalies scored in the whole brain mask",
-                               ses.subject)
+                LOGGER.warning("%s: no anatomical analysis mask (%s): anomalies scored in the whole brain mask",
+                               run.path.name, "no T1w" if anat_wf is None else "the T1w is registered to "
+                               + ses.dwi[0].path.name)
                 awf.inputs.inputnode.analysis_mask = ""
             signals.append((awf, "outputnode.masks"))
     if settings.model is not None:
@@ -180,11 +209,12 @@ def _merge_node(interface, name: str):
     return pe.Node(interface, name=name, run_without_submitting=True)
 
 
-def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs):
-    """One preprocessing workflow per dwi run; returns the first (its b0 reference anchors anat)."""
-    first = None
+def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs) -> list:
+    """One preprocessing workflow per dwi run (in ``ses.dwi`` order); the first one's b0
+    reference anchors the anatomical registration."""
     if builder is None:
-        return None
+        return []
+    wfs = []
     for index, run in enumerate(ses.dwi):
         wf = builder(settings, name=f"dwi_{_session_name(ses)}_{index}")
         wf.inputs.inputnode.dwi_file = str(run.path)
@@ -193,10 +223,10 @@ def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs):
         wf.inputs.inputnode.dwi_metadata = dict(run.metadata)
         wf.inputs.inputnode.rpe_file = str(run.reverse_pe.path) if run.reverse_pe else ""
         wf.inputs.inputnode.rpe_metadata = dict(run.reverse_pe.metadata) if run.reverse_pe else {}
-        wf.inputs.inputnode.source_entities = dict(run.entities)
+        wf.inputs.inputnode.source_file = str(run.path)
         workflow.add_nodes([wf])
-        first = first or wf
-    return first
+        wfs.append(wf)
+    return wfs
 
 
 def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, first_dwi):
@@ -212,7 +242,7 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
     awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
     lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
     awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
-    awf.inputs.inputnode.source_entities = ses.entities
+    awf.inputs.inputnode.dwi_source_file = str(ses.dwi[0].path) if first_dwi is not None else ""
     if first_dwi is not None:
         workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
                                             ("outputnode.brain_mask", "inputnode.dwi_mask")])])
