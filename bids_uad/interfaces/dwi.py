@@ -472,6 +472,7 @@ class _MergeReportsInputSpec(BaseInterfaceInputSpec):
     hmc = traits.Dict()
     mask = traits.Dict()
     tensor = traits.Dict()
+    combine = traits.Dict(desc="CombineRuns' report, for a series combined from several runs")
 
 
 class _MergeReportsOutputSpec(TraitedSpec):
@@ -496,10 +497,14 @@ class MergeReports(SimpleInterface):
             return dict(value) if isdefined(value) and value else {}
 
         sdc, hmc, den, mask, ten = get("sdc"), get("hmc"), get("denoise"), get("mask"), get("tensor")
-        sdc_line = sdc.get("SusceptibilityDistortionCorrection", SDC_SKIPPED)
-        report = {"Backend": self.inputs.backend, **den, **sdc, **hmc, **mask, **ten}
+        comb = get("combine")
+        sdc_line = sdc.get("SusceptibilityDistortionCorrection",
+                           comb.get("SusceptibilityDistortionCorrection", SDC_SKIPPED))
+        report = {"Backend": self.inputs.backend, **den, **comb, **sdc, **hmc, **mask, **ten}
         report.setdefault("SusceptibilityDistortionCorrection", sdc_line)
         common = {"PreprocessingBackend": self.inputs.backend, "SusceptibilityDistortionCorrection": sdc_line}
+        if comb:
+            common["CombinedRuns"] = comb.get("CombinedRuns", [])
         self._results["backend_report"] = report
         self._results["dwi_meta"] = {k: v for k, v in report.items() if k not in ("BrainMask", "TensorFit", "Shells")}
         self._results["ref_meta"] = {**common, "Description": "b0 reference: mean of the corrected b0 volumes",
@@ -517,3 +522,81 @@ class MergeReports(SimpleInterface):
 def os_cpu_threads(requested: int) -> int:
     """Threads to give torch inside a node: the request, capped at the CPU count."""
     return max(1, min(int(requested or 1), os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------------------------
+class _CombineRunsInputSpec(BaseInterfaceInputSpec):
+    dwi_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    bval_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    bvec_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    b0_refs = traits.List(File(exists=True), mandatory=True, minlen=2)
+    brain_mask = File(exists=True, mandatory=True, desc="brain mask of the first run")
+    run_names = traits.List(traits.Str, desc="raw file names of the runs, for the sidecar")
+    run_reports = traits.List(traits.Dict, desc="each run's preprocessing report (MergeReports.backend_report)")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _CombineRunsOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    out_bval = File(exists=True)
+    out_bvec = File(exists=True)
+    b0_ref = File(exists=True)
+    report = traits.Dict()
+
+
+class CombineRuns(SimpleInterface):
+    """Corrected opposite-PE runs → one series on the first run's grid (``algorithms.combine``)."""
+
+    input_spec = _CombineRunsInputSpec
+    output_spec = _CombineRunsOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.combine import combine_runs
+        from bids_uad.algorithms.resample import same_grid
+        from bids_uad.bids.gradients import GradientTable, load_gradients, write_fsl_gradients
+
+        _set_threads(self.inputs.num_threads)
+        imgs = [nib.load(f) for f in self.inputs.dwi_files]
+        for path, img in zip(self.inputs.dwi_files[1:], imgs[1:]):
+            if not same_grid(img.shape, img.affine, imgs[0].shape, imgs[0].affine):
+                raise InputValidationError("the opposite phase-encoding runs of a pair must share one grid "
+                                           f"to be combined ({Path(self.inputs.dwi_files[0]).name} differs)", path)
+        tables = [load_gradients(b, v, n_volumes=i.shape[3]) for b, v, i in
+                  zip(self.inputs.bval_files, self.inputs.bvec_files, imgs)]
+        series = [np.asarray(i.dataobj, np.float32) for i in imgs]
+        refs = [np.asarray(nib.load(f).dataobj, np.float32) for f in self.inputs.b0_refs]
+        mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+        zooms = tuple(float(z) for z in imgs[0].header.get_zooms()[:3])
+        res = combine_runs(series, [t.bvals for t in tables], [t.bvecs for t in tables], refs, zooms, mask=mask,
+                           b0_threshold=tables[0].b0_threshold,
+                           affine_det_positive=np.linalg.det(imgs[0].affine[:3, :3]) > 0)
+        hdr = imgs[0].header.copy()
+        hdr.set_data_dtype(np.float32)
+        out = _out(runtime, "dwi_combined.nii.gz")
+        nib.save(nib.Nifti1Image(res.data.astype(np.float32), imgs[0].affine, hdr), out)
+        ref = _out(runtime, "dwi_combined_b0ref.nii.gz")
+        nib.save(nib.Nifti1Image(res.b0_ref.astype(np.float32), imgs[0].affine), ref)
+        bval, bvec = _out(runtime, "dwi_combined.bval"), _out(runtime, "dwi_combined.bvec")
+        write_fsl_gradients(GradientTable(bvals=res.bvals, bvecs=res.bvecs, b0_threshold=tables[0].b0_threshold),
+                            bval, bvec)
+        names = list(self.inputs.run_names) if isdefined(self.inputs.run_names) else \
+            [Path(f).name for f in self.inputs.dwi_files]
+        for name, run in zip(names, res.info["runs"]):
+            run["run"] = name
+        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref)
+        per_run = list(self.inputs.run_reports) if isdefined(self.inputs.run_reports) else []
+        sdc_lines = sorted({r.get("SusceptibilityDistortionCorrection", SDC_SKIPPED) for r in per_run})
+        self._results["report"] = {
+            "CombinedRuns": names,
+            **({"SusceptibilityDistortionCorrection": "; ".join(sdc_lines)} if sdc_lines else {}),
+            "PerRunPreprocessing": {name: {k: r[k] for k in ("SDCSettings", "HeadMotionCorrection",
+                                                              "MeanFramewiseDisplacement") if k in r}
+                                    for name, r in zip(names, per_run)},
+            "RunCombination": "each run corrected on its own (susceptibility field from both runs' b0s, "
+                              "head motion, eddy currents), then " + res.info["method"]
+                              + " (as QSIPrep after correction)",
+            "RunCombinationSettings": res.info,
+        }
+        return runtime

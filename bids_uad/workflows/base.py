@@ -95,7 +95,8 @@ def planned_outputs(settings: Settings, plan: ParticipantPlan) -> list[tuple[Pat
     planned = []
     for ses in plan.sessions:
         for key, output in outputs.OUTPUTS.items():
-            sources = [run.path for run in ses.dwi] if output.source == "dwi" else \
+            combined = [shared_source_name([ses.dwi[i].path, ses.dwi[j].path]) for i, j in opposite_pe_pairs(ses.dwi)]
+            sources = [run.path for run in ses.dwi] + combined if output.source == "dwi" else \
                 list(ses.t1w[:1]) if output.source == "t1w" else []
             planned += [(outputs.path_for(settings.output_dir, key, src, **params), src) for src in sources]
     return planned
@@ -142,15 +143,17 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                     signals.append((awf, "outputnode.masks"))
             continue
         dwi_wfs = _add_dwi_stage(workflow, builders["dwi"], settings, ses)
-        first_dwi = dwi_wfs[0] if dwi_wfs else None
-        anat_wf = _add_anat_stage(workflow, builders["anat"], settings, ses, first_dwi)
+        series = _add_pair_combination(workflow, settings, ses, dwi_wfs)
+        first_dwi, first_source = series[0] if series else (None, None)
+        anat_wf = _add_anat_stage(workflow, builders["anat"], settings, ses, first_dwi, first_source)
         signals += [(wf, "outputnode.dwi_preproc") for wf in dwi_wfs]
+        signals += [(wf, "outputnode.dwi_preproc") for wf, _ in series if wf not in dwi_wfs]
         signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
         if builders["anomaly"] is None or settings.model is None:
             continue
-        for index, (run, dwi_wf) in enumerate(zip(ses.dwi, dwi_wfs)):
+        for index, (dwi_wf, source) in enumerate(series):
             awf = builders["anomaly"](settings, name=f"anomaly_{_session_name(ses)}_{index}")
-            awf.inputs.inputnode.source_file = str(run.path)
+            awf.inputs.inputnode.source_file = str(source)
             workflow.connect([(dwi_wf, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
                                              ("outputnode.bval", "inputnode.bval"),
                                              ("outputnode.bvec", "inputnode.bvec"),
@@ -159,8 +162,8 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
             else:
                 LOGGER.warning("%s: no anatomical analysis mask (%s): anomalies scored in the whole brain mask",
-                               run.path.name, "no T1w" if anat_wf is None else "the T1w is registered to "
-                               + ses.dwi[0].path.name)
+                               Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
+                               + Path(first_source).name)
                 awf.inputs.inputnode.analysis_mask = ""
             signals.append((awf, "outputnode.masks"))
     if settings.model is not None:
@@ -229,8 +232,63 @@ def _add_dwi_stage(workflow, builder, settings: Settings, ses: SessionInputs) ->
     return wfs
 
 
-def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, first_dwi):
-    """The anatomical workflow of a session, registered to its first dwi run when there is one."""
+def opposite_pe_pairs(runs) -> list[tuple[int, int]]:
+    """Indices of dwi runs that are each other's reverse phase-encoding partner (full-DTI pairs)."""
+    index = {run.path: i for i, run in enumerate(runs)}
+    pairs = []
+    for i, run in enumerate(runs):
+        rpe = run.reverse_pe
+        j = index.get(rpe.path) if rpe is not None and rpe.kind == "dwi" else None
+        if j is not None and j > i and runs[j].reverse_pe is not None and runs[j].reverse_pe.path == run.path:
+            pairs.append((i, j))
+    return pairs
+
+
+def shared_source_name(paths) -> Path:
+    """A name for a series made from several runs: the entities all runs share (e.g. without ``dir-``)."""
+    from bids_uad.bids.derivatives import bids_name
+    from bids_uad.bids.outputs import source_entities
+
+    entities = [source_entities(Path(p).name) for p in paths]
+    common = {k: v for k, v in entities[0].items() if all(e.get(k) == v for e in entities[1:])}
+    return Path(paths[0]).with_name(bids_name(common, "dwi", ".nii.gz"))
+
+
+def _add_pair_combination(workflow, settings: Settings, ses: SessionInputs, dwi_wfs: list) -> list:
+    """(workflow, source name) of each preprocessed series of a session: every run on its own,
+    except opposite-PE full-DTI pairs, which are also combined into one series that replaces
+    them for the anatomical registration and anomaly scoring (``docs/dwi.md``)."""
+    from nipype.interfaces import utility as niu
+
+    from bids_uad.workflows.dwi import init_dwi_combine_wf
+
+    if not dwi_wfs:
+        return []
+    pairs = opposite_pe_pairs(ses.dwi)
+    paired = {i for pair in pairs for i in pair}
+    series = [(wf, ses.dwi[i].path) for i, wf in enumerate(dwi_wfs) if i not in paired]
+    for n, (i, j) in enumerate(pairs):
+        runs = [ses.dwi[i], ses.dwi[j]]
+        source = shared_source_name([r.path for r in runs])
+        LOGGER.info("%s + %s: opposite phase-encoding runs, corrected on their own and combined into %s",
+                    runs[0].path.name, runs[1].path.name, source.name)
+        cwf = init_dwi_combine_wf(settings, name=f"dwi_{_session_name(ses)}_pair{n}")
+        cwf.inputs.inputnode.run_names = [r.path.name for r in runs]
+        cwf.inputs.inputnode.source_file = str(source)
+        cwf.inputs.inputnode.source_files = [str(r.path) for r in runs]
+        for field, out in (("dwi_files", "dwi_preproc"), ("bval_files", "bval"), ("bvec_files", "bvec"),
+                           ("b0_refs", "b0_ref"), ("run_reports", "backend_report")):
+            merge = _merge_node(niu.Merge(2), f"{field}_{_session_name(ses)}_pair{n}")
+            workflow.connect([(dwi_wfs[i], merge, [(f"outputnode.{out}", "in1")]),
+                              (dwi_wfs[j], merge, [(f"outputnode.{out}", "in2")]),
+                              (merge, cwf, [("out", f"inputnode.{field}")])])
+        workflow.connect(dwi_wfs[i], "outputnode.brain_mask", cwf, "inputnode.brain_mask")
+        series.insert(0, (cwf, source))
+    return series
+
+
+def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, first_dwi, first_source=None):
+    """The anatomical workflow of a session, registered to its first dwi series when there is one."""
     if builder is None:
         return None
     if not ses.t1w:
@@ -242,7 +300,7 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
     awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
     lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
     awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
-    awf.inputs.inputnode.dwi_source_file = str(ses.dwi[0].path) if first_dwi is not None else ""
+    awf.inputs.inputnode.dwi_source_file = str(first_source or ses.dwi[0].path) if first_dwi is not None else ""
     if first_dwi is not None:
         workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
                                             ("outputnode.brain_mask", "inputnode.dwi_mask")])])

@@ -11,6 +11,7 @@ from nipype.pipeline import engine as pe
 
 from bids_uad.interfaces.dwi import (
     BrainMask,
+    CombineRuns,
     DenoiseDWI,
     EstimateSDC,
     MergeReports,
@@ -117,6 +118,56 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
         wf.connect([
             (outputnode, sink, [(field, "in_file")]),
             (inputnode, sink, [("source_file", "source_file")]),
+        ])
+        if meta:
+            wf.connect(merge, meta, sink, "meta")
+    return wf
+
+
+#: inputs of the combination of opposite-PE runs: lists with one item per run (first = reference)
+COMBINE_INPUT_FIELDS = ["dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask", "run_reports",
+                        "run_names", "source_file", "source_files"]
+COMBINE_OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0"]
+#: the combined series' derivatives (no field map or motion table of its own: each run has them)
+COMBINED_DERIVATIVES = tuple(d for d in DERIVATIVES if d[0] in COMBINE_OUTPUT_FIELDS)
+
+
+def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
+    """Combine corrected opposite phase-encoding runs into one series (``algorithms.combine``),
+    then brain mask and tensor maps of the combination; derivatives are named from
+    ``source_file``, a name that carries only what the runs share (no ``dir-``)."""
+    threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=COMBINE_INPUT_FIELDS), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=COMBINE_OUTPUT_FIELDS), name="outputnode")
+    combine = pe.Node(CombineRuns(num_threads=threads), name="combine", n_procs=threads)
+    mask = pe.Node(BrainMask(), name="brain_mask")
+    tensor = pe.Node(TensorFit(), name="tensor")
+    merge = pe.Node(MergeReports(backend=settings.resolved_backend()), name="merge_reports")
+    wf.connect([
+        (inputnode, combine, [(f, f) for f in ("dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask",
+                                               "run_reports", "run_names")]),
+        (combine, mask, [("b0_ref", "in_file")]),
+        (combine, tensor, [("out_file", "dwi_file"), ("out_bval", "bval_file"), ("out_bvec", "bvec_file")]),
+        (mask, tensor, [("out_mask", "mask_file")]),
+        (combine, merge, [("report", "combine")]),
+        (mask, merge, [("report", "mask")]),
+        (tensor, merge, [("report", "tensor")]),
+        (combine, outputnode, [("out_file", "dwi_preproc"), ("out_bval", "bval"), ("out_bvec", "bvec"),
+                               ("b0_ref", "b0_ref")]),
+        (mask, outputnode, [("out_mask", "brain_mask")]),
+        (tensor, outputnode, [(k, k) for k in ("fa", "md", "ad", "rd", "s0")]),
+    ])
+    for field, key, meta in COMBINED_DERIVATIVES:
+        sink = pe.Node(
+            DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                output=key, skip_empty=True),
+            name=f"ds_{field}", run_without_submitting=True)
+        if field in ("bval", "bvec"):
+            sink.inputs.write_sidecar = False
+        wf.connect([
+            (outputnode, sink, [(field, "in_file")]),
+            (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")]),
         ])
         if meta:
             wf.connect(merge, meta, sink, "meta")

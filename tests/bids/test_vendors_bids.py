@@ -69,3 +69,14 @@ def test_user_statement_wins(realdata):
     (ses,) = bids.subject_inputs("toshiba").sessions
     assert ses.dwi[0].metadata["PhaseEncodingDirection"] == "j"
     assert ses.dwi[0].metadata[SOURCE_KEY] == "--pe-polarity sub-toshiba_dwi.nii.gz=j"
+
+
+def test_pairs_and_their_shared_name(vendors):
+    from bids_uad.workflows.base import opposite_pe_pairs, shared_source_name
+
+    (ses,) = vendors.subject_inputs("canon61").sessions
+    pairs = opposite_pe_pairs(ses.dwi)
+    assert len(pairs) == 1
+    assert shared_source_name([ses.dwi[i].path for i in pairs[0]]).name == "sub-canon61_dwi.nii.gz"
+    (ses,) = vendors.subject_inputs("toshiba").sessions
+    assert opposite_pe_pairs(ses.dwi) == []
