@@ -408,16 +408,22 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from bids_uad.algorithms.masking import brain_mask
+        from bids_uad.algorithms.masking import brain_mask, coverage_summary
 
         img = nib.load(self.inputs.in_file)
         mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
+        coverage = coverage_summary(mask, img.header.get_zooms())
+        if not coverage["WholeBrain"]:
+            LOGGER.warning("%s: the brain mask reaches the edge of the field of view along %s (extent %s mm): "
+                           "partial brain coverage (slab); volumes and template fits cover only this part",
+                           Path(self.inputs.in_file).name, "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
         out = _out(runtime, "brain_mask.nii.gz")
         m = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
         m.header.set_data_dtype(np.uint8)
         nib.save(m, out)
         self._results["out_mask"] = out
-        self._results["report"] = {"BrainMask": f"bids_uad python ({self.inputs.method} on the corrected mean b0)"}
+        self._results["report"] = {"BrainMask": f"bids_uad python ({self.inputs.method} on the corrected mean b0)",
+                                   "Coverage": coverage}
         return runtime
 
 
@@ -599,4 +605,56 @@ class CombineRuns(SimpleInterface):
                               + " (as QSIPrep after correction)",
             "RunCombinationSettings": res.info,
         }
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _DiffusionTissuesInputSpec(BaseInterfaceInputSpec):
+    fa = File(exists=True, mandatory=True)
+    md = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+
+
+class _DiffusionTissuesOutputSpec(TraitedSpec):
+    dseg = File(exists=True)
+    dseg_tsv = File(exists=True)
+    analysis_mask = File(exists=True)
+    dseg_meta = traits.Dict()
+    analysis_meta = traits.Dict()
+
+
+class DiffusionTissues(SimpleInterface):
+    """CSF/GM/WM from FA and MD (no T1w) and the analysis mask GM ∪ WM on the dwi grid."""
+
+    input_spec = _DiffusionTissuesInputSpec
+    output_spec = _DiffusionTissuesOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.masking import coverage_summary
+        from bids_uad.algorithms.segmentation import analysis_mask, diffusion_tissue_classes, dseg_tsv_rows
+        from bids_uad.bids.derivatives import write_tsv
+
+        fa_img = nib.load(self.inputs.fa)
+        fa = np.asarray(fa_img.dataobj, np.float32)
+        md = np.asarray(nib.load(self.inputs.md).dataobj, np.float32)
+        mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+        dseg, info = diffusion_tissue_classes(fa, md, mask)
+        analysis = analysis_mask(dseg)
+        names = {}
+        for key, arr in (("dseg", dseg), ("analysis_mask", analysis.astype(np.uint8))):
+            names[key] = _out(runtime, f"{key}.nii.gz")
+            img = nib.Nifti1Image(arr.astype(np.uint8), fa_img.affine)
+            img.header.set_data_dtype(np.uint8)
+            nib.save(img, names[key])
+        tsv = _out(runtime, "dseg.tsv")
+        write_tsv(tsv, dseg_tsv_rows())
+        how = "tissue classes from the diffusion data (no T1w): " + info.get("method", info.get("error", ""))
+        self._results.update(dseg=names["dseg"], dseg_tsv=tsv, analysis_mask=names["analysis_mask"])
+        self._results["dseg_meta"] = {"TissueClasses": how, "TissueClassSettings": info}
+        self._results["analysis_meta"] = {
+            "Type": "ROI", "TissueClasses": how,
+            "Description": "GM and WM from the diffusion tissue classes (CSF excluded), within the dwi brain mask",
+            "Coverage": coverage_summary(analysis, fa_img.header.get_zooms())}
         return runtime

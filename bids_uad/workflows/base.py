@@ -149,6 +149,8 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
         signals += [(wf, "outputnode.dwi_preproc") for wf in dwi_wfs]
         signals += [(wf, "outputnode.dwi_preproc") for wf, _ in series if wf not in dwi_wfs]
         signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
+        tissue_wfs = _add_dwi_tissue_stage(workflow, settings, ses, series) if anat_wf is None else {}
+        signals += [(twf, "outputnode.analysis_mask") for twf in tissue_wfs.values()]
         if builders["anomaly"] is None or settings.model is None:
             continue
         for index, (dwi_wf, source) in enumerate(series):
@@ -160,6 +162,8 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                                              ("outputnode.brain_mask", "inputnode.brain_mask")])])
             if anat_wf is not None and dwi_wf is first_dwi:
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask")])])
+            elif dwi_wf in tissue_wfs:
+                workflow.connect([(tissue_wfs[dwi_wf], awf, [("outputnode.analysis_mask", "inputnode.analysis_mask")])])
             else:
                 LOGGER.warning("%s: no anatomical analysis mask (%s): anomalies scored in the whole brain mask",
                                Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
@@ -285,6 +289,22 @@ def _add_pair_combination(workflow, settings: Settings, ses: SessionInputs, dwi_
         workflow.connect(dwi_wfs[i], "outputnode.brain_mask", cwf, "inputnode.brain_mask")
         series.insert(0, (cwf, source))
     return series
+
+
+def _add_dwi_tissue_stage(workflow, settings: Settings, ses: SessionInputs, series: list) -> dict:
+    """Without a T1w: tissue classes and the analysis mask from each series' own tensor maps."""
+    from bids_uad.workflows.dwi import init_dwi_tissue_wf
+
+    out = {}
+    for index, (dwi_wf, source) in enumerate(series):
+        LOGGER.info("%s: no T1w: tissue classes and analysis mask from the diffusion data (FA, MD)",
+                    Path(source).name)
+        twf = init_dwi_tissue_wf(settings, name=f"dwi_tissue_{_session_name(ses)}_{index}")
+        twf.inputs.inputnode.source_file = str(source)
+        workflow.connect([(dwi_wf, twf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
+                                         ("outputnode.brain_mask", "inputnode.brain_mask")])])
+        out[dwi_wf] = twf
+    return out
 
 
 def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, first_dwi, first_source=None):

@@ -12,6 +12,7 @@ from nipype.pipeline import engine as pe
 from bids_uad.interfaces.dwi import (
     BrainMask,
     CombineRuns,
+    DiffusionTissues,
     DenoiseDWI,
     EstimateSDC,
     MergeReports,
@@ -171,4 +172,32 @@ def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
         ])
         if meta:
             wf.connect(merge, meta, sink, "meta")
+    return wf
+
+
+def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
+    """Tissue classes and analysis mask from the tensor maps, for a session without a T1w.
+
+    inputnode: fa, md, brain_mask, source_file; outputnode: dseg, analysis_mask (dwi grid),
+    written as the same derivatives the anatomical workflow writes (``dwi_dseg``,
+    ``analysis_mask``), their sidecars saying they come from the diffusion data.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["dseg", "analysis_mask"]), name="outputnode")
+    tissues = pe.Node(DiffusionTissues(), name="tissues")
+    wf.connect([
+        (inputnode, tissues, [("fa", "fa"), ("md", "md"), ("brain_mask", "brain_mask")]),
+        (tissues, outputnode, [("dseg", "dseg"), ("analysis_mask", "analysis_mask")]),
+    ])
+    for field, key, meta in (("dseg", "dwi_dseg", "dseg_meta"), ("dseg_tsv", "dwi_dseg_tsv", None),
+                             ("analysis_mask", "analysis_mask", "analysis_meta")):
+        sink = pe.Node(DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                           output=key, skip_empty=True),
+                       name=f"ds_{field}", run_without_submitting=True)
+        if meta is None:
+            sink.inputs.write_sidecar = False
+        else:
+            wf.connect(tissues, meta, sink, "meta")
+        wf.connect([(tissues, sink, [(field, "in_file")]), (inputnode, sink, [("source_file", "source_file")])])
     return wf
