@@ -414,9 +414,9 @@ class BrainMask(SimpleInterface):
         mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
         coverage = coverage_summary(mask, img.header.get_zooms())
         if not coverage["WholeBrain"]:
-            LOGGER.warning("%s: the brain mask reaches the edge of the field of view along %s (extent %s mm): "
+            LOGGER.warning("dwi brain mask reaches the edge of the field of view along %s (extent %s mm): "
                            "partial brain coverage (slab); volumes and template fits cover only this part",
-                           Path(self.inputs.in_file).name, "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
+                           "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
         out = _out(runtime, "brain_mask.nii.gz")
         m = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
         m.header.set_data_dtype(np.uint8)

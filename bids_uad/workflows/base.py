@@ -313,7 +313,8 @@ def _add_anat_stage(workflow, builder, settings: Settings, ses: SessionInputs, f
         return None
     if not ses.t1w:
         if ses.dwi:
-            LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped", ses.subject)
+            LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped (tissue classes and the "
+                           "analysis mask come from the diffusion data)", ses.subject)
         return None
     awf = builder(settings, name=f"anat_{_session_name(ses)}")
     awf.inputs.inputnode.t1w_file = str(ses.t1w[0])
