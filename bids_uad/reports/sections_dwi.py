@@ -162,6 +162,15 @@ def _dwi_registration(ses: SessionDerivatives, b0, sl, maker: FigureMaker) -> di
     seg = load(ses.get("dwi_dseg"))
     contours = tissue_contours(np.rint(seg[0]).astype(int)) if seg is not None and same_grid(b0[0], seg[0]) else []
     wm = [c for c in contours if c[2] == "WM"]
+    from_dwi = ses.sidecar("dwi_dseg").get("TissueClasses")
+    if from_dwi and contours:  # no T1w: the classes come from FA/MD, there is no registration to check
+        fa = load(ses.get("fa"))
+        background = fa if fa is not None and same_grid(b0[0], fa[0]) else b0
+        return maker.figure(
+            f"{ses.prefix}_space-dwi_desc-dwiseg_dwiref.svg", [ses.get("b0"), ses.get("fa"), ses.get("dwi_dseg")],
+            lambda: F.mosaic(background[0], background[1], slices=sl, contours=contours),
+            f"No T1w: {from_dwi}; the classes on the {'FA map' if background is fa else 'b0 reference'}. " + LEGEND,
+            "Tissue classes from the diffusion data")
     t1 = load(ses.get("t1w_dwi"))
     label = "T1w in dwi space"
     if (t1 is None or not same_grid(b0[0], t1[0])) and contours:
