@@ -203,7 +203,7 @@ def table(subjects: dict) -> str:
         pair = f"{r.get('b0_corr_before')} / {r.get('b0_corr_after_correction_and_alignment')}" if r.get("pe_pair") \
             else "-"
         rows.append(f"| {label} | {r.get('wall_s')} | {r.get('peak_rss_mb')} | {r.get('mask_ml')} | "
-                    f"{r.get('whole_brain')} | {r.get('wm_fa_median')} | {md * 1e3 if md else None:.3} | {pair} | "
+                    f"{r.get('whole_brain')} | {r.get('wm_fa_median')} | {round(md * 1e3, 3) if md else None} | {pair} | "
                     f"{'yes' if r.get('template_registration', '').startswith('T1w') else 'no'} | "
                     f"{'; '.join((r.get('skipped') or []) + (r.get('checks') or []))[:300]} |")
     return head + "\n".join(rows) + "\n"
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", nargs="+", help="labels (default: every vendors_bids subject, xa30, philips)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bids_uad_realdata"))
+    parser.add_argument("--keep-done", action="store_true",
+                        help="keep the subjects that succeeded in benchmarks/results/realdata.json; run the others")
     args = parser.parse_args(argv)
     vendors = REALDATA / "vendors_bids"
     extra = build_extra_dataset(args.work / "extra_bids")
@@ -222,7 +224,13 @@ def main(argv=None) -> int:
     order = sorted(datasets, key=lambda s: (s == "uih16", s))
     wanted = [s for s in order if not args.subjects or s in args.subjects]
     subjects, failed = {}, []
+    previous = RESULTS / "realdata.json"
+    if args.keep_done and previous.is_file():
+        done = json.loads(previous.read_text()).get("subjects", {})
+        subjects = {k: v for k, v in done.items() if v.get("rc") == 0 and "error" not in v and k in wanted}
     for label in wanted:
+        if label in subjects:
+            continue
         bids = datasets[label]
         out, work, log = args.work / "out" / bids.name, args.work / "work" / bids.name, args.work / f"{label}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +247,7 @@ def main(argv=None) -> int:
         subjects[label] = result
         print(f"{label}: {json.dumps(result)}", flush=True)
         summary = {"benchmark": "realdata", "load_1min": round(os.getloadavg()[0], 2), "subjects": subjects,
-                   "failed": failed, "pending": wanted[len(subjects):]}
+                   "failed": failed, "pending": [s for s in wanted if s not in subjects]}
         if not args.subjects:  # written after each subject: a long run keeps what it measured
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / "realdata.md").write_text(table(subjects))

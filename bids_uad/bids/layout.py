@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -218,8 +219,10 @@ class BIDSInputs:
     def _find_reverse_pe(self, dwi_path: str, dwi_meta: dict[str, dict], epi_files: list, subject: str) -> ReversePE | None:
         meta = dwi_meta[dwi_path]
         pe = meta.get("PhaseEncodingDirection")
-        rel_subject = Path(dwi_path).resolve().relative_to(self.bids_dir / f"sub-{subject}").as_posix()
-        rel_dataset = Path(dwi_path).resolve().relative_to(self.bids_dir).as_posix()
+        # not resolve(): a dataset of symbolic links (DataLad, git-annex) points outside itself
+        absolute = Path(os.path.abspath(dwi_path))
+        rel_subject = absolute.relative_to(self.bids_dir / f"sub-{subject}").as_posix()
+        rel_dataset = absolute.relative_to(self.bids_dir).as_posix()
         source = meta.get("B0FieldSource")
         sources = set(source if isinstance(source, list) else [source]) - {None}
         for epi in epi_files:

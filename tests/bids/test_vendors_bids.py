@@ -80,3 +80,15 @@ def test_pairs_and_their_shared_name(vendors):
     assert shared_source_name([ses.dwi[i].path for i in pairs[0]]).name == "sub-canon61_dwi.nii.gz"
     (ses,) = vendors.subject_inputs("toshiba").sessions
     assert opposite_pe_pairs(ses.dwi) == []
+
+
+def test_dataset_of_symbolic_links(realdata, tmp_path):
+    """DataLad/git-annex datasets are links to files outside the dataset: no traceback."""
+    src = realdata / "philips_dti_b1000" / "701_DTI_Biobank_2mm_MB3S2_EPI"
+    (tmp_path / "sub-x" / "dwi").mkdir(parents=True)
+    (tmp_path / "dataset_description.json").write_text('{"Name": "links", "BIDSVersion": "1.9.0"}')
+    for ext in (".nii.gz", ".bval", ".bvec", ".json"):
+        (tmp_path / "sub-x" / "dwi" / f"sub-x_dwi{ext}").symlink_to(f"{src}{ext}")
+    (ses,) = BIDSInputs(tmp_path).subject_inputs("x").sessions
+    assert ses.dwi[0].path.name == "sub-x_dwi.nii.gz" and ses.dwi[0].reverse_pe is None
+    validate_dwi_run(ses.dwi[0])
