@@ -109,7 +109,10 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
     dwi2t1w = [p for p in dwi2t1w if outputs.run_entities(p.name) == outputs.run_entities(ents)]
     t1w2tpl = outputs.find(output_dir, "xfm_t1w_to_template", subject, session, template=template)
     if not (dwi2t1w and t1w2tpl):
-        return None
+        # no T1w: the run's own FA -> template registration (dwi-only sessions)
+        direct = [p for p in outputs.find(output_dir, "xfm_dwi_to_template", subject, session, template=template)
+                  if outputs.run_entities(p.name) == outputs.run_entities(ents)]
+        return (direct[0],) if direct else None
     return t1w2tpl[0], dwi2t1w[0]
 
 
@@ -139,16 +142,15 @@ class ToTemplateSpace(SimpleInterface):
                 Path(self.inputs.source_file).name, self.inputs.template_name, self.inputs.template_name)
             self._results["out_file"] = ""
             return runtime
-        t1w2tpl, dwi2t1w = found
         kind = "label" if self.inputs.kind == "mask" else "image"
         warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                  [str(t1w2tpl), str(dwi2t1w)], kind)
+                                  [str(t) for t in found], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)
         nib.save(warped, str(out))
         self._results["out_file"] = str(out)
-        self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t1w2tpl.name, dwi2t1w.name],
+        self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t.name for t in found],
                                  "Template": self.inputs.template_name,
                                  "Interpolation": "nearest label" if kind == "label" else "linear"}
         return runtime

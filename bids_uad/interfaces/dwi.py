@@ -658,3 +658,49 @@ class DiffusionTissues(SimpleInterface):
             "Description": "GM and WM from the diffusion tissue classes (CSF excluded), within the dwi brain mask",
             "Coverage": coverage_summary(analysis, fa_img.header.get_zooms())}
         return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _FAToTemplateInputSpec(BaseInterfaceInputSpec):
+    fa = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    output_spaces = traits.List(traits.Str, mandatory=True)
+    seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _FAToTemplateOutputSpec(TraitedSpec):
+    xfm = File(exists=True, desc="composite transform dwi -> template")
+    fa_template = File(exists=True)
+    meta = traits.Dict()
+
+
+class FAToTemplate(SimpleInterface):
+    """Without a T1w: the subject's FA registered to an FA-like template (affine + SyN, MI)."""
+
+    input_spec = _FAToTemplateInputSpec
+    output_spec = _FAToTemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.registration import apply_transforms, register_fa_to_template
+        from bids_uad.algorithms.templates import fa_like_template, template_for_output_spaces
+
+        template = template_for_output_spaces(self.inputs.output_spaces)
+        target, target_mask = fa_like_template(template)
+        fa = nib.load(self.inputs.fa)
+        result, quality = register_fa_to_template(fa, nib.load(self.inputs.brain_mask), target, target_mask,
+                                                  out_prefix=_out(runtime, "fa2tpl_"), seed=self.inputs.seed,
+                                                  threads=self.inputs.num_threads)
+        warped = _out(runtime, "fa_template.nii.gz")
+        nib.save(apply_transforms(fa, target, result.forward, "image"), warped)
+        if quality["FACorrelationWithTemplate"] < 0.4:
+            LOGGER.warning("FA to template registration is poor (correlation %.2f with the FA-like template)",
+                           quality["FACorrelationWithTemplate"])
+        self._results.update(xfm=result.forward[0], fa_template=warped)
+        self._results["meta"] = {
+            "TemplateRegistration": "no T1w: tensor FA -> FA-like template (template tissue priors weighted by "
+                                    "typical FA), ANTs affine then SyN, Mattes MI, brain masks of both",
+            "Template": template.name, "TemplateRegistrationQuality": quality}
+        return runtime

@@ -13,6 +13,7 @@ from bids_uad.interfaces.dwi import (
     BrainMask,
     CombineRuns,
     DiffusionTissues,
+    FAToTemplate,
     DenoiseDWI,
     EstimateSDC,
     MergeReports,
@@ -186,9 +187,15 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
     inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["dseg", "analysis_mask"]), name="outputnode")
     tissues = pe.Node(DiffusionTissues(), name="tissues")
+    # the analysis mask is handed on once the template transform is on disk too (anomaly maps
+    # in template space read it from the derivatives)
+    ready = pe.Node(IdentityInterface(fields=["analysis_mask", "xfm"]), name="ready")
+    ready.inputs.xfm = ""
     wf.connect([
         (inputnode, tissues, [("fa", "fa"), ("md", "md"), ("brain_mask", "brain_mask")]),
-        (tissues, outputnode, [("dseg", "dseg"), ("analysis_mask", "analysis_mask")]),
+        (tissues, outputnode, [("dseg", "dseg")]),
+        (tissues, ready, [("analysis_mask", "analysis_mask")]),
+        (ready, outputnode, [("analysis_mask", "analysis_mask")]),
     ])
     for field, key, meta in (("dseg", "dwi_dseg", "dseg_meta"), ("dseg_tsv", "dwi_dseg_tsv", None),
                              ("analysis_mask", "analysis_mask", "analysis_meta")):
@@ -200,4 +207,20 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
         else:
             wf.connect(tissues, meta, sink, "meta")
         wf.connect([(tissues, sink, [(field, "in_file")]), (inputnode, sink, [("source_file", "source_file")])])
+    if any(space.startswith("MNI") for space in getattr(settings, "output_spaces", ())):
+        from bids_uad.algorithms.templates import template_for_output_spaces
+
+        template = template_for_output_spaces(settings.output_spaces).name
+        threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
+        reg = pe.Node(FAToTemplate(output_spaces=list(settings.output_spaces), seed=int(settings.seed or 0),
+                                   num_threads=threads), name="fa_to_template", n_procs=threads, mem_gb=2.0)
+        wf.connect([(inputnode, reg, [("fa", "fa"), ("brain_mask", "brain_mask")])])
+        for field, key in (("xfm", "xfm_dwi_to_template"), ("fa_template", "fa_template")):
+            sink = pe.Node(DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                               output=key, params={"template": template}),
+                           name=f"ds_{key}", run_without_submitting=True)
+            wf.connect([(reg, sink, [(field, "in_file"), ("meta", "meta")]),
+                        (inputnode, sink, [("source_file", "source_file")])])
+            if key == "xfm_dwi_to_template":
+                wf.connect(sink, "out_file", ready, "xfm")
     return wf
