@@ -67,7 +67,8 @@ def dataset_rows(root: Path, args, work: Path) -> list[dict]:
     from bids_uad.algorithms.longitudinal import compare_sessions
     from bids_uad.algorithms.registration import apply_transforms
     from bids_uad.bids.preprocessed import order_sessions
-    from bids_uad.interfaces.longitudinal import read_tsv, register_followup
+    from bids_uad.algorithms.registration import register_followup
+    from bids_uad.bids.derivatives import read_tsv
 
     truth_root = root / "derivatives" / "synthetic-truth"
     if not truth_root.is_dir():
@@ -201,7 +202,7 @@ def fake_participant_derivatives(root: Path, out: Path, args) -> list[tuple[str,
 def workflow_rows(root: Path, args, work: Path) -> list[dict]:
     """Run ``init_longitudinal_wf`` on every two-session subject of a generated dataset."""
     from bids_uad.config import Settings
-    from bids_uad.interfaces.longitudinal import read_tsv
+    from bids_uad.bids.derivatives import read_tsv
     from bids_uad.workflows.longitudinal import init_longitudinal_wf
 
     out = work / "derivatives"

@@ -37,11 +37,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.models.inputs import normalise_dwi  # noqa: E402
+from bids_uad.models.settings import ORACLE_METHODS, THRESHOLD_METHODS, preset  # noqa: E402
 from bids_uad.scoring.inference import evaluate, infer  # noqa: E402
 from bids_uad.scoring.metrics import auprc, auroc, format_table, summarise  # noqa: E402
-from bids_uad.training.bundle import train_from_dwi  # noqa: E402
-from bids_uad.training.inputs import normalise_dwi  # noqa: E402
-from bids_uad.training.settings import ORACLE_METHODS, THRESHOLD_METHODS, preset  # noqa: E402
+from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
 PRESETS = {
@@ -217,7 +218,7 @@ def main(argv=None) -> dict:
         if bids:  # as the group level: grid = data shape rounded up to a multiple of 2**depth
             div = 2 ** s.model.depth
             grid = tuple(int(np.ceil(n / div) * div) for n in shape[:3])
-            channels = int((controls[0]["bvals"] > 50).sum())
+            channels = int((controls[0]["bvals"] > B0_THRESHOLD).sum())
         else:
             grid, channels = p["grid"], p["channels"]
         t = s.training

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from bids_uad.bids.gradients import B0_THRESHOLD
+
 #: Maps written by the workflow, in this order.
 TENSOR_MAPS = ("fa", "md", "ad", "rd", "s0")
 
 
 def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray | None = None,
-               b0_threshold: float = 50.0, fit_method: str = "WLS") -> dict[str, np.ndarray]:
+               b0_threshold: float = B0_THRESHOLD, fit_method: str = "WLS") -> dict[str, np.ndarray]:
     """Fit a tensor per voxel; returns float32 maps ``fa md ad rd s0`` (zero outside the mask).
 
     b-values at or below ``b0_threshold`` count as b0s (scanners write 0.001 or 5); MD/AD/RD are

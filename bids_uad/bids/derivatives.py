@@ -14,7 +14,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -122,33 +122,40 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_temporaries(root: str | Path, now: float | None = None) -> list[Path]:
+def remove_orphaned_temporaries(root: str | Path, now: float | None = None,
+                                exclude: Iterable[str | Path] = ()) -> list[Path]:
     """Delete temporaries of atomic writes under ``root`` whose writer is gone; return them.
 
     A temporary from this host is orphaned when its process no longer runs (a run killed with
     SIGKILL cannot clean up after itself); one from another host (a shared HPC file system) only
     when it is older than :data:`FOREIGN_TEMPORARY_MAX_AGE_S`.  Live runs' temporaries are kept.
+    Folders in ``exclude`` (the input dataset and the work folder when OUTPUT_DIR holds them)
+    are not walked at all, and links are not followed.
     """
     import time
 
     root, now = Path(root), time.time() if now is None else now
     if not root.is_dir():
         return []
+    skip = {os.path.realpath(p) for p in exclude}
     host, removed = _host_tag(), []
-    for candidate in root.rglob(".*.tmp-*"):
-        match = _TEMPORARY_RE.match(candidate.name)
-        if match is None or not candidate.is_file() or candidate.is_symlink():
-            continue
-        try:
-            if match["host"] == host:
-                orphaned = not _process_alive(int(match["pid"]))
-            else:
-                orphaned = now - candidate.stat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
-            if orphaned:
-                candidate.unlink()
-                removed.append(candidate)
-        except FileNotFoundError:  # another run removed it first
-            continue
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in skip]
+        for name in files:
+            match = _TEMPORARY_RE.match(name)
+            candidate = Path(folder) / name
+            if match is None or not candidate.is_file() or candidate.is_symlink():
+                continue
+            try:
+                if match["host"] == host:
+                    orphaned = not _process_alive(int(match["pid"]))
+                else:
+                    orphaned = now - candidate.stat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
+                if orphaned:
+                    candidate.unlink()
+                    removed.append(candidate)
+            except FileNotFoundError:  # another run removed it first
+                continue
     return removed
 
 
@@ -226,6 +233,21 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_write(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a BIDS TSV as dicts of strings; an empty list when the file cannot be read.
+
+    BIDS TSVs have no quoting: each line is split on tabs, blank lines are skipped.
+    """
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return []
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
 
 
 def write_tsv(path: str | Path, rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> Path:
@@ -327,6 +349,11 @@ class DerivativesWriter:
         return meta
 
     def _source_uri(self, source: str | Path) -> str:
+        # the input's own name, not its link target: DataLad/git-annex images are symbolic
+        # links into .git/annex/objects
+        unresolved = Path(os.path.abspath(source))
+        if self.bids_dir is not None and self.bids_dir in unresolved.parents:
+            return "bids:raw:" + unresolved.relative_to(self.bids_dir).as_posix()
         path = Path(source).resolve()
         if self.bids_dir is not None and is_within(path, self.bids_dir):
             return "bids:raw:" + path.relative_to(self.bids_dir).as_posix()

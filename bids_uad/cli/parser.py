@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=[], metavar="LABEL", help="sessions to process, with or without 'ses-'")
     sel.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
                      metavar="FILE",
-                     help="JSON file of pybids filters per suffix, e.g. {\"dwi\": {\"acquisition\": \"b1000\"}}")
+                     help="JSON file of pybids filters per suffix (dwi, epi, T1w, FLAIR), e.g. "
+                          "{\"dwi\": {\"acquisition\": \"b1000\"}}; keys must be BIDS entities (exit 64 "
+                          "otherwise), an entry selecting nothing exits 18")
     sel.add_argument("--baseline-session", metavar="LABEL",
                      help="longitudinal baseline session (default: the first session with dwi by acq_time "
                           "in sessions.tsv)")

@@ -50,7 +50,7 @@ class AnomalyInference(SimpleInterface):
 
         from bids_uad.bids.gradients import load_gradients
         from bids_uad.scoring.inference import infer
-        from bids_uad.training.bundle import load_bundle
+        from bids_uad.models.bundle import load_bundle
 
         torch.set_num_threads(max(1, self.inputs.threads))
         img = nib.load(self.inputs.dwi_file)
@@ -93,6 +93,10 @@ class _ToTemplateInputSpec(BaseInterfaceInputSpec):
     template_file = File(exists=True, mandatory=True)
     kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
     in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
+    dwi2t1w_xfm = traits.Str(desc="dwi → T1w composite from the anatomical workflow ('' or unset: "
+                                  "the session's from-dwi_to-T1w transform in OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str(desc="T1w → template composite from the anatomical workflow ('' or "
+                                       "unset: the session's from-T1w_to-<template> transform in OUTPUT_DIR)")
 
 
 class _ToTemplateOutputSpec(TraitedSpec):
@@ -119,9 +123,11 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
 class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
-    Reads the run's ``from-dwi_to-T1w`` and the session's ``from-T1w_to-<template>`` transforms
-    from the derivatives (:func:`template_transforms`); without them it writes nothing and says
-    so in the log.
+    The transforms come along the graph's edges from the session's anatomical workflow when it
+    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise they are found in
+    the derivatives (:func:`template_transforms`: the run's ``from-dwi_to-T1w`` and the session's
+    ``from-T1w_to-<template>``, or, without a T1w, the run's own ``from-dwi_to-<template>``).
+    Without any it writes nothing and says so in the log.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -132,9 +138,15 @@ class ToTemplateSpace(SimpleInterface):
 
         import nibabel as nib
 
-        from bids_uad.algorithms.registration import apply_transforms
+        from nipype.interfaces.base import isdefined
 
-        found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
+        from bids_uad.algorithms.registration import apply_transforms, dwi_to_template
+
+        given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
+        if all(given):
+            found = (Path(given[1]), Path(given[0]))
+        else:
+            found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
         self._results["meta"] = {}
         if found is None:
             logging.getLogger("bids_uad.anomaly").warning(
@@ -143,8 +155,12 @@ class ToTemplateSpace(SimpleInterface):
             self._results["out_file"] = ""
             return runtime
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                  [str(t) for t in found], kind)
+        if len(found) == 2:
+            warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                     [str(found[1])], [str(found[0])], kind)
+        else:  # dwi-only: the FA -> template registration of this run
+            warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                      [str(found[0])], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)

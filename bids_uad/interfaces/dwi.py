@@ -7,7 +7,6 @@ node's working directory.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,10 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.bids.gradients import B0_THRESHOLD
+from bids_uad.bids.layout import sidecar_of
 from bids_uad.bids.phase_encoding import SOURCE_KEY as PE_SOURCE_KEY
+from bids_uad.bids.validate import phase_encoding, readout_time_or_nominal, total_readout_time
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
@@ -47,14 +49,6 @@ MOTION_COLUMN_DESCRIPTIONS: dict[str, Any] = {
 }
 
 
-def _sidecar_of(path: str) -> str:
-    name = str(path)
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)] + ".json"
-    return name + ".json"
-
-
 def _out(runtime, name: str) -> str:
     return str(Path(runtime.cwd) / name)
 
@@ -66,57 +60,7 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def total_readout_time(meta: dict, n_pe: int, where: str) -> float:
-    """``TotalReadoutTime`` from a sidecar, or from ``EffectiveEchoSpacing`` * (N_PE - 1)."""
-    if meta.get("TotalReadoutTime") not in (None, ""):
-        trt = float(meta["TotalReadoutTime"])
-    elif meta.get("EffectiveEchoSpacing") not in (None, ""):
-        n = int(meta.get("ReconMatrixPE") or n_pe)
-        trt = float(meta["EffectiveEchoSpacing"]) * (n - 1)
-    else:
-        raise InputValidationError(
-            "TotalReadoutTime (or EffectiveEchoSpacing) is missing: it is needed for "
-            "susceptibility distortion correction with a reverse phase-encoding image", where)
-    if not (0 < trt < 1):
-        raise InputValidationError(f"TotalReadoutTime {trt} s is not plausible (expected 0-1 s)", where)
-    return trt
-
-
-def readout_time_or_nominal(meta: dict, n_pe: int, where: str,
-                            partner: tuple[float, str] | None = None) -> tuple[float, str]:
-    """(readout time, its source): the sidecar's, else the partner's (same protocol), else nominal.
-
-    ``partner`` is the (time, source) of the other image of a reverse-PE pair when that one
-    has it in its sidecar; with neither, :data:`~bids_uad.bids.phase_encoding.NOMINAL_TOTAL_READOUT_TIME`.
-    """
-    from bids_uad.bids.phase_encoding import NOMINAL_TOTAL_READOUT_TIME, readout_time_source
-
-    source = readout_time_source(meta)
-    if source is not None:
-        return total_readout_time(meta, n_pe, where), source
-    if partner is not None and not partner[1].startswith("nominal"):
-        return partner[0], "the other image of the pair (not in this sidecar; same protocol assumed)"
-    LOGGER.warning("%s: no TotalReadoutTime or EffectiveEchoSpacing; a nominal %.3f s is assumed (the "
-                   "correction is unaffected when both images share it; the field in Hz is in units of "
-                   "this assumed time)", Path(where).name, NOMINAL_TOTAL_READOUT_TIME)
-    return NOMINAL_TOTAL_READOUT_TIME, "nominal (missing from the sidecar)"
-
-
-def phase_encoding(meta: dict, where: str) -> tuple[int, int]:
-    """(axis, polarity) from ``PhaseEncodingDirection``; InputValidationError naming the sidecar."""
-    from bids_uad.algorithms.resample import parse_phase_encoding
-
-    ped = meta.get("PhaseEncodingDirection")
-    if not ped:
-        raise InputValidationError(
-            "PhaseEncodingDirection is missing (needed with a reverse phase-encoding image)", where)
-    try:
-        return parse_phase_encoding(ped)
-    except ValueError as exc:
-        raise InputValidationError(str(exc), where) from exc
-
-
-def _b0_mean_of(path: str, b0_threshold: float = 50.0) -> tuple[np.ndarray, Any, str]:
+def _b0_mean_of(path: str, b0_threshold: float = B0_THRESHOLD) -> tuple[np.ndarray, Any, str]:
     """Mean of the b0 volumes of an image (all volumes of an EPI fieldmap without .bval)."""
     import nibabel as nib
 
@@ -221,7 +165,7 @@ class EstimateSDC(SimpleInterface):
         from bids_uad.bids.gradients import load_gradients
 
         _set_threads(self.inputs.num_threads)
-        dwi_json = _sidecar_of(self.inputs.dwi_file)
+        dwi_json = sidecar_of(self.inputs.dwi_file)
         meta = dict(self.inputs.dwi_metadata or {})
         img = nib.load(self.inputs.dwi_file)
         if img.ndim != 4:
@@ -244,7 +188,7 @@ class EstimateSDC(SimpleInterface):
                     self._results["readout_scale"] = 0.0
             self._results["report"] = {"SusceptibilityDistortionCorrection": SDC_SKIPPED}
             return runtime
-        rpe_json = _sidecar_of(rpe)
+        rpe_json = sidecar_of(rpe)
         rmeta = dict(self.inputs.rpe_metadata or {}) if isdefined(self.inputs.rpe_metadata) else {}
         axis, pol = phase_encoding(meta, dwi_json)
         raxis, rpol = phase_encoding(rmeta, rpe_json)
@@ -348,7 +292,7 @@ class MotionCorrect(SimpleInterface):
         if self.inputs.fieldmap_hz:
             if pe_axis is None or not self.inputs.readout_scale:
                 raise InputValidationError("a field map needs the PE direction and readout time",
-                                           _sidecar_of(self.inputs.dwi_file))
+                                           sidecar_of(self.inputs.dwi_file))
             disp = np.asarray(nib.load(self.inputs.fieldmap_hz).dataobj, np.float32) * self.inputs.readout_scale
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         res = correct_motion(data, gt.bvals, gt.bvecs, zooms, pe_axis=pe_axis, disp_vox=disp,
@@ -525,9 +469,6 @@ class MergeReports(SimpleInterface):
         return runtime
 
 
-def os_cpu_threads(requested: int) -> int:
-    """Threads to give torch inside a node: the request, capped at the CPU count."""
-    return max(1, min(int(requested or 1), os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,19 +11,15 @@
 * :class:`LongitudinalCompare` — per model: mismatch, volumes, overlap, random-region null,
   score change, the side-by-side figure; lists of files + entities for the sink.
 * :class:`LongitudinalTables` — the per-subject TSV and the group TSV (rebuilt from every
-  subject's TSV under a file lock, written atomically), and the report fragment.
+  subject's TSV under a file lock, written atomically: :mod:`bids_uad.bids.longitudinal`).
 
-:func:`plot_longitudinal` (SVG text) and :func:`longitudinal_html` (an HTML fragment) are
-what the report builder can call directly.
+The registration is :func:`bids_uad.algorithms.registration.register_followup`, the figure
+:func:`bids_uad.reports.figures.plot_longitudinal`.
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -40,11 +36,6 @@ ESTIMATE_DESC = "flairhyperEstimate"
 #: ``space-`` label of follow-up images resampled onto the baseline's dwi / T1w grid
 BASELINE_DWI_SPACE = "dwibaseline"
 BASELINE_T1W_SPACE = "T1wbaseline"
-#: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
-ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
-              "baseline_lesion_source", "followup_lesion_source")
-SUBJECT_TSV = "sub-{subject}_desc-longitudinal_stats.tsv"
-GROUP_TSV = "desc-longitudinal_stats.tsv"
 
 
 def _given(value) -> bool:
@@ -328,63 +319,6 @@ class _FollowupOutputSpec(TraitedSpec):
     meta = traits.Dict()
 
 
-def _on_grid(path_or_img, grid: nib.Nifti1Image | None, order: int) -> nib.Nifti1Image:
-    from nibabel.processing import resample_from_to
-
-    img = nib.load(path_or_img) if isinstance(path_or_img, (str, Path)) else path_or_img
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    img = nib.Nifti1Image(data if data.ndim == 3 else data[..., 0], img.affine)
-    if grid is None:
-        return img
-    return resample_from_to(img, (grid.shape[:3], grid.affine), order=order)
-
-
-def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w, followup_mask,
-                      followup_lesion, out_prefix, resolution: float = 2.0, syn: bool = True,
-                      reg_iterations=(40, 20, 0), seed: int = 0, threads: int = 1):
-    """Follow-up T1w brain → baseline T1w brain: rigid, then SyN; returns the last RegistrationResult.
-
-    Both lesions stay out of the metric: the baseline lesion and the rigidly mapped
-    follow-up lesion (dilated by a voxel) are removed from the fixed mask, the follow-up
-    lesion from the moving mask, so tumour growth is not "registered away".  The SyN stage
-    starts from the rigid transform and the composite it writes includes it.
-    """
-    from nibabel.processing import resample_to_output
-    from scipy import ndimage as ndi
-
-    from bids_uad.algorithms.registration import apply_transforms, exclusion_mask, register
-
-    def brain_img(t1w, mask):
-        img = _on_grid(t1w, None, 1)
-        if resolution > 0 and min(img.header.get_zooms()[:3]) < resolution - 1e-3:
-            img = resample_to_output(img, [resolution] * 3, order=1)
-        m = np.asarray(_on_grid(mask, img, 0).dataobj) > 0.5
-        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * m, img.affine), m
-
-    fixed, fmask = brain_img(baseline_t1w, baseline_mask)
-    moving, mmask = brain_img(followup_t1w, followup_mask)
-    base_les = (np.asarray(_on_grid(baseline_lesion, fixed, 0).dataobj) > 0.5 if baseline_lesion
-                else np.zeros(fixed.shape, bool))
-    fu_les = (np.asarray(_on_grid(followup_lesion, moving, 0).dataobj) > 0.5 if followup_lesion
-              else np.zeros(moving.shape, bool))
-    fu_les_img = nib.Nifti1Image(fu_les.astype(np.float32), moving.affine)
-    mmask_img = nib.Nifti1Image(mmask.astype(np.float32), moving.affine)
-    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, base_les).astype(np.float32), fixed.affine)
-    rigid = register(fixed, moving, kind="Rigid", fixed_mask=fixed_mask, moving_mask=mmask_img,
-                     lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}rigid_",
-                     seed=seed, threads=threads)
-    if not syn:
-        return rigid, rigid
-    fu_on_base = np.asarray(apply_transforms(fu_les_img, fixed, rigid.forward, "mask").dataobj) > 0
-    excl = ndi.binary_dilation(base_les | fu_on_base) if (base_les.any() or fu_on_base.any()) else base_les
-    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, excl).astype(np.float32), fixed.affine)
-    result = register(fixed, moving, kind="SyNOnly", fixed_mask=fixed_mask, moving_mask=mmask_img,
-                      lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}syn_",
-                      composite=True, initial_transform=rigid.forward, seed=seed, threads=threads,
-                      reg_iterations=tuple(reg_iterations))
-    return rigid, result
-
-
 class FollowupToBaseline(SimpleInterface):
     """Register the follow-up to the baseline T1w and carry its images into baseline dwi space."""
 
@@ -392,7 +326,8 @@ class FollowupToBaseline(SimpleInterface):
     output_spec = _FollowupOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.algorithms.registration import apply_transforms, dice
+        from bids_uad.algorithms.masking import dice
+        from bids_uad.algorithms.registration import apply_transforms, register_followup
 
         _set_threads(self.inputs.num_threads)
         cwd = Path(runtime.cwd)
@@ -455,71 +390,6 @@ class FollowupToBaseline(SimpleInterface):
 
 
 # ============================================================================ comparison
-
-def _centre_slices(*masks: np.ndarray, shape) -> tuple[int, int, int]:
-    for m in masks:
-        if m is not None and np.any(m):
-            idx = np.argwhere(m)
-            return tuple(int(v) for v in np.round(idx.mean(0)))
-    return tuple(s // 2 for s in shape[:3])
-
-
-def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly: np.ndarray,
-                      baseline_lesion: np.ndarray, followup_lesion: np.ndarray, mismatch: np.ndarray,
-                      zooms=(1.0, 1.0, 1.0), title: str = "", lesion_label: str = "lesion",
-                      fmt: str = "svg") -> str | bytes:
-    """Baseline (top) and follow-up (bottom) side by side in baseline dwi space; SVG text.
-
-    Baseline: anomaly map filled (orange), baseline lesion outlined (cyan), mismatch
-    outlined (magenta).  Follow-up: follow-up lesion outlined (yellow) and the same mismatch
-    outline, so mismatch that became lesion is visible.  Three planes through the mismatch.
-    Returns SVG text (``fmt="svg"``) or the bytes of another matplotlib format.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    z = np.asarray(zooms, float)[:3]
-    centre = _centre_slices(mismatch, anomaly, baseline_lesion, shape=baseline_bg.shape)
-    planes = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
-
-    def cut(vol, axis):
-        return np.take(np.asarray(vol), centre[axis], axis=axis).T
-
-    def aspect(axis):
-        dims = [d for d in range(3) if d != axis]
-        return z[dims[1]] / z[dims[0]]
-
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), facecolor="black")
-    rows = [("baseline", baseline_bg), ("follow-up", followup_bg)]
-    for r, (label, bg) in enumerate(rows):
-        bgv = np.asarray(bg, float)
-        hi = np.percentile(bgv[bgv > 0], 99) if np.any(bgv > 0) else 1.0
-        for c, (plane, axis) in enumerate(planes):
-            ax = axes[r, c]
-            ax.imshow(cut(bgv, axis), cmap="gray", origin="lower", vmin=0, vmax=hi, aspect=aspect(axis),
-                      interpolation="nearest")
-            if r == 0:
-                an = cut(anomaly, axis).astype(float)
-                ax.imshow(np.ma.masked_where(an == 0, an), cmap="autumn", alpha=0.45, origin="lower",
-                          aspect=aspect(axis), interpolation="nearest")
-            for mask, color in ((mismatch, "magenta"),
-                                (baseline_lesion if r == 0 else followup_lesion, "cyan" if r == 0 else "yellow")):
-                sl = cut(mask, axis).astype(float)
-                if sl.any() and sl.min() != sl.max():
-                    ax.contour(sl, levels=[0.5], colors=color, linewidths=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{label} · {plane}", color="white", fontsize=9)
-    fig.suptitle(title + f"\nbaseline: anomaly (orange), {lesion_label} (cyan), mismatch (magenta) · "
-                 f"follow-up: {lesion_label} (yellow)", color="white", fontsize=9)
-    fig.tight_layout()
-    buf = io.StringIO() if fmt == "svg" else io.BytesIO()
-    fig.savefig(buf, format=fmt, facecolor="black")
-    plt.close(fig)
-    return buf.getvalue()
-
 
 class _CompareInputSpec(BaseInterfaceInputSpec):
     subject = traits.Str(mandatory=True)
@@ -584,6 +454,7 @@ class LongitudinalCompare(SimpleInterface):
 
     def _run_interface(self, runtime):
         from bids_uad.algorithms.longitudinal import compare_sessions
+        from bids_uad.reports.figures import plot_longitudinal
 
         cwd = Path(runtime.cwd)
         sub, base, fu = self.inputs.subject, self.inputs.baseline_session, self.inputs.followup_session
@@ -688,151 +559,17 @@ class LongitudinalCompare(SimpleInterface):
         return runtime
 
 
-# ============================================================================ tables and report
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if np.isnan(value) else f"{value:.3g}"
-    return html.escape(str(value))
-
-
-def longitudinal_html(rows: list[dict], figures: list[str] = ()) -> str:
-    """A small HTML fragment: the key numbers per follow-up and model, then the figures.
-
-    ``figures`` are paths as the report should reference them (e.g. relative to the subject's
-    HTML).  Rows made with an estimated lesion mask are flagged as such.
-    """
-    parts = ['<section id="longitudinal">', "<h2>Longitudinal comparison</h2>"]
-    if any("estimate" in (r.get("baseline_lesion_source"), r.get("followup_lesion_source")) for r in rows):
-        parts.append('<p class="warning"><strong>Lesion masks are estimates</strong> (FLAIR '
-                     "hyperintensity, not a manual segmentation): volumes and overlaps are approximate.</p>")
-    cols = [("followup_session", "follow-up"), ("model", "model"), ("baseline_anomaly_ml", "anomaly (mL)"),
-            ("baseline_lesion_ml", "baseline lesion (mL)"), ("followup_lesion_ml", "follow-up lesion (mL)"),
-            ("mismatch_ml", "mismatch (mL)"), ("mismatch_growth_ml", "mismatch → lesion (mL)"),
-            ("overlap_fraction", "overlap"), ("overlap_fraction_random_mean", "random overlap"),
-            ("overlap_fraction_random_p", "p (one-sided)")]
-    if rows:
-        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
-                     + "</tr></thead><tbody>")
-        for r in rows:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k, _ in cols) + "</tr>")
-        parts.append("</tbody></table>")
-        parts.append("<p>Mismatch: anomalous at baseline, outside the baseline lesion. Overlap: the "
-                     "part of the mismatch that is lesion at follow-up, against randomly placed "
-                     "regions of the same size in the analysis mask (baseline lesion excluded).</p>")
-    else:
-        parts.append("<p>No follow-up session compared.</p>")
-    for fig in figures:
-        parts.append(f'<figure><img src="{html.escape(str(fig))}" alt="longitudinal comparison"/></figure>')
-    parts.append("</section>")
-    return "\n".join(parts) + "\n"
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
-@contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def rebuild_group_table(output_dir: str | Path) -> Path:
-    """``OUTPUT_DIR/group/desc-longitudinal_stats.tsv`` from every subject's TSV (locked, atomic).
-
-    The lock serialises concurrent rebuilds (subjects running in parallel); the atomic
-    rename means a reader never sees a half-written table.  The last rebuild sees every
-    subject TSV written before it, so no subject is lost.
-    """
-    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
-    from bids_uad.bids.derivatives import write_tsv
-
-    output_dir = Path(output_dir)
-    target = output_dir / "group" / GROUP_TSV
-    # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
-    with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
-        rows: list[dict] = []
-        for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
-            rows.extend(read_tsv(path))
-        rows.sort(key=lambda r: (r.get("participant_id", ""), r.get("followup_session", ""), r.get("model", "")))
-        columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
-        columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
-        write_tsv(target, rows, columns)
-        _write_columns_sidecar(target)
-    return target
-
-
-#: TSV column descriptions (written as the tables' JSON sidecars)
-COLUMN_DESCRIPTIONS = {
-    "participant_id": "subject",
-    "baseline_session": "baseline session (first with dwi by acq_time, or --baseline-session)",
-    "followup_session": "follow-up session compared with the baseline",
-    "model": "anomaly model",
-    "baseline_lesion_source": "'given' (--lesion-masks) or 'estimate' (FLAIR hyperintensity estimate)",
-    "followup_lesion_source": "'given' or 'estimate'",
-    "baseline_anomaly_ml": "anomalous volume at baseline (mL)",
-    "baseline_lesion_ml": "baseline lesion volume in baseline dwi space (mL)",
-    "followup_lesion_ml": "follow-up lesion volume carried into baseline dwi space (mL)",
-    "new_lesion_ml": "follow-up lesion outside the baseline lesion (mL)",
-    "mismatch_ml": "anomalous at baseline, outside the baseline lesion, in the analysis mask (mL)",
-    "mismatch_components": "connected components of the mismatch (26-connectivity)",
-    "mismatch_growth_ml": "mismatch volume that is lesion at follow-up (mL)",
-    "overlap_fraction": "mismatch_growth_ml / mismatch_ml",
-    "overlap_fraction_random_mean": "mean overlap fraction of random regions of the same size "
-                                    "(analysis mask minus baseline lesion)",
-    "overlap_fraction_random_std": "standard deviation of the random overlap fractions",
-    "overlap_fraction_random_p": "one-sided permutation p-value: P(random >= observed), (1+k)/(1+n)",
-    "overlap_fraction_perilesional_mean": "mean random overlap when the random regions are drawn within "
-                                          "perilesional_mm of the baseline lesion (n/a when not asked for)",
-    "overlap_fraction_perilesional_p": "one-sided p-value against the perilesional random regions",
-    "new_lesion_in_mismatch_fraction": "part of the new lesion that was mismatch at baseline",
-    "followup_anomaly_ml": "anomalous volume at follow-up, in baseline dwi space (mL; follow-up dwi only)",
-    "anomaly_change_ml": "followup_anomaly_ml - baseline_anomaly_ml",
-    "score_change_mean": "mean follow-up minus baseline anomaly score in the analysis mask",
-    "score_change_mismatch_mean": "mean score change within the mismatch",
-    "n_permutations": "random regions drawn",
-    "null_method": "components (shifted/flipped copies of the mismatch components) or blobs",
-}
-
-
-def _write_columns_sidecar(tsv: Path) -> None:
-    from bids_uad.bids.derivatives import write_json
-
-    write_json(tsv.with_suffix(".json"), {c: {"Description": d} for c, d in COLUMN_DESCRIPTIONS.items()})
-
-
-def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) -> Path:
-    """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` and its JSON sidecar (atomic)."""
-    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
-    from bids_uad.bids.derivatives import safe_join, validate_label, write_tsv
-
-    subject = validate_label(subject, "sub")
-    path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
-    write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
-    _write_columns_sidecar(path)
-    return path
-
+# ============================================================================ tables
 
 class _TablesInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     subject = traits.Str(mandatory=True)
     rows = traits.List(traits.Any, mandatory=True, desc="rows, or lists of rows (one per follow-up)")
-    figures = traits.List(traits.Any, desc="stored figure paths (lists allowed)")
 
 
 class _TablesOutputSpec(TraitedSpec):
     subject_tsv = traits.Str()
     group_tsv = traits.Str()
-    html = traits.Str(desc="report fragment, sub-X/figures/sub-X_desc-longitudinal_reportlet.html")
 
 
 def _flatten(items) -> list:
@@ -846,23 +583,16 @@ def _flatten(items) -> list:
 
 
 class LongitudinalTables(SimpleInterface):
-    """Per-subject TSV, group TSV rebuild, and the HTML fragment of the subject report."""
+    """Per-subject TSV and the group TSV rebuild (see :mod:`bids_uad.bids.longitudinal`)."""
 
     input_spec = _TablesInputSpec
     output_spec = _TablesOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.bids.derivatives import safe_join, write_text
+        from bids_uad.bids.longitudinal import rebuild_group_table, write_subject_table
 
         rows = _flatten(self.inputs.rows)
-        sub = self.inputs.subject
-        subject_tsv = write_subject_table(self.inputs.output_dir, sub, rows)
+        subject_tsv = write_subject_table(self.inputs.output_dir, self.inputs.subject, rows)
         group_tsv = rebuild_group_table(self.inputs.output_dir)
-        figs = [str(f) for f in _flatten(self.inputs.figures) if str(f).endswith(".svg")]
-        subject_dir = Path(self.inputs.output_dir) / f"sub-{sub}"
-        rel = [os.path.relpath(f, subject_dir.parent) for f in figs]  # relative to OUTPUT_DIR/sub-X.html
-        fragment = safe_join(self.inputs.output_dir, f"sub-{sub}", "figures",
-                             f"sub-{sub}_desc-longitudinal_reportlet.html")
-        write_text(fragment, longitudinal_html(rows, rel))
-        self._results.update(subject_tsv=str(subject_tsv), group_tsv=str(group_tsv), html=str(fragment))
+        self._results.update(subject_tsv=str(subject_tsv), group_tsv=str(group_tsv))
         return runtime

@@ -1,8 +1,9 @@
 """Anomaly-detection networks, registered by name.
 
 Every model is a ``torch.nn.Module`` built from a :class:`ModelSettings` with
-``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, and a class attribute
-``needs_ood`` saying whether training feeds it synthetic anomalies.
+``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, a class attribute
+``needs_ood`` saying whether training feeds it synthetic anomalies, and ``__desc__``: how it
+learns, in one clause of the methods text (:func:`describe_model`).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torch import nn
 
 from bids_uad.errors import UsageError
 from bids_uad.models.recdisc import RecDiscNet
+from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
-from bids_uad.training.settings import ModelSettings
 
 MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet}
 FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}  # reference paper's fixed thresholds
@@ -22,6 +23,12 @@ FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}  # reference paper's fixed thres
 def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> None:
     """Add a model factory under ``name``."""
     MODELS[name] = factory
+
+
+def describe_model(name: str) -> str:
+    """The methods-text clause of model ``name`` (its class's ``__desc__``)."""
+    factory = MODELS.get(name)
+    return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
 
 
 def get_model(name: str, settings: ModelSettings) -> nn.Module:
@@ -33,4 +40,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
     return factory(settings)
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "get_model", "register_model", "VAE3d", "RecDiscNet"]
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "register_model", "VAE3d", "RecDiscNet"]

@@ -17,12 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bids_uad.models.blocks import Decoder, Encoder, FanInLinear, feature_list, masked_mse, output_activation
-from bids_uad.training.settings import ModelSettings
+from bids_uad.models.settings import ModelSettings
 
 
 class VAE3d(nn.Module):
     """Conv encoder -> dense (mu, logvar) -> dense -> conv decoder."""
 
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a 3D convolutional variational autoencoder (DAE) that learns to reconstruct the healthy "
+                "diffusion-weighted signal; its anomaly score is the reconstruction residual summed over "
+                "the diffusion-weighted channels")
     needs_ood = False
     needs_noise = True  # training draws latent noise: the trainer may supply it as batch["noise"]
 

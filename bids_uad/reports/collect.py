@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bids_uad.bids.layout import sidecar_of
+
 ANY = "*"
 DISTINGUISHING = ("space", "desc", "model", "param", "label", "stat", "from", "to")
 NII = ".nii.gz"
@@ -113,28 +115,6 @@ def read_json(path: Path | None) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def sidecar_of(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".tsv"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_suffix(".json")
-
-
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a TSV file as dicts of strings (empty list when unreadable)."""
-    try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError:
-        return []
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
 
 
 def meta_value(meta: dict, *keys: str, default: Any = None) -> Any:

@@ -3,7 +3,7 @@
 Inputs (see docs/reports.md):
 
 * ``OUTPUT_DIR/models/model-<name>.json`` — the JSON half of a trained model bundle
-  (:meth:`bids_uad.training.bundle.ModelBundle.metadata`): ``folds`` with ``history``
+  (:meth:`bids_uad.models.bundle.ModelBundle.metadata`): ``folds`` with ``history``
   (epoch, train_loss, val_loss), ``best_epoch``, ``best_val_loss``, ``train_subjects``,
   ``heldout_subjects`` and ``calibration`` (n_healthy_voxels, threshold_at_fpr, fpr).
 * ``OUTPUT_DIR/group/*.tsv`` — evaluation tables; a table with a ``model`` column, a
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from bids_uad.bids.derivatives import read_tsv
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import list_subjects, read_tsv, to_float
+from bids_uad.reports.collect import list_subjects, to_float
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note, table, text
 
 METHOD_COLUMNS = ("threshold_method", "method", "threshold")

@@ -22,7 +22,8 @@ def anomaly_metrics(score: np.ndarray, binary: np.ndarray | None, truth: np.ndar
     shown as they are; AUROC/AUPRC/Dice are computed here only when a ground-truth mask in
     dwi space is among the derivatives.
     """
-    from bids_uad.scoring.metrics import auprc, auroc, dice
+    from bids_uad.algorithms.masking import dice
+    from bids_uad.scoring.metrics import auprc, auroc
 
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     rows: list[tuple[str, Any]] = []

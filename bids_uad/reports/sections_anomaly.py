@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import SubjectDerivatives, meta_value, read_json, sidecar_of, to_float
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports.collect import SubjectDerivatives, meta_value, read_json, to_float
 from bids_uad.reports.common import load, same_grid
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note
 

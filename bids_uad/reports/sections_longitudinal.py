@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_uad.reports.collect import SubjectDerivatives, read_json, read_tsv, to_float
+from bids_uad.bids.derivatives import read_tsv
+from bids_uad.reports.collect import SubjectDerivatives, read_json, to_float
 from bids_uad.reports.reportlets import FigureMaker, note, table, text, warning
 
 

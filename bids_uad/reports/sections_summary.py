@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_uad.reports.collect import (LOOKUP, SessionDerivatives, SubjectDerivatives, meta_value, read_json,
-                                      sidecar_of)
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports.collect import LOOKUP, SessionDerivatives, SubjectDerivatives, meta_value, read_json
 from bids_uad.reports.methods import steps_of, warnings_of
 from bids_uad.reports.reportlets import heading, kv, note, pre, table, text, warning
 

@@ -2,7 +2,7 @@
 
 * :func:`infer` — raw preprocessed dwi (with b0s) + gradient table + masks in diffusion
   space -> score map, p-value map (if calibrated), binary mask, all in the input's shape.
-* :func:`infer_prepared` — the same from a :class:`~bids_uad.training.inputs.Prepared` subject.
+* :func:`infer_prepared` — the same from a :class:`~bids_uad.models.inputs.Prepared` subject.
 * :func:`evaluate` — per-subject AUROC, AUPRC and Dice per threshold method, with and
   without opening, plus oracle thresholds (reported apart).
 """
@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputValidationError
-from bids_uad.scoring.metrics import auprc, auroc, dice, dice_optimal_threshold, youden_threshold
+from bids_uad.models.bundle import ModelBundle, score_volume
+from bids_uad.models.calibration import Calibration
+from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, to_grid
+from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
+from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import opening
 from bids_uad.scoring.thresholds import threshold_map
-from bids_uad.training.bundle import ModelBundle
-from bids_uad.training.calibration import Calibration
-from bids_uad.training.inputs import Prepared, from_grid, prepare_subject, to_grid
-from bids_uad.training.settings import THRESHOLD_METHODS, ScoringSettings
-from bids_uad.training.trainer import score_volume
 
 
 @dataclass

@@ -15,8 +15,8 @@ from bids_uad.algorithms.histogram import otsu_threshold
 
 from bids_uad.errors import UsageError
 from bids_uad.models import FIXED_THRESHOLDS
-from bids_uad.training.calibration import Calibration
-from bids_uad.training.settings import ScoringSettings
+from bids_uad.models.calibration import Calibration
+from bids_uad.models.settings import ScoringSettings
 
 
 def meanpool_threshold(score: np.ndarray, mask: np.ndarray, size: int = 16) -> float:

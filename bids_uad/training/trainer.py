@@ -19,7 +19,6 @@ import logging
 import math
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,12 +29,13 @@ from tqdm import tqdm
 
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
+from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
+from bids_uad.models.calibration import calibrate
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
+from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
-from bids_uad.training.calibration import Calibration, calibrate
 from bids_uad.training.folds import make_folds
 from bids_uad.training.ood import add_ood_patches
-from bids_uad.training.settings import Settings
 
 LOG = logging.getLogger(__name__)
 # training settings that change how a run executes, not what it computes: a checkpoint may be
@@ -43,31 +43,8 @@ LOG = logging.getLogger(__name__)
 RUNTIME_TRAINING_KEYS = ("threads", "processes", "progress")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-@dataclass
-class FoldResult:
-    """One trained fold: the best-validation model and its bookkeeping."""
-
-    fold: int
-    model: torch.nn.Module
-    train_idx: list[int]
-    val_idx: list[int]
-    best_epoch: int
-    best_val_loss: float
-    history: list[dict] = field(default_factory=list)
-    calibration: Calibration | None = None
 
 
 def batch_arrays(model, data, masks, idx, rng, settings: Settings) -> dict[str, np.ndarray]:
@@ -85,11 +62,6 @@ def batch_arrays(model, data, masks, idx, rng, settings: Settings) -> dict[str, 
 def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     """Numpy batch -> tensors on ``device``."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
-
-
-def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
-    """:func:`batch_arrays` as tensors on ``device``."""
-    return to_tensors(batch_arrays(model, data, masks, idx, rng, settings), device)
 
 
 def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
@@ -296,15 +268,6 @@ def _global_step_losses(losses: list[torch.Tensor], world: int) -> list[float]:
         return [float(x) for x in losses]
     summed = distributed.all_reduce_sum(torch.stack(losses).to(torch.float64))
     return (summed / world).tolist()
-
-
-@torch.no_grad()
-def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
-    """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid."""
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
-    return model.score(x)[0].float().cpu().numpy()
 
 
 def check_training_inputs(data: Sequence[np.ndarray], masks: Sequence[np.ndarray], settings: Settings) -> None:

@@ -12,19 +12,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.errors import InputMissingError
 from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
+from bids_uad.models.validate import model_files
 
 
 def resolve_model_files(path: str | Path) -> list[Path]:
     """``--model``: one ``model-<name>.json`` or a folder holding several (each with its tensors)."""
-    path = Path(path)
-    files = sorted(path.glob("model-*.json")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix == ".json" and f.with_suffix(".safetensors").is_file()]
-    if not files:
-        raise InputMissingError("no trained model found (model-<name>.json with its .safetensors)", path)
-    return files
+    return model_files(path)
 
 
 def model_name(model_file: str | Path) -> str:
@@ -43,13 +38,16 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     """Inference for every model in ``settings.model``, maps written in diffusion space.
 
     inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_file
-    (the raw dwi run or its preprocessed derivative: the maps inherit its entities).
+    (the raw dwi run or its preprocessed derivative: the maps inherit its entities),
+    dwi2t1w_xfm and t1w2template_xfm (the anatomical workflow's composites, for template-space
+    maps; unset: read from OUTPUT_DIR).
     outputnode: scores, masks (lists, one per model).
     """
     models = resolve_model_files(settings.model)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask",
-                                                      "analysis_mask", "source_file"]), name="inputnode")
+                                                      "analysis_mask", "source_file", "dwi2t1w_xfm",
+                                                      "t1w2template_xfm"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks"]), name="outputnode")
     scores = pe.Node(niu.Merge(len(models)), name="merge_scores", run_without_submitting=True)
     masks = pe.Node(niu.Merge(len(models)), name="merge_masks", run_without_submitting=True)
@@ -100,7 +98,8 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
                                            skip_empty=True, **common),
                        name=f"ds_{key}_{model}", run_without_submitting=True)
         workflow.connect([
-            (inputnode, warp, [("source_file", "source_file")]),
+            (inputnode, warp, [("source_file", "source_file"), ("dwi2t1w_xfm", "dwi2t1w_xfm"),
+                               ("t1w2template_xfm", "t1w2template_xfm")]),
             (infer, warp, [(field, "in_file"), ("meta", "in_meta")]),
             (warp, sink, [("out_file", "in_file"), ("meta", "meta")]),
             (inputnode, sink, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),

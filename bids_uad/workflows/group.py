@@ -30,6 +30,31 @@ from bids_uad.errors import InputValidationError, NoFilesSelectedError
 
 LOGGER = logging.getLogger("bids_uad.group")
 
+#: Methods text of this stage (as nipreps' LiterateWorkflow ``__desc__``/``__postdesc__``), per
+#: trained model; :func:`describe_training` fills it in and the group report assembles it.
+__desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
+            "cross-validation in PyTorch{budget}, is {model}")
+__postdesc__ = ("Each fold's anomaly scores on its held-out controls formed a null sample for calibrated "
+                "thresholds (false-positive rate on healthy tissue) and conformal p-values, with "
+                "Benjamini-Hochberg control of the false discovery rate")
+
+
+def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
+    """Methods sentences (with citation keys) for one trained model, from its model JSON ``meta``.
+
+    The model's own clause comes from its class (:func:`bids_uad.models.describe_model`), so
+    the text says what that architecture does (only RecDiscNet trains on synthetic anomalies).
+    """
+    from bids_uad.models import describe_model
+
+    settings = meta.get("settings", {}) if isinstance(meta.get("settings"), dict) else {}
+    training = settings.get("training", {}) if isinstance(settings.get("training"), dict) else {}
+    budget = (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
+              if training.get("epochs") is not None else "")
+    text = __desc__.format(name=name, model=describe_model(name), n_subjects=len(meta.get("training_subjects", [])),
+                           k=len(meta.get("folds", [])), budget=budget)
+    return [(text, ["reference", "pytorch"]), (__postdesc__, ["bh"])]
+
 
 def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> PreprocessedDwi | None:
     """The preprocessed dwi of a subject's first session (by ``acq_time``) that has one."""
@@ -43,7 +68,7 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
 
 def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int]):
     """Training settings from the preset, sized to the data: channels and a grid that covers it."""
-    from bids_uad.training.settings import preset
+    from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
@@ -65,7 +90,7 @@ def training_processes(settings: Settings, batch_size: int) -> int:
     process beyond it would only idle on an empty shard) and, on CUDA, at the number of GPUs.
     """
     from bids_uad.training import distributed
-    from bids_uad.training.trainer import resolve_device
+    from bids_uad.models.bundle import resolve_device
 
     env = distributed.torchrun_env()
     if env is not None:
@@ -119,7 +144,7 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
 
 def shell_signature(bvals) -> tuple[int, ...]:
     """The diffusion-weighted shells of a series, rounded to 100 s/mm² (b900 and b929 are one shell)."""
-    from bids_uad.training.inputs import dw_gradients, shells
+    from bids_uad.models.inputs import dw_gradients, shells
 
     dw, _ = dw_gradients(bvals, np.zeros((len(np.ravel(bvals)), 3)) + 1.0)
     return tuple(int(round(v, -2)) for v in shells(dw)[0]) if dw.size else ()
@@ -155,8 +180,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
     other than 0 only train)."""
     from bids_uad.training import distributed
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.inputs import dw_gradients
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
     for subject in controls:

@@ -10,7 +10,7 @@ Per follow-up session: lesion masks (``--lesion-masks`` or a FLAIR-hyperintensit
 → follow-up T1w registered to the baseline T1w (rigid, then SyN with both lesions masked)
 → follow-up lesion/FLAIR/scores carried into baseline dwi space → per model: mismatch,
 volumes, overlap, random-region null, score change, figure → derivatives.  Then the
-subject TSV, the group TSV (rebuilt under a lock) and the report fragment.
+subject TSV and the group TSV (rebuilt under a lock).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from bids_uad.interfaces.longitudinal import (
 LOGGER = logging.getLogger("bids_uad.workflows")
 
 INPUT_FIELDS = ["wait_baseline", "wait_followups"]
-OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "html", "rows", "figures"]
+OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "rows", "figures"]
 
 
 def _has(bids_dir: Path, output_dir: Path, subject: str, session: str, kind: str) -> bool:
@@ -138,7 +138,7 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
     ``check_inputs=True`` looks every derivative up at build time (use it when they already
     exist, i.e. when the comparison runs after the graph that made them): a missing one is
     then an :class:`InputMissingError` here instead of a nipype crash later.
-    outputnode: ``subject_tsv``, ``group_tsv``, ``html`` (report fragment), ``rows``
+    outputnode: ``subject_tsv``, ``group_tsv``, ``rows``
     (statistics dicts, one per follow-up and model), ``figures`` (every stored file of the
     comparison; the SVGs among them are the figures).
     """
@@ -222,8 +222,7 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
                      run_without_submitting=True)
     workflow.connect([
         (rows, tables, [("out", "rows")]),
-        (figures, tables, [("out", "figures")]),
-        (tables, outputnode, [("subject_tsv", "subject_tsv"), ("group_tsv", "group_tsv"), ("html", "html")]),
+        (tables, outputnode, [("subject_tsv", "subject_tsv"), ("group_tsv", "group_tsv")]),
         (rows, outputnode, [("out", "rows")]),
         (figures, outputnode, [("out", "figures")]),
     ])

@@ -10,12 +10,12 @@ import pytest
 nib = pytest.importorskip("nibabel")
 
 from bids_uad.bids.phase_encoding import NOMINAL_TOTAL_READOUT_TIME
+from bids_uad.bids.validate import total_readout_time  # noqa: E402
 from bids_uad.errors import InputValidationError  # noqa: E402
 from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
 from bids_uad.interfaces.derivatives import DerivativesDataSink  # noqa: E402
 from bids_uad.interfaces.dwi import (  # noqa: E402
     EstimateSDC,
-    total_readout_time,
 )
 
 

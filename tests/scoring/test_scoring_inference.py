@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from bids_uad.errors import InputValidationError
+from bids_uad.models.bundle import load_bundle
+from bids_uad.models.settings import preset
 from bids_uad.scoring.inference import evaluate, infer
-from bids_uad.training.bundle import load_bundle, train_from_dwi
-from bids_uad.training.settings import preset
+from bids_uad.training.fit import train_from_dwi
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 
 BVECS = fibonacci_directions(16)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bids_uad.errors import InputValidationError
-from bids_uad.training.bundle import train_from_dwi, train_model
+from bids_uad.models.settings import preset
+from bids_uad.training.fit import train_from_dwi, train_model
 from bids_uad.training.folds import make_folds
-from bids_uad.training.settings import preset
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from bids_uad.training.trainer import train_fold
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_uad.algorithms.registration import dice
+from bids_uad.algorithms.masking import dice
 from bids_uad.algorithms.templates import NILEARN_NAME, phantom_head
 from bids_uad.config import Settings
 
