@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bids_uad.algorithms.hmc import ROT_SCALE, _Warper, mi_rigid, rotation_matrix
-from bids_uad.algorithms.resample import sample_volumes, to_torch_volume
+from bids_uad.algorithms.resample import sample_volumes
 
 
 @dataclass
@@ -64,7 +64,7 @@ def resample_rigid(series: np.ndarray, params: np.ndarray, zooms) -> np.ndarray:
     """Resample a 3-D or 4-D image with rigid ``params`` (trilinear; outside the FOV: 0)."""
     data = np.asarray(series, np.float32)
     squeeze = data.ndim == 3
-    vols = to_torch_volume(data)
+    vols = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[..., None] if squeeze else data, -1, 0)))[:, None]
     warper = _Warper(data.shape[:3], zooms, None, None)
     theta = torch.zeros(1, 9)
     theta[0, :3] = torch.as_tensor(np.asarray(params[:3], np.float32))

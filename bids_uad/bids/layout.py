@@ -331,7 +331,9 @@ class BIDSInputs:
             ident = emeta.get("B0FieldIdentifier")
             idents = set(ident if isinstance(ident, list) else [ident]) - {None}
             if rel_subject in targets or (sources & idents):
-                if not pe or not emeta.get("PhaseEncodingDirection"):
+                # a sidecar without polarity: no pair, a warning; no sidecar at all is bad input
+                # that validation names (the fmap says it is meant for this run)
+                if (meta and not pe) or (emeta and not emeta.get("PhaseEncodingDirection")):
                     unknown = Path(dwi_path).name if not pe else Path(epi.path).name
                     why = (meta if not pe else emeta).get(PE_SOURCE_KEY, "no PhaseEncodingDirection")
                     LOGGER.warning("%s: phase-encoding polarity unknown (%s): the reverse phase-encoding image "
