@@ -190,7 +190,9 @@ def collect_session(root: Path, subject: str, session: str | None) -> SessionDer
         for wanted in candidates:
             hits = [p for d in datatypes for p in by_type.get(d, []) if matches(p.name, wanted)]
             if hits:
-                found = sorted(hits)[0]
+                # fewest entities first: the series combined from an opposite-PE pair (no dir-)
+                # before its runs; then by name
+                found = min(hits, key=lambda p: (p.name.count("_"), p.name))
                 break
         if found is not None:
             ses.files[key] = found
