@@ -112,7 +112,8 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
     generator T1w: 2 mm 0.990/0.978/0.989, 1 mm control 0.996/0.981/0.995, 1 mm patient
     0.977/0.988/0.981; template-derived phantom 1 mm 0.973/0.985/0.978.
     """
-    agreement = dice(guess, warped)
+    a, b = guess > 0, warped > 0
+    agreement = dice(a, b)
     if agreement < min_dice:
         LOGGER.warning("skull strip: threshold mask and template mask disagree (Dice %.2f); "
                        "using the template mask", agreement)

@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bids_uad.algorithms.longitudinal import STAT_COLUMNS
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import read_tsv, safe_join, validate_label, write_json, write_tsv
 
 #: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
 ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
               "baseline_lesion_source", "followup_lesion_source")
-SUBJECT_TSV = "sub-{subject}_desc-longitudinal_stats.tsv"
-GROUP_TSV = "desc-longitudinal_stats.tsv"
+GROUP_TSV = Path(outputs.GROUP_OUTPUTS["longitudinal_group_tsv"]).name
 
 
 @contextmanager
@@ -41,11 +41,12 @@ def rebuild_group_table(output_dir: str | Path) -> Path:
     subject TSV written before it, so no subject is lost.
     """
     output_dir = Path(output_dir)
-    target = output_dir / "group" / GROUP_TSV
+    target = outputs.group_path(output_dir, "longitudinal_group_tsv")
     # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
     with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
         rows: list[dict] = []
-        for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
+        for path in sorted(p for p in output_dir.glob("sub-*/sub-*.tsv")
+                           if outputs.matches(p.name, "longitudinal_subject_tsv")):
             rows.extend(read_tsv(path))
         rows.sort(key=lambda r: (r.get("participant_id", ""), r.get("followup_session", ""), r.get("model", "")))
         columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
@@ -95,7 +96,7 @@ def _write_columns_sidecar(tsv: Path) -> None:
 def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) -> Path:
     """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` and its JSON sidecar (atomic)."""
     subject = validate_label(subject, "sub")
-    path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
+    path = safe_join(output_dir, *outputs.relpath_for("longitudinal_subject_tsv", {"sub": subject}).parts)
     write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
     _write_columns_sidecar(path)
     return path

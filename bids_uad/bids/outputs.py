@@ -154,6 +154,24 @@ OUTPUTS: dict[str, Output] = {o.key: o for o in (
 )}
 
 
+#: group-level files (not per subject), relative to OUTPUT_DIR; parametric in the model
+GROUP_OUTPUTS: dict[str, str] = {
+    "model_json": "models/model-{model}.json",
+    "model_weights": "models/model-{model}.safetensors",
+    "folds_tsv": "group/model-{model}_folds.tsv",
+    "evaluation_tsv": "group/model-{model}_evaluation.tsv",
+    "evaluation_summary_tsv": "group/model-{model}_evaluation_summary.tsv",
+    "training_loss_figure": "group/figures/model-{model}_desc-training_loss.svg",
+    "longitudinal_group_tsv": "group/desc-longitudinal_stats.tsv",
+}
+
+
+def group_path(output_dir: str | Path, key: str, **params: str) -> Path:
+    """Where group-level file ``key`` goes (model names validated as BIDS labels)."""
+    params = {k: validate_label(v, k) for k, v in params.items()}
+    return Path(output_dir) / GROUP_OUTPUTS[key].format(**params)
+
+
 def parse_name(name: str) -> tuple[dict[str, str], str, str] | None:
     """``(entities, suffix, extension)`` of a BIDS file name (short keys), or None when it is not one."""
     stem, dot, ext = Path(name).name.partition(".")
@@ -229,6 +247,15 @@ def path_for(output_dir: str | Path, key: str, source, **params: str) -> Path:
     return Path(output_dir) / relpath_for(key, source, **params)
 
 
+def _template_regex(template: str, params: Mapping[str, str]) -> str:
+    """A regex for a table value such as ``longitudinal{followup}``: given parameters literally,
+    the others as any label."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return "".join(re.escape(part) if i % 2 == 0 else
+                   (re.escape(str(params[part])) if part in params else "[A-Za-z0-9]+")
+                   for i, part in enumerate(parts))
+
+
 def matches(name: str, key: str, **params: str) -> dict[str, str] | None:
     """The entities of ``name`` when it is a file of output ``key`` (None otherwise).
 
@@ -240,23 +267,13 @@ def matches(name: str, key: str, **params: str) -> dict[str, str] | None:
         return None
     entities, suffix, ext = parsed
     output = OUTPUTS[key]
-    if ext != output.extension:
-        return None
-    pattern = "^" + re.escape(output.suffix).replace(r"\{", "{").replace(r"\}", "}") + "$"
-    if not re.match(re.sub(r"\{(\w+)\}", lambda m: re.escape(params[m[1]]) if m[1] in params else "[A-Za-z0-9]+",
-                           pattern), suffix):
+    if ext != output.extension or not re.fullmatch(_template_regex(output.suffix, params), suffix):
         return None
     for ent in DERIVED_ENTITIES:
         wanted = output.entities.get(ent)
-        if wanted is None:
-            if ent in entities:
-                return None
-            continue
-        if ent not in entities:
+        if wanted is None and ent in entities:
             return None
-        regex = re.sub(r"\{(\w+)\}", lambda m: re.escape(params[m[1]]) if m[1] in params else "[A-Za-z0-9]*",
-                       re.escape(wanted).replace(r"\{", "{").replace(r"\}", "}"))
-        if not re.fullmatch(regex, entities[ent]):
+        if wanted is not None and not re.fullmatch(_template_regex(wanted, params), entities.get(ent, "")):
             return None
     return entities
 
@@ -289,8 +306,20 @@ def find(output_dir: str | Path, key: str, subject: str, session: str | None = N
     return hits
 
 
+def find_run(output_dir: str | Path, key: str, subject: str, session: str | None, run: Mapping[str, str],
+             **params: str) -> list[Path]:
+    """The files of output ``key`` of exactly one dwi run (its :func:`run_entities` equal ``run``)."""
+    run = {k: str(v) for k, v in run.items()}
+    return [p for p in find(output_dir, key, subject, session, source=run, **params) if run_entities(p.name) == run]
+
+
 def run_entities(source: str | Path | Mapping[str, Any]) -> dict[str, str]:
-    """The entities that tell one dwi run of a session from another (all but sub and ses)."""
+    """The entities that tell one dwi run of a session from another (all but sub and ses).
+
+    ``source``: a file name, or entities (with or without sub/ses).
+    """
+    if isinstance(source, Mapping) and not {"sub", "subject"} & set(source):
+        source = {"sub": "x", **source}
     return {k: v for k, v in source_entities(source).items() if k not in ("sub", "ses")}
 
 
@@ -298,6 +327,20 @@ def run_label(source: str | Path | Mapping[str, Any]) -> str:
     """``acq-hb_dir-AP`` for a run (in BIDS order), '' for a session's only unnamed run."""
     ents = run_entities(source)
     return "_".join(f"{k}-{ents[k]}" for k in ENTITY_ORDER if k in ents)
+
+
+def common_source(sources: Iterable[str | Path]) -> str:
+    """A source name for a series made from several runs: the entities they all share.
+
+    ``sub-01_dir-AP_dwi.nii.gz`` + ``sub-01_dir-PA_dwi.nii.gz`` → ``sub-01_dwi.nii.gz`` (what a
+    combined opposite-PE pair's derivatives inherit, as QSIPrep names a merged series).  Only
+    the name matters (:func:`source_entities` reads it); no such file needs to exist.
+    """
+    parsed = [source_entities(s) for s in sources]
+    if not parsed:
+        raise ValueError("common_source needs at least one source")
+    shared = {k: v for k, v in parsed[0].items() if all(p.get(k) == v for p in parsed[1:])}
+    return bids_name(shared, "dwi", ".nii.gz")
 
 
 def check_unique(planned: Iterable[tuple[str | Path, str | Path]]) -> None:

@@ -52,13 +52,6 @@ class PreprocessedDwi:
                 "analysis_mask": analysis & brain, "affine": img.affine, "header": img.header}
 
 
-def _of_run(output_dir: Path, key: str, subject: str, session: str | None, run: dict[str, str]) -> Path | None:
-    """The file of output ``key`` whose run entities are exactly ``run`` (None when absent)."""
-    hits = [p for p in outputs.find(output_dir, key, subject, session, source=run)
-            if outputs.run_entities(p.name) == run]
-    return hits[0] if hits else None
-
-
 def find_preprocessed_dwi_runs(output_dir: str | Path, subject: str, session: str | None) -> list[PreprocessedDwi]:
     """Every complete preprocessed dwi run of one session in ``output_dir`` (in name order).
 
@@ -70,7 +63,7 @@ def find_preprocessed_dwi_runs(output_dir: str | Path, subject: str, session: st
     found = []
     for dwi in outputs.find(output_dir, "dwi_preproc", subject, session):
         run = outputs.run_entities(dwi.name)
-        parts = {key: _of_run(Path(output_dir), key, subject, session, run)
+        parts = {key: next(iter(outputs.find_run(output_dir, key, subject, session, run)), None)
                  for key in ("dwi_bval", "dwi_bvec", "brain_mask", "analysis_mask")}
         if None in (parts["dwi_bval"], parts["dwi_bvec"], parts["brain_mask"]):
             continue

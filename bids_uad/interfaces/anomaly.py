@@ -109,8 +109,7 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
     outputs table; None when either is missing (no T1w, or the T1w was registered to another run)."""
     ents = outputs.source_entities(source_file)
     subject, session = ents["sub"], ents.get("ses")
-    dwi2t1w = outputs.find(output_dir, "xfm_dwi_to_t1w", subject, session, source=outputs.run_entities(ents))
-    dwi2t1w = [p for p in dwi2t1w if outputs.run_entities(p.name) == outputs.run_entities(ents)]
+    dwi2t1w = outputs.find_run(output_dir, "xfm_dwi_to_t1w", subject, session, outputs.run_entities(ents))
     t1w2tpl = outputs.find(output_dir, "xfm_t1w_to_template", subject, session, template=template)
     if not (dwi2t1w and t1w2tpl):
         # no T1w: the run's own FA -> template registration (dwi-only sessions)

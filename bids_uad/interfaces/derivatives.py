@@ -34,7 +34,6 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     source_file = traits.Str(desc="the input this derivative is made from: its entities (sub, ses, "
                                   "acq, dir, run, ...) are inherited, as in niworkflows")
     entities = traits.Dict(desc="explicit entities (without output/source_file: the whole name)")
-    extra_entities = traits.Dict(desc="entities merged over the others (e.g. space, stat)")
     suffix = traits.Str(desc="BIDS suffix, e.g. dwi, mask, dwimap (default: the table's)")
     extension = traits.Str(desc="extension; default: the table's, else that of in_file")
     datatype = traits.Str(desc="datatype folder: anat, dwi, fmap, figures (default: the table's)")
@@ -65,7 +64,9 @@ class DerivativesDataSink(SimpleInterface):
     """Store ``in_file`` as a named BIDS derivative with a sidecar (atomic).
 
     The name: the table entry ``output`` (its own entities, with ``params``) over the entities
-    inherited from ``source_file``; ``entities``/``extra_entities`` are merged over those.
+    inherited from ``source_file`` (every raw entity: acq, dir, run, ...).  Without ``output``:
+    ``source_file``'s entities with ``entities`` merged over them, or ``entities`` alone (the
+    longitudinal stage, which builds them with :func:`bids_uad.bids.outputs.entities_for`).
     """
 
     input_spec = _DerivativesDataSinkInputSpec
@@ -86,7 +87,6 @@ class DerivativesDataSink(SimpleInterface):
             entities = {**outputs.source_entities(source), **explicit}
         else:
             entities = explicit
-        entities.update(inputs.extra_entities if _given(inputs.extra_entities) else {})
         if _given(inputs.suffix):
             suffix = inputs.suffix
         if _given(inputs.extension):

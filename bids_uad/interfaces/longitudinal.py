@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec, traits
 
+from bids_uad.bids import outputs
 from bids_uad.errors import InputMissingError, InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.longitudinal")
@@ -70,14 +71,13 @@ def _set_threads(n: int) -> None:
 
 # ============================================================================ finding inputs
 
-def _one(folder: Path, pattern: str, what: str, required: bool) -> str:
-    hits = sorted(folder.glob(pattern))
-    if hits:
-        return str(hits[0])
+def _one(found: list[Path], what: str, required: bool, where: Path) -> str:
+    if found:
+        return str(found[0])
     if required:
         raise InputMissingError(
-            f"longitudinal comparison needs the {what} ({pattern}), not found; run the participant "
-            "level (preprocessing, and --model for anomaly maps) on this session first", folder)
+            f"longitudinal comparison needs the {what}, not found; run the participant "
+            "level (preprocessing, and --model for anomaly maps) on this session first", where)
     return ""
 
 
@@ -85,51 +85,64 @@ def session_derivatives(output_dir: str | Path, subject: str, session: str, *,
                         lesion_dir: str | Path | None = None, require_dwi: bool = False,
                         models: list[str] | tuple[str, ...] = (), require_anomaly: bool = False,
                         ) -> dict:
-    """The files of one session the comparison reads, found in ``output_dir``.
+    """The files of one session the comparison reads, found in ``output_dir`` through the
+    outputs table (:mod:`bids_uad.bids.outputs`).
 
     Returns a dict of paths ('' when absent and optional): ``t1w``, ``brain_mask``,
     ``flair`` (T1w space), ``csf`` (CSF probseg), ``t1w2dwi``/``dwi2t1w`` (composite .h5),
     ``analysis_mask`` (dwi), ``models`` and per model ``anomaly_masks``/``anomaly_scores``,
-    ``lesion``/``lesion_space`` from ``lesion_dir``.  Raises :class:`InputMissingError` naming
-    the missing derivative.  ``models=()`` means every model found for this session.
+    ``lesion``/``lesion_space`` from ``lesion_dir``.  The dwi files are those of the dwi run
+    the T1w was registered to (the run with an analysis mask).  Raises
+    :class:`InputMissingError` naming the missing derivative.  ``models=()`` means every model
+    found for this session.
     """
     from bids_uad.bids.derivatives import validate_label
     from bids_uad.bids.lesions import find_lesion_mask
+    from bids_uad.bids.preprocessed import find_preprocessed_dwi
 
     subject = validate_label(subject, "sub")
     session = validate_label(session, "ses")
-    prefix = f"sub-{subject}_ses-{session}"
     root = Path(output_dir) / f"sub-{subject}" / f"ses-{session}"
     anat, dwi = root / "anat", root / "dwi"
+
+    def first(key: str, **params) -> list[Path]:
+        return outputs.find(output_dir, key, subject, session, **params)
+
+    registered = find_preprocessed_dwi(output_dir, subject, session)
+    run = outputs.run_entities(registered.dwi.name) if registered is not None else None
+
+    def of_run(key: str, **params) -> list[Path]:
+        if run is None:  # no preprocessed dwi: whatever this session holds
+            return first(key, **params)
+        return outputs.find_run(output_dir, key, subject, session, run, **params)
+
     out = {
         "subject": subject, "session": session,
-        "t1w": _one(anat, f"{prefix}_desc-preproc_T1w.nii.gz", "preprocessed T1w", True),
-        "brain_mask": _one(anat, f"{prefix}_desc-brain_mask.nii.gz", "T1w brain mask", True),
-        "flair": _one(anat, f"{prefix}_space-T1w_desc-preproc_FLAIR.nii.gz", "FLAIR in T1w space", False),
-        "csf": _one(anat, f"{prefix}_label-CSF_probseg.nii.gz", "CSF probability map", False),
-        "t1w2dwi": _one(anat, f"{prefix}_from-T1w_to-dwi_mode-image_xfm.h5", "T1w→dwi transform", require_dwi),
-        "dwi2t1w": _one(anat, f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5", "dwi→T1w transform", False),
-        "analysis_mask": _one(dwi, f"{prefix}_space-dwi_desc-analysis_mask.nii.gz",
-                              "analysis mask in dwi space", require_dwi),
+        "t1w": _one(first("t1w_preproc"), "preprocessed T1w", True, anat),
+        "brain_mask": _one(first("t1w_mask"), "T1w brain mask", True, anat),
+        "flair": _one(first("flair_t1w"), "FLAIR in T1w space", False, anat),
+        "csf": _one(first("t1w_csf"), "CSF probability map", False, anat),
+        "t1w2dwi": _one(of_run("xfm_t1w_to_dwi"), "T1w→dwi transform", require_dwi, anat),
+        "dwi2t1w": _one(of_run("xfm_dwi_to_t1w"), "dwi→T1w transform", False, anat),
+        "analysis_mask": _one(of_run("analysis_mask"), "analysis mask in dwi space", require_dwi, dwi),
     }
     if require_dwi and not out["analysis_mask"]:
         raise InputMissingError("no analysis mask in dwi space", dwi)
-    found = sorted(p.name[len(prefix) + len("_space-dwi_model-"):-len("_desc-anomaly_mask.nii.gz")]
-                   for p in dwi.glob(f"{prefix}_space-dwi_model-*_desc-anomaly_mask.nii.gz"))
+    found = sorted({outputs.parse_name(p.name)[0]["model"] for p in of_run("anomaly_mask")})
     names = list(models) if models else found
     if require_anomaly and not names:
         raise InputMissingError(
-            f"no anomaly maps ({prefix}_space-dwi_model-<name>_desc-anomaly_mask.nii.gz) for the "
-            "baseline session; run the participant level with --model first", dwi)
+            f"no anomaly maps ({outputs.name_for('anomaly_mask', {'sub': subject, 'ses': session}, model='NAME')}"
+            ", with the dwi run's entities) for the baseline session; run the participant level with --model first",
+            dwi)
     masks, scores = [], []
     for name in names:
-        mask = dwi / f"{prefix}_space-dwi_model-{name}_desc-anomaly_mask.nii.gz"
-        score = dwi / f"{prefix}_space-dwi_model-{name}_stat-score_anomaly.nii.gz"
-        if require_anomaly and not (mask.is_file() and score.is_file()):
+        mask, score = of_run("anomaly_mask", model=name), of_run("anomaly_score", model=name)
+        if require_anomaly and not (mask and score):
             raise InputMissingError(f"anomaly maps of model {name!r} missing for sub-{subject} "
-                                    f"ses-{session}; run the participant level with --model", mask)
-        masks.append(str(mask) if mask.is_file() else "")
-        scores.append(str(score) if score.is_file() else "")
+                                    f"ses-{session}; run the participant level with --model", dwi)
+        masks.append(str(mask[0]) if mask else "")
+        scores.append(str(score[0]) if score else "")
     out.update(models=names, anomaly_masks=masks, anomaly_scores=scores)
     lesion, space = "", ""
     if lesion_dir:
@@ -475,40 +488,42 @@ class LongitudinalCompare(SimpleInterface):
         base_src, fu_src = self.inputs.baseline_lesion_source, self.inputs.followup_lesion_source
         estimate = "estimate" in (base_src, fu_src)
         files: list[tuple[str, dict, str, str, dict]] = []
+
+        def store(path, key: str, session: str, meta: dict, **params) -> None:
+            """One file to store, named through the outputs table (sub/ses of ``session``)."""
+            source = {"sub": sub, "ses": session}
+            files.append((path, outputs.entities_for(key, source, **params), outputs.suffix_of(key, **params),
+                          outputs.OUTPUTS[key].datatype, meta))
+
         est_note = ({"LesionMaskNote": "at least one lesion mask is a FLAIR-hyperintensity ESTIMATE"}
                     if estimate else {})
         # lesion masks and the registration, stored once per pair
-        files.append((self.inputs.baseline_lesion, {"sub": sub, "ses": base, "space": "dwi",
-                                                    "desc": _desc(base_src)}, "mask", "dwi",
-                      {**self.inputs.baseline_lesion_meta, "Space": "baseline dwi"}))
+        store(self.inputs.baseline_lesion, "lesion_dwi", base,
+              {**self.inputs.baseline_lesion_meta, "Space": "baseline dwi"}, lesion=_desc(base_src))
         if _given(self.inputs.baseline_lesion_t1w) and base_src == "estimate":
-            files.append((self.inputs.baseline_lesion_t1w, {"sub": sub, "ses": base, "desc": ESTIMATE_DESC},
-                          "mask", "anat", dict(self.inputs.baseline_lesion_meta)))
+            store(self.inputs.baseline_lesion_t1w, "lesion_t1w", base, dict(self.inputs.baseline_lesion_meta),
+                  lesion=ESTIMATE_DESC)
         if _given(self.inputs.followup_lesion_t1w) and fu_src == "estimate":
-            files.append((self.inputs.followup_lesion_t1w, {"sub": sub, "ses": fu, "desc": ESTIMATE_DESC},
-                          "mask", "anat", dict(self.inputs.followup_lesion_meta)))
+            store(self.inputs.followup_lesion_t1w, "lesion_t1w", fu, dict(self.inputs.followup_lesion_meta),
+                  lesion=ESTIMATE_DESC)
         space_meta = {"SpaceDescription": f"diffusion space of the baseline session ses-{base}"}
-        files.append((self.inputs.followup_lesion, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
-                                                    "desc": _desc(fu_src)}, "mask", "dwi",
-                      {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta}))
+        store(self.inputs.followup_lesion, "lesion_baseline", fu,
+              {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta},
+              lesion=_desc(fu_src))
         if _given(self.inputs.followup_background):
-            contrast = self.inputs.followup_background_contrast
-            files.append((self.inputs.followup_background, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
-                                                            "desc": "preproc"}, contrast, "dwi",
-                          {**space_meta, **self.inputs.registration_meta, "Resampling": "linear"}))
+            store(self.inputs.followup_background, "background_baseline", fu,
+                  {**space_meta, **self.inputs.registration_meta, "Resampling": "linear"},
+                  contrast=self.inputs.followup_background_contrast)
         if _given(self.inputs.followup_t1w_baseline):
-            files.append((self.inputs.followup_t1w_baseline, {"sub": sub, "ses": fu, "space": BASELINE_T1W_SPACE,
-                                                              "desc": "preproc"}, "T1w", "anat",
-                          {"SpaceDescription": f"T1w space of the baseline session ses-{base}",
-                           **self.inputs.registration_meta, "Resampling": "linear"}))
+            store(self.inputs.followup_t1w_baseline, "t1w_baseline", fu,
+                  {"SpaceDescription": f"T1w space of the baseline session ses-{base}",
+                   **self.inputs.registration_meta, "Resampling": "linear"})
         if _given(self.inputs.xfm):
-            files.append((self.inputs.xfm, {"sub": sub, "ses": fu, "from": "T1w", "to": BASELINE_T1W_SPACE,
-                                            "mode": "image"}, "xfm", "anat",
-                          {**self.inputs.registration_meta,
-                           "SpaceDescription": f"T1w space of the baseline session ses-{base}"}))
+            store(self.inputs.xfm, "xfm_t1w_to_baseline", fu,
+                  {**self.inputs.registration_meta,
+                   "SpaceDescription": f"T1w space of the baseline session ses-{base}"})
         if _given(self.inputs.inverse_xfm):
-            files.append((self.inputs.inverse_xfm, {"sub": sub, "ses": fu, "from": BASELINE_T1W_SPACE,
-                                                    "to": "T1w", "mode": "image"}, "xfm", "anat", {}))
+            store(self.inputs.inverse_xfm, "xfm_baseline_to_t1w", fu, {})
         rows = []
         fu_scores = list(self.inputs.followup_scores or [])
         fu_masks = list(self.inputs.followup_masks or [])
@@ -530,17 +545,15 @@ class LongitudinalCompare(SimpleInterface):
                                                             "overlap_fraction_random_mean",
                                                             "overlap_fraction_random_p")}
             mism_path = _save(maps["mismatch"], ref, cwd / f"mismatch_{model}.nii.gz", np.uint8)
-            files.append((mism_path, {"sub": sub, "ses": base, "space": "dwi", "model": model, "desc": "mismatch"},
-                          "mask", "dwi",
-                          {"Description": "anomalous at baseline, outside the baseline lesion mask "
-                                          f"({_desc(base_src)}), within the analysis mask",
-                           "BaselineLesionSource": base_src, **est_note, **summary}))
+            store(mism_path, "mismatch", base,
+                  {"Description": "anomalous at baseline, outside the baseline lesion mask "
+                                  f"({_desc(base_src)}), within the analysis mask",
+                   "BaselineLesionSource": base_src, **est_note, **summary}, model=model)
             if "score_change" in maps:
                 path = _save(maps["score_change"], ref, cwd / f"scorechange_{model}.nii.gz", np.float32)
-                files.append((path, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE, "model": model,
-                                     "stat": "scorechange"}, "anomaly", "dwi",
-                              {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
-                                              "dwi grid (0 outside the analysis mask)", **space_meta}))
+                store(path, "score_change", fu,
+                      {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
+                                      "dwi grid (0 outside the analysis mask)", **space_meta}, model=model)
             label = "lesion estimate" if estimate else "lesion"
             title = (f"sub-{sub} · model {model} · ses-{base} → ses-{fu} · mismatch {stats['mismatch_ml']:.2f} mL,"
                      f" overlap {stats['overlap_fraction']:.2f} (random {stats['overlap_fraction_random_mean']:.2f})")
@@ -548,8 +561,8 @@ class LongitudinalCompare(SimpleInterface):
                                     title, lesion_label=label)
             fig = cwd / f"longitudinal_{model}.svg"
             fig.write_text(svg)
-            files.append((str(fig), {"sub": sub, "model": model, "desc": figure_desc(fu)},
-                          "anomaly", "figures", {}))
+            store(str(fig), "longitudinal_figure", fu, {}, model=model,
+                  followup=figure_desc(fu).removeprefix("longitudinal"))
         self._results["rows"] = rows
         self._results["out_files"] = [f[0] for f in files]
         self._results["out_entities"] = [f[1] for f in files]

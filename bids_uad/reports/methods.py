@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any, Iterable, Mapping
 
 from bids_uad.bids.layout import sidecar_of
+from bids_uad.bids.outputs import THRESHOLD, THRESHOLD_METHOD
 from bids_uad.reports.collect import read_json
 
 #: regular expression on "step name + backend" -> citation keys (bids_uad/data/reports/citations.json)
@@ -253,8 +254,8 @@ def build_methods(subject, version: str, models: Mapping[str, Mapping[str, Any]]
                 continue
             seen.add(model)
             meta = read_json(sidecar_of(files.get("score"))) or read_json(sidecar_of(files.get("mask")))
-            method = _text(meta.get("ThresholdMethod", meta.get("threshold_method", "")))
-            threshold = meta.get("Threshold", meta.get("threshold"))
+            method = _text(meta.get(THRESHOLD_METHOD, ""))
+            threshold = meta.get(THRESHOLD)
             keys = ["pytorch", "reference"] + (["otsu"] if method == "otsu" else []) + (
                 ["bh"] if method == "fdr" else [])
             anomaly_sentences.append((

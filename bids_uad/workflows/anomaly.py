@@ -38,9 +38,9 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     """Inference for every model in ``settings.model``, maps written in diffusion space.
 
     inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_file
-    (the raw dwi run or its preprocessed derivative: the maps inherit its entities),
-    dwi2t1w_xfm and t1w2template_xfm (the anatomical workflow's composites, for template-space
-    maps; unset: read from OUTPUT_DIR).
+    (the raw dwi run or its preprocessed derivative: the maps inherit its entities), dwi2t1w_xfm
+    and t1w2template_xfm (the anatomical workflow's composites, for template-space maps; unset:
+    read from OUTPUT_DIR through the outputs table).
     outputnode: scores, masks (lists, one per model).
     """
     models = resolve_model_files(settings.model)

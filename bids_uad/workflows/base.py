@@ -241,13 +241,10 @@ def opposite_pe_pairs(runs) -> list[tuple[int, int]]:
 
 
 def shared_source_name(paths) -> Path:
-    """A name for a series made from several runs: the entities all runs share (e.g. without ``dir-``)."""
-    from bids_uad.bids.derivatives import bids_name
-    from bids_uad.bids.outputs import source_entities
+    """The source a series made from several runs is named from (:func:`outputs.common_source`), next to them."""
+    from bids_uad.bids.outputs import common_source
 
-    entities = [source_entities(Path(p).name) for p in paths]
-    common = {k: v for k, v in entities[0].items() if all(e.get(k) == v for e in entities[1:])}
-    return Path(paths[0]).with_name(bids_name(common, "dwi", ".nii.gz"))
+    return Path(paths[0]).with_name(common_source([Path(p).name for p in paths]))
 
 
 def _add_pair_combination(workflow, settings: Settings, ses: SessionInputs, dwi_wfs: list) -> list:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import write_tsv
 from bids_uad.bids.layout import BIDSInputs
 from bids_uad.bids.lesions import find_lesion_mask
@@ -220,7 +221,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             continue
         path = bundle.save(models_dir)
         LOGGER.info("saved %s", path)
-        write_tsv(group_dir / f"model-{model}_folds.tsv", [
+        write_tsv(outputs.group_path(settings.output_dir, "folds_tsv", model=model), [
             {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss,
              "heldout": " ".join(f"sub-{subjects[i]}" for i in f.val_idx),
              "threshold_at_fpr": None if f.calibration is None else f.calibration.threshold(msettings.scoring.fpr)}
@@ -264,7 +265,7 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
     if not rows:
         LOGGER.info("%s: no subject with a dwi-space lesion mask: evaluation skipped", bundle.name)
         return
-    write_tsv(group_dir / f"model-{bundle.name}_evaluation.tsv", rows)
+    write_tsv(outputs.group_path(settings.output_dir, "evaluation_tsv", model=bundle.name), rows)
     columns = [c for c in rows[0] if c not in ("participant_id", "session")]
     summary = []
     for c in columns:
@@ -272,6 +273,6 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
         values = values[np.isfinite(values)]
         summary.append({"metric": c, "mean": values.mean() if values.size else None,
                         "sd": values.std(ddof=1) if values.size > 1 else None, "n": int(values.size)})
-    write_tsv(group_dir / f"model-{bundle.name}_evaluation_summary.tsv", summary)
+    write_tsv(outputs.group_path(settings.output_dir, "evaluation_summary_tsv", model=bundle.name), summary)
     auroc = next(s for s in summary if s["metric"] == "auroc")
     LOGGER.info("%s: AUROC %.3f over %d subjects", bundle.name, auroc["mean"] or float("nan"), auroc["n"])

@@ -20,6 +20,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import validate_label
 from bids_uad.bids.layout import read_sessions_table
 from bids_uad.bids.preprocessed import find_preprocessed_dwi, order_sessions
@@ -42,12 +43,11 @@ OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "rows", "figures"]
 def _has(bids_dir: Path, output_dir: Path, subject: str, session: str, kind: str) -> bool:
     """Whether a session has dwi (raw or preprocessed) or a T1w (raw or preprocessed)."""
     raw = Path(bids_dir) / f"sub-{subject}" / f"ses-{session}"
-    out = Path(output_dir) / f"sub-{subject}" / f"ses-{session}"
     if kind == "dwi":
         return bool(list((raw / "dwi").glob("*_dwi.nii*"))) or \
             find_preprocessed_dwi(output_dir, subject, session) is not None
     return bool(list((raw / "anat").glob("*_T1w.nii*"))) or \
-        (out / "anat" / f"sub-{subject}_ses-{session}_desc-preproc_T1w.nii.gz").is_file()
+        bool(outputs.find(output_dir, "t1w_preproc", subject, session))
 
 
 def plan_sessions(settings, subject: str, sessions: list[str]) -> tuple[str, list[str]]:
@@ -117,9 +117,9 @@ def check_longitudinal_inputs(settings, subject: str, sessions: list[str],
 def _model_names(settings) -> list[str]:
     if getattr(settings, "model", None) is None:
         return []
-    from bids_uad.workflows.anomaly import resolve_model_files
+    from bids_uad.workflows.anomaly import model_name, resolve_model_files
 
-    return [p.name[len("model-"):-len(".json")] for p in resolve_model_files(settings.model)]
+    return [model_name(p) for p in resolve_model_files(settings.model)]
 
 
 def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str = "longitudinal_wf",

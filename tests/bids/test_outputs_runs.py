@@ -89,3 +89,49 @@ def test_find_selects_runs(tmp_path):
     assert [p.name for p in outputs.find(tmp_path, "dwi_preproc", "01", "pre", source={"dir": "PA"})] == \
         ["sub-01_ses-pre_dir-PA_space-dwi_desc-preproc_dwi.nii.gz"]
     assert outputs.find(tmp_path, "dwi_preproc", "01", None) == []
+
+
+def test_table_covers_every_derivative_of_the_tiny_run():
+    """Every file the tiny end-to-end run writes under sub-*/[ses-*/]{anat,dwi}/ (and the subject
+    tables) is a declared output (sidecars through their image), with the run's dir-AP wherever
+    the output inherits a dwi run's entities."""
+    listing = Path(__file__).resolve().parents[2] / ".circleci" / "expected_outputs_tiny.txt"
+    names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    checked = 0
+    for line in names:
+        parts = line.split("/")
+        if not line.startswith("sub-") or "figures" in parts or len(parts) < 2 or line.endswith(".html"):
+            continue
+        name = parts[-1].replace("MNI152NLin2009*", "MNI152NLin2009cAsym")
+        candidates = [name] if not name.endswith(".json") else \
+            [name[:-5] + ext for ext in (".nii.gz", ".tsv", ".h5", ".bval")]
+        keys = [k for k in outputs.OUTPUTS for c in candidates if outputs.matches(c, k)]
+        assert keys, line
+        if any(outputs.OUTPUTS[k].source == "dwi" for k in keys):
+            assert "_dir-AP_" in name, line
+        checked += 1
+    assert checked > 300
+
+
+def test_common_source_of_a_combined_pair():
+    src = outputs.common_source(["/b/sub-01/ses-pre/dwi/sub-01_ses-pre_acq-hb_dir-AP_dwi.nii.gz",
+                                 "/b/sub-01/ses-pre/dwi/sub-01_ses-pre_acq-hb_dir-PA_dwi.nii.gz"])
+    assert src == "sub-01_ses-pre_acq-hb_dwi.nii.gz"
+    assert outputs.name_for("dwi_preproc", src) == "sub-01_ses-pre_acq-hb_space-dwi_desc-preproc_dwi.nii.gz"
+
+
+def test_template_transforms_of_each_run(tmp_path):
+    """ToTemplateSpace finds the dwi→T1w transform of the map's own run (through the table)."""
+    from bids_uad.interfaces.anomaly import template_transforms
+
+    tpl = "MNI152NLin2009cAsym"
+    t1w = "sub-01_ses-pre_T1w.nii.gz"
+    ap, pa = "sub-01_ses-pre_dir-AP_dwi.nii.gz", "sub-01_ses-pre_dir-PA_dwi.nii.gz"
+    for key, source in (("xfm_t1w_to_template", t1w), ("xfm_dwi_to_t1w", ap)):
+        path = outputs.path_for(tmp_path, key, source, template=tpl)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    found = template_transforms(tmp_path, "sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz", tpl)
+    assert [p.name for p in found] == [f"sub-01_ses-pre_from-T1w_to-{tpl}_mode-image_xfm.h5",
+                                       "sub-01_ses-pre_dir-AP_from-dwi_to-T1w_mode-image_xfm.h5"]
+    assert template_transforms(tmp_path, pa, tpl) is None  # the T1w was registered to dir-AP only

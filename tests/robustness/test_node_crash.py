@@ -22,7 +22,7 @@ def _crashing_dwi_builder(settings, name):
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file",
-                                                  "rpe_metadata", "source_entities"]), name="inputnode")
+                                                  "rpe_metadata", "source_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask", "b0_ref"]),
                          name="outputnode")
     boom = pe.Node(Function(input_names=["dwi_file"], output_names=["out"], function=_boom), name="boom")
