@@ -133,8 +133,7 @@ def measure_outputs(out: Path, bids: Path, label: str, log: Path) -> dict:
         "analysis_mask": (dwi_dir / f"{prefix}_space-dwi_desc-analysis_mask.nii.gz").is_file(),
     }
     res.update(pair_correlations(bids, dwi_dir, label, prefix, mask))
-    res["template_fa_correlation"] = None
-    res["template_registration"] = template_note(out, label)
+    res["template_fa_correlation"], res["template_registration"] = template_quality(dwi_dir, prefix, out, label)
     res["skipped"] = skipped_steps(log)
     res["checks"] = plausibility(res)
     return res
@@ -159,11 +158,16 @@ def pair_correlations(bids: Path, dwi_dir: Path, label: str, prefix: str, mask: 
             "sdc": meta.get("SusceptibilityDistortionCorrection")}
 
 
-def template_note(out: Path, label: str) -> str:
-    xfms = sorted((out / f"sub-{label}").rglob("*_from-T1w_to-MNI*_xfm.h5"))
-    if xfms:
-        return "T1w -> template (ANTs SyN) and T1w -> dwi"
-    return "none: dwi-only subject (no dwi -> template registration path yet)"
+def template_quality(dwi_dir: Path, prefix: str, out: Path, label: str) -> tuple[float | None, str]:
+    """(correlation of the subject's FA with the FA-like template in template space, path that ran)."""
+    warped = sorted(dwi_dir.glob(f"{prefix}_space-MNI*_model-tensor_param-fa_dwimap.json"))
+    if warped:
+        meta = json.loads(warped[0].read_text())
+        return (meta.get("TemplateRegistrationQuality", {}).get("FACorrelationWithTemplate"),
+                "dwi-only: FA -> FA-like template (affine + SyN)")
+    if sorted((out / f"sub-{label}").rglob("*_from-T1w_to-MNI*_xfm.h5")):
+        return None, "T1w -> template (ANTs SyN) and T1w -> dwi (FA correlation not measured on this path)"
+    return None, "none"
 
 
 _SKIP_RE = re.compile(r"\[WARNING\] (.*(skipped|nominal|partial brain coverage|polarity unknown|no T1w).*)")
@@ -204,7 +208,7 @@ def table(subjects: dict) -> str:
             else "-"
         rows.append(f"| {label} | {r.get('wall_s')} | {r.get('peak_rss_mb')} | {r.get('mask_ml')} | "
                     f"{r.get('whole_brain')} | {r.get('wm_fa_median')} | {round(md * 1e3, 3) if md else None} | {pair} | "
-                    f"{'yes' if r.get('template_registration', '').startswith('T1w') else 'no'} | "
+                    f"{r.get('template_fa_correlation') or ('T1w' if str(r.get('template_registration')).startswith('T1w') else 'no')} | "
                     f"{'; '.join((r.get('skipped') or []) + (r.get('checks') or []))[:300]} |")
     return head + "\n".join(rows) + "\n"
 
