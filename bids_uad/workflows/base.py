@@ -290,6 +290,8 @@ def _add_dwi_tissue_stage(workflow, settings: Settings, ses: SessionInputs, seri
                     Path(source).name)
         twf = init_dwi_tissue_wf(settings, name=f"dwi_tissue_{_session_name(ses)}_{index}")
         twf.inputs.inputnode.source_file = str(source)
+        twf.inputs.inputnode.source_files = [str(ses.dwi[k].path) for pair in opposite_pe_pairs(ses.dwi) for k in pair
+                                             if shared_source_name([ses.dwi[i].path for i in pair]) == Path(source)]
         workflow.connect([(dwi_wf, twf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
                                          ("outputnode.brain_mask", "inputnode.brain_mask")])])
         out[dwi_wf] = twf

@@ -184,7 +184,9 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
     ``analysis_mask``), their sidecars saying they come from the diffusion data.
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file"]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file", "source_files"]),
+                        name="inputnode")
+    inputnode.inputs.source_files = []  # the raw runs of a combined series ([]: source_file)
     outputnode = pe.Node(IdentityInterface(fields=["dseg", "analysis_mask"]), name="outputnode")
     tissues = pe.Node(DiffusionTissues(), name="tissues")
     # the analysis mask is handed on once the template transform is on disk too (anomaly maps
@@ -206,7 +208,8 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
             sink.inputs.write_sidecar = False
         else:
             wf.connect(tissues, meta, sink, "meta")
-        wf.connect([(tissues, sink, [(field, "in_file")]), (inputnode, sink, [("source_file", "source_file")])])
+        wf.connect([(tissues, sink, [(field, "in_file")]),
+                    (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")])])
     if any(space.startswith("MNI") for space in getattr(settings, "output_spaces", ())):
         from bids_uad.algorithms.templates import template_for_output_spaces
 
@@ -220,7 +223,7 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
                                                output=key, params={"template": template}),
                            name=f"ds_{key}", run_without_submitting=True)
             wf.connect([(reg, sink, [(field, "in_file"), ("meta", "meta")]),
-                        (inputnode, sink, [("source_file", "source_file")])])
+                        (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")])])
             if key == "xfm_dwi_to_template":
                 wf.connect(sink, "out_file", ready, "xfm")
     return wf
