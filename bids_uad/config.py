@@ -16,12 +16,12 @@ from typing import Any
 
 from bids_uad import __version__
 from bids_uad.errors import InputMissingError, UsageError
-from bids_uad.models.settings import MODEL_NAMES, THRESHOLD_METHODS
+from bids_uad.models.settings import DEFAULT_MODELS, MODEL_NAMES, THRESHOLD_METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")
 DEVICES = ("auto", "cpu", "cuda")
-TRAIN_PRESETS = ("quick", "paper")
+TRAIN_PRESETS = ("quick", "standard", "paper")
 #: FSL programs the ``fsl`` backend needs on PATH (with ``FSLDIR`` set).
 FSL_PROGRAMS = ("topup", "applytopup", "eddy", "bet", "fast")
 
@@ -51,9 +51,9 @@ class Settings:
     group_column: str = "group"
     control_value: str = "control"
     lesion_masks: Path | None = None
-    threshold: str = "fixed"
+    threshold: str | None = None  # None: the model file's method (healthy-fpr from the group level)
     device: str = "auto"
-    models: tuple[str, ...] = MODEL_NAMES
+    models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
     ensemble: bool = False
     use_plugin: Path | None = None

@@ -59,7 +59,11 @@ class FoldResult:
 @torch.no_grad()
 def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
     """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid."""
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    if device is None:  # the baselines have buffers only
+        first = next(iter(model.parameters()), None)
+        first = next(iter(model.buffers()), None) if first is None else first
+        device = torch.device("cpu") if first is None else first.device
+    device = torch.device(device)
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
     return model.score(x)[0].float().cpu().numpy()
@@ -125,8 +129,12 @@ class ModelBundle:
                        "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss, "history": f.history,
                        "calibration": None if f.calibration is None else {
                            "n_healthy_voxels": f.calibration.n,
-                           "threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
-                           "fpr": self.settings.scoring.fpr}}
+                           "threshold_at_fpr": f.calibration.threshold_for(self.settings.scoring.fpr),
+                           "fpr": self.settings.scoring.fpr,
+                           "voxelwise_threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
+                           "written_map_level": f.calibration.level,
+                           "written_map_target_fpr": f.calibration.target_fpr,
+                           "written_map_fpr_on_calibration_controls": f.calibration.written_fpr}}
                       for f in self.folds],
             "best_fold": self.best_fold(),
             "versions": self.versions,
@@ -169,11 +177,14 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         model.load_state_dict(state, strict=True)
         model.to(dev).eval()
         null = tensors.get(prefix + "calibration.null")
+        cm = fm.get("calibration") or {}
         index = {s: i for i, s in enumerate(subjects)}
         folds.append(FoldResult(k, model, [index[s] for s in fm["train_subjects"]],
                                 [index[s] for s in fm["heldout_subjects"]], fm["best_epoch"],
                                 fm["best_val_loss"], fm["history"],
-                                None if null is None else Calibration(null.numpy())))
+                                None if null is None else Calibration(
+                                    null.numpy(), cm.get("written_map_level"), cm.get("written_map_target_fpr"),
+                                    cm.get("written_map_fpr_on_calibration_controls"))))
     stem = Path(path).with_suffix("") if Path(path).suffix in (".json", ".safetensors") else Path(path)
     return ModelBundle(settings, folds, np.asarray(meta["reference_gradients"]["bvals"]),
                        np.asarray(meta["reference_gradients"]["bvecs"]), subjects, meta["data_hash"],

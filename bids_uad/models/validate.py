@@ -31,7 +31,8 @@ from bids_uad.models.io import META_SUFFIX, TENSOR_SUFFIX, file_sha256, foreign_
 MODEL_FORMAT = "bids_uad-safetensors-json/1"
 #: inclusive upper bounds of architecture fields; a model beyond them is refused unbuilt
 ARCHITECTURE_BOUNDS = {"grid": 512, "grid_voxels": 256 ** 3, "n_channels": 1024, "features": 512,
-                       "max_features": 2048, "depth": 8, "latent_size": 4096, "parameters": 500_000_000}
+                       "max_features": 2048, "depth": 8, "latent_size": 4096, "parameters": 500_000_000,
+                       "noise_scale": 512, "noise_std": 10.0}
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,12 @@ def _check_bounds(path: Path, model: Any) -> None:
     if any(not 1 <= g <= b["grid"] for g in grid) or math.prod(grid) > b["grid_voxels"]:
         raise _bad(path, "settings.model.grid", f"{list(grid)} is outside the bounds (each side <= {b['grid']}, "
                    f"at most {b['grid_voxels']} voxels)")
-    for key in ("n_channels", "features", "max_features", "depth", "latent_size"):
+    for key in ("n_channels", "features", "max_features", "depth", "latent_size", "noise_scale"):
         value = getattr(model, key)
         if not 1 <= value <= b[key]:
             raise _bad(path, f"settings.model.{key}", f"{value} is outside the bounds [1, {b[key]}]")
+    if not 0 <= model.noise_std <= b["noise_std"]:
+        raise _bad(path, "settings.model.noise_std", f"{model.noise_std} is outside the bounds [0, {b['noise_std']}]")
 
 
 def _expected_shapes(path: Path, settings: Any) -> dict[str, tuple[int, ...]]:

@@ -35,7 +35,8 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     if len(ref_bvals) != settings.model.n_channels:
         raise InputValidationError(
             f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
-    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir)
+    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
+                        gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)))
     return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
                        list(subjects), data_hash(data))
 

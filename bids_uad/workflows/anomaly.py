@@ -59,7 +59,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir)}
     for index, model_file in enumerate(models, start=1):
         model = model_name(model_file)
-        infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold,
+        infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
                                          ensemble=settings.ensemble,
                                          device="cpu" if settings.device == "auto" else settings.device,
                                          threads=settings.omp_nthreads),

@@ -67,8 +67,11 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
     return None
 
 
-def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int]):
-    """Training settings from the preset, sized to the data: channels and a grid that covers it."""
+def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int],
+                       voxel_ml: float | None = None):
+    """Training settings from the preset, sized to the data: channels, a grid that covers it and
+    the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` (if given) is
+    the threshold method stored in the model file."""
     from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
@@ -80,8 +83,14 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
         model=replace(base.model, n_channels=int(n_channels), grid=grid),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
-        scoring=replace(base.scoring, threshold_method=settings.threshold),
+        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml),
     )
+
+
+def _scoring_for(scoring, threshold: str | None, voxel_ml: float | None):
+    if threshold:
+        scoring = replace(scoring, threshold_method=threshold)
+    return scoring if voxel_ml is None else scoring.sized_to(voxel_ml)
 
 
 def training_processes(settings: Settings, batch_size: int) -> int:
@@ -140,7 +149,8 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
     loaded = [f.load() for f in found]
     shapes = {d["dwi"].shape[:3] for d in loaded}
     shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
-    return {"items": loaded, "shape": shape}
+    zooms = loaded[0]["header"].get_zooms()[:3]
+    return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0}
 
 
 def shell_signature(bvals) -> tuple[int, ...]:
@@ -204,8 +214,9 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     models_dir = settings.output_dir / "models"
     group_dir = settings.output_dir / "group"
     subjects = [f.subject for f in found]
+    bundles = []
     for model in settings.models:
-        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"])
+        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"])
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
         LOGGER.info("training %s on %d controls (%d folds, grid %s, %d channels)", model, len(found),
@@ -228,6 +239,12 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             for f in bundle.folds
         ])
         evaluate_bundle(settings, bids, bundle, controls, group_dir)
+        bundles.append(bundle)
+    if bundles and distributed.rank() == 0:
+        from bids_uad.workflows.group_evaluation import evaluate_detectors
+
+        candidates = [baseline_derivatives(settings, bids, s) for s in bids.subjects() if s not in controls]
+        evaluate_detectors(settings, [c for c in candidates if c is not None], bundles, items, subjects, group_dir)
 
 
 def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:
@@ -259,8 +276,8 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
                "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
         for method, value in metrics["dice"].items():
             row[f"dice_{method}"] = value
-        for method, value in metrics["dice_opened"].items():
-            row[f"dice_opened_{method}"] = value
+        for method, value in metrics["dice_written"].items():
+            row[f"dice_written_{method}"] = value
         rows.append(row)
     if not rows:
         LOGGER.info("%s: no subject with a dwi-space lesion mask: evaluation skipped", bundle.name)

@@ -53,6 +53,9 @@ def test_every_level_succeeds(tiny_run):
     "sub-ctrl01/ses-pre/anat/sub-ctrl01_ses-pre_dseg.nii.gz",
     "models/model-dae.json", "models/model-dae.safetensors",
     "models/model-recdisc.json", "models/model-recdisc.safetensors",
+    "models/model-normative.json", "models/model-normative.safetensors",
+    "models/model-meansignal.json", "models/model-meansignal.safetensors",
+    "group/detection_summary.tsv", "group/detection_groups.tsv",
     "group/model-dae_evaluation.tsv", "group/model-recdisc_evaluation_summary.tsv",
     "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_stat-score_anomaly.nii.gz",
     "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_desc-anomaly_mask.nii.gz",
@@ -80,7 +83,8 @@ def test_outputs_are_consistent(tiny_run):
     analysis = np.asarray(nib.load(dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_desc-analysis_mask.nii.gz").dataobj) > 0
     assert np.all(np.asarray(score.dataobj)[~analysis] == 0)
     meta = json.loads((dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_stat-score_anomaly.json").read_text())
-    assert meta["ModelSHA256"] and meta["ThresholdMethod"] == "fixed"
+    assert meta["ModelSHA256"] and meta["ThresholdMethod"] == "healthy-fpr"
+    assert meta["ThresholdSource"].startswith("model file")
     with open(out / "group/model-dae_evaluation.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [r["participant_id"] for r in rows] == ["sub-pat01"]

@@ -176,7 +176,7 @@ def make_group(out: Path) -> None:
     (group / "desc-evaluation_metrics.tsv").write_text("\n".join(rows) + "\n")
     for name in ("dae", "recdisc"):  # as bids_uad.workflows.group writes them
         wide = ["participant_id\tsession\tauroc\tauprc\tdice_fixed\tdice_otsu\tdice_healthy-fpr\t"
-                "dice_opened_fixed\tdice_opened_otsu\tdice_opened_healthy-fpr\tdice_oracle-dice"]
+                "dice_written_fixed\tdice_written_otsu\tdice_written_healthy-fpr\tdice_oracle-dice"]
         for i, s in enumerate(("pat01", "pat02")):
             wide.append(f"sub-{s}\tpre\t0.9{i}\t0.6{i}\t0.4{i}\t0.5{i}\t0.6{i}\t0.45\tn/a\t0.65\t0.8")
         (group / f"model-{name}_evaluation.tsv").write_text("\n".join(wide) + "\n")

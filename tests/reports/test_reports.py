@@ -203,10 +203,10 @@ def test_group_report(built_reports):
     assert "model-dae_desc-training_loss.svg" in text
     assert "dice: models × threshold methods" in text
     assert "healthy-fpr" in text and "0.550 ± 0.000 (n=2)" in text  # long-format table
-    assert "Dice: models × threshold methods" in text  # from model-<name>_evaluation.tsv
+    assert "Dice of the written map (after post-processing): models × threshold methods" in text  # evaluation.tsv
     assert "0.605 ± 0.007 (n=2)" in text and "0.450 (n=1)" not in text and "0.450 ± 0.000 (n=2)" in text
     assert "model-dae_folds.tsv" not in text
-    assert "Dice with oracle thresholds" in text
+    assert "Dice before post-processing with oracle thresholds" in text
     assert "by group" in text and "patient: 1" in text
     for src in page.links:
         assert (group.parent / src).is_file(), src

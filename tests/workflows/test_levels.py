@@ -70,7 +70,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
     code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work),
                  "--lesion-masks", str(lesions), "--seed", "3"])
     assert code == 0, capsys.readouterr().err
-    for model in ("dae", "recdisc"):
+    for model in ("dae", "recdisc", "normative", "meansignal"):
         meta = json.loads((out / "models" / f"model-{model}.json").read_text())
         assert (out / "models" / f"model-{model}.safetensors").is_file()
         assert meta["training_subjects"] == ["ctrl01", "ctrl02", "ctrl03", "ctrl04"]
@@ -83,11 +83,16 @@ def test_group_then_participant_inference(levels_setup, capsys):
         assert "dice_oracle-dice" in rows[0]
         summary = {r["metric"]: r for r in _tsv(out / "group" / f"model-{model}_evaluation_summary.tsv")}
         assert summary["auroc"]["n"] == "1"
+    detection = {r["detector"]: r for r in _tsv(out / "group" / "detection_summary.tsv")}
+    assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
+    assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
+    assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
 
     code = main([str(bids), str(out), "participant", "--model", str(out / "models"), "--participant-label",
-                 "pat01", "-w", str(work), "--threshold", "healthy-fpr"])
+                 "pat01", "-w", str(work)])  # no --threshold: the model file's healthy-fpr
     err = capsys.readouterr().err
     assert code == 0, err
     html = (out / "sub-pat01.html").read_text()
@@ -95,7 +100,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
     folder = out / "sub-pat01" / "ses-pre" / "dwi"
     for run in ("dir-AP", "dir-PA"):
         stem = f"sub-pat01_ses-pre_{run}_space-dwi"
-        for model in ("dae", "recdisc"):
+        for model in ("dae", "recdisc", "normative", "meansignal"):
             score = folder / f"{stem}_model-{model}_stat-score_anomaly.nii.gz"
             mask = folder / f"{stem}_model-{model}_desc-anomaly_mask.nii.gz"
             pvalue = folder / f"{stem}_model-{model}_stat-pvalue_anomaly.nii.gz"
@@ -104,6 +109,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
             assert img.shape == SHAPE
             meta = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
             assert meta["ThresholdMethod"] == "healthy-fpr" and meta["ModelSHA256"]
+            assert meta["ThresholdSource"].startswith("model file") and "written map" in meta["ThresholdReason"]
             assert "threshold_method" not in meta  # one spelling: BIDS CamelCase
             assert meta["Sources"][0].endswith(f"{run}_space-dwi_desc-preproc_dwi.nii.gz")
             # the report shows every run's maps
@@ -122,3 +128,21 @@ def test_group_without_participant_derivatives(tmp_path, capsys):
     code = main([str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "w"), "--train-preset", "quick"])
     assert code == 18
     assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_group_and_participant_with_cdae(levels_setup, capsys):
+    bids, out, lesions, work = levels_setup
+    code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work), "--models", "cdae",
+                 "--lesion-masks", str(lesions)])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "models" / "model-cdae.json").read_text())
+    assert meta["architecture"]["class"] == "CoarseDAE" and len(meta["folds"]) == 3
+    assert not (out / "models" / "model-dae.json").exists()
+    code = main([str(bids), str(out), "participant", "--model", str(out / "models" / "model-cdae.json"),
+                 "--participant-label", "pat01", "-w", str(work), "--threshold", "fixed"])
+    assert code == 0, capsys.readouterr().err
+    folder = out / "sub-pat01" / "ses-pre" / "dwi"
+    score = folder / "sub-pat01_ses-pre_dir-AP_space-dwi_model-cdae_stat-score_anomaly.nii.gz"
+    assert score.is_file()
+    side = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
+    assert side["ThresholdMethod"] == "healthy-fpr"  # no reference fixed value: the model file's method
