@@ -58,6 +58,7 @@ class Settings:
     ensemble: bool = False
     use_plugin: Path | None = None
     baseline_session: str | None = None
+    pe_polarity: tuple[str, ...] = ()
     command_line: tuple[str, ...] = ()
     version: str = __version__
 

@@ -84,3 +84,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     denom = a.sum() + b.sum()
     return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)
+
+
+def coverage_summary(mask: np.ndarray, zooms) -> dict:
+    """What a brain mask covers: volume, extent per axis, and whether the brain is cut by the FOV.
+
+    A mask that reaches the first or last slice of an axis is cut there: the acquisition is a
+    slab (or the FOV is tight), so whole-brain measures (volumes, template registration quality)
+    must not be read as such.  Returned as a sidecar/report dictionary.
+    """
+    mask = np.asarray(mask, bool)
+    zooms = [float(z) for z in zooms[:3]]
+    out = {"VolumeMl": round(float(mask.sum()) * float(np.prod(zooms)) / 1000.0, 1),
+           "VoxelSizeMm": [round(z, 3) for z in zooms],
+           "FieldOfViewMm": [round(n * z, 1) for n, z in zip(mask.shape, zooms)]}
+    if not mask.any():
+        return {**out, "WholeBrain": False, "CutAxes": []}
+    cut, extent = [], []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        extent.append(round(float((present[-1] - present[0] + 1) * zooms[axis]), 1))
+        if present[0] == 0 or present[-1] == mask.shape[axis] - 1:
+            cut.append("ijk"[axis])
+    out.update({"BrainExtentMm": extent, "CutAxes": cut, "WholeBrain": not cut,
+                "Anisotropy": round(max(zooms) / min(zooms), 2)})
+    return out

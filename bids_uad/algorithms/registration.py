@@ -421,3 +421,29 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
              else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
     xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
     return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
+
+
+def register_fa_to_template(fa: nib.Nifti1Image, brain_mask: nib.Nifti1Image, template_fa: nib.Nifti1Image,
+                            template_mask: nib.Nifti1Image, out_prefix: str | Path | None = None,
+                            seed: int | None = 0, threads: int = 1) -> tuple[RegistrationResult, dict]:
+    """Subject FA → an FA-like template (affine then SyN, Mattes MI, both brain masks), for
+    subjects without a T1w; returns the registration and its quality.
+
+    Quality: Pearson correlation of the warped FA with the template's FA-like image, inside
+    the template brain where the subject's (warped) brain mask is: a slab is judged on what it
+    covers.  Composite transforms (``from-dwi_to-<template>``) are written.
+    """
+    fa_n, mask_n = _as_nib(fa), _as_nib(brain_mask)
+    moving = nib.Nifti1Image(np.asarray(fa_n.dataobj, np.float32) * (np.asarray(mask_n.dataobj) > 0), fa_n.affine)
+    result = register(template_fa, moving, kind="Affine+SyN", fixed_mask=template_mask, moving_mask=mask_n,
+                      out_prefix=out_prefix, composite=True, seed=seed, threads=threads,
+                      reg_iterations=(40, 20, 0))
+    warped = np.asarray(apply_transforms(moving, template_fa, result.forward, "image").dataobj, np.float32)
+    covered = np.asarray(apply_transforms(mask_n, template_fa, result.forward, "mask").dataobj) > 0
+    target = np.asarray(_as_nib(template_fa).dataobj, np.float32)
+    inside = covered & (np.asarray(_as_nib(template_mask).dataobj) > 0)
+    corr = float(np.corrcoef(warped[inside], target[inside])[0, 1]) if inside.sum() > 10 else float("nan")
+    quality = {"FACorrelationWithTemplate": round(corr, 4),
+               "CoveredTemplateBrainFraction": round(float(inside.sum()) /
+                                                     max(int((np.asarray(_as_nib(template_mask).dataobj) > 0).sum()), 1), 3)}
+    return result, quality

@@ -119,3 +119,42 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         denom = a.sum() + b.sum()
         out[name] = 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)
     return out
+
+
+#: initial class centres (FA, MD / median MD in the brain) of :func:`diffusion_tissue_classes`:
+#: CSF (isotropic, fast), GM (low FA), WM (anisotropic); k-means then adapts them to the data
+#: (b-value, scanner), so no absolute MD threshold is assumed.
+DWI_CLASS_INIT = {"CSF": (0.10, 3.0), "GM": (0.15, 1.0), "WM": (0.50, 0.9)}
+
+
+def diffusion_tissue_classes(fa: np.ndarray, md: np.ndarray, mask: np.ndarray,
+                             iterations: int = 30) -> tuple[np.ndarray, dict]:
+    """CSF/GM/WM labels (dseg 1/2/3) from the tensor maps alone, for subjects without a T1w.
+
+    A 3-class k-means on (FA, MD relative to the brain's median MD), started from
+    :data:`DWI_CLASS_INIT`; classes are then named by their centres (CSF: highest MD, WM:
+    highest FA of the other two).  Returns (dseg, info with centres and volumes in voxels).
+    """
+    from scipy.cluster.vq import kmeans2
+
+    mask = np.asarray(mask, bool) & np.isfinite(fa) & np.isfinite(md)
+    dseg = np.zeros(mask.shape, np.uint8)
+    if mask.sum() < 30:
+        return dseg, {"error": "brain mask too small for tissue classes"}
+    rel = np.asarray(md, float)[mask] / max(float(np.median(md[mask])), 1e-12)
+    feats = np.stack([np.clip(np.asarray(fa, float)[mask], 0, 1), np.clip(rel, 0, 6)], 1)
+    scale = feats.std(0) + 1e-9
+    init = np.array([DWI_CLASS_INIT[c] for c in CLASS_ORDER]) / scale
+    centres, labels = kmeans2(feats / scale, init, iter=iterations, minit="matrix", seed=0)
+    centres = centres * scale
+    csf = int(np.argmax(centres[:, 1]))
+    rest = [k for k in range(3) if k != csf]
+    wm = max(rest, key=lambda k: centres[k, 0])
+    gm = next(k for k in rest if k != wm)
+    mapping = {csf: 1, gm: 2, wm: 3}
+    dseg[mask] = np.vectorize(mapping.get)(labels).astype(np.uint8)
+    info = {"method": "3-class k-means on FA and MD/median(MD) in the brain mask",
+            "centres": {LABELS[mapping[k]]: {"FA": round(float(centres[k, 0]), 3),
+                                             "MDRelative": round(float(centres[k, 1]), 3)} for k in range(3)},
+            "voxels": {LABELS[v]: int((dseg == v).sum()) for v in LABELS}}
+    return dseg, info

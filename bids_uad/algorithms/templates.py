@@ -317,3 +317,24 @@ def phantom_head(resolution_mm: float = 3.0, pose: np.ndarray | None = None,
         "dseg": mk(dseg_w, np.int16), "lesion": mk(lesion_w, np.uint8),
         "bias": mk(field_, np.float32), "pose": pose,
     }
+
+
+#: FA assigned to each prior of the template to build an FA-like target for dwi-only subjects
+#: (typical adult values at b~1000: WM 0.45, GM 0.15, CSF 0.05).
+FA_OF_TISSUE = {"WM": 0.45, "GM": 0.15, "CSF": 0.05}
+
+
+def fa_like_template(template: Template, resolution_mm: float = 2.0) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """(FA-like image, brain mask) of ``template`` at ``resolution_mm``, from its tissue priors.
+
+    No FA template ships with nilearn or the offline TemplateFlow subset; the weighted sum of the
+    tissue priors (:data:`FA_OF_TISSUE`) has FA's contrast (bright WM, dark GM and CSF), which
+    is what a mutual-information registration of a subject's FA map needs.
+    """
+    from nibabel.processing import resample_to_output
+
+    ref = nib.load(template.priors["WM"])
+    fa = sum(FA_OF_TISSUE[k] * np.asarray(nib.load(template.priors[k]).dataobj, np.float32) for k in FA_OF_TISSUE)
+    img = resample_to_output(nib.Nifti1Image(fa.astype(np.float32), ref.affine), [resolution_mm] * 3, order=1)
+    mask = resample_to_output(nib.load(template.brain_mask), [resolution_mm] * 3, order=0)
+    return img, nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8), mask.affine)

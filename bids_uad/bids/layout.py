@@ -12,9 +12,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from bids_uad.bids.derivatives import validate_label
+from bids_uad.bids.phase_encoding import SOURCE_KEY as PE_SOURCE_KEY
+from bids_uad.bids.phase_encoding import resolve_phase_encoding, spec_matches, with_phase_encoding
 from bids_uad.errors import InputMissingError, InputValidationError, NoFilesSelectedError
 
 LOGGER = logging.getLogger("bids_uad.bids")
@@ -194,7 +196,8 @@ def check_dataset_description(bids_dir: Path) -> dict[str, Any]:
 class BIDSInputs:
     """The input dataset, read-only: a thin layer over pybids with the queries this app needs."""
 
-    def __init__(self, bids_dir: str | Path, validate: bool = True, filters: Mapping[str, Any] | None = None):
+    def __init__(self, bids_dir: str | Path, validate: bool = True, filters: Mapping[str, Any] | None = None,
+                 pe_polarity: Sequence[tuple[str, str]] = ()):
         self.bids_dir = Path(bids_dir).resolve()
         if not self.bids_dir.exists():
             raise InputMissingError("input BIDS folder does not exist", self.bids_dir)
@@ -212,6 +215,7 @@ class BIDSInputs:
                            self.bids_dir / name)
         self.layout = _pybids_layout(self.bids_dir, validate, skipped)
         self.filters = dict(filters or {})
+        self.pe_polarity = tuple(pe_polarity or ())
 
     # -- participants -------------------------------------------------------------------
     def subjects(self) -> list[str]:
@@ -294,7 +298,7 @@ class BIDSInputs:
         t1w = tuple(Path(f.path) for f in self._get(subject=subject, suffix="T1w", extension=[".nii.gz", ".nii"], **ses))
         flair = tuple(Path(f.path) for f in self._get(subject=subject, suffix="FLAIR", extension=[".nii.gz", ".nii"], **ses))
         runs = []
-        dwi_meta = {f.path: dict(self.layout.get_metadata(f.path)) for f in dwi_files}
+        dwi_meta = {f.path: self._metadata_with_pe(f) for f in dwi_files}
         for f in dwi_files:
             bval = self._nearest(f.path, "bval")
             bvec = self._nearest(f.path, "bvec")
@@ -320,13 +324,22 @@ class BIDSInputs:
         source = meta.get("B0FieldSource")
         sources = set(source if isinstance(source, list) else [source]) - {None}
         for epi in epi_files:
-            emeta = dict(self.layout.get_metadata(epi.path))
+            emeta = self._metadata_with_pe(epi)
             intended = emeta.get("IntendedFor", [])
             intended = intended if isinstance(intended, list) else [intended]
             targets = {str(t).removeprefix("bids::").removeprefix(f"sub-{subject}/") for t in intended}
             ident = emeta.get("B0FieldIdentifier")
             idents = set(ident if isinstance(ident, list) else [ident]) - {None}
             if rel_subject in targets or (sources & idents):
+                # a sidecar without polarity: no pair, a warning; no sidecar at all is bad input
+                # that validation names (the fmap says it is meant for this run)
+                if (meta and not pe) or (emeta and not emeta.get("PhaseEncodingDirection")):
+                    unknown = Path(dwi_path).name if not pe else Path(epi.path).name
+                    why = (meta if not pe else emeta).get(PE_SOURCE_KEY, "no PhaseEncodingDirection")
+                    LOGGER.warning("%s: phase-encoding polarity unknown (%s): the reverse phase-encoding image "
+                                   "%s is not used and susceptibility correction is skipped; state the "
+                                   "polarity with --pe-polarity", unknown, why, Path(epi.path).name)
+                    return None
                 if pe and emeta.get("PhaseEncodingDirection") == pe:
                     raise InputValidationError(
                         f"reverse phase-encoding image has the same PhaseEncodingDirection ({pe}) "
@@ -338,7 +351,29 @@ class BIDSInputs:
             for other, ometa in dwi_meta.items():
                 if other != dwi_path and ometa.get("PhaseEncodingDirection") == OPPOSITE_PE.get(pe):
                     return ReversePE(path=Path(other), metadata=ometa, kind="dwi")
+        elif len(dwi_meta) > 1:
+            LOGGER.warning("%s: phase-encoding polarity unknown (%s): it cannot be paired with another "
+                           "run for susceptibility correction; state it with --pe-polarity",
+                           Path(dwi_path).name, meta.get(PE_SOURCE_KEY, "no PhaseEncodingDirection"))
         return None
+
+    def _metadata_with_pe(self, bids_file) -> dict[str, Any]:
+        """Sidecar metadata with ``PhaseEncodingDirection`` resolved (``bids.phase_encoding``)."""
+        import nibabel as nib
+
+        meta = dict(self.layout.get_metadata(bids_file.path))
+        if not meta and not any(spec_matches(spec, bids_file.path) for spec, _ in self.pe_polarity):
+            return meta  # no sidecar: validation says so
+        if meta.get("PhaseEncodingDirection") and not self.pe_polarity:
+            return {**meta, PE_SOURCE_KEY: "sidecar PhaseEncodingDirection"}
+        try:
+            affine = nib.load(bids_file.path).affine  # the header only
+        except Exception:  # noqa: BLE001 - an unreadable image is reported by validation, with its name
+            affine = None
+        pe = resolve_phase_encoding(bids_file.path, meta, bids_file.get_entities(), affine, self.pe_polarity)
+        if pe.direction is not None and pe.source.startswith("dir-"):
+            LOGGER.info("%s: phase encoding %s from the %s", Path(bids_file.path).name, pe.direction, pe.source)
+        return with_phase_encoding(meta, pe)
 
     def _nearest(self, image_path: str, kind: str) -> str | None:
         """The ``.bval``/``.bvec`` of a dwi, next to it or inherited; None when there is none."""

@@ -117,6 +117,10 @@ OUTPUTS: dict[str, Output] = {o.key: o for o in (
     # -- anatomy registered to a dwi run: named with that run's entities ---------------------------
     _o("xfm_t1w_to_dwi", "anat", "xfm", ".h5", **{"from": "T1w", "to": "dwi"}, mode="image"),
     _o("xfm_dwi_to_t1w", "anat", "xfm", ".h5", **{"from": "dwi", "to": "T1w"}, mode="image"),
+    # -- dwi-only sessions: the tensor FA registered to the template -----------------------------
+    _o("xfm_dwi_to_template", "dwi", "xfm", ".h5", **{"from": "dwi", "to": "{template}"}, mode="image"),
+    _o("fa_template", "dwi", "dwimap", space="{template}", model="tensor", param="fa",
+       description="FA registered to the template (dwi-only sessions)"),
     _o("dwi_dseg", "dwi", "dseg", **_DWI),
     _o("dwi_dseg_tsv", "dwi", "dseg", ".tsv", **_DWI),
     *(_o(f"dwi_{t.lower()}", "dwi", "probseg", **_DWI, label=t) for t in ("GM", "WM", "CSF")),

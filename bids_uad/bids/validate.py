@@ -18,6 +18,7 @@ import numpy as np
 
 from bids_uad.bids.gradients import GradientTable, load_gradients
 from bids_uad.bids.layout import DwiRun, sidecar_of
+from bids_uad.bids.phase_encoding import NOMINAL_TOTAL_READOUT_TIME, readout_time_source
 from bids_uad.errors import InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.bids")
@@ -272,7 +273,27 @@ def check_phase_encoding(metadata: Mapping[str, Any], image_path: str | Path, wh
     sidecar = sidecar_of(image_path)
     try:
         axis, polarity = phase_encoding(metadata, sidecar)
-        total_readout_time(metadata, shape[axis] if shape is not None else 0, sidecar)
+        if readout_time_source(metadata) is not None:  # missing: a nominal time, flagged (readout_time_or_nominal)
+            total_readout_time(metadata, shape[axis] if shape is not None else 0, sidecar)
     except InputValidationError as exc:
         raise InputValidationError(f"{what} sidecar: {exc}", sidecar) from exc
     return axis, polarity
+
+
+def readout_time_or_nominal(meta: Mapping[str, Any], n_pe: int, where: str | Path,
+                            partner: tuple[float, str] | None = None) -> tuple[float, str]:
+    """(readout time, its source): the sidecar's, else the partner's (same protocol), else nominal.
+
+    ``partner`` is the (time, source) of the other image of a reverse-PE pair; with neither,
+    :data:`~bids_uad.bids.phase_encoding.NOMINAL_TOTAL_READOUT_TIME` (the correction of a pair
+    does not depend on it; the field in Hz is then in units of it).
+    """
+    source = readout_time_source(meta)
+    if source is not None:
+        return total_readout_time(meta, n_pe, where), source
+    if partner is not None and not partner[1].startswith("nominal"):
+        return partner[0], "the other image of the pair (not in this sidecar; same protocol assumed)"
+    LOGGER.warning("%s: no TotalReadoutTime or EffectiveEchoSpacing; a nominal %.3f s is assumed (the "
+                   "correction is unaffected when both images share it; the field in Hz is in units of "
+                   "this assumed time)", Path(where).name, NOMINAL_TOTAL_READOUT_TIME)
+    return NOMINAL_TOTAL_READOUT_TIME, "nominal (missing from the sidecar)"

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--preproc-backend", choices=PREPROC_BACKENDS, default="auto",
                       help="auto: FSL (TOPUP, EDDY, BET, FAST) when installed, else the Python "
                            "implementations; fsl or python force one (default: auto)")
+    proc.add_argument("--pe-polarity", nargs="+", default=[], metavar="FILE_OR_ENTITY=DIR",
+                      help="state the phase-encoding direction of dwi/epi runs whose sidecar gives only "
+                           "PhaseEncodingAxis (or a wrong one): a file name or an entity of it, '=', a BIDS "
+                           "direction (i, i-, j, j-, k, k-); e.g. dir-AP=j- dir-PA=j, or "
+                           "sub-01_dwi.nii.gz=j-.  Without it the polarity comes from the sidecar, else "
+                           "from an anatomical dir- entity (AP, PA, LR, RL, SI, IS); when neither tells, "
+                           "susceptibility correction is skipped with a warning")
     proc.add_argument("--output-spaces", nargs="+", default=["dwi", "MNI152NLin2009cAsym"],
                       metavar="SPACE",
                       help="spaces for anomaly maps (default: dwi MNI152NLin2009cAsym; the MNI template "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bids_uad import __version__
 from bids_uad.bids.derivatives import DerivativesWriter, is_within, remove_orphaned_temporaries, validate_label
+from bids_uad.bids.phase_encoding import parse_pe_polarity
 from bids_uad.config import ANALYSIS_LEVELS, Settings, load_plugin_settings, resolve_preproc_backend
 from bids_uad.errors import (
     BidsUadError,
@@ -90,6 +91,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
 
         validate_model_argument(args.model)  # schema, types, sizes, shapes, hash: before any work
     filters = _load_filters(args.bids_filter_file)
+    parse_pe_polarity(args.pe_polarity)  # a malformed statement is a usage error, early
     plugin_args: dict = {}
     if args.use_plugin is not None:
         plugin_args = load_plugin_settings(args.use_plugin)[1]  # fail early on a bad file
@@ -121,6 +123,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         ensemble=args.ensemble,
+        pe_polarity=tuple(args.pe_polarity),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
         baseline_session=validate_label(args.baseline_session, "ses") if args.baseline_session else None,
         command_line=tuple(["bids_uad", *(argv if argv is not None else sys.argv[1:])]),
@@ -177,7 +180,7 @@ def run(settings: Settings) -> int:
     _check_writable_dir(settings.work_dir, "work folder")
     writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
     bids = BIDSInputs(settings.bids_dir, validate=not settings.skip_bids_validation,
-                      filters=settings.bids_filters)
+                      filters=settings.bids_filters, pe_polarity=parse_pe_polarity(settings.pe_polarity))
     subjects = bids.select_subjects(settings.participant_labels) if settings.analysis_level == "participant" else []
     writer.ensure_dataset_description()
     # never walk the input (or the work folder) when OUTPUT_DIR is a parent of it

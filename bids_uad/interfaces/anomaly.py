@@ -112,7 +112,10 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
     dwi2t1w = outputs.find_run(output_dir, "xfm_dwi_to_t1w", subject, session, outputs.run_entities(ents))
     t1w2tpl = outputs.find(output_dir, "xfm_t1w_to_template", subject, session, template=template)
     if not (dwi2t1w and t1w2tpl):
-        return None
+        # no T1w: the run's own FA -> template registration (dwi-only sessions)
+        direct = [p for p in outputs.find(output_dir, "xfm_dwi_to_template", subject, session, template=template)
+                  if outputs.run_entities(p.name) == outputs.run_entities(ents)]
+        return (direct[0],) if direct else None
     return t1w2tpl[0], dwi2t1w[0]
 
 
@@ -120,10 +123,10 @@ class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
     The transforms come along the graph's edges from the session's anatomical workflow when it
-    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise (scoring existing
-    derivatives) they are the run's ``from-dwi_to-T1w`` and the session's ``from-T1w_to-<template>``
-    derivatives, found through the outputs table (:func:`template_transforms`).  Without them (no
-    T1w, or the T1w was registered to another run) it writes nothing and says so in the log.
+    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise they are found in
+    the derivatives (:func:`template_transforms`: the run's ``from-dwi_to-T1w`` and the session's
+    ``from-T1w_to-<template>``, or, without a T1w, the run's own ``from-dwi_to-<template>``).
+    Without any it writes nothing and says so in the log.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -136,7 +139,7 @@ class ToTemplateSpace(SimpleInterface):
 
         from nipype.interfaces.base import isdefined
 
-        from bids_uad.algorithms.registration import dwi_to_template
+        from bids_uad.algorithms.registration import apply_transforms, dwi_to_template
 
         given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
         if all(given):
@@ -150,16 +153,19 @@ class ToTemplateSpace(SimpleInterface):
                 Path(self.inputs.source_file).name, self.inputs.template_name, self.inputs.template_name)
             self._results["out_file"] = ""
             return runtime
-        t1w2tpl, dwi2t1w = found
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                 [str(dwi2t1w)], [str(t1w2tpl)], kind)
+        if len(found) == 2:
+            warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                     [str(found[1])], [str(found[0])], kind)
+        else:  # dwi-only: the FA -> template registration of this run
+            warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                      [str(found[0])], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)
         nib.save(warped, str(out))
         self._results["out_file"] = str(out)
-        self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t1w2tpl.name, dwi2t1w.name],
+        self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t.name for t in found],
                                  "Template": self.inputs.template_name,
                                  "Interpolation": "nearest label" if kind == "label" else "linear"}
         return runtime

@@ -22,7 +22,8 @@ from nipype.interfaces.base import (
 
 from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.bids.layout import sidecar_of
-from bids_uad.bids.validate import phase_encoding, total_readout_time
+from bids_uad.bids.phase_encoding import SOURCE_KEY as PE_SOURCE_KEY
+from bids_uad.bids.validate import phase_encoding, readout_time_or_nominal, total_readout_time
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
@@ -199,11 +200,13 @@ class EstimateSDC(SimpleInterface):
             raise InputValidationError(
                 f"reverse phase-encoding image has the same polarity ({rmeta['PhaseEncodingDirection']!r}) "
                 "as the dwi: it must be the opposite", rpe_json)
-        trt = total_readout_time(meta, img.shape[axis], dwi_json)
         rimg_data, rimg, how = _b0_mean_of(rpe)
         if rimg_data.ndim != 3:
             raise InputValidationError(f"reverse phase-encoding image is {rimg_data.ndim}-D", rpe)
-        rtrt = total_readout_time(rmeta, rimg.shape[raxis], rpe_json)
+        rtrt, rtrt_source = readout_time_or_nominal(rmeta, rimg.shape[raxis], rpe_json)
+        trt, trt_source = readout_time_or_nominal(meta, img.shape[axis], dwi_json, partner=(rtrt, rtrt_source))
+        if rtrt_source.startswith("nominal") and not trt_source.startswith("nominal"):
+            rtrt, rtrt_source = trt, "the other image of the pair (not in this sidecar; same protocol assumed)"
         resampled = False
         if not same_grid(rimg.shape, rimg.affine, img.shape, img.affine):
             LOGGER.warning("%s: grid differs from the dwi; resampled to the dwi grid", Path(rpe).name)
@@ -232,6 +235,9 @@ class EstimateSDC(SimpleInterface):
                 "PhaseEncodingDirection": meta["PhaseEncodingDirection"],
                 "ReversePhaseEncodingDirection": rmeta["PhaseEncodingDirection"],
                 "TotalReadoutTime": trt, "ReverseTotalReadoutTime": rtrt,
+                "TotalReadoutTimeSource": trt_source, "ReverseTotalReadoutTimeSource": rtrt_source,
+                "PhaseEncodingDirectionSource": meta.get(PE_SOURCE_KEY, "sidecar PhaseEncodingDirection"),
+                "ReversePhaseEncodingDirectionSource": rmeta.get(PE_SOURCE_KEY, "sidecar PhaseEncodingDirection"),
                 "ReversePEImage": Path(rpe).name, "ReversePEb0": how,
                 "ReversePEResampledToDwiGrid": resampled, **res.info,
             },
@@ -346,16 +352,22 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from bids_uad.algorithms.masking import brain_mask
+        from bids_uad.algorithms.masking import brain_mask, coverage_summary
 
         img = nib.load(self.inputs.in_file)
         mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
+        coverage = coverage_summary(mask, img.header.get_zooms())
+        if not coverage["WholeBrain"]:
+            LOGGER.warning("dwi brain mask reaches the edge of the field of view along %s (extent %s mm): "
+                           "partial brain coverage (slab); volumes and template fits cover only this part",
+                           "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
         out = _out(runtime, "brain_mask.nii.gz")
         m = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
         m.header.set_data_dtype(np.uint8)
         nib.save(m, out)
         self._results["out_mask"] = out
-        self._results["report"] = {"BrainMask": f"bids_uad python ({self.inputs.method} on the corrected mean b0)"}
+        self._results["report"] = {"BrainMask": f"bids_uad python ({self.inputs.method} on the corrected mean b0)",
+                                   "Coverage": coverage}
         return runtime
 
 
@@ -410,6 +422,7 @@ class _MergeReportsInputSpec(BaseInterfaceInputSpec):
     hmc = traits.Dict()
     mask = traits.Dict()
     tensor = traits.Dict()
+    combine = traits.Dict(desc="CombineRuns' report, for a series combined from several runs")
 
 
 class _MergeReportsOutputSpec(TraitedSpec):
@@ -434,10 +447,14 @@ class MergeReports(SimpleInterface):
             return dict(value) if isdefined(value) and value else {}
 
         sdc, hmc, den, mask, ten = get("sdc"), get("hmc"), get("denoise"), get("mask"), get("tensor")
-        sdc_line = sdc.get("SusceptibilityDistortionCorrection", SDC_SKIPPED)
-        report = {"Backend": self.inputs.backend, **den, **sdc, **hmc, **mask, **ten}
+        comb = get("combine")
+        sdc_line = sdc.get("SusceptibilityDistortionCorrection",
+                           comb.get("SusceptibilityDistortionCorrection", SDC_SKIPPED))
+        report = {"Backend": self.inputs.backend, **den, **comb, **sdc, **hmc, **mask, **ten}
         report.setdefault("SusceptibilityDistortionCorrection", sdc_line)
         common = {"PreprocessingBackend": self.inputs.backend, "SusceptibilityDistortionCorrection": sdc_line}
+        if comb:
+            common["CombinedRuns"] = comb.get("CombinedRuns", [])
         self._results["backend_report"] = report
         self._results["dwi_meta"] = {k: v for k, v in report.items() if k not in ("BrainMask", "TensorFit", "Shells")}
         self._results["ref_meta"] = {**common, "Description": "b0 reference: mean of the corrected b0 volumes",
@@ -449,4 +466,182 @@ class MergeReports(SimpleInterface):
                                         "HeadMotionCorrection": hmc.get("HeadMotionCorrection", "")}
         self._results["mask_meta"] = {**common, "Type": "Brain", **mask}
         self._results["tensor_meta"] = {**common, **ten}
+        return runtime
+
+
+
+
+# --------------------------------------------------------------------------------------------
+class _CombineRunsInputSpec(BaseInterfaceInputSpec):
+    dwi_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    bval_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    bvec_files = traits.List(File(exists=True), mandatory=True, minlen=2)
+    b0_refs = traits.List(File(exists=True), mandatory=True, minlen=2)
+    brain_mask = File(exists=True, mandatory=True, desc="brain mask of the first run")
+    run_names = traits.List(traits.Str, desc="raw file names of the runs, for the sidecar")
+    run_reports = traits.List(traits.Dict, desc="each run's preprocessing report (MergeReports.backend_report)")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _CombineRunsOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    out_bval = File(exists=True)
+    out_bvec = File(exists=True)
+    b0_ref = File(exists=True)
+    report = traits.Dict()
+
+
+class CombineRuns(SimpleInterface):
+    """Corrected opposite-PE runs → one series on the first run's grid (``algorithms.combine``)."""
+
+    input_spec = _CombineRunsInputSpec
+    output_spec = _CombineRunsOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.combine import combine_runs
+        from bids_uad.algorithms.resample import same_grid
+        from bids_uad.bids.gradients import GradientTable, load_gradients, write_fsl_gradients
+
+        _set_threads(self.inputs.num_threads)
+        imgs = [nib.load(f) for f in self.inputs.dwi_files]
+        for path, img in zip(self.inputs.dwi_files[1:], imgs[1:]):
+            if not same_grid(img.shape, img.affine, imgs[0].shape, imgs[0].affine):
+                raise InputValidationError("the opposite phase-encoding runs of a pair must share one grid "
+                                           f"to be combined ({Path(self.inputs.dwi_files[0]).name} differs)", path)
+        tables = [load_gradients(b, v, n_volumes=i.shape[3]) for b, v, i in
+                  zip(self.inputs.bval_files, self.inputs.bvec_files, imgs)]
+        series = [np.asarray(i.dataobj, np.float32) for i in imgs]
+        refs = [np.asarray(nib.load(f).dataobj, np.float32) for f in self.inputs.b0_refs]
+        mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+        zooms = tuple(float(z) for z in imgs[0].header.get_zooms()[:3])
+        res = combine_runs(series, [t.bvals for t in tables], [t.bvecs for t in tables], refs, zooms, mask=mask,
+                           b0_threshold=tables[0].b0_threshold,
+                           affine_det_positive=np.linalg.det(imgs[0].affine[:3, :3]) > 0)
+        hdr = imgs[0].header.copy()
+        hdr.set_data_dtype(np.float32)
+        out = _out(runtime, "dwi_combined.nii.gz")
+        nib.save(nib.Nifti1Image(res.data.astype(np.float32), imgs[0].affine, hdr), out)
+        ref = _out(runtime, "dwi_combined_b0ref.nii.gz")
+        nib.save(nib.Nifti1Image(res.b0_ref.astype(np.float32), imgs[0].affine), ref)
+        bval, bvec = _out(runtime, "dwi_combined.bval"), _out(runtime, "dwi_combined.bvec")
+        write_fsl_gradients(GradientTable(bvals=res.bvals, bvecs=res.bvecs, b0_threshold=tables[0].b0_threshold),
+                            bval, bvec)
+        names = list(self.inputs.run_names) if isdefined(self.inputs.run_names) else \
+            [Path(f).name for f in self.inputs.dwi_files]
+        for name, run in zip(names, res.info["runs"]):
+            run["run"] = name
+        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref)
+        per_run = list(self.inputs.run_reports) if isdefined(self.inputs.run_reports) else []
+        sdc_lines = sorted({r.get("SusceptibilityDistortionCorrection", SDC_SKIPPED) for r in per_run})
+        self._results["report"] = {
+            "CombinedRuns": names,
+            **({"SusceptibilityDistortionCorrection": "; ".join(sdc_lines)} if sdc_lines else {}),
+            "PerRunPreprocessing": {name: {k: r[k] for k in ("SDCSettings", "HeadMotionCorrection",
+                                                              "MeanFramewiseDisplacement") if k in r}
+                                    for name, r in zip(names, per_run)},
+            "RunCombination": "each run corrected on its own (susceptibility field from both runs' b0s, "
+                              "head motion, eddy currents), then " + res.info["method"]
+                              + " (as QSIPrep after correction)",
+            "RunCombinationSettings": res.info,
+        }
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _DiffusionTissuesInputSpec(BaseInterfaceInputSpec):
+    fa = File(exists=True, mandatory=True)
+    md = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+
+
+class _DiffusionTissuesOutputSpec(TraitedSpec):
+    dseg = File(exists=True)
+    dseg_tsv = File(exists=True)
+    analysis_mask = File(exists=True)
+    dseg_meta = traits.Dict()
+    analysis_meta = traits.Dict()
+
+
+class DiffusionTissues(SimpleInterface):
+    """CSF/GM/WM from FA and MD (no T1w) and the analysis mask GM ∪ WM on the dwi grid."""
+
+    input_spec = _DiffusionTissuesInputSpec
+    output_spec = _DiffusionTissuesOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.masking import coverage_summary
+        from bids_uad.algorithms.segmentation import analysis_mask, diffusion_tissue_classes, dseg_tsv_rows
+        from bids_uad.bids.derivatives import write_tsv
+
+        fa_img = nib.load(self.inputs.fa)
+        fa = np.asarray(fa_img.dataobj, np.float32)
+        md = np.asarray(nib.load(self.inputs.md).dataobj, np.float32)
+        mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+        dseg, info = diffusion_tissue_classes(fa, md, mask)
+        analysis = analysis_mask(dseg)
+        names = {}
+        for key, arr in (("dseg", dseg), ("analysis_mask", analysis.astype(np.uint8))):
+            names[key] = _out(runtime, f"{key}.nii.gz")
+            img = nib.Nifti1Image(arr.astype(np.uint8), fa_img.affine)
+            img.header.set_data_dtype(np.uint8)
+            nib.save(img, names[key])
+        tsv = _out(runtime, "dseg.tsv")
+        write_tsv(tsv, dseg_tsv_rows())
+        how = "tissue classes from the diffusion data (no T1w): " + info.get("method", info.get("error", ""))
+        self._results.update(dseg=names["dseg"], dseg_tsv=tsv, analysis_mask=names["analysis_mask"])
+        self._results["dseg_meta"] = {"TissueClasses": how, "TissueClassSettings": info}
+        self._results["analysis_meta"] = {
+            "Type": "ROI", "TissueClasses": how,
+            "Description": "GM and WM from the diffusion tissue classes (CSF excluded), within the dwi brain mask",
+            "Coverage": coverage_summary(analysis, fa_img.header.get_zooms())}
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _FAToTemplateInputSpec(BaseInterfaceInputSpec):
+    fa = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    output_spaces = traits.List(traits.Str, mandatory=True)
+    seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _FAToTemplateOutputSpec(TraitedSpec):
+    xfm = File(exists=True, desc="composite transform dwi -> template")
+    fa_template = File(exists=True)
+    meta = traits.Dict()
+
+
+class FAToTemplate(SimpleInterface):
+    """Without a T1w: the subject's FA registered to an FA-like template (affine + SyN, MI)."""
+
+    input_spec = _FAToTemplateInputSpec
+    output_spec = _FAToTemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.registration import apply_transforms, register_fa_to_template
+        from bids_uad.algorithms.templates import fa_like_template, template_for_output_spaces
+
+        template = template_for_output_spaces(self.inputs.output_spaces)
+        target, target_mask = fa_like_template(template)
+        fa = nib.load(self.inputs.fa)
+        result, quality = register_fa_to_template(fa, nib.load(self.inputs.brain_mask), target, target_mask,
+                                                  out_prefix=_out(runtime, "fa2tpl_"), seed=self.inputs.seed,
+                                                  threads=self.inputs.num_threads)
+        warped = _out(runtime, "fa_template.nii.gz")
+        nib.save(apply_transforms(fa, target, result.forward, "image"), warped)
+        if quality["FACorrelationWithTemplate"] < 0.4:
+            LOGGER.warning("FA to template registration is poor (correlation %.2f with the FA-like template)",
+                           quality["FACorrelationWithTemplate"])
+        self._results.update(xfm=result.forward[0], fa_template=warped)
+        self._results["meta"] = {
+            "TemplateRegistration": "no T1w: tensor FA -> FA-like template (template tissue priors weighted by "
+                                    "typical FA), ANTs affine then SyN, Mattes MI, brain masks of both",
+            "Template": template.name, "TemplateRegistrationQuality": quality}
         return runtime

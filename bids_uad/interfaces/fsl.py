@@ -22,7 +22,7 @@ from nipype.interfaces.base import (
 )
 
 from bids_uad.bids.layout import sidecar_of
-from bids_uad.bids.validate import phase_encoding, total_readout_time
+from bids_uad.bids.validate import phase_encoding, readout_time_or_nominal
 from bids_uad.interfaces.dwi import SDC_SKIPPED, _b0_mean_of, _out
 
 LOGGER = logging.getLogger("bids_uad.dwi")
@@ -154,7 +154,7 @@ class FSLDWIPreproc(SimpleInterface):
         gt = load_gradients(self.inputs.bval_file, self.inputs.bvec_file, n_volumes=img.shape[3])
         b0 = np.asarray(img.dataobj[..., int(np.flatnonzero(gt.b0_mask)[0])], np.float32)
         axis, pol = phase_encoding(meta, dwi_json)
-        trt = total_readout_time(meta, img.shape[axis], dwi_json)
+        trt, trt_source = readout_time_or_nominal(meta, img.shape[axis], dwi_json)
         acqp = _out(runtime, "acqparams.txt")
         index = _out(runtime, "index.txt")
         Path(index).write_text(" ".join("1" for _ in range(img.shape[3])) + "\n")
@@ -164,7 +164,8 @@ class FSLDWIPreproc(SimpleInterface):
         if self.inputs.rpe_file:
             rmeta = dict(self.inputs.rpe_metadata or {})
             raxis, rpol = phase_encoding(rmeta, sidecar_of(self.inputs.rpe_file))
-            rtrt = total_readout_time(rmeta, img.shape[raxis], sidecar_of(self.inputs.rpe_file))
+            rtrt, _ = readout_time_or_nominal(rmeta, img.shape[raxis], sidecar_of(self.inputs.rpe_file),
+                                              partner=(trt, trt_source))
             rdata, rimg, _ = _b0_mean_of(self.inputs.rpe_file)
             if not same_grid(rimg.shape, rimg.affine, img.shape, img.affine):
                 rdata = resample_to_grid(rdata, rimg.affine, img.shape[:3], img.affine)
@@ -186,7 +187,8 @@ class FSLDWIPreproc(SimpleInterface):
             del at
             self._results.update(fieldmap_hz=tu.outputs.out_field, b0_pair_raw=raw, b0_pair_corrected=corrected,
                                  sdc_report={"SusceptibilityDistortionCorrection": "FSL topup",
-                                             "SDCSettings": {"config": "b02b0.cnf", "TotalReadoutTime": trt}})
+                                             "SDCSettings": {"config": "b02b0.cnf", "TotalReadoutTime": trt,
+                                                             "TotalReadoutTimeSource": trt_source}})
             mean_b0 = _out(runtime, "b0_mean_corrected.nii.gz")
             nib.save(nib.Nifti1Image(np.mean([np.asarray(nib.load(c).dataobj) for c in corrected], 0)
                                      .astype(np.float32), img.affine), mean_b0)

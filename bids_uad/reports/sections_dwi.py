@@ -118,7 +118,42 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 lambda img=img, slz=slz, window=window: F.mosaic(img[0], img[1], slices=slz, window=window),
                 f"{label} map of the tensor fit, axial slices.", label))
         items.append(_dwi_registration(ses, b0, sl, maker))
+        template_fig = _fa_template_registration(ses, maker)
+        if template_fig is not None:
+            items.append(template_fig)
     return items
+
+
+def _fa_template_registration(ses: SessionDerivatives, maker: FigureMaker) -> dict | None:
+    """dwi-only sessions: the FA registered to the template, with the template's white matter
+    (from its FA-like target) as contours; None when the session has no such registration."""
+    fa_path = ses.get("fa")
+    if fa_path is None:
+        return None
+    stem = fa_path.name.split("_space-")[0]
+    found = [p for p in sorted(fa_path.parent.glob(f"{stem}_space-*_model-tensor_param-fa_dwimap.nii.gz"))
+             if "_space-dwi_" not in p.name]
+    if not found:
+        return None
+    from bids_uad.algorithms.templates import fa_like_template, find_template
+
+    warped = load(found[0])
+    target, _ = fa_like_template(find_template())
+    target = F.to_canonical(target)
+    if warped is None or not same_grid(warped[0], target[0]):
+        return None
+    wm = target[0] > 0.3
+    meta = read_json(sidecar_of(found[0]))
+    quality = (meta.get("TemplateRegistrationQuality") or {}).get("FACorrelationWithTemplate")
+    slices = F.pick_slices(warped[0].shape, wm)
+    return maker.figure(
+        f"{ses.prefix}_space-template_desc-fareg_dwimap.svg", [found[0]],
+        lambda: F.mosaic(warped[0], warped[1], slices=slices, window=(0.0, 1.0),
+                         contours=[(wm, F.COLORS["WM"], "template WM")]),
+        f"No T1w: FA registered to the {meta.get('Template', 'template')} template through an FA-like target "
+        f"(affine + SyN, mutual information); magenta: the template's white matter"
+        + (f"; correlation with the target {quality:.2f}." if isinstance(quality, (int, float)) else "."),
+        "FA to template registration")
 
 
 def _raw_b0(ses: SessionDerivatives, bids_dir: Path | None, b0) -> tuple | None:
@@ -163,6 +198,15 @@ def _dwi_registration(ses: SessionDerivatives, b0, sl, maker: FigureMaker) -> di
     seg = load(ses.get("dwi_dseg"))
     contours = tissue_contours(np.rint(seg[0]).astype(int)) if seg is not None and same_grid(b0[0], seg[0]) else []
     wm = [c for c in contours if c[2] == "WM"]
+    from_dwi = ses.sidecar("dwi_dseg").get("TissueClasses")
+    if from_dwi and contours:  # no T1w: the classes come from FA/MD, there is no registration to check
+        fa = load(ses.get("fa"))
+        background = fa if fa is not None and same_grid(b0[0], fa[0]) else b0
+        return maker.figure(
+            f"{ses.prefix}_space-dwi_desc-dwiseg_dwiref.svg", [ses.get("b0"), ses.get("fa"), ses.get("dwi_dseg")],
+            lambda: F.mosaic(background[0], background[1], slices=sl, contours=contours),
+            f"No T1w: {from_dwi}; the classes on the {'FA map' if background is fa else 'b0 reference'}. " + LEGEND,
+            "Tissue classes from the diffusion data")
     t1 = load(ses.get("t1w_dwi"))
     label = "T1w in dwi space"
     if (t1 is None or not same_grid(b0[0], t1[0])) and contours:

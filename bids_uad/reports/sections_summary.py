@@ -31,12 +31,47 @@ def _protocol(ses: SessionDerivatives) -> list[tuple[str, object]]:
         for key in ("PhaseEncodingDirection", "TotalReadoutTime", "EchoTime", "RepetitionTime"):
             if key in meta:
                 rows.append((key, meta[key]))
+        rows += _acquisition_handling(ses, meta)
     t1 = ses.get("t1w")
     if t1 is not None:
         import nibabel as nib
 
         img = nib.load(str(t1))
         rows.append(("T1w voxel size (mm)", " × ".join(f"{z:.2f}" for z in img.header.get_zooms()[:3])))
+    return rows
+
+
+def _acquisition_handling(ses: SessionDerivatives, meta: dict) -> list[tuple[str, object]]:
+    """How the pipeline dealt with this acquisition's quirks, from the sidecars: where the
+    phase-encoding polarity and readout time came from, runs combined, brain coverage, and
+    where the tissue classes come from (T1w or the diffusion data)."""
+    rows: list[tuple[str, object]] = []
+    sdc = dict(ses.sidecar("fieldmap").get("SDCSettings") or meta.get("SDCSettings") or {})
+    for run, per_run in (meta.get("PerRunPreprocessing") or {}).items():
+        sdc = sdc or dict(per_run.get("SDCSettings") or {})
+    for key, label in (("PhaseEncodingDirectionSource", "phase encoding from"),
+                       ("ReversePhaseEncodingDirectionSource", "reverse phase encoding from"),
+                       ("TotalReadoutTimeSource", "readout time from")):
+        if sdc.get(key):
+            value = sdc[key]
+            if key == "TotalReadoutTimeSource" and str(value).startswith("nominal"):
+                value = (f"{value}: {sdc.get('TotalReadoutTime')} s assumed; the correction does not depend on it "
+                         "(both images share it), the field in Hz is in units of it")
+            rows.append((label, value))
+    if meta.get("CombinedRuns"):
+        rows.append(("runs combined", " + ".join(meta["CombinedRuns"]) + " (corrected, aligned, concatenated)"))
+    coverage = ses.sidecar("dwi_mask").get("Coverage") or {}
+    if coverage:
+        if coverage.get("WholeBrain"):
+            text = f"whole brain ({coverage.get('VolumeMl')} mL)"
+        else:
+            text = (f"partial: the brain mask reaches the field of view along {'/'.join(coverage.get('CutAxes', []))} "
+                    f"(brain extent {coverage.get('BrainExtentMm')} mm, {coverage.get('VolumeMl')} mL); "
+                    "measures and the analysis mask cover this part only")
+        rows.append(("brain coverage", text))
+    tissues = ses.sidecar("dwi_dseg").get("TissueClasses")
+    if tissues:
+        rows.append(("tissue classes", tissues))
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from bids_uad.bids.layout import BIDSInputs, SessionInputs
 from bids_uad.bids.lesions import find_lesion_mask
@@ -45,8 +46,11 @@ def collect_participant_inputs(settings: Settings, bids: BIDSInputs, subjects: l
                 # the sidecar is needed where its fields are: SDC (a reverse-PE image) and FSL's eddy
                 validate_dwi_run(run, require_sidecar=True if fsl else None)
                 if run.reverse_pe is None:
-                    LOGGER.warning("%s: no reverse phase-encoding image: susceptibility correction "
-                                   "will be skipped", run.path.name)
+                    LOGGER.warning("%s: no reverse phase-encoding image%s: susceptibility correction "
+                                   "will be skipped", run.path.name,
+                                   "" if run.metadata.get("PhaseEncodingDirection") else
+                                   " (phase-encoding polarity unknown: "
+                                   f"{run.metadata.get('PhaseEncodingDirectionSource', 'no sidecar')})")
             for t1w in ses.t1w[:1]:
                 validate_anatomical(t1w, "T1w")
             for flair in ses.flair[:1]:
@@ -91,7 +95,8 @@ def planned_outputs(settings: Settings, plan: ParticipantPlan) -> list[tuple[Pat
     planned = []
     for ses in plan.sessions:
         for key, output in outputs.OUTPUTS.items():
-            sources = [run.path for run in ses.dwi] if output.source == "dwi" else \
+            combined = [shared_source_name([ses.dwi[i].path, ses.dwi[j].path]) for i, j in opposite_pe_pairs(ses.dwi)]
+            sources = [run.path for run in ses.dwi] + combined if output.source == "dwi" else \
                 list(ses.t1w[:1]) if output.source == "t1w" else []
             planned += [(outputs.path_for(settings.output_dir, key, src, **params), src) for src in sources]
     return planned
@@ -134,15 +139,19 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 signals.append((awf, "outputnode.masks"))
             continue
         dwi_wfs = _add_dwi_stage(workflow, settings, ses)
-        first_dwi = dwi_wfs[0] if dwi_wfs else None
-        anat_wf = _add_anat_stage(workflow, settings, ses, first_dwi)
+        series = _add_pair_combination(workflow, settings, ses, dwi_wfs)
+        first_dwi, first_source = series[0] if series else (None, None)
+        anat_wf = _add_anat_stage(workflow, settings, ses, first_dwi, first_source)
         signals += [(wf, "outputnode.dwi_preproc") for wf in dwi_wfs]
+        signals += [(wf, "outputnode.dwi_preproc") for wf, _ in series if wf not in dwi_wfs]
         signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
+        tissue_wfs = _add_dwi_tissue_stage(workflow, settings, ses, series) if anat_wf is None else {}
+        signals += [(twf, "outputnode.analysis_mask") for twf in tissue_wfs.values()]
         if settings.model is None:
             continue
-        for index, (run, dwi_wf) in enumerate(zip(ses.dwi, dwi_wfs)):
+        for index, (dwi_wf, source) in enumerate(series):
             awf = init_anomaly_wf(settings, name=f"anomaly_{_session_name(ses)}_{index}")
-            awf.inputs.inputnode.source_file = str(run.path)
+            awf.inputs.inputnode.source_file = str(source)
             workflow.connect([(dwi_wf, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
                                              ("outputnode.bval", "inputnode.bval"),
                                              ("outputnode.bvec", "inputnode.bvec"),
@@ -153,10 +162,12 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask"),
                                                   ("outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm"),
                                                   ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm")])])
+            elif dwi_wf in tissue_wfs:
+                workflow.connect([(tissue_wfs[dwi_wf], awf, [("outputnode.analysis_mask", "inputnode.analysis_mask")])])
             else:
                 LOGGER.warning("%s: no anatomical analysis mask (%s): anomalies scored in the whole brain mask",
-                               run.path.name, "no T1w" if anat_wf is None else "the T1w is registered to "
-                               + ses.dwi[0].path.name)
+                               Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
+                               + Path(first_source).name)
                 awf.inputs.inputnode.analysis_mask = ""
             signals.append((awf, "outputnode.masks"))
     if settings.model is not None:
@@ -201,8 +212,7 @@ def _merge_node(interface, name: str):
 
 
 def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
-    """One preprocessing workflow per dwi run (in ``ses.dwi`` order); the first one's b0
-    reference anchors the anatomical registration."""
+    """One preprocessing workflow per dwi run (in ``ses.dwi`` order)."""
     wfs = []
     for index, run in enumerate(ses.dwi):
         wf = init_dwi_preproc_wf(settings, name=f"dwi_{_session_name(ses)}_{index}")
@@ -218,18 +228,89 @@ def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
     return wfs
 
 
-def _add_anat_stage(workflow, settings: Settings, ses: SessionInputs, first_dwi):
-    """The anatomical workflow of a session, registered to its first dwi run when there is one."""
+def opposite_pe_pairs(runs) -> list[tuple[int, int]]:
+    """Indices of dwi runs that are each other's reverse phase-encoding partner (full-DTI pairs)."""
+    index = {run.path: i for i, run in enumerate(runs)}
+    pairs = []
+    for i, run in enumerate(runs):
+        rpe = run.reverse_pe
+        j = index.get(rpe.path) if rpe is not None and rpe.kind == "dwi" else None
+        if j is not None and j > i and runs[j].reverse_pe is not None and runs[j].reverse_pe.path == run.path:
+            pairs.append((i, j))
+    return pairs
+
+
+def shared_source_name(paths) -> Path:
+    """The source a series made from several runs is named from (:func:`outputs.common_source`), next to them."""
+    from bids_uad.bids.outputs import common_source
+
+    return Path(paths[0]).with_name(common_source([Path(p).name for p in paths]))
+
+
+def _add_pair_combination(workflow, settings: Settings, ses: SessionInputs, dwi_wfs: list) -> list:
+    """(workflow, source name) of each preprocessed series of a session: every run on its own,
+    except opposite-PE full-DTI pairs, which are also combined into one series that replaces
+    them for the anatomical registration and anomaly scoring (``docs/dwi.md``)."""
+    from nipype.interfaces import utility as niu
+
+    from bids_uad.workflows.dwi import init_dwi_combine_wf
+
+    if not dwi_wfs:
+        return []
+    pairs = opposite_pe_pairs(ses.dwi)
+    paired = {i for pair in pairs for i in pair}
+    series = [(wf, ses.dwi[i].path) for i, wf in enumerate(dwi_wfs) if i not in paired]
+    for n, (i, j) in enumerate(pairs):
+        runs = [ses.dwi[i], ses.dwi[j]]
+        source = shared_source_name([r.path for r in runs])
+        LOGGER.info("%s + %s: opposite phase-encoding runs, corrected on their own and combined into %s",
+                    runs[0].path.name, runs[1].path.name, source.name)
+        cwf = init_dwi_combine_wf(settings, name=f"dwi_{_session_name(ses)}_pair{n}")
+        cwf.inputs.inputnode.run_names = [r.path.name for r in runs]
+        cwf.inputs.inputnode.source_file = str(source)
+        cwf.inputs.inputnode.source_files = [str(r.path) for r in runs]
+        for field, out in (("dwi_files", "dwi_preproc"), ("bval_files", "bval"), ("bvec_files", "bvec"),
+                           ("b0_refs", "b0_ref"), ("run_reports", "backend_report")):
+            merge = _merge_node(niu.Merge(2), f"{field}_{_session_name(ses)}_pair{n}")
+            workflow.connect([(dwi_wfs[i], merge, [(f"outputnode.{out}", "in1")]),
+                              (dwi_wfs[j], merge, [(f"outputnode.{out}", "in2")]),
+                              (merge, cwf, [("out", f"inputnode.{field}")])])
+        workflow.connect(dwi_wfs[i], "outputnode.brain_mask", cwf, "inputnode.brain_mask")
+        series.insert(0, (cwf, source))
+    return series
+
+
+def _add_dwi_tissue_stage(workflow, settings: Settings, ses: SessionInputs, series: list) -> dict:
+    """Without a T1w: tissue classes and the analysis mask from each series' own tensor maps."""
+    from bids_uad.workflows.dwi import init_dwi_tissue_wf
+
+    out = {}
+    for index, (dwi_wf, source) in enumerate(series):
+        LOGGER.info("%s: no T1w: tissue classes and analysis mask from the diffusion data (FA, MD)",
+                    Path(source).name)
+        twf = init_dwi_tissue_wf(settings, name=f"dwi_tissue_{_session_name(ses)}_{index}")
+        twf.inputs.inputnode.source_file = str(source)
+        twf.inputs.inputnode.source_files = [str(ses.dwi[k].path) for pair in opposite_pe_pairs(ses.dwi) for k in pair
+                                             if shared_source_name([ses.dwi[i].path for i in pair]) == Path(source)]
+        workflow.connect([(dwi_wf, twf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
+                                         ("outputnode.brain_mask", "inputnode.brain_mask")])])
+        out[dwi_wf] = twf
+    return out
+
+
+def _add_anat_stage(workflow, settings: Settings, ses: SessionInputs, first_dwi, first_source=None):
+    """The anatomical workflow of a session, registered to its first dwi series when there is one."""
     if not ses.t1w:
         if ses.dwi:
-            LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped", ses.subject)
+            LOGGER.warning("sub-%s: no T1w in this session: anatomical stage skipped (tissue classes and the "
+                           "analysis mask come from the diffusion data)", ses.subject)
         return None
     awf = init_anat_wf(settings, name=f"anat_{_session_name(ses)}")
     awf.inputs.inputnode.t1w_file = str(ses.t1w[0])
     awf.inputs.inputnode.flair_file = str(ses.flair[0]) if ses.flair else ""
     lesion = find_lesion_mask(settings.lesion_masks, ses.subject, ses.session)
     awf.inputs.inputnode.lesion_mask = str(lesion) if lesion else ""
-    awf.inputs.inputnode.dwi_source_file = str(ses.dwi[0].path) if first_dwi is not None else ""
+    awf.inputs.inputnode.dwi_source_file = str(first_source or ses.dwi[0].path) if first_dwi is not None else ""
     if first_dwi is not None:
         workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
                                             ("outputnode.brain_mask", "inputnode.dwi_mask")])])

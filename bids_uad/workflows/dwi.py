@@ -11,6 +11,9 @@ from nipype.pipeline import engine as pe
 
 from bids_uad.interfaces.dwi import (
     BrainMask,
+    CombineRuns,
+    DiffusionTissues,
+    FAToTemplate,
     DenoiseDWI,
     EstimateSDC,
     MergeReports,
@@ -120,4 +123,107 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
         ])
         if meta:
             wf.connect(merge, meta, sink, "meta")
+    return wf
+
+
+#: inputs of the combination of opposite-PE runs: lists with one item per run (first = reference)
+COMBINE_INPUT_FIELDS = ["dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask", "run_reports",
+                        "run_names", "source_file", "source_files"]
+COMBINE_OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0"]
+#: the combined series' derivatives (no field map or motion table of its own: each run has them)
+COMBINED_DERIVATIVES = tuple(d for d in DERIVATIVES if d[0] in COMBINE_OUTPUT_FIELDS)
+
+
+def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
+    """Combine corrected opposite phase-encoding runs into one series (``algorithms.combine``),
+    then brain mask and tensor maps of the combination; derivatives are named from
+    ``source_file``, a name that carries only what the runs share (no ``dir-``)."""
+    threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=COMBINE_INPUT_FIELDS), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=COMBINE_OUTPUT_FIELDS), name="outputnode")
+    combine = pe.Node(CombineRuns(num_threads=threads), name="combine", n_procs=threads)
+    mask = pe.Node(BrainMask(), name="brain_mask")
+    tensor = pe.Node(TensorFit(), name="tensor")
+    merge = pe.Node(MergeReports(backend=settings.resolved_backend()), name="merge_reports")
+    wf.connect([
+        (inputnode, combine, [(f, f) for f in ("dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask",
+                                               "run_reports", "run_names")]),
+        (combine, mask, [("b0_ref", "in_file")]),
+        (combine, tensor, [("out_file", "dwi_file"), ("out_bval", "bval_file"), ("out_bvec", "bvec_file")]),
+        (mask, tensor, [("out_mask", "mask_file")]),
+        (combine, merge, [("report", "combine")]),
+        (mask, merge, [("report", "mask")]),
+        (tensor, merge, [("report", "tensor")]),
+        (combine, outputnode, [("out_file", "dwi_preproc"), ("out_bval", "bval"), ("out_bvec", "bvec"),
+                               ("b0_ref", "b0_ref")]),
+        (mask, outputnode, [("out_mask", "brain_mask")]),
+        (tensor, outputnode, [(k, k) for k in ("fa", "md", "ad", "rd", "s0")]),
+    ])
+    for field, key, meta in COMBINED_DERIVATIVES:
+        sink = pe.Node(
+            DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                output=key, skip_empty=True),
+            name=f"ds_{field}", run_without_submitting=True)
+        if field in ("bval", "bvec"):
+            sink.inputs.write_sidecar = False
+        wf.connect([
+            (outputnode, sink, [(field, "in_file")]),
+            (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")]),
+        ])
+        if meta:
+            wf.connect(merge, meta, sink, "meta")
+    return wf
+
+
+def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
+    """Tissue classes and analysis mask from the tensor maps, for a session without a T1w.
+
+    inputnode: fa, md, brain_mask, source_file; outputnode: dseg, analysis_mask (dwi grid),
+    written as the same derivatives the anatomical workflow writes (``dwi_dseg``,
+    ``analysis_mask``), their sidecars saying they come from the diffusion data.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file", "source_files"]),
+                        name="inputnode")
+    inputnode.inputs.source_files = []  # the raw runs of a combined series ([]: source_file)
+    outputnode = pe.Node(IdentityInterface(fields=["dseg", "analysis_mask"]), name="outputnode")
+    tissues = pe.Node(DiffusionTissues(), name="tissues")
+    # the analysis mask is handed on once the template transform is on disk too (anomaly maps
+    # in template space read it from the derivatives)
+    ready = pe.Node(IdentityInterface(fields=["analysis_mask", "xfm"]), name="ready")
+    ready.inputs.xfm = ""
+    wf.connect([
+        (inputnode, tissues, [("fa", "fa"), ("md", "md"), ("brain_mask", "brain_mask")]),
+        (tissues, outputnode, [("dseg", "dseg")]),
+        (tissues, ready, [("analysis_mask", "analysis_mask")]),
+        (ready, outputnode, [("analysis_mask", "analysis_mask")]),
+    ])
+    for field, key, meta in (("dseg", "dwi_dseg", "dseg_meta"), ("dseg_tsv", "dwi_dseg_tsv", None),
+                             ("analysis_mask", "analysis_mask", "analysis_meta")):
+        sink = pe.Node(DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                           output=key, skip_empty=True),
+                       name=f"ds_{field}", run_without_submitting=True)
+        if meta is None:
+            sink.inputs.write_sidecar = False
+        else:
+            wf.connect(tissues, meta, sink, "meta")
+        wf.connect([(tissues, sink, [(field, "in_file")]),
+                    (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")])])
+    if any(space.startswith("MNI") for space in getattr(settings, "output_spaces", ())):
+        from bids_uad.algorithms.templates import template_for_output_spaces
+
+        template = template_for_output_spaces(settings.output_spaces).name
+        threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
+        reg = pe.Node(FAToTemplate(output_spaces=list(settings.output_spaces), seed=int(settings.seed or 0),
+                                   num_threads=threads), name="fa_to_template", n_procs=threads, mem_gb=2.0)
+        wf.connect([(inputnode, reg, [("fa", "fa"), ("brain_mask", "brain_mask")])])
+        for field, key in (("xfm", "xfm_dwi_to_template"), ("fa_template", "fa_template")):
+            sink = pe.Node(DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                               output=key, params={"template": template}),
+                           name=f"ds_{key}", run_without_submitting=True)
+            wf.connect([(reg, sink, [(field, "in_file"), ("meta", "meta")]),
+                        (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")])])
+            if key == "xfm_dwi_to_template":
+                wf.connect(sink, "out_file", ready, "xfm")
     return wf

@@ -153,6 +153,40 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
     return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0}
 
 
+def shell_signature(bvals) -> tuple[int, ...]:
+    """The diffusion-weighted shells of a series, rounded to 100 s/mm² (b900 and b929 are one shell)."""
+    from bids_uad.models.inputs import dw_gradients, shells
+
+    dw, _ = dw_gradients(bvals, np.zeros((len(np.ravel(bvals)), 3)) + 1.0)
+    return tuple(int(round(v, -2)) for v in shells(dw)[0]) if dw.size else ()
+
+
+def controls_sharing_shells(found: list, items: list[dict]) -> tuple[list, list[dict]]:
+    """Keep the largest group of controls acquired with the same shells, with a clear note.
+
+    A model learns the signal of given b-values; controls with other shells cannot be
+    reconciled (a b2000 signal is not a b1000 one), so mixing them is never silent: the note
+    names every control's shells and which ones are left out.  Fewer than 3 left: exit 16.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(shell_signature(item["bvals"]), []).append(index)
+    if len(groups) == 1:
+        return found, items
+    listing = "; ".join(f"b={'/'.join(map(str, sig)) or 'none'}: "
+                        + ", ".join(f"sub-{found[i].subject}" for i in members) for sig, members in groups.items())
+    best_sig, best = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    if len(best) < 3:
+        raise InputValidationError(
+            f"the controls mix diffusion shells ({listing}); no shell set is shared by 3 or more controls, "
+            "so no model can be trained: train per protocol (--participant-label / --bids-filter-file)",
+            found[0].dwi.parent)
+    LOGGER.warning("the controls mix diffusion shells (%s): training on the %d controls with b=%s; the others "
+                   "are left out (a model learns one protocol's signal)", listing, len(best),
+                   "/".join(map(str, best_sig)))
+    return [found[i] for i in best], [items[i] for i in best]
+
+
 def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str], run_id: str) -> None:
     """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
     other than 0 only train)."""
@@ -174,6 +208,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             settings.output_dir,
         )
     data = _load_controls(found)
+    found, data["items"] = controls_sharing_shells(found, data["items"])
     items = data["items"]
     ref_bvals, _ = dw_gradients(items[0]["bvals"], items[0]["bvecs"])
     models_dir = settings.output_dir / "models"

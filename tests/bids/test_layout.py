@@ -111,3 +111,20 @@ def test_find_lesion_mask(tmp_path):
     assert find_lesion_mask(None, "pat01") is None
     with pytest.raises(UsageError):
         find_lesion_mask(tmp_path, "../pat01")
+
+
+def test_reverse_pe_with_unknown_polarity_is_skipped_not_an_error(small_bids, caplog):
+    """PhaseEncodingAxis only and no anatomical dir- entity on the fmap: no pair, a warning."""
+    fmap_json = small_bids / "sub-pat01/ses-pre/fmap/sub-pat01_ses-pre_dir-PA_epi.json"
+    meta = json.loads(fmap_json.read_text())
+    meta["PhaseEncodingAxis"] = meta.pop("PhaseEncodingDirection")[0]
+    fmap_json.write_text(json.dumps(meta))
+    renamed = {p: p.with_name(p.name.replace("dir-PA", "dir-rev")) for p in fmap_json.parent.iterdir()}
+    for old, new in renamed.items():
+        old.rename(new)
+    caplog.set_level("WARNING")
+    run = BIDSInputs(small_bids).session_inputs("pat01", "pre").dwi[0]
+    assert run.reverse_pe is None
+    assert "polarity unknown" in caplog.text and "--pe-polarity" in caplog.text
+    stated = BIDSInputs(small_bids, pe_polarity=[("dir-rev", "j")]).session_inputs("pat01", "pre").dwi[0]
+    assert stated.reverse_pe is not None and stated.reverse_pe.metadata["PhaseEncodingDirection"] == "j"

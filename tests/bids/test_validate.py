@@ -84,7 +84,8 @@ def test_phase_encoding_requirements(tmp_path):
         check_phase_encoding({"PhaseEncodingAxis": "j", "TotalReadoutTime": 0.05}, img, "reverse phase-encoding")
     assert "x_epi.json" in err.value.one_line() and "polarity" in err.value.one_line()
     with pytest.raises(InputValidationError, match="TotalReadoutTime"):
-        check_phase_encoding({"PhaseEncodingDirection": "j"}, img, "dwi")
+        check_phase_encoding({"PhaseEncodingDirection": "j", "TotalReadoutTime": 3.0}, img, "dwi")
+    check_phase_encoding({"PhaseEncodingDirection": "j"}, img, "dwi")  # missing: a nominal time, flagged
     check_phase_encoding({"PhaseEncodingDirection": "k-", "TotalReadoutTime": 0.03}, img, "dwi")
 
 

@@ -9,6 +9,7 @@ import pytest
 
 nib = pytest.importorskip("nibabel")
 
+from bids_uad.bids.phase_encoding import NOMINAL_TOTAL_READOUT_TIME
 from bids_uad.bids.validate import total_readout_time  # noqa: E402
 from bids_uad.errors import InputValidationError  # noqa: E402
 from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
@@ -58,13 +59,19 @@ def test_same_polarity_names_sidecar(tmp_path):
     assert err.value.path.endswith("sub-01_dir-PA_epi.json")
 
 
-def test_missing_readout_time_names_sidecar(tmp_path):
+def test_missing_readout_time_taken_from_partner_or_nominal_and_flagged(tmp_path):
     dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000])
-    with pytest.raises(InputValidationError) as err:
-        _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-"},
-             {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05})
-    assert "TotalReadoutTime" in str(err.value)
-    assert err.value.path.endswith("sub-01_dir-AP_dwi.json")
+    res = _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-"},
+               {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.04})
+    sdc = res.outputs.report["SDCSettings"]
+    assert sdc["TotalReadoutTime"] == pytest.approx(0.04)
+    assert sdc["TotalReadoutTimeSource"].startswith("the other image")
+    assert sdc["ReverseTotalReadoutTimeSource"] == "sidecar TotalReadoutTime"
+    res = _sdc(tmp_path, dwi, bval, bvec, rpe, {"PhaseEncodingDirection": "j-"}, {"PhaseEncodingDirection": "j"})
+    sdc = res.outputs.report["SDCSettings"]
+    assert sdc["TotalReadoutTime"] == sdc["ReverseTotalReadoutTime"] == pytest.approx(NOMINAL_TOTAL_READOUT_TIME)
+    assert sdc["TotalReadoutTimeSource"].startswith("nominal")
+    assert res.outputs.readout_scale == pytest.approx(-NOMINAL_TOTAL_READOUT_TIME)
 
 
 def test_missing_pe_direction_and_axis_mismatch(tmp_path):
