@@ -48,12 +48,13 @@ def test_make_image_and_image_test(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     env.pop("RECORD", None)
+    env.setdefault("PARALLEL", "1")  # the image's run and the venv's side by side (about half the wall time)
     workspace = tmp_path / "ws"
     for target in ("image", "image-test"):
         result = subprocess.run(["make", "-C", str(REPO), target, f"E2E_WORKSPACE={workspace}"], env=env,
                                 capture_output=True, text=True, timeout=3600)
         assert result.returncode == 0, f"make {target} failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
-    print(result.stdout[-1500:])
+    print(f"workspace: {workspace}\n{result.stdout[-2500:]}")
     assert "compare_outputs: all" in result.stdout, "the image's file list was not compared"
     assert "compare_runs:" in result.stdout and "images agree" in result.stdout
     # the hardened runs left the data untouched and wrote as the non-root user
