@@ -6,7 +6,8 @@ SLURM would give it (#SBATCH headers overridden by command-line options, ``--exp
 ``apptainer run`` maps the container paths of the recipe's binds onto the host folders and
 runs this checkout's bids_uad, refusing any path that is not inside a bind.  So the recipe's
 paths and variables are exercised end to end: the array tasks (two at a time) preprocess the
-participants, then the group job trains on their outputs.  Slow: several minutes on 2 cores.
+tiny study's three controls, then the group job trains on their outputs.  Slow: about 10 min on
+2 idle cores.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def _install(bin_dir: Path, name: str, text: str) -> None:
 def test_submit_runs_the_array_then_the_group_on_the_tiny_study(tmp_path):
     from bids_uad.synthetic import generate_dataset
 
-    bids = generate_dataset(tmp_path / "bids", preset="tiny", seed=0, progress=False)
+    # the tiny study's three controls (the group level needs three; patients only add time)
+    bids = generate_dataset(tmp_path / "bids", preset="tiny", n_patients=0, seed=0, progress=False)
     labels = [row["participant_id"][4:] for row in csv.DictReader(open(bids / "participants.tsv"), delimiter="\t")]
     bin_dir = tmp_path / "bin"
     _install(bin_dir, "sbatch", FAKE_SBATCH)
