@@ -141,6 +141,51 @@ def _install(bin_dir: Path, name: str, text: str) -> None:
     path.chmod(0o755)
 
 
+def _cluster(tmp_path: Path, **extra) -> dict:
+    bin_dir = tmp_path / "bin"
+    _install(bin_dir, "sbatch", FAKE_SBATCH)
+    _install(bin_dir, "apptainer", FAKE_APPTAINER)
+    (tmp_path / "bids_uad.sif").write_text("not a real image: the fake apptainer runs the checkout")
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": os.environ.get("HOME", str(tmp_path)),
+        "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        "SIF": str(tmp_path / "bids_uad.sif"), "FAKE_SLURM_STATE": str(tmp_path / "slurm"),
+        "FAKE_APPTAINER_LOG": str(tmp_path / "apptainer.jsonl"), **extra,
+    }
+
+
+def test_the_fake_cluster_runs_the_whole_chain_quickly(tmp_path):
+    """The same fakes with ``--version`` (bids_uad parses the translated command line and exits):
+    array tasks three at a time, the group after them, the inference array after the group."""
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text("participant_id\tgroup\nsub-a\tcontrol\nsub-b\tcontrol\nsub-c\tpatient\n")
+    env = _cluster(tmp_path, BIDS_UAD_ARGS="--version", BIDS_UAD_GROUP_ARGS="--version")
+    result = subprocess.run([str(RECIPES / "submit.sh"), "--inference", "--max-parallel", "3", str(bids),
+                             str(tmp_path / "out"), str(tmp_path / "work"), "--", "--mem=2G"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["participant\t100", "group\t101", "inference\t102"]
+    calls = [json.loads(line) for line in (tmp_path / "apptainer.jsonl").read_text().splitlines()]
+    assert len(calls) == 7
+    inference = [c for c in calls if "--model" in c["args"]]
+    assert len(inference) == 3 and all(c["args"][c["args"].index("--model") + 1] == "/out/models" for c in inference)
+    for task in (1, 2, 3):
+        for job in (100, 102):
+            out = (tmp_path / f"bids_uad-participant-{job}_{task}.out").read_text()
+            assert "bids_uad " in out and "not inside a bound folder" not in out, out
+    status = tmp_path / "out" / "logs" / "slurm"
+    assert sorted(p.name for p in status.glob("job-10[02]_task-*.tsv")) == \
+        [f"job-{j}_task-{t}.tsv" for j in (100, 102) for t in (1, 2, 3)]
+    # a failed array keeps the group job from running (afterok)
+    env["BIDS_UAD_ARGS"] = "--no-such-option"
+    result = subprocess.run([str(RECIPES / "submit.sh"), str(bids), str(tmp_path / "out2"), str(tmp_path / "work2")],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["participant\t103", "group\t104"]
+    assert json.loads((tmp_path / "slurm" / "job-104.json").read_text()).get("cancelled") is True
+    assert not (tmp_path / "out2" / "logs" / "slurm" / "job-104_task-group.tsv").exists()
+
+
 @pytest.mark.slow
 def test_submit_runs_the_array_then_the_group_on_the_tiny_study(tmp_path):
     from bids_uad.synthetic import generate_dataset
@@ -148,18 +193,8 @@ def test_submit_runs_the_array_then_the_group_on_the_tiny_study(tmp_path):
     # the tiny study's three controls (the group level needs three; patients only add time)
     bids = generate_dataset(tmp_path / "bids", preset="tiny", n_patients=0, seed=0, progress=False)
     labels = [row["participant_id"][4:] for row in csv.DictReader(open(bids / "participants.tsv"), delimiter="\t")]
-    bin_dir = tmp_path / "bin"
-    _install(bin_dir, "sbatch", FAKE_SBATCH)
-    _install(bin_dir, "apptainer", FAKE_APPTAINER)
-    (tmp_path / "bids_uad.sif").write_text("not a real image: the fake apptainer runs the checkout")
-    out, work, state = tmp_path / "out", tmp_path / "work", tmp_path / "slurm"
-    env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": os.environ.get("HOME", str(tmp_path)),
-        "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-        "SIF": str(tmp_path / "bids_uad.sif"), "FAKE_SLURM_STATE": str(state),
-        "FAKE_APPTAINER_LOG": str(tmp_path / "apptainer.jsonl"),
-        "BIDS_UAD_ARGS": "--seed 0", "BIDS_UAD_GROUP_ARGS": "--train-preset quick --seed 0",
-    }
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = _cluster(tmp_path, BIDS_UAD_ARGS="--seed 0", BIDS_UAD_GROUP_ARGS="--train-preset quick --seed 0")
     result = subprocess.run(
         [str(RECIPES / "submit.sh"), "--max-parallel", "2", str(bids), str(out), str(work),
          "--", "--cpus-per-task=1", "--mem=6G"],
