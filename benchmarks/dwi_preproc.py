@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import markdown_table, measure  # noqa: E402
 
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+
 REAL = ROOT.parent / "shared" / "realdata" / "xa30_dwi_apa"
 
 
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
     raw, trt, brain = subj["raw"], subj["trt"], subj["brain"]
     shape = raw.shape[:3]
     zooms = tuple(float(z) for z in np.sqrt((subj["affine"][:3, :3] ** 2).sum(0)))
-    is_b0 = subj["bvals"] <= 50
+    is_b0 = subj["bvals"] <= B0_THRESHOLD
     stages = [m_sim]
 
     with measure("sdc") as m_sdc:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from bids_uad.bids import outputs
+
 
 def simulate_detector(tumour, infiltration, brain, rng, sensitivity=0.8, n_fp=3):
     """Anomaly mask: tumour, most of the infiltration (smooth misses), false-positive blobs."""
@@ -67,7 +69,8 @@ def dataset_rows(root: Path, args, work: Path) -> list[dict]:
     from bids_uad.algorithms.longitudinal import compare_sessions
     from bids_uad.algorithms.registration import apply_transforms
     from bids_uad.bids.preprocessed import order_sessions
-    from bids_uad.interfaces.longitudinal import read_tsv, register_followup
+    from bids_uad.algorithms.registration import register_followup
+    from bids_uad.bids.derivatives import read_tsv
 
     truth_root = root / "derivatives" / "synthetic-truth"
     if not truth_root.is_dir():
@@ -165,18 +168,19 @@ def fake_participant_derivatives(root: Path, out: Path, args) -> list[tuple[str,
             anat, dwi = out / f"sub-{sub}" / f"ses-{ses}" / "anat", out / f"sub-{sub}" / f"ses-{ses}" / "dwi"
             anat.mkdir(parents=True, exist_ok=True)
             dwi.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(raw / "anat" / f"{prefix}_T1w.nii.gz", anat / f"{prefix}_desc-preproc_T1w.nii.gz")
+            source = {"sub": sub, "ses": ses}  # the truth stands in for a session without run entities
+            shutil.copyfile(raw / "anat" / f"{prefix}_T1w.nii.gz", anat / outputs.name_for("t1w_preproc", source))
             shutil.copyfile(tru / "anat" / f"{prefix}_space-T1w_desc-brain_mask.nii.gz",
-                            anat / f"{prefix}_desc-brain_mask.nii.gz")
+                            anat / outputs.name_for("t1w_mask", source))
             if (raw / "anat" / f"{prefix}_FLAIR.nii.gz").is_file():
                 shutil.copyfile(raw / "anat" / f"{prefix}_FLAIR.nii.gz",
-                                anat / f"{prefix}_space-T1w_desc-preproc_FLAIR.nii.gz")
+                                anat / outputs.name_for("flair_t1w", source))
             xfm = tru / "anat" / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.txt"
             if not xfm.is_file():
                 continue
             ras = np.loadtxt(xfm)
-            _ants_affine(ras, anat / f"{prefix}_from-T1w_to-dwi_mode-image_xfm.h5")
-            _ants_affine(np.linalg.inv(ras), anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5")
+            _ants_affine(ras, anat / outputs.name_for("xfm_t1w_to_dwi", source))
+            _ants_affine(np.linalg.inv(ras), anat / outputs.name_for("xfm_dwi_to_t1w", source))
             brain_img = nib.load(str(tru / "dwi" / f"{prefix}_space-dwi_desc-brain_mask.nii.gz"))
             dseg = np.asarray(nib.load(str(tru / "dwi" / f"{prefix}_space-dwi_dseg.nii.gz")).dataobj)
             analysis = (np.asarray(brain_img.dataobj) > 0) & (dseg >= 2)
@@ -188,11 +192,10 @@ def fake_participant_derivatives(root: Path, out: Path, args) -> list[tuple[str,
             rng = np.random.default_rng(args.seed + 17 * k + len(subjects))
             anomaly = simulate_detector(truth_dwi("tumor"), truth_dwi("infiltration"), analysis, rng) & analysis
             score = anomaly * 3.0 + 0.3 * rng.random(anomaly.shape)
-            for data, name, dtype in ((analysis, f"{prefix}_space-dwi_desc-analysis_mask", np.uint8),
-                                      (anomaly, f"{prefix}_space-dwi_model-oracle_desc-anomaly_mask", np.uint8),
-                                      (score * analysis, f"{prefix}_space-dwi_model-oracle_stat-score_anomaly",
-                                       np.float32)):
-                nib.save(nib.Nifti1Image(data.astype(dtype), brain_img.affine), str(dwi / f"{name}.nii.gz"))
+            for data, key, dtype in ((analysis, "analysis_mask", np.uint8), (anomaly, "anomaly_mask", np.uint8),
+                                     (score * analysis, "anomaly_score", np.float32)):
+                name = outputs.name_for(key, source, model="oracle")
+                nib.save(nib.Nifti1Image(data.astype(dtype), brain_img.affine), str(dwi / name))
         if len(sessions) > 1:
             subjects.append((sub, sessions))
     return subjects
@@ -201,7 +204,7 @@ def fake_participant_derivatives(root: Path, out: Path, args) -> list[tuple[str,
 def workflow_rows(root: Path, args, work: Path) -> list[dict]:
     """Run ``init_longitudinal_wf`` on every two-session subject of a generated dataset."""
     from bids_uad.config import Settings
-    from bids_uad.interfaces.longitudinal import read_tsv
+    from bids_uad.bids.derivatives import read_tsv
     from bids_uad.workflows.longitudinal import init_longitudinal_wf
 
     out = work / "derivatives"

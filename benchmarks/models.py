@@ -1,12 +1,17 @@
-"""Benchmark of the anomaly-detection models (DAE, RecDiscNet) on synthetic data.
+"""Benchmark of the anomaly detectors on synthetic data: every registered model and baseline.
 
-    python benchmarks/models.py [--input toydata|synthetic-bids] [--preset tiny|paper]
-                                [--epochs N] [--controls N] [--patients N]
+    python benchmarks/models.py [--input toydata|synthetic-bids] [--preset tiny|small|paper]
+                                [--lesions GENERATOR] [--seeds N] [--models dae recdisc ...]
+                                [--epochs N] [--controls N] [--heldout-controls N] [--patients N]
 
-Trains both models with k-fold cross-validation on synthetic control subjects, calibrates
-on held-out controls, then scores synthetic patients with irregular lesions and reports
-per-method Dice (after the 3x3x3 opening, and without), AUROC and AUPRC, plus throughput
-and peak memory, next to the mean-signal baseline (1 - mean diffusion-weighted signal ratio).
+Per seed: generates the data, trains (or fits) every model with k-fold cross-validation on the
+training controls, calibrates on each fold's held-out controls (the written map, after
+post-processing, at the 1 % target), then scores the patients and *held-out controls that no
+model saw in training or calibration*, and evaluates every detector with the protocol of
+:mod:`bids_uad.scoring.evaluation` (AUPRC, AUROC, Dice of the written map, oracle Dice,
+subject-level AUROC, held-out control FPR, per lesion-volume stratum and lesion type), next to
+the one-line detectors ``1 - FA`` and ``MD`` computed by the same code on the same voxels.
+Figures are mean ± SD over seeds (each seed's figure is the mean over its patients).
 
 Inputs:
 * ``toydata``: ``bids_uad.training.toydata`` tensor-model brains (array level, no files).
@@ -22,6 +27,7 @@ Prints a table, then one JSON object as the LAST line.  Not a test: no asserts.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -37,13 +43,16 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bids_uad.scoring.inference import evaluate, infer  # noqa: E402
-from bids_uad.scoring.metrics import auprc, auroc, format_table, summarise  # noqa: E402
-from bids_uad.training.bundle import train_from_dwi  # noqa: E402
-from bids_uad.training.inputs import normalise_dwi  # noqa: E402
-from bids_uad.training.settings import ORACLE_METHODS, THRESHOLD_METHODS, preset  # noqa: E402
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.models.inputs import normalise_dwi  # noqa: E402
+from bids_uad.models.settings import preset  # noqa: E402
+from bids_uad.scoring.evaluation import Case, evaluate_detector, one_line_detectors  # noqa: E402
+from bids_uad.scoring.inference import infer  # noqa: E402
+from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
+MODEL_ORDER = ("dae", "recdisc", "cdae", "normative", "meansignal")
+ONE_LINE = ("1-FA", "MD")
 PRESETS = {
     # volume shape, settings preset, grid, channels, controls, patients, epochs, folds
     "tiny": dict(shape=(22, 23, 20), settings="quick", grid=(24, 24, 24), channels=32,
@@ -55,6 +64,7 @@ PRESETS = {
 # None = the settings preset's own (what `bids_uad ... group --train-preset <x>` would run)
 BIDS_PRESETS = {
     "tiny": dict(generator="tiny", settings="quick", controls=4, patients=4, epochs=None, folds=None, steps=None),
+    "small": dict(generator="small", settings="quick", controls=5, patients=4, epochs=None, folds=None, steps=None),
     "paper": dict(generator="paper", settings="paper", controls=4, patients=2, epochs=1, folds=2, steps=None),
 }
 
@@ -98,31 +108,33 @@ def analysis_mask(sub) -> np.ndarray:
     return ndimage.binary_erosion(sub.mask) & (sub.dseg != 1)
 
 
-def _toy_inputs(p, severity):
+def _toy_inputs(p, severity, seed):
     """(controls, patients) as dicts of raw dwi arrays + masks (+ lesion) from toydata."""
     bvecs = fibonacci_directions(p["channels"])
     controls, patients = [], []
-    for i in range(p["controls"]):
-        sub = make_toy_subject(p["shape"], bvecs, 1000 + i)
+    for i in range(p["controls"] + p["heldout"]):
+        sub = make_toy_subject(p["shape"], bvecs, 1000 + 100 * seed + i)
         controls.append(dict(zip(("dwi", "bvals", "bvecs"), raw_dwi(sub, bvecs)), mask=sub.mask,
-                             amask=analysis_mask(sub), label=f"ctrl{i:02d}"))
+                             amask=analysis_mask(sub), label=f"ctrl{i:02d}", voxel_ml=0.008))
     for i in range(p["patients"]):
-        sub = make_toy_subject(p["shape"], bvecs, 2000 + i, lesion=True, severity=severity)
+        sub = make_toy_subject(p["shape"], bvecs, 2000 + 100 * seed + i, lesion=True, severity=severity)
         patients.append(dict(zip(("dwi", "bvals", "bvecs"), raw_dwi(sub, bvecs)), mask=sub.mask,
-                             amask=analysis_mask(sub), lesion=sub.lesion, label=f"pat{i:02d}"))
+                             amask=analysis_mask(sub), lesion=sub.lesion, label=f"pat{i:02d}", voxel_ml=0.008))
     return controls, patients
 
 
-def _bids_inputs(p, seed, root: Path | None):
+def _bids_inputs(p, seed, root: Path | None, lesions: str):
     """(controls, patients) from the truth of a generated synthetic BIDS dataset (ses-pre)."""
     import nibabel as nib
 
     from bids_uad.bids.gradients import load_gradients
+    from bids_uad.bids.lesions import find_lesion_instances
     from bids_uad.synthetic import generate_dataset
 
     if root is None or not (root / "dataset_description.json").is_file():
-        root = generate_dataset(root, preset=p["generator"], n_controls=p["controls"], n_patients=p["patients"],
-                                seed=seed, lesion_generator="irregular", progress=False, n_jobs=1)
+        root = generate_dataset(root, preset=p["generator"], n_controls=p["controls"] + p["heldout"],
+                                n_patients=p["patients"], seed=seed, lesion_generator=lesions, progress=False,
+                                n_jobs=1)
     truth = root / "derivatives" / "synthetic-truth"
     controls, patients = [], []
     for folder in sorted(truth.glob("sub-*/ses-pre/dwi")):
@@ -134,181 +146,275 @@ def _bids_inputs(p, seed, root: Path | None):
         mask = np.asarray(nib.load(f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
         dseg = np.asarray(nib.load(f"{stem}_dseg.nii.gz").dataobj)
         item = dict(dwi=dwi, bvals=table.bvals, bvecs=table.bvecs, mask=mask, label=folder.parents[1].name,
-                    amask=ndimage.binary_erosion(mask) & (dseg != 1))
+                    amask=ndimage.binary_erosion(mask) & (dseg != 1),
+                    voxel_ml=float(np.prod(img.header.get_zooms()[:3])) / 1000.0)
         if item["label"].startswith("sub-pat"):
-            item["lesion"] = np.asarray(nib.load(f"{stem}_desc-tumor_mask.nii.gz").dataobj) > 0
+            lesion_path = Path(f"{stem}_desc-tumor_mask.nii.gz")
+            item["lesion"] = np.asarray(nib.load(lesion_path).dataobj) > 0
+            found = find_lesion_instances(lesion_path)
+            if found is not None:
+                item["instances"] = np.asarray(nib.load(found[0]).dataobj).astype(np.int32)
+                with open(found[1], newline="") as fh:
+                    item["types"] = {int(r["index"]): r["type"] for r in csv.DictReader(fh, delimiter="\t")}
             patients.append(item)
         else:
             controls.append(item)
     return controls, patients, root
 
 
-def _baseline(pat) -> tuple[float, float]:
-    """AUROC, AUPRC of 1 - mean diffusion-weighted signal ratio (a mean-diffusivity detector)."""
-    ratio = normalise_dwi(pat["dwi"], pat["bvals"], pat["bvecs"], pat["mask"])[0].mean(-1)
-    s, y = -ratio[pat["amask"]], pat["lesion"][pat["amask"]]
-    return auroc(s, y), auprc(s, y)
+def _settings(name, p, args, controls, bids):
+    """The preset's settings for model ``name``, sized to the data as the group level does."""
+    s = preset(args.train_preset or p["settings"], name)
+    if name == "cdae" and args.cdae_score:
+        s = replace(s, model=replace(s.model, score_reduction=args.cdae_score))
+    shape = controls[0]["dwi"].shape
+    if bids:  # as the group level: grid = data shape rounded up to a multiple of 2**depth
+        div = 2 ** s.model.depth
+        grid = tuple(int(np.ceil(n / div) * div) for n in shape[:3])
+        channels = int((controls[0]["bvals"] > B0_THRESHOLD).sum())
+    else:
+        grid, channels = p["grid"], p["channels"]
+    t = s.training
+    t = replace(t, epochs=p["epochs"] or t.epochs, n_folds=p["folds"] or t.n_folds,
+                steps_per_epoch=p["steps"] if p["steps"] is not None or not bids else t.steps_per_epoch,
+                threads=args.threads, progress=False, seed=args.seed)
+    if not bids:
+        t = replace(t, patience=max(5, t.epochs // 3))
+    return replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t,
+                   scoring=s.scoring.sized_to(controls[0]["voxel_ml"]))
+
+
+def _case(item, score, written=None) -> Case:
+    return Case(item["label"], score, item["amask"], written, item.get("lesion"), item.get("instances"),
+                item.get("types", {}), item["voxel_ml"])
+
+
+def run_seed(p, args, seed, bids) -> dict:
+    """Train, calibrate and evaluate every model (and the one-line detectors) for one seed."""
+    t0 = time.perf_counter()
+    if bids:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+            root = Path(tmp) / "bids" if args.bids is None else args.bids / f"seed-{seed}"
+            controls, patients, _ = _bids_inputs(p, seed, root, args.lesions)
+    else:
+        controls, patients = _toy_inputs(p, args.severity, seed)
+    gen_s = time.perf_counter() - t0
+    train, heldout = controls[:p["controls"]], controls[p["controls"]:]
+    args.seed = seed
+    out = {"models": {}, "timing": {}, "generation_s": gen_s, "shape": list(controls[0]["dwi"].shape),
+           "n_train_controls": len(train), "n_heldout_controls": len(heldout), "n_patients": len(patients)}
+    for name in args.models:
+        s = _settings(name, p, args, controls, bids)
+        t0 = time.perf_counter()
+        with PeakRSS() as mem_train:
+            bundle = train_from_dwi(s, [c["dwi"] for c in train], [c["bvals"] for c in train],
+                                    [c["bvecs"] for c in train], [c["mask"] for c in train],
+                                    [c["label"] for c in train], analysis_masks=[c["amask"] for c in train])
+        train_s = time.perf_counter() - t0
+        cases, times = {"patients": [], "controls": []}, []
+        with PeakRSS() as mem_inf:
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    t0 = time.perf_counter()
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    times.append(time.perf_counter() - t0)
+                    cases[group].append(_case(item, res.score, res.mask))
+        result = evaluate_detector(cases["patients"], cases["controls"])
+        result["threshold_method"] = s.scoring.threshold_method
+        result["postprocessing"] = {"postprocess": s.scoring.postprocess,
+                                    "min_cluster_voxels": s.scoring.min_cluster_voxels}
+        result["calibration_controls_written_fpr"] = [f.calibration.written_fpr for f in bundle.folds]
+        result["best_val_loss"] = [f.best_val_loss for f in bundle.folds]
+        result["epochs_run"] = [len(f.history) for f in bundle.folds]
+        out["models"][name] = result
+        out["timing"][name] = {"train_s": train_s, "train_peak_rss_mb": mem_train.peak,
+                               "inference_s": float(np.mean(times)), "inference_peak_rss_mb": mem_inf.peak}
+        print(f"seed {seed} {name}: AUPRC {result['auprc']:.3f} AUROC {result['auroc']:.3f} Dice "
+              f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
+              f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
+              f"({train_s:.0f} s)", flush=True)
+        if name == "cdae":  # the other score reduction of the same trained networks (ranking metrics only)
+            other = "sum-abs" if s.model.score_reduction == "abs-sum" else "abs-sum"
+            for f in bundle.folds:
+                f.model.settings = replace(f.model.settings, score_reduction=other)
+            alt = {"patients": [], "controls": []}
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    alt[group].append(_case(item, res.score))  # no written map: calibrated for the other score
+            key = f"cdae[{other}]"
+            out["models"][key] = evaluate_detector(alt["patients"], alt["controls"])
+            print(f"seed {seed} {key}: AUPRC {out['models'][key]['auprc']:.3f} AUROC "
+                  f"{out['models'][key]['auroc']:.3f} (same networks, score reduction {other})", flush=True)
+    cases = {k: {"patients": [], "controls": []} for k in ONE_LINE}
+    for group, items in (("patients", patients), ("controls", heldout)):
+        for item in items:
+            ratios, bv, bc = normalise_dwi(item["dwi"], item["bvals"], item["bvecs"], item["mask"])
+            for k, score in one_line_detectors(ratios, bv, bc, item["mask"]).items():
+                cases[k][group].append(_case(item, np.where(item["amask"], score, 0)))
+    for k in ONE_LINE:
+        out["models"][k] = evaluate_detector(cases[k]["patients"], cases[k]["controls"])
+    return out
+
+
+SCALARS = ("auprc", "auroc", "dice_calibrated", "dice_oracle", "subject_auroc", "heldout_control_fpr")
+
+
+def _agg(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+    if not v.size:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean ± SD over seeds of every scalar and of each group's AUPRC/AUROC/detection rate."""
+    results = {}
+    for name in per_seed[0]["models"]:
+        runs = [r["models"][name] for r in per_seed]
+        entry = {}
+        for key in SCALARS:
+            entry[key], entry[f"{key}_sd"] = _agg([r[key] for r in runs])
+        for group in ("by_type", "by_volume"):
+            names = sorted({g for r in runs for g in r[group]})
+            entry[group] = {}
+            for g in names:
+                sub = [r[group][g] for r in runs if g in r[group]]
+                entry[group][g] = {k: _agg([x[k] for x in sub])[0] for k in ("auprc", "auroc", "detection_rate")}
+                entry[group][g]["n_lesions"] = int(sum(x["n_lesions"] for x in sub))
+        results[name] = entry
+    return results
+
+
+def _fmt(r, key):
+    return f"{r[key]:.3f} ± {r[key + '_sd']:.3f}" if np.isfinite(r.get(key, np.nan)) else "n/a"
 
 
 def _markdown(out: dict) -> str:
-    lines = [f"# Models benchmark: {out['input_kind']} ({out['preset']})", "", out["input"], "",
-             "| model | AUROC | AUPRC | " + " | ".join(f"Dice {m}" for m in out["methods"]) + " |",
-             "|---" * (3 + len(out["methods"])) + "|"]
-    b = out["baseline_mean_signal"]
-    lines.append(f"| 1 - mean signal (baseline) | {b['auroc']:.3f} ± {b.get('auroc_sd', 0):.3f} | "
-                 f"{b['auprc']:.3f} ± {b.get('auprc_sd', 0):.3f} |"
-                 + " |" * len(out["methods"]))
+    lines = [f"# Models benchmark: {out['input_kind']} ({out['preset']}, lesions {out['lesions']}, "
+             f"{out['seeds']} seeds)", "", out["input"], "",
+             "| detector | AUPRC | AUROC | Dice (written map) | oracle Dice | subject AUROC | held-out control FPR |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in out["results"].items():
-        lines.append(f"| {name} | {r['auroc']:.3f} ± {r['auroc_sd']:.3f} | {r['auprc']:.3f} ± {r['auprc_sd']:.3f} | "
-                     + " | ".join(f"{r['dice'][m]:.3f}" for m in out["methods"]) + " |")
-    lines += ["", "Dice after the 3x3x3 opening (the pipeline's output), mean over patients.  Without the opening:", "",
-              "| model | " + " | ".join(f"Dice {m}" for m in out["methods"]) + " |", "|---" * (1 + len(out["methods"])) + "|"]
-    for name, r in out["results"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['dice_no_opening'][m]:.3f}" for m in out["methods"]) + " |")
-    lines += ["", "oracle-* thresholds are chosen on the ground truth before the opening (not a method; after the "
-              "opening they are no upper bound).  Healthy-tissue false-positive rate per method (before opening):", ""]
-    for name, r in out["results"].items():
-        lines.append(f"* {name}: " + ", ".join(f"{m} {v:.4f}" for m, v in r["healthy_tissue_fpr"].items()))
-    lines += ["", "Training (per model): " + "; ".join(
-        f"{n} {t['train_s']:.0f} s, loss first→last epoch (fold mean) "
-        f"{out['results'][n]['train_loss_first']:.4g} → {out['results'][n]['train_loss_last']:.4g}"
-        for n, t in out["timing"].items()), ""]
+        lines.append(f"| {name} | " + " | ".join(_fmt(r, k) for k in SCALARS) + " |")
+    lines += ["", f"Written maps: threshold method from the model file (healthy-fpr, target "
+              f"{out['calibration_target']:g} of healthy tissue after post-processing); `1-FA` and `MD` "
+              "are one-line detectors without a calibrated threshold.  Mean ± SD over seeds.", ""]
+    for group, title in (("by_volume", "lesion-volume stratum"), ("by_type", "lesion type")):
+        names = sorted({g for r in out["results"].values() for g in r[group]})
+        lines += [f"## AUPRC / AUROC / detection rate (written map touches the lesion) per {title}", "",
+                  "| detector | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for name, r in out["results"].items():
+            cells = []
+            for g in names:
+                x = r[group].get(g)
+                cells.append("" if x is None else f"{x['auprc']:.3f} / {x['auroc']:.3f} / "
+                             + ("-" if not np.isfinite(x["detection_rate"]) else f"{x['detection_rate']:.2f}")
+                             + f" (n={x['n_lesions']})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Timing per model (mean over seeds): " + "; ".join(
+        f"{n} train {t['train_s']:.0f} s, inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", choices=("toydata", "synthetic-bids"), default="toydata")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    ap.add_argument("--lesions", default="irregular",
+                    help="synthetic-bids: the generator's --lesion-generator (default: irregular)")
+    ap.add_argument("--seeds", type=int, default=1, help="repeat generation and training with seeds 0..N-1")
+    ap.add_argument("--models", nargs="+", default=list(MODEL_ORDER), choices=MODEL_ORDER)
     ap.add_argument("--epochs", type=int)
-    ap.add_argument("--controls", type=int)
+    ap.add_argument("--controls", type=int, help="training controls")
+    ap.add_argument("--heldout-controls", type=int, default=3,
+                    help="controls used neither in training nor in calibration (default: 3)")
     ap.add_argument("--patients", type=int)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bids", type=Path, help="synthetic-bids: dataset folder to reuse or create (default: temporary)")
+    ap.add_argument("--train-preset", choices=("quick", "standard", "paper"),
+                    help="settings preset of the networks (default: the data preset's, quick for tiny/small)")
+    ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
+                    help="cdae score reduction over channels (default: the preset's, abs-sum)")
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--bids", type=Path, help="synthetic-bids: folder for the generated datasets (default: temporary)")
     ap.add_argument("--severity", type=float, default=0.3,
                     help="toydata lesion contrast: 1 = full oedema/necrosis tensors, lower = subtler")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bids = args.input == "synthetic-bids"
+    if not bids and args.preset == "small":
+        ap.error("--preset small needs --input synthetic-bids")
     p = dict((BIDS_PRESETS if bids else PRESETS)[args.preset])
     for key in ("epochs", "controls", "patients"):
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
+    p["heldout"] = args.heldout_controls
     torch.set_num_threads(args.threads)
+    first = args.seed
+    per_seed = [run_seed(p, args, first + k, bids) for k in range(args.seeds)]
+    results = aggregate(per_seed)
+    timing = {n: {k: float(np.mean([r["timing"][n][k] for r in per_seed])) for k in per_seed[0]["timing"][n]}
+              for n in per_seed[0]["timing"]}
+    shape = per_seed[0]["shape"]
     if bids:
-        import tempfile
-        tmp = None
-        if args.bids is None:
-            tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
-            args.bids = Path(tmp.name) / "bids"
-        t0 = time.perf_counter()
-        controls, patients, root = _bids_inputs(p, args.seed, args.bids)
-        gen_s = time.perf_counter() - t0
-        shape = controls[0]["dwi"].shape
-    else:
-        controls, patients = _toy_inputs(p, args.severity)
-        shape = controls[0]["dwi"].shape
-    results, timing, rows_by_model = {}, {}, {}
-    base = [_baseline(pat) for pat in patients]
-    methods = list(THRESHOLD_METHODS) + list(ORACLE_METHODS)
-    for name in ("dae", "recdisc"):
-        s = preset(p["settings"], name)
-        if bids:  # as the group level: grid = data shape rounded up to a multiple of 2**depth
-            div = 2 ** s.model.depth
-            grid = tuple(int(np.ceil(n / div) * div) for n in shape[:3])
-            channels = int((controls[0]["bvals"] > 50).sum())
-        else:
-            grid, channels = p["grid"], p["channels"]
-        t = s.training
-        t = replace(t, epochs=p["epochs"] or t.epochs, n_folds=p["folds"] or t.n_folds,
-                    steps_per_epoch=p["steps"] if p["steps"] is not None or not bids else t.steps_per_epoch,
-                    threads=args.threads, progress=False, seed=args.seed)
-        if not bids:
-            t = replace(t, patience=max(5, t.epochs // 3))
-        s = replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t)
-        t0 = time.perf_counter()
-        with PeakRSS() as mem_train:
-            bundle = train_from_dwi(s, [c["dwi"] for c in controls], [c["bvals"] for c in controls],
-                                    [c["bvecs"] for c in controls], [c["mask"] for c in controls],
-                                    [c["label"] for c in controls],
-                                    analysis_masks=[c["amask"] for c in controls])
-        train_s = time.perf_counter() - t0
-        steps = s.training.steps_per_epoch
-        per_epoch = lambda f: len(f.train_idx) if steps is None else steps * s.training.batch_size  # noqa: E731
-        volumes = sum(len(f.history) * per_epoch(f) for f in bundle.folds)
-        rows, times = [], []
-        with PeakRSS() as mem_inf:
-            for pat in patients:
-                t0 = time.perf_counter()
-                res = infer(bundle, pat["dwi"], pat["bvals"], pat["bvecs"], pat["mask"], pat["amask"])
-                times.append(time.perf_counter() - t0)
-                rows.append(evaluate(res.score, pat["lesion"], pat["amask"], name, s.scoring, bundle.calibration()))
-        aurocs, auprcs = [r["auroc"] for r in rows], [r["auprc"] for r in rows]
-        results[name] = {
-            "auroc": float(np.nanmean(aurocs)), "auroc_sd": float(np.nanstd(aurocs, ddof=1)) if len(rows) > 1 else 0.0,
-            "auprc": float(np.nanmean(auprcs)), "auprc_sd": float(np.nanstd(auprcs, ddof=1)) if len(rows) > 1 else 0.0,
-            "auroc_per_patient": [float(a) for a in aurocs],
-            "dice": {m: float(np.mean([r["dice_opened"][m] for r in rows])) for m in methods},
-            "dice_no_opening": {m: float(np.mean([r["dice"][m] for r in rows])) for m in methods},
-            "healthy_tissue_fpr": {m: float(np.mean([r["fpr"][m] for r in rows])) for m in methods},
-            "best_val_loss": [f.best_val_loss for f in bundle.folds],
-            "best_epoch": [f.best_epoch for f in bundle.folds],
-            "epochs_run": [len(f.history) for f in bundle.folds],
-            "train_loss_first": float(np.mean([f.history[0]["train_loss"] for f in bundle.folds])),
-            "train_loss_last": float(np.mean([f.history[-1]["train_loss"] for f in bundle.folds])),
-            "settings": {"grid": list(grid), "channels": channels, "epochs": s.training.epochs,
-                         "steps_per_epoch": s.training.steps_per_epoch, "batch_size": s.training.batch_size,
-                         "learning_rate": s.training.learning_rate, "folds": s.training.n_folds},
-        }
-        timing[name] = {"train_s": train_s, "train_volumes_per_s": volumes / train_s,
-                        "train_peak_rss_mb": mem_train.peak, "inference_s": float(np.mean(times)),
-                        "inference_peak_rss_mb": mem_inf.peak}
-        rows_by_model[name] = [{"auroc": r["auroc"], "auprc": r["auprc"],
-                                **{f"dice:{m}": r["dice_opened"][m] for m in methods}} for r in rows]
-    rows_by_model["baseline"] = [{"auroc": a, "auprc": b} for a, b in base]
-    print(format_table({m: summarise(r) for m, r in rows_by_model.items()}))
-    print(format_table({m: {k: (v, 0.0) for k, v in t.items()} for m, t in timing.items()}, digits=2))
-    if bids:
-        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (seed {args.seed}, irregular lesions), "
-                f"truth clean dwi {tuple(shape)} of ses-pre, {len(controls)} controls, {len(patients)} patients; "
-                "analysis mask = true brain mask eroded by 1 voxel minus CSF (true dseg); "
-                f"settings preset {p['settings']!r} sized to the data as the group level does; "
-                f"{args.threads} torch thread(s) on CPU; generation {gen_s:.0f} s")
+        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (lesion generator {args.lesions!r}, "
+                f"seeds {first}..{first + args.seeds - 1}), truth clean dwi {tuple(shape)} of ses-pre, "
+                f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
+                f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
+                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group level does; "
+                f"{args.threads} torch thread(s) on CPU")
     else:
         desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
-                f"directions (b=1000, one b0), {p['controls']} controls, {p['patients']} patients with "
-                f"irregular lesions (severity {args.severity}); analysis mask = brain eroded by 1 voxel minus CSF; "
-                f"grid {p['grid']}; {p['epochs']} epochs max x {p['steps'] or 'one pass of'} batches, "
-                f"{p['folds']} folds; {args.threads} torch thread(s) on CPU")
+                f"directions (b=1000, one b0), {p['controls']} training + {p['heldout']} held-out controls, "
+                f"{p['patients']} patients with irregular lesions (severity {args.severity}); grid {p['grid']}; "
+                f"{args.threads} torch thread(s) on CPU")
     out = {
-        "preset": args.preset,
-        "input_kind": args.input,
-        "input": desc,
-        "methods": methods,
-        "train_volumes_per_s": float(np.mean([t["train_volumes_per_s"] for t in timing.values()])),
-        "train_peak_rss_mb": float(max(t["train_peak_rss_mb"] for t in timing.values())),
-        "inference_s": float(np.mean([t["inference_s"] for t in timing.values()])),
-        "inference_peak_rss_mb": float(max(t["inference_peak_rss_mb"] for t in timing.values())),
-        "dice_note": "dice = after 3x3x3 opening (pipeline output); dice_no_opening = before; oracle-* use ground truth",
-        "baseline_mean_signal_auroc": float(np.mean([b[0] for b in base])),
-        "baseline_mean_signal": {"auroc": float(np.mean([b[0] for b in base])),
-                                 "auprc": float(np.mean([b[1] for b in base])),
-                                 "auroc_sd": float(np.std([b[0] for b in base], ddof=1)) if len(base) > 1 else 0.0,
-                                 "auprc_sd": float(np.std([b[1] for b in base], ddof=1)) if len(base) > 1 else 0.0,
-                                 "auroc_per_patient": [float(b[0]) for b in base]},
-        "timing": timing,
-        "results": results,
-        "cpu_count": os.cpu_count(),
+        "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
+        "seeds": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
+        "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
+                         "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
+                         "the truth before post-processing; subject_auroc: patients vs held-out controls from the "
+                         "99th-percentile score; heldout_control_fpr: fraction of held-out controls' analysis mask "
+                         "flagged in the written map; mean ± SD over seeds"),
+        "timing": timing, "results": results, "per_seed": per_seed, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
     }
     name = f"models_bids-{args.preset}" if bids else f"models_{args.preset}"
+    if bids and args.lesions != "irregular":
+        name += f"_{args.lesions}"
+    if args.train_preset:
+        name += f"_train-{args.train_preset}"
+    if args.epochs:
+        name += f"_epochs-{args.epochs}"
+    if args.cdae_score:
+        name += f"_cdae-{args.cdae_score}"
     dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")
     dest.with_suffix(".md").write_text(_markdown(out))
-    print(json.dumps(out))
+    print(_markdown(out))
+    last = {k: v for k, v in out.items() if k != "per_seed"}
+    print(json.dumps(_clean(last), default=_json_default))
     return out
 
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def _clean(value):
+    """NaN -> None (strict JSON), recursively."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
 
 if __name__ == "__main__":
     main()

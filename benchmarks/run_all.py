@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from _measure import current_rss_mb, markdown_table, measure  # noqa: E402
 
+from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+
 STAGE_PREFIXES = (("dwi_", "dwi_preproc"), ("anat_", "anat"), ("anomaly_", "anomaly"),
                   ("longitudinal_", "longitudinal"))
 
@@ -84,8 +86,8 @@ def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) 
     import numpy as np
 
     from bids_uad.bids.gradients import load_gradients
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.settings import preset
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.settings import preset
     from bids_uad.workflows.group import model_settings_for  # noqa: F401 (grid rule documented there)
 
     truth = bids / "derivatives" / "synthetic-truth"
@@ -106,7 +108,7 @@ def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) 
         base = preset("paper", name)
         div = 2 ** base.model.depth
         grid = tuple(int(-(-s // div) * div) for s in shape)
-        settings = replace(base, model=replace(base.model, grid=grid, n_channels=int((bvals[0] > 50).sum())),
+        settings = replace(base, model=replace(base.model, grid=grid, n_channels=int((bvals[0] > B0_THRESHOLD).sum())),
                            training=replace(base.training, epochs=1, n_folds=2, steps_per_epoch=1,
                                             threads=threads, progress=False))
         with measure(f"train_{name}") as m:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    import bids_uad.workflows.base as base
+    import bids_uad.cli.levels as levels
+    import bids_uad.workflows.execution as execution
     from bids_uad.cli.run import main as bids_uad_main
     from bids_uad.synthetic import generate_dataset
 
@@ -141,16 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         train_info = train_timing_models(bids, models_dir, args.models, args.threads)
 
     NodeMeter.records = []
-    base.NodeProgress = NodeMeter  # per-node figures instead of progress lines
+    execution.NodeProgress = NodeMeter  # per-node figures instead of progress lines
     reports_meter = {}
-    real_reports = base._build_participant_reports
+    real_reports = levels._build_participant_reports
 
     def timed_reports(*a, **k):
         with measure("reports") as m:
             real_reports(*a, **k)
         reports_meter["m"] = m
 
-    base._build_participant_reports = timed_reports
+    levels._build_participant_reports = timed_reports
     argv_run = [str(bids), str(out), "participant", "--participant-label", "pat01", "--session-label", "pre",
                 "--model", str(models_dir), "-w", str(root / "work"), "--omp-nthreads", str(args.threads),
                 "--lesion-masks", str(bids / "derivatives" / "synthetic-truth")]

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from bids_uad import __version__
-from bids_uad.training.settings import MODEL_NAMES, THRESHOLD_METHODS
+from bids_uad.errors import InputMissingError, UsageError
+from bids_uad.models.settings import DEFAULT_MODELS, MODEL_NAMES, THRESHOLD_METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")
 DEVICES = ("auto", "cpu", "cuda")
-TRAIN_PRESETS = ("quick", "paper")
+TRAIN_PRESETS = ("quick", "standard", "paper")
 #: FSL programs the ``fsl`` backend needs on PATH (with ``FSLDIR`` set).
 FSL_PROGRAMS = ("topup", "applytopup", "eddy", "bet", "fast")
 
@@ -50,9 +51,9 @@ class Settings:
     group_column: str = "group"
     control_value: str = "control"
     lesion_masks: Path | None = None
-    threshold: str = "fixed"
+    threshold: str | None = None  # None: the model file's method (healthy-fpr from the group level)
     device: str = "auto"
-    models: tuple[str, ...] = MODEL_NAMES
+    models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
     ensemble: bool = False
     use_plugin: Path | None = None
@@ -111,7 +112,6 @@ def resolve_preproc_backend(requested: str) -> str:
     ``auto`` picks FSL when it is installed, else the pure-Python implementations;
     ``fsl`` without FSL is an error rather than a silent fallback.
     """
-    from bids_uad.errors import UsageError
 
     if requested not in PREPROC_BACKENDS:
         raise UsageError(f"--preproc-backend must be one of {', '.join(PREPROC_BACKENDS)}")
@@ -125,5 +125,19 @@ def resolve_preproc_backend(requested: str) -> str:
     return requested
 
 
-def settings_json(settings: Settings) -> str:
-    return json.dumps(settings.to_dict(), indent=2, sort_keys=True)
+def load_plugin_settings(path: Path) -> tuple[str, dict]:
+    """Read a nipype plugin file: ``{plugin: NAME, plugin_args: {...}}`` in YAML or JSON."""
+    import yaml
+
+    if not path.is_file():
+        raise InputMissingError("plugin settings file does not exist", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"plugin settings file is not valid YAML/JSON ({exc})", path) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
+        raise UsageError("plugin settings file must name a 'plugin' (e.g. MultiProc, SLURM)", path)
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise UsageError("'plugin_args' must be a mapping", path)
+    return data["plugin"], args

@@ -61,15 +61,6 @@ class PipelineCrashError(BidsUadError):
     exit_code = 1
 
 
-class StageNotImplementedError(BidsUadError):
-    """A pipeline stage that does not exist yet was asked for (sysexits EX_SOFTWARE, 70).
-
-    Raised instead of silently passing data through.
-    """
-
-    exit_code = 70
-
-
 class OutputNotWritableError(BidsUadError):
     """The output (or work) directory cannot be created or written (sysexits EX_CANTCREAT, 73)."""
 
@@ -83,6 +74,5 @@ EXIT_CODES: dict[str, int] = {
     "filters selected no files": NoFilesSelectedError.exit_code,
     "usage error": UsageError.exit_code,
     "input missing or unreadable": InputMissingError.exit_code,
-    "stage not implemented": StageNotImplementedError.exit_code,
     "output cannot be created": OutputNotWritableError.exit_code,
 }

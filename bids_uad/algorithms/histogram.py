@@ -9,6 +9,12 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
     Non-finite values are ignored; a constant sample returns its value.  Where the optimum is
     flat (well-separated classes), the middle of the flat run is taken.  Flag ``value > t``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> otsu_threshold(np.r_[np.zeros(50), np.full(50, 10.0)])
+    5.0
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]

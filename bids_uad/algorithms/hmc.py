@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bids_uad.algorithms.resample import sample_volumes, voxel_grid
+from bids_uad.bids.gradients import B0_THRESHOLD
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,7 +80,14 @@ def relative_motion(motion: np.ndarray, reference: int = 0) -> np.ndarray:
 
 
 def framewise_displacement(motion: np.ndarray, radius: float = 50.0) -> np.ndarray:
-    """Power et al. (2012) FD: sum of |Δtrans| (mm) + radius * sum of |Δrot| (rad); first is NaN."""
+    """Power et al. (2012) FD: sum of |Δtrans| (mm) + radius * sum of |Δrot| (rad); first is NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> framewise_displacement(np.array([[0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0.01]]))
+    array([nan, 1.5])
+    """
     motion = np.asarray(motion, dtype=float)
     fd = np.full(motion.shape[0], np.nan)
     if motion.shape[0] > 1:
@@ -235,7 +243,7 @@ def correct_motion(
     pe_axis: int | None = None,
     disp_vox: np.ndarray | None = None,
     mask: np.ndarray | None = None,
-    b0_threshold: float = 50.0,
+    b0_threshold: float = B0_THRESHOLD,
     schedule=DEFAULT_SCHEDULE,
     eddy: bool = True,
     eddy_model: str = "linear",

@@ -38,7 +38,14 @@ def voxel_volume_ml(zooms) -> float:
 
 
 def volume_ml(mask: np.ndarray, zooms) -> float:
-    """Volume of a binary mask in millilitres."""
+    """Volume of a binary mask in millilitres.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> volume_ml(np.ones((10, 10, 10)), (2.0, 2.0, 2.0))
+    8.0
+    """
     return float(np.count_nonzero(np.asarray(mask) > 0)) * voxel_volume_ml(zooms)
 
 
@@ -57,6 +64,12 @@ def mismatch_mask(anomaly: np.ndarray, lesion: np.ndarray | None,
 
     Connected components (26-connectivity) smaller than ``min_voxels`` are dropped: a single
     voxel left over at the lesion border is registration noise, not a region.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mismatch_mask(np.array([1, 1, 1, 0]), np.array([1, 0, 0, 0])).astype(int)
+    array([0, 1, 1, 0])
     """
     anomaly = as_bool(anomaly)
     out = anomaly & ~as_bool(lesion, anomaly.shape)
@@ -72,7 +85,14 @@ def mismatch_mask(anomaly: np.ndarray, lesion: np.ndarray | None,
 
 
 def overlap_fraction(region: np.ndarray, target: np.ndarray) -> float:
-    """|region ∩ target| / |region|; NaN when the region is empty (nothing to predict with)."""
+    """|region ∩ target| / |region|; NaN when the region is empty (nothing to predict with).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> overlap_fraction(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 1]))
+    0.5
+    """
     region, target = as_bool(region), as_bool(target)
     n = int(np.count_nonzero(region))
     if n == 0:

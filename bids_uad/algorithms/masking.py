@@ -14,6 +14,14 @@ from bids_uad.algorithms.histogram import otsu_threshold
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a mask (the mask itself when it has one or none).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> largest_component(np.array([1, 0, 1, 1, 0])).astype(int)
+    array([0, 0, 1, 1, 0])
+    """
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask.astype(bool)
@@ -61,7 +69,18 @@ def brain_mask(mean_b0: np.ndarray, method: str = "otsu", zooms=None) -> np.ndar
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    """Dice overlap 2|A ∩ B| / (|A| + |B|) of two masks (voxels > 0); 1.0 when both are empty.
+
+    The one Dice of the package: registration QC, skull-strip agreement, evaluation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dice(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]))
+    0.5
+    >>> dice(np.zeros(3), np.zeros(3))
+    1.0
+    """
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
     denom = a.sum() + b.sum()
-    return float(2 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

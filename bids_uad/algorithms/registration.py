@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +107,14 @@ class RegistrationResult:
 
 def exclusion_mask(brain_mask: np.ndarray | None, lesion_mask: np.ndarray | None,
                    shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-    """Metric mask for ANTs: brain (or everything) minus the lesion — lesions do not drive the fit."""
+    """Metric mask for ANTs: brain (or everything) minus the lesion — lesions do not drive the fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> exclusion_mask(np.array([1, 1, 1, 0]), np.array([0, 1, 0, 0])).astype(int)
+    array([1, 0, 1, 0])
+    """
     if brain_mask is None and lesion_mask is None:
         return None
     if brain_mask is None:
@@ -303,7 +309,21 @@ def apply_transforms(
     return img
 
 
-def _coarse(img: nib.Nifti1Image, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
+def coarse(img, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
+    """The image (path or image; volume 0 of a 4D one) as float32, resampled to isotropic
+    ``resolution_mm`` when its finest voxel is finer; ``resolution_mm <= 0`` keeps the grid.
+
+    Registrations run on such copies: the transforms they find are physical, so they apply
+    to the native grids unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4))
+    >>> out = coarse(img, 2.0)
+    >>> out.shape, tuple(float(z) for z in out.header.get_zooms())
+    ((6, 6, 6), (2.0, 2.0, 2.0))
+    """
     from nibabel.processing import resample_to_output
 
     img = _as_nib(img)
@@ -323,12 +343,53 @@ def register_flair(t1w, flair, t1w_mask=None, resolution_mm: float = 2.0, seed: 
     antspyx's default random 20 % sampling the same call occasionally (1 run in 5) ended in a
     wrong optimum despite the fixed seed.
     """
-    fixed = _coarse(t1w, resolution_mm)
-    mask = None if t1w_mask is None else _coarse(t1w_mask, resolution_mm, order=0)
-    result = register(fixed, _coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
+    fixed = coarse(t1w, resolution_mm)
+    mask = None if t1w_mask is None else coarse(t1w_mask, resolution_mm, order=0)
+    result = register(fixed, coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
                       aff_random_sampling_rate=1.0,
                       out_prefix=out_prefix, seed=seed, threads=threads)
     return apply_transforms(flair, t1w, result.forward, "image"), result
+
+
+def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w, followup_mask,
+                      followup_lesion, out_prefix, resolution: float = 2.0, syn: bool = True,
+                      reg_iterations=(40, 20, 0), seed: int = 0, threads: int = 1,
+                      ) -> tuple[RegistrationResult, RegistrationResult]:
+    """Follow-up T1w brain → baseline T1w brain: rigid, then SyN; returns (rigid, last) results.
+
+    Both lesions stay out of the metric: the baseline lesion and the rigidly mapped
+    follow-up lesion (dilated by a voxel) are removed from the fixed mask, the follow-up
+    lesion from the moving mask, so tumour growth is not "registered away".  The SyN stage
+    starts from the rigid transform and the composite it writes includes it.  Images are
+    paths; lesions may be ``""`` (none).  Without ``syn`` both results are the rigid one.
+    """
+    from scipy import ndimage as ndi
+
+    def brain_img(t1w, mask):
+        img = coarse(t1w, resolution)
+        m = _on_grid(nib.load(str(mask)), img)
+        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * m, img.affine), m
+
+    fixed, fmask = brain_img(baseline_t1w, baseline_mask)
+    moving, mmask = brain_img(followup_t1w, followup_mask)
+    base_les = _on_grid(nib.load(str(baseline_lesion)), fixed) if baseline_lesion else np.zeros(fixed.shape, bool)
+    fu_les = _on_grid(nib.load(str(followup_lesion)), moving) if followup_lesion else np.zeros(moving.shape, bool)
+    fu_les_img = nib.Nifti1Image(fu_les.astype(np.float32), moving.affine)
+    mmask_img = nib.Nifti1Image(mmask.astype(np.float32), moving.affine)
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, base_les).astype(np.float32), fixed.affine)
+    rigid = register(fixed, moving, kind="Rigid", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                     lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}rigid_",
+                     seed=seed, threads=threads)
+    if not syn:
+        return rigid, rigid
+    fu_on_base = np.asarray(apply_transforms(fu_les_img, fixed, rigid.forward, "mask").dataobj) > 0
+    excl = ndi.binary_dilation(base_les | fu_on_base) if (base_les.any() or fu_on_base.any()) else base_les
+    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, excl).astype(np.float32), fixed.affine)
+    result = register(fixed, moving, kind="SyNOnly", fixed_mask=fixed_mask, moving_mask=mmask_img,
+                      lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}syn_",
+                      composite=True, initial_transform=rigid.forward, seed=seed, threads=threads,
+                      reg_iterations=tuple(reg_iterations))
+    return rigid, result
 
 
 def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert: Sequence[bool],
@@ -338,6 +399,11 @@ def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert
 
     The image first goes dwi → T1w (inverse of T1w→dwi), then T1w → template; antspyx
     applies the last transform of the list first, so the T1w→template part comes first.
+
+    Examples
+    --------
+    >>> chain_dwi_to_template(["dwi2t1w_affine.mat"], [True], ["t1w2mni.h5"])
+    (['t1w2mni.h5', 'dwi2t1w_affine.mat'], [False, True])
     """
     fwd_flags = list(t1w2mni_invert) if t1w2mni_invert is not None else [False] * len(t1w2mni)
     return list(t1w2mni) + list(t1w2dwi_inverse), fwd_flags + list(t1w2dwi_inverse_invert)
@@ -355,24 +421,3 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
              else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
     xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
     return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
-
-
-def copy_transforms(paths: Sequence[str], out_dir: str | Path, stem: str) -> list[str]:
-    """Copy ANTs transform files next to each other under predictable names."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, p in enumerate(paths):
-        name = Path(p).name
-        ext = ".nii.gz" if name.endswith(".nii.gz") else Path(p).suffix
-        target = out_dir / f"{stem}_{i}{ext}"
-        shutil.copyfile(p, target)
-        out.append(str(target))
-    return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)

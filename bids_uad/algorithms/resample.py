@@ -17,19 +17,19 @@ PE_AXES = {"i": 0, "j": 1, "k": 2}
 
 
 def parse_phase_encoding(direction: str) -> tuple[int, int]:
-    """``'j-'`` -> ``(1, -1)``: the voxel axis and the polarity of a BIDS PE direction."""
+    """``'j-'`` -> ``(1, -1)``: the voxel axis and the polarity of a BIDS PE direction.
+
+    Examples
+    --------
+    >>> parse_phase_encoding("j-")
+    (1, -1)
+    >>> parse_phase_encoding("i")
+    (0, 1)
+    """
     text = str(direction).strip()
     if not text or text[0] not in PE_AXES or text[1:] not in ("", "-", "+"):
         raise ValueError(f"invalid PhaseEncodingDirection {direction!r} (expected i, j, k, i-, j-, k-)")
     return PE_AXES[text[0]], -1 if text.endswith("-") else 1
-
-
-def to_torch_volume(vol: np.ndarray) -> torch.Tensor:
-    """(X, Y, Z) or (X, Y, Z, N) numpy -> (N, 1, X, Y, Z) float32 torch (no copy when possible)."""
-    arr = np.asarray(vol, dtype=np.float32)
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))[:, None]
 
 
 def voxel_grid(shape: tuple[int, int, int], dtype=torch.float32) -> torch.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from bids_uad.algorithms.intensity import head_mask, otsu_multi
+from bids_uad.algorithms.masking import dice
 from bids_uad.algorithms.registration import apply_transforms, register
 
 LOGGER = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
     0.977/0.988/0.981; template-derived phantom 1 mm 0.973/0.985/0.978.
     """
     a, b = guess > 0, warped > 0
-    denom = a.sum() + b.sum()
-    agreement = 2.0 * (a & b).sum() / denom if denom else 1.0
+    agreement = dice(a, b)
     if agreement < min_dice:
         LOGGER.warning("skull strip: threshold mask and template mask disagree (Dice %.2f); "
                        "using the template mask", agreement)
@@ -124,14 +124,6 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
     closed = closed[pad:-pad, pad:-pad, pad:-pad]
     grown = ndi.binary_dilation(b, structure=_ball(margin_mm / zooms))
     return ndi.binary_fill_holes(_largest((a | (b & closed)) & grown))
-
-
-def deepbet_available() -> bool:
-    try:
-        import deepbet  # noqa: F401
-    except Exception:  # deepbet is optional
-        return False
-    return True
 
 
 def skull_strip(

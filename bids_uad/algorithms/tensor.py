@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from bids_uad.bids.gradients import B0_THRESHOLD
+
 #: Maps written by the workflow, in this order.
 TENSOR_MAPS = ("fa", "md", "ad", "rd", "s0")
 
 
 def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray | None = None,
-               b0_threshold: float = 50.0, fit_method: str = "WLS") -> dict[str, np.ndarray]:
+               b0_threshold: float = B0_THRESHOLD, fit_method: str = "WLS") -> dict[str, np.ndarray]:
     """Fit a tensor per voxel; returns float32 maps ``fa md ad rd s0`` (zero outside the mask).
 
     b-values at or below ``b0_threshold`` count as b0s (scanners write 0.001 or 5); MD/AD/RD are
@@ -36,5 +38,41 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.
         arr[~np.asarray(mask, bool)] = 0.0
         if key == "fa":
             arr = np.clip(arr, 0.0, 1.0)
+        out[key] = arr
+    return out
+
+
+def tensor_metrics_from_ratios(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
+                               mask: np.ndarray | None = None, floor: float = 1e-3) -> dict[str, np.ndarray]:
+    """FA, MD (mm²/s) and mean diffusion-weighted signal ratio from normalised signals.
+
+    ``ratios`` (C, X, Y, Z) are diffusion-weighted signals divided by the mean b0 (the models'
+    input, b0s removed) with ``bvals`` (C,) and ``bvecs`` (C, 3); the tensor is the ordinary
+    least-squares fit of ``-ln(ratio) = b gᵀDg`` (ratios clipped to ``[floor, 1]``), fast enough
+    to run inside a model's scoring.  Outside ``mask`` (default: voxels with a positive mean
+    ratio) every map is 0.  Keys: ``fa``, ``md``, ``mdw``.
+    """
+    ratios = np.asarray(ratios, np.float32)
+    bvals = np.asarray(bvals, float).ravel()
+    g = np.asarray(bvecs, float).reshape(-1, 3)
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    mdw = ratios.mean(0)
+    mask = mdw > 0 if mask is None else np.asarray(mask, bool) & (mdw > 0)
+    design = bvals[:, None] * np.stack([g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2, 2 * g[:, 0] * g[:, 1],
+                                        2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]], 1)
+    y = -np.log(np.clip(ratios[:, mask], floor, 1.0)).T  # (N, C)
+    d = y @ np.linalg.pinv(design).T  # (N, 6): xx yy zz xy xz yz
+    tensors = np.empty((d.shape[0], 3, 3))
+    for (i, j), k in zip(((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)), range(6)):
+        tensors[:, i, j] = tensors[:, j, i] = d[:, k]
+    ev = np.linalg.eigvalsh(tensors) if len(d) else np.zeros((0, 3))
+    md = ev.mean(1)
+    num = np.sqrt(((ev - md[:, None]) ** 2).sum(1))
+    den = np.sqrt((ev ** 2).sum(1))
+    fa = np.sqrt(1.5) * np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    out = {}
+    for key, values in (("fa", np.clip(fa, 0, 1)), ("md", md), ("mdw", mdw[mask])):
+        arr = np.zeros(mask.shape, np.float32)
+        arr[mask] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         out[key] = arr
     return out

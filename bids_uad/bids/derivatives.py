@@ -14,23 +14,28 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from bids_uad import __version__
 from bids_uad.errors import OutputNotWritableError, UsageError
 
-#: Entity order of BIDS derivatives file names (BIDS specification, Appendix "Entity table").
+#: Entity order of BIDS (derivatives) file names (BIDS specification, Appendix "Entity table"),
+#: with the derivative entities of fMRIPrep/QSIPrep (cohort, from, to, mode, model, param, stat).
+#: Every raw entity is here so that a source's distinguishing entities reach its derivatives.
 ENTITY_ORDER: tuple[str, ...] = (
-    "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "hemi", "space",
-    "cohort", "res", "den", "from", "to", "mode", "model", "param", "label", "stat", "desc",
+    "sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain", "rec", "dir",
+    "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space", "cohort", "split",
+    "recording", "chunk", "seg", "res", "den", "from", "to", "mode", "model", "param", "label", "stat",
+    "desc",
 )
 #: pybids' long entity names mapped to the short keys used in file names.
 LONG_TO_SHORT = {
     "subject": "sub", "session": "ses", "acquisition": "acq", "direction": "dir",
     "reconstruction": "rec", "ceagent": "ce", "hemisphere": "hemi",
-    "resolution": "res", "density": "den", "description": "desc",
+    "resolution": "res", "density": "den", "description": "desc", "tracer": "trc",
+    "modality": "mod", "staining": "stain", "nucleus": "nuc", "volume": "voi",
 }
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _SUFFIX_RE = re.compile(r"^[A-Za-z0-9]+$")
@@ -117,33 +122,40 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_temporaries(root: str | Path, now: float | None = None) -> list[Path]:
+def remove_orphaned_temporaries(root: str | Path, now: float | None = None,
+                                exclude: Iterable[str | Path] = ()) -> list[Path]:
     """Delete temporaries of atomic writes under ``root`` whose writer is gone; return them.
 
     A temporary from this host is orphaned when its process no longer runs (a run killed with
     SIGKILL cannot clean up after itself); one from another host (a shared HPC file system) only
     when it is older than :data:`FOREIGN_TEMPORARY_MAX_AGE_S`.  Live runs' temporaries are kept.
+    Folders in ``exclude`` (the input dataset and the work folder when OUTPUT_DIR holds them)
+    are not walked at all, and links are not followed.
     """
     import time
 
     root, now = Path(root), time.time() if now is None else now
     if not root.is_dir():
         return []
+    skip = {os.path.realpath(p) for p in exclude}
     host, removed = _host_tag(), []
-    for candidate in root.rglob(".*.tmp-*"):
-        match = _TEMPORARY_RE.match(candidate.name)
-        if match is None or not candidate.is_file() or candidate.is_symlink():
-            continue
-        try:
-            if match["host"] == host:
-                orphaned = not _process_alive(int(match["pid"]))
-            else:
-                orphaned = now - candidate.stat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
-            if orphaned:
-                candidate.unlink()
-                removed.append(candidate)
-        except FileNotFoundError:  # another run removed it first
-            continue
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in skip]
+        for name in files:
+            match = _TEMPORARY_RE.match(name)
+            candidate = Path(folder) / name
+            if match is None or not candidate.is_file() or candidate.is_symlink():
+                continue
+            try:
+                if match["host"] == host:
+                    orphaned = not _process_alive(int(match["pid"]))
+                else:
+                    orphaned = now - candidate.stat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
+                if orphaned:
+                    candidate.unlink()
+                    removed.append(candidate)
+            except FileNotFoundError:  # another run removed it first
+                continue
     return removed
 
 
@@ -221,6 +233,21 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_write(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a BIDS TSV as dicts of strings; an empty list when the file cannot be read.
+
+    BIDS TSVs have no quoting: each line is split on tabs, blank lines are skipped.
+    """
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return []
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
 
 
 def write_tsv(path: str | Path, rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> Path:
@@ -322,6 +349,11 @@ class DerivativesWriter:
         return meta
 
     def _source_uri(self, source: str | Path) -> str:
+        # the input's own name, not its link target: DataLad/git-annex images are symbolic
+        # links into .git/annex/objects
+        unresolved = Path(os.path.abspath(source))
+        if self.bids_dir is not None and self.bids_dir in unresolved.parents:
+            return "bids:raw:" + unresolved.relative_to(self.bids_dir).as_posix()
         path = Path(source).resolve()
         if self.bids_dir is not None and is_within(path, self.bids_dir):
             return "bids:raw:" + path.relative_to(self.bids_dir).as_posix()

@@ -13,8 +13,9 @@ import numpy as np
 
 from bids_uad.errors import InputValidationError
 
-#: b-values at or below this (s/mm²) count as b0 volumes.
-DEFAULT_B0_THRESHOLD = 50.0
+#: b-values at or below this (s/mm²) count as b0 volumes (scanners write 0, 5 or 0.001): the one
+#: definition, used by preprocessing, the tensor fit, motion correction and the models.
+B0_THRESHOLD = 50.0
 #: b-values are rounded to multiples of this to define shells.
 DEFAULT_SHELL_ROUNDING = 100.0
 #: relative tolerance on |bvec| for diffusion-weighted volumes before it is an error.
@@ -27,7 +28,7 @@ class GradientTable:
 
     bvals: np.ndarray
     bvecs: np.ndarray
-    b0_threshold: float = DEFAULT_B0_THRESHOLD
+    b0_threshold: float = B0_THRESHOLD
     shell_rounding: float = DEFAULT_SHELL_ROUNDING
 
     @property
@@ -67,7 +68,7 @@ class GradientTable:
 def round_bvals(
     bvals: np.ndarray,
     step: float = DEFAULT_SHELL_ROUNDING,
-    b0_threshold: float = DEFAULT_B0_THRESHOLD,
+    b0_threshold: float = B0_THRESHOLD,
 ) -> np.ndarray:
     """Round b-values to the nearest multiple of ``step``; b0s become exactly 0."""
     bvals = np.asarray(bvals, dtype=float)
@@ -133,7 +134,7 @@ def load_gradients(
     bval_path: str | Path,
     bvec_path: str | Path,
     n_volumes: int | None = None,
-    b0_threshold: float = DEFAULT_B0_THRESHOLD,
+    b0_threshold: float = B0_THRESHOLD,
     shell_rounding: float = DEFAULT_SHELL_ROUNDING,
     image_path: str | Path | None = None,
 ) -> GradientTable:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +21,74 @@ LOGGER = logging.getLogger("bids_uad.bids")
 
 #: the opposite of each BIDS PhaseEncodingDirection
 OPPOSITE_PE = {"i": "i-", "i-": "i", "j": "j-", "j-": "j", "k": "k-", "k-": "k"}
+
+#: the suffixes this app queries, i.e. the top-level keys a ``--bids-filter-file`` may use
+FILTER_SUFFIXES = ("dwi", "epi", "T1w", "FLAIR")
+#: other spellings accepted for them (fMRIPrep's filter files use lower-case query names)
+FILTER_ALIASES = {"t1w": "T1w", "flair": "FLAIR", "fmap": "epi", "DWI": "dwi"}
+#: entities the app sets itself in every query: a filter on them would be ignored
+FILTER_OVERRIDDEN = {"subject": "--participant-label", "session": "--session-label",
+                     "suffix": "the filter file's top-level key", "extension": "the app (.nii/.nii.gz)"}
+#: a valid subject folder name
+_SUBJECT_DIR_RE = re.compile(r"^sub-[A-Za-z0-9]+$")
+
+
+def bids_entities() -> set[str]:
+    """Names of the BIDS entities pybids knows (the keys a filter may use)."""
+    from bids.layout.models import Config
+
+    return set(Config.load("bids").entities)
+
+
+def check_filters(data: Any, path: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Check a ``--bids-filter-file``'s content; return (filters by suffix, warnings).
+
+    An unknown entity or a pybids query option (``return_type``, ``scope``...) is a usage
+    error (64) naming the key; keys the app sets itself are dropped with a warning naming
+    them, and other spellings of the suffixes (``t1w``) are mapped with a warning.
+    """
+    from bids_uad.errors import UsageError
+
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError('BIDS filter file must map suffixes to filters, e.g. {"dwi": {"run": 1}}', path)
+    entities, warnings, out = bids_entities(), [], {}
+    for key, query in data.items():
+        suffix = key if key in FILTER_SUFFIXES else FILTER_ALIASES.get(key) or next(
+            (s for s in FILTER_SUFFIXES if s.lower() == str(key).lower()), None)
+        if suffix is None:
+            warnings.append(f"{path}: key {key!r} is not a suffix this app reads "
+                            f"({', '.join(FILTER_SUFFIXES)}): ignored")
+            continue
+        if suffix != key:
+            warnings.append(f"{path}: key {key!r} taken as the suffix {suffix!r}")
+        if suffix in out:
+            raise UsageError(f"BIDS filter file names the suffix {suffix!r} twice (key {key!r})", path)
+        kept = {}
+        for name, value in query.items():
+            if name not in entities:
+                raise UsageError(f"BIDS filter file: {key!r} has the key {name!r}, which is not a BIDS "
+                                 "entity (filters may only name entities such as run, acquisition, session)",
+                                 path)
+            if name in FILTER_OVERRIDDEN:
+                warnings.append(f"{path}: {key}.{name} is ignored: the app sets {name!r} itself "
+                                f"(use {FILTER_OVERRIDDEN[name]})")
+                continue
+            if not (value is None or isinstance(value, (str, int, bool))
+                    or (isinstance(value, list) and all(isinstance(v, (str, int)) for v in value))):
+                raise UsageError(f"BIDS filter file: {key}.{name} must be a string, a number, null or "
+                                 f"a list of them, not {type(value).__name__}", path)
+            kept[name] = value
+        out[suffix] = kept
+    return out, warnings
+
+
+def _invalid_subject_folders(bids_dir: Path) -> list[str]:
+    """Top-level ``sub-*`` folders whose name is not a valid label (``sub-pat02 x``)."""
+    try:
+        return sorted(p.name for p in bids_dir.iterdir()
+                      if p.name.startswith("sub-") and p.is_dir() and not _SUBJECT_DIR_RE.match(p.name))
+    except OSError:
+        return []
 
 
 def read_sessions_table(bids_dir: str | Path, subject: str) -> list[dict[str, str]]:
@@ -34,6 +104,19 @@ def session_entities(subject: str, session: str | None) -> dict[str, str]:
     """pybids-style entities of a subject/session (no session entity when there is none)."""
     return {"subject": subject, **({"session": session} if session else {})}
 
+
+
+def sidecar_of(path: str | Path | None) -> Path | None:
+    """The JSON sidecar path of a BIDS file: ``x.nii.gz``, ``x.nii``, ``x.tsv`` -> ``x.json``
+    (any other single extension is replaced); ``None`` for ``None``."""
+    if path is None:
+        return None
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
 
 @dataclass(frozen=True)
 class ReversePE:
@@ -77,11 +160,18 @@ class SubjectInputs:
     sessions: tuple[SessionInputs, ...] = field(default_factory=tuple)
 
 
-def _pybids_layout(bids_dir: Path, validate: bool):
+def _pybids_layout(bids_dir: Path, validate: bool, skip: list[str] = ()):
     import bids
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
 
+    extra = {}
+    if skip:
+        from bids.layout import BIDSLayoutIndexer
+
+        ignore = [*DEFAULT_LOCATIONS_TO_IGNORE, *(re.compile("^/" + re.escape(n) + "(/|$)") for n in skip)]
+        extra["indexer"] = BIDSLayoutIndexer(validate=validate, ignore=ignore)
     try:
-        return bids.BIDSLayout(str(bids_dir), validate=validate, derivatives=False)
+        return bids.BIDSLayout(str(bids_dir), validate=validate, derivatives=False, **extra)
     except Exception as exc:  # pybids raises several types for a broken dataset
         raise InputValidationError(f"not a valid BIDS dataset ({exc})", bids_dir) from exc
 
@@ -116,7 +206,11 @@ class BIDSInputs:
             raise InputMissingError("input BIDS folder is not readable", self.bids_dir) from exc
         if validate:
             check_dataset_description(self.bids_dir)
-        self.layout = _pybids_layout(self.bids_dir, validate)
+        skipped = _invalid_subject_folders(self.bids_dir)
+        for name in skipped:
+            LOGGER.warning("%s: skipped: not a valid subject folder name (labels are letters and digits only)",
+                           self.bids_dir / name)
+        self.layout = _pybids_layout(self.bids_dir, validate, skipped)
         self.filters = dict(filters or {})
 
     # -- participants -------------------------------------------------------------------
@@ -150,9 +244,14 @@ class BIDSInputs:
                 rows = list(csv.DictReader(handle, delimiter="\t"))
         except (OSError, csv.Error, UnicodeDecodeError) as exc:
             raise InputValidationError(f"cannot read participants table ({exc})", path) from exc
+        seen: set[str] = set()
         for row in rows:
             if "participant_id" not in row:
                 raise InputValidationError("participants.tsv has no participant_id column", path)
+            label = str(row["participant_id"] or "").strip()
+            if label in seen:
+                raise InputValidationError(f"participant_id {label!r} appears more than once", path)
+            seen.add(label)
         return rows
 
     def controls(self, column: str = "group", value: str = "control") -> list[str]:
@@ -214,8 +313,10 @@ class BIDSInputs:
     def _find_reverse_pe(self, dwi_path: str, dwi_meta: dict[str, dict], epi_files: list, subject: str) -> ReversePE | None:
         meta = dwi_meta[dwi_path]
         pe = meta.get("PhaseEncodingDirection")
-        rel_subject = Path(dwi_path).resolve().relative_to(self.bids_dir / f"sub-{subject}").as_posix()
-        rel_dataset = Path(dwi_path).resolve().relative_to(self.bids_dir).as_posix()
+        # relative to the dataset as indexed, never through symbolic links: in DataLad/git-annex
+        # datasets every image is a link into .git/annex/objects
+        rel_dataset = Path(os.path.relpath(dwi_path, self.bids_dir)).as_posix()
+        rel_subject = rel_dataset.removeprefix(f"sub-{subject}/")
         source = meta.get("B0FieldSource")
         sources = set(source if isinstance(source, list) else [source]) - {None}
         for epi in epi_files:
@@ -225,12 +326,12 @@ class BIDSInputs:
             targets = {str(t).removeprefix("bids::").removeprefix(f"sub-{subject}/") for t in intended}
             ident = emeta.get("B0FieldIdentifier")
             idents = set(ident if isinstance(ident, list) else [ident]) - {None}
-            if rel_subject in targets or rel_dataset.removeprefix(f"sub-{subject}/") in targets or (sources & idents):
+            if rel_subject in targets or (sources & idents):
                 if pe and emeta.get("PhaseEncodingDirection") == pe:
                     raise InputValidationError(
                         f"reverse phase-encoding image has the same PhaseEncodingDirection ({pe}) "
                         f"as the dwi it is intended for ({Path(dwi_path).name})",
-                        self._sidecar_of(epi.path),
+                        sidecar_of(epi.path),
                     )
                 return ReversePE(path=Path(epi.path), metadata=emeta, kind="fmap-epi")
         if pe:
@@ -246,11 +347,6 @@ class BIDSInputs:
             return getter(image_path) or None
         except (IndexError, ValueError):  # pybids raises these when nothing matches
             return None
-
-    def _sidecar_of(self, image_path: str) -> Path:
-        p = Path(image_path)
-        name = p.name.removesuffix(".gz").removesuffix(".nii")
-        return p.with_name(name + ".json")
 
     def subject_inputs(self, subject: str, session_labels: tuple[str, ...] | list[str] = ()) -> SubjectInputs:
         sessions = tuple(self.session_inputs(subject, s) for s in self.sessions(subject, session_labels))

@@ -33,3 +33,20 @@ def find_lesion_mask(root: str | Path | None, subject: str, session: str | None 
                 elif space == implied_space:
                     return path
     return None
+
+
+def find_lesion_instances(mask_path: str | Path) -> tuple[Path, Path] | None:
+    """The lesion-instance truth next to a lesion mask, or None: ``*_desc-lesions_dseg.nii[.gz]``
+    (integer id per lesion, 0 = none) and its ``.tsv`` (columns ``index name type severity
+    volume_ml``), as the synthetic generator writes them."""
+    mask_path = Path(mask_path)
+    for desc in LESION_DESCS:
+        token = f"_desc-{desc}_mask.nii"
+        if token in mask_path.name:
+            stem = mask_path.name[: mask_path.name.index(token)]
+            for ext in (".nii.gz", ".nii"):
+                image = mask_path.with_name(f"{stem}_desc-lesions_dseg{ext}")
+                table = mask_path.with_name(f"{stem}_desc-lesions_dseg.tsv")
+                if image.is_file() and table.is_file():
+                    return image, table
+    return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import validate_label
 from bids_uad.bids.gradients import load_gradients
 from bids_uad.bids.layout import session_entities
@@ -19,7 +20,7 @@ from bids_uad.bids.layout import session_entities
 
 @dataclass(frozen=True)
 class PreprocessedDwi:
-    """File paths of one session's preprocessed diffusion derivatives."""
+    """File paths of one dwi run's preprocessed diffusion derivatives."""
 
     subject: str
     session: str | None
@@ -32,6 +33,11 @@ class PreprocessedDwi:
     @property
     def entities(self) -> dict[str, str]:
         return session_entities(self.subject, self.session)
+
+    @property
+    def run(self) -> str:
+        """What tells this run from the session's others (``dir-AP``; '' for an unnamed run)."""
+        return outputs.run_label(self.dwi.name)
 
     def load(self) -> dict:
         """Arrays: dwi (X,Y,Z,N float32), bvals, bvecs (N,3), brain and analysis masks, affine."""
@@ -46,30 +52,36 @@ class PreprocessedDwi:
                 "analysis_mask": analysis & brain, "affine": img.affine, "header": img.header}
 
 
-def _prefix(subject: str, session: str | None) -> str:
-    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+def find_preprocessed_dwi_runs(output_dir: str | Path, subject: str, session: str | None) -> list[PreprocessedDwi]:
+    """Every complete preprocessed dwi run of one session in ``output_dir`` (in name order).
+
+    A run is complete with its series, gradient table and brain mask; its analysis mask is
+    the one named with the same run entities (None when the T1w was not registered to it).
+    """
+    subject = validate_label(subject, "sub")
+    session = validate_label(session, "ses") if session else None
+    found = []
+    for dwi in outputs.find(output_dir, "dwi_preproc", subject, session):
+        run = outputs.run_entities(dwi.name)
+        parts = {key: next(iter(outputs.find_run(output_dir, key, subject, session, run)), None)
+                 for key in ("dwi_bval", "dwi_bvec", "brain_mask", "analysis_mask")}
+        if None in (parts["dwi_bval"], parts["dwi_bvec"], parts["brain_mask"]):
+            continue
+        found.append(PreprocessedDwi(subject, session, dwi, parts["dwi_bval"], parts["dwi_bvec"],
+                                     parts["brain_mask"], parts["analysis_mask"]))
+    return found
 
 
 def find_preprocessed_dwi(output_dir: str | Path, subject: str, session: str | None) -> PreprocessedDwi | None:
-    """The preprocessed dwi of one session in ``output_dir``, or None when any part is missing."""
-    subject = validate_label(subject, "sub")
-    folder = Path(output_dir) / f"sub-{subject}"
-    if session:
-        folder = folder / f"ses-{validate_label(session, 'ses')}"
-    folder = folder / "dwi"
-    prefix = _prefix(subject, session)
-    candidates = sorted(folder.glob(f"{prefix}_*space-dwi_desc-preproc_dwi.nii.gz"))
-    if not candidates:
-        return None
-    dwi = candidates[0]
-    stem = dwi.name[: -len("_space-dwi_desc-preproc_dwi.nii.gz")]
-    bval = dwi.with_name(dwi.name.replace(".nii.gz", ".bval"))
-    bvec = dwi.with_name(dwi.name.replace(".nii.gz", ".bvec"))
-    brain = folder / f"{stem}_space-dwi_desc-brain_mask.nii.gz"
-    if not (bval.is_file() and bvec.is_file() and brain.is_file()):
-        return None
-    analysis = folder / f"{prefix}_space-dwi_desc-analysis_mask.nii.gz"
-    return PreprocessedDwi(subject, session, dwi, bval, bvec, brain, analysis if analysis.is_file() else None)
+    """The session's preprocessed dwi run that has an analysis mask (the one the T1w was
+    registered to), else its first complete run; None when there is none.
+
+    For what needs one series per session (group training, the longitudinal baseline);
+    inference scores every run (:func:`find_preprocessed_dwi_runs`).
+    """
+    runs = find_preprocessed_dwi_runs(output_dir, subject, session)
+    with_mask = [r for r in runs if r.analysis_mask is not None]
+    return (with_mask or runs or [None])[0]
 
 
 def order_sessions(sessions: list[str | None], table: list[dict[str, str]]) -> list[str | None]:

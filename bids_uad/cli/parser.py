@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.config import DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
+from bids_uad.config import DEFAULT_MODELS, DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
 from bids_uad.errors import EXIT_CODES, UsageError
 
 
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=[], metavar="LABEL", help="sessions to process, with or without 'ses-'")
     sel.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
                      metavar="FILE",
-                     help="JSON file of pybids filters per suffix, e.g. {\"dwi\": {\"acquisition\": \"b1000\"}}")
+                     help="JSON file of pybids filters per suffix (dwi, epi, T1w, FLAIR), e.g. "
+                          "{\"dwi\": {\"acquisition\": \"b1000\"}}; keys must be BIDS entities (exit 64 "
+                          "otherwise), an entry selecting nothing exits 18")
     sel.add_argument("--baseline-session", metavar="LABEL",
                      help="longitudinal baseline session (default: the first session with dwi by acq_time "
                           "in sessions.tsv)")
@@ -96,15 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--model", type=Path, metavar="PATH",
                       help="trained model (a models/ folder or one .json of a group-level run) for "
                            "participant-level anomaly inference")
-    proc.add_argument("--threshold", choices=THRESHOLD_METHODS, default="fixed",
-                      help="threshold method for binary anomaly maps (default: fixed)")
+    proc.add_argument("--threshold", choices=THRESHOLD_METHODS, default=None,
+                      help="threshold method for binary anomaly maps.  Default: the method stored in "
+                           "the model file, which the group level sets to healthy-fpr (calibrated on "
+                           "held-out controls so that the written map flags 1%% of healthy tissue).  "
+                           "Given at the participant level it overrides the model file; at the group "
+                           "level it is stored in the model files.  fixed is the reference's threshold "
+                           "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale (the "
+                           "baselines have none and keep their model file's method); "
+                           "otsu and meanpool are per-subject, uncalibrated")
     proc.add_argument("--ensemble", action="store_true",
                       help="score with the mean of all fold models instead of the best fold")
-    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                      help="group level: models to train (default: dae recdisc)")
+    proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
+                      help="group level: models to train: the networks dae (variational autoencoder), "
+                           "recdisc (RecDiscNet) and cdae (U-Net denoising autoencoder trained to remove "
+                           "coarse noise), and the baseline detectors normative (voxelwise normative model "
+                           "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
+                           "signal ratio) (default: dae recdisc normative meansignal)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
-                      help="group level: paper (reference architecture, 7 folds) or quick (a small model "
-                           "for demos and tests) (default: paper)")
+                      help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
+                           "network trained to its best validation loss with early stopping, 3 folds: "
+                           "real training on a few CPU cores) or quick (a small model for demos and "
+                           "tests) (default: paper)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")
     proc.add_argument("--reports-only", action="store_true",

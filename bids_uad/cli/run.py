@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bids_uad import __version__
 from bids_uad.bids.derivatives import DerivativesWriter, is_within, remove_orphaned_temporaries, validate_label
-from bids_uad.config import ANALYSIS_LEVELS, Settings, resolve_preproc_backend
+from bids_uad.config import ANALYSIS_LEVELS, Settings, load_plugin_settings, resolve_preproc_backend
 from bids_uad.errors import (
     BidsUadError,
     InputMissingError,
@@ -22,40 +22,29 @@ from bids_uad.errors import (
     UnknownAnalysisLevelError,
     UsageError,
 )
+from bids_uad.workflows.execution import FirstLineFormatter
 
 LOGGER = logging.getLogger("bids_uad")
+#: the run log's handler once the current run has one (errors are written there too)
+_RUN_LOG: dict[str, logging.Handler | None] = {"handler": None}
 
 
 def _load_filters(path: Path | None) -> dict:
+    """Read and check ``--bids-filter-file`` (64 naming the key; warnings printed here)."""
+    from bids_uad.bids.layout import check_filters
+
     if path is None:
         return {}
     if not path.is_file():
         raise InputMissingError("BIDS filter file does not exist", path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"BIDS filter file is not valid JSON ({exc})", path) from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise UsageError('BIDS filter file must map suffixes to filters, e.g. {"dwi": {"run": 1}}', path)
-    return data
-
-
-def load_plugin_settings(path: Path) -> tuple[str, dict]:
-    """Read a nipype plugin file: ``{plugin: NAME, plugin_args: {...}}`` in YAML or JSON."""
-    import yaml
-
-    if not path.is_file():
-        raise InputMissingError("plugin settings file does not exist", path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"plugin settings file is not valid YAML/JSON ({exc})", path) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
-        raise UsageError("plugin settings file must name a 'plugin' (e.g. MultiProc, SLURM)", path)
-    args = data.get("plugin_args") or {}
-    if not isinstance(args, dict):
-        raise UsageError("'plugin_args' must be a mapping", path)
-    return data["plugin"], args
+    filters, warnings = check_filters(data, path)
+    for line in warnings:
+        print(f"bids_uad: warning: {line}", file=sys.stderr)
+    return filters
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
@@ -94,8 +83,12 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         raise UsageError(f"work folder {work_dir} is inside the input dataset {bids_dir}; choose another -w")
     if args.lesion_masks is not None and not args.lesion_masks.is_dir():
         raise InputMissingError("lesion-mask folder does not exist", args.lesion_masks)
-    if args.model is not None and not args.model.exists():
-        raise InputMissingError("model file or folder does not exist", args.model)
+    if args.model is not None:
+        if not args.model.exists():
+            raise InputMissingError("model file or folder does not exist", args.model)
+        from bids_uad.models.validate import validate_model_argument
+
+        validate_model_argument(args.model)  # schema, types, sizes, shapes, hash: before any work
     filters = _load_filters(args.bids_filter_file)
     plugin_args: dict = {}
     if args.use_plugin is not None:
@@ -134,17 +127,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-class FirstLineFormatter(logging.Formatter):
-    """Console format: first line of the message only (tracebacks go to the run log and crash files)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record = logging.makeLogRecord(record.__dict__)
-        record.msg, record.args = record.getMessage().splitlines()[0] if record.getMessage() else "", None
-        record.exc_info = record.exc_text = None
-        return super().format(record)
-
-
-def _setup_logging(settings: Settings, log_file: Path) -> None:
+def _setup_logging(settings: Settings, log_file: Path) -> logging.Handler:
     level = logging.WARNING - 10 * min(settings.verbosity + 1, 2)
     root = logging.getLogger("bids_uad")
     root.setLevel(min(level, logging.INFO))
@@ -169,12 +152,26 @@ def _setup_logging(settings: Settings, log_file: Path) -> None:
         logger.addHandler(nipype_console)
         logger.addHandler(to_file)
         logger.propagate = False
+    return to_file
+
+
+def _to_run_log(message: str, exc_info=None) -> None:
+    """Write the error that ends a run into its run log as well (the console got one line)."""
+    handler = _RUN_LOG["handler"]
+    if handler is None:
+        return
+    record = LOGGER.makeRecord(LOGGER.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    try:
+        handler.handle(record)
+        handler.flush()
+    except Exception:  # noqa: BLE001 - the log may be gone (disk full, folder removed)
+        pass
 
 
 def run(settings: Settings) -> int:
     """Run one analysis level with validated settings; returns 0 or raises."""
     from bids_uad.bids.layout import BIDSInputs
-    from bids_uad.workflows.base import run_group, run_participant
+    from bids_uad.cli.levels import run_group, run_participant
 
     _check_writable_dir(settings.output_dir, "output folder")
     _check_writable_dir(settings.work_dir, "work folder")
@@ -183,12 +180,14 @@ def run(settings: Settings) -> int:
                       filters=settings.bids_filters)
     subjects = bids.select_subjects(settings.participant_labels) if settings.analysis_level == "participant" else []
     writer.ensure_dataset_description()
-    orphans = remove_orphaned_temporaries(settings.output_dir)
+    # never walk the input (or the work folder) when OUTPUT_DIR is a parent of it
+    inputs = [p for p in (settings.bids_dir, settings.work_dir, settings.lesion_masks) if p is not None]
+    orphans = remove_orphaned_temporaries(settings.output_dir, exclude=inputs)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     logs = settings.output_dir / "logs"
     _check_writable_dir(logs, "logs folder")
     settings.write(logs, run_id)
-    _setup_logging(settings, logs / f"run-{run_id}.log")
+    _RUN_LOG["handler"] = _setup_logging(settings, logs / f"run-{run_id}.log")
     LOGGER.info("bids_uad %s, %s level, run %s", __version__, settings.analysis_level, run_id)
     LOGGER.info("preprocessing backend: %s", settings.resolved_backend())
     if orphans:
@@ -202,7 +201,12 @@ def run(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit status."""
+    """Console-script entry point; returns the exit status.
+
+    Every failure ends as one line on stderr (and in the run log once there is one); an
+    unexpected exception too, with its traceback only in the run log.
+    """
+    _RUN_LOG["handler"] = None
     try:
         settings = settings_from_args(argv)
         from bids_uad.workflows.group import torchrun_worker_main  # torchrun ranks > 0 only train
@@ -212,10 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except BidsUadError as exc:
         print(f"bids_uad: error: {exc.one_line()}", file=sys.stderr)
+        _to_run_log(f"error (exit {exc.exit_code}): {exc.one_line()}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("bids_uad: interrupted", file=sys.stderr)
+        _to_run_log("interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in the run log
+        handler = _RUN_LOG["handler"]
+        where = f"; traceback in {handler.baseFilename}" if isinstance(handler, logging.FileHandler) else ""
+        first = str(exc).splitlines()[0] if str(exc) else "no message"
+        print(f"bids_uad: error: unexpected {type(exc).__name__}: {first}{where} "
+              "(please report this as a bug)", file=sys.stderr)
+        _to_run_log(f"unexpected error: {type(exc).__name__}: {first}", exc_info=sys.exc_info())
+        return 1
 
 
 if __name__ == "__main__":

@@ -172,9 +172,7 @@ class RegisterImages(SimpleInterface):
     output_spec = _RegisterOutputSpec
 
     def _run_interface(self, runtime):
-        from nibabel.processing import resample_to_output
-
-        from bids_uad.algorithms.registration import apply_transforms, register
+        from bids_uad.algorithms.registration import apply_transforms, coarse, register
 
         _set_threads(self.inputs.num_threads)
         if not _given(self.inputs.fixed_file):
@@ -186,15 +184,7 @@ class RegisterImages(SimpleInterface):
             return runtime
 
         def load(path, order=1):
-            img = nib.load(path)
-            data = np.asarray(img.dataobj, dtype=np.float32)
-            if data.ndim > 3:
-                data = data[..., 0]
-            img = nib.Nifti1Image(data, img.affine)
-            res = self.inputs.resolution
-            if res > 0 and min(img.header.get_zooms()[:3]) < res - 1e-3:
-                img = resample_to_output(img, [res] * 3, order=order)
-            return img
+            return coarse(path, self.inputs.resolution, order)
 
         def opt(path, order=0):
             return load(path, order) if _given(path) else None

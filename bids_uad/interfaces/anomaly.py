@@ -12,6 +12,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.bids import outputs
+from bids_uad.bids.outputs import sidecar_fields
+
 
 class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="preprocessed dwi in diffusion space (with b0s)")
@@ -20,11 +23,10 @@ class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, mandatory=True)
     analysis_mask = traits.Str("", usedefault=True, desc="WM ∪ GM minus ventricles; '' = brain mask")
     model_file = File(exists=True, mandatory=True, desc="model-<name>.json (with its .safetensors)")
-    threshold_method = traits.Str("fixed", usedefault=True)
+    threshold_method = traits.Str("", usedefault=True, desc="'' = the method stored in the model file")
     ensemble = traits.Bool(False, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
-    source_entities = traits.Dict(desc="entities of the input; out_entities adds the model")
 
 
 class _AnomalyInferenceOutputSpec(TraitedSpec):
@@ -32,8 +34,7 @@ class _AnomalyInferenceOutputSpec(TraitedSpec):
     pvalue = traits.Either(File, traits.Str, desc="conformal p-value map ('' when uncalibrated)")
     mask = File(desc="binary anomaly mask (thresholded, opened)")
     model_name = traits.Str()
-    out_entities = traits.Dict(desc="subject/session/acquisition/run of the input plus model-<name>")
-    meta = traits.Dict(desc="provenance for the sidecars")
+    meta = traits.Dict(desc="provenance for the sidecars (BIDS CamelCase keys)")
 
 
 class AnomalyInference(SimpleInterface):
@@ -49,7 +50,7 @@ class AnomalyInference(SimpleInterface):
 
         from bids_uad.bids.gradients import load_gradients
         from bids_uad.scoring.inference import infer
-        from bids_uad.training.bundle import load_bundle
+        from bids_uad.models.bundle import load_bundle
 
         torch.set_num_threads(max(1, self.inputs.threads))
         img = nib.load(self.inputs.dwi_file)
@@ -61,7 +62,7 @@ class AnomalyInference(SimpleInterface):
             analysis = (np.asarray(nib.load(self.inputs.analysis_mask).dataobj) > 0) & brain
         bundle = load_bundle(self.inputs.model_file, device=self.inputs.device)
         result = infer(bundle, dwi, table.bvals, table.bvecs, brain, analysis,
-                       method=self.inputs.threshold_method, ensemble=self.inputs.ensemble)
+                       method=self.inputs.threshold_method or None, ensemble=self.inputs.ensemble)
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         out = Path(runtime.cwd)
@@ -75,26 +76,27 @@ class AnomalyInference(SimpleInterface):
         self._results["mask"] = save(result.mask, "mask.nii.gz", np.uint8)
         self._results["pvalue"] = save(result.pvalues, "pvalue.nii.gz", np.float32) if result.pvalues is not None else ""
         self._results["model_name"] = bundle.name
-        keep = ("subject", "session", "acquisition", "run")
-        self._results["out_entities"] = {**{k: v for k, v in (self.inputs.source_entities or {}).items()
-                                            if k in keep}, "model": bundle.name}
         info = dict(result.info)
         info["model_file"] = os.path.basename(self.inputs.model_file)
         info["analysis_mask"] = "WM ∪ GM minus ventricles" if self.inputs.analysis_mask else "brain mask"
         info["n_anomalous_voxels"] = int(result.mask.sum())
         info["voxel_volume_mm3"] = float(np.prod(img.header.get_zooms()[:3]))
-        self._results["meta"] = info
+        self._results["meta"] = sidecar_fields(info)
         return runtime
 
 
 class _ToTemplateInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="a map in diffusion space")
     output_dir = traits.Str(mandatory=True, desc="OUTPUT_DIR holding the anatomical transforms")
-    source_entities = traits.Dict(mandatory=True)
+    source_file = traits.Str(mandatory=True, desc="the dwi run the map belongs to (its name gives the entities)")
     template_name = traits.Str(mandatory=True)
     template_file = File(exists=True, mandatory=True)
     kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
     in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
+    dwi2t1w_xfm = traits.Str(desc="dwi → T1w composite from the anatomical workflow ('' or unset: "
+                                  "the session's from-dwi_to-T1w transform in OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str(desc="T1w → template composite from the anatomical workflow ('' or "
+                                       "unset: the session's from-T1w_to-<template> transform in OUTPUT_DIR)")
 
 
 class _ToTemplateOutputSpec(TraitedSpec):
@@ -102,11 +104,26 @@ class _ToTemplateOutputSpec(TraitedSpec):
     meta = traits.Dict()
 
 
+def template_transforms(output_dir: str | Path, source_file: str | Path, template: str) -> tuple[Path, Path] | None:
+    """(T1w→template, dwi→T1w) transforms of the dwi run ``source_file``, found through the
+    outputs table; None when either is missing (no T1w, or the T1w was registered to another run)."""
+    ents = outputs.source_entities(source_file)
+    subject, session = ents["sub"], ents.get("ses")
+    dwi2t1w = outputs.find_run(output_dir, "xfm_dwi_to_t1w", subject, session, outputs.run_entities(ents))
+    t1w2tpl = outputs.find(output_dir, "xfm_t1w_to_template", subject, session, template=template)
+    if not (dwi2t1w and t1w2tpl):
+        return None
+    return t1w2tpl[0], dwi2t1w[0]
+
+
 class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
-    Reads the session's ``from-dwi_to-T1w`` and ``from-T1w_to-<template>`` transforms from the
-    derivatives; without them (no T1w) it writes nothing and says so in the log.
+    The transforms come along the graph's edges from the session's anatomical workflow when it
+    runs in the same graph (``dwi2t1w_xfm``, ``t1w2template_xfm``); otherwise (scoring existing
+    derivatives) they are the run's ``from-dwi_to-T1w`` and the session's ``from-T1w_to-<template>``
+    derivatives, found through the outputs table (:func:`template_transforms`).  Without them (no
+    T1w, or the T1w was registered to another run) it writes nothing and says so in the log.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -117,26 +134,26 @@ class ToTemplateSpace(SimpleInterface):
 
         import nibabel as nib
 
-        from bids_uad.algorithms.registration import apply_transforms
+        from nipype.interfaces.base import isdefined
 
-        ent = self.inputs.source_entities
-        prefix = f"sub-{ent['subject']}" + (f"_ses-{ent['session']}" if ent.get("session") else "")
-        anat = Path(self.inputs.output_dir) / f"sub-{ent['subject']}"
-        if ent.get("session"):
-            anat = anat / f"ses-{ent['session']}"
-        anat = anat / "anat"
-        dwi2t1w = anat / f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5"
-        t1w2tpl = anat / f"{prefix}_from-T1w_to-{self.inputs.template_name}_mode-image_xfm.h5"
+        from bids_uad.algorithms.registration import dwi_to_template
+
+        given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
+        if all(given):
+            found = (Path(given[1]), Path(given[0]))
+        else:
+            found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
         self._results["meta"] = {}
-        if not (dwi2t1w.is_file() and t1w2tpl.is_file()):
+        if found is None:
             logging.getLogger("bids_uad.anomaly").warning(
-                "%s: no anatomical transforms (%s, %s): %s map not written", prefix, dwi2t1w.name,
-                t1w2tpl.name, self.inputs.template_name)
+                "%s: no anatomical transforms (from-dwi_to-T1w of this run, from-T1w_to-%s): %s map not written",
+                Path(self.inputs.source_file).name, self.inputs.template_name, self.inputs.template_name)
             self._results["out_file"] = ""
             return runtime
+        t1w2tpl, dwi2t1w = found
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                  [str(t1w2tpl), str(dwi2t1w)], kind)
+        warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
+                                 [str(dwi2t1w)], [str(t1w2tpl)], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)

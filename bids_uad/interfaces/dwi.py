@@ -7,7 +7,6 @@ node's working directory.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.bids.gradients import B0_THRESHOLD
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.bids.validate import phase_encoding, total_readout_time
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
@@ -46,14 +48,6 @@ MOTION_COLUMN_DESCRIPTIONS: dict[str, Any] = {
 }
 
 
-def _sidecar_of(path: str) -> str:
-    name = str(path)
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)] + ".json"
-    return name + ".json"
-
-
 def _out(runtime, name: str) -> str:
     return str(Path(runtime.cwd) / name)
 
@@ -65,37 +59,7 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def total_readout_time(meta: dict, n_pe: int, where: str) -> float:
-    """``TotalReadoutTime`` from a sidecar, or from ``EffectiveEchoSpacing`` * (N_PE - 1)."""
-    if meta.get("TotalReadoutTime") not in (None, ""):
-        trt = float(meta["TotalReadoutTime"])
-    elif meta.get("EffectiveEchoSpacing") not in (None, ""):
-        n = int(meta.get("ReconMatrixPE") or n_pe)
-        trt = float(meta["EffectiveEchoSpacing"]) * (n - 1)
-    else:
-        raise InputValidationError(
-            "TotalReadoutTime (or EffectiveEchoSpacing) is missing: it is needed for "
-            "susceptibility distortion correction with a reverse phase-encoding image", where)
-    if not (0 < trt < 1):
-        raise InputValidationError(f"TotalReadoutTime {trt} s is not plausible (expected 0-1 s)", where)
-    return trt
-
-
-def phase_encoding(meta: dict, where: str) -> tuple[int, int]:
-    """(axis, polarity) from ``PhaseEncodingDirection``; InputValidationError naming the sidecar."""
-    from bids_uad.algorithms.resample import parse_phase_encoding
-
-    ped = meta.get("PhaseEncodingDirection")
-    if not ped:
-        raise InputValidationError(
-            "PhaseEncodingDirection is missing (needed with a reverse phase-encoding image)", where)
-    try:
-        return parse_phase_encoding(ped)
-    except ValueError as exc:
-        raise InputValidationError(str(exc), where) from exc
-
-
-def _b0_mean_of(path: str, b0_threshold: float = 50.0) -> tuple[np.ndarray, Any, str]:
+def _b0_mean_of(path: str, b0_threshold: float = B0_THRESHOLD) -> tuple[np.ndarray, Any, str]:
     """Mean of the b0 volumes of an image (all volumes of an EPI fieldmap without .bval)."""
     import nibabel as nib
 
@@ -200,7 +164,7 @@ class EstimateSDC(SimpleInterface):
         from bids_uad.bids.gradients import load_gradients
 
         _set_threads(self.inputs.num_threads)
-        dwi_json = _sidecar_of(self.inputs.dwi_file)
+        dwi_json = sidecar_of(self.inputs.dwi_file)
         meta = dict(self.inputs.dwi_metadata or {})
         img = nib.load(self.inputs.dwi_file)
         if img.ndim != 4:
@@ -223,7 +187,7 @@ class EstimateSDC(SimpleInterface):
                     self._results["readout_scale"] = 0.0
             self._results["report"] = {"SusceptibilityDistortionCorrection": SDC_SKIPPED}
             return runtime
-        rpe_json = _sidecar_of(rpe)
+        rpe_json = sidecar_of(rpe)
         rmeta = dict(self.inputs.rpe_metadata or {}) if isdefined(self.inputs.rpe_metadata) else {}
         axis, pol = phase_encoding(meta, dwi_json)
         raxis, rpol = phase_encoding(rmeta, rpe_json)
@@ -322,7 +286,7 @@ class MotionCorrect(SimpleInterface):
         if self.inputs.fieldmap_hz:
             if pe_axis is None or not self.inputs.readout_scale:
                 raise InputValidationError("a field map needs the PE direction and readout time",
-                                           _sidecar_of(self.inputs.dwi_file))
+                                           sidecar_of(self.inputs.dwi_file))
             disp = np.asarray(nib.load(self.inputs.fieldmap_hz).dataobj, np.float32) * self.inputs.readout_scale
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         res = correct_motion(data, gt.bvals, gt.bvecs, zooms, pe_axis=pe_axis, disp_vox=disp,
@@ -485,115 +449,4 @@ class MergeReports(SimpleInterface):
                                         "HeadMotionCorrection": hmc.get("HeadMotionCorrection", "")}
         self._results["mask_meta"] = {**common, "Type": "Brain", **mask}
         self._results["tensor_meta"] = {**common, **ten}
-        return runtime
-
-
-# --------------------------------------------------------------------------------------------
-class _OptionalSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = traits.Str(mandatory=True, desc="file to store, or '' to store nothing")
-    output_dir = traits.Str(mandatory=True)
-    bids_dir = traits.Str()
-    entities = traits.Dict(mandatory=True)
-    suffix = traits.Str(mandatory=True)
-    datatype = traits.Str()
-    meta = traits.Dict()
-    source_files = traits.List(traits.Str)
-
-
-class _OptionalSinkOutputSpec(TraitedSpec):
-    out_file = traits.Str()
-
-
-class _EntitiesInputSpec(BaseInterfaceInputSpec):
-    source_entities = traits.Dict(mandatory=True)
-
-
-class _EntitiesOutputSpec(TraitedSpec):
-    entities = traits.Dict()
-
-
-class DerivativeEntities(SimpleInterface):
-    """Keep subject/session/acquisition/run of the raw dwi; drop direction and the rest."""
-
-    input_spec = _EntitiesInputSpec
-    output_spec = _EntitiesOutputSpec
-
-    def _run_interface(self, runtime):
-        self._results["entities"] = derivative_entities(self.inputs.source_entities)
-        return runtime
-
-
-def derivative_entities(source: dict) -> dict:
-    """Entities of dwi derivatives from those of the raw dwi (subject, session, acq, run)."""
-    keep = {"subject": "subject", "sub": "subject", "session": "session", "ses": "session",
-            "acquisition": "acquisition", "acq": "acquisition", "run": "run"}
-    out = {}
-    for key, value in (source or {}).items():
-        if key in keep and value not in (None, ""):
-            out[keep[key]] = str(value)
-    if "subject" not in out:
-        raise InputValidationError("source_entities has no subject")
-    return out
-
-
-class _ApplyEntitiesInputSpec(BaseInterfaceInputSpec):
-    entities = traits.Dict(mandatory=True)
-    extra = traits.Dict(mandatory=True)
-
-
-class _ApplyEntitiesOutputSpec(TraitedSpec):
-    entities = traits.Dict()
-
-
-class AddEntities(SimpleInterface):
-    """Base entities + this output's own (space, desc, model, param)."""
-
-    input_spec = _ApplyEntitiesInputSpec
-    output_spec = _ApplyEntitiesOutputSpec
-
-    def _run_interface(self, runtime):
-        self._results["entities"] = {**self.inputs.entities, **self.inputs.extra}
-        return runtime
-
-
-def os_cpu_threads(requested: int) -> int:
-    """Threads to give torch inside a node: the request, capped at the CPU count."""
-    return max(1, min(int(requested or 1), os.cpu_count() or 1))
-
-
-# --------------------------------------------------------------------------------------------
-class _DwiSinkInputSpec(_OptionalSinkInputSpec):
-    base_entities = traits.Dict(desc="entities of the source (subject, session, ...)")
-    source_file = traits.Str(desc="raw file this derivative comes from")
-    write_sidecar = traits.Bool(True, usedefault=True)
-
-
-class DwiDerivativesSink(SimpleInterface):
-    """:class:`DerivativesDataSink` with the source entities merged in at run time.
-
-    ``entities`` holds this output's own entities (space, desc, model, param), ``base_entities``
-    the subject/session/acq/run connected from the workflow; ``in_file == ''`` stores nothing
-    (e.g. no field map when distortion correction was skipped).
-    """
-
-    input_spec = _DwiSinkInputSpec
-    output_spec = _OptionalSinkOutputSpec
-
-    def _run_interface(self, runtime):
-        if not self.inputs.in_file:
-            self._results["out_file"] = ""
-            return runtime
-        base = dict(self.inputs.base_entities) if isdefined(self.inputs.base_entities) else {}
-        sink = DerivativesDataSink(
-            in_file=self.inputs.in_file, output_dir=self.inputs.output_dir,
-            entities={**base, **self.inputs.entities}, suffix=self.inputs.suffix,
-            write_sidecar=self.inputs.write_sidecar)
-        for name in ("bids_dir", "datatype", "meta"):
-            value = getattr(self.inputs, name)
-            if isdefined(value) and value != "":
-                setattr(sink.inputs, name, value)
-        has_source = isdefined(self.inputs.source_file) and self.inputs.source_file
-        sink.inputs.source_files = [self.inputs.source_file] if has_source else []
-        res = sink.run(cwd=runtime.cwd)
-        self._results["out_file"] = res.outputs.out_file
         return runtime

@@ -21,14 +21,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_uad.interfaces.dwi import (
-    SDC_SKIPPED,
-    _b0_mean_of,
-    _out,
-    _sidecar_of,
-    phase_encoding,
-    total_readout_time,
-)
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.bids.validate import phase_encoding, total_readout_time
+from bids_uad.interfaces.dwi import SDC_SKIPPED, _b0_mean_of, _out
 
 LOGGER = logging.getLogger("bids_uad.dwi")
 
@@ -154,7 +149,7 @@ class FSLDWIPreproc(SimpleInterface):
 
         cwd = runtime.cwd
         meta = dict(self.inputs.dwi_metadata)
-        dwi_json = _sidecar_of(self.inputs.dwi_file)
+        dwi_json = sidecar_of(self.inputs.dwi_file)
         img = nib.load(self.inputs.dwi_file)
         gt = load_gradients(self.inputs.bval_file, self.inputs.bvec_file, n_volumes=img.shape[3])
         b0 = np.asarray(img.dataobj[..., int(np.flatnonzero(gt.b0_mask)[0])], np.float32)
@@ -168,8 +163,8 @@ class FSLDWIPreproc(SimpleInterface):
                              sdc_report={"SusceptibilityDistortionCorrection": SDC_SKIPPED})
         if self.inputs.rpe_file:
             rmeta = dict(self.inputs.rpe_metadata or {})
-            raxis, rpol = phase_encoding(rmeta, _sidecar_of(self.inputs.rpe_file))
-            rtrt = total_readout_time(rmeta, img.shape[raxis], _sidecar_of(self.inputs.rpe_file))
+            raxis, rpol = phase_encoding(rmeta, sidecar_of(self.inputs.rpe_file))
+            rtrt = total_readout_time(rmeta, img.shape[raxis], sidecar_of(self.inputs.rpe_file))
             rdata, rimg, _ = _b0_mean_of(self.inputs.rpe_file)
             if not same_grid(rimg.shape, rimg.affine, img.shape, img.affine):
                 rdata = resample_to_grid(rdata, rimg.affine, img.shape[:3], img.affine)

@@ -11,25 +11,22 @@
 * :class:`LongitudinalCompare` — per model: mismatch, volumes, overlap, random-region null,
   score change, the side-by-side figure; lists of files + entities for the sink.
 * :class:`LongitudinalTables` — the per-subject TSV and the group TSV (rebuilt from every
-  subject's TSV under a file lock, written atomically), and the report fragment.
+  subject's TSV under a file lock, written atomically: :mod:`bids_uad.bids.longitudinal`).
 
-:func:`plot_longitudinal` (SVG text) and :func:`longitudinal_html` (an HTML fragment) are
-what the report builder can call directly.
+The registration is :func:`bids_uad.algorithms.registration.register_followup`, the figure
+:func:`bids_uad.reports.figures.plot_longitudinal`.
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec, traits
 
+from bids_uad.bids import outputs
 from bids_uad.errors import InputMissingError, InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.longitudinal")
@@ -40,11 +37,6 @@ ESTIMATE_DESC = "flairhyperEstimate"
 #: ``space-`` label of follow-up images resampled onto the baseline's dwi / T1w grid
 BASELINE_DWI_SPACE = "dwibaseline"
 BASELINE_T1W_SPACE = "T1wbaseline"
-#: identifier columns of the longitudinal TSVs (then algorithms.longitudinal.STAT_COLUMNS)
-ID_COLUMNS = ("participant_id", "baseline_session", "followup_session", "model",
-              "baseline_lesion_source", "followup_lesion_source")
-SUBJECT_TSV = "sub-{subject}_desc-longitudinal_stats.tsv"
-GROUP_TSV = "desc-longitudinal_stats.tsv"
 
 
 def _given(value) -> bool:
@@ -79,14 +71,13 @@ def _set_threads(n: int) -> None:
 
 # ============================================================================ finding inputs
 
-def _one(folder: Path, pattern: str, what: str, required: bool) -> str:
-    hits = sorted(folder.glob(pattern))
-    if hits:
-        return str(hits[0])
+def _one(found: list[Path], what: str, required: bool, where: Path) -> str:
+    if found:
+        return str(found[0])
     if required:
         raise InputMissingError(
-            f"longitudinal comparison needs the {what} ({pattern}), not found; run the participant "
-            "level (preprocessing, and --model for anomaly maps) on this session first", folder)
+            f"longitudinal comparison needs the {what}, not found; run the participant "
+            "level (preprocessing, and --model for anomaly maps) on this session first", where)
     return ""
 
 
@@ -94,51 +85,64 @@ def session_derivatives(output_dir: str | Path, subject: str, session: str, *,
                         lesion_dir: str | Path | None = None, require_dwi: bool = False,
                         models: list[str] | tuple[str, ...] = (), require_anomaly: bool = False,
                         ) -> dict:
-    """The files of one session the comparison reads, found in ``output_dir``.
+    """The files of one session the comparison reads, found in ``output_dir`` through the
+    outputs table (:mod:`bids_uad.bids.outputs`).
 
     Returns a dict of paths ('' when absent and optional): ``t1w``, ``brain_mask``,
     ``flair`` (T1w space), ``csf`` (CSF probseg), ``t1w2dwi``/``dwi2t1w`` (composite .h5),
     ``analysis_mask`` (dwi), ``models`` and per model ``anomaly_masks``/``anomaly_scores``,
-    ``lesion``/``lesion_space`` from ``lesion_dir``.  Raises :class:`InputMissingError` naming
-    the missing derivative.  ``models=()`` means every model found for this session.
+    ``lesion``/``lesion_space`` from ``lesion_dir``.  The dwi files are those of the dwi run
+    the T1w was registered to (the run with an analysis mask).  Raises
+    :class:`InputMissingError` naming the missing derivative.  ``models=()`` means every model
+    found for this session.
     """
     from bids_uad.bids.derivatives import validate_label
     from bids_uad.bids.lesions import find_lesion_mask
+    from bids_uad.bids.preprocessed import find_preprocessed_dwi
 
     subject = validate_label(subject, "sub")
     session = validate_label(session, "ses")
-    prefix = f"sub-{subject}_ses-{session}"
     root = Path(output_dir) / f"sub-{subject}" / f"ses-{session}"
     anat, dwi = root / "anat", root / "dwi"
+
+    def first(key: str, **params) -> list[Path]:
+        return outputs.find(output_dir, key, subject, session, **params)
+
+    registered = find_preprocessed_dwi(output_dir, subject, session)
+    run = outputs.run_entities(registered.dwi.name) if registered is not None else None
+
+    def of_run(key: str, **params) -> list[Path]:
+        if run is None:  # no preprocessed dwi: whatever this session holds
+            return first(key, **params)
+        return outputs.find_run(output_dir, key, subject, session, run, **params)
+
     out = {
         "subject": subject, "session": session,
-        "t1w": _one(anat, f"{prefix}_desc-preproc_T1w.nii.gz", "preprocessed T1w", True),
-        "brain_mask": _one(anat, f"{prefix}_desc-brain_mask.nii.gz", "T1w brain mask", True),
-        "flair": _one(anat, f"{prefix}_space-T1w_desc-preproc_FLAIR.nii.gz", "FLAIR in T1w space", False),
-        "csf": _one(anat, f"{prefix}_label-CSF_probseg.nii.gz", "CSF probability map", False),
-        "t1w2dwi": _one(anat, f"{prefix}_from-T1w_to-dwi_mode-image_xfm.h5", "T1w→dwi transform", require_dwi),
-        "dwi2t1w": _one(anat, f"{prefix}_from-dwi_to-T1w_mode-image_xfm.h5", "dwi→T1w transform", False),
-        "analysis_mask": _one(dwi, f"{prefix}_space-dwi_desc-analysis_mask.nii.gz",
-                              "analysis mask in dwi space", require_dwi),
+        "t1w": _one(first("t1w_preproc"), "preprocessed T1w", True, anat),
+        "brain_mask": _one(first("t1w_mask"), "T1w brain mask", True, anat),
+        "flair": _one(first("flair_t1w"), "FLAIR in T1w space", False, anat),
+        "csf": _one(first("t1w_csf"), "CSF probability map", False, anat),
+        "t1w2dwi": _one(of_run("xfm_t1w_to_dwi"), "T1w→dwi transform", require_dwi, anat),
+        "dwi2t1w": _one(of_run("xfm_dwi_to_t1w"), "dwi→T1w transform", False, anat),
+        "analysis_mask": _one(of_run("analysis_mask"), "analysis mask in dwi space", require_dwi, dwi),
     }
     if require_dwi and not out["analysis_mask"]:
         raise InputMissingError("no analysis mask in dwi space", dwi)
-    found = sorted(p.name[len(prefix) + len("_space-dwi_model-"):-len("_desc-anomaly_mask.nii.gz")]
-                   for p in dwi.glob(f"{prefix}_space-dwi_model-*_desc-anomaly_mask.nii.gz"))
+    found = sorted({outputs.parse_name(p.name)[0]["model"] for p in of_run("anomaly_mask")})
     names = list(models) if models else found
     if require_anomaly and not names:
         raise InputMissingError(
-            f"no anomaly maps ({prefix}_space-dwi_model-<name>_desc-anomaly_mask.nii.gz) for the "
-            "baseline session; run the participant level with --model first", dwi)
+            f"no anomaly maps ({outputs.name_for('anomaly_mask', {'sub': subject, 'ses': session}, model='NAME')}"
+            ", with the dwi run's entities) for the baseline session; run the participant level with --model first",
+            dwi)
     masks, scores = [], []
     for name in names:
-        mask = dwi / f"{prefix}_space-dwi_model-{name}_desc-anomaly_mask.nii.gz"
-        score = dwi / f"{prefix}_space-dwi_model-{name}_stat-score_anomaly.nii.gz"
-        if require_anomaly and not (mask.is_file() and score.is_file()):
+        mask, score = of_run("anomaly_mask", model=name), of_run("anomaly_score", model=name)
+        if require_anomaly and not (mask and score):
             raise InputMissingError(f"anomaly maps of model {name!r} missing for sub-{subject} "
-                                    f"ses-{session}; run the participant level with --model", mask)
-        masks.append(str(mask) if mask.is_file() else "")
-        scores.append(str(score) if score.is_file() else "")
+                                    f"ses-{session}; run the participant level with --model", dwi)
+        masks.append(str(mask[0]) if mask else "")
+        scores.append(str(score[0]) if score else "")
     out.update(models=names, anomaly_masks=masks, anomaly_scores=scores)
     lesion, space = "", ""
     if lesion_dir:
@@ -328,63 +332,6 @@ class _FollowupOutputSpec(TraitedSpec):
     meta = traits.Dict()
 
 
-def _on_grid(path_or_img, grid: nib.Nifti1Image | None, order: int) -> nib.Nifti1Image:
-    from nibabel.processing import resample_from_to
-
-    img = nib.load(path_or_img) if isinstance(path_or_img, (str, Path)) else path_or_img
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    img = nib.Nifti1Image(data if data.ndim == 3 else data[..., 0], img.affine)
-    if grid is None:
-        return img
-    return resample_from_to(img, (grid.shape[:3], grid.affine), order=order)
-
-
-def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w, followup_mask,
-                      followup_lesion, out_prefix, resolution: float = 2.0, syn: bool = True,
-                      reg_iterations=(40, 20, 0), seed: int = 0, threads: int = 1):
-    """Follow-up T1w brain → baseline T1w brain: rigid, then SyN; returns the last RegistrationResult.
-
-    Both lesions stay out of the metric: the baseline lesion and the rigidly mapped
-    follow-up lesion (dilated by a voxel) are removed from the fixed mask, the follow-up
-    lesion from the moving mask, so tumour growth is not "registered away".  The SyN stage
-    starts from the rigid transform and the composite it writes includes it.
-    """
-    from nibabel.processing import resample_to_output
-    from scipy import ndimage as ndi
-
-    from bids_uad.algorithms.registration import apply_transforms, exclusion_mask, register
-
-    def brain_img(t1w, mask):
-        img = _on_grid(t1w, None, 1)
-        if resolution > 0 and min(img.header.get_zooms()[:3]) < resolution - 1e-3:
-            img = resample_to_output(img, [resolution] * 3, order=1)
-        m = np.asarray(_on_grid(mask, img, 0).dataobj) > 0.5
-        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * m, img.affine), m
-
-    fixed, fmask = brain_img(baseline_t1w, baseline_mask)
-    moving, mmask = brain_img(followup_t1w, followup_mask)
-    base_les = (np.asarray(_on_grid(baseline_lesion, fixed, 0).dataobj) > 0.5 if baseline_lesion
-                else np.zeros(fixed.shape, bool))
-    fu_les = (np.asarray(_on_grid(followup_lesion, moving, 0).dataobj) > 0.5 if followup_lesion
-              else np.zeros(moving.shape, bool))
-    fu_les_img = nib.Nifti1Image(fu_les.astype(np.float32), moving.affine)
-    mmask_img = nib.Nifti1Image(mmask.astype(np.float32), moving.affine)
-    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, base_les).astype(np.float32), fixed.affine)
-    rigid = register(fixed, moving, kind="Rigid", fixed_mask=fixed_mask, moving_mask=mmask_img,
-                     lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}rigid_",
-                     seed=seed, threads=threads)
-    if not syn:
-        return rigid, rigid
-    fu_on_base = np.asarray(apply_transforms(fu_les_img, fixed, rigid.forward, "mask").dataobj) > 0
-    excl = ndi.binary_dilation(base_les | fu_on_base) if (base_les.any() or fu_on_base.any()) else base_les
-    fixed_mask = nib.Nifti1Image(exclusion_mask(fmask, excl).astype(np.float32), fixed.affine)
-    result = register(fixed, moving, kind="SyNOnly", fixed_mask=fixed_mask, moving_mask=mmask_img,
-                      lesion_mask=fu_les_img if fu_les.any() else None, out_prefix=f"{out_prefix}syn_",
-                      composite=True, initial_transform=rigid.forward, seed=seed, threads=threads,
-                      reg_iterations=tuple(reg_iterations))
-    return rigid, result
-
-
 class FollowupToBaseline(SimpleInterface):
     """Register the follow-up to the baseline T1w and carry its images into baseline dwi space."""
 
@@ -392,7 +339,8 @@ class FollowupToBaseline(SimpleInterface):
     output_spec = _FollowupOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.algorithms.registration import apply_transforms, dice
+        from bids_uad.algorithms.masking import dice
+        from bids_uad.algorithms.registration import apply_transforms, register_followup
 
         _set_threads(self.inputs.num_threads)
         cwd = Path(runtime.cwd)
@@ -455,71 +403,6 @@ class FollowupToBaseline(SimpleInterface):
 
 
 # ============================================================================ comparison
-
-def _centre_slices(*masks: np.ndarray, shape) -> tuple[int, int, int]:
-    for m in masks:
-        if m is not None and np.any(m):
-            idx = np.argwhere(m)
-            return tuple(int(v) for v in np.round(idx.mean(0)))
-    return tuple(s // 2 for s in shape[:3])
-
-
-def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly: np.ndarray,
-                      baseline_lesion: np.ndarray, followup_lesion: np.ndarray, mismatch: np.ndarray,
-                      zooms=(1.0, 1.0, 1.0), title: str = "", lesion_label: str = "lesion",
-                      fmt: str = "svg") -> str | bytes:
-    """Baseline (top) and follow-up (bottom) side by side in baseline dwi space; SVG text.
-
-    Baseline: anomaly map filled (orange), baseline lesion outlined (cyan), mismatch
-    outlined (magenta).  Follow-up: follow-up lesion outlined (yellow) and the same mismatch
-    outline, so mismatch that became lesion is visible.  Three planes through the mismatch.
-    Returns SVG text (``fmt="svg"``) or the bytes of another matplotlib format.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    z = np.asarray(zooms, float)[:3]
-    centre = _centre_slices(mismatch, anomaly, baseline_lesion, shape=baseline_bg.shape)
-    planes = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
-
-    def cut(vol, axis):
-        return np.take(np.asarray(vol), centre[axis], axis=axis).T
-
-    def aspect(axis):
-        dims = [d for d in range(3) if d != axis]
-        return z[dims[1]] / z[dims[0]]
-
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), facecolor="black")
-    rows = [("baseline", baseline_bg), ("follow-up", followup_bg)]
-    for r, (label, bg) in enumerate(rows):
-        bgv = np.asarray(bg, float)
-        hi = np.percentile(bgv[bgv > 0], 99) if np.any(bgv > 0) else 1.0
-        for c, (plane, axis) in enumerate(planes):
-            ax = axes[r, c]
-            ax.imshow(cut(bgv, axis), cmap="gray", origin="lower", vmin=0, vmax=hi, aspect=aspect(axis),
-                      interpolation="nearest")
-            if r == 0:
-                an = cut(anomaly, axis).astype(float)
-                ax.imshow(np.ma.masked_where(an == 0, an), cmap="autumn", alpha=0.45, origin="lower",
-                          aspect=aspect(axis), interpolation="nearest")
-            for mask, color in ((mismatch, "magenta"),
-                                (baseline_lesion if r == 0 else followup_lesion, "cyan" if r == 0 else "yellow")):
-                sl = cut(mask, axis).astype(float)
-                if sl.any() and sl.min() != sl.max():
-                    ax.contour(sl, levels=[0.5], colors=color, linewidths=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{label} · {plane}", color="white", fontsize=9)
-    fig.suptitle(title + f"\nbaseline: anomaly (orange), {lesion_label} (cyan), mismatch (magenta) · "
-                 f"follow-up: {lesion_label} (yellow)", color="white", fontsize=9)
-    fig.tight_layout()
-    buf = io.StringIO() if fmt == "svg" else io.BytesIO()
-    fig.savefig(buf, format=fmt, facecolor="black")
-    plt.close(fig)
-    return buf.getvalue()
-
 
 class _CompareInputSpec(BaseInterfaceInputSpec):
     subject = traits.Str(mandatory=True)
@@ -584,6 +467,7 @@ class LongitudinalCompare(SimpleInterface):
 
     def _run_interface(self, runtime):
         from bids_uad.algorithms.longitudinal import compare_sessions
+        from bids_uad.reports.figures import plot_longitudinal
 
         cwd = Path(runtime.cwd)
         sub, base, fu = self.inputs.subject, self.inputs.baseline_session, self.inputs.followup_session
@@ -604,40 +488,42 @@ class LongitudinalCompare(SimpleInterface):
         base_src, fu_src = self.inputs.baseline_lesion_source, self.inputs.followup_lesion_source
         estimate = "estimate" in (base_src, fu_src)
         files: list[tuple[str, dict, str, str, dict]] = []
+
+        def store(path, key: str, session: str, meta: dict, **params) -> None:
+            """One file to store, named through the outputs table (sub/ses of ``session``)."""
+            source = {"sub": sub, "ses": session}
+            files.append((path, outputs.entities_for(key, source, **params), outputs.suffix_of(key, **params),
+                          outputs.OUTPUTS[key].datatype, meta))
+
         est_note = ({"LesionMaskNote": "at least one lesion mask is a FLAIR-hyperintensity ESTIMATE"}
                     if estimate else {})
         # lesion masks and the registration, stored once per pair
-        files.append((self.inputs.baseline_lesion, {"sub": sub, "ses": base, "space": "dwi",
-                                                    "desc": _desc(base_src)}, "mask", "dwi",
-                      {**self.inputs.baseline_lesion_meta, "Space": "baseline dwi"}))
+        store(self.inputs.baseline_lesion, "lesion_dwi", base,
+              {**self.inputs.baseline_lesion_meta, "Space": "baseline dwi"}, lesion=_desc(base_src))
         if _given(self.inputs.baseline_lesion_t1w) and base_src == "estimate":
-            files.append((self.inputs.baseline_lesion_t1w, {"sub": sub, "ses": base, "desc": ESTIMATE_DESC},
-                          "mask", "anat", dict(self.inputs.baseline_lesion_meta)))
+            store(self.inputs.baseline_lesion_t1w, "lesion_t1w", base, dict(self.inputs.baseline_lesion_meta),
+                  lesion=ESTIMATE_DESC)
         if _given(self.inputs.followup_lesion_t1w) and fu_src == "estimate":
-            files.append((self.inputs.followup_lesion_t1w, {"sub": sub, "ses": fu, "desc": ESTIMATE_DESC},
-                          "mask", "anat", dict(self.inputs.followup_lesion_meta)))
+            store(self.inputs.followup_lesion_t1w, "lesion_t1w", fu, dict(self.inputs.followup_lesion_meta),
+                  lesion=ESTIMATE_DESC)
         space_meta = {"SpaceDescription": f"diffusion space of the baseline session ses-{base}"}
-        files.append((self.inputs.followup_lesion, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
-                                                    "desc": _desc(fu_src)}, "mask", "dwi",
-                      {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta}))
+        store(self.inputs.followup_lesion, "lesion_baseline", fu,
+              {**self.inputs.followup_lesion_meta, **space_meta, **self.inputs.registration_meta},
+              lesion=_desc(fu_src))
         if _given(self.inputs.followup_background):
-            contrast = self.inputs.followup_background_contrast
-            files.append((self.inputs.followup_background, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE,
-                                                            "desc": "preproc"}, contrast, "dwi",
-                          {**space_meta, **self.inputs.registration_meta, "Resampling": "linear"}))
+            store(self.inputs.followup_background, "background_baseline", fu,
+                  {**space_meta, **self.inputs.registration_meta, "Resampling": "linear"},
+                  contrast=self.inputs.followup_background_contrast)
         if _given(self.inputs.followup_t1w_baseline):
-            files.append((self.inputs.followup_t1w_baseline, {"sub": sub, "ses": fu, "space": BASELINE_T1W_SPACE,
-                                                              "desc": "preproc"}, "T1w", "anat",
-                          {"SpaceDescription": f"T1w space of the baseline session ses-{base}",
-                           **self.inputs.registration_meta, "Resampling": "linear"}))
+            store(self.inputs.followup_t1w_baseline, "t1w_baseline", fu,
+                  {"SpaceDescription": f"T1w space of the baseline session ses-{base}",
+                   **self.inputs.registration_meta, "Resampling": "linear"})
         if _given(self.inputs.xfm):
-            files.append((self.inputs.xfm, {"sub": sub, "ses": fu, "from": "T1w", "to": BASELINE_T1W_SPACE,
-                                            "mode": "image"}, "xfm", "anat",
-                          {**self.inputs.registration_meta,
-                           "SpaceDescription": f"T1w space of the baseline session ses-{base}"}))
+            store(self.inputs.xfm, "xfm_t1w_to_baseline", fu,
+                  {**self.inputs.registration_meta,
+                   "SpaceDescription": f"T1w space of the baseline session ses-{base}"})
         if _given(self.inputs.inverse_xfm):
-            files.append((self.inputs.inverse_xfm, {"sub": sub, "ses": fu, "from": BASELINE_T1W_SPACE,
-                                                    "to": "T1w", "mode": "image"}, "xfm", "anat", {}))
+            store(self.inputs.inverse_xfm, "xfm_baseline_to_t1w", fu, {})
         rows = []
         fu_scores = list(self.inputs.followup_scores or [])
         fu_masks = list(self.inputs.followup_masks or [])
@@ -659,17 +545,15 @@ class LongitudinalCompare(SimpleInterface):
                                                             "overlap_fraction_random_mean",
                                                             "overlap_fraction_random_p")}
             mism_path = _save(maps["mismatch"], ref, cwd / f"mismatch_{model}.nii.gz", np.uint8)
-            files.append((mism_path, {"sub": sub, "ses": base, "space": "dwi", "model": model, "desc": "mismatch"},
-                          "mask", "dwi",
-                          {"Description": "anomalous at baseline, outside the baseline lesion mask "
-                                          f"({_desc(base_src)}), within the analysis mask",
-                           "BaselineLesionSource": base_src, **est_note, **summary}))
+            store(mism_path, "mismatch", base,
+                  {"Description": "anomalous at baseline, outside the baseline lesion mask "
+                                  f"({_desc(base_src)}), within the analysis mask",
+                   "BaselineLesionSource": base_src, **est_note, **summary}, model=model)
             if "score_change" in maps:
                 path = _save(maps["score_change"], ref, cwd / f"scorechange_{model}.nii.gz", np.float32)
-                files.append((path, {"sub": sub, "ses": fu, "space": BASELINE_DWI_SPACE, "model": model,
-                                     "stat": "scorechange"}, "anomaly", "dwi",
-                              {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
-                                              "dwi grid (0 outside the analysis mask)", **space_meta}))
+                store(path, "score_change", fu,
+                      {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
+                                      "dwi grid (0 outside the analysis mask)", **space_meta}, model=model)
             label = "lesion estimate" if estimate else "lesion"
             title = (f"sub-{sub} · model {model} · ses-{base} → ses-{fu} · mismatch {stats['mismatch_ml']:.2f} mL,"
                      f" overlap {stats['overlap_fraction']:.2f} (random {stats['overlap_fraction_random_mean']:.2f})")
@@ -677,8 +561,8 @@ class LongitudinalCompare(SimpleInterface):
                                     title, lesion_label=label)
             fig = cwd / f"longitudinal_{model}.svg"
             fig.write_text(svg)
-            files.append((str(fig), {"sub": sub, "model": model, "desc": figure_desc(fu)},
-                          "anomaly", "figures", {}))
+            store(str(fig), "longitudinal_figure", fu, {}, model=model,
+                  followup=figure_desc(fu).removeprefix("longitudinal"))
         self._results["rows"] = rows
         self._results["out_files"] = [f[0] for f in files]
         self._results["out_entities"] = [f[1] for f in files]
@@ -688,151 +572,17 @@ class LongitudinalCompare(SimpleInterface):
         return runtime
 
 
-# ============================================================================ tables and report
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if np.isnan(value) else f"{value:.3g}"
-    return html.escape(str(value))
-
-
-def longitudinal_html(rows: list[dict], figures: list[str] = ()) -> str:
-    """A small HTML fragment: the key numbers per follow-up and model, then the figures.
-
-    ``figures`` are paths as the report should reference them (e.g. relative to the subject's
-    HTML).  Rows made with an estimated lesion mask are flagged as such.
-    """
-    parts = ['<section id="longitudinal">', "<h2>Longitudinal comparison</h2>"]
-    if any("estimate" in (r.get("baseline_lesion_source"), r.get("followup_lesion_source")) for r in rows):
-        parts.append('<p class="warning"><strong>Lesion masks are estimates</strong> (FLAIR '
-                     "hyperintensity, not a manual segmentation): volumes and overlaps are approximate.</p>")
-    cols = [("followup_session", "follow-up"), ("model", "model"), ("baseline_anomaly_ml", "anomaly (mL)"),
-            ("baseline_lesion_ml", "baseline lesion (mL)"), ("followup_lesion_ml", "follow-up lesion (mL)"),
-            ("mismatch_ml", "mismatch (mL)"), ("mismatch_growth_ml", "mismatch → lesion (mL)"),
-            ("overlap_fraction", "overlap"), ("overlap_fraction_random_mean", "random overlap"),
-            ("overlap_fraction_random_p", "p (one-sided)")]
-    if rows:
-        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
-                     + "</tr></thead><tbody>")
-        for r in rows:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k, _ in cols) + "</tr>")
-        parts.append("</tbody></table>")
-        parts.append("<p>Mismatch: anomalous at baseline, outside the baseline lesion. Overlap: the "
-                     "part of the mismatch that is lesion at follow-up, against randomly placed "
-                     "regions of the same size in the analysis mask (baseline lesion excluded).</p>")
-    else:
-        parts.append("<p>No follow-up session compared.</p>")
-    for fig in figures:
-        parts.append(f'<figure><img src="{html.escape(str(fig))}" alt="longitudinal comparison"/></figure>')
-    parts.append("</section>")
-    return "\n".join(parts) + "\n"
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
-@contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def rebuild_group_table(output_dir: str | Path) -> Path:
-    """``OUTPUT_DIR/group/desc-longitudinal_stats.tsv`` from every subject's TSV (locked, atomic).
-
-    The lock serialises concurrent rebuilds (subjects running in parallel); the atomic
-    rename means a reader never sees a half-written table.  The last rebuild sees every
-    subject TSV written before it, so no subject is lost.
-    """
-    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
-    from bids_uad.bids.derivatives import write_tsv
-
-    output_dir = Path(output_dir)
-    target = output_dir / "group" / GROUP_TSV
-    # the lock lives with the logs, not among the derivatives (it stays: removing a flock file races)
-    with _locked(output_dir / "logs" / "locks" / f"{GROUP_TSV}.lock"):
-        rows: list[dict] = []
-        for path in sorted(output_dir.glob("sub-*/sub-*_desc-longitudinal_stats.tsv")):
-            rows.extend(read_tsv(path))
-        rows.sort(key=lambda r: (r.get("participant_id", ""), r.get("followup_session", ""), r.get("model", "")))
-        columns = list(ID_COLUMNS) + list(STAT_COLUMNS)
-        columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
-        write_tsv(target, rows, columns)
-        _write_columns_sidecar(target)
-    return target
-
-
-#: TSV column descriptions (written as the tables' JSON sidecars)
-COLUMN_DESCRIPTIONS = {
-    "participant_id": "subject",
-    "baseline_session": "baseline session (first with dwi by acq_time, or --baseline-session)",
-    "followup_session": "follow-up session compared with the baseline",
-    "model": "anomaly model",
-    "baseline_lesion_source": "'given' (--lesion-masks) or 'estimate' (FLAIR hyperintensity estimate)",
-    "followup_lesion_source": "'given' or 'estimate'",
-    "baseline_anomaly_ml": "anomalous volume at baseline (mL)",
-    "baseline_lesion_ml": "baseline lesion volume in baseline dwi space (mL)",
-    "followup_lesion_ml": "follow-up lesion volume carried into baseline dwi space (mL)",
-    "new_lesion_ml": "follow-up lesion outside the baseline lesion (mL)",
-    "mismatch_ml": "anomalous at baseline, outside the baseline lesion, in the analysis mask (mL)",
-    "mismatch_components": "connected components of the mismatch (26-connectivity)",
-    "mismatch_growth_ml": "mismatch volume that is lesion at follow-up (mL)",
-    "overlap_fraction": "mismatch_growth_ml / mismatch_ml",
-    "overlap_fraction_random_mean": "mean overlap fraction of random regions of the same size "
-                                    "(analysis mask minus baseline lesion)",
-    "overlap_fraction_random_std": "standard deviation of the random overlap fractions",
-    "overlap_fraction_random_p": "one-sided permutation p-value: P(random >= observed), (1+k)/(1+n)",
-    "overlap_fraction_perilesional_mean": "mean random overlap when the random regions are drawn within "
-                                          "perilesional_mm of the baseline lesion (n/a when not asked for)",
-    "overlap_fraction_perilesional_p": "one-sided p-value against the perilesional random regions",
-    "new_lesion_in_mismatch_fraction": "part of the new lesion that was mismatch at baseline",
-    "followup_anomaly_ml": "anomalous volume at follow-up, in baseline dwi space (mL; follow-up dwi only)",
-    "anomaly_change_ml": "followup_anomaly_ml - baseline_anomaly_ml",
-    "score_change_mean": "mean follow-up minus baseline anomaly score in the analysis mask",
-    "score_change_mismatch_mean": "mean score change within the mismatch",
-    "n_permutations": "random regions drawn",
-    "null_method": "components (shifted/flipped copies of the mismatch components) or blobs",
-}
-
-
-def _write_columns_sidecar(tsv: Path) -> None:
-    from bids_uad.bids.derivatives import write_json
-
-    write_json(tsv.with_suffix(".json"), {c: {"Description": d} for c, d in COLUMN_DESCRIPTIONS.items()})
-
-
-def write_subject_table(output_dir: str | Path, subject: str, rows: list[dict]) -> Path:
-    """``OUTPUT_DIR/sub-X/sub-X_desc-longitudinal_stats.tsv`` and its JSON sidecar (atomic)."""
-    from bids_uad.algorithms.longitudinal import STAT_COLUMNS
-    from bids_uad.bids.derivatives import safe_join, validate_label, write_tsv
-
-    subject = validate_label(subject, "sub")
-    path = safe_join(output_dir, f"sub-{subject}", SUBJECT_TSV.format(subject=subject))
-    write_tsv(path, rows, list(ID_COLUMNS) + list(STAT_COLUMNS))
-    _write_columns_sidecar(path)
-    return path
-
+# ============================================================================ tables
 
 class _TablesInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     subject = traits.Str(mandatory=True)
     rows = traits.List(traits.Any, mandatory=True, desc="rows, or lists of rows (one per follow-up)")
-    figures = traits.List(traits.Any, desc="stored figure paths (lists allowed)")
 
 
 class _TablesOutputSpec(TraitedSpec):
     subject_tsv = traits.Str()
     group_tsv = traits.Str()
-    html = traits.Str(desc="report fragment, sub-X/figures/sub-X_desc-longitudinal_reportlet.html")
 
 
 def _flatten(items) -> list:
@@ -846,23 +596,16 @@ def _flatten(items) -> list:
 
 
 class LongitudinalTables(SimpleInterface):
-    """Per-subject TSV, group TSV rebuild, and the HTML fragment of the subject report."""
+    """Per-subject TSV and the group TSV rebuild (see :mod:`bids_uad.bids.longitudinal`)."""
 
     input_spec = _TablesInputSpec
     output_spec = _TablesOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.bids.derivatives import safe_join, write_text
+        from bids_uad.bids.longitudinal import rebuild_group_table, write_subject_table
 
         rows = _flatten(self.inputs.rows)
-        sub = self.inputs.subject
-        subject_tsv = write_subject_table(self.inputs.output_dir, sub, rows)
+        subject_tsv = write_subject_table(self.inputs.output_dir, self.inputs.subject, rows)
         group_tsv = rebuild_group_table(self.inputs.output_dir)
-        figs = [str(f) for f in _flatten(self.inputs.figures) if str(f).endswith(".svg")]
-        subject_dir = Path(self.inputs.output_dir) / f"sub-{sub}"
-        rel = [os.path.relpath(f, subject_dir.parent) for f in figs]  # relative to OUTPUT_DIR/sub-X.html
-        fragment = safe_join(self.inputs.output_dir, f"sub-{sub}", "figures",
-                             f"sub-{sub}_desc-longitudinal_reportlet.html")
-        write_text(fragment, longitudinal_html(rows, rel))
-        self._results.update(subject_tsv=str(subject_tsv), group_tsv=str(group_tsv), html=str(fragment))
+        self._results.update(subject_tsv=str(subject_tsv), group_tsv=str(group_tsv))
         return runtime

@@ -1,8 +1,11 @@
 """Anomaly-detection networks, registered by name.
 
 Every model is a ``torch.nn.Module`` built from a :class:`ModelSettings` with
-``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, and a class attribute
-``needs_ood`` saying whether training feeds it synthetic anomalies.
+``loss(batch) -> (loss, parts)`` and ``score(x) -> (B, X, Y, Z)``, a class attribute
+``needs_ood`` saying whether training feeds it synthetic anomalies, and ``__desc__``: how it
+learns, in one clause of the methods text (:func:`describe_model`).  Baseline detectors
+(:mod:`bids_uad.models.baselines`: ``meansignal``, ``normative``) have ``trainable = False`` and
+``fit(data, masks, bvals, bvecs)`` instead of a loss; everything else treats them alike.
 """
 from __future__ import annotations
 
@@ -11,17 +14,33 @@ from typing import Callable
 from torch import nn
 
 from bids_uad.errors import UsageError
+from bids_uad.models.baselines import MeanSignal, NormativeModel
+from bids_uad.models.cdae import CoarseDAE
 from bids_uad.models.recdisc import RecDiscNet
+from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import VAE3d
-from bids_uad.training.settings import ModelSettings
 
-MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet}
-FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}  # reference paper's fixed thresholds
+MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet, "cdae": CoarseDAE,
+                                                           "normative": NormativeModel, "meansignal": MeanSignal}
+# the reference paper's fixed thresholds, on its score scales (DAE: residual of sigmoid outputs in
+# [0, 1]; RecDiscNet: a probability); the baselines and cdae have none
+FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}
+
+
+def is_trainable(name: str) -> bool:
+    """Whether the registered model ``name`` is optimised (False: fitted, e.g. the baselines)."""
+    return bool(getattr(MODELS.get(name), "trainable", True))
 
 
 def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> None:
     """Add a model factory under ``name``."""
     MODELS[name] = factory
+
+
+def describe_model(name: str) -> str:
+    """The methods-text clause of model ``name`` (its class's ``__desc__``)."""
+    factory = MODELS.get(name)
+    return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
 
 
 def get_model(name: str, settings: ModelSettings) -> nn.Module:
@@ -33,4 +52,5 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
     return factory(settings)
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "get_model", "register_model", "VAE3d", "RecDiscNet"]
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "is_trainable", "register_model", "VAE3d",
+           "RecDiscNet", "CoarseDAE", "MeanSignal", "NormativeModel"]

@@ -116,3 +116,15 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 def output_activation(kind: str) -> nn.Module:
     """Sigmoid (signals in [0, 1]) or identity."""
     return nn.Sigmoid() if kind == "sigmoid" else nn.Identity()
+
+
+def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-sum") -> torch.Tensor:
+    """Voxel score (B, X, Y, Z) from the residual over channels: ``"abs-sum"`` = |sum_c (x̂_c - x_c)|
+    (the reference DAE's: a lesion moves the signal of most channels the same way) or ``"sum-abs"``
+    = sum_c |x̂_c - x_c| (also counts channel changes of opposite sign, and all noise)."""
+    r = recon - x
+    if reduction == "abs-sum":
+        return r.sum(1).abs()
+    if reduction == "sum-abs":
+        return r.abs().sum(1)
+    raise ValueError(f"unknown score reduction {reduction!r}")

@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from bids_uad.models.blocks import Decoder, Encoder, feature_list, masked_mse, output_activation
-from bids_uad.training.settings import ModelSettings
+from bids_uad.models.settings import ModelSettings
 
 
 class RecDiscNet(nn.Module):
     """Encoder-decoder without skips, then a U-Net giving one logit channel."""
 
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a reconstruction-discrimination network (RecDiscNet): an encoder-decoder that learns to "
+                "reconstruct the healthy diffusion-weighted signal and a U-Net that learns to segment "
+                "synthetic anomalies (ellipsoidal out-of-distribution patches) added to the training "
+                "inputs as in the reference study; its anomaly score is the U-Net's output")
     needs_ood = True
 
     def __init__(self, settings: ModelSettings):

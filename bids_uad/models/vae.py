@@ -1,6 +1,8 @@
 """DAE: 3D convolutional variational autoencoder with a dense latent.
 
-Loss = MSE + kl_weight * KL; score = |sum_c (x_hat_c - x_c)| (sum over channels first).
+Loss = MSE + kl_weight * KL; score = |sum_c (x_hat_c - x_c)| (sum over channels first; or
+sum_c |x_hat_c - x_c| with ``score_reduction="sum-abs"``).  With ``variational=False`` it is a
+plain convolutional autoencoder (Luo et al.): z = the dense code, no sampling, no KL term.
 
 Reductions (see docs/models.md): the MSE is a *mean* over channels and brain voxels
 (``mse_region="brain"``, the default) or over the whole padded grid (``"grid"``); the KL is
@@ -16,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bids_uad.models.blocks import Decoder, Encoder, FanInLinear, feature_list, masked_mse, output_activation
-from bids_uad.training.settings import ModelSettings
+from bids_uad.models.blocks import (Decoder, Encoder, FanInLinear, feature_list, masked_mse, output_activation,
+                                   residual_score)
+from bids_uad.models.settings import ModelSettings
 
 
 class VAE3d(nn.Module):
     """Conv encoder -> dense (mu, logvar) -> dense -> conv decoder."""
 
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a 3D convolutional variational autoencoder (DAE) that learns to reconstruct the healthy "
+                "diffusion-weighted signal; its anomaly score is the reconstruction residual summed over "
+                "the diffusion-weighted channels")
     needs_ood = False
     needs_noise = True  # training draws latent noise: the trainer may supply it as batch["noise"]
 
@@ -35,7 +42,9 @@ class VAE3d(nn.Module):
         dense = FanInLinear if settings.latent_scaling == "fan-in" else nn.Linear
         self.encoder = Encoder(settings.n_channels, feats, settings.norm)
         self.fc_mu = dense(n_flat, settings.latent_size)
-        self.fc_logvar = dense(n_flat, settings.latent_size)
+        self.variational = settings.variational
+        self.needs_noise = settings.variational
+        self.fc_logvar = dense(n_flat, settings.latent_size) if settings.variational else None
         self.fc_dec = nn.Linear(settings.latent_size, n_flat)
         self.decoder = Decoder(feats, settings.norm)
         self.head = nn.Conv3d(feats[0], settings.n_channels, 1)
@@ -47,9 +56,18 @@ class VAE3d(nn.Module):
         gradient: a plain clamp (or a saturating tanh) has zero gradient outside the range, which
         traps a latent whose logvar once overshoots (KL ~ exp(bound) for ever)."""
         h = self.encoder(x).flatten(1)
+        if self.fc_logvar is None:  # plain autoencoder: a deterministic code (logvar 0 is never used)
+            mu = self.fc_mu(h)
+            return mu, torch.zeros_like(mu)
         raw = self.fc_logvar(h)
         bound = self.settings.logvar_bound
         return self.fc_mu(h), raw + (raw.clamp(-bound, bound) - raw).detach()
+
+    def training_noise(self, n: int, device) -> torch.Tensor | None:
+        """Standard normal latent draw (n, latent) from torch's seeded generator (None: not variational)."""
+        if not self.variational:
+            return None
+        return torch.randn(n, self.settings.latent_size, device=device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.fc_dec(z), 0.01).view(-1, self._feats[-1], *self.bottleneck)
@@ -59,8 +77,10 @@ class VAE3d(nn.Module):
         """Return (reconstruction, mu, logvar); samples z only in training mode (with ``noise``
         (B, latent) as the standard normal draw when given, e.g. a slice of a larger batch's)."""
         mu, logvar = self.encode(x)
+        if not (self.training and self.variational):
+            return self.decode(mu), mu, logvar
         eps = torch.randn_like(mu) if noise is None else noise
-        z = mu + eps * torch.exp(0.5 * logvar) if self.training else mu
+        z = mu + eps * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
     def loss(self, batch: dict[str, torch.Tensor]):
@@ -70,11 +90,12 @@ class VAE3d(nn.Module):
         recon, mu, logvar = self(x, batch.get("noise"))
         mask = batch.get("mask") if self.settings.mse_region == "brain" else None
         mse = masked_mse(recon, x, mask, batch.get("mask_count"))
+        if not self.variational:
+            return mse, {"mse": mse.detach()}
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
         return mse + self.settings.kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Anomaly score (B, X, Y, Z) = |sum over channels of the residual|."""
-        recon = self(x)[0]
-        return (recon - x).sum(1).abs()
+        """Anomaly score (B, X, Y, Z): the residual reduced over channels (``score_reduction``)."""
+        return residual_score(self(x)[0], x, self.settings.score_reduction)

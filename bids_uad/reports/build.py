@@ -89,6 +89,8 @@ def build_group_report(settings, run_id: str | None = None) -> Path:
         Section("cohort", "Cohort", _safe("cohort", lambda: G.cohort_section(output_dir, bids_dir, models))),
         Section("training", "Training", _safe("training", lambda: G.training_section(models, maker))),
         Section("calibration", "Calibration", _safe("calibration", lambda: G.calibration_section(models, group_dir, maker))),
+        Section("detection", "Detection: models and baselines",
+                _safe("detection", lambda: G.detection_section(group_dir, maker))),
         Section("evaluation", "Evaluation", _safe("evaluation", lambda: G.evaluation_section(group_dir))),
         Section("about", "About", about_items(settings, run_id)),
     ]

@@ -1,12 +1,11 @@
 """Find what the workflows wrote for one subject: derivatives, sidecars, crash files, logs.
 
 The report is built from the derivatives on disk only (which is what makes
-``--reports-only`` work).  :data:`LOOKUP` is the one table saying which file is what; each
-entry lists candidate specifications tried in order, so a renamed output is a one-line
-change here.  A specification gives the suffix, the extension and the values of the
-*distinguishing* entities (space, desc, model, param, label, stat, from, to): a value must
-match, ``None`` means the entity must be absent, ``ANY`` means any value (or none).
-Entities not listed there (acq, dir, run, rec, ...) are ignored.
+``--reports-only`` work).  This app's own outputs are found through the declared outputs
+table (:mod:`bids_uad.bids.outputs`, :data:`TABLE_KEYS`); :data:`LOOKUP` lists only files the
+table does not declare (ground truth, a raw b0 written by another tool).  A session with
+several dwi runs (``acq-``, ``dir-``, ``run-``) gives one :class:`SessionDerivatives` per run,
+so each run's preprocessing and anomaly maps are shown; the T1w's files go with the first.
 """
 from __future__ import annotations
 
@@ -15,6 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bids_uad.bids import outputs
+from bids_uad.bids.layout import sidecar_of  # noqa: F401  (re-exported for the sections)
+from bids_uad.bids.outputs import parse_name  # noqa: F401  (re-exported for the sections)
 
 ANY = "*"
 DISTINGUISHING = ("space", "desc", "model", "param", "label", "stat", "from", "to")
@@ -25,33 +28,39 @@ def spec(suffix: str, ext: str = NII, **entities: str | None) -> dict[str, Any]:
     return {"suffix": suffix, "ext": ext, "entities": entities}
 
 
-#: key -> (datatype folders searched, candidate specifications in order of preference)
+#: report key -> key of the outputs table (what this app writes)
+TABLE_KEYS: dict[str, str] = {
+    "dwi_preproc": "dwi_preproc", "b0": "b0_ref", "dwi_mask": "brain_mask", "fa": "fa", "md": "md",
+    "fieldmap": "fieldmap", "motion": "motion", "dwi_dseg": "dwi_dseg", "analysis_mask": "analysis_mask",
+    "t1w": "t1w_preproc", "t1w_mask": "t1w_mask", "t1w_dseg": "t1w_dseg", "t1w_gm": "t1w_gm",
+    "t1w_wm": "t1w_wm", "t1w_csf": "t1w_csf",
+}
+#: key -> (datatype folders searched, candidate specifications in order of preference), for
+#: files the outputs table does not declare
 LOOKUP: dict[str, tuple[tuple[str, ...], list[dict[str, Any]]]] = {
-    "dwi_preproc": (("dwi",), [spec("dwi", space="dwi", desc="preproc")]),
-    "b0": (("dwi",), [spec("dwiref", space="dwi", desc="b0"), spec("dwiref", space="dwi", desc=None)]),
     "b0_uncorrected": (("dwi",), [spec("dwiref", space=ANY, desc="uncorrected"),
                                   spec("dwiref", space=ANY, desc="nosdc"),
                                   spec("dwiref", space=ANY, desc="orig")]),
-    "dwi_mask": (("dwi",), [spec("mask", space="dwi", desc="brain")]),
-    "fa": (("dwi",), [spec("dwimap", space="dwi", model="tensor", param="fa")]),
-    "md": (("dwi",), [spec("dwimap", space="dwi", model="tensor", param="md")]),
-    "fieldmap": (("dwi", "fmap"), [spec("fieldmap", space=ANY, desc="susceptibility")]),
-    "motion": (("dwi",), [spec("timeseries", ".tsv", space=ANY, desc="motion"),
-                          spec("confounds", ".tsv", space=ANY, desc=ANY)]),
-    "dwi_dseg": (("dwi",), [spec("dseg", space="dwi", desc=ANY)]),
-    "analysis_mask": (("dwi",), [spec("mask", space="dwi", desc="analysis")]),
     "truth": (("dwi",), [spec("mask", space="dwi", desc="tumor"), spec("mask", space="dwi", label="tumor"),
                          spec("mask", space="dwi", desc="lesion"), spec("dseg", space="dwi", desc="tumor")]),
-    "t1w": (("anat",), [spec("T1w", space=None, desc="preproc"), spec("T1w", space="T1w", desc="preproc")]),
-    "t1w_mask": (("anat",), [spec("mask", space=None, desc="brain"), spec("mask", space="T1w", desc="brain")]),
-    "t1w_dseg": (("anat",), [spec("dseg", space=None, desc=ANY), spec("dseg", space="T1w", desc=ANY)]),
-    "t1w_gm": (("anat",), [spec("probseg", space=None, label="GM")]),
-    "t1w_wm": (("anat",), [spec("probseg", space=None, label="WM")]),
-    "t1w_csf": (("anat",), [spec("probseg", space=None, label="CSF")]),
     "t1w_dwi": (("anat", "dwi"), [spec("T1w", space="dwi", desc="preproc"), spec("T1w", space="dwi", desc=ANY)]),
 }
-#: the template-space T1w: any space that is not native/dwi
-TEMPLATE_T1W = spec("T1w", space=ANY, desc="preproc")
+#: every key a session may hold, in pipeline order
+REPORT_KEYS: tuple[str, ...] = tuple(TABLE_KEYS) + tuple(LOOKUP)
+
+
+def pattern_of(key: str, prefix: str) -> str:
+    """Where report key ``key`` is looked for, as a glob-like path for "not available" notes."""
+    if key in TABLE_KEYS:
+        out = outputs.OUTPUTS[TABLE_KEYS[key]]
+        ents = "_".join(f"{k}-{v}" for k, v in out.entities.items())
+        return f"{out.datatype}/{prefix}_*{ents}_{out.suffix}{out.extension}"
+    folders, candidates = LOOKUP[key]
+    spec_ = candidates[0]
+    ents = "_".join(f"{k}-{v}" for k, v in spec_["entities"].items() if v not in (None, "*"))
+    return f"{'|'.join(folders)}/{prefix}_*{ents}_{spec_['suffix']}{spec_['ext']}"
+
+
 NATIVE_SPACES = {None, "T1w", "dwi", "orig"}
 #: spaces of the subject's own images (e.g. T1wbaseline, dwibaseline of the longitudinal stage)
 NATIVE_PREFIXES = ("T1w", "T2w", "FLAIR", "dwi", "orig", "fsnative")
@@ -60,31 +69,18 @@ NATIVE_PREFIXES = ("T1w", "T2w", "FLAIR", "dwi", "orig", "fsnative")
 def is_template_space(space: str | None) -> bool:
     """True for a standard template (MNI152NLin2009cAsym, ...), False for subject spaces."""
     return bool(space) and space not in NATIVE_SPACES and not space.startswith(NATIVE_PREFIXES)
-TEMPLATE_XFM = spec("xfm", ".h5", space=None, **{"from": "T1w", "to": ANY})
-ANOMALY_KINDS = {"score": spec("anomaly", space="dwi", model=ANY, stat="score"),
-                 "pvalue": spec("anomaly", space="dwi", model=ANY, stat="pvalue"),
-                 "mask": spec("mask", space="dwi", model=ANY, desc="anomaly")}
+
+
+#: report kind of an anomaly map -> key of the outputs table
+ANOMALY_KINDS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomaly_mask"}
 
 _ENTITY_RE = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
 
 
-def parse_name(name: str) -> tuple[dict[str, str], str, str] | None:
-    """``(entities, suffix, extension)`` of a BIDS file name, or None when it is not one."""
-    stem, dot, ext = name.partition(".")
-    parts = stem.split("_")
-    if len(parts) < 2 or not parts[0].startswith("sub-"):
-        return None
-    entities = {}
-    for part in parts[:-1]:
-        match = _ENTITY_RE.match(part)
-        if not match:
-            return None
-        entities[match.group(1)] = match.group(2)
-    return entities, parts[-1], dot + ext
-
-
 def matches(name: str, wanted: dict[str, Any]) -> bool:
-    """True when the file name fits a specification (see the module docstring)."""
+    """True when the file name fits a :data:`LOOKUP` specification: a listed entity must have
+    that value (``None``: be absent, ``ANY``: any value or none); an unlisted distinguishing
+    entity must be absent; others (acq, dir, run, ...) are ignored."""
     parsed = parse_name(name)
     if parsed is None:
         return False
@@ -115,30 +111,8 @@ def read_json(path: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def sidecar_of(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".tsv"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_suffix(".json")
-
-
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a TSV file as dicts of strings (empty list when unreadable)."""
-    try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError:
-        return []
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
-
-
 def meta_value(meta: dict, *keys: str, default: Any = None) -> Any:
-    """The first of ``keys`` present in a sidecar (BIDS CamelCase or the snake_case some stages use)."""
+    """The first of ``keys`` present in a sidecar (alternatives, e.g. a setting or its default)."""
     for key in keys:
         if meta.get(key) not in (None, ""):
             return meta[key]
@@ -154,7 +128,7 @@ def to_float(value: Any) -> float:
 
 @dataclass
 class SessionDerivatives:
-    """Derivatives of one session (or of a subject without sessions)."""
+    """Derivatives of one dwi run of a session (or of a session without dwi / without sessions)."""
 
     subject: str
     session: str | None
@@ -163,14 +137,26 @@ class SessionDerivatives:
     template_t1w: dict[str, Path] = field(default_factory=dict)   # space -> file
     template_xfm: dict[str, Path] = field(default_factory=dict)   # space -> T1w-to-template transform
     anomaly: dict[str, dict[str, Path]] = field(default_factory=dict)  # model -> kind -> file
+    run: str = ""                   # acq-hb_dir-AP: what tells this dwi run from the session's others
 
     @property
-    def prefix(self) -> str:
+    def session_prefix(self) -> str:
+        """``sub-X_ses-Y``: names of the session's figures (the T1w's)."""
         return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
 
     @property
-    def title(self) -> str:
+    def prefix(self) -> str:
+        """``sub-X_ses-Y[_acq-.._dir-..]``: names of this run's figures."""
+        return self.session_prefix + (f"_{self.run}" if self.run else "")
+
+    @property
+    def session_title(self) -> str:
         return f"session {self.session}" if self.session else "no session"
+
+    @property
+    def title(self) -> str:
+        """The session, and the run when the session has several (``session pre · dir-AP``)."""
+        return self.session_title + (f" · {self.run.replace('_', ' ')}" if self.run else "")
 
     def get(self, key: str) -> Path | None:
         return self.files.get(key)
@@ -199,36 +185,67 @@ def _files_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
-def collect_session(root: Path, subject: str, session: str | None) -> SessionDerivatives:
-    """Look up every :data:`LOOKUP` key (first match wins) and the anomaly outputs per model."""
-    ses = SessionDerivatives(subject, session, root)
-    prefix = ses.prefix + "_"
-    by_type = {d: [p for p in _files_in(root / d) if p.name.startswith(prefix)]
-               for d in ("dwi", "anat", "fmap")}
+def _runs(output_dir: Path, subject: str, session: str | None) -> list[dict[str, str]]:
+    """Run entities of every dwi run with derivatives in this session (in name order)."""
+    runs: list[dict[str, str]] = []
+    for key in ("dwi_preproc", "brain_mask", "b0_ref", "anomaly_score"):
+        for path in outputs.find(output_dir, key, subject, session):
+            ents = outputs.run_entities(path.name)
+            if ents not in runs:
+                runs.append(ents)
+    return sorted(runs, key=lambda r: outputs.run_label(r) if r else "")
+
+
+def collect_session(output_dir: Path, subject: str, session: str | None) -> list[SessionDerivatives]:
+    """One :class:`SessionDerivatives` per dwi run of the session (one when it has none).
+
+    Each holds its run's files (outputs table), its anomaly maps per model, and — the first
+    one only — the T1w's files, templates and the files :data:`LOOKUP` finds.
+    """
+    root = output_dir / f"sub-{subject}" / (f"ses-{session}" if session else "")
+    runs = _runs(output_dir, subject, session) or [None]
+    found = []
+    for index, run in enumerate(runs):
+        ses = SessionDerivatives(subject, session, root.resolve() if root.exists() else root,
+                                 run=outputs.run_label(run) if run else "")
+        for key, table_key in TABLE_KEYS.items():
+            if outputs.OUTPUTS[table_key].source == "dwi" and run is not None:
+                hits = outputs.find_run(output_dir, table_key, subject, session, run)
+            elif index == 0:
+                hits = outputs.find(output_dir, table_key, subject, session)
+            else:
+                hits = []
+            if hits:
+                ses.files[key] = hits[0]
+        if run is not None:
+            for kind, table_key in ANOMALY_KINDS.items():
+                for path in outputs.find_run(output_dir, table_key, subject, session, run):
+                    ses.anomaly.setdefault(parse_name(path.name)[0]["model"], {}).setdefault(kind, path)
+        if index == 0:
+            _first_run_extras(ses, root, output_dir, subject, session)
+        found.append(ses)
+    return found
+
+
+def _first_run_extras(ses: SessionDerivatives, root: Path, output_dir: Path, subject: str,
+                      session: str | None) -> None:
+    """Template-space T1w and transforms, and the :data:`LOOKUP` files, of a session."""
+    prefix = ses.session_prefix + "_"
+    by_type = {d: [p for p in _files_in(root / d) if p.name.startswith(prefix)] for d in ("dwi", "anat", "fmap")}
     for key, (datatypes, candidates) in LOOKUP.items():
-        found = None
         for wanted in candidates:
             hits = [p for d in datatypes for p in by_type.get(d, []) if matches(p.name, wanted)]
             if hits:
-                found = sorted(hits)[0]
+                ses.files[key] = sorted(hits)[0]
                 break
-        if found is not None:
-            ses.files[key] = found
-    for path in by_type["anat"]:
-        if matches(path.name, TEMPLATE_T1W):
-            space = parse_name(path.name)[0].get("space")
-            if is_template_space(space):
-                ses.template_t1w.setdefault(space, path)
-        elif matches(path.name, TEMPLATE_XFM):
-            space = parse_name(path.name)[0].get("to")
-            if is_template_space(space):
-                ses.template_xfm.setdefault(space, path)
-    for path in by_type["dwi"]:
-        for kind, wanted in ANOMALY_KINDS.items():
-            if matches(path.name, wanted):
-                model = parse_name(path.name)[0]["model"]
-                ses.anomaly.setdefault(model, {}).setdefault(kind, path)
-    return ses
+    for path in outputs.find(output_dir, "t1w_template", subject, session):
+        space = parse_name(path.name)[0].get("space")
+        if is_template_space(space):
+            ses.template_t1w.setdefault(space, path)
+    for path in outputs.find(output_dir, "xfm_t1w_to_template", subject, session):
+        space = parse_name(path.name)[0].get("to")
+        if is_template_space(space):
+            ses.template_xfm.setdefault(space, path)
 
 
 def _crash_files(output_dir: Path, subject: str, run_id: str | None) -> list[Path]:
@@ -291,9 +308,9 @@ def collect_subject(output_dir: str | Path, subject: str, run_id: str | None = N
         order = order_sessions([p.name[4:] for p in session_dirs], read_sessions_table(subj.bids_dir, subject))
         session_dirs = sorted(session_dirs, key=lambda p: order.index(p.name[4:]))
     for folder in session_dirs:
-        subj.sessions.append(collect_session(folder, subject, folder.name[4:]))
+        subj.sessions.extend(collect_session(output_dir, subject, folder.name[4:]))
     if any((root / d).is_dir() for d in ("dwi", "anat")):
-        subj.sessions.insert(0, collect_session(root, subject, None))
+        subj.sessions[:0] = collect_session(output_dir, subject, None)
     if lesion_masks is not None:
         from bids_uad.bids.lesions import find_lesion_mask
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import LOOKUP, SessionDerivatives
+from bids_uad.reports.collect import SessionDerivatives, pattern_of
 from bids_uad.reports.reportlets import note
 
 TISSUES = (("CSF", 1), ("GM", 2), ("WM", 3))
@@ -24,12 +24,7 @@ def load(path: Path | None):
 def missing(ses: SessionDerivatives, what: str, *keys: str) -> dict:
     """A note naming which derivative was not found and where it was looked for."""
     absent = [k for k in keys if ses.get(k) is None]
-    looked = []
-    for key in absent:
-        folders, candidates = LOOKUP[key]
-        spec = candidates[0]
-        ents = "_".join(f"{k}-{v}" for k, v in spec["entities"].items() if v not in (None, "*"))
-        looked.append(f"{'|'.join(folders)}/{ses.prefix}_*{ents}_{spec['suffix']}{spec['ext']}")
+    looked = [pattern_of(key, ses.session_prefix) for key in absent]
     return note(f"Not available: {what} — no " + ", ".join(looked) + " in the derivatives.")
 
 

@@ -19,7 +19,6 @@ from bids_uad.bids.derivatives import atomic_write
 
 #: Views of a mosaic: name -> (axis sliced, horizontal axis, vertical axis).
 VIEWS = {"x": (0, 1, 2), "y": (1, 0, 2), "z": (2, 0, 1)}
-VIEW_NAMES = {"x": "sagittal", "y": "coronal", "z": "axial"}
 #: Contour colours (dseg labels 1 CSF, 2 GM, 3 WM; masks; anomalies).
 COLORS = {"CSF": "#3aa0ff", "GM": "#39d353", "WM": "#ff4fd8", "brain": "#ff3b30",
           "anomaly": "#00e5ff", "truth": "#ffd60a", "edges": "#ff3b30"}
@@ -278,3 +277,62 @@ def save_figure(fig: Figure, path: str | Path, description: str | None = None) -
     with atomic_write(path, "wb") as handle:
         handle.write(data)
     return path
+
+
+def _centre_slices(*masks: np.ndarray, shape) -> tuple[int, int, int]:
+    for m in masks:
+        if m is not None and np.any(m):
+            idx = np.argwhere(m)
+            return tuple(int(v) for v in np.round(idx.mean(0)))
+    return tuple(s // 2 for s in shape[:3])
+
+
+def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly: np.ndarray,
+                      baseline_lesion: np.ndarray, followup_lesion: np.ndarray, mismatch: np.ndarray,
+                      zooms=(1.0, 1.0, 1.0), title: str = "", lesion_label: str = "lesion",
+                      fmt: str = "svg") -> str | bytes:
+    """Baseline (top) and follow-up (bottom) side by side in baseline dwi space; SVG text.
+
+    Baseline: anomaly map filled (orange), baseline lesion outlined (cyan), mismatch
+    outlined (magenta).  Follow-up: follow-up lesion outlined (yellow) and the same mismatch
+    outline, so mismatch that became lesion is visible.  Three planes through the mismatch.
+    Returns SVG text (``fmt="svg"``) or the bytes of another matplotlib format.
+    """
+    z = np.asarray(zooms, float)[:3]
+    centre = _centre_slices(mismatch, anomaly, baseline_lesion, shape=baseline_bg.shape)
+    planes = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
+
+    def cut(vol, axis):
+        return np.take(np.asarray(vol), centre[axis], axis=axis).T
+
+    def aspect(axis):
+        dims = [d for d in range(3) if d != axis]
+        return z[dims[1]] / z[dims[0]]
+
+    fig = Figure(figsize=(9, 6.4), facecolor="black")
+    axes = fig.subplots(2, 3)
+    rows = [("baseline", baseline_bg), ("follow-up", followup_bg)]
+    for r, (label, bg) in enumerate(rows):
+        bgv = np.asarray(bg, float)
+        hi = np.percentile(bgv[bgv > 0], 99) if np.any(bgv > 0) else 1.0
+        for c, (plane, axis) in enumerate(planes):
+            ax = axes[r, c]
+            ax.imshow(cut(bgv, axis), cmap="gray", origin="lower", vmin=0, vmax=hi, aspect=aspect(axis),
+                      interpolation="nearest")
+            if r == 0:
+                an = cut(anomaly, axis).astype(float)
+                ax.imshow(np.ma.masked_where(an == 0, an), cmap="autumn", alpha=0.45, origin="lower",
+                          aspect=aspect(axis), interpolation="nearest")
+            for mask, color in ((mismatch, "magenta"),
+                                (baseline_lesion if r == 0 else followup_lesion, "cyan" if r == 0 else "yellow")):
+                sl = cut(mask, axis).astype(float)
+                if sl.any() and sl.min() != sl.max():
+                    ax.contour(sl, levels=[0.5], colors=color, linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label} · {plane}", color="white", fontsize=9)
+    fig.suptitle(title + f"\nbaseline: anomaly (orange), {lesion_label} (cyan), mismatch (magenta) · "
+                 f"follow-up: {lesion_label} (yellow)", color="white", fontsize=9)
+    fig.tight_layout()
+    data = figure_bytes(fig, fmt)
+    return data.decode() if fmt == "svg" else data

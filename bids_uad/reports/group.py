@@ -3,7 +3,7 @@
 Inputs (see docs/reports.md):
 
 * ``OUTPUT_DIR/models/model-<name>.json`` — the JSON half of a trained model bundle
-  (:meth:`bids_uad.training.bundle.ModelBundle.metadata`): ``folds`` with ``history``
+  (:meth:`bids_uad.models.bundle.ModelBundle.metadata`): ``folds`` with ``history``
   (epoch, train_loss, val_loss), ``best_epoch``, ``best_val_loss``, ``train_subjects``,
   ``heldout_subjects`` and ``calibration`` (n_healthy_voxels, threshold_at_fpr, fpr).
 * ``OUTPUT_DIR/group/*.tsv`` — evaluation tables; a table with a ``model`` column, a
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from bids_uad.bids.derivatives import read_tsv
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import list_subjects, read_tsv, to_float
+from bids_uad.reports.collect import list_subjects, to_float
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note, table, text
 
 METHOD_COLUMNS = ("threshold_method", "method", "threshold")
@@ -129,7 +130,7 @@ def _pivot(rows: list[dict[str, str]]) -> tuple[list[str], list[list[Any]], str]
     method = next((c for c in METHOD_COLUMNS if c in cols), None)
     if "model" not in cols or method is None:
         return None
-    metric = next((c for c in ("dice", "dice_opened", "auroc", "auprc") if c in cols), None)
+    metric = next((c for c in ("dice", "dice_written", "auroc", "auprc") if c in cols), None)
     if metric is None:
         metric = next((c for c in cols if c not in ("model", method) and
                        np.isfinite([to_float(r[c]) for r in rows]).any()), None)
@@ -160,14 +161,15 @@ def wide_evaluation(tables: dict[str, list[dict[str, str]]]) -> list[dict]:
     """Models × threshold methods from per-subject tables with ``dice_<method>`` columns.
 
     ``tables``: model name -> rows of ``group/model-<name>_evaluation.tsv`` (as written by
-    the group level: participant_id, session, auroc, auprc, dice_<method>, dice_opened_<method>).
+    the group level: participant_id, session, auroc, auprc, dice_<method>, dice_written_<method>).
     """
     items: list[dict] = []
-    for prefix, title in (("dice_", "Dice"), ("dice_opened_", "Dice after morphological opening")):
+    for prefix, title in (("dice_", "Dice before post-processing"),
+                          ("dice_written_", "Dice of the written map (after post-processing)")):
         methods: list[str] = []
         for rows in tables.values():
             for col in (rows[0] if rows else {}):
-                if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_opened_")):
+                if col.startswith(prefix) and not (prefix == "dice_" and col.startswith("dice_written_")):
                     if col[len(prefix):] not in methods:
                         methods.append(col[len(prefix):])
         # oracle thresholds look at the ground truth: an upper bound, reported apart
@@ -188,8 +190,84 @@ def wide_evaluation(tables: dict[str, list[dict[str, str]]]) -> list[dict]:
     return items
 
 
+def _fmt(value: Any, sd: Any = None) -> str:
+    v = to_float(value)
+    if not np.isfinite(v):
+        return "n/a"
+    s = to_float(sd)
+    return f"{v:.3f}" + (f" ± {s:.3f}" if np.isfinite(s) else "")
+
+
+def detection_section(group_dir: Path, maker: FigureMaker) -> list[dict]:
+    """Every model next to the baselines (``group/detection_*.tsv``, see
+    :mod:`bids_uad.workflows.group_evaluation`): the table, per-group tables, precision-recall
+    curves per detector and score histograms (lesion vs healthy tissue)."""
+    summary = read_tsv(group_dir / "detection_summary.tsv") if group_dir.is_dir() else []
+    if not summary:
+        return [note("Not available: no group/detection_summary.tsv; it is written when patients have dwi-space "
+                     "lesion masks (--lesion-masks).")]
+    items: list[dict] = [text(
+        "Every detector on the same voxels (each patient's analysis mask). AUPRC is the primary figure (lesions "
+        "are a few percent of the voxels); Dice is that of the written map (the model file's threshold, after "
+        "post-processing); the oracle Dice uses the truth (an upper bound, not a method). Subject AUROC: patients "
+        "against the controls scored out of fold, from the 99th-percentile score. The controls' written-map "
+        "false-positive rate is measured on the controls that calibrated each fold (in-sample). 1-FA and MD are "
+        "one-line detectors without a calibrated threshold.")]
+    rows = [[r["detector"], _fmt(r.get("auprc"), r.get("auprc_sd")), _fmt(r.get("auroc"), r.get("auroc_sd")),
+             _fmt(r.get("dice_calibrated"), r.get("dice_calibrated_sd")),
+             _fmt(r.get("dice_oracle"), r.get("dice_oracle_sd")),
+             _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr")), r.get("n_patients"), r.get("n_controls")]
+            for r in summary]
+    items.append(table(["detector", "AUPRC", "AUROC", "Dice (written map)", "oracle Dice", "subject AUROC",
+                        "controls' FPR (written map)", "patients", "controls"], rows,
+                       caption="Detection: models and baselines (mean ± SD over patients)"))
+    groups = read_tsv(group_dir / "detection_groups.tsv")
+    for grouping, title in (("volume", "lesion-volume stratum"), ("type", "lesion type")):
+        sel = [r for r in groups if r.get("grouping") == grouping]
+        names = list(dict.fromkeys(r["group"] for r in sel))
+        if not names:
+            continue
+        body = []
+        for det in dict.fromkeys(r["detector"] for r in sel):
+            cells = []
+            for g in names:
+                r = next((x for x in sel if x["detector"] == det and x["group"] == g), None)
+                cells.append("" if r is None else f"{_fmt(r.get('auprc'))} / {_fmt(r.get('auroc'))} / "
+                             f"{_fmt(r.get('detection_rate'))} (n={r.get('n_lesions')})")
+            body.append([det] + cells)
+        items.append(table(["detector"] + names, body, caption=f"AUPRC / AUROC / detection rate (the written map "
+                                                               f"touches the lesion) per {title}"))
+    curves = read_tsv(group_dir / "detection_prcurves.tsv")
+    if curves:
+        series = []
+        for det in dict.fromkeys(r["detector"] for r in curves):
+            pts = [(to_float(r["recall"]), to_float(r["precision"])) for r in curves if r["detector"] == det]
+            series.append((det, [p[0] for p in pts], [p[1] for p in pts], "-"))
+        items.append(maker.figure(
+            "desc-detection_prcurves.svg", [group_dir / "detection_prcurves.tsv"],
+            lambda series=series: F.curves_figure(series, "precision-recall (patients' voxels pooled)",
+                                                  xlabel="recall", ylabel="precision"),
+            "Precision against recall of every detector, all patients' analysis-mask voxels pooled.",
+            "Precision-recall curves", wide=False))
+    hists = read_tsv(group_dir / "detection_histograms.tsv")
+    for det in dict.fromkeys(r["detector"] for r in hists):
+        rows_d = [r for r in hists if r["detector"] == det]
+        x = [to_float(r["score"]) for r in rows_d]
+        series = [("lesion", x, [to_float(r["lesion_density"]) for r in rows_d], "-"),
+                  ("healthy", x, [to_float(r["healthy_density"]) for r in rows_d], "--")]
+        safe = "".join(ch for ch in det if ch.isalnum())
+        items.append(maker.figure(
+            f"desc-detection{safe}_histogram.svg", [group_dir / "detection_histograms.tsv"],
+            lambda series=series, det=det: F.curves_figure(series, f"{det}: score density", xlabel="score",
+                                                           ylabel="density"),
+            f"Score densities of {det} in lesion (solid) and healthy (dashed) analysis-mask voxels of the patients.",
+            f"Score histogram of {det}", wide=False))
+    return items
+
+
 def evaluation_section(group_dir: Path) -> list[dict]:
-    paths = [p for p in sorted(group_dir.glob("*.tsv")) if "calibration" not in p.name] if group_dir.is_dir() else []
+    paths = [p for p in sorted(group_dir.glob("*.tsv")) if "calibration" not in p.name
+             and not p.name.startswith("detection_")] if group_dir.is_dir() else []
     wide = {p.name[len("model-"):-len("_evaluation.tsv")]: read_tsv(p) for p in paths
             if p.name.startswith("model-") and p.name.endswith("_evaluation.tsv")}
     wide = {m: rows for m, rows in wide.items() if rows}

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
-from bids_uad.reports.collect import read_json, sidecar_of
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.bids.outputs import THRESHOLD, THRESHOLD_METHOD
+from bids_uad.reports.collect import read_json
 
 #: regular expression on "step name + backend" -> citation keys (bids_uad/data/reports/citations.json)
 KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -252,8 +254,8 @@ def build_methods(subject, version: str, models: Mapping[str, Mapping[str, Any]]
                 continue
             seen.add(model)
             meta = read_json(sidecar_of(files.get("score"))) or read_json(sidecar_of(files.get("mask")))
-            method = _text(meta.get("ThresholdMethod", meta.get("threshold_method", "")))
-            threshold = meta.get("Threshold", meta.get("threshold"))
+            method = _text(meta.get(THRESHOLD_METHOD, ""))
+            threshold = meta.get(THRESHOLD)
             keys = ["pytorch", "reference"] + (["otsu"] if method == "otsu" else []) + (
                 ["bh"] if method == "fdr" else [])
             anomaly_sentences.append((
@@ -271,20 +273,9 @@ def build_group_methods(models: Mapping[str, Mapping[str, Any]], version: str) -
     """Methods text of the group level: which models were trained, how, and calibrated."""
     m = Methods()
     m.paragraph([(f"Models were trained with bids_uad {version}", [])])
+    from bids_uad.workflows.group import describe_training
+
     for name, meta in models.items():
-        settings = meta.get("settings", {}) if isinstance(meta.get("settings"), Mapping) else {}
-        training = settings.get("training", {}) if isinstance(settings.get("training"), Mapping) else {}
-        n_sub = len(meta.get("training_subjects", []))
-        k = len(meta.get("folds", []))
-        m.paragraph([
-            (f"The {name} model was trained on {n_sub} healthy control subject(s) with {k}-fold "
-             "cross-validation, learning to reconstruct healthy diffusion signal with synthetic anomalies "
-             "as in the reference study, in PyTorch"
-             + (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
-                if training.get("epochs") is not None else ""), ["reference", "pytorch"]),
-            ("Each fold's anomaly scores on its held-out controls formed a null sample for calibrated "
-             "thresholds (false-positive rate on healthy tissue) and conformal p-values, with "
-             "Benjamini-Hochberg control of the false discovery rate", ["bh"]),
-        ])
+        m.paragraph(describe_training(name, dict(meta)))
     m.paragraph([("Figures were made with Matplotlib", ["matplotlib"])])
     return m.render()

@@ -5,6 +5,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bids_uad.bids.outputs import THRESHOLD, THRESHOLD_METHOD
+
 
 def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
     if isinstance(value, Mapping):
@@ -22,19 +24,17 @@ def anomaly_metrics(score: np.ndarray, binary: np.ndarray | None, truth: np.ndar
     shown as they are; AUROC/AUPRC/Dice are computed here only when a ground-truth mask in
     dwi space is among the derivatives.
     """
-    from bids_uad.scoring.metrics import auprc, auroc, dice
+    from bids_uad.algorithms.masking import dice
+    from bids_uad.scoring.metrics import auprc, auroc
 
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     rows: list[tuple[str, Any]] = []
-    from bids_uad.reports.collect import meta_value
 
-    for label, keys in (("model", ("Model", "model")), ("model file", ("ModelFile", "model_file")),
-                        ("threshold method", ("ThresholdMethod", "threshold_method")),
-                        ("threshold", ("Threshold", "threshold")), ("ensemble of folds", ("Ensemble", "ensemble")),
-                        ("folds", ("Folds", "folds")), ("opening size", ("OpeningSize", "opening_size")),
-                        ("target FPR", ("FPR", "fpr")), ("FDR q", ("FDRq", "fdr_q"))):
-        value = meta_value(dict(meta), *keys)
-        if value is not None:
+    for label, key in (("model", "Model"), ("model file", "ModelFile"), ("threshold method", THRESHOLD_METHOD),
+                       ("threshold", THRESHOLD), ("ensemble of folds", "Ensemble"), ("folds", "Folds"),
+                       ("opening size", "OpeningSize"), ("target FPR", "FPR"), ("FDR q", "FDRq")):
+        value = meta.get(key)
+        if value not in (None, ""):
             rows.append((label, value))
     rows.append(("analysis mask volume (mL)", round(float(amask.sum()) * voxel_ml, 2)))
     if binary is not None:

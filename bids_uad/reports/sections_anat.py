@@ -15,7 +15,7 @@ def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dic
     if not sessions:
         return [note("Not available: no preprocessed T1w (anat/*_desc-preproc_T1w.nii.gz) in the derivatives.")]
     for ses in sessions:
-        items.append(heading(ses.title))
+        items.append(heading(ses.session_title))
         t1 = load(ses.get("t1w"))
         if t1 is None:
             items.append(missing(ses, "T1w figures", "t1w"))
@@ -25,7 +25,7 @@ def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dic
             if mask is not None and same_grid(data, mask[0]):
                 sl = F.pick_slices(data.shape, mask[0])
                 items.append(maker.figure(
-                    f"{ses.prefix}_desc-brain_T1w.svg", [ses.get("t1w"), ses.get("t1w_mask")],
+                    f"{ses.session_prefix}_desc-brain_T1w.svg", [ses.get("t1w"), ses.get("t1w_mask")],
                     lambda: F.mosaic(data, aff, contours=[(mask[0] > 0.5, F.COLORS["brain"], "brain")], slices=sl),
                     "Brain mask (red contour) on the preprocessed T1w image.", "Brain mask on T1w"))
             else:
@@ -40,7 +40,7 @@ def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dic
                 labels = np.rint(seg[0]).astype(int)
                 sl = F.pick_slices(data.shape, labels > 0)
                 items.append(maker.figure(
-                    f"{ses.prefix}_desc-seg_T1w.svg", inputs,
+                    f"{ses.session_prefix}_desc-seg_T1w.svg", inputs,
                     lambda: F.mosaic(data, aff, contours=tissue_contours(labels), slices=sl),
                     "Tissue segmentation of the T1w image. " + LEGEND, "Tissue segmentation on T1w"))
             else:
@@ -48,8 +48,8 @@ def anatomical_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dic
         spaces = sorted(set(ses.template_t1w) | (set(ses.template_xfm) if ses.get("t1w") else set()))
         if not spaces:
             items.append(note("Not available: T1w ↔ template registration — neither anat/"
-                              f"{ses.prefix}_space-<template>_desc-preproc_T1w.nii.gz nor anat/"
-                              f"{ses.prefix}_from-T1w_to-<template>_mode-image_xfm.h5 in the derivatives."))
+                              f"{ses.session_prefix}_space-<template>_desc-brain_T1w.nii.gz nor anat/"
+                              f"{ses.session_prefix}_from-T1w_to-<template>_mode-image_xfm.h5 in the derivatives."))
         for space in spaces:
             items.append(_template_flicker(ses, space, maker))
     return items
@@ -93,7 +93,7 @@ def _template_flicker(ses: SessionDerivatives, space: str, maker: FigureMaker) -
             return F.mosaic(c[key], c["aff"], slices=c["slices"], contours=c["outline"])
         return render
 
-    stem = f"{ses.prefix}_space-{space}_desc-"
+    stem = f"{ses.session_prefix}_space-{space}_desc-"
     return maker.flicker(
         (stem + "reg_T1w.svg", stem + "regtemplate_T1w.svg"), inputs, (layer("moving"), layer("ref")),
         (f"T1w in {space}", f"{space} template"),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from bids_uad.bids.outputs import THRESHOLD, THRESHOLD_METHOD
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import SubjectDerivatives, meta_value, read_json, sidecar_of, to_float
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports.collect import SubjectDerivatives, meta_value, read_json, to_float
 from bids_uad.reports.common import load, same_grid
 from bids_uad.reports.reportlets import FigureMaker, heading, kv, note
 
@@ -37,8 +39,8 @@ def anomaly_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
             if bg is None or not same_grid(bg[0], score[0]):
                 # no map to show underneath: the analysis mask in dark grey, scores in colour
                 bg, bg_key = ((amask * 0.35).astype(np.float32), score[1]), "score"
-            threshold = to_float(meta_value(meta, "Threshold", "threshold"))
-            method = str(meta_value(meta, "ThresholdMethod", "threshold_method", default="threshold"))
+            threshold = to_float(meta.get(THRESHOLD))
+            method = str(meta_value(meta, THRESHOLD_METHOD, default="threshold"))
             values = score[0][amask]
             lo = threshold if np.isfinite(threshold) else float(np.percentile(values, 95)) if values.size else 0.0
             hi = float(np.percentile(values, 99.9)) if values.size else lo + 1

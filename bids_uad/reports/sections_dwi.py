@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_uad.bids.derivatives import read_tsv
+from bids_uad.bids.layout import sidecar_of
 from bids_uad.reports import figures as F
-from bids_uad.reports.collect import (SessionDerivatives, SubjectDerivatives, read_json, read_tsv, sidecar_of,
-                                      to_float)
+from bids_uad.reports.collect import SessionDerivatives, SubjectDerivatives, read_json, to_float
 from bids_uad.reports.common import LEGEND, load, missing, same_grid, tissue_contours
 from bids_uad.reports.reportlets import FigureMaker, heading, note
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_uad.reports.collect import SubjectDerivatives, read_json, read_tsv, to_float
+from bids_uad.bids.derivatives import read_tsv
+from bids_uad.reports.collect import SubjectDerivatives, read_json, to_float
 from bids_uad.reports.reportlets import FigureMaker, note, table, text, warning
 
 
@@ -49,7 +50,7 @@ def longitudinal_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[d
     from bids_uad.reports.collect import parse_name
 
     if not subj.longitudinal:
-        n = len([s for s in subj.sessions if s.session])
+        n = len({s.session for s in subj.sessions if s.session})
         why = ("fewer than two sessions" if n < 2 else "no longitudinal outputs (*desc-longitudinal*) found")
         return [note(f"Not available: {why}.")]
     items: list[dict] = []

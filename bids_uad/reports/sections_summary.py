@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_uad.reports.collect import (LOOKUP, SessionDerivatives, SubjectDerivatives, meta_value, read_json,
-                                      sidecar_of)
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports.collect import REPORT_KEYS, SessionDerivatives, SubjectDerivatives, meta_value, read_json
 from bids_uad.reports.methods import steps_of, warnings_of
 from bids_uad.reports.reportlets import heading, kv, note, pre, table, text, warning
 
@@ -45,13 +45,13 @@ def summary_section(subj: SubjectDerivatives) -> list[dict]:
     if not subj.sessions:
         return [note(f"Not available: no derivatives found under sub-{subj.subject}/.")]
     items.append(kv([("Subject", subj.subject),
-                     ("Sessions", ", ".join(s.session or "(none)" for s in subj.sessions)),
+                     ("Sessions", ", ".join(dict.fromkeys(s.session or "(none)" for s in subj.sessions))),
                      ("Anomaly models", ", ".join(sorted({m for s in subj.sessions for m in s.anomaly}))
                       or "none (run with --model)")]))
     all_warnings = list(subj.log_warnings)
     for ses in subj.sessions:
         items.append(heading(f"{ses.title}"))
-        found = [(k, ses.files[k]) for k in LOOKUP if k in ses.files]  # the table's (pipeline) order
+        found = [(k, ses.files[k]) for k in REPORT_KEYS if k in ses.files]  # pipeline order
         inputs = [(key, path.name) for key, path in found]
         inputs += [(f"T1w in {space}", p.name) for space, p in ses.template_t1w.items()]
         inputs += [(f"anomaly {model} {kind}", p.name) for model, files in ses.anomaly.items()

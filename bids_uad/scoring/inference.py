@@ -2,9 +2,13 @@
 
 * :func:`infer` — raw preprocessed dwi (with b0s) + gradient table + masks in diffusion
   space -> score map, p-value map (if calibrated), binary mask, all in the input's shape.
-* :func:`infer_prepared` — the same from a :class:`~bids_uad.training.inputs.Prepared` subject.
-* :func:`evaluate` — per-subject AUROC, AUPRC and Dice per threshold method, with and
-  without opening, plus oracle thresholds (reported apart).
+* :func:`infer_prepared` — the same from a :class:`~bids_uad.models.inputs.Prepared` subject.
+* :func:`evaluate` — per-subject AUROC, AUPRC and Dice per threshold method, of the written
+  (post-processed) map and before post-processing, plus oracle thresholds (reported apart).
+
+The threshold method has one default, the one stored in the model file
+(``settings.scoring.threshold_method``; the group level stores ``healthy-fpr``); an explicit
+``method`` (``--threshold``) overrides it, and the result's ``info`` says which and why.
 """
 from __future__ import annotations
 
@@ -13,15 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputValidationError
-from bids_uad.scoring.metrics import auprc, auroc, dice, dice_optimal_threshold, youden_threshold
-from bids_uad.scoring.morphology import opening
+from bids_uad.models import FIXED_THRESHOLDS
+from bids_uad.models.bundle import ModelBundle, score_volume
+from bids_uad.models.calibration import Calibration
+from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, to_grid
+from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
+from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
+from bids_uad.scoring.morphology import postprocess, postprocess_description
 from bids_uad.scoring.thresholds import threshold_map
-from bids_uad.training.bundle import ModelBundle
-from bids_uad.training.calibration import Calibration
-from bids_uad.training.inputs import Prepared, from_grid, prepare_subject, to_grid
-from bids_uad.training.settings import THRESHOLD_METHODS, ScoringSettings
-from bids_uad.training.trainer import score_volume
 
 
 @dataclass
@@ -30,8 +35,8 @@ class InferenceResult:
 
     score: np.ndarray  # float32, 0 outside the analysis mask
     pvalues: np.ndarray | None  # conformal p-values (1 outside the mask), None if uncalibrated
-    mask: np.ndarray  # bool, thresholded, opened, inside the analysis mask
-    mask_unopened: np.ndarray  # bool, before opening
+    mask: np.ndarray  # bool, thresholded, post-processed, inside the analysis mask: the written map
+    mask_raw: np.ndarray  # bool, thresholded, before post-processing
     threshold: float
     method: str
     info: dict = field(default_factory=dict)  # provenance for the JSON sidecar
@@ -47,12 +52,16 @@ def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fo
 def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.ndarray | None = None,
                    method: str | None = None, ensemble: bool = False, fold: int | None = None,
                    scoring: ScoringSettings | None = None) -> InferenceResult:
-    """Score, threshold and open one prepared subject; map results back to its original shape.
+    """Score, threshold and post-process one prepared subject; map results back to its original shape.
 
     ``analysis_mask`` is in the original (diffusion-space) shape; default: the brain mask.
-    ``scoring`` overrides the bundle's scoring settings (threshold method, FPR, q, opening).
+    ``method``: None uses the model file's threshold method.  ``scoring`` overrides the bundle's
+    scoring settings (threshold method, FPR, q, post-processing).
     """
     scoring = scoring or bundle.settings.scoring
+    source = "requested (--threshold)" if method else "model file (the default; set at the group level)"
+    if method == "fixed" and scoring.fixed_threshold is None and bundle.name not in FIXED_THRESHOLDS:
+        method, source = None, f"model file (--threshold fixed has no reference value for {bundle.name})"
     method = method or scoring.threshold_method
     gm = prepared.grid_map
     amask = prepared.mask if analysis_mask is None else to_grid(np.asarray(analysis_mask) > 0, gm.grid)[0]
@@ -60,16 +69,36 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     cal: Calibration | None = bundle.calibration(ensemble=ensemble, fold=fold)
     pvals = None if cal is None else np.where(amask, cal.pvalues(score), 1).astype(np.float32)
     binary, t = threshold_map(score, amask, method, bundle.name, scoring, cal, pvals)
-    opened = opening(binary, scoring.opening_size) & amask
+    written = postprocess(binary, scoring) & amask
     info = {"model": bundle.name, "model_file": None if bundle.path is None else str(bundle.path),
             "model_sha256": bundle.file_hash, "threshold_method": method, "threshold": t,
-            "opening_size": scoring.opening_size, "ensemble": ensemble,
+            "threshold_source": source, "threshold_reason": _reason(method, scoring, cal),
+            "postprocessing": postprocess_description(scoring),
+            "opening_size": scoring.opening_size if scoring.postprocess == "opening" else None,
+            "min_cluster_voxels": scoring.min_cluster_voxels if scoring.postprocess == "cluster" else None,
+            "ensemble": ensemble,
             "folds": [f.fold for f in bundle.folds] if ensemble else [bundle.best_fold() if fold is None else fold],
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
             "fpr": scoring.fpr if method == "healthy-fpr" else None,
             "fdr_q": scoring.fdr_q if method == "fdr" else None}
     return InferenceResult(from_grid(score, gm), None if pvals is None else from_grid(pvals, gm, fill=1.0),
-                           from_grid(opened, gm), from_grid(binary, gm), t, method, info)
+                           from_grid(written, gm), from_grid(binary, gm), t, method, info)
+
+
+def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> str:
+    """Why this threshold: one line for the sidecar."""
+    if method == "healthy-fpr":
+        if cal is not None and cal.level is not None and np.isclose(cal.target_fpr, scoring.fpr):
+            return (f"calibrated on held-out controls so that the written map (after post-processing) flags "
+                    f"{scoring.fpr:g} of healthy analysis-mask voxels (voxel-wise level {cal.level:.4g})")
+        return f"voxel-wise order statistic flagging {scoring.fpr:g} of held-out healthy voxels before post-processing"
+    if method == "fdr":
+        return f"Benjamini-Hochberg at q = {scoring.fdr_q:g} on conformal p-values from held-out controls"
+    if method == "fixed":
+        return "the reference's fixed threshold on its score scale (not calibrated on this study)"
+    reasons = {"otsu": "Otsu's threshold of this subject's scores (not calibrated)",
+               "meanpool": f"maximum of the local {scoring.meanpool_size}^3 mean score (the reference's eq. 3)"}
+    return reasons.get(method, "")
 
 
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,
@@ -88,32 +117,34 @@ def evaluate(score: np.ndarray, truth: np.ndarray, analysis_mask: np.ndarray, mo
              methods: tuple[str, ...] = THRESHOLD_METHODS) -> dict:
     """Per-subject metrics inside ``analysis_mask``.
 
-    Returns ``{"auroc", "auprc", "dice": {method: .}, "dice_opened": {method: .},
-    "thresholds": {method: .}, "fpr": {method: fraction of non-lesion voxels flagged before
-    opening}}``; oracle methods (``oracle-youden``, ``oracle-dice``) use the
+    Returns ``{"auroc", "auprc", "dice": {method: . before post-processing}, "dice_written":
+    {method: . of the written map}, "thresholds": {method: .}, "fpr": {method: fraction of
+    non-lesion voxels flagged before post-processing}}``; oracle methods (``oracle-youden``, ``oracle-dice``) use the
     ground truth and appear under the same keys with their ``oracle-`` prefix.
     """
     amask = np.asarray(analysis_mask, bool)
     truth = np.asarray(truth, bool) & amask
     s, y = score[amask], truth[amask]
-    out = {"auroc": auroc(s, y), "auprc": auprc(s, y), "dice": {}, "dice_opened": {}, "thresholds": {},
+    out = {"auroc": auroc(s, y), "auprc": auprc(s, y), "dice": {}, "dice_written": {}, "thresholds": {},
            "fpr": {}}
     pvals = None if calibration is None else calibration.pvalues(score)
     for m in methods:
         if m in ("healthy-fpr", "fdr") and calibration is None:
             continue
+        if m == "fixed" and scoring.fixed_threshold is None and model_name not in FIXED_THRESHOLDS:
+            continue  # the baselines have no reference threshold
         binary, t = threshold_map(score, amask, m, model_name, scoring, calibration, pvals)
-        _record(out, m, binary, t, truth, amask, scoring.opening_size)
+        _record(out, m, binary, t, truth, amask, scoring)
     if y.any() and (~y).any():
         for m, fn in (("oracle-youden", youden_threshold), ("oracle-dice", dice_optimal_threshold)):
             t = fn(s, y)
-            _record(out, m, (score > t) & amask, t, truth, amask, scoring.opening_size)
+            _record(out, m, (score > t) & amask, t, truth, amask, scoring)
     return out
 
 
-def _record(out, name, binary, t, truth, amask, size):
+def _record(out, name, binary, t, truth, amask, scoring):
     healthy = amask & ~truth
     out["fpr"][name] = float(binary[healthy].mean()) if healthy.any() else float("nan")
     out["dice"][name] = dice(binary, truth)
-    out["dice_opened"][name] = dice(opening(binary, size) & amask, truth)
+    out["dice_written"][name] = dice(postprocess(binary, scoring) & amask, truth)
     out["thresholds"][name] = float(t)

@@ -52,13 +52,6 @@ def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """2|A and B| / (|A| + |B|); 1.0 when both are empty."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
-
-
 def _cut_thresholds(values: np.ndarray) -> np.ndarray:
     """Threshold t_k with {score > t_k} == {score >= values[k]} for descending distinct values."""
     below = np.r_[values[1:], np.nextafter(values[-1], -np.inf)]

@@ -2,7 +2,8 @@
 
 ``fixed`` (0.3 DAE / 0.5 RecDiscNet), ``otsu`` (on scores in the mask), ``meanpool``
 (maximum of the local 16^3 mean of the score, the reference's eq. 3), ``healthy-fpr``
-(calibrated order statistic), ``fdr`` (Benjamini-Hochberg on conformal p-values).
+(calibrated on held-out controls for the written map, see
+:meth:`~bids_uad.models.calibration.Calibration.threshold_for`), ``fdr`` (Benjamini-Hochberg on conformal p-values).
 Oracle thresholds live in :mod:`bids_uad.scoring.metrics` (evaluation only).
 """
 from __future__ import annotations
@@ -15,8 +16,8 @@ from bids_uad.algorithms.histogram import otsu_threshold
 
 from bids_uad.errors import UsageError
 from bids_uad.models import FIXED_THRESHOLDS
-from bids_uad.training.calibration import Calibration
-from bids_uad.training.settings import ScoringSettings
+from bids_uad.models.calibration import Calibration
+from bids_uad.models.settings import ScoringSettings
 
 
 def meanpool_threshold(score: np.ndarray, mask: np.ndarray, size: int = 16) -> float:
@@ -65,7 +66,7 @@ def threshold_map(score: np.ndarray, mask: np.ndarray, method: str, model_name: 
         if calibration is None:
             raise UsageError(f"threshold method {method!r} needs a calibrated model")
         if method == "healthy-fpr":
-            t = calibration.threshold(settings.fpr)
+            t = calibration.threshold_for(settings.fpr)
         else:
             p = calibration.pvalues(score) if pvalues is None else pvalues
             found = np.zeros(score.shape, bool)

@@ -22,11 +22,6 @@ def polarity_of(pe_direction: str) -> int:
     return -1 if pe_direction.endswith("-") else 1
 
 
-def axis_of(pe_direction: str) -> int:
-    """Voxel axis index (0, 1, 2) of a BIDS PhaseEncodingDirection."""
-    return "ijk".index(pe_direction[0])
-
-
 def displacement_voxels(field_hz: np.ndarray, total_readout_time: float,
                         pe_direction: str = "j-") -> np.ndarray:
     """Displacement in voxels along the PE axis: ``field_Hz * TRT * polarity``."""

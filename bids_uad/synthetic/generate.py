@@ -1,7 +1,7 @@
 """Write a synthetic BIDS dataset and its ground truth (``derivatives/synthetic-truth``).
 
-One subject at a time: draw the anatomy, pose, susceptibility field and (for patients) a
-glioma that grows by the follow-up; simulate T1w, FLAIR and the distorted dwi series with
+One subject at a time: draw the anatomy, pose, susceptibility field and (for patients) the
+lesions (a glioma, or graded lesion types) that grow by the follow-up; simulate T1w, FLAIR and the distorted dwi series with
 :mod:`bids_uad.synthetic.simulate`; write raw BIDS files and the truth.  Every subject has its
 own random stream (seeded from ``seed`` and its index), so the dataset is identical for a seed
 whatever the number of worker processes.
@@ -24,7 +24,9 @@ from bids_uad import __version__
 from bids_uad.errors import UsageError
 
 from .anatomy import SubjectAnatomy, load_template
-from .lesions import LESION_GENERATORS, Lesion, grow_lesion, make_lesion
+from .lesion_types import (DEFAULT_GENERATOR, LESION_GENERATORS, is_glioma, lesion_info, lesion_severity,
+                           lesion_type, patient_lesions)
+from .lesions import Lesion
 from .presets import Preset, get_preset
 from .simulate import Susceptibility, dseg_labels, random_pose, simulate_anat, simulate_dwi
 from .distortion import rigid_matrix
@@ -117,13 +119,32 @@ def _motion_tsv(path: Path, motion: np.ndarray, eddy: np.ndarray | None = None) 
                                       "Description": MOTION_DESCRIPTION})
 
 
-def _truth_masks(folder: Path, prefix: str, t: dict, shape, affine) -> None:
+def _truth_masks(folder: Path, prefix: str, t: dict, shape, affine, lesions: list,
+                 table: bool = False) -> None:
+    """Tissue labels, brain mask and, for a session with lesions, the lesion truth.
+
+    ``desc-tumor`` is the union of every lesion's voxels, ``desc-lesions_dseg`` numbers them
+    per lesion (its TSV: index, name, type, severity, volume in this space); the glioma's
+    regions (core, solid, oedema, infiltration) are written when the session has a glioma.
+    """
     _nifti(folder / f"{prefix}_dseg.nii.gz", dseg_labels(t).reshape(shape), affine, np.uint8)
     _nifti(folder / f"{prefix}_desc-brain_mask.nii.gz", (t["brain"] >= 0.5).reshape(shape), affine, np.uint8)
-    if t["tumor"].any() or t["infiltration"].any():
-        for name in LESION_CLASSES:
-            key = "infiltration" if name == "infiltration" else name
-            _nifti(folder / f"{prefix}_desc-{name}_mask.nii.gz", t[key].reshape(shape), affine, np.uint8)
+    if not lesions:
+        return
+    _nifti(folder / f"{prefix}_desc-tumor_mask.nii.gz", t["tumor"].reshape(shape), affine, np.uint8)
+    _nifti(folder / f"{prefix}_desc-lesions_dseg.nii.gz", t["lesion_id"].reshape(shape), affine, np.uint8)
+    if table:
+        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        counts = np.bincount(t["lesion_id"].ravel(), minlength=len(lesions) + 1)
+        rows = ["index\tname\ttype\tseverity\tvolume_ml"]
+        for index, les in enumerate(lesions, start=1):
+            sev = lesion_severity(les)
+            rows.append(f"{index}\tlesion{index:02d}\t{lesion_type(les)}\t"
+                        f"{'n/a' if sev is None else f'{sev:.3f}'}\t{counts[index] * voxel_ml:.3f}")
+        (folder / f"{prefix}_desc-lesions_dseg.tsv").write_text("\n".join(rows) + "\n")
+    if any(isinstance(les, Lesion) for les in lesions):
+        for name in LESION_CLASSES[1:]:
+            _nifti(folder / f"{prefix}_desc-{name}_mask.nii.gz", t[name].reshape(shape), affine, np.uint8)
 
 
 def _acq_date(rng: np.random.Generator, index: int) -> tuple[datetime, datetime]:
@@ -134,7 +155,7 @@ def _acq_date(rng: np.random.Generator, index: int) -> tuple[datetime, datetime]
 
 # -- one subject -------------------------------------------------------------------------------
 def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_generator: str,
-                     write_clean_dwi: bool, root: str) -> dict:
+                     write_clean_dwi: bool, root: str, severity: float | None = None) -> dict:
     """Simulate and write one subject (raw files and truth); returns its participants row."""
     rng = np.random.default_rng([seed, plan.index])
     tpl_src, tpl2 = load_template(preset.t1w_source_mm), load_template(2)
@@ -143,16 +164,15 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
     subj = SubjectAnatomy.random(rng)
     suscept = Susceptibility.random(rng)
     skull_scale = float(rng.uniform(0.9, 1.15))
-    lesions: dict[str, Lesion | None] = {s: None for s in plan.sessions}
-    lesion_info: dict[str, dict] = {}
+    lesions: dict[str, list] = {s: [] for s in plan.sessions}
+    info: dict[str, dict] = {}
     if plan.group == "patient":
-        min_core = MIN_CORE_DWI_VOXELS * preset.dwi_voxel_mm ** 3
-        lesions["pre"] = make_lesion(tpl2, rng, lesion_generator, min_core_mm3=min_core,
-                                     min_radius_mm=max(6.0, MIN_LESION_DWI_DIAMETER / 2 * preset.dwi_voxel_mm))
-        lesion_info["pre"] = lesions["pre"].info()
-        if "followup" in plan.sessions:
-            lesions["followup"] = grow_lesion(tpl2, lesions["pre"], rng, min_core_mm3=min_core)
-            lesion_info["followup"] = lesions["followup"].info()
+        lesions.update(patient_lesions(
+            tpl2, rng, lesion_generator, plan.sessions, severity,
+            min_core_mm3=MIN_CORE_DWI_VOXELS * preset.dwi_voxel_mm ** 3,
+            min_radius_mm=max(6.0, MIN_LESION_DWI_DIAMETER / 2 * preset.dwi_voxel_mm)))
+        info = {ses: {"lesions": [lesion_info(les, k) for k, les in enumerate(lesions[ses], start=1)]}
+                for ses in plan.sessions}
     dates = dict(zip(("pre", "followup"), _acq_date(rng, plan.index)))
     sub = f"sub-{plan.label}"
     session_rows = []
@@ -173,7 +193,8 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
         _nifti(raw / "anat" / f"{prefix}_FLAIR.nii.gz", anat["flair"] * 1000, anat["affine"], np.int16)
         _json(raw / "anat" / f"{prefix}_FLAIR.json", {**anat_meta, "RepetitionTime": 5.0, "EchoTime": 0.387,
                                                       "InversionTime": 1.8})
-        _truth_masks(truth / "anat", f"{prefix}_space-T1w", anat["truth"], anat["shape"], anat["affine"])
+        _truth_masks(truth / "anat", f"{prefix}_space-T1w", anat["truth"], anat["shape"], anat["affine"],
+                     lesions[ses], table=True)
         del anat  # written: free it before the next simulation (halves the peak memory at 1 mm)
         session_rows.append({"session_id": f"ses-{ses}", "acq_time": dates[ses].strftime("%Y-%m-%dT%H:%M:%S")})
         if ses not in plan.dwi_sessions:
@@ -199,7 +220,7 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
                 "EchoTime": preset.echo_time, "RepetitionTime": 8.0, "B0FieldIdentifier": field_id,
                 "IntendedFor": [f"bids::{sub}/ses-{ses}/dwi/{dwi_name}.nii.gz"]})
         tdir = truth / "dwi"
-        _truth_masks(tdir, f"{prefix}_space-dwi", dwi["truth"], shape, aff)
+        _truth_masks(tdir, f"{prefix}_space-dwi", dwi["truth"], shape, aff, lesions[ses], table=True)
         _nifti(tdir / f"{prefix}_space-dwi_model-tensor_param-fa_dwimap.nii.gz", dwi["fa"], aff)
         _nifti(tdir / f"{prefix}_space-dwi_model-tensor_param-md_dwimap.nii.gz", dwi["md"], aff)
         _nifti(tdir / f"{prefix}_desc-susceptibility_fieldmap.nii.gz", dwi["field"], aff)
@@ -222,8 +243,8 @@ def simulate_subject(plan: SubjectPlan, preset: Preset, seed: int, lesion_genera
     sessions_tsv.parent.mkdir(parents=True, exist_ok=True)
     sessions_tsv.write_text("session_id\tacq_time\n" + "".join(
         f"{r['session_id']}\t{r['acq_time']}\n" for r in session_rows))
-    if lesion_info:
-        _json(truth_root / sub / f"{sub}_desc-lesion_info.json", lesion_info)
+    if info:
+        _json(truth_root / sub / f"{sub}_desc-lesion_info.json", info)
     return {"participant_id": sub, "group": plan.group, "age": int(rng.integers(25, 80)),
             "sex": "F" if rng.random() < 0.5 else "M"}
 
@@ -237,22 +258,26 @@ def _is_previous_synthetic(path: Path) -> bool:
     return any(g.get("Name") == GENERATOR_NAME for g in desc.get("GeneratedBy", []))
 
 
-def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: list[dict]) -> None:
-    generated_by = [{"Name": GENERATOR_NAME, "Version": __version__,
-                     "Description": f"preset {preset.name}, seed {seed}, lesion generator {generator}"}]
+def _dataset_files(root: Path, preset: Preset, seed: int, generator: str, rows: list[dict],
+                   severity: float | None = None) -> None:
+    described = f"preset {preset.name}, seed {seed}, lesion generator {generator}"
+    if severity is not None:
+        described += f", severity {severity:g}"
+    generated_by = [{"Name": GENERATOR_NAME, "Version": __version__, "Description": described}]
     _json(root / "dataset_description.json", {
         "Name": f"bids_uad synthetic dataset ({preset.name})", "BIDSVersion": "1.9.0", "DatasetType": "raw",
         "License": "CC0", "Authors": ["bids_uad synthetic generator", "bids_uad developers"], "GeneratedBy": generated_by})
     (root / "README").write_text(
         f"Synthetic diffusion MRI dataset made by {GENERATOR_NAME} {__version__} (preset {preset.name}, "
-        f"seed {seed}).\nHealthy controls and glioma patients built from the MNI152 2009a template; the ground "
-        f"truth is in derivatives/{TRUTH_NAME}/ (see its README).\n")
+        f"seed {seed}).\nHealthy controls and patients (lesion generator {generator}) built from the MNI152 "
+        f"2009a template; the ground truth is in derivatives/{TRUTH_NAME}/ (see its README).\n")
     (root / ".bidsignore").write_text("derivatives/\n")
     columns = ["participant_id", "group", "age", "sex"]
     (root / "participants.tsv").write_text("\t".join(columns) + "\n" + "".join(
         "\t".join(str(r[c]) for c in columns) + "\n" for r in rows))
     _json(root / "participants.json", {
-        "group": {"Description": "cohort", "Levels": {"control": "healthy control", "patient": "glioma patient"}},
+        "group": {"Description": "cohort",
+                  "Levels": {"control": "healthy control", "patient": f"patient ({generator} lesions)"}},
         "age": {"Description": "age at the first session", "Units": "year"},
         "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}}})
     truth = root / "derivatives" / TRUTH_NAME
@@ -274,16 +299,31 @@ encoding is along the second voxel axis j (posterior->anterior): AP = "j-", PA =
 sub-X/ses-Y/anat/  (T1w grid of that session)
   *_space-T1w_dseg.nii.gz                tissue labels 1=CSF 2=GM 3=WM (dseg.tsv)
   *_space-T1w_desc-brain_mask.nii.gz
-  *_space-T1w_desc-{tumor,core,solid,oedema,infiltration}_mask.nii.gz   patients only;
-        tumor = core | solid | oedema (what FLAIR shows); infiltration changes diffusion only.
+  *_space-T1w_desc-tumor_mask.nii.gz     patients only: the union of every lesion's voxels
+        (for a glioma: core | solid | oedema, what FLAIR shows)
+  *_space-T1w_desc-lesions_dseg.nii.gz   patients only: one integer per lesion (0 = none, 1, 2, ...;
+        a lesion keeps its index in every session); the nonzero voxels are exactly desc-tumor
+  *_space-T1w_desc-lesions_dseg.tsv      its table: index, name, type (glioma, infiltration, oedema,
+        restricted, mass-effect), severity (0-1; n/a for a glioma), volume_ml (in this space)
+  *_space-T1w_desc-{core,solid,oedema,infiltration}_mask.nii.gz   sessions with a glioma only;
+        infiltration (the zone around a glioma) changes diffusion only and is not in desc-tumor.
         Every glioma has all four regions: the core is the deepest 15-35 % of the tumour mass
         (at least four dwi voxels' volume, at most 60 % of the mass), the solid part the rest of
         the mass, then oedema and infiltration shells around it.  Radii are 6-24 mm, and at
-        least 2.5 dwi voxels (10 mm for the 4 mm tiny preset) so that the regions are resolved
+        least 2.5 dwi voxels (10 mm for the 4 mm tiny preset) so that the regions are resolved.
+        Graded lesion types (volumes log-uniform in 1.5-60 mL; severity 0 = mild end, 1 = strong
+        end; the region is its tissue: brain, CSF fraction < 0.6; an infiltration is drawn in WM):
+          infiltration  along a WM tract: anisotropy loss at near-constant MD (+-3 %)
+          oedema        MD +10-30 % (an isotropic diffusivity added), FA mildly lower, b0/FLAIR brighter
+          restricted    cellular tumour: MD -20-40 %, mild FA loss, brighter diffusion-weighted signal
+          mass-effect   tissue displaced from the centre with its scalars (near normal), tract
+                        directions carried by the deformation (bent around the centre); the
+                        region is the ball of radius 2 sigma of the displacement kernel
   *_from-T1w_to-dwi_mode-image_xfm.txt  4x4 world(mm)->world(mm): a point of the T1w world maps
         to the same anatomy in the dwi world (undistorted grid)
 sub-X/ses-Y/dwi/   (undistorted grid of the raw dwi: same shape and affine)
-  *_space-dwi_dseg.nii.gz, *_space-dwi_desc-brain_mask.nii.gz, *_space-dwi_desc-<class>_mask.nii.gz
+  *_space-dwi_dseg.nii.gz, *_space-dwi_desc-brain_mask.nii.gz, *_space-dwi_desc-<class>_mask.nii.gz,
+  *_space-dwi_desc-lesions_dseg.nii.gz and .tsv (volume_ml in dwi space): as in anat/, on the dwi grid
   *_space-dwi_desc-clean_dwi.nii.gz (+ .bval .bvec)   artefact-free noise-free series (what perfect
         preprocessing would give; head at the position of volume 0, nominal gradients)
   *_space-dwi_model-tensor_param-{fa,md}_dwimap.nii.gz   tensor fit of the clean series
@@ -300,14 +340,15 @@ sub-X/ses-Y/dwi/   (undistorted grid of the raw dwi: same shape and affine)
         head sees the rotated gradient R^T g
   *_dir-PA_desc-motion_timeseries.tsv    head position of the reverse phase-encoding b0 (one row,
         same frame, relative to dwi volume 0)
-sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients)
+sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients): {session: {"lesions":
+        [{index, type, severity, ...}]}}, index as in desc-lesions_dseg
 """
 
 
 def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: int | None = None,
-                     n_patients: int | None = None, seed: int = 0, lesion_generator: str = "mixed",
+                     n_patients: int | None = None, seed: int = 0, lesion_generator: str = DEFAULT_GENERATOR,
                      no_reverse_pe_fraction: float | None = None, write_clean_dwi: bool = True,
-                     progress: bool = True, n_jobs: int | None = None) -> Path:
+                     progress: bool = True, n_jobs: int | None = None, severity: float | None = None) -> Path:
     """Write a synthetic BIDS dataset (and its truth) to ``output_dir``; returns the path.
 
     The dataset is built in a hidden staging folder inside ``output_dir`` and moved into place
@@ -315,9 +356,17 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
     may be a mount point, and a killed generation leaves only the staging folder.  An existing
     ``output_dir`` must be empty or a previous synthetic dataset (whose content is replaced).
     Folders are written 0755 and files 0644, readable by a container running under another uid.
+
+    ``lesion_generator``: the patients' lesions (see :mod:`bids_uad.synthetic.lesion_types`);
+    ``severity`` (0-1) fixes the severity of the graded types (default: drawn per lesion).
     """
     if lesion_generator not in LESION_GENERATORS:
         raise UsageError(f"--lesion-generator must be one of {', '.join(LESION_GENERATORS)}")
+    if severity is not None and not 0 <= severity <= 1:
+        raise UsageError("--severity must lie in [0, 1]")
+    if severity is not None and is_glioma(lesion_generator):
+        raise UsageError("--severity applies to the graded lesion types (infiltration, oedema, restricted, "
+                         "mass-effect, mixed-hard), not to the glioma")
     if no_reverse_pe_fraction is not None and not 0 <= no_reverse_pe_fraction <= 1:
         raise UsageError("--no-reverse-pe-fraction must lie in [0, 1]")
     for name, value in (("--controls", n_controls), ("--patients", n_patients)):
@@ -334,9 +383,9 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
         plans = plan_subjects(spec, seed)
         jobs = max(1, n_jobs or min(2, os.cpu_count() or 1, len(plans)))
         load_template(spec.t1w_source_mm), load_template(2)  # once, before the workers fork
-        args = [(p, spec, seed, lesion_generator, write_clean_dwi, str(tmp)) for p in plans]
+        args = [(p, spec, seed, lesion_generator, write_clean_dwi, str(tmp), severity) for p in plans]
         rows = _run_all(args, jobs, progress)
-        _dataset_files(tmp, spec, seed, lesion_generator, rows)
+        _dataset_files(tmp, spec, seed, lesion_generator, rows, severity)
         publish(tmp, out)
     except BaseException:
         discard(tmp)

@@ -24,7 +24,8 @@ from scipy import ndimage
 
 from .anatomy import Template, sample
 
-LESION_GENERATORS = ("ellipsoid", "irregular", "mixed")
+#: glioma shapes (mixed: either, drawn per lesion; "glioma" is accepted for "mixed")
+GLIOMA_SHAPES = ("ellipsoid", "irregular", "mixed")
 
 
 @dataclass
@@ -176,9 +177,9 @@ def make_lesion(tpl: Template, rng: np.random.Generator, generator: str = "mixed
     ``min_core_mm3``: smallest necrotic core (e.g. four voxels of the dwi grid); ``radius_mm``
     fixes the size instead of drawing it.
     """
-    if generator not in LESION_GENERATORS:
-        raise ValueError(f"lesion generator must be one of {LESION_GENERATORS}")
-    kind = generator if generator != "mixed" else ("ellipsoid" if rng.random() < 0.5 else "irregular")
+    if generator not in GLIOMA_SHAPES + ("glioma",):
+        raise ValueError(f"glioma shape must be one of {GLIOMA_SHAPES}")
+    kind = generator if generator not in ("mixed", "glioma") else ("ellipsoid" if rng.random() < 0.5 else "irregular")
     radius = float(rng.uniform(min(min_radius_mm, 24.0), 24.0))
     if radius_mm is not None:
         radius = float(radius_mm)

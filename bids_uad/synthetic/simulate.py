@@ -10,6 +10,7 @@ from scipy.ndimage import affine_transform, map_coordinates
 from .anatomy import (SubjectAnatomy, Template, apply_affine, axis_directions, grid_affine, grid_world,
                       orientations, sample, shell_intensity)
 from .distortion import interp_along, rigid_matrix, rotation_matrix, source_positions, voxel_motion_map
+from .graded import GradedLesion, graded_fields
 from .lesions import Lesion, lesion_fields
 
 T1W_CENTRE = (0.0, -17.0, 5.0)
@@ -101,17 +102,32 @@ def bias_field(rng, pts: np.ndarray, strength: float = 0.18) -> np.ndarray:
     return np.exp(strength * out / 2.0).astype(np.float32)
 
 
-def tissue_at(tpl_src: Template, tpl2: Template, subj: SubjectAnatomy, lesion: Lesion | None,
-              world: np.ndarray, head_to_world: np.ndarray, skull_scale: float,
-              with_orient: bool = False) -> dict:
+def as_lesion_list(lesions) -> list:
+    """``None``, one lesion or a sequence of lesions -> a list (at most one glioma)."""
+    if lesions is None:
+        return []
+    out = [lesions] if isinstance(lesions, (Lesion, GradedLesion)) else list(lesions)
+    if sum(isinstance(les, Lesion) for les in out) > 1:
+        raise ValueError("a session holds at most one glioma")
+    return out
+
+
+def tissue_at(tpl_src: Template, tpl2: Template, subj: SubjectAnatomy, lesion, world: np.ndarray,
+              head_to_world: np.ndarray, skull_scale: float, with_orient: bool = False) -> dict:
     """Everything the signal models need at (3, N) world points for one head pose.
 
+    ``lesion``: ``None``, a glioma (:class:`Lesion`), a graded lesion or a list of them.
     Brain maps and lesion fields are only computed near the brain (``brain_reach_mm``), where
-    the template is not empty: most of a field of view is skull, scalp and air.
+    the template is not empty: most of a field of view is skull, scalp and air.  ``lesion_id``
+    numbers the lesions' hard regions 1, 2, ... in list order (0: none); ``tumor`` is their union.
     """
+    lesions = as_lesion_list(lesion)
     head = apply_affine(np.linalg.inv(head_to_world), world)
     m = subj.to_template(head)
-    m0 = lesion.mass_effect_inverse(m) if lesion is not None else m
+    chain = [m]  # mass effects, one after the other: where the tissue now at m came from
+    for les in lesions:
+        chain.append(les.mass_effect_inverse(chain[-1]))
+    m0 = chain[-1]
     hd = sample(tpl2.extra["headdist"], tpl2.to_voxel(m0), cval=1e3)
     near = np.flatnonzero(hd < tpl2.extra["brain_reach_mm"])
     n = world.shape[1]
@@ -121,21 +137,59 @@ def tissue_at(tpl_src: Template, tpl2: Template, subj: SubjectAnatomy, lesion: L
     csf = np.clip(brain - gm - wm, 0, 1)
     out = {"m": m, "gm": gm, "wm": wm, "csf": csf, "brain": brain, "t1": t1,
            "headdist": hd, "skull_scale": skull_scale}
-    if lesion is not None:
-        inside = near[brain[near] > 0]  # every lesion field is zero outside the brain
-        fields = lesion_fields(tpl2, lesion, m[:, inside], wm[inside], csf[inside], brain[inside])
-        out.update({k: _scatter(val, inside, n) for k, val in fields.items()})
-    else:
-        zeros, z = np.zeros(n, np.float32), np.zeros(n, bool)
-        out.update({"mu_core": zeros, "mu_solid": zeros, "mu_oed": zeros, "mu_inf": zeros,
-                    "core": z, "solid": z, "oedema": z, "infiltration": z, "tumor": z})
+    zeros, z = np.zeros(n, np.float32), np.zeros(n, bool)
+    out.update({"mu_core": zeros, "mu_solid": zeros, "mu_oed": zeros, "mu_inf": zeros,
+                "core": z, "solid": z, "oedema": z, "infiltration": z, "tumor": z})
+    inside = near[brain[near] > 0]  # every lesion field is zero outside the brain
+    lesion_id = np.zeros(inside.size, np.uint8)
+    graded = [les for les in lesions if isinstance(les, GradedLesion)]
+    effects = _graded_effects(inside.size) if graded else None
+    for index, les in enumerate(lesions, start=1):
+        args = (m[:, inside], wm[inside], csf[inside], brain[inside])
+        if isinstance(les, Lesion):
+            fields = lesion_fields(tpl2, les, *args)
+            out.update({k: _scatter(val, inside, n) for k, val in fields.items()})
+            region = fields["tumor"]
+        else:
+            fields = graded_fields(tpl2, les, *args)
+            _add_effect(effects, les, fields)
+            region = fields["region"]
+        lesion_id[region & (lesion_id == 0)] = index
+    out["lesion_id"] = _scatter(lesion_id, inside, n)
+    out["tumor"] = out["lesion_id"] > 0
+    if effects is not None:
+        out.update({k: _scatter(val, inside, n, fill=0.0 if k in ("iso_mix", "flair_gain", "t1_gain") else 1.0)
+                    for k, val in effects.items()})
     if with_orient:
         # directions only matter inside the brain; elsewhere any unit vector will do
         e_wm, e_gm = orientations(tpl2, tpl2.to_voxel(m0[:, near]))
+        for k in range(len(lesions) - 1, -1, -1):  # carried through each mass effect, last first
+            if isinstance(lesions[k], GradedLesion):
+                e_wm = lesions[k].push_directions(chain[k][:, near], e_wm)
+                e_gm = lesions[k].push_directions(chain[k][:, near], e_gm)
         rot = head_to_world[:3, :3].astype(np.float32)
         out["e_wm"] = _scatter(e_wm @ rot.T, near, n, fill=(1.0, 0.0, 0.0))
         out["e_gm"] = _scatter(e_gm @ rot.T, near, n, fill=(1.0, 0.0, 0.0))
     return out
+
+
+def _graded_effects(n: int) -> dict:
+    """Neutral per-point modifiers of the tissue compartments (see :func:`tissue_tensors`)."""
+    return {"iso_mix": np.zeros(n, np.float32), "md_scale": np.ones(n, np.float32),
+            "rad_scale": np.ones(n, np.float32), "s0_scale": np.ones(n, np.float32),
+            "flair_gain": np.zeros(n, np.float32), "t1_gain": np.zeros(n, np.float32)}
+
+
+def _add_effect(effects: dict, les: GradedLesion, fields: dict) -> None:
+    """Fold one graded lesion (membership ``mu``) into the modifiers: changes multiply."""
+    mu = fields["mu"]
+    effects["iso_mix"] = 1 - (1 - effects["iso_mix"]) * (1 - np.float32(les.iso_mix) * mu)
+    effects["md_scale"] *= 1 + np.float32(les.md_change) * mu
+    effects["s0_scale"] *= 1 + np.float32(les.s0_scale - 1) * mu
+    effects["flair_gain"] += np.float32(les.flair_gain) * mu
+    effects["t1_gain"] += np.float32(les.t1_gain) * mu
+    if "rad_scale" in fields:
+        effects["rad_scale"] *= fields["rad_scale"]
 
 
 def _scatter(values: np.ndarray, index: np.ndarray, n: int, fill=0) -> np.ndarray:
@@ -164,6 +218,9 @@ def anat_images(t: dict, rng: np.random.Generator, world: np.ndarray) -> tuple[n
     tissue_fl = 0.55 * t["wm"] + 0.75 * t["gm"] + 0.05 * t["csf"]
     fl = tissue_fl * keep + 0.85 * t["mu_solid"] + 0.4 * t["mu_core"]
     fl = fl * (1 - t["mu_oed"]) + 1.0 * t["mu_oed"] * (t["wm"] + t["gm"] + 0.3)
+    if "flair_gain" in t:  # graded lesions: T2 changes brighten FLAIR, water darkens T1w
+        t1 = t1 * (1 - t["t1_gain"])
+        fl = fl * (1 + t["flair_gain"])
     fl = fl + shell_w * shell_intensity(hd, 2, t["skull_scale"])
     images = [rician(rng, img * bias_field(rng, world), sigma) for img, sigma in ((t1, 0.02), (fl, 0.025))]
     return images[0], images[1]
@@ -178,13 +235,32 @@ def compartments(t: dict) -> dict:
     par_factor = 1.0 - 0.05 * t["mu_inf"]
     shell_w = np.clip(1.0 - t["brain"], 0, 1)
     scalp = shell_w * shell_intensity(t["headdist"], 3, t["skull_scale"])
-    return {
+    comp = {
         "wm": tis * t["wm"] * S0["wm"], "gm": tis * t["gm"] * S0["gm"],
         "csf": keep * t["csf"] * S0["csf"],
         "fw": keep * fw * (t["wm"] + t["gm"]) * S0["fw"],
         "nec": t["mu_core"] * S0["nec"], "sol": t["mu_solid"] * S0["sol"], "scalp": scalp,
-        "perp_factor": perp_factor, "par_factor": par_factor,
+        "wpar": WM_TENSOR[0] * par_factor, "wperp": WM_TENSOR[1] * perp_factor,
+        "gpar": GM_TENSOR[0] * par_factor, "gperp": GM_TENSOR[1] * perp_factor,
     }
+    if "md_scale" in t:  # graded lesions
+        comp["wm"] = comp["wm"] * t["s0_scale"]
+        comp["gm"] = comp["gm"] * t["s0_scale"]
+        comp["wpar"], comp["wperp"] = tissue_tensors(comp["wpar"], comp["wperp"] * t["rad_scale"], t)
+        comp["gpar"], comp["gperp"] = tissue_tensors(comp["gpar"], comp["gperp"], t)
+    return comp
+
+
+def tissue_tensors(par: np.ndarray, perp: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Axially symmetric tissue tensor (parallel, perpendicular) changed by graded lesions.
+
+    The eigenvalues move towards their mean by ``iso_mix`` (anisotropy loss at constant trace)
+    and are scaled by ``md_scale`` (the relative MD change).  (Compressed WM tracts lose some
+    perpendicular diffusivity first: ``rad_scale``, applied by :func:`compartments`.)
+    """
+    mean = (par + 2 * perp) / 3
+    a, s = t["iso_mix"], t["md_scale"]
+    return ((par + a * (mean - par)) * s).astype(np.float32), ((perp + a * (mean - perp)) * s).astype(np.float32)
 
 
 def dwi_volume(comp: dict, t: dict, b: float, g_world: np.ndarray) -> np.ndarray:
@@ -197,8 +273,8 @@ def dwi_volume(comp: dict, t: dict, b: float, g_world: np.ndarray) -> np.ndarray
         s = sum(comp[k] for k in ("wm", "gm", "csf", "fw", "nec", "sol", "scalp"))
         return (s * DWI_SCALE).astype(np.float32)
     g = np.asarray(g_world, np.float32)
-    wpar, wperp = WM_TENSOR[0] * comp["par_factor"], WM_TENSOR[1] * comp["perp_factor"]
-    gpar, gperp = GM_TENSOR[0] * comp["par_factor"], GM_TENSOR[1] * comp["perp_factor"]
+    wpar, wperp = comp["wpar"], comp["wperp"]
+    gpar, gperp = comp["gpar"], comp["gperp"]
     cw = (t["e_wm"] @ g) ** 2
     cg = (t["e_gm"] @ g) ** 2
     s = (comp["wm"] * np.exp(-b * (wperp + (wpar - wperp) * cw))
@@ -325,6 +401,24 @@ def eddy_displacement(e: np.ndarray, shape) -> np.ndarray:
             + np.float32(e[3]) * k[None, None, :]).astype(np.float32)
 
 
+def clean_dwi(tpl_src, tpl2, subj, lesion, head_to_world, preset, skull_scale: float = 1.0) -> tuple:
+    """Noise-free, artefact-free dwi of one session on the preset's (LAS) dwi grid.
+
+    Returns the tissue truth ``t``, the compartments, the (N, nvol) series and the tensor FA
+    and MD (N,) of that series inside the brain.
+    """
+    shape = tuple(preset.dwi_shape)
+    aff = grid_affine(shape, preset.dwi_voxel_mm, DWI_CENTRE, las=True)
+    t = tissue_at(tpl_src, tpl2, subj, lesion, grid_world(shape, aff), head_to_world, skull_scale,
+                  with_orient=True)
+    bvals, bvecs = gradient_table(preset.shells)
+    g_world = bvecs @ axis_directions(aff).T
+    comp = compartments(t)
+    clean = dwi_signal(comp, t, bvals, g_world)
+    fa, md = tensor_fa_md(clean, bvals, g_world, t["brain"] >= 0.5)
+    return t, comp, clean, fa, md
+
+
 def simulate_dwi(tpl_src, tpl2, subj, lesion, suscept, head_to_world, preset, rng,
                  skull_scale, want_fmap: bool) -> dict:
     """Distorted noisy dwi series + reverse-PE b0 and all dwi-space truth.
@@ -338,14 +432,8 @@ def simulate_dwi(tpl_src, tpl2, subj, lesion, suscept, head_to_world, preset, rn
     aff = grid_affine(shape, preset.dwi_voxel_mm, DWI_CENTRE, las=True)
     axes = axis_directions(aff)
     zooms = (preset.dwi_voxel_mm,) * 3
-    world = grid_world(shape, aff)
-    t = tissue_at(tpl_src, tpl2, subj, lesion, world, head_to_world, skull_scale, with_orient=True)
+    t, comp, clean, fa, md = clean_dwi(tpl_src, tpl2, subj, lesion, head_to_world, preset, skull_scale)
     bvals, bvecs = gradient_table(preset.shells)
-    g_world = bvecs @ axes.T
-    comp = compartments(t)
-    clean = dwi_signal(comp, t, bvals, g_world)
-    brainmask = t["brain"] >= 0.5
-    fa, md = tensor_fa_md(clean, bvals, g_world, brainmask)
     field_ref = suscept(t["m"]).reshape(shape)
     n_vol = len(bvals)
     motion = random_motion(rng, n_vol)

@@ -79,12 +79,6 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def local_device(device: torch.device | str, local_rank: int) -> torch.device:
-    """The device of one process: ``cuda:<local_rank>`` for CUDA, the device itself otherwise."""
-    device = torch.device(device)
-    return torch.device("cuda", local_rank) if device.type == "cuda" else device
-
-
 def init_group(device: torch.device | str, rank: int, world_size: int, init_method: str = "env://",
                local_rank: int | None = None) -> None:
     """Join a process group (gloo on CPU, nccl on CUDA; CUDA processes bind ``cuda:<local_rank>``)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_uad.training.settings import OODSettings
+from bids_uad.models.settings import OODSettings
 
 
 def random_ellipsoid(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray,

@@ -19,7 +19,6 @@ import logging
 import math
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,45 +28,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bids_uad.errors import InputValidationError, UsageError
-from bids_uad.models import get_model
+from bids_uad.models import get_model, is_trainable
+from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
+from bids_uad.models.calibration import calibrate, calibrate_written
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
+from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
-from bids_uad.training.calibration import Calibration, calibrate
+from bids_uad.scoring.morphology import postprocess
 from bids_uad.training.folds import make_folds
 from bids_uad.training.ood import add_ood_patches
-from bids_uad.training.settings import Settings
 
 LOG = logging.getLogger(__name__)
 # training settings that change how a run executes, not what it computes: a checkpoint may be
 # resumed with other values (e.g. more processes, other threads)
 RUNTIME_TRAINING_KEYS = ("threads", "processes", "progress")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
+#: training progress bar: epoch, elapsed and time left (an upper bound: early stopping may end sooner), losses
+PROGRESS_FORMAT = "{desc}: epoch {n_fmt}/{total_fmt} [{elapsed}<{remaining} left at most]{postfix}"
 
 
 def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-@dataclass
-class FoldResult:
-    """One trained fold: the best-validation model and its bookkeeping."""
-
-    fold: int
-    model: torch.nn.Module
-    train_idx: list[int]
-    val_idx: list[int]
-    best_epoch: int
-    best_val_loss: float
-    history: list[dict] = field(default_factory=list)
-    calibration: Calibration | None = None
 
 
 def batch_arrays(model, data, masks, idx, rng, settings: Settings) -> dict[str, np.ndarray]:
@@ -87,17 +67,12 @@ def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
 
 
-def make_batch(model, data, masks, idx, rng, settings: Settings, device) -> dict[str, torch.Tensor]:
-    """:func:`batch_arrays` as tensors on ``device``."""
-    return to_tensors(batch_arrays(model, data, masks, idx, rng, settings), device)
-
-
 def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
-    """Standard normal latent draw (n, latent) for models that sample in training (the VAE), from
-    torch's seeded generator: the same values the model would draw itself for the whole batch."""
-    if not getattr(model, "needs_noise", False):
-        return None
-    return torch.randn(n, settings.model.latent_size, device=device)
+    """The training noise of a global batch of ``n`` for models that draw some (the VAE's latent
+    draw, the cDAE's coarse input noise: ``model.training_noise``), from torch's seeded generator:
+    the same values the model would draw itself for the whole batch.  None for other models."""
+    draw = getattr(model, "training_noise", None)
+    return None if draw is None else draw(n, device)
 
 
 def shard_batch(arrays: dict[str, np.ndarray], noise: torch.Tensor | None, world: int, rank: int,
@@ -147,13 +122,18 @@ def _validation_loss(model, data, masks, settings, device, fold) -> float:
     mine = distributed.shard_slice(len(data), distributed.world_size(), distributed.rank())
     needs_ood = getattr(model, "needs_ood", False)
     total = 0.0
+    torch.manual_seed(_seed_int(settings.training.seed, fold, 999_983))  # fixed noise draw (cDAE)
     with torch.no_grad():
         for i in range(len(data)):
+            noise = latent_noise(model, settings, 1, device)  # drawn for every subject, as the patches
             if not (mine.start <= i < mine.stop or needs_ood):
                 continue
             arrays = batch_arrays(model, data, masks, [i], rng, settings)  # draws this subject's patches
             if mine.start <= i < mine.stop:
-                loss, _ = model.loss(to_tensors(arrays, device))
+                batch = to_tensors(arrays, device)
+                if noise is not None:
+                    batch["noise"] = noise
+                loss, _ = model.loss(batch)
                 total += float(loss)
     if distributed.is_distributed():
         summed = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=device))
@@ -234,8 +214,10 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         save_tensors(ckpt, tensors, meta)
 
     n = len(train_data)
+    # epoch n/N, elapsed<left (left: at the current pace if no early stop comes first), losses
     bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}",
-               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False)
+               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False,
+               unit="epoch", bar_format=PROGRESS_FORMAT)
     ran = 0
     for epoch in bar:
         if done:
@@ -271,7 +253,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             bad += 1
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}")
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}", best=best_epoch, patience=f"{bad}/{ts.patience}")
         finished = bad >= ts.patience or epoch == ts.epochs - 1
         if finished or (epoch + 1 - start) % ts.checkpoint_every == 0:
             save_checkpoint(epoch, finished)
@@ -298,15 +280,6 @@ def _global_step_losses(losses: list[torch.Tensor], world: int) -> list[float]:
     return (summed / world).tolist()
 
 
-@torch.no_grad()
-def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
-    """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid."""
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
-    return model.score(x)[0].float().cpu().numpy()
-
-
 def check_training_inputs(data: Sequence[np.ndarray], masks: Sequence[np.ndarray], settings: Settings) -> None:
     """Shapes must match the model grid and channel count; at least 3 controls."""
     if len(data) < 3:
@@ -323,8 +296,12 @@ def check_training_inputs(data: Sequence[np.ndarray], masks: Sequence[np.ndarray
 
 def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                 analysis_masks: Sequence[np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
-                on_fold: Callable[[FoldResult], None] | None = None) -> list[FoldResult]:
+                on_fold: Callable[[FoldResult], None] | None = None,
+                gradients: tuple[np.ndarray, np.ndarray] | None = None) -> list[FoldResult]:
     """k-fold training + calibration on each fold's held-out controls (arrays on the grid).
+
+    Models that are not trainable (the baselines) are fitted on each fold's training subjects
+    (:func:`fit_fold`; ``gradients`` = the channels' (bvals, bvecs)) and calibrated alike.
 
     Data-parallel training, either way:
 
@@ -340,8 +317,17 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
     masks = [np.asarray(m) > 0 for m in masks]
     plan = fold_plan(settings, data)
-    distributed.init_from_torchrun(resolve_device(settings.training.device))
     results = []
+    if not is_trainable(settings.model.name):
+        for fold, tr, va, _ in plan:
+            res = fit_fold(settings, data, masks, tr, va, fold, gradients)
+            results.append(res)
+            if distributed.rank() == 0:
+                calibrate_fold(res, settings, data, analysis_masks)
+                if on_fold is not None:
+                    on_fold(res)
+        return results
+    distributed.init_from_torchrun(resolve_device(settings.training.device))
     with ExitStack() as cleanup:
         if spawned_processes(settings) > 1 and not _all_folds_done(plan, checkpoint_dir):
             checkpoint_dir = _train_in_workers(settings, data, masks, plan, checkpoint_dir, cleanup)
@@ -353,14 +339,45 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
             results.append(res)
             if distributed.rank() != 0:
                 continue
-            scores = [score_volume(res.model, data[i]) for i in va]
-            res.calibration = calibrate(scores, [analysis_masks[i] for i in va],
-                                        settings.scoring.max_null_samples, settings.training.seed + fold)
-            LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated",
-                     fold, res.best_epoch, res.best_val_loss, res.calibration.n)
+            calibrate_fold(res, settings, data, analysis_masks)
             if on_fold is not None:
                 on_fold(res)
     return results
+
+
+def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarray],
+                   analysis_masks: Sequence[np.ndarray]) -> None:
+    """Null sample and written-map level of one fold from its held-out controls' score maps."""
+    va = res.val_idx
+    fold = res.fold
+    scores = [score_volume(res.model, data[i]) for i in va]
+    amasks = [analysis_masks[i] for i in va]
+    res.calibration = calibrate(scores, amasks, settings.scoring.max_null_samples, settings.training.seed + fold)
+    calibrate_written(res.calibration, scores, amasks, settings.scoring.fpr,
+                      lambda b: postprocess(b, settings.scoring))
+    LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated, written-map level %.4g "
+             "for FPR %.3g", fold, res.best_epoch, res.best_val_loss, res.calibration.n,
+             res.calibration.level, settings.scoring.fpr)
+
+
+def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_idx: Sequence[int],
+             val_idx: Sequence[int], fold: int, gradients: tuple[np.ndarray, np.ndarray] | None) -> FoldResult:
+    """Fit a non-trainable model (a baseline) on the fold's training subjects.
+
+    Its "validation loss" is the mean score of the held-out controls inside their brain masks
+    (lower: they look more normal), so the best fold is chosen as for the networks.
+    """
+    model = get_model(settings.model.name, settings.model)
+    bvals, bvecs = gradients if gradients is not None else (None, None)
+    model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs)
+    model.eval()
+
+    def mean_score(idx):
+        return float(np.mean([score_volume(model, data[i])[masks[i]].mean() for i in idx])) if len(idx) else 0.0
+
+    val, train = mean_score(val_idx), mean_score(train_idx)
+    history = [{"epoch": 0, "train_loss": train, "val_loss": val, "lr": 0.0}]
+    return FoldResult(fold, model, list(train_idx), list(val_idx), 0, val, history)
 
 
 def fold_plan(settings: Settings, data: Sequence[np.ndarray]) -> list[tuple[int, list[int], list[int], str]]:

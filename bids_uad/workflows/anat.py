@@ -11,6 +11,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.algorithms.templates import template_for_output_spaces
+from bids_uad.bids.outputs import OUTPUTS
 from bids_uad.interfaces.anat import (
     AnalysisMask,
     ApplyMask,
@@ -27,24 +28,19 @@ from bids_uad.interfaces.anat import (
 )
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
-INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "source_entities"]
+#: ``dwi_source_file``: the raw dwi run that ``dwi_ref`` belongs to: dwi-space outputs and the
+#: T1w↔dwi transforms inherit its entities (acq, dir, run, ...); T1w-space outputs the T1w's
+INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "dwi_source_file"]
 OUTPUT_FIELDS = [
     "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
     "dwi_dseg", "dwi_probsegs", "dwi_ventricles", "dwi_analysis_mask",
     "t1w2dwi_xfm", "dwi2t1w_xfm", "t1w2mni_xfm", "mni2t1w_xfm", "template_name", "template_file",
+    "dwi2t1w_composite", "t1w2mni_composite",
 ]
 #: resolution (mm) the T1w→template registration runs at (transforms are physical: any grid)
 TEMPLATE_REG_MM = 2.0
 #: SyN iterations at the dwi resolution after the rigid T1w→dwi fit
 DWI_SYN_ITERATIONS = 20
-
-
-def derivative_entities(source_entities: dict, extra: dict) -> dict:
-    """Entities of one derivative: subject/session (and acquisition/run) of the source + extra."""
-    keep = {k: v for k, v in dict(source_entities).items()
-            if k in ("subject", "session", "sub", "ses") and v}
-    keep.update(extra)
-    return keep
 
 
 def _first(items):
@@ -81,7 +77,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
 
     inputnode: ``t1w_file``, ``flair_file`` ('' when none), ``dwi_ref`` (b0 reference in dwi
     space; '' when the session has no dwi), ``dwi_mask``, ``lesion_mask`` ('' when none),
-    ``source_entities`` (dict: subject[, session]).
+    ``dwi_source_file`` (the raw dwi run of ``dwi_ref``; '' when none).
     outputnode: see :data:`OUTPUT_FIELDS`; transform outputs are lists in antspyx order
     (one composite ``.h5`` each); probseg lists are ordered GM, WM, CSF.
     Keyword arguments exist for tests and benchmarks (coarser, faster registrations).
@@ -229,9 +225,9 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         (dwi_probs, outputnode, [("out_files", "dwi_probsegs")]),
         (analysis, outputnode, [("out_file", "dwi_analysis_mask")]),
         (t1w2dwi, outputnode, [("forward_transforms", "t1w2dwi_xfm"),
-                               ("reverse_transforms", "dwi2t1w_xfm")]),
+                               ("reverse_transforms", "dwi2t1w_xfm"), ("reverse_xfm", "dwi2t1w_composite")]),
         (t1w2tpl, outputnode, [("forward_transforms", "t1w2mni_xfm"),
-                               ("reverse_transforms", "mni2t1w_xfm")]),
+                               ("reverse_transforms", "mni2t1w_xfm"), ("forward_xfm", "t1w2mni_composite")]),
     ])
 
     # -- derivatives ------------------------------------------------------------------------
@@ -243,61 +239,47 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         "Template": tpl,
     }
     outputs = [
-        # (source node, field, extra entities, suffix, datatype, extension, meta)
-        (n4, "out_file", {"desc": "preproc"}, "T1w", "anat", None, {"BiasCorrected": "N4 (antspyx)"}),
-        (brain, "mask", {"desc": "brain"}, "mask", "anat", None, {"Type": "Brain", **method_meta}),
-        (seg, "dseg", {}, "dseg", "anat", None, method_meta),
-        (seg, "dseg_tsv", {}, "dseg", "anat", ".tsv", None),
-        (seg, "gm", {"label": "GM"}, "probseg", "anat", None, method_meta),
-        (seg, "wm", {"label": "WM"}, "probseg", "anat", None, method_meta),
-        (seg, "csf", {"label": "CSF"}, "probseg", "anat", None, method_meta),
-        (ventricles, "out_file", {"desc": "ventricles"}, "mask", "anat", None,
+        # (source node, field, key of bids_uad.bids.outputs.OUTPUTS, meta)
+        (n4, "out_file", "t1w_preproc", {"BiasCorrected": "N4 (antspyx)"}),
+        (brain, "mask", "t1w_mask", {"Type": "Brain", **method_meta}),
+        (seg, "dseg", "t1w_dseg", method_meta),
+        (seg, "dseg_tsv", "t1w_dseg_tsv", None),
+        (seg, "gm", "t1w_gm", method_meta),
+        (seg, "wm", "t1w_wm", method_meta),
+        (seg, "csf", "t1w_csf", method_meta),
+        (ventricles, "out_file", "t1w_ventricles",
          {"Description": f"lateral ventricles: CSF within the warped {tpl} ventricle prior"}),
-        (flair, "out_file", {"space": "T1w", "desc": "preproc"}, "FLAIR", "anat", None,
+        (flair, "out_file", "flair_t1w",
          {"Registration": "ANTs rigid (Mattes MI) to the T1w", "BiasCorrected": "N4 (antspyx)"}),
-        (t1w2tpl, "warped_file", {"space": tpl, "desc": "brain"}, "T1w", "anat", None,
+        (t1w2tpl, "warped_file", "t1w_template",
          {"Registration": "ANTs SyN (antspyx)", "Template": tpl, "Resampling": "linear"}),
-        (t1w2tpl, "forward_xfm", {"from": "T1w", "to": tpl, "mode": "image"}, "xfm", "anat", ".h5",
+        (t1w2tpl, "forward_xfm", "xfm_t1w_to_template",
          {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": tpl}),
-        (t1w2tpl, "reverse_xfm", {"from": tpl, "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5",
-         {"Template": tpl}),
-        (t1w2dwi, "forward_xfm", {"from": "T1w", "to": "dwi", "mode": "image"}, "xfm", "anat", ".h5",
+        (t1w2tpl, "reverse_xfm", "xfm_template_to_t1w", {"Template": tpl}),
+        (t1w2dwi, "forward_xfm", "xfm_t1w_to_dwi",
          {"Registration": f"ANTs {dwi_transform} (antspyx) onto the b0 reference, "
                          "lesion excluded from the metric"}),
-        (t1w2dwi, "reverse_xfm", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm", "anat", ".h5", None),
-        (dwi_labels, ("out_files", _pick, 0), {"space": "dwi"}, "dseg", "dwi", None,
-         {"Resampling": "genericLabel"}),
-        (dwi_tsv, "out", {"space": "dwi"}, "dseg", "dwi", ".tsv", None),
-        (dwi_probs, ("out_files", _pick, 0), {"space": "dwi", "label": "GM"}, "probseg", "dwi", None,
-         {"Resampling": "linear"}),
-        (dwi_probs, ("out_files", _pick, 1), {"space": "dwi", "label": "WM"}, "probseg", "dwi", None,
-         {"Resampling": "linear"}),
-        (dwi_probs, ("out_files", _pick, 2), {"space": "dwi", "label": "CSF"}, "probseg", "dwi", None,
-         {"Resampling": "linear"}),
-        (dwi_labels, ("out_files", _pick, 1), {"space": "dwi", "desc": "ventricles"}, "mask", "dwi", None,
-         {"Resampling": "genericLabel"}),
-        (analysis, "out_file", {"space": "dwi", "desc": "analysis"}, "mask", "dwi", None,
+        (t1w2dwi, "reverse_xfm", "xfm_dwi_to_t1w", None),
+        (dwi_labels, ("out_files", _pick, 0), "dwi_dseg", {"Resampling": "genericLabel"}),
+        (dwi_tsv, "out", "dwi_dseg_tsv", None),
+        (dwi_probs, ("out_files", _pick, 0), "dwi_gm", {"Resampling": "linear"}),
+        (dwi_probs, ("out_files", _pick, 1), "dwi_wm", {"Resampling": "linear"}),
+        (dwi_probs, ("out_files", _pick, 2), "dwi_csf", {"Resampling": "linear"}),
+        (dwi_labels, ("out_files", _pick, 1), "dwi_ventricles", {"Resampling": "genericLabel"}),
+        (analysis, "out_file", "analysis_mask",
          {"Description": "GM and WM minus the lateral ventricles, within the dwi brain mask; "
                          "where anomalies are scored"}),
     ]
-    for index, (node, field, extra, suffix, datatype, ext, meta) in enumerate(outputs):
-        label = "_".join(f"{k}{v}" for k, v in extra.items()) or "none"
-        ent = pe.Node(niu.Function(input_names=["source_entities", "extra"], output_names=["entities"],
-                                   function=derivative_entities),
-                      name=f"ent_{index:02d}_{suffix}_{label}")
-        ent.inputs.extra = extra
+    for node, field, key, meta in outputs:
         sink = pe.Node(DerivativesDataSink(
-            output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
-            suffix=suffix, datatype=datatype, skip_empty=True), name=f"ds_{index:02d}_{suffix}_{label}",
-            run_without_submitting=True)
-        if ext:
-            sink.inputs.extension = ext
+            output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir), output=key,
+            params={"template": tpl}, skip_empty=True), name=f"ds_{key}", run_without_submitting=True)
         if meta:
             sink.inputs.meta = meta
+        # T1w-space outputs inherit the T1w's entities, dwi-space ones (and T1w<->dwi) the dwi run's
+        source = "t1w_file" if OUTPUTS[key].source == "t1w" else "dwi_source_file"
         workflow.connect([
-            (inputnode, ent, [("source_entities", "source_entities")]),
-            (ent, sink, [("entities", "entities")]),
-            (inputnode, sink, [(("t1w_file", _as_list), "source_files")]),
+            (inputnode, sink, [(source, "source_file"), (("t1w_file", _as_list), "source_files")]),
             (node, sink, [(field, "in_file")]),
         ])
     return workflow

@@ -1,4 +1,9 @@
-"""Participant-level anomaly inference workflow: score, p-value and binary maps per model."""
+"""Participant-level anomaly inference workflow: score, p-value and binary maps per model.
+
+One inference node per trained model; every map is named through the outputs table
+(:mod:`bids_uad.bids.outputs`) with the entities of the dwi run it scores (``source_file``)
+and ``model-<name>``, so each dwi run of a session gets its own maps.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,87 +12,97 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.errors import InputMissingError
 from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
+from bids_uad.models.validate import model_files
 
 
 def resolve_model_files(path: str | Path) -> list[Path]:
     """``--model``: one ``model-<name>.json`` or a folder holding several (each with its tensors)."""
-    path = Path(path)
-    files = sorted(path.glob("model-*.json")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix == ".json" and f.with_suffix(".safetensors").is_file()]
-    if not files:
-        raise InputMissingError("no trained model found (model-<name>.json with its .safetensors)", path)
-    return files
+    return model_files(path)
 
 
-#: output key -> (extra entities, BIDS suffix)
-OUTPUTS = {
-    "score": ({"space": "dwi", "stat": "score"}, "anomaly"),
-    "pvalue": ({"space": "dwi", "stat": "pvalue"}, "anomaly"),
-    "mask": ({"space": "dwi", "desc": "anomaly"}, "mask"),
-}
+def model_name(model_file: str | Path) -> str:
+    """``dae`` for ``model-dae.json``: the ``model-`` entity of every map the model makes."""
+    stem = Path(model_file).name.removesuffix(".json")
+    return stem.removeprefix("model-")
+
+
+#: output of AnomalyInference -> key of the outputs table (dwi space)
+OUTPUTS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomaly_mask"}
+#: output of AnomalyInference -> (key of the outputs table in template space, resampling kind)
+TEMPLATE_OUTPUTS = {"score": ("anomaly_score_template", "image"), "mask": ("anomaly_mask_template", "mask")}
 
 
 def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     """Inference for every model in ``settings.model``, maps written in diffusion space.
 
-    inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_entities.
+    inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_file
+    (the raw dwi run or its preprocessed derivative: the maps inherit its entities), dwi2t1w_xfm
+    and t1w2template_xfm (the anatomical workflow's composites, for template-space maps; unset:
+    read from OUTPUT_DIR through the outputs table).
     outputnode: scores, masks (lists, one per model).
     """
     models = resolve_model_files(settings.model)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask",
-                                                      "analysis_mask", "source_entities"]), name="inputnode")
+                                                      "analysis_mask", "source_file", "dwi2t1w_xfm",
+                                                      "t1w2template_xfm"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks"]), name="outputnode")
-    infer = pe.MapNode(AnomalyInference(threshold_method=settings.threshold, ensemble=settings.ensemble,
-                                        device="cpu" if settings.device == "auto" else settings.device,
-                                        threads=settings.omp_nthreads),
-                       iterfield=["model_file"], name="infer", mem_gb=2.0)
-    infer.inputs.model_file = [str(m) for m in models]
-    common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir), "datatype": "dwi"}
-    sinks = {}
-    for key, (extra, suffix) in OUTPUTS.items():
-        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=(key == "pvalue"), extra_entities=extra,
-                                              **common),
-                          iterfield=["in_file", "entities", "meta"], name=f"ds_{key}", run_without_submitting=True)
-        workflow.connect([
-            (infer, sink, [(key, "in_file"), ("meta", "meta"), ("out_entities", "entities")]),
-            (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
-        ])
-        sinks[key] = sink
+    scores = pe.Node(niu.Merge(len(models)), name="merge_scores", run_without_submitting=True)
+    masks = pe.Node(niu.Merge(len(models)), name="merge_masks", run_without_submitting=True)
+    template = None
     if any(space.startswith("MNI") for space in settings.output_spaces):
-        _add_template_outputs(workflow, settings, inputnode, infer, common)
+        from bids_uad.algorithms.templates import template_for_output_spaces
+
+        template = template_for_output_spaces(settings.output_spaces)
+    common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir)}
+    for index, model_file in enumerate(models, start=1):
+        model = model_name(model_file)
+        infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
+                                         ensemble=settings.ensemble,
+                                         device="cpu" if settings.device == "auto" else settings.device,
+                                         threads=settings.omp_nthreads),
+                        name=f"infer_{model}", mem_gb=2.0)
+        workflow.connect([(inputnode, infer, [("dwi_preproc", "dwi_file"), ("bval", "bval_file"),
+                                              ("bvec", "bvec_file"), ("brain_mask", "brain_mask"),
+                                              ("analysis_mask", "analysis_mask")])])
+        for field, key in OUTPUTS.items():
+            sink = pe.Node(DerivativesDataSink(output=key, params={"model": model}, skip_empty=(field == "pvalue"),
+                                               **common), name=f"ds_{key}_{model}", run_without_submitting=True)
+            workflow.connect([
+                (infer, sink, [(field, "in_file"), ("meta", "meta")]),
+                (inputnode, sink, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
+            ])
+            if field == "score":
+                workflow.connect(sink, "out_file", scores, f"in{index}")
+            elif field == "mask":
+                workflow.connect(sink, "out_file", masks, f"in{index}")
+        if template is not None:
+            _add_template_outputs(workflow, settings, inputnode, infer, common, template, model)
     workflow.connect([
-        (inputnode, infer, [("source_entities", "source_entities"), ("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
-                            ("brain_mask", "brain_mask"), ("analysis_mask", "analysis_mask")]),
-        (sinks["score"], outputnode, [("out_file", "scores")]),
-        (sinks["mask"], outputnode, [("out_file", "masks")]),
+        (scores, outputnode, [("out", "scores")]),
+        (masks, outputnode, [("out", "masks")]),
     ])
     return workflow
 
 
-def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common: dict) -> None:
+def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common: dict, template,
+                          model: str) -> None:
     """Score and mask maps also in the MNI template actually available (named as such)."""
-    from bids_uad.algorithms.templates import template_for_output_spaces
-
-    template = template_for_output_spaces(settings.output_spaces)
-    for key, kind, extra, suffix in (("score", "image", {"stat": "score"}, "anomaly"),
-                                     ("mask", "mask", {"desc": "anomaly"}, "mask")):
-        warp = pe.MapNode(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
-                                          template_file=template.t1w, kind=kind),
-                          iterfield=["in_file", "in_meta"], name=f"to_template_{key}", mem_gb=1.5)
-        sink = pe.MapNode(DerivativesDataSink(suffix=suffix, skip_empty=True,
-                                              extra_entities={**extra, "space": template.name}, **common),
-                          iterfield=["in_file", "entities", "meta"], name=f"ds_template_{key}",
-                          run_without_submitting=True)
+    for field, (key, kind) in TEMPLATE_OUTPUTS.items():
+        warp = pe.Node(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
+                                       template_file=template.t1w, kind=kind),
+                       name=f"to_template_{field}_{model}", mem_gb=1.5)
+        sink = pe.Node(DerivativesDataSink(output=key, params={"model": model, "template": template.name},
+                                           skip_empty=True, **common),
+                       name=f"ds_{key}_{model}", run_without_submitting=True)
         workflow.connect([
-            (inputnode, warp, [("source_entities", "source_entities")]),
-            (infer, warp, [(key, "in_file"), ("meta", "in_meta")]),
-            (infer, sink, [("out_entities", "entities")]),
+            (inputnode, warp, [("source_file", "source_file"), ("dwi2t1w_xfm", "dwi2t1w_xfm"),
+                               ("t1w2template_xfm", "t1w2template_xfm")]),
+            (infer, warp, [(field, "in_file"), ("meta", "in_meta")]),
             (warp, sink, [("out_file", "in_file"), ("meta", "meta")]),
-            (inputnode, sink, [(("dwi_preproc", _as_list), "source_files")]),
+            (inputnode, sink, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
         ])
 
 

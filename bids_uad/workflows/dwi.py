@@ -12,32 +12,30 @@ from nipype.pipeline import engine as pe
 from bids_uad.interfaces.dwi import (
     BrainMask,
     DenoiseDWI,
-    DerivativeEntities,
-    DwiDerivativesSink,
     EstimateSDC,
     MergeReports,
     MotionCorrect,
     TensorFit,
 )
+from bids_uad.interfaces.derivatives import DerivativesDataSink
 
+#: ``source_file``: the name whose entities the derivatives inherit (the raw dwi's path; for a
+#: series made from several runs, a name carrying only what they share)
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file", "rpe_metadata",
-                "source_entities"]
+                "source_file"]
 OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0",
                  "fieldmap_hz", "motion_tsv", "b0_pair_raw", "b0_pair_corrected", "backend_report"]
-#: (output field, own entities, suffix, sidecar field of MergeReports or None)
+#: (output field, key of the outputs table bids_uad.bids.outputs.OUTPUTS, sidecar field of
+#: MergeReports or None); every name inherits the raw dwi's entities (acq, dir, run, ...)
 DERIVATIVES = (
-    ("dwi_preproc", {"space": "dwi", "desc": "preproc"}, "dwi", "dwi_meta"),
-    ("bval", {"space": "dwi", "desc": "preproc"}, "dwi", None),
-    ("bvec", {"space": "dwi", "desc": "preproc"}, "dwi", None),
-    ("b0_ref", {"space": "dwi", "desc": "b0"}, "dwiref", "ref_meta"),
-    ("brain_mask", {"space": "dwi", "desc": "brain"}, "mask", "mask_meta"),
-    ("fieldmap_hz", {"space": "dwi", "desc": "susceptibility"}, "fieldmap", "field_meta"),
-    ("motion_tsv", {"desc": "motion"}, "timeseries", "motion_meta"),
-) + tuple(
-    (key, {"space": "dwi", "model": "tensor", "param": key}, "dwimap", "tensor_meta")
-    for key in ("fa", "md", "ad", "rd", "s0")
-)
-
+    ("dwi_preproc", "dwi_preproc", "dwi_meta"),
+    ("bval", "dwi_bval", None),
+    ("bvec", "dwi_bvec", None),
+    ("b0_ref", "b0_ref", "ref_meta"),
+    ("brain_mask", "brain_mask", "mask_meta"),
+    ("fieldmap_hz", "fieldmap", "field_meta"),
+    ("motion_tsv", "motion", "motion_meta"),
+) + tuple((key, key, "tensor_meta") for key in ("fa", "md", "ad", "rd", "s0"))
 
 def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | None = None,
                         gibbs: bool = False) -> pe.Workflow:
@@ -55,12 +53,10 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
     inputnode.inputs.rpe_metadata = {}
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
-    entities = pe.Node(DerivativeEntities(), name="entities")
     den = pe.Node(DenoiseDWI(denoise=denoise or "none", gibbs=bool(gibbs)), name="denoise")
     tensor = pe.Node(TensorFit(), name="tensor")
     merge = pe.Node(MergeReports(backend=backend), name="merge_reports")
     wf.connect([
-        (inputnode, entities, [("source_entities", "source_entities")]),
         (inputnode, den, [("dwi_file", "in_file"), ("bval_file", "bval_file")]),
         (den, merge, [("report", "denoise")]),
         (tensor, merge, [("report", "tensor")]),
@@ -111,17 +107,16 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
                                ("b0_pair_corrected", "b0_pair_corrected")]),
         ])
 
-    for field, own, suffix, meta in DERIVATIVES:
+    for field, key, meta in DERIVATIVES:
         sink = pe.Node(
-            DwiDerivativesSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
-                               entities=own, suffix=suffix, datatype="dwi"),
+            DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                output=key, skip_empty=True),
             name=f"ds_{field}", run_without_submitting=True)
         if field in ("bval", "bvec"):
             sink.inputs.write_sidecar = False
         wf.connect([
             (outputnode, sink, [(field, "in_file")]),
-            (entities, sink, [("entities", "base_entities")]),
-            (inputnode, sink, [("dwi_file", "source_file")]),
+            (inputnode, sink, [("source_file", "source_file")]),
         ])
         if meta:
             wf.connect(merge, meta, sink, "meta")

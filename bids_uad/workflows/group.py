@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import write_tsv
 from bids_uad.bids.layout import BIDSInputs
 from bids_uad.bids.lesions import find_lesion_mask
@@ -29,6 +30,31 @@ from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
 
 LOGGER = logging.getLogger("bids_uad.group")
+
+#: Methods text of this stage (as nipreps' LiterateWorkflow ``__desc__``/``__postdesc__``), per
+#: trained model; :func:`describe_training` fills it in and the group report assembles it.
+__desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
+            "cross-validation in PyTorch{budget}, is {model}")
+__postdesc__ = ("Each fold's anomaly scores on its held-out controls formed a null sample for calibrated "
+                "thresholds (false-positive rate on healthy tissue) and conformal p-values, with "
+                "Benjamini-Hochberg control of the false discovery rate")
+
+
+def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
+    """Methods sentences (with citation keys) for one trained model, from its model JSON ``meta``.
+
+    The model's own clause comes from its class (:func:`bids_uad.models.describe_model`), so
+    the text says what that architecture does (only RecDiscNet trains on synthetic anomalies).
+    """
+    from bids_uad.models import describe_model
+
+    settings = meta.get("settings", {}) if isinstance(meta.get("settings"), dict) else {}
+    training = settings.get("training", {}) if isinstance(settings.get("training"), dict) else {}
+    budget = (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
+              if training.get("epochs") is not None else "")
+    text = __desc__.format(name=name, model=describe_model(name), n_subjects=len(meta.get("training_subjects", [])),
+                           k=len(meta.get("folds", [])), budget=budget)
+    return [(text, ["reference", "pytorch"]), (__postdesc__, ["bh"])]
 
 
 def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> PreprocessedDwi | None:
@@ -41,9 +67,12 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
     return None
 
 
-def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int]):
-    """Training settings from the preset, sized to the data: channels and a grid that covers it."""
-    from bids_uad.training.settings import preset
+def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int],
+                       voxel_ml: float | None = None):
+    """Training settings from the preset, sized to the data: channels, a grid that covers it and
+    the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` (if given) is
+    the threshold method stored in the model file."""
+    from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
@@ -54,8 +83,14 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
         model=replace(base.model, n_channels=int(n_channels), grid=grid),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
-        scoring=replace(base.scoring, threshold_method=settings.threshold),
+        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml),
     )
+
+
+def _scoring_for(scoring, threshold: str | None, voxel_ml: float | None):
+    if threshold:
+        scoring = replace(scoring, threshold_method=threshold)
+    return scoring if voxel_ml is None else scoring.sized_to(voxel_ml)
 
 
 def training_processes(settings: Settings, batch_size: int) -> int:
@@ -65,7 +100,7 @@ def training_processes(settings: Settings, batch_size: int) -> int:
     process beyond it would only idle on an empty shard) and, on CUDA, at the number of GPUs.
     """
     from bids_uad.training import distributed
-    from bids_uad.training.trainer import resolve_device
+    from bids_uad.models.bundle import resolve_device
 
     env = distributed.torchrun_env()
     if env is not None:
@@ -114,15 +149,16 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
     loaded = [f.load() for f in found]
     shapes = {d["dwi"].shape[:3] for d in loaded}
     shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
-    return {"items": loaded, "shape": shape}
+    zooms = loaded[0]["header"].get_zooms()[:3]
+    return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0}
 
 
 def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str], run_id: str) -> None:
     """Train, calibrate and evaluate every model in ``settings.models`` (under torchrun, ranks
     other than 0 only train)."""
     from bids_uad.training import distributed
-    from bids_uad.training.bundle import train_from_dwi
-    from bids_uad.training.inputs import dw_gradients
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
     for subject in controls:
@@ -143,8 +179,9 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     models_dir = settings.output_dir / "models"
     group_dir = settings.output_dir / "group"
     subjects = [f.subject for f in found]
+    bundles = []
     for model in settings.models:
-        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"])
+        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"])
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
         LOGGER.info("training %s on %d controls (%d folds, grid %s, %d channels)", model, len(found),
@@ -160,13 +197,19 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             continue
         path = bundle.save(models_dir)
         LOGGER.info("saved %s", path)
-        write_tsv(group_dir / f"model-{model}_folds.tsv", [
+        write_tsv(outputs.group_path(settings.output_dir, "folds_tsv", model=model), [
             {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss,
              "heldout": " ".join(f"sub-{subjects[i]}" for i in f.val_idx),
              "threshold_at_fpr": None if f.calibration is None else f.calibration.threshold(msettings.scoring.fpr)}
             for f in bundle.folds
         ])
         evaluate_bundle(settings, bids, bundle, controls, group_dir)
+        bundles.append(bundle)
+    if bundles and distributed.rank() == 0:
+        from bids_uad.workflows.group_evaluation import evaluate_detectors
+
+        candidates = [baseline_derivatives(settings, bids, s) for s in bids.subjects() if s not in controls]
+        evaluate_detectors(settings, [c for c in candidates if c is not None], bundles, items, subjects, group_dir)
 
 
 def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:
@@ -198,13 +241,13 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
                "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
         for method, value in metrics["dice"].items():
             row[f"dice_{method}"] = value
-        for method, value in metrics["dice_opened"].items():
-            row[f"dice_opened_{method}"] = value
+        for method, value in metrics["dice_written"].items():
+            row[f"dice_written_{method}"] = value
         rows.append(row)
     if not rows:
         LOGGER.info("%s: no subject with a dwi-space lesion mask: evaluation skipped", bundle.name)
         return
-    write_tsv(group_dir / f"model-{bundle.name}_evaluation.tsv", rows)
+    write_tsv(outputs.group_path(settings.output_dir, "evaluation_tsv", model=bundle.name), rows)
     columns = [c for c in rows[0] if c not in ("participant_id", "session")]
     summary = []
     for c in columns:
@@ -212,6 +255,6 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
         values = values[np.isfinite(values)]
         summary.append({"metric": c, "mean": values.mean() if values.size else None,
                         "sd": values.std(ddof=1) if values.size > 1 else None, "n": int(values.size)})
-    write_tsv(group_dir / f"model-{bundle.name}_evaluation_summary.tsv", summary)
+    write_tsv(outputs.group_path(settings.output_dir, "evaluation_summary_tsv", model=bundle.name), summary)
     auroc = next(s for s in summary if s["metric"] == "auroc")
     LOGGER.info("%s: AUROC %.3f over %d subjects", bundle.name, auroc["mean"] or float("nan"), auroc["n"])

@@ -10,7 +10,7 @@ Per follow-up session: lesion masks (``--lesion-masks`` or a FLAIR-hyperintensit
 → follow-up T1w registered to the baseline T1w (rigid, then SyN with both lesions masked)
 → follow-up lesion/FLAIR/scores carried into baseline dwi space → per model: mismatch,
 volumes, overlap, random-region null, score change, figure → derivatives.  Then the
-subject TSV, the group TSV (rebuilt under a lock) and the report fragment.
+subject TSV and the group TSV (rebuilt under a lock).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import validate_label
 from bids_uad.bids.layout import read_sessions_table
 from bids_uad.bids.preprocessed import find_preprocessed_dwi, order_sessions
@@ -36,18 +37,17 @@ from bids_uad.interfaces.longitudinal import (
 LOGGER = logging.getLogger("bids_uad.workflows")
 
 INPUT_FIELDS = ["wait_baseline", "wait_followups"]
-OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "html", "rows", "figures"]
+OUTPUT_FIELDS = ["subject_tsv", "group_tsv", "rows", "figures"]
 
 
 def _has(bids_dir: Path, output_dir: Path, subject: str, session: str, kind: str) -> bool:
     """Whether a session has dwi (raw or preprocessed) or a T1w (raw or preprocessed)."""
     raw = Path(bids_dir) / f"sub-{subject}" / f"ses-{session}"
-    out = Path(output_dir) / f"sub-{subject}" / f"ses-{session}"
     if kind == "dwi":
         return bool(list((raw / "dwi").glob("*_dwi.nii*"))) or \
             find_preprocessed_dwi(output_dir, subject, session) is not None
     return bool(list((raw / "anat").glob("*_T1w.nii*"))) or \
-        (out / "anat" / f"sub-{subject}_ses-{session}_desc-preproc_T1w.nii.gz").is_file()
+        bool(outputs.find(output_dir, "t1w_preproc", subject, session))
 
 
 def plan_sessions(settings, subject: str, sessions: list[str]) -> tuple[str, list[str]]:
@@ -117,9 +117,9 @@ def check_longitudinal_inputs(settings, subject: str, sessions: list[str],
 def _model_names(settings) -> list[str]:
     if getattr(settings, "model", None) is None:
         return []
-    from bids_uad.workflows.anomaly import resolve_model_files
+    from bids_uad.workflows.anomaly import model_name, resolve_model_files
 
-    return [p.name[len("model-"):-len(".json")] for p in resolve_model_files(settings.model)]
+    return [model_name(p) for p in resolve_model_files(settings.model)]
 
 
 def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str = "longitudinal_wf",
@@ -138,7 +138,7 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
     ``check_inputs=True`` looks every derivative up at build time (use it when they already
     exist, i.e. when the comparison runs after the graph that made them): a missing one is
     then an :class:`InputMissingError` here instead of a nipype crash later.
-    outputnode: ``subject_tsv``, ``group_tsv``, ``html`` (report fragment), ``rows``
+    outputnode: ``subject_tsv``, ``group_tsv``, ``rows``
     (statistics dicts, one per follow-up and model), ``figures`` (every stored file of the
     comparison; the SVGs among them are the figures).
     """
@@ -222,8 +222,7 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
                      run_without_submitting=True)
     workflow.connect([
         (rows, tables, [("out", "rows")]),
-        (figures, tables, [("out", "figures")]),
-        (tables, outputnode, [("subject_tsv", "subject_tsv"), ("group_tsv", "group_tsv"), ("html", "html")]),
+        (tables, outputnode, [("subject_tsv", "subject_tsv"), ("group_tsv", "group_tsv")]),
         (rows, outputnode, [("out", "rows")]),
         (figures, outputnode, [("out", "figures")]),
     ])

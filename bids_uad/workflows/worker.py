@@ -1,6 +1,6 @@
 """Set-up of nipype's MultiProc worker processes.
 
-Workers start from a fork server (:data:`bids_uad.workflows.base.MULTIPROC_START_METHOD`)
+Workers start from a fork server (:data:`bids_uad.workflows.execution.MULTIPROC_START_METHOD`)
 that imports this module once, before it forks any worker, so every worker starts with:
 
 * nipype's own chatter (``[Node] Setting-up / Executing / Finished``) below WARNING dropped:
@@ -21,7 +21,7 @@ def configure_worker_logging(stream=None) -> logging.Handler:
     """Route the loggers of :data:`WORKER_LOGGERS` to one WARNING handler on ``stream``."""
     import nipype  # noqa: F401  (creates nipype's loggers and their default handlers first)
 
-    from bids_uad.cli.run import FirstLineFormatter
+    from bids_uad.workflows.execution import FirstLineFormatter
 
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setLevel(logging.WARNING)

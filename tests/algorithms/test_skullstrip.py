@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_uad.algorithms.registration import dice
+from bids_uad.algorithms.masking import dice
 from bids_uad.algorithms.skullstrip import combine_masks, morphological_brain_mask, skull_strip
 from bids_uad.algorithms.templates import find_template, phantom_head
 

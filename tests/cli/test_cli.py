@@ -132,14 +132,22 @@ def test_settings_are_frozen_and_round_trip(small_bids, tmp_path):
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
-def test_settings_written_to_logs_and_input_untouched(capsys, small_bids, tmp_path, monkeypatch):
-    import bids_uad.workflows.base as base
+def _no_stages(monkeypatch) -> None:
+    """Run the participant level's start-up only: an empty graph and no reports."""
+    from nipype.pipeline import engine as pe
 
-    monkeypatch.setattr(base, "stage_builder", lambda stage: None)  # foundation only: no stage runs
+    import bids_uad.cli.levels as levels
+
+    monkeypatch.setattr(levels, "init_participant_wf", lambda settings, plan: pe.Workflow(name="empty"))
+    monkeypatch.setattr(levels, "_build_participant_reports", lambda *args: None)
+
+
+def test_settings_written_to_logs_and_input_untouched(capsys, small_bids, tmp_path, monkeypatch):
+    _no_stages(monkeypatch)  # foundation only: no stage runs
     before = sorted((p.relative_to(small_bids), p.stat().st_mtime_ns) for p in small_bids.rglob("*"))
     out = tmp_path / "out"
     code, err = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
-    assert code == 70 and "not implemented" in err
+    assert code == 0, err
     logs = list((out / "logs").glob("run-*_settings.json"))
     assert len(logs) == 1 and json.loads(logs[0].read_text())["participant_labels"] == ["pat01"]
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
@@ -159,7 +167,7 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_plugin_file(small_bids, tmp_path, capsys):
-    from bids_uad.workflows.base import nipype_plugin
+    from bids_uad.workflows.execution import nipype_plugin
 
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: MultiProc\nplugin_args:\n  maxtasksperchild: 1\n")
@@ -174,7 +182,7 @@ def test_plugin_file(small_bids, tmp_path, capsys):
 
 
 def test_command_line_overrides_plugin_file(small_bids, tmp_path):
-    from bids_uad.workflows.base import nipype_plugin
+    from bids_uad.workflows.execution import nipype_plugin
 
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: MultiProc\nplugin_args: {n_procs: 8, memory_gb: 16}\n")
@@ -189,10 +197,9 @@ def test_run_removes_temporaries_left_by_a_killed_run(capsys, small_bids, tmp_pa
     import subprocess
     import sys
 
-    import bids_uad.workflows.base as base
     from bids_uad.bids import derivatives
 
-    monkeypatch.setattr(base, "stage_builder", lambda stage: None)  # no stage runs: only the start-up
+    _no_stages(monkeypatch)  # no stage runs: only the start-up
     dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                   capture_output=True, text=True, check=True).stdout)
     out = tmp_path / "out"
@@ -200,7 +207,7 @@ def test_run_removes_temporaries_left_by_a_killed_run(capsys, small_bids, tmp_pa
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half written")
     code, _ = _run(capsys, small_bids, out, "participant", "-w", tmp_path / "w", "--participant-label", "pat01")
-    assert code == 70
+    assert code == 0
     assert not orphan.exists()
     log = next((out / "logs").glob("run-*.log")).read_text()
     assert "removed 1 temporary file(s) left by a killed run" in log

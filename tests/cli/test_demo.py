@@ -36,11 +36,11 @@ def test_demo_runs_the_three_levels_and_prints_the_evaluation(tmp_path, monkeypa
     calls = _fake_run(monkeypatch, [0, 0, 0])
     group = tmp_path / "demo" / "derivatives" / "bids_uad" / "group"
     group.mkdir(parents=True)
-    (group / "model-dae_evaluation_summary.tsv").write_text("metric\tmean\nauroc\t0.9\n")
+    (group / "detection_summary.tsv").write_text("detector\tauprc\nnormative\t0.9\n")
     assert demo.main(["--output", str(tmp_path / "demo")]) == 0
     assert len(calls) == 3
     out = capsys.readouterr().out
-    assert "small preset" in out and "auroc\t0.9" in out
+    assert "small preset" in out and "normative\t0.9" in out
 
 
 def test_demo_stops_at_the_first_failing_step(tmp_path, monkeypatch, capsys):

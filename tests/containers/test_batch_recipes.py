@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from bids_uad.cli.parser import build_parser
-from bids_uad.cli.run import load_plugin_settings
+from bids_uad.config import load_plugin_settings
 from bids_uad.config import Settings
-from bids_uad.workflows.base import nipype_plugin
+from bids_uad.workflows.execution import nipype_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "workflows"

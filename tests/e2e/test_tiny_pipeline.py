@@ -38,25 +38,28 @@ def test_every_level_succeeds(tiny_run):
 
 @pytest.mark.parametrize("name", [
     "dataset_description.json",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-preproc_dwi.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-preproc_dwi.bval",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-preproc_dwi.bvec",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-brain_mask.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_model-tensor_param-fa_dwimap.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_model-tensor_param-md_dwimap.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-susceptibility_fieldmap.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_desc-motion_timeseries.tsv",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_dseg.nii.gz",
-    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_space-dwi_desc-analysis_mask.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.bval",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.bvec",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-brain_mask.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_model-tensor_param-fa_dwimap.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_model-tensor_param-md_dwimap.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-susceptibility_fieldmap.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_desc-motion_timeseries.tsv",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_dseg.nii.gz",
+    "sub-ctrl01/ses-pre/dwi/sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-analysis_mask.nii.gz",
     "sub-ctrl01/ses-pre/anat/sub-ctrl01_ses-pre_desc-preproc_T1w.nii.gz",
     "sub-ctrl01/ses-pre/anat/sub-ctrl01_ses-pre_desc-brain_mask.nii.gz",
     "sub-ctrl01/ses-pre/anat/sub-ctrl01_ses-pre_dseg.nii.gz",
     "models/model-dae.json", "models/model-dae.safetensors",
     "models/model-recdisc.json", "models/model-recdisc.safetensors",
+    "models/model-normative.json", "models/model-normative.safetensors",
+    "models/model-meansignal.json", "models/model-meansignal.safetensors",
+    "group/detection_summary.tsv", "group/detection_groups.tsv",
     "group/model-dae_evaluation.tsv", "group/model-recdisc_evaluation_summary.tsv",
-    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_space-dwi_model-dae_stat-score_anomaly.nii.gz",
-    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_space-dwi_model-dae_desc-anomaly_mask.nii.gz",
-    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_space-dwi_model-recdisc_stat-score_anomaly.nii.gz",
+    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_stat-score_anomaly.nii.gz",
+    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_desc-anomaly_mask.nii.gz",
+    "sub-pat01/ses-pre/dwi/sub-pat01_ses-pre_dir-AP_space-dwi_model-recdisc_stat-score_anomaly.nii.gz",
     "sub-pat01/sub-pat01_desc-longitudinal_stats.tsv",
     "group/desc-longitudinal_stats.tsv",
     "sub-ctrl01.html", "sub-pat01.html", "group.html",
@@ -74,13 +77,14 @@ def test_input_untouched_and_no_temporaries(tiny_run):
 def test_outputs_are_consistent(tiny_run):
     bids, out, _ = tiny_run
     dwi = out / "sub-pat01/ses-pre/dwi"
-    score = nib.load(dwi / "sub-pat01_ses-pre_space-dwi_model-dae_stat-score_anomaly.nii.gz")
-    preproc = nib.load(dwi / "sub-pat01_ses-pre_space-dwi_desc-preproc_dwi.nii.gz")
+    score = nib.load(dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_stat-score_anomaly.nii.gz")
+    preproc = nib.load(dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz")
     assert score.shape == preproc.shape[:3] and np.allclose(score.affine, preproc.affine)
-    analysis = np.asarray(nib.load(dwi / "sub-pat01_ses-pre_space-dwi_desc-analysis_mask.nii.gz").dataobj) > 0
+    analysis = np.asarray(nib.load(dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_desc-analysis_mask.nii.gz").dataobj) > 0
     assert np.all(np.asarray(score.dataobj)[~analysis] == 0)
-    meta = json.loads((dwi / "sub-pat01_ses-pre_space-dwi_model-dae_stat-score_anomaly.json").read_text())
-    assert meta["model_sha256"] and meta["threshold_method"] == "fixed"
+    meta = json.loads((dwi / "sub-pat01_ses-pre_dir-AP_space-dwi_model-dae_stat-score_anomaly.json").read_text())
+    assert meta["ModelSHA256"] and meta["ThresholdMethod"] == "healthy-fpr"
+    assert meta["ThresholdSource"].startswith("model file")
     with open(out / "group/model-dae_evaluation.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [r["participant_id"] for r in rows] == ["sub-pat01"]

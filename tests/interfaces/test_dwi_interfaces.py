@@ -9,13 +9,12 @@ import pytest
 
 nib = pytest.importorskip("nibabel")
 
+from bids_uad.bids.validate import total_readout_time  # noqa: E402
 from bids_uad.errors import InputValidationError  # noqa: E402
 from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
+from bids_uad.interfaces.derivatives import DerivativesDataSink  # noqa: E402
 from bids_uad.interfaces.dwi import (  # noqa: E402
-    DwiDerivativesSink,
     EstimateSDC,
-    derivative_entities,
-    total_readout_time,
 )
 
 
@@ -103,25 +102,17 @@ def test_no_reverse_pe_skips_with_report(tmp_path):
     assert res.outputs.readout_scale == pytest.approx(-0.05)
 
 
-def test_derivative_entities_drop_direction():
-    ents = derivative_entities({"subject": "01", "session": "pre", "direction": "AP", "run": 2,
-                                "acquisition": "hb", "suffix": "dwi", "extension": ".nii.gz"})
-    assert ents == {"subject": "01", "session": "pre", "run": "2", "acquisition": "hb"}
-    with pytest.raises(InputValidationError):
-        derivative_entities({"session": "pre"})
-
-
 def test_sink_skips_empty_and_names_file(tmp_path):
-    res = DwiDerivativesSink(in_file="", output_dir=str(tmp_path / "out"), entities={"desc": "x"},
-                             suffix="fieldmap").run(cwd=str(tmp_path))
+    res = DerivativesDataSink(in_file="", output_dir=str(tmp_path / "out"), output="fieldmap", skip_empty=True,
+                              source_file="sub-01_dir-AP_dwi.nii.gz").run(cwd=str(tmp_path))
     assert res.outputs.out_file == ""
     f = tmp_path / "f.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(f))
-    res = DwiDerivativesSink(in_file=str(f), output_dir=str(tmp_path / "out"), base_entities={"subject": "01"},
-                             entities={"space": "dwi", "desc": "susceptibility"}, suffix="fieldmap",
-                             datatype="dwi", meta={"Units": "Hz"}).run(cwd=str(tmp_path))
+    res = DerivativesDataSink(in_file=str(f), output_dir=str(tmp_path / "out"), output="fieldmap", skip_empty=True,
+                              source_file="sub-01_dir-AP_dwi.nii.gz", meta={"Units": "Hz"}).run(cwd=str(tmp_path))
     out = Path(res.outputs.out_file)
-    assert out.name == "sub-01_space-dwi_desc-susceptibility_fieldmap.nii.gz"
+    assert out.relative_to(tmp_path / "out").as_posix() == \
+        "sub-01/dwi/sub-01_dir-AP_space-dwi_desc-susceptibility_fieldmap.nii.gz"
     assert json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["Units"] == "Hz"
 
 

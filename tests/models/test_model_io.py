@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bids_uad.errors import InputValidationError
+from bids_uad.models.bundle import load_bundle, score_volume
 from bids_uad.models.io import flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
-from bids_uad.training.bundle import load_bundle, train_model
-from bids_uad.training.settings import preset
+from bids_uad.models.settings import preset
+from bids_uad.training.fit import train_model
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
-from bids_uad.training.trainer import score_volume
 
 
 def _tiny(name):

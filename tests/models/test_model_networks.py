@@ -6,7 +6,7 @@ import torch
 
 from bids_uad.errors import UsageError
 from bids_uad.models import MODELS, get_model
-from bids_uad.training.settings import ModelSettings, Settings, preset
+from bids_uad.models.settings import ModelSettings, Settings, preset
 
 
 @pytest.fixture(autouse=True)

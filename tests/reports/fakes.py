@@ -96,12 +96,12 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     lines = ["\t".join(list(motion) + ["framewise_displacement"])]
     for i in range(n):
         lines.append("\t".join([f"{motion[k][i]:.6f}" for k in motion] + ["n/a" if i == 0 else f"{fd[i]:.6f}"]))
-    (dwi_dir / f"{p}_space-dwi_desc-motion_timeseries.tsv").write_text("\n".join(lines) + "\n")
+    (dwi_dir / f"{p}_desc-motion_timeseries.tsv").write_text("\n".join(lines) + "\n")
     if with_anomaly:
         for model, thr in (("dae", 0.3), ("recdisc", 0.5)):
             score = (rng.gamma(2.0, 0.05, shape) + 0.6 * tumour * rng.uniform(0.7, 1.0, shape)) * brain
-            meta = {"model": model, "model_file": f"model-{model}.json", "threshold_method": "fixed",
-                    "threshold": thr, "opening_size": 3, "ensemble": False, "folds": [0]}
+            meta = {"Model": model, "ModelFile": f"model-{model}.json", "ThresholdMethod": "fixed",
+                    "Threshold": thr, "OpeningSize": 3, "Ensemble": False, "Folds": [0]}
             _save(score.astype(np.float32), affine,
                   dwi_dir / f"{p}_space-dwi_model-{model}_stat-score_anomaly.nii.gz", meta)
             _save((score > thr).astype(np.uint8), affine,
@@ -129,7 +129,7 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     mni = resample_img(load_mni152_template(resolution=2), target_affine=mni_aff, target_shape=(46, 55, 46),
                        force_resample=True, copy_header=True)
     data = np.roll(np.asarray(mni.dataobj, np.float32), 1, axis=1)
-    _save(data, mni_aff, anat_dir / f"{p}_space-{SPACE}_desc-preproc_T1w.nii.gz",
+    _save(data, mni_aff, anat_dir / f"{p}_space-{SPACE}_desc-brain_T1w.nii.gz",
           {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": SPACE})
     return out
 
@@ -176,7 +176,7 @@ def make_group(out: Path) -> None:
     (group / "desc-evaluation_metrics.tsv").write_text("\n".join(rows) + "\n")
     for name in ("dae", "recdisc"):  # as bids_uad.workflows.group writes them
         wide = ["participant_id\tsession\tauroc\tauprc\tdice_fixed\tdice_otsu\tdice_healthy-fpr\t"
-                "dice_opened_fixed\tdice_opened_otsu\tdice_opened_healthy-fpr\tdice_oracle-dice"]
+                "dice_written_fixed\tdice_written_otsu\tdice_written_healthy-fpr\tdice_oracle-dice"]
         for i, s in enumerate(("pat01", "pat02")):
             wide.append(f"sub-{s}\tpre\t0.9{i}\t0.6{i}\t0.4{i}\t0.5{i}\t0.6{i}\t0.45\tn/a\t0.65\t0.8")
         (group / f"model-{name}_evaluation.tsv").write_text("\n".join(wide) + "\n")

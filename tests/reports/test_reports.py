@@ -169,11 +169,10 @@ def test_broken_image_does_not_break_report(tmp_path):
 
 
 def test_lookup_distinguishes_entities():
-    want = LOOKUP["t1w_mask"][1][0]
-    assert matches("sub-01_ses-pre_desc-brain_mask.nii.gz", want)
-    assert not matches("sub-01_ses-pre_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz", want)
-    assert matches("sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
-    assert not matches("sub-01_space-dwi_model-dae_desc-preproc_dwi.nii.gz", LOOKUP["dwi_preproc"][1][0])
+    want = LOOKUP["truth"][1][0]
+    assert matches("sub-01_ses-pre_space-dwi_desc-tumor_mask.nii.gz", want)
+    assert matches("sub-01_ses-pre_dir-AP_space-dwi_desc-tumor_mask.nii.gz", want)
+    assert not matches("sub-01_ses-pre_space-dwi_model-dae_desc-tumor_mask.nii.gz", want)
     from bids_uad.reports.collect import is_template_space
 
     assert is_template_space("MNI152NLin2009cAsym") and is_template_space("MNI152NLin2009aSym")
@@ -204,10 +203,10 @@ def test_group_report(built_reports):
     assert "model-dae_desc-training_loss.svg" in text
     assert "dice: models × threshold methods" in text
     assert "healthy-fpr" in text and "0.550 ± 0.000 (n=2)" in text  # long-format table
-    assert "Dice: models × threshold methods" in text  # from model-<name>_evaluation.tsv
+    assert "Dice of the written map (after post-processing): models × threshold methods" in text  # evaluation.tsv
     assert "0.605 ± 0.007 (n=2)" in text and "0.450 (n=1)" not in text and "0.450 ± 0.000 (n=2)" in text
     assert "model-dae_folds.tsv" not in text
-    assert "Dice with oracle thresholds" in text
+    assert "Dice before post-processing with oracle thresholds" in text
     assert "by group" in text and "patient: 1" in text
     for src in page.links:
         assert (group.parent / src).is_file(), src
@@ -268,7 +267,7 @@ def test_template_check_from_the_transform(tmp_path):
     ants = pytest.importorskip("ants")
     out = make_derivatives(tmp_path / "out", with_anomaly=False, evil=False)
     anat = out / "sub-01" / "ses-pre" / "anat"
-    next(anat.glob("*space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")).unlink()
+    next(anat.glob("*space-MNI152NLin2009cAsym_desc-brain_T1w.nii.gz")).unlink()
     tx = ants.new_ants_transform(dimension=3, transform_type="AffineTransform")
     ants.write_transform(tx, str(anat / "sub-01_ses-pre_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"))
     text = build_participant_report(settings_for(out), "01").read_text()

@@ -1,9 +1,4 @@
-"""Shared helpers of the robustness tests: run the real CLI, snapshot trees, compare outputs.
-
-The participant pipeline may still stop with exit 70 (a stage not implemented yet) after
-the stages that exist have run; the tests accept that outcome and check their property on
-whatever was produced, so they become stricter by themselves as stages land.
-"""
+"""Shared helpers of the robustness tests: run the real CLI, snapshot trees, compare outputs."""
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +13,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-#: exit codes a participant run may end with today: success, or "stage not implemented yet"
-ALLOWED = (0, 70)
+#: exit codes a participant run may end with: success (every stage exists)
+ALLOWED = (0,)
 RUN_ID = re.compile(r"\d{8}-\d{6}_[0-9a-f]{8}")
 
 
@@ -57,29 +52,14 @@ def run_cli(*args, timeout: float = 900, prefix: list[str] | None = None, **pope
 
 
 def assert_allowed(result: subprocess.CompletedProcess) -> None:
-    """The run succeeded, or stopped only because a stage is not implemented yet."""
+    """The run succeeded."""
     assert result.returncode in ALLOWED, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    if result.returncode == 70:
-        assert "not implemented yet" in result.stderr, result.stderr[-3000:]
-
-
-def dwi_stage_available() -> bool:
-    from bids_uad.workflows.base import stage_builder
-
-    return stage_builder("dwi") is not None
 
 
 def assert_preprocessed(out: Path, label: str) -> None:
-    """Once diffusion preprocessing exists, a participant run leaves its preprocessed dwi."""
-    if dwi_stage_available():
-        found = list(out.glob(f"sub-{label}/**/dwi/*_desc-preproc_dwi.nii.gz"))
-        assert found, f"no preprocessed dwi for sub-{label} in {out}"
-
-
-def participant_stages_available() -> bool:
-    from bids_uad.workflows.base import stage_builder
-
-    return all(stage_builder(stage) is not None for stage in ("dwi", "anat"))
+    """A participant run leaves its preprocessed dwi."""
+    found = list(out.glob(f"sub-{label}/**/dwi/*_desc-preproc_dwi.nii.gz"))
+    assert found, f"no preprocessed dwi for sub-{label} in {out}"
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -45,7 +45,7 @@ RUNNER = textwrap.dedent('''
     from nipype.interfaces.utility import Function
 
     from bids_uad.config import Settings
-    from bids_uad.workflows.base import run_workflow
+    from bids_uad.workflows.execution import run_workflow
 
 
     def first(marker_dir):

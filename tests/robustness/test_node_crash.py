@@ -22,7 +22,7 @@ def _crashing_dwi_builder(settings, name):
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file",
-                                                  "rpe_metadata", "source_entities"]), name="inputnode")
+                                                  "rpe_metadata", "source_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask", "b0_ref"]),
                          name="outputnode")
     boom = pe.Node(Function(input_names=["dwi_file"], output_names=["out"], function=_boom), name="boom")
@@ -33,9 +33,7 @@ def _crashing_dwi_builder(settings, name):
 def test_node_crash_gives_one_line_and_an_exit_code(tmp_path, monkeypatch, capsys):
     import bids_uad.workflows.base as base
 
-    real = base.stage_builder
-    monkeypatch.setattr(base, "stage_builder",
-                        lambda stage: _crashing_dwi_builder if stage == "dwi" else real(stage))
+    monkeypatch.setattr(base, "init_dwi_preproc_wf", _crashing_dwi_builder)
     bids = small_dwi_bids(tmp_path / "bids", n_controls=3, n_patients=1)
     out = tmp_path / "out"
     code = main([str(bids), str(out), "participant", "--participant-label", "ctrl01", "-w", str(tmp_path / "w")])

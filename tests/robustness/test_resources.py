@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bids_uad.config import Settings
-from bids_uad.workflows.base import nipype_plugin, run_workflow
+from bids_uad.workflows.execution import nipype_plugin, run_workflow
 from tests.robustness.helpers import REPO, assert_allowed, assert_preprocessed, cli_argv, cli_env, small_dwi_bids
 
 pytestmark = pytest.mark.timeout(900)

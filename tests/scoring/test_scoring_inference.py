@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from bids_uad.errors import InputValidationError
+from bids_uad.models.bundle import load_bundle
+from bids_uad.models.settings import preset
 from bids_uad.scoring.inference import evaluate, infer
-from bids_uad.training.bundle import load_bundle, train_from_dwi
-from bids_uad.training.settings import preset
+from bids_uad.training.fit import train_from_dwi
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 
 BVECS = fibonacci_directions(16)
@@ -38,7 +39,7 @@ def test_infer_maps_back_to_input_shape(bundle):
     amask = sub.mask & (sub.dseg != 1)
     res = infer(bundle, dwi, bvals, bvecs, sub.mask, amask)
     assert res.score.shape == res.mask.shape == res.pvalues.shape == sub.mask.shape
-    assert not np.any(res.mask & ~amask) and not np.any(res.mask_unopened & ~amask)
+    assert not np.any(res.mask & ~amask) and not np.any(res.mask_raw & ~amask)
     assert np.all(res.score[~amask] == 0) and np.all(res.pvalues[~amask] == 1)
     assert 0 < res.pvalues.min() and res.pvalues.max() <= 1
     assert res.method == "healthy-fpr" and res.info["model_sha256"] == bundle.file_hash
@@ -59,5 +60,5 @@ def test_evaluate_reports_every_method(bundle):
     out = evaluate(res.score, sub.lesion, sub.mask, "dae", bundle.settings.scoring, bundle.calibration())
     assert 0 <= out["auroc"] <= 1 and 0 <= out["auprc"] <= 1
     names = {"fixed", "otsu", "meanpool", "healthy-fpr", "fdr", "oracle-youden", "oracle-dice"}
-    assert set(out["dice"]) == set(out["dice_opened"]) == set(out["fpr"]) == names
+    assert set(out["dice"]) == set(out["dice_written"]) == set(out["fpr"]) == names
     assert out["dice"]["oracle-dice"] >= max(v for k, v in out["dice"].items() if not k.startswith("oracle"))

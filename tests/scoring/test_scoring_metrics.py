@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from bids_uad.scoring.metrics import (auprc, auroc, average_ranks, dice, dice_optimal_threshold, format_table,
+from bids_uad.algorithms.masking import dice
+from bids_uad.scoring.metrics import (auprc, auroc, average_ranks, dice_optimal_threshold, format_table,
                                       summarise, youden_threshold)
 
 

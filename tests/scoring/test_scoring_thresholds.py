@@ -7,8 +7,8 @@ from bids_uad.errors import UsageError
 from bids_uad.scoring.morphology import opening
 from bids_uad.scoring.thresholds import (benjamini_hochberg, meanpool_threshold, otsu_threshold,
                                          threshold_map)
-from bids_uad.training.calibration import Calibration, calibrate
-from bids_uad.training.settings import ScoringSettings
+from bids_uad.models.calibration import Calibration, calibrate
+from bids_uad.models.settings import ScoringSettings
 
 
 @pytest.mark.parametrize("fpr", [0.01, 0.05])

@@ -103,7 +103,9 @@ def test_lesions_inside_brain_and_growth_into_infiltration(tiny):
     # template-independent terms: the follow-up T1w grid equals the baseline's, poses differ, so use
     # the lesion parameters recorded by the generator)
     info = json.loads((root / TRUTH / "sub-pat01" / "sub-pat01_desc-lesion_info.json").read_text())
-    assert info["followup"]["mass_volume_ml"] > info["pre"]["mass_volume_ml"]
+    pre, follow = info["pre"]["lesions"][0], info["followup"]["lesions"][0]
+    assert pre["type"] == follow["type"] == "glioma" and pre["severity"] is None
+    assert follow["mass_volume_ml"] > pre["mass_volume_ml"]
 
 
 def test_distortion_round_trip_with_true_field(tiny):
@@ -205,6 +207,23 @@ def test_patient_truth_has_every_lesion_region(tiny):
         assert masks["core"].sum() >= 3 and masks["solid"].sum() >= masks["core"].sum() * 0.4
         assert masks["oedema"].sum() > 0 and masks["infiltration"].sum() > 0
         assert np.array_equal(masks["tumor"], masks["core"] | masks["solid"] | masks["oedema"])
+
+
+def test_glioma_is_the_default_and_one_lesion_in_the_truth(tiny):
+    """The default dataset's patient has one glioma: desc-lesions_dseg holds id 1 exactly where
+    desc-tumor is, its TSV names the glioma (no severity) with its dwi-space volume."""
+    root, _ = tiny
+    assert "lesion generator glioma" in (root / "dataset_description.json").read_text()
+    for ses in ("pre", "followup"):
+        stem = root / TRUTH / "sub-pat01" / f"ses-{ses}" / "dwi" / f"sub-pat01_ses-{ses}_space-dwi"
+        ids = _load(f"{stem}_desc-lesions_dseg.nii.gz")
+        assert np.array_equal(ids > 0, _load(f"{stem}_desc-tumor_mask.nii.gz") > 0) and set(np.unique(ids)) == {0, 1}
+        rows = [r.split("\t") for r in (stem.parent / f"{stem.name}_desc-lesions_dseg.tsv").read_text().splitlines()]
+        assert rows[0] == ["index", "name", "type", "severity", "volume_ml"]
+        assert rows[1][:4] == ["1", "lesion01", "glioma", "n/a"]
+        assert abs(float(rows[1][4]) - (ids == 1).sum() * 4.0 ** 3 / 1000) < 1e-3
+    assert not list((root / TRUTH / "sub-ctrl01").rglob("*desc-lesions_dseg*"))
+    assert not list((root / TRUTH / "sub-ctrl01").rglob("*desc-tumor_mask*"))
 
 
 def test_deterministic_by_seed(tmp_path):

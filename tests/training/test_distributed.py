@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from bids_uad.models import get_model
 from bids_uad.training import distributed, trainer
-from bids_uad.training.settings import preset
+from bids_uad.models.settings import preset
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from bids_uad.training.trainer import (LossModule, batch_arrays, latent_noise, shard_batch, train_fold,
                                        train_folds)

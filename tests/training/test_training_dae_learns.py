@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bids_uad.models import get_model
-from bids_uad.training.settings import preset
+from bids_uad.models.settings import preset
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from bids_uad.training.trainer import train_fold
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from bids_uad.errors import InputValidationError
-from bids_uad.training.inputs import (from_grid, grid_affine, match_directions, normalise_dwi,
+from bids_uad.models.inputs import (from_grid, grid_affine, match_directions, normalise_dwi,
                                       prepare_subject, reconcile_gradients, to_grid)
 from bids_uad.training.toydata import fibonacci_directions, random_rotation, tensor_signal
 

@@ -1,8 +1,8 @@
 """Synthetic out-of-distribution ellipsoids."""
 import numpy as np
 
+from bids_uad.models.settings import OODSettings
 from bids_uad.training.ood import add_ood_patches
-from bids_uad.training.settings import OODSettings
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 
 

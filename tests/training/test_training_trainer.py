@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bids_uad.errors import InputValidationError
-from bids_uad.training.bundle import train_from_dwi, train_model
+from bids_uad.models.settings import preset
+from bids_uad.training.fit import train_from_dwi, train_model
 from bids_uad.training.folds import make_folds
-from bids_uad.training.settings import preset
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from bids_uad.training.trainer import train_fold
 
@@ -49,7 +49,7 @@ def test_fewer_than_three_controls_is_an_error(controls):
         make_folds(2, 7, 0)
 
 
-@pytest.mark.parametrize("name", ["dae", "recdisc"])
+@pytest.mark.parametrize("name", ["dae", "recdisc", "cdae"])
 def test_seed_determinism(controls, name):
     data, masks = controls
     runs = [train_fold(_settings(name, epochs=2, seed=seed), data[:3], masks[:3], data[3:], masks[3:])
@@ -60,7 +60,7 @@ def test_seed_determinism(controls, name):
     assert runs[0].history == runs[1].history
 
 
-@pytest.mark.parametrize("name", ["dae", "recdisc"])
+@pytest.mark.parametrize("name", ["dae", "recdisc", "cdae"])
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, controls, name):
     data, masks = controls
     s = _settings(name)
@@ -85,6 +85,35 @@ def test_early_stopping_and_best_epoch(controls):
     assert len(res.history) < 30
     vals = [h["val_loss"] for h in res.history]
     assert res.best_epoch == int(np.argmin(vals)) and res.best_val_loss == min(vals)
+
+
+def test_cdae_validation_loss_uses_a_fixed_noise_draw(controls):
+    data, masks = controls
+    from bids_uad.training.trainer import _validation_loss
+    from bids_uad.models import get_model
+
+    s = _settings("cdae")
+    model = get_model("cdae", s.model)
+    val = [_validation_loss(model, data[3:], masks[3:], s, torch.device("cpu"), 0) for _ in range(2)]
+    assert val[0] == val[1] > 0
+    assert _validation_loss(model, data[3:], masks[3:], s, torch.device("cpu"), 1) != val[0]
+
+
+def test_progress_bar_shows_epoch_loss_and_time_left(controls, capsys):
+    data, masks = controls
+    s = _settings("cdae", epochs=2)
+    train_fold(replace(s, training=replace(s.training, progress=True)), data[:3], masks[:3], data[3:], masks[3:])
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "loss=" in err and "val=" in err and "left at most" in err
+
+
+def test_standard_preset_stops_early_and_keeps_quick_small():
+    for name in ("dae", "recdisc", "cdae"):
+        std, quick = preset("standard", name), preset("quick", name)
+        assert std.training.patience < std.training.epochs  # early stopping is reachable
+        assert quick.training.epochs * (quick.training.steps_per_epoch or 1) < \
+            std.training.epochs * (std.training.steps_per_epoch or 1)
+        assert std.model.depth > quick.model.depth
 
 
 def test_train_from_dwi_reconciles_gradients(controls):

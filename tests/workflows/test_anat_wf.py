@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_uad.algorithms.registration import dice
+from bids_uad.algorithms.masking import dice
 from bids_uad.algorithms.templates import NILEARN_NAME, phantom_head
 from bids_uad.config import Settings
 
@@ -65,7 +65,9 @@ def test_anat_wf_runs_and_writes_derivatives(session):
     wf.inputs.inputnode.dwi_ref = str(session["dwi"] / "b0.nii.gz")
     wf.inputs.inputnode.dwi_mask = str(session["dwi"] / "mask.nii.gz")
     wf.inputs.inputnode.lesion_mask = str(session["lesion"])
-    wf.inputs.inputnode.source_entities = {"subject": "pat01", "session": "pre"}
+    # the dwi run the T1w is registered to names the dwi-space outputs and the T1w<->dwi transforms
+    wf.inputs.inputnode.dwi_source_file = str(session["bids"] / "sub-pat01" / "ses-pre" / "dwi"
+                                              / "sub-pat01_ses-pre_acq-hb_dwi.nii.gz")
     wf.config["execution"]["remove_unnecessary_outputs"] = False
     graph = wf.run(plugin="Linear")
     out = settings.output_dir / "sub-pat01" / "ses-pre"
@@ -73,7 +75,7 @@ def test_anat_wf_runs_and_writes_derivatives(session):
         "desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz", "dseg.tsv",
         "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz", "label-CSF_probseg.nii.gz",
         "desc-ventricles_mask.nii.gz", "space-T1w_desc-preproc_FLAIR.nii.gz",
-        "from-T1w_to-dwi_mode-image_xfm.h5", "from-dwi_to-T1w_mode-image_xfm.h5",
+        "acq-hb_from-T1w_to-dwi_mode-image_xfm.h5", "acq-hb_from-dwi_to-T1w_mode-image_xfm.h5",
         f"from-T1w_to-{NILEARN_NAME}_mode-image_xfm.h5", f"from-{NILEARN_NAME}_to-T1w_mode-image_xfm.h5",
         f"space-{NILEARN_NAME}_desc-brain_T1w.nii.gz",
     ]
@@ -83,14 +85,14 @@ def test_anat_wf_runs_and_writes_derivatives(session):
                     "space-dwi_label-WM_probseg.nii.gz", "space-dwi_label-CSF_probseg.nii.gz",
                     "space-dwi_desc-ventricles_mask.nii.gz", "space-dwi_desc-analysis_mask.nii.gz"]
     for suffix in expected_dwi:
-        assert (out / "dwi" / f"sub-pat01_ses-pre_{suffix}").is_file(), suffix
-    dwi_dseg = nib.load(out / "dwi" / "sub-pat01_ses-pre_space-dwi_dseg.nii.gz")
+        assert (out / "dwi" / f"sub-pat01_ses-pre_acq-hb_{suffix}").is_file(), suffix
+    dwi_dseg = nib.load(out / "dwi" / "sub-pat01_ses-pre_acq-hb_space-dwi_dseg.nii.gz")
     truth = nib.load(session["dwi"] / "truth_dseg.nii.gz")
     assert dwi_dseg.shape == truth.shape and np.allclose(dwi_dseg.affine, truth.affine)
     assert set(np.unique(dwi_dseg.get_fdata())) <= {0, 1, 2, 3}
     assert dice(dwi_dseg.get_fdata() == 3, truth.get_fdata() == 3) > 0.6
-    analysis = nib.load(out / "dwi" / "sub-pat01_ses-pre_space-dwi_desc-analysis_mask.nii.gz").get_fdata()
-    vent = nib.load(out / "dwi" / "sub-pat01_ses-pre_space-dwi_desc-ventricles_mask.nii.gz").get_fdata()
+    analysis = nib.load(out / "dwi" / "sub-pat01_ses-pre_acq-hb_space-dwi_desc-analysis_mask.nii.gz").get_fdata()
+    vent = nib.load(out / "dwi" / "sub-pat01_ses-pre_acq-hb_space-dwi_desc-ventricles_mask.nii.gz").get_fdata()
     assert analysis.sum() > 0 and not (analysis.astype(bool) & vent.astype(bool)).any()
     meta = json.loads((out / "anat" / "sub-pat01_ses-pre_desc-brain_mask.json").read_text())
     assert meta["Template"] == NILEARN_NAME
@@ -113,11 +115,11 @@ def test_anat_wf_without_flair_or_dwi(session):
     wf.inputs.inputnode.dwi_ref = ""
     wf.inputs.inputnode.dwi_mask = ""
     wf.inputs.inputnode.lesion_mask = ""
-    wf.inputs.inputnode.source_entities = {"subject": "pat01"}
+    wf.inputs.inputnode.dwi_source_file = ""
     wf.run(plugin="Linear")
-    out = settings.output_dir / "sub-pat01"
-    assert (out / "anat" / "sub-pat01_dseg.nii.gz").is_file()
-    assert not (out / "anat" / "sub-pat01_space-T1w_desc-preproc_FLAIR.nii.gz").exists()
+    out = settings.output_dir / "sub-pat01" / "ses-pre"  # named after the T1w source file
+    assert (out / "anat" / "sub-pat01_ses-pre_dseg.nii.gz").is_file()
+    assert not (out / "anat" / "sub-pat01_ses-pre_space-T1w_desc-preproc_FLAIR.nii.gz").exists()
     assert not (out / "dwi").exists()
 
 

@@ -75,7 +75,7 @@ def _run(tmp_path, series):
     i = wf.get_node("inputnode").inputs
     i.dwi_file, i.bval_file, i.bvec_file = series["dwi"], series["bval"], series["bvec"]
     i.dwi_metadata, i.rpe_file, i.rpe_metadata = series["meta"], series["rpe"], series["rpe_meta"]
-    i.source_entities = {"subject": "01", "session": "pre", "direction": "AP", "suffix": "dwi"}
+    i.source_file = series["dwi"]
     wf.config["execution"]["crashdump_dir"] = str(tmp_path / "crash")
     graph = wf.run(plugin="Linear")
     return settings, graph
@@ -85,19 +85,20 @@ def test_workflow_writes_all_derivatives(tmp_path):
     series = make_series(tmp_path / "bids")
     settings, _ = _run(tmp_path, series)
     out = settings.output_dir / "sub-01" / "ses-pre" / "dwi"
-    stem = "sub-01_ses-pre_space-dwi"
+    stem = "sub-01_ses-pre_dir-AP_space-dwi"
     expected = [f"{stem}_desc-preproc_dwi.nii.gz", f"{stem}_desc-preproc_dwi.bval", f"{stem}_desc-preproc_dwi.bvec",
                 f"{stem}_desc-preproc_dwi.json", f"{stem}_desc-b0_dwiref.nii.gz", f"{stem}_desc-brain_mask.nii.gz",
-                f"{stem}_desc-susceptibility_fieldmap.nii.gz", "sub-01_ses-pre_desc-motion_timeseries.tsv",
-                "sub-01_ses-pre_desc-motion_timeseries.json"]
+                f"{stem}_desc-susceptibility_fieldmap.nii.gz", "sub-01_ses-pre_dir-AP_desc-motion_timeseries.tsv",
+                "sub-01_ses-pre_dir-AP_desc-motion_timeseries.json"]
     expected += [f"{stem}_model-tensor_param-{p}_dwimap.nii.gz" for p in ("fa", "md", "ad", "rd", "s0")]
     for name in expected:
         assert (out / name).exists(), name
-    assert not any("dir-" in p.name for p in out.iterdir())
+    # the raw dwi's dir-AP names every derivative (a second run, dir-PA, would get its own set)
+    assert all("_dir-AP_" in p.name for p in out.iterdir())
     side = json.loads((out / f"{stem}_desc-preproc_dwi.json").read_text())
     assert side["Backend"] == "python"
     assert side["SusceptibilityDistortionCorrection"].startswith("TOPUP")
-    tsv = (out / "sub-01_ses-pre_desc-motion_timeseries.tsv").read_text().splitlines()
+    tsv = (out / "sub-01_ses-pre_dir-AP_desc-motion_timeseries.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:7] == ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
                                       "framewise_displacement"]
     assert len(tsv) == 1 + 13
@@ -113,10 +114,10 @@ def test_workflow_without_reverse_pe(tmp_path):
     series = make_series(tmp_path / "bids", with_rpe=False)
     settings, _ = _run(tmp_path, series)
     out = settings.output_dir / "sub-01" / "ses-pre" / "dwi"
-    side = json.loads((out / "sub-01_ses-pre_space-dwi_desc-preproc_dwi.json").read_text())
+    side = json.loads((out / "sub-01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.json").read_text())
     assert side["SusceptibilityDistortionCorrection"] == "None (no reverse phase-encoding image)"
     assert not list(out.glob("*fieldmap*"))
-    assert (out / "sub-01_ses-pre_space-dwi_model-tensor_param-md_dwimap.nii.gz").exists()
+    assert (out / "sub-01_ses-pre_dir-AP_space-dwi_model-tensor_param-md_dwimap.nii.gz").exists()
 
 
 def test_fsl_backend_chosen_when_installed(tmp_path, monkeypatch):
@@ -147,14 +148,14 @@ def test_workflow_on_real_ap_pa_series(tmp_path):
     out = settings.output_dir / "sub-01" / "ses-pre" / "dwi"
     raw = [p for p in (tmp_path / "work").rglob("sdc_raw_*.nii.gz")]
     cor = [p for p in (tmp_path / "work").rglob("sdc_cor_*.nii.gz")]
-    mask = nib.load(str(out / "sub-01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
+    mask = nib.load(str(out / "sub-01_ses-pre_dir-AP_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
 
     def corr(files):
         a, b = (nib.load(str(f)).get_fdata() for f in sorted(files))
         return np.corrcoef(a[mask], b[mask])[0, 1]
 
     assert corr(cor) > corr(raw) + 0.1
-    fa = nib.load(str(out / "sub-01_ses-pre_space-dwi_model-tensor_param-fa_dwimap.nii.gz")).get_fdata()
+    fa = nib.load(str(out / "sub-01_ses-pre_dir-AP_space-dwi_model-tensor_param-fa_dwimap.nii.gz")).get_fdata()
     assert 0.1 < np.median(fa[mask]) < 0.6
 
 
@@ -176,13 +177,13 @@ def test_workflow_on_generated_synthetic_subject(tmp_path):
     i.dwi_file, i.bval_file, i.bvec_file = f"{dwi}.nii.gz", f"{dwi}.bval", f"{dwi}.bvec"
     i.dwi_metadata = json.loads(Path(f"{dwi}.json").read_text())
     i.rpe_file, i.rpe_metadata = f"{rpe}.nii.gz", json.loads(Path(f"{rpe}.json").read_text())
-    i.source_entities = {"subject": "ctrl01", "session": "pre", "direction": "AP"}
+    i.source_file = f"{dwi}.nii.gz"
     wf.run(plugin="Linear")
     out = settings.output_dir / "sub-ctrl01" / "ses-pre" / "dwi"
     truth = bids / "derivatives" / "synthetic-truth" / "sub-ctrl01" / "ses-pre" / "dwi"
     mask = nib.load(str(truth / "sub-ctrl01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
     trt = i.dwi_metadata["TotalReadoutTime"]
-    est = nib.load(str(out / "sub-ctrl01_ses-pre_space-dwi_desc-susceptibility_fieldmap.nii.gz")).get_fdata()
+    est = nib.load(str(out / "sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-susceptibility_fieldmap.nii.gz")).get_fdata()
     true = nib.load(str(truth / "sub-ctrl01_ses-pre_desc-susceptibility_fieldmap.nii.gz")).get_fdata()
     assert np.median(np.abs(est - true)[mask]) * trt < 0.2
     import csv
@@ -193,9 +194,9 @@ def test_workflow_on_generated_synthetic_subject(tmp_path):
         return np.array([[float(r[c]) for c in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")]
                          for r in rows])
 
-    m_est = read(out / "sub-ctrl01_ses-pre_desc-motion_timeseries.tsv")
+    m_est = read(out / "sub-ctrl01_ses-pre_dir-AP_desc-motion_timeseries.tsv")
     m_true = read(truth / "sub-ctrl01_ses-pre_desc-motion_timeseries.tsv")
     assert np.abs(m_est[:, :3] - m_true[:, :3]).mean() < 0.6  # 4 mm voxels
     assert np.rad2deg(np.abs(m_est[:, 3:] - m_true[:, 3:])).mean() < 0.4
-    mask_est = nib.load(str(out / "sub-ctrl01_ses-pre_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
+    mask_est = nib.load(str(out / "sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
     assert 2 * (mask_est & mask).sum() / (mask_est.sum() + mask.sum()) > 0.9

@@ -21,22 +21,28 @@ SHAPE = (16, 16, 12)
 N_DIRS = 12
 
 
-def _write_derivatives(out, lesions, label, seed, lesion):
+def _write_derivatives(out, lesions, label, seed, lesion, runs=("",)):
+    for index, run in enumerate(runs):
+        _write_run(out, lesions, label, seed + index, lesion and index == 0, run)
+
+
+def _write_run(out, lesions, label, seed, lesion, run):
     bvecs = fibonacci_directions(N_DIRS)
     toy = make_toy_subject(SHAPE, bvecs, seed=seed, lesion=lesion, lesion_radius=0.3)
     s0 = 1000.0
     dwi = np.concatenate([np.where(toy.mask, s0, 0)[..., None], toy.data * s0], axis=-1).astype(np.float32)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     folder = out / f"sub-{label}" / "ses-pre" / "dwi"
-    folder.mkdir(parents=True)
-    stem = f"sub-{label}_ses-pre_space-dwi"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"sub-{label}_ses-pre{'_' + run if run else ''}_space-dwi"
     nib.save(nib.Nifti1Image(dwi, affine), folder / f"{stem}_desc-preproc_dwi.nii.gz")
     (folder / f"{stem}_desc-preproc_dwi.bval").write_text(" ".join(["0"] + ["1000"] * N_DIRS))
     full = np.vstack([[0, 0, 0], bvecs])
     (folder / f"{stem}_desc-preproc_dwi.bvec").write_text("\n".join(" ".join(map(str, r)) for r in full.T))
     nib.save(nib.Nifti1Image(toy.mask.astype(np.uint8), affine), folder / f"{stem}_desc-brain_mask.nii.gz")
-    analysis = np.isin(toy.dseg, (2, 3)).astype(np.uint8)
-    nib.save(nib.Nifti1Image(analysis, affine), folder / f"{stem}_desc-analysis_mask.nii.gz")
+    if lesion or "PA" not in run:  # the T1w was registered to the first run only
+        analysis = np.isin(toy.dseg, (2, 3)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(analysis, affine), folder / f"{stem}_desc-analysis_mask.nii.gz")
     if lesion:
         lfolder = lesions / f"sub-{label}" / "ses-pre" / "dwi"
         lfolder.mkdir(parents=True)
@@ -49,7 +55,8 @@ def levels_setup(tmp_path):
     out, lesions = tmp_path / "out", tmp_path / "lesions"
     for i, label in enumerate(["ctrl01", "ctrl02", "ctrl03", "ctrl04"]):
         _write_derivatives(out, lesions, label, seed=i, lesion=False)
-    _write_derivatives(out, lesions, "pat01", seed=10, lesion=True)
+    # two full-DTI runs in opposite phase encoding, as sub-canon61: each is scored on its own
+    _write_derivatives(out, lesions, "pat01", seed=10, lesion=True, runs=("dir-AP", "dir-PA"))
     return bids, out, lesions, tmp_path / "work"
 
 
@@ -63,7 +70,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
     code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work),
                  "--lesion-masks", str(lesions), "--seed", "3"])
     assert code == 0, capsys.readouterr().err
-    for model in ("dae", "recdisc"):
+    for model in ("dae", "recdisc", "normative", "meansignal"):
         meta = json.loads((out / "models" / f"model-{model}.json").read_text())
         assert (out / "models" / f"model-{model}.safetensors").is_file()
         assert meta["training_subjects"] == ["ctrl01", "ctrl02", "ctrl03", "ctrl04"]
@@ -76,29 +83,44 @@ def test_group_then_participant_inference(levels_setup, capsys):
         assert "dice_oracle-dice" in rows[0]
         summary = {r["metric"]: r for r in _tsv(out / "group" / f"model-{model}_evaluation_summary.tsv")}
         assert summary["auroc"]["n"] == "1"
+    detection = {r["detector"]: r for r in _tsv(out / "group" / "detection_summary.tsv")}
+    assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
+    assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
+    assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
 
     code = main([str(bids), str(out), "participant", "--model", str(out / "models"), "--participant-label",
-                 "pat01", "-w", str(work), "--threshold", "healthy-fpr"])
+                 "pat01", "-w", str(work)])  # no --threshold: the model file's healthy-fpr
     err = capsys.readouterr().err
     assert code == 0, err
     html = (out / "sub-pat01.html").read_text()
     assert "model-dae" in html or "dae" in html
     folder = out / "sub-pat01" / "ses-pre" / "dwi"
-    for model in ("dae", "recdisc"):
-        score = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_stat-score_anomaly.nii.gz"
-        mask = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_desc-anomaly_mask.nii.gz"
-        pvalue = folder / f"sub-pat01_ses-pre_space-dwi_model-{model}_stat-pvalue_anomaly.nii.gz"
-        assert score.is_file() and mask.is_file() and pvalue.is_file()
-        img = nib.load(score)
-        assert img.shape == SHAPE
-        analysis = np.asarray(nib.load(folder / "sub-pat01_ses-pre_space-dwi_desc-analysis_mask.nii.gz").dataobj) > 0
-        assert np.all(np.asarray(img.dataobj)[~analysis] == 0)
-        assert np.all(np.asarray(nib.load(mask).dataobj)[~analysis] == 0)
-        meta = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
-        assert meta["threshold_method"] == "healthy-fpr" and meta["model_sha256"]
-        assert meta["Sources"][0].endswith("_desc-preproc_dwi.nii.gz")
+    for run in ("dir-AP", "dir-PA"):
+        stem = f"sub-pat01_ses-pre_{run}_space-dwi"
+        for model in ("dae", "recdisc", "normative", "meansignal"):
+            score = folder / f"{stem}_model-{model}_stat-score_anomaly.nii.gz"
+            mask = folder / f"{stem}_model-{model}_desc-anomaly_mask.nii.gz"
+            pvalue = folder / f"{stem}_model-{model}_stat-pvalue_anomaly.nii.gz"
+            assert score.is_file() and mask.is_file() and pvalue.is_file()
+            img = nib.load(score)
+            assert img.shape == SHAPE
+            meta = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
+            assert meta["ThresholdMethod"] == "healthy-fpr" and meta["ModelSHA256"]
+            assert meta["ThresholdSource"].startswith("model file") and "written map" in meta["ThresholdReason"]
+            assert "threshold_method" not in meta  # one spelling: BIDS CamelCase
+            assert meta["Sources"][0].endswith(f"{run}_space-dwi_desc-preproc_dwi.nii.gz")
+            # the report shows every run's maps
+            assert f"sub-pat01_ses-pre_{run}_space-dwi_model-{model}_stat-score_anomaly.svg" in html
+            if run == "dir-AP":  # scored in the analysis mask of the run the T1w was registered to
+                analysis = np.asarray(nib.load(folder / f"{stem}_desc-analysis_mask.nii.gz").dataobj) > 0
+                assert np.all(np.asarray(img.dataobj)[~analysis] == 0)
+                assert np.all(np.asarray(nib.load(mask).dataobj)[~analysis] == 0)
+            else:  # no analysis mask for this run: the brain mask
+                assert meta["AnalysisMask"] == "brain mask"
+    assert not list(folder.glob("sub-pat01_ses-pre_space-dwi_model-*"))
 
 
 def test_group_without_participant_derivatives(tmp_path, capsys):
@@ -106,3 +128,20 @@ def test_group_without_participant_derivatives(tmp_path, capsys):
     code = main([str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "w"), "--train-preset", "quick"])
     assert code == 18
     assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_group_and_participant_with_cdae(levels_setup, capsys):
+    bids, out, lesions, work = levels_setup
+    code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work), "--models", "cdae",
+                 "--lesion-masks", str(lesions)])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "models" / "model-cdae.json").read_text())
+    assert meta["architecture"]["class"] == "CoarseDAE" and len(meta["folds"]) == 3
+    assert not (out / "models" / "model-dae.json").exists()
+    code = main([str(bids), str(out), "participant", "--model", str(out / "models" / "model-cdae.json"),
+                 "--participant-label", "pat01", "-w", str(work), "--threshold", "fixed"])
+    assert code == 0, capsys.readouterr().err
+    score = out / "sub-pat01" / "ses-pre" / "dwi" / "sub-pat01_ses-pre_space-dwi_model-cdae_stat-score_anomaly.nii.gz"
+    assert score.is_file()
+    side = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())
+    assert side["threshold_method"] == "healthy-fpr"  # no reference fixed value: the model file's method

@@ -8,7 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.workflows.base import LOCAL_POLL_SLEEP_S, NodeProgress, run_workflow
+from bids_uad.workflows.execution import LOCAL_POLL_SLEEP_S, NodeProgress, run_workflow
 
 
 def _add_one(x):
@@ -67,7 +67,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.workflows.base import run_workflow
+from bids_uad.workflows.execution import run_workflow
 
 
 def convolve(threads):
@@ -122,7 +122,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_uad.config import Settings
-from bids_uad.workflows.base import run_workflow
+from bids_uad.workflows.execution import run_workflow
 
 
 def talk(x):

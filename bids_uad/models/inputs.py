@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.errors import InputValidationError
 
 LOG = logging.getLogger(__name__)
-B0_THRESHOLD = 50.0
 
 
 def normalise_dwi(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,

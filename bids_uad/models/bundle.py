@@ -1,10 +1,13 @@
 """A trained model: all fold networks + calibration + metadata, saved as safetensors + JSON.
 
-Entry points for the group level:
+The artefact that the group level writes and inference reads:
 
-* :func:`train_model` — arrays already on the grid (from :func:`prepare_subject`).
-* :func:`train_from_dwi` — raw preprocessed dwi arrays with their gradient tables.
-* :meth:`ModelBundle.save` / :func:`load_bundle` — ``<dir>/model-<name>.safetensors/.json``.
+* :class:`FoldResult` — one fold's network with its calibration and bookkeeping.
+* :class:`ModelBundle` — the folds of one architecture; :meth:`ModelBundle.save` /
+  :func:`load_bundle` — ``<dir>/model-<name>.safetensors/.json``.
+* :func:`score_volume` — one network's score map of one subject on the model grid.
+
+Training lives in :mod:`bids_uad.training` (:func:`bids_uad.training.fit.train_model`).
 """
 from __future__ import annotations
 
@@ -12,22 +15,58 @@ import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from bids_uad.errors import InputValidationError
+from bids_uad.bids.gradients import B0_THRESHOLD
+from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
-from bids_uad.models.io import data_hash, file_sha256, load_tensors, save_tensors
-from bids_uad.training.calibration import Calibration, pool
-from bids_uad.training.inputs import B0_THRESHOLD, dw_gradients, prepare_subject, to_grid
-from bids_uad.training.settings import Settings
-from bids_uad.training.trainer import FoldResult, resolve_device, train_folds
+from bids_uad.models.calibration import Calibration, pool
+from bids_uad.models.io import file_sha256, save_tensors
+from bids_uad.models.settings import Settings
+from bids_uad.models.validate import validate_model_file
 
 LOG = logging.getLogger(__name__)
 NORMALISATION = {"method": "dw / mean(b0), clipped to [0, 1], b0 removed, masked",
                  "b0_threshold": B0_THRESHOLD, "grid": "centre pad/crop"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class FoldResult:
+    """One trained fold: the best-validation model and its bookkeeping."""
+
+    fold: int
+    model: torch.nn.Module
+    train_idx: list[int]
+    val_idx: list[int]
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    calibration: Calibration | None = None
+
+
+@torch.no_grad()
+def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
+    """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid."""
+    if device is None:  # the baselines have buffers only
+        first = next(iter(model.parameters()), None)
+        first = next(iter(model.buffers()), None) if first is None else first
+        device = torch.device("cpu") if first is None else first.device
+    device = torch.device(device)
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
+    return model.score(x)[0].float().cpu().numpy()
 
 
 def _versions() -> dict[str, str]:
@@ -90,8 +129,12 @@ class ModelBundle:
                        "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss, "history": f.history,
                        "calibration": None if f.calibration is None else {
                            "n_healthy_voxels": f.calibration.n,
-                           "threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
-                           "fpr": self.settings.scoring.fpr}}
+                           "threshold_at_fpr": f.calibration.threshold_for(self.settings.scoring.fpr),
+                           "fpr": self.settings.scoring.fpr,
+                           "voxelwise_threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
+                           "written_map_level": f.calibration.level,
+                           "written_map_target_fpr": f.calibration.target_fpr,
+                           "written_map_fpr_on_calibration_controls": f.calibration.written_fpr}}
                       for f in self.folds],
             "best_fold": self.best_fold(),
             "versions": self.versions,
@@ -120,8 +163,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         if len(found) != 1:
             raise InputValidationError(f"expected one model-*.json in the folder, found {len(found)}", path)
         path = found[0]
-    tensors, meta = load_tensors(path)
-    settings = Settings.from_dict(meta["settings"])
+    checked = validate_model_file(path)  # the same checks as at start-up (--model)
+    tensors, meta, settings = load_file(str(checked.tensor_path)), checked.meta, checked.settings
     dev = resolve_device(device)
     subjects = meta["training_subjects"]
     folds = []
@@ -134,56 +177,15 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         model.load_state_dict(state, strict=True)
         model.to(dev).eval()
         null = tensors.get(prefix + "calibration.null")
+        cm = fm.get("calibration") or {}
         index = {s: i for i, s in enumerate(subjects)}
         folds.append(FoldResult(k, model, [index[s] for s in fm["train_subjects"]],
                                 [index[s] for s in fm["heldout_subjects"]], fm["best_epoch"],
                                 fm["best_val_loss"], fm["history"],
-                                None if null is None else Calibration(null.numpy())))
+                                None if null is None else Calibration(
+                                    null.numpy(), cm.get("written_map_level"), cm.get("written_map_target_fpr"),
+                                    cm.get("written_map_fpr_on_calibration_controls"))))
     stem = Path(path).with_suffix("") if Path(path).suffix in (".json", ".safetensors") else Path(path)
     return ModelBundle(settings, folds, np.asarray(meta["reference_gradients"]["bvals"]),
                        np.asarray(meta["reference_gradients"]["bvecs"]), subjects, meta["data_hash"],
                        meta["versions"], stem.with_suffix(".json"), meta["tensor_sha256"])
-
-
-def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                subjects: Sequence[str], ref_bvals: np.ndarray, ref_bvecs: np.ndarray,
-                analysis_masks: Sequence[np.ndarray] | None = None,
-                checkpoint_dir: str | Path | None = None) -> ModelBundle:
-    """Train and calibrate all folds on control arrays (C, X, Y, Z) already on the model grid.
-
-    ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
-    inference can reconcile other protocols.  ``analysis_masks`` (default: brain masks)
-    select the healthy voxels used for calibration.
-    """
-    if len(subjects) != len(data):
-        raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
-    if len(set(subjects)) != len(subjects):
-        raise InputValidationError("subject labels must be unique")
-    if len(ref_bvals) != settings.model.n_channels:
-        raise InputValidationError(
-            f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
-    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir)
-    return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
-                       list(subjects), data_hash(data))
-
-
-def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequence[np.ndarray],
-                   bvecs: Sequence[np.ndarray], masks: Sequence[np.ndarray], subjects: Sequence[str],
-                   analysis_masks: Sequence[np.ndarray] | None = None,
-                   checkpoint_dir: str | Path | None = None) -> ModelBundle:
-    """Like :func:`train_model` from raw preprocessed dwi (with b0s) in diffusion space.
-
-    The first subject's diffusion-weighted gradient table is the reference; the others are
-    reconciled to it (permutation or SH resampling; a different b-value raises).
-    """
-    if len(dwis) < 3:
-        raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
-    ref_bvals, ref_bvecs = dw_gradients(bvals[0], bvecs[0])
-    grid = settings.model.grid
-    prepared = [prepare_subject(d, bv, bc, m, grid, ref_bvals, ref_bvecs)
-                for d, bv, bc, m in zip(dwis, bvals, bvecs, masks)]
-    amasks = None
-    if analysis_masks is not None:
-        amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]
-    return train_model(settings, [p.data for p in prepared], [p.mask for p in prepared], subjects,
-                       ref_bvals, ref_bvecs, amasks, checkpoint_dir)

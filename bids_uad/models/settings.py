@@ -13,10 +13,14 @@ from typing import Any
 
 from bids_uad.errors import UsageError
 
-MODEL_NAMES = ("dae", "recdisc")
+MODEL_NAMES = ("dae", "recdisc", "cdae", "normative", "meansignal")
+#: models trained at the group level when --models is not given
+DEFAULT_MODELS = ("dae", "recdisc", "normative", "meansignal")
+SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
+POSTPROCESS = ("cluster", "opening")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class ModelSettings:
     max_features: int = 128
     depth: int = 4  # number of stride-2 downsamplings
     latent_size: int = 128  # DAE dense latent (16-512 in the paper)
+    variational: bool = True  # DAE: False = plain convolutional autoencoder (z = mu, no KL term)
+    noise_std: float = 0.2  # cdae: standard deviation of the coarse training noise (signal ratio units)
+    noise_scale: int = 8  # cdae: side in voxels of the low-resolution cells the noise is drawn on
+    score_reduction: str = "abs-sum"  # dae/cdae score: |sum_c r_c| ("abs-sum") or sum_c |r_c| ("sum-abs")
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
     kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL (MSE a mean, KL summed over latent)
@@ -38,6 +46,9 @@ class ModelSettings:
     logvar_bound: float = 20.0  # DAE: logvar clamped to +-bound, straight-through gradient
     bce_weight: float = 1.0  # RecDiscNet: loss = MSE + bce_weight * BCE
     pos_weight: float = 3.0  # RecDiscNet: BCE positive-class weight p1
+    normative_pool_below: int = 20  # normative: pool each voxel's neighbourhood when fewer controls
+    normative_pool_radius: int = 1  # normative: neighbourhood half-width in voxels (1: 3x3x3)
+    normative_smoothing: float = 1.0  # normative: Gaussian sigma (voxels) of the centre/spread maps
 
     def __post_init__(self) -> None:
         if self.output_activation not in ("sigmoid", "linear"):
@@ -50,6 +61,10 @@ class ModelSettings:
             raise UsageError("logvar_bound must be positive")
         if self.norm not in ("instance", "group"):
             raise UsageError(f"norm must be instance or group, not {self.norm!r}")
+        if self.score_reduction not in SCORE_REDUCTIONS:
+            raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
+        if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
+            raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
         if not 1 <= self.latent_size <= 4096:
             raise UsageError(f"latent_size {self.latent_size} out of range")
         div = 2 ** self.depth
@@ -109,13 +124,25 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """Calibration and thresholding."""
+    """Calibration, thresholding and post-processing of the binary map.
+
+    ``threshold_method`` here is the one default of the product: the group level stores it in
+    every model file and participant-level inference uses it unless ``--threshold`` overrides.
+    ``healthy-fpr`` is calibrated for the map that is written (after post-processing), see
+    :func:`bids_uad.models.calibration.calibrate_written`.
+    """
 
     threshold_method: str = "healthy-fpr"
-    fpr: float = 0.01  # healthy-fpr: target false-positive rate on healthy tissue
+    fpr: float = 0.01  # healthy-fpr: target false-positive rate on healthy tissue of the written map
     fdr_q: float = 0.05  # fdr: Benjamini-Hochberg level on conformal p-values
-    fixed_threshold: float | None = None  # None: 0.3 for DAE, 0.5 for RecDiscNet
+    fixed_threshold: float | None = None  # None: 0.3 for DAE, 0.5 for RecDiscNet (reference score scale)
     meanpool_size: int = 16
+    # post-processing of the thresholded map: "cluster" removes 26-connected clusters smaller than
+    # min_cluster_voxels (the group level sizes it to min_cluster_ml from the controls' voxel size),
+    # "opening" is the reference's binary opening with an opening_size^3 cube
+    postprocess: str = "cluster"
+    min_cluster_ml: float = 0.5
+    min_cluster_voxels: int = 8
     opening_size: int = 3  # cube side of the morphological opening; 0 or 1 disables it
     max_null_samples: int = 200_000  # healthy scores kept per fold for p-values
 
@@ -124,6 +151,14 @@ class ScoringSettings:
             raise UsageError(f"threshold method must be one of {THRESHOLD_METHODS}, not {self.threshold_method!r}")
         if not 0 < self.fpr < 1 or not 0 < self.fdr_q < 1:
             raise UsageError("fpr and fdr_q must lie in (0, 1)")
+        if self.postprocess not in POSTPROCESS:
+            raise UsageError(f"postprocess must be one of {POSTPROCESS}, not {self.postprocess!r}")
+        if self.min_cluster_voxels < 1 or not self.min_cluster_ml >= 0:
+            raise UsageError("min_cluster_voxels must be >= 1 and min_cluster_ml >= 0")
+
+    def sized_to(self, voxel_ml: float) -> "ScoringSettings":
+        """The same settings with ``min_cluster_voxels`` = ``min_cluster_ml`` in voxels of ``voxel_ml``."""
+        return replace(self, min_cluster_voxels=max(1, int(self.min_cluster_ml / voxel_ml)))
 
 
 @dataclass(frozen=True)
@@ -166,7 +201,8 @@ def _build(cls, data: dict[str, Any]):
 
 
 def preset(name: str, model: str = "dae") -> Settings:
-    """Named settings: ``quick`` (tiny CPU model for tests/CI) or ``paper`` (reference geometry)."""
+    """Named settings: ``quick`` (tiny CPU model for tests/CI), ``standard`` (real training with early
+    stopping on CPU) or ``paper`` (reference geometry)."""
     if name == "quick":
         # Sized for CI: a few dozen Adam steps per fold on CPU.  The DAE needs the fan-in
         # parametrisation of its dense latent layers at this learning rate (see FanInLinear).
@@ -178,6 +214,18 @@ def preset(name: str, model: str = "dae") -> Settings:
                                       steps_per_epoch=4, n_folds=3, patience=5, progress=False),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )
+    if name == "standard":
+        # Real training on 2 CPU cores: a mid-size network trained until its validation loss stops
+        # improving (patience), sized so that one model (3 folds) on the `small` synthetic dataset
+        # (54x54x34 dwi, 32 directions) finishes in <= 15 min; the epoch cap only bounds the time.
+        lr = 1e-3
+        return Settings(
+            model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
+                                max_features=32, depth=3, latent_size=128, latent_scaling="fan-in"),
+            training=TrainingSettings(epochs=40, learning_rate=lr, lr_decay=0.98, batch_size=2,
+                                      steps_per_epoch=4, n_folds=3, patience=6),
+            ood=OODSettings(min_radius=0.1, max_radius=0.3),
+        )
     if name == "paper":
         return Settings(
             model=ModelSettings(name=model, grid=(96, 96, 64), n_channels=64, features=16,
@@ -185,4 +233,4 @@ def preset(name: str, model: str = "dae") -> Settings:
             training=TrainingSettings(epochs=100, learning_rate=1e-4, lr_decay=0.95, batch_size=4,
                                       n_folds=7, patience=15),
         )
-    raise UsageError(f"unknown preset {name!r}; choose quick or paper")
+    raise UsageError(f"unknown preset {name!r}; choose quick, standard or paper")

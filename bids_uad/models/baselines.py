@@ -1,0 +1,145 @@
+"""Baseline detectors registered as models: what a neuroradiologist tries first.
+
+Both take the same input as the networks (diffusion-weighted signal ratios on the model grid,
+(B, C, X, Y, Z)) and are trained, calibrated, saved and run exactly like them; they are *fitted*
+instead of optimised (``trainable = False``; see :func:`bids_uad.training.trainer.fit_fold`).
+
+* :class:`MeanSignal` — ``1 − mean diffusion-weighted signal ratio``: a diffusivity detector with
+  no training; only its threshold is calibrated on held-out controls.
+* :class:`NormativeModel` — a voxelwise normative model of DTI metrics (FA, MD, mean
+  diffusion-weighted ratio) from the training controls: per voxel a robust centre (median) and
+  spread (1.4826 × MAD), pooled over a neighbourhood when the controls are few, smoothed; the
+  score is the largest absolute robust z over the metrics.  Space: the subject's diffusion space
+  centred on the model grid (the space every model here works in), so voxel correspondence
+  across subjects is as good as the heads' alignment in their dwi grids; the neighbourhood
+  pooling and smoothing absorb small offsets.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
+from bids_uad.models.settings import ModelSettings
+
+#: metrics of the normative model, in buffer order
+NORMATIVE_METRICS = ("fa", "md", "mdw")
+MAD_TO_SD = 1.4826
+
+
+class MeanSignal(nn.Module):
+    """Score ``1 − mean_c x_c`` inside the brain (0 outside, where the input is 0)."""
+
+    needs_ood = False
+    trainable = False
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a baseline detector scoring 1 minus the mean diffusion-weighted signal ratio (no training; "
+                "only its threshold is calibrated on held-out controls)")
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+        self.register_buffer("version", torch.ones(1))  # a tensor so the model file is never empty
+
+    def fit(self, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], bvals=None, bvecs=None) -> None:
+        """Nothing to learn."""
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1)
+        return torch.where(mean > 0, 1.0 - mean, torch.zeros_like(mean))
+
+
+class NormativeModel(nn.Module):
+    """Voxelwise robust z-scores of FA, MD and mean dw ratio against the training controls."""
+
+    needs_ood = False
+    trainable = False
+    #: how this model learns, for the methods text (nipreps' ``__desc__``)
+    __desc__ = ("a voxelwise normative model (the per-voxel median and median absolute deviation of FA, MD and "
+                "the mean diffusion-weighted signal ratio over the training controls, pooled over a 3x3x3 "
+                "neighbourhood when controls are few and smoothed), scoring the largest absolute robust z-score")
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+        grid, c, m = tuple(settings.grid), settings.n_channels, len(NORMATIVE_METRICS)
+        self.register_buffer("bvals", torch.zeros(c))
+        self.register_buffer("bvecs", torch.zeros(c, 3))
+        self.register_buffer("centre", torch.zeros((m,) + grid))
+        self.register_buffer("spread", torch.ones((m,) + grid))
+        self.register_buffer("valid", torch.zeros(grid))
+
+    def metrics(self, x: np.ndarray) -> np.ndarray:
+        """(M, X, Y, Z) metric maps of one subject (C, X, Y, Z)."""
+        maps = tensor_metrics_from_ratios(x, self.bvals.cpu().numpy(), self.bvecs.cpu().numpy())
+        return np.stack([maps[k] for k in NORMATIVE_METRICS])
+
+    def fit(self, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], bvals: np.ndarray,
+            bvecs: np.ndarray) -> None:
+        """Robust per-voxel centre and spread of each metric over the controls ``data``."""
+        s = self.settings
+        self.bvals.copy_(torch.as_tensor(np.asarray(bvals, np.float32)))
+        self.bvecs.copy_(torch.as_tensor(np.asarray(bvecs, np.float32).reshape(-1, 3)))
+        stacks = []
+        for d, mask in zip(data, masks):
+            values = self.metrics(np.asarray(d)).astype(np.float32)
+            inside = (np.asarray(mask) > 0) & (np.asarray(d).mean(0) > 0)
+            values[:, ~inside] = np.nan
+            stacks.append(values)
+        values = np.stack(stacks, 1)  # (M, n, X, Y, Z)
+        if len(data) < s.normative_pool_below and s.normative_pool_radius > 0:
+            values = _neighbourhood(values, s.normative_pool_radius)
+        with np.errstate(all="ignore"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels outside every brain
+                centre = np.nanmedian(values, axis=1)
+                spread = MAD_TO_SD * np.nanmedian(np.abs(values - centre[:, None]), axis=1)
+        valid = np.isfinite(centre).all(0) & np.isfinite(spread).all(0)
+        centre = np.stack([_smooth(c, valid, s.normative_smoothing) for c in centre])
+        spread = np.stack([_smooth(v, valid, s.normative_smoothing) for v in spread])
+        for k in range(len(spread)):  # a floor keeps near-constant voxels from giving huge z
+            floor = 0.25 * float(np.median(spread[k][valid])) if valid.any() else 1.0
+            spread[k] = np.maximum(spread[k], max(floor, 1e-12))
+        self.centre.copy_(torch.as_tensor(np.where(valid, centre, 0), dtype=torch.float32))
+        self.spread.copy_(torch.as_tensor(np.where(valid, spread, 1), dtype=torch.float32))
+        self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Largest |robust z| over the metrics (B, X, Y, Z); 0 outside the brain and the model."""
+        out = []
+        centre, spread = self.centre.cpu().numpy(), self.spread.cpu().numpy()
+        valid = self.valid.cpu().numpy() > 0
+        for xi in x.detach().cpu().numpy():
+            z = np.abs(self.metrics(xi) - centre) / spread
+            brain = valid & (xi.mean(0) > 0)
+            out.append(np.where(brain, z.max(0), 0).astype(np.float32))
+        return torch.from_numpy(np.stack(out)).to(x.device)
+
+
+def _neighbourhood(values: np.ndarray, radius: int) -> np.ndarray:
+    """(M, n, X, Y, Z) -> (M, n·(2r+1)³, X, Y, Z): each voxel gets its neighbours' samples (NaN-padded)."""
+    m, n = values.shape[:2]
+    pad = np.pad(values, ((0, 0), (0, 0)) + ((radius, radius),) * 3, constant_values=np.nan)
+    shape = values.shape[2:]
+    shifts = []
+    for dx in range(2 * radius + 1):
+        for dy in range(2 * radius + 1):
+            for dz in range(2 * radius + 1):
+                shifts.append(pad[:, :, dx:dx + shape[0], dy:dy + shape[1], dz:dz + shape[2]])
+    return np.concatenate(shifts, 1)
+
+
+def _smooth(image: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing normalised by the valid voxels' weight (no bleeding of the outside in)."""
+    if sigma <= 0:
+        return image
+    w = ndimage.gaussian_filter(valid.astype(np.float64), sigma)
+    v = ndimage.gaussian_filter(np.where(valid, image, 0).astype(np.float64), sigma)
+    return np.where(valid, v / np.maximum(w, 1e-12), image).astype(np.float32)

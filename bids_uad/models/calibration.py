@@ -1,0 +1,115 @@
+"""Calibration on held-out healthy tissue: FPR thresholds and conformal p-values.
+
+The null sample is the score of held-out controls inside the analysis mask.  A voxel's
+conformal p-value is (1 + #{null >= s}) / (n + 1), valid for exchangeable healthy voxels,
+so Benjamini-Hochberg on these p-values controls the FDR.
+
+The healthy-fpr threshold is calibrated for the map that is *written*: post-processing
+(cluster removal or opening, :func:`bids_uad.scoring.morphology.postprocess`) removes most of
+the scattered voxels a voxel-wise 1 % threshold flags, so a voxel-wise calibration leaves the
+written maps nearly empty.  :func:`calibrate_written` finds the voxel-wise level ``level`` whose
+threshold, after post-processing, flags the target fraction of the held-out controls' healthy
+voxels; :meth:`Calibration.threshold_for` uses it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Calibration:
+    """Sorted healthy scores (null sample) and, when calibrated for the written map, the
+    voxel-wise ``level`` that gives ``target_fpr`` after post-processing."""
+
+    null: np.ndarray
+    level: float | None = None  # voxel-wise exceedance level used for the written map
+    target_fpr: float | None = None  # false-positive rate of the written map it was calibrated for
+    written_fpr: float | None = None  # the rate it reached on the calibration controls
+
+    def __post_init__(self) -> None:
+        self.null = np.sort(np.asarray(self.null, dtype=np.float32).ravel())
+        if self.null.size == 0:
+            raise ValueError("calibration needs at least one healthy score")
+
+    @property
+    def n(self) -> int:
+        return int(self.null.size)
+
+    def threshold(self, fpr: float) -> float:
+        """Threshold t such that P(healthy score > t) <= fpr (conformal order statistic)."""
+        k = math.ceil((self.n + 1) * (1 - fpr))
+        return float(self.null[min(max(k, 1), self.n) - 1])
+
+    def threshold_for(self, fpr: float) -> float:
+        """Threshold of the written map for target ``fpr``: the calibrated level when this
+        calibration was made for that target, else the voxel-wise order statistic."""
+        if self.level is not None and self.target_fpr is not None and np.isclose(fpr, self.target_fpr):
+            return self.threshold(self.level)
+        return self.threshold(fpr)
+
+    def pvalues(self, scores: np.ndarray) -> np.ndarray:
+        """Conformal p-values, same shape as ``scores``."""
+        s = np.asarray(scores, dtype=np.float32)
+        n_ge = self.n - np.searchsorted(self.null, s.ravel(), side="left")
+        return ((n_ge + 1) / (self.n + 1)).reshape(s.shape).astype(np.float32)
+
+
+def calibrate(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_samples: int = 200_000,
+              seed: int = 0) -> Calibration:
+    """Null sample from held-out healthy score maps inside their masks (subsampled, seeded)."""
+    values = np.concatenate([np.asarray(s)[np.asarray(m) > 0].ravel() for s, m in zip(score_maps, masks)])
+    if values.size > max_samples:
+        values = np.random.default_rng([seed, 104729]).choice(values, max_samples, replace=False)
+    return Calibration(values)
+
+
+def written_fpr(threshold: float, score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                post: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Fraction of the masks' voxels flagged in the written maps at ``threshold``: ``post`` is the
+    post-processing (e.g. :func:`bids_uad.scoring.morphology.postprocess` with its settings)."""
+    flagged = total = 0
+    for s, m in zip(score_maps, masks):
+        m = np.asarray(m) > 0
+        flagged += int((post((np.asarray(s) > threshold) & m) & m).sum())
+        total += int(m.sum())
+    return flagged / max(total, 1)
+
+
+def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                      target: float, post: Callable[[np.ndarray], np.ndarray], iterations: int = 30) -> Calibration:
+    """Set ``calibration.level`` so that the written maps (``post`` applied to the thresholded map)
+    of the held-out controls (``score_maps`` inside ``masks``) flag at most ``target`` of the voxels.
+
+    Post-processing only removes voxels, so the written rate at voxel-wise level ``a`` is at most
+    about ``a``: the level is searched (bisection in log space) between ``fpr`` and 0.5, taking the
+    largest level whose written rate stays within the target.  Returns the same object.
+    """
+    lo, hi = np.log(target), np.log(0.5)
+    rate_lo = written_fpr(calibration.threshold(target), score_maps, masks, post)
+    if written_fpr(calibration.threshold(0.5), score_maps, masks, post) <= target:
+        lo = hi
+    elif rate_lo <= target:
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if written_fpr(calibration.threshold(float(np.exp(mid))), score_maps, masks, post) <= target:
+                lo = mid
+            else:
+                hi = mid
+    calibration.level = float(np.exp(lo))
+    calibration.target_fpr = float(target)
+    calibration.written_fpr = written_fpr(calibration.threshold(calibration.level), score_maps, masks, post)
+    return calibration
+
+
+def pool(calibrations: Sequence[Calibration]) -> Calibration:
+    """One null sample from several folds (used for the fold ensemble; approximate): the written-map
+    level is the folds' mean level when every fold has one for the same target."""
+    levels = [c.level for c in calibrations]
+    targets = {c.target_fpr for c in calibrations}
+    ok = all(v is not None for v in levels) and len(targets) == 1
+    return Calibration(np.concatenate([c.null for c in calibrations]),
+                       float(np.mean(levels)) if ok else None, targets.pop() if ok else None)

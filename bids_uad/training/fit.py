@@ -1,0 +1,63 @@
+"""Group-level training entry points: train and calibrate every fold, return a :class:`ModelBundle`.
+
+* :func:`train_model` — arrays already on the grid (from :func:`prepare_subject`).
+* :func:`train_from_dwi` — raw preprocessed dwi arrays with their gradient tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bids_uad.errors import InputValidationError
+from bids_uad.models.bundle import ModelBundle
+from bids_uad.models.inputs import dw_gradients, prepare_subject, to_grid
+from bids_uad.models.io import data_hash
+from bids_uad.models.settings import Settings
+from bids_uad.training.trainer import train_folds
+
+
+def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                subjects: Sequence[str], ref_bvals: np.ndarray, ref_bvecs: np.ndarray,
+                analysis_masks: Sequence[np.ndarray] | None = None,
+                checkpoint_dir: str | Path | None = None) -> ModelBundle:
+    """Train and calibrate all folds on control arrays (C, X, Y, Z) already on the model grid.
+
+    ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
+    inference can reconcile other protocols.  ``analysis_masks`` (default: brain masks)
+    select the healthy voxels used for calibration.
+    """
+    if len(subjects) != len(data):
+        raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
+    if len(set(subjects)) != len(subjects):
+        raise InputValidationError("subject labels must be unique")
+    if len(ref_bvals) != settings.model.n_channels:
+        raise InputValidationError(
+            f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
+    folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
+                        gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)))
+    return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
+                       list(subjects), data_hash(data))
+
+
+def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequence[np.ndarray],
+                   bvecs: Sequence[np.ndarray], masks: Sequence[np.ndarray], subjects: Sequence[str],
+                   analysis_masks: Sequence[np.ndarray] | None = None,
+                   checkpoint_dir: str | Path | None = None) -> ModelBundle:
+    """Like :func:`train_model` from raw preprocessed dwi (with b0s) in diffusion space.
+
+    The first subject's diffusion-weighted gradient table is the reference; the others are
+    reconciled to it (permutation or SH resampling; a different b-value raises).
+    """
+    if len(dwis) < 3:
+        raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
+    ref_bvals, ref_bvecs = dw_gradients(bvals[0], bvecs[0])
+    grid = settings.model.grid
+    prepared = [prepare_subject(d, bv, bc, m, grid, ref_bvals, ref_bvecs)
+                for d, bv, bc, m in zip(dwis, bvals, bvecs, masks)]
+    amasks = None
+    if analysis_masks is not None:
+        amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]
+    return train_model(settings, [p.data for p in prepared], [p.mask for p in prepared], subjects,
+                       ref_bvals, ref_bvecs, amasks, checkpoint_dir)

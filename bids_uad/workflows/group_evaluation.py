@@ -1,0 +1,134 @@
+"""Group level: every model next to the baselines, by the protocol of :mod:`bids_uad.scoring.evaluation`.
+
+Patients are the non-control subjects with a dwi-space lesion mask (``--lesion-masks``), scored
+by each model's default (best) fold and its written map (the model file's threshold method).
+The controls are scored out of fold (each by the fold that held it out), so the subject-level
+AUROC compares patients with controls no model saw in training; their written-map
+false-positive rate uses the same controls that calibrated that fold (an in-sample figure:
+``benchmarks/models.py`` measures it on controls outside training and calibration).
+The one-line detectors ``1 − FA`` and ``MD`` are computed on the same voxels.
+
+Writes ``group/detection_summary.tsv`` (one row per detector), ``group/detection_groups.tsv``
+(per lesion-volume stratum and lesion type), ``group/detection_prcurves.tsv`` (pooled
+precision-recall curves) and ``group/detection_histograms.tsv`` (score densities, lesion vs
+healthy tissue) for the group report.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from bids_uad.bids.derivatives import write_tsv
+from bids_uad.bids.lesions import find_lesion_instances, find_lesion_mask
+from bids_uad.errors import InputValidationError
+
+LOGGER = logging.getLogger("bids_uad.group")
+SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "dice_calibrated_sd", "dice_oracle",
+                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "n_patients", "n_controls")
+
+
+def _patients(settings, candidates: list) -> list[dict]:
+    """Arrays and truth of every candidate (a non-control's baseline derivatives) with a dwi-space
+    lesion mask."""
+    import nibabel as nib
+
+    out = []
+    for found in candidates:
+        subject = found.subject
+        lesion = find_lesion_mask(settings.lesion_masks, subject, found.session, space="dwi")
+        if lesion is None:
+            continue
+        arrays = found.load()
+        truth = np.asarray(nib.load(str(lesion)).dataobj) > 0
+        if truth.shape != arrays["brain_mask"].shape:
+            raise InputValidationError(
+                f"lesion mask shape {truth.shape} differs from the dwi grid {arrays['brain_mask'].shape}", lesion)
+        arrays.update(subject=subject, truth=truth, instances=None, types={})
+        instances = find_lesion_instances(lesion)
+        if instances is not None:
+            arrays["instances"] = np.asarray(nib.load(str(instances[0])).dataobj).astype(np.int32)
+            with open(instances[1], newline="") as fh:
+                arrays["types"] = {int(r["index"]): r.get("type") or "lesion"
+                                   for r in csv.DictReader(fh, delimiter="\t")}
+        out.append(arrays)
+    return out
+
+
+def _voxel_ml(arrays: dict) -> float:
+    return float(np.prod(arrays["header"].get_zooms()[:3])) / 1000.0
+
+
+def _case(arrays: dict, score, written=None):
+    from bids_uad.scoring.evaluation import Case
+
+    amask = arrays["analysis_mask"]
+    return Case(arrays.get("subject", ""), np.where(amask, score, 0), amask, written, arrays.get("truth"),
+                arrays.get("instances"), arrays.get("types", {}), _voxel_ml(arrays))
+
+
+def evaluate_detectors(settings, candidates: list, bundles: list, control_items: list[dict],
+                       control_subjects: list[str], group_dir: Path) -> dict | None:
+    """Evaluate every bundle and the one-line detectors; write the group/detection_*.tsv tables.
+
+    ``candidates``: the non-controls' baseline derivatives (:class:`PreprocessedDwi`); those with a
+    dwi-space lesion mask are the patients.  ``control_items`` are the loaded derivatives of the
+    training controls ``control_subjects``
+    (the order of the bundles' ``subjects``).  Returns {detector: results}, or None without patients.
+    """
+    from bids_uad.scoring.evaluation import evaluate_detector, one_line_detectors, pr_curve, score_histograms
+    from bids_uad.scoring.inference import infer
+    from bids_uad.models.inputs import normalise_dwi
+
+    patients = _patients(settings, candidates)
+    if not patients:
+        LOGGER.info("no subject with a dwi-space lesion mask: detection evaluation skipped")
+        return None
+    for item, subject in zip(control_items, control_subjects):
+        item["subject"] = subject
+    cases: dict[str, dict[str, list]] = {}
+    for bundle in bundles:
+        entry = cases.setdefault(bundle.name, {"patients": [], "controls": []})
+        for arrays in patients:
+            res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
+                        arrays["analysis_mask"])
+            entry["patients"].append(_case(arrays, res.score, res.mask))
+        index = {s: i for i, s in enumerate(bundle.subjects)}
+        for fold in bundle.folds:
+            for i in fold.val_idx:
+                subject = bundle.subjects[i]
+                arrays = control_items[control_subjects.index(subject)] if subject in control_subjects else None
+                if arrays is None or subject not in index:
+                    continue
+                res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
+                            arrays["analysis_mask"], fold=fold.fold)
+                entry["controls"].append(_case(arrays, res.score, res.mask))
+    for name in ("1-FA", "MD"):
+        cases[name] = {"patients": [], "controls": []}
+    for group, items in (("patients", patients), ("controls", control_items)):
+        for arrays in items:
+            ratios, bv, bc = normalise_dwi(arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"])
+            for name, score in one_line_detectors(ratios, bv, bc, arrays["brain_mask"]).items():
+                cases[name][group].append(_case(arrays, score))
+    results = {name: evaluate_detector(c["patients"], c["controls"]) for name, c in cases.items()}
+    write_tsv(group_dir / "detection_summary.tsv",
+              [{"detector": name, **{k: r.get(k) for k in SUMMARY_KEYS}} for name, r in results.items()])
+    write_tsv(group_dir / "detection_groups.tsv", [
+        {"detector": name, "grouping": grouping.replace("by_", ""), "group": g, **values}
+        for name, r in results.items() for grouping in ("by_volume", "by_type") for g, values in r[grouping].items()])
+    curves, hists = [], []
+    for name, c in cases.items():
+        recall, precision = pr_curve(c["patients"])
+        curves += [{"detector": name, "recall": float(a), "precision": float(b)} for a, b in zip(recall, precision)]
+        centres, lesion, healthy = score_histograms(c["patients"])
+        hists += [{"detector": name, "score": float(x), "lesion_density": float(a), "healthy_density": float(b)}
+                  for x, a, b in zip(centres, lesion, healthy)]
+    write_tsv(group_dir / "detection_prcurves.tsv", curves)
+    write_tsv(group_dir / "detection_histograms.tsv", hists)
+    for name, r in results.items():
+        LOGGER.info("%s: AUPRC %.3f, AUROC %.3f, Dice (written map) %s, subject AUROC %.3f", name, r["auprc"],
+                    r["auroc"], "n/a" if not np.isfinite(r["dice_calibrated"]) else f"{r['dice_calibrated']:.3f}",
+                    r["subject_auroc"])
+    return results
