@@ -4,6 +4,8 @@
 Run once while the container image is built (network available); at run time nothing is
 fetched: ``bids_uad.algorithms.templates`` reads these files directly.  ``--check`` only
 verifies that every file is present and is a real image (not an empty DataLad placeholder).
+``--skip`` (image built with ``WITH_TEMPLATEFLOW=false``) fetches nothing and leaves a marker
+file, so that ``--check`` accepts the missing files: bids_uad then uses nilearn's template.
 """
 from __future__ import annotations
 
@@ -22,11 +24,26 @@ FILES: tuple[tuple[dict, str], ...] = (
     ({"resolution": 1, "label": "CSF", "suffix": "probseg"}, f"tpl-{TEMPLATE}_res-01_label-CSF_probseg.nii.gz"),
 )
 MIN_BYTES = 1024  # DataLad/TemplateFlow placeholders are empty files
+#: left in the TemplateFlow home by ``--skip``: the files are missing on purpose
+SKIP_MARKER = "NO_TEMPLATEFLOW"
 
 
 def expected_paths(home: Path) -> list[Path]:
     """Where each file lies under a TemplateFlow home."""
     return [home / f"tpl-{TEMPLATE}" / name for _, name in FILES]
+
+
+def skipped(home: Path) -> bool:
+    """True when the image was built without TemplateFlow (``--skip`` left its marker)."""
+    return (home / SKIP_MARKER).is_file()
+
+
+def skip(home: Path) -> None:
+    """Fetch nothing; mark ``home`` so that ``--check`` knows the files were left out on purpose."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / SKIP_MARKER).write_text(
+        f"Built without TemplateFlow (WITH_TEMPLATEFLOW=false): {TEMPLATE} is not included;\n"
+        "bids_uad uses the MNI152NLin2009aSym template bundled with nilearn (outputs named space-MNI152NLin2009aSym).\n")
 
 
 def check(home: Path) -> list[str]:
@@ -66,11 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=os.environ.get("TEMPLATEFLOW_HOME"),
                         help="TemplateFlow home (default: $TEMPLATEFLOW_HOME)")
-    parser.add_argument("--check", action="store_true", help="only verify the files, fetch nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="only verify the files, fetch nothing")
+    mode.add_argument("--skip", action="store_true",
+                      help="fetch nothing and mark the folder as built without TemplateFlow")
     args = parser.parse_args(argv)
     if args.home is None:
         parser.error("set TEMPLATEFLOW_HOME or pass --home")
     home = Path(args.home)
+    if args.skip:
+        skip(home)
+    if args.skip or (args.check and skipped(home)):
+        print(f"{home}: built without TemplateFlow; bids_uad uses nilearn's MNI152NLin2009aSym")
+        return 0
     if not args.check:
         fetch(home)
     problems = check(home)

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Write a synthetic BIDS dataset (healthy controls and patients with lesions, "
                                  "with diffusion, T1w, FLAIR, reverse phase-encoding b0s, two sessions for patients) "
                                  "and its ground truth in derivatives/synthetic-truth/.")
-    parser.add_argument("output_dir", type=Path, help="new (or empty) folder for the dataset")
+    parser.add_argument("output_dir", type=Path, help="folder for the dataset: new, empty, or a previous synthetic dataset (replaced); "
+                             "an existing folder is kept (it may be a mount point)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: 3 controls + 2 patients, 2 mm T1w, 4 mm dwi (seconds); small: 5 + 3 on "
                              "tiny's grids (the demo); paper: 28 + 32 at the reference geometry (default: tiny)")

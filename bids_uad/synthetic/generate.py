@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_uad import __version__
-from bids_uad.errors import OutputNotWritableError, UsageError
+from bids_uad.errors import UsageError
 
 from .anatomy import SubjectAnatomy, load_template
 from .lesion_types import (DEFAULT_GENERATOR, LESION_GENERATORS, is_glioma, lesion_info, lesion_severity,
@@ -32,6 +30,7 @@ from .lesions import Lesion
 from .presets import Preset, get_preset
 from .simulate import Susceptibility, dseg_labels, random_pose, simulate_anat, simulate_dwi
 from .distortion import rigid_matrix
+from .output import discard, prepare_output, publish
 
 LOGGER = logging.getLogger("bids_uad.synthetic")
 GENERATOR_NAME = "bids_uad-synth"
@@ -352,9 +351,11 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
                      progress: bool = True, n_jobs: int | None = None, severity: float | None = None) -> Path:
     """Write a synthetic BIDS dataset (and its truth) to ``output_dir``; returns the path.
 
-    The dataset is built in a temporary folder next to ``output_dir`` and renamed into place,
-    so a killed generation leaves nothing half-written.  An existing ``output_dir`` must be
-    empty or a previous synthetic dataset (which is replaced).
+    The dataset is built in a hidden staging folder inside ``output_dir`` and moved into place
+    at the end (:mod:`bids_uad.synthetic.output`): ``output_dir`` itself is never removed, so it
+    may be a mount point, and a killed generation leaves only the staging folder.  An existing
+    ``output_dir`` must be empty or a previous synthetic dataset (whose content is replaced).
+    Folders are written 0755 and files 0644, readable by a container running under another uid.
 
     ``lesion_generator``: the patients' lesions (see :mod:`bids_uad.synthetic.lesion_types`);
     ``severity`` (0-1) fixes the severity of the graded types (default: drawn per lesion).
@@ -377,13 +378,7 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
                       no_reverse_pe_fraction=spec.no_reverse_pe_fraction,
                       n_controls_two_sessions=min(spec.n_controls_two_sessions, spec.n_controls))
     out = Path(output_dir).resolve()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_previous_synthetic(out))):
-        raise UsageError(f"{out} exists and is not empty (nor a previous synthetic dataset); choose a new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise OutputNotWritableError(f"cannot create the dataset folder ({exc.strerror})", out) from exc
+    tmp = prepare_output(out, _is_previous_synthetic)
     try:
         plans = plan_subjects(spec, seed)
         jobs = max(1, n_jobs or min(2, os.cpu_count() or 1, len(plans)))
@@ -391,11 +386,9 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
         args = [(p, spec, seed, lesion_generator, write_clean_dwi, str(tmp), severity) for p in plans]
         rows = _run_all(args, jobs, progress)
         _dataset_files(tmp, spec, seed, lesion_generator, rows, severity)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return out
 

@@ -62,6 +62,15 @@ def test_docs_give_the_exact_docker_and_apptainer_commands():
         assert ":ro" in command.split(" bids_uad")[0], f"data not mounted read-only: {command}"
 
 
+def test_docs_give_the_apptainer_build_path_and_say_why_it_is_not_run_here():
+    builds = _doc_commands("apptainer build")
+    assert "apptainer build bids_uad.sif docker-daemon://bids_uad:latest # the documented path" in builds
+    text = (REPO / "docs" / "containers.md").read_text()
+    assert "not packaged in Debian\nbookworm" in text or "not packaged in Debian bookworm" in text
+    # `make image` tags :latest, which the documented build path reads
+    assert '-t "$IMAGE:latest"' in (REPO / "docker" / "build_image.sh").read_text()
+
+
 @pytest.mark.parametrize("command", _doc_commands("docker run") + _doc_commands("apptainer run"))
 def test_documented_commands_parse_with_the_real_cli(command):
     tokens = shlex.split(command.split("#")[0])

@@ -80,16 +80,18 @@ def test_copy_sources_exist_and_are_in_the_build_context(dockerfile):
     assert checked >= 5
 
 
+@pytest.mark.parametrize("with_templateflow", ["true", "false"])
 @pytest.mark.parametrize("with_fsl", ["true", "false"])
-def test_copy_from_names_an_earlier_stage(with_fsl):
-    dockerfile = Dockerfile(DOCKERFILE, {"WITH_FSL": with_fsl})
+def test_copy_from_names_an_earlier_stage(with_fsl, with_templateflow):
+    dockerfile = Dockerfile(DOCKERFILE, {"WITH_FSL": with_fsl, "WITH_TEMPLATEFLOW": with_templateflow})
     seen: set[str] = set()
     for stage in dockerfile.stages:
         base = dockerfile.base_of(stage)
         if "$" in base:
             pytest.fail(f"FROM {stage.base}: build argument without a default")
-        if base.startswith("fsl-"):
-            assert base in seen, f"FROM {base}: no such earlier stage for WITH_FSL={with_fsl}"
+        if base.startswith(("fsl-", "templates-")):
+            assert base in seen, f"FROM {base}: no such earlier stage for WITH_FSL={with_fsl}, " \
+                                 f"WITH_TEMPLATEFLOW={with_templateflow}"
         for ins in stage.find("COPY"):
             source_stage = ins.flags().get("from")
             if source_stage is not None:
@@ -148,7 +150,10 @@ def test_cpu_torch_pinned_and_installed_before_the_package(dockerfile):
                                      < runs[first].index("constraints.txt")), "torch must go in first"
     torch_run = runs[first]
     assert re.search(r"[\"']?torch==2\.13\.0[\"']?", torch_run), "torch pinned to 2.13.0"
-    assert "https://download.pytorch.org/whl/cpu" in torch_run, "torch from the CPU wheel index"
+    assert "${TORCH_PIP_ARGS}" in torch_run and any(a.args == "TORCH_PIP_ARGS" for a in stage.find("ARG")), \
+        "where pip finds torch is the TORCH_PIP_ARGS build argument, declared in the stage"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in substitute(torch_run, dockerfile.args), \
+        "by default torch comes from the CPU wheel index"
     setup_pin = [line.strip() for line in (REPO / "setup.cfg").read_text().splitlines() if line.strip().startswith("torch")]
     assert setup_pin == ["torch==2.13.0"], "setup.cfg and the Dockerfile disagree on torch"
 
@@ -181,9 +186,12 @@ def test_env_paths_are_consistent(dockerfile):
     build_runs = " ".join(_runs(dockerfile.stage("build")))
     assert "python -m venv /opt/venv" in build_runs
     assert env["TEMPLATEFLOW_HOME"] == "/opt/templateflow" and "/opt/templateflow" in copied
-    templates = dockerfile.stage("templates")
-    assert templates.env().get("TEMPLATEFLOW_HOME") == env["TEMPLATEFLOW_HOME"]
-    assert any("fetch" in run for run in _runs(templates)), "templates are fetched at build time"
+    for name in ("templates-true", "templates-false"):
+        templates = dockerfile.stage(name)
+        assert templates.env().get("TEMPLATEFLOW_HOME") == env["TEMPLATEFLOW_HOME"], name
+    assert any("bids_uad-fetch-templates" in run and "--skip" not in run and "--check" not in run
+               for run in _runs(dockerfile.stage("templates-true"))), "templates are fetched at build time"
+    assert any("bids_uad-fetch-templates --skip" in run for run in _runs(dockerfile.stage("templates-false")))
     assert env.get("TEMPLATEFLOW_AUTOUPDATE") == "0"
     home = env["HOME"]
     assert home.startswith("/tmp/"), "HOME under /tmp: writable with a read-only root filesystem"
@@ -193,6 +201,46 @@ def test_env_paths_are_consistent(dockerfile):
     entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
     for var in ("MPLCONFIGDIR", "NUMBA_CACHE_DIR", "TORCH_HOME", "XDG_CACHE_HOME", "BIDS_UAD_CACHE"):
         assert var in entrypoint, var
+
+
+def test_build_arguments_default_to_todays_behaviour(dockerfile):
+    """Base images, torch source, TemplateFlow and extra CAs are build arguments (air-gapped or
+    TLS-intercepting networks); their defaults give the image built from the official sources."""
+    args = dockerfile.global_args
+    assert args["RUNTIME_IMAGE"] == "python:3.11-slim-bookworm"
+    assert args["BUILD_IMAGE"] == "python:3.11-slim-bookworm", "the build's Python must be the runtime's"
+    assert args["TORCH_PIP_ARGS"] == "--index-url https://download.pytorch.org/whl/cpu"
+    assert args["WITH_TEMPLATEFLOW"] == "true"
+    assert dockerfile.final.base == "${RUNTIME_IMAGE}"
+    assert dockerfile.stage("build").base == "${BUILD_IMAGE}"
+    assert dockerfile.stage("templates-true").base == "build" and dockerfile.stage("templates-false").base == "build"
+    labels = " ".join(i.args for i in dockerfile.final.find("LABEL"))
+    assert 'bids_uad.with-templateflow="${WITH_TEMPLATEFLOW}"' in labels
+    assert any(i.args == "WITH_TEMPLATEFLOW" for i in dockerfile.final.find("ARG")), "the label needs the ARG"
+
+
+def test_no_syntax_directive():
+    """A ``# syntax=`` line makes BuildKit fetch a frontend image from Docker Hub."""
+    first = DOCKERFILE.read_text().splitlines()
+    assert not any(re.match(r"#\s*syntax\s*=", line) for line in first), "no # syntax= directive"
+
+
+def test_extra_ca_certificates_reach_the_build_stages_only(dockerfile):
+    build = dockerfile.stage("build")
+    assert any(a.args.startswith("BUILD_CA_CERTS=") for a in build.find("ARG")), "BUILD_CA_CERTS declared in build"
+    assert dockerfile.global_args.get("BUILD_CA_CERTS") is None, "not a global default: empty unless given"
+    ca_run = next(run for run in _runs(build) if "BUILD_CA_CERTS" in run)
+    assert "update-ca-certificates" in ca_run and "/etc/pip.conf" in ca_run
+    assert ca_run.index("BUILD_CA_CERTS") < ca_run.index("update-ca-certificates")
+    runs = _runs(build)
+    torch_index = next(i for i, run in enumerate(runs) if "torch==" in run)
+    assert runs.index(ca_run) < torch_index, "the certificates are trusted before pip runs"
+    assert "REQUESTS_CA_BUNDLE" in " ".join(_runs(dockerfile.stage("templates-true")))
+    final_text = " ".join(i.args for i in dockerfile.final.instructions)
+    assert "BUILD_CA_CERTS" not in final_text and "ca-certificates" not in final_text
+    # the runtime copies only the virtualenv, FSL and the templates out of the build stages
+    copied = {ins.positional()[0] for ins in dockerfile.final.find("COPY") if "from" in ins.flags()}
+    assert copied == {"/opt/venv", "/opt/fsl", "/opt/templateflow"}
 
 
 def test_runs_as_non_root(dockerfile):
@@ -264,6 +312,21 @@ def test_template_files_are_those_bids_uad_reads(tmp_path, docker_fetch):
 def test_fetch_script_check_mode_fetches_nothing(tmp_path, docker_fetch, monkeypatch):
     monkeypatch.setattr(docker_fetch, "fetch", lambda home: pytest.fail("--check must not fetch"))
     assert docker_fetch.main(["--check", "--home", str(tmp_path)]) == 1
+
+
+def test_fetch_script_skip_mode_marks_the_folder_for_the_nilearn_fallback(tmp_path, docker_fetch, monkeypatch,
+                                                                         capsys):
+    """WITH_TEMPLATEFLOW=false: nothing fetched, ``--check`` passes, bids_uad uses nilearn's template."""
+    from bids_uad.algorithms.templates import NILEARN_NAME, _templateflow_files
+
+    monkeypatch.setattr(docker_fetch, "fetch", lambda home: pytest.fail("--skip must not fetch"))
+    home = tmp_path / "templateflow"
+    assert docker_fetch.main(["--skip", "--home", str(home)]) == 0
+    assert sorted(p.name for p in home.iterdir()) == [docker_fetch.SKIP_MARKER]
+    assert docker_fetch.main(["--check", "--home", str(home)]) == 0
+    assert "nilearn" in capsys.readouterr().out
+    assert _templateflow_files(home) is None, "the marker is not mistaken for TemplateFlow files"
+    assert NILEARN_NAME in (home / docker_fetch.SKIP_MARKER).read_text()
 
 
 def _fake_program(folder: Path, name: str, body: str) -> None:
