@@ -1,10 +1,31 @@
 """The participant graph (workflows/base.py): what travels along its edges."""
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+
 from bids_uad.bids.layout import BIDSInputs
 from bids_uad.cli.run import settings_from_args
+from bids_uad.models.settings import preset
+from bids_uad.training.fit import train_from_dwi
+from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 from bids_uad.workflows.base import collect_participant_inputs, init_participant_wf
 from tests.conftest import build_small_bids
+
+
+def _model_file(folder):
+    """A real (fitted, calibrated, validated) model file: the graph is built only for valid models."""
+    bvecs = fibonacci_directions(12)
+    subjects = [make_toy_subject((12, 12, 10), bvecs, 100 + i) for i in range(3)]
+    raws = [np.concatenate([1000.0 * s.mask[..., None], 1000.0 * s.mask[..., None] * s.data], -1)
+            for s in subjects]
+    s = preset("quick", "meansignal")
+    s = replace(s, model=replace(s.model, grid=(16, 16, 12), n_channels=12))
+    bundle = train_from_dwi(s, raws, [np.r_[0.0, np.full(12, 1000.0)]] * 3,
+                            [np.vstack([[0, 0, 0], bvecs])] * 3, [x.mask for x in subjects],
+                            [f"c{i}" for i in range(3)])
+    bundle.save(folder)
 
 
 def _edges(workflow) -> set[tuple[str, str, str, str]]:
@@ -18,8 +39,7 @@ def test_template_maps_take_the_transforms_of_the_same_graph(tmp_path):
     bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
     models = tmp_path / "models"
     models.mkdir()
-    (models / "model-dae.json").write_text("{}")
-    (models / "model-dae.safetensors").write_bytes(b"")
+    _model_file(models)
     settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
                                    "--participant-label", "pat01", "--nprocs", "1", "--model", str(models)])
     plan = collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
