@@ -24,7 +24,6 @@ import numpy as np
 from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import write_tsv
 from bids_uad.bids.layout import BIDSInputs
-from bids_uad.bids.lesions import find_lesion_mask
 from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, order_sessions
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
@@ -249,25 +248,19 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
 
 def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:
     """Per-subject AUROC/AUPRC/Dice for subjects with a dwi-space lesion mask; mean ± SD table."""
-    import nibabel as nib
-
     from bids_uad.scoring.inference import evaluate, infer
+    from bids_uad.workflows.group_evaluation import load_with_lesion_mask
 
     rows = []
     for subject in bids.subjects():
         if subject in controls:
             continue
         found = baseline_derivatives(settings, bids, subject)
-        if found is None:
+        loaded = None if found is None else load_with_lesion_mask(settings, found)
+        if loaded is None:
             continue
-        lesion = find_lesion_mask(settings.lesion_masks, subject, found.session, space="dwi")
-        if lesion is None:
-            continue
-        arrays = found.load()
-        truth = np.asarray(nib.load(str(lesion)).dataobj) > 0
-        if truth.shape != arrays["brain_mask"].shape:
-            raise InputValidationError(
-                f"lesion mask shape {truth.shape} differs from the dwi grid {arrays['brain_mask'].shape}", lesion)
+        arrays, _ = loaded
+        truth = arrays["truth"]
         result = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                        arrays["analysis_mask"])
         metrics = evaluate(result.score, truth, arrays["analysis_mask"], bundle.name, bundle.settings.scoring,

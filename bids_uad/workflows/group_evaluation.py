@@ -30,6 +30,23 @@ SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "di
                 "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "n_patients", "n_controls")
 
 
+def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
+    """A subject's preprocessed arrays with ``truth`` (its dwi-space lesion mask, checked against the
+    dwi grid) and the mask's path; None without a lesion mask."""
+    import nibabel as nib
+
+    lesion = find_lesion_mask(settings.lesion_masks, found.subject, found.session, space="dwi")
+    if lesion is None:
+        return None
+    arrays = found.load()
+    truth = np.asarray(nib.load(str(lesion)).dataobj) > 0
+    if truth.shape != arrays["brain_mask"].shape:
+        raise InputValidationError(
+            f"lesion mask shape {truth.shape} differs from the dwi grid {arrays['brain_mask'].shape}", lesion)
+    arrays["truth"] = truth
+    return arrays, lesion
+
+
 def _patients(settings, candidates: list) -> list[dict]:
     """Arrays and truth of every candidate (a non-control's baseline derivatives) with a dwi-space
     lesion mask."""
@@ -37,16 +54,11 @@ def _patients(settings, candidates: list) -> list[dict]:
 
     out = []
     for found in candidates:
-        subject = found.subject
-        lesion = find_lesion_mask(settings.lesion_masks, subject, found.session, space="dwi")
-        if lesion is None:
+        loaded = load_with_lesion_mask(settings, found)
+        if loaded is None:
             continue
-        arrays = found.load()
-        truth = np.asarray(nib.load(str(lesion)).dataobj) > 0
-        if truth.shape != arrays["brain_mask"].shape:
-            raise InputValidationError(
-                f"lesion mask shape {truth.shape} differs from the dwi grid {arrays['brain_mask'].shape}", lesion)
-        arrays.update(subject=subject, truth=truth, instances=None, types={})
+        arrays, lesion = loaded
+        arrays.update(subject=found.subject, instances=None, types={})
         instances = find_lesion_instances(lesion)
         if instances is not None:
             arrays["instances"] = np.asarray(nib.load(str(instances[0])).dataobj).astype(np.int32)
