@@ -110,7 +110,15 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
                                ("b0_pair_corrected", "b0_pair_corrected")]),
         ])
 
-    for field, key, meta in DERIVATIVES:
+    connect_sinks(wf, settings, DERIVATIVES, outputnode, inputnode, merge, ("source_file",))
+    return wf
+
+
+def connect_sinks(wf: pe.Workflow, settings, derivatives, outputnode, inputnode, merge,
+                  source_fields: tuple[str, ...]) -> None:
+    """One derivatives sink per ``(field, outputs-table key, report key)``, named from the
+    ``source_fields`` of ``inputnode``; bval/bvec get no sidecar."""
+    for field, key, meta in derivatives:
         sink = pe.Node(
             DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
                                 output=key, skip_empty=True),
@@ -119,11 +127,10 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
             sink.inputs.write_sidecar = False
         wf.connect([
             (outputnode, sink, [(field, "in_file")]),
-            (inputnode, sink, [("source_file", "source_file")]),
+            (inputnode, sink, [(f, f) for f in source_fields]),
         ])
         if meta:
             wf.connect(merge, meta, sink, "meta")
-    return wf
 
 
 #: inputs of the combination of opposite-PE runs: lists with one item per run (first = reference)
@@ -160,19 +167,8 @@ def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
         (mask, outputnode, [("out_mask", "brain_mask")]),
         (tensor, outputnode, [(k, k) for k in ("fa", "md", "ad", "rd", "s0")]),
     ])
-    for field, key, meta in COMBINED_DERIVATIVES:
-        sink = pe.Node(
-            DerivativesDataSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
-                                output=key, skip_empty=True),
-            name=f"ds_{field}", run_without_submitting=True)
-        if field in ("bval", "bvec"):
-            sink.inputs.write_sidecar = False
-        wf.connect([
-            (outputnode, sink, [(field, "in_file")]),
-            (inputnode, sink, [("source_file", "source_file"), ("source_files", "source_files")]),
-        ])
-        if meta:
-            wf.connect(merge, meta, sink, "meta")
+    connect_sinks(wf, settings, COMBINED_DERIVATIVES, outputnode, inputnode, merge,
+                  ("source_file", "source_files"))
     return wf
 
 

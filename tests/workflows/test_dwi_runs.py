@@ -43,16 +43,18 @@ def test_two_runs_plan_two_derivative_sets(tmp_path):
                                                                "sub-ctrl01_ses-pre_dir-PA_dwi.nii.gz"]
     planned = planned_outputs(settings, plan)
     preproc = sorted(p.name for p, _ in planned if p.name.endswith("_desc-preproc_dwi.nii.gz"))
+    # each run's own series, and their combination (an opposite-PE pair) named by what they share
     assert preproc == ["sub-ctrl01_ses-pre_dir-AP_space-dwi_desc-preproc_dwi.nii.gz",
-                       "sub-ctrl01_ses-pre_dir-PA_space-dwi_desc-preproc_dwi.nii.gz"]
+                       "sub-ctrl01_ses-pre_dir-PA_space-dwi_desc-preproc_dwi.nii.gz",
+                       "sub-ctrl01_ses-pre_space-dwi_desc-preproc_dwi.nii.gz"]
     assert len({p for p, _ in planned}) == len(planned)
     workflow = init_participant_wf(settings, plan)
     sources = sorted(workflow.get_node(f"dwi_sub_ctrl01_ses_pre_{i}").inputs.inputnode.source_file for i in (0, 1))
     assert [Path(s).name for s in sources] == ["sub-ctrl01_ses-pre_dir-AP_dwi.nii.gz",
                                                "sub-ctrl01_ses-pre_dir-PA_dwi.nii.gz"]
-    # the T1w is registered to the first run: its dwi-space outputs carry that run's entities
+    # the T1w is registered to the combined series: its dwi-space outputs carry only the shared entities
     anat = workflow.get_node("anat_sub_ctrl01_ses_pre")
-    assert Path(anat.inputs.inputnode.dwi_source_file).name == "sub-ctrl01_ses-pre_dir-AP_dwi.nii.gz"
+    assert Path(anat.inputs.inputnode.dwi_source_file).name == "sub-ctrl01_ses-pre_dwi.nii.gz"
 
 
 def test_collision_between_two_runs_is_refused(tmp_path, capsys):
