@@ -99,7 +99,7 @@ def coverage_summary(mask: np.ndarray, zooms) -> dict:
            "VoxelSizeMm": [round(z, 3) for z in zooms],
            "FieldOfViewMm": [round(n * z, 1) for n, z in zip(mask.shape, zooms)]}
     if not mask.any():
-        return {**out, "WholeBrain": False, "CutAxes": []}
+        return {**out, "BrainExtentMm": [0.0, 0.0, 0.0], "WholeBrain": False, "CutAxes": []}
     cut, extent = [], []
     for axis in range(3):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))

@@ -631,6 +631,9 @@ class FAToTemplate(SimpleInterface):
         template = template_for_output_spaces(self.inputs.output_spaces)
         target, target_mask = fa_like_template(template)
         fa = nib.load(self.inputs.fa)
+        if not np.any(np.asarray(nib.load(self.inputs.brain_mask).dataobj)):
+            raise RuntimeError(f"{self.inputs.brain_mask}: the dwi brain mask is empty, so FA cannot be registered "
+                               "to the template (check the b0; --output-spaces dwi skips template space)")
         result, quality = register_fa_to_template(fa, nib.load(self.inputs.brain_mask), target, target_mask,
                                                   out_prefix=_out(runtime, "fa2tpl_"), seed=self.inputs.seed,
                                                   threads=self.inputs.num_threads)

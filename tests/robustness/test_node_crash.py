@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bids_uad.cli.run import main
-from tests.robustness.helpers import small_dwi_bids
+from tests.robustness.helpers import participant_args, small_dwi_bids
 
 
 def _boom(dwi_file):
@@ -23,7 +23,7 @@ def _crashing_dwi_builder(settings, name):
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file",
                                                   "rpe_metadata", "source_file"]), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask", "b0_ref"]),
+    outputnode = pe.Node(IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask", "b0_ref", "fa", "md"]),
                          name="outputnode")
     boom = pe.Node(Function(input_names=["dwi_file"], output_names=["out"], function=_boom), name="boom")
     wf.connect([(inputnode, boom, [("dwi_file", "dwi_file")]), (boom, outputnode, [("out", "dwi_preproc")])])
@@ -36,7 +36,7 @@ def test_node_crash_gives_one_line_and_an_exit_code(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(base, "init_dwi_preproc_wf", _crashing_dwi_builder)
     bids = small_dwi_bids(tmp_path / "bids", n_controls=3, n_patients=1)
     out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "--participant-label", "ctrl01", "-w", str(tmp_path / "w")])
+    code = main(participant_args([str(bids), str(out), "participant", "--participant-label", "ctrl01", "-w", str(tmp_path / "w")]))
     err = capsys.readouterr().err
     crash_dirs = list((out / "logs").glob("crash-*"))
     assert crash_dirs and list(crash_dirs[0].glob("crash-*boom*.txt")), "nipype wrote a crash file"

@@ -20,6 +20,7 @@ import pytest
 
 from bids_uad.cli.run import main
 from tests.robustness.helpers import (
+    participant_args,
     assert_allowed,
     assert_preprocessed,
     assert_valid_json_and_tsv,
@@ -183,8 +184,8 @@ def test_in_process_run_never_writes_under_the_dataset(dataset, tmp_path, monkey
     guard = WriteGuard(dataset)
     guard.install(monkeypatch)
     out = tmp_path / "out"
-    code = main([str(dataset), str(out), "participant", "--participant-label", "ctrl02",
-                 "-w", str(tmp_path / "work"), "--nprocs", "1"])
+    code = main(participant_args([str(dataset), str(out), "participant", "--participant-label", "ctrl02",
+                 "-w", str(tmp_path / "work"), "--nprocs", "1"]))
     err = capsys.readouterr().err
     monkeypatch.undo()
     assert guard.attempts == [], f"writes attempted under BIDS_DIR: {guard.attempts}"
