@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bids_uad.algorithms import intensity, registration, segmentation, skullstrip  # noqa: E402
+from bids_uad.algorithms import intensity, masking, registration, segmentation, skullstrip  # noqa: E402
 from bids_uad.algorithms.templates import find_template, phantom_head  # noqa: E402
 from bids_uad.workflows.anat import DWI_SYN_ITERATIONS, TEMPLATE_REG_MM  # noqa: E402
 
@@ -246,7 +246,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
     with meter.step("skullstrip"):
         mask_img, brain = skullstrip.skull_strip(n4, "template", template, seed=seed, threads=threads)
     truth_brain = np.asarray(case.truth_t1w_brain.dataobj) > 0
-    out["skullstrip_dice"] = registration.dice(mask_img.get_fdata(), truth_brain)
+    out["skullstrip_dice"] = masking.dice(mask_img.get_fdata(), truth_brain)
     from nibabel.processing import resample_to_output
 
     lesion = case.lesion
