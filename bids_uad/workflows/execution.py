@@ -269,7 +269,7 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
             f"crash files in {crash_dir}"
         ) from exc
     finally:
-        if isinstance(progress, NodeProgress):
+        if isinstance(getattr(progress, "finished", None), list):  # a NodeProgress (benchmarks swap in their own)
             processes = 1 if plugin == "Linear" else int(args.get("n_procs", 1))
             try:
                 summary = summarize_run(workflow.name, progress, run_started, time.perf_counter() - wall0,
