@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from bids_uad.errors import InputValidationError
+from bids_uad.models import is_trainable
 from bids_uad.models.bundle import ModelBundle
 from bids_uad.models.inputs import dw_gradients, prepare_subject, to_grid
 from bids_uad.models.io import data_hash
@@ -28,8 +29,8 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
     inference can reconcile other protocols.  ``analysis_masks`` (default: brain masks)
     select the healthy voxels used for calibration.  Each fold calibrates on its held-out
-    controls; the bundle's default calibration pools every control's out-of-fold scores
-    (:func:`calibrate_out_of_fold`).
+    controls; for the fitted baselines the bundle's default calibration pools every control's
+    out-of-fold scores (:func:`calibrate_out_of_fold`); a network uses its best fold's own.
     """
     if len(subjects) != len(data):
         raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
@@ -43,7 +44,10 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
                         gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)),
                         heldout_scores=scores)
     pooled = None
-    if distributed.rank() == 0 and all(f.calibration is not None for f in folds):
+    # pooling needs fold models that share a score scale: the fitted baselines (robust statistics of
+    # overlapping control sets) do; separately trained networks need not (docs/models.md, measured)
+    if (not is_trainable(settings.model.name) and distributed.rank() == 0
+            and all(f.calibration is not None for f in folds)):
         pooled = calibrate_out_of_fold(settings, folds, data, masks if analysis_masks is None else analysis_masks,
                                        scores)
     return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),

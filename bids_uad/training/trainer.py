@@ -377,7 +377,8 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
     (measured: held-out false-positive rates from 0.44 % to 2.3 % at a 1 % target), and choosing
     the best fold by its held-out controls' scores picks the fold whose controls looked most
     normal, i.e. whose threshold is lowest.  Pooling all k folds' held-out controls calibrates on
-    every control and removes that selection.  ``scores``: {fold: the held-out score maps} already
+    every control and removes that selection.  Valid when the fold models share a score scale
+    (the fitted baselines; :func:`bids_uad.training.fit.train_model` uses it only for them).  ``scores``: {fold: the held-out score maps} already
     computed by :func:`calibrate_fold` (recomputed when missing).
     """
     maps, masks = [], []

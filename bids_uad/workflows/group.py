@@ -34,10 +34,10 @@ LOGGER = logging.getLogger("bids_uad.group")
 #: trained model; :func:`describe_training` fills it in and the group report assembles it.
 __desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
             "cross-validation in PyTorch{budget}, is {model}")
-__postdesc__ = ("Every control's out-of-fold anomaly scores (each control scored by the fold that held it "
-                "out) formed one null sample for calibrated thresholds (false-positive rate on healthy tissue "
-                "of the post-processed map) and conformal p-values, with Benjamini-Hochberg control of the "
-                "false discovery rate")
+__postdesc__ = ("Held-out controls' anomaly scores formed the null sample for calibrated thresholds "
+                "(false-positive rate on healthy tissue of the post-processed map) and conformal p-values, with "
+                "Benjamini-Hochberg control of the false discovery rate: every control's out-of-fold scores for "
+                "the fitted baselines, the selected fold's held-out controls for the networks")
 
 
 def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
