@@ -206,18 +206,20 @@ def run_seed(p, args, seed, bids) -> dict:
            "n_train_controls": len(train), "n_heldout_controls": len(heldout), "n_patients": len(patients)}
     for name in args.models:
         s = _settings(name, p, args, controls, bids)
-        t0 = time.perf_counter()
+        t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         with PeakRSS() as mem_train:
             bundle = train_from_dwi(s, [c["dwi"] for c in train], [c["bvals"] for c in train],
                                     [c["bvecs"] for c in train], [c["mask"] for c in train],
                                     [c["label"] for c in train], analysis_masks=[c["amask"] for c in train])
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        load1 = os.getloadavg()[0]
         cases, times = {"patients": [], "controls": []}, []
         with PeakRSS() as mem_inf:
             for group, items in (("patients", patients), ("controls", heldout)):
                 for item in items:
                     t0 = time.perf_counter()
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=False)
                     times.append(time.perf_counter() - t0)
                     cases[group].append(_case(item, res.score, res.mask))
         result = evaluate_detector(cases["patients"], cases["controls"])
@@ -227,13 +229,31 @@ def run_seed(p, args, seed, bids) -> dict:
         result["calibration_controls_written_fpr"] = [f.calibration.written_fpr for f in bundle.folds]
         result["best_val_loss"] = [f.best_val_loss for f in bundle.folds]
         result["epochs_run"] = [len(f.history) for f in bundle.folds]
+        result["best_epoch"] = [f.best_epoch for f in bundle.folds]
         out["models"][name] = result
-        out["timing"][name] = {"train_s": train_s, "train_peak_rss_mb": mem_train.peak,
-                               "inference_s": float(np.mean(times)), "inference_peak_rss_mb": mem_inf.peak}
+        out["timing"][name] = {"train_s": train_s, "train_cpu_s": train_cpu_s, "train_peak_rss_mb": mem_train.peak,
+                               "inference_s": float(np.mean(times)), "inference_peak_rss_mb": mem_inf.peak,
+                               "load_average_1min_start": load0, "load_average_1min_end": load1}
         print(f"seed {seed} {name}: AUPRC {result['auprc']:.3f} AUROC {result['auroc']:.3f} Dice "
               f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
               f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
               f"({train_s:.0f} s)", flush=True)
+        if args.ensemble_compare and len(bundle.folds) > 1:  # the fold ensemble of the same fitted folds
+            ens, times = {"patients": [], "controls": []}, []
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    t0 = time.perf_counter()
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=True)
+                    times.append(time.perf_counter() - t0)
+                    ens[group].append(_case(item, res.score, res.mask))
+            key = f"{name}[ensemble]"
+            out["models"][key] = evaluate_detector(ens["patients"], ens["controls"])
+            out["timing"][key] = dict(out["timing"][name], inference_s=float(np.mean(times)))
+            print(f"seed {seed} {key}: AUPRC {out['models'][key]['auprc']:.3f} AUROC {out['models'][key]['auroc']:.3f}"
+                  f" Dice {out['models'][key]['dice_calibrated']:.3f} held-out FPR "
+                  f"{out['models'][key]['heldout_control_fpr']:.4f} (mean score of {len(bundle.folds)} folds, "
+                  "pooled calibration)", flush=True)
         if name == "cdae":  # the other score reduction of the same trained networks (ranking metrics only)
             other = "sum-abs" if s.model.score_reduction == "abs-sum" else "abs-sum"
             for f in bundle.folds:
@@ -241,7 +261,8 @@ def run_seed(p, args, seed, bids) -> dict:
             alt = {"patients": [], "controls": []}
             for group, items in (("patients", patients), ("controls", heldout)):
                 for item in items:
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=False)
                     alt[group].append(_case(item, res.score))  # no written map: calibrated for the other score
             key = f"cdae[{other}]"
             out["models"][key] = evaluate_detector(alt["patients"], alt["controls"])
@@ -315,7 +336,8 @@ def _markdown(out: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Timing per model (mean over seeds): " + "; ".join(
-        f"{n} train {t['train_s']:.0f} s, inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
+        f"{n} train {t['train_s']:.0f} s" + (f" (CPU {t['train_cpu_s']:.0f} s)" if "train_cpu_s" in t else "")
+        + f", inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
     return "\n".join(lines)
 
 
@@ -338,6 +360,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
                     help="cdae score reduction over channels (default: the preset's, abs-sum)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--no-ensemble-compare", dest="ensemble_compare", action="store_false",
+                    help="do not also evaluate each model's fold ensemble (mean score of its fold models)")
     ap.add_argument("--bids", type=Path, help="synthetic-bids: folder for the generated datasets (default: temporary)")
     ap.add_argument("--severity", type=float, default=0.3,
                     help="toydata lesion contrast: 1 = full oedema/necrosis tensors, lower = subtler")
@@ -352,35 +376,6 @@ def main(argv=None) -> dict:
             p[key] = getattr(args, key)
     p["heldout"] = args.heldout_controls
     torch.set_num_threads(args.threads)
-    first = args.seed
-    per_seed = [run_seed(p, args, first + k, bids) for k in range(args.seeds)]
-    results = aggregate(per_seed)
-    timing = {n: {k: float(np.mean([r["timing"][n][k] for r in per_seed])) for k in per_seed[0]["timing"][n]}
-              for n in per_seed[0]["timing"]}
-    shape = per_seed[0]["shape"]
-    if bids:
-        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (lesion generator {args.lesions!r}, "
-                f"seeds {first}..{first + args.seeds - 1}), truth clean dwi {tuple(shape)} of ses-pre, "
-                f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
-                f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
-                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group level does; "
-                f"{args.threads} torch thread(s) on CPU")
-    else:
-        desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
-                f"directions (b=1000, one b0), {p['controls']} training + {p['heldout']} held-out controls, "
-                f"{p['patients']} patients with irregular lesions (severity {args.severity}); grid {p['grid']}; "
-                f"{args.threads} torch thread(s) on CPU")
-    out = {
-        "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
-        "seeds": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
-        "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
-                         "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
-                         "the truth before post-processing; subject_auroc: patients vs held-out controls from the "
-                         "99th-percentile score; heldout_control_fpr: fraction of held-out controls' analysis mask "
-                         "flagged in the written map; mean ± SD over seeds"),
-        "timing": timing, "results": results, "per_seed": per_seed, "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
     name = f"models_bids-{args.preset}" if bids else f"models_{args.preset}"
     if bids and args.lesions != "irregular":
         name += f"_{args.lesions}"
@@ -392,12 +387,50 @@ def main(argv=None) -> dict:
         name += f"_cdae-{args.cdae_score}"
     dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")
-    dest.with_suffix(".md").write_text(_markdown(out))
+    per_seed, first = [], args.seed  # run_seed sets args.seed to the seed it runs
+    for k in range(args.seeds):  # written after every seed: a run stopped early keeps the seeds it finished
+        per_seed.append(run_seed(p, args, first + k, bids))
+        out = _summary(per_seed, p, args, bids, first)
+        dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")
+        dest.with_suffix(".md").write_text(_markdown(out))
     print(_markdown(out))
     last = {k: v for k, v in out.items() if k != "per_seed"}
     print(json.dumps(_clean(last), default=_json_default))
     return out
+
+
+def _summary(per_seed: list[dict], p: dict, args, bids: bool, first: int) -> dict:
+    """The benchmark's output object from the seeds finished so far."""
+    results = aggregate(per_seed)
+    timing = {n: {k: float(np.mean([r["timing"][n][k] for r in per_seed])) for k in per_seed[0]["timing"][n]}
+              for n in per_seed[0]["timing"]}
+    shape, last = per_seed[0]["shape"], first + len(per_seed) - 1
+    if bids:
+        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (lesion generator {args.lesions!r}, "
+                f"seeds {first}..{last}), truth clean dwi {tuple(shape)} of ses-pre, "
+                f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
+                f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
+                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group "
+                f"level does; {args.threads} torch thread(s) on CPU")
+    else:
+        desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
+                f"directions (b=1000, one b0), {p['controls']} training + {p['heldout']} held-out controls, "
+                f"{p['patients']} patients with irregular lesions (severity {args.severity}); grid {p['grid']}; "
+                f"{args.threads} torch thread(s) on CPU")
+    return {
+        "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
+        "seeds": len(per_seed), "seeds_requested": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
+        "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
+                         "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
+                         "the truth before post-processing; subject_auroc: patients vs held-out controls from the "
+                         "99th-percentile score; heldout_control_fpr: fraction of held-out controls' analysis mask "
+                         "flagged in the written map; <model>[ensemble]: mean score of the same fitted fold models "
+                         "with the folds' pooled calibration (the plain name: the fold with the lowest validation "
+                         "loss); train_cpu_s: CPU time of this process (all threads) while training; mean ± SD over "
+                         "seeds"),
+        "timing": timing, "results": results, "per_seed": per_seed, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def _json_default(value):
