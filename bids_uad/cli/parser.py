@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale (the "
                            "baselines have none and keep their model file's method); "
                            "otsu and meanpool are per-subject, uncalibrated")
-    proc.add_argument("--ensemble", action="store_true",
-                      help="score with the mean of all fold models instead of the best fold")
+    proc.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                      help="score with the mean of all fold models (--ensemble) or the fold with the lowest "
+                           "validation loss (--no-ensemble).  Default: the choice stored in the model file.  "
+                           "Given at the participant level it overrides the model file; at the group level "
+                           "it is stored in the model files")
     proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
                       help="group level: models to train: the networks dae (variational autoencoder), "
                            "recdisc (RecDiscNet) and cdae (U-Net denoising autoencoder trained to remove "

@@ -145,8 +145,13 @@ class ScoringSettings:
     min_cluster_voxels: int = 8
     opening_size: int = 3  # cube side of the morphological opening; 0 or 1 disables it
     max_null_samples: int = 200_000  # healthy scores kept per fold for p-values
+    # score with the mean of all fold models (True) or the fold with the lowest validation loss;
+    # the group level stores it in the model file, --ensemble/--no-ensemble overrides it at inference
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ensemble, bool):
+            raise UsageError(f"ensemble must be true or false, not {self.ensemble!r}")
         if self.threshold_method not in THRESHOLD_METHODS:
             raise UsageError(f"threshold method must be one of {THRESHOLD_METHODS}, not {self.threshold_method!r}")
         if not 0 < self.fpr < 1 or not 0 < self.fdr_q < 1:

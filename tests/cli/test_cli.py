@@ -132,6 +132,24 @@ def test_settings_are_frozen_and_round_trip(small_bids, tmp_path):
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
+
+def test_ensemble_flag_is_tri_state(small_bids, tmp_path):
+    """--ensemble / --no-ensemble override the model file; absent, the model file decides (None),
+    and at the group level the choice is stored in the model files' scoring settings."""
+    from bids_uad.workflows.group import model_settings_for
+
+    base = [str(small_bids), str(tmp_path / "o"), "participant"]
+    assert settings_from_args(base).ensemble is None
+    assert settings_from_args(base + ["--ensemble"]).ensemble is True
+    assert settings_from_args(base + ["--no-ensemble"]).ensemble is False
+    group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
+    from bids_uad.models.settings import preset
+
+    for flag, want in (([], preset("quick", "cdae").scoring.ensemble), (["--ensemble"], True),
+                       (["--no-ensemble"], False)):
+        run = settings_from_args(group + flag)
+        assert model_settings_for(run, "cdae", 8, (16, 16, 16)).scoring.ensemble is want
+
 def _no_stages(monkeypatch) -> None:
     """Run the participant level's start-up only: an empty graph and no reports."""
     from nipype.pipeline import engine as pe
