@@ -177,7 +177,7 @@ def _settings(name, p, args, controls, bids):
     t = s.training
     t = replace(t, epochs=p["epochs"] or t.epochs, n_folds=p["folds"] or t.n_folds,
                 steps_per_epoch=p["steps"] if p["steps"] is not None or not bids else t.steps_per_epoch,
-                threads=args.threads, progress=False, seed=args.seed)
+                threads=args.threads, progress=args.progress, seed=args.seed)
     if not bids:
         t = replace(t, patience=max(5, t.epochs // 3))
     return replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t,
@@ -360,6 +360,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
                     help="cdae score reduction over channels (default: the preset's, abs-sum)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--progress", action="store_true",
+                    help="show the training progress bar (epoch, losses, time left) and the trainer's log on stderr")
     ap.add_argument("--no-ensemble-compare", dest="ensemble_compare", action="store_false",
                     help="do not also evaluate each model's fold ensemble (mean score of its fold models)")
     ap.add_argument("--bids", type=Path, help="synthetic-bids: folder for the generated datasets (default: temporary)")
@@ -367,6 +369,8 @@ def main(argv=None) -> dict:
                     help="toydata lesion contrast: 1 = full oedema/necrosis tensors, lower = subtler")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.progress:
+        logging.getLogger("bids_uad.training").setLevel(logging.INFO)
     bids = args.input == "synthetic-bids"
     if not bids and args.preset == "small":
         ap.error("--preset small needs --input synthetic-bids")
