@@ -3,6 +3,13 @@
     python benchmarks/models.py [--input toydata|synthetic-bids] [--preset tiny|small|paper]
                                 [--lesions GENERATOR] [--seeds N] [--models dae recdisc ...]
                                 [--epochs N] [--controls N] [--heldout-controls N] [--patients N]
+                                [--train-preset quick|standard|paper] [--device cpu|cuda|auto]
+
+    # the product's yardstick (docs/models.md): standard preset, hard lesions, 3 seeds
+    python benchmarks/models.py --input synthetic-bids --preset small --lesions mixed-hard --seeds 3 \
+        --train-preset standard --models cdae normative meansignal
+    # training throughput (volumes/s) and peak GPU memory at the reference geometry (96x96x64 x 64)
+    python benchmarks/models.py --preset paper --device cuda --models dae recdisc cdae
 
 Per seed: generates the data, trains (or fits) every model with k-fold cross-validation on the
 training controls, calibrates on each fold's held-out controls (the written map, after
@@ -11,7 +18,11 @@ model saw in training or calibration*, and evaluates every detector with the pro
 :mod:`bids_uad.scoring.evaluation` (AUPRC, AUROC, Dice of the written map, oracle Dice,
 subject-level AUROC, held-out control FPR, per lesion-volume stratum and lesion type), next to
 the one-line detectors ``1 - FA`` and ``MD`` computed by the same code on the same voxels.
-Figures are mean ± SD over seeds (each seed's figure is the mean over its patients).
+Figures are mean ± SD over seeds (each seed's figure is the mean over its patients).  Each model
+is also scored as a fold ensemble (``<model>[ensemble]``: the mean score of the same fitted fold
+models with their pooled calibration).  Timing per model: training wall and CPU time, the load
+average around it, training volumes/s, peak RSS and, on ``--device cuda``, peak GPU memory.
+The JSON/MD results are rewritten after every seed.
 
 Inputs:
 * ``toydata``: ``bids_uad.training.toydata`` tensor-model brains (array level, no files).
@@ -44,6 +55,9 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.errors import UsageError  # noqa: E402
+from bids_uad.models import is_trainable  # noqa: E402
+from bids_uad.models.bundle import resolve_device  # noqa: E402
 from bids_uad.models.inputs import normalise_dwi  # noqa: E402
 from bids_uad.models.settings import preset  # noqa: E402
 from bids_uad.scoring.evaluation import Case, evaluate_detector, one_line_detectors  # noqa: E402
@@ -57,8 +71,10 @@ PRESETS = {
     # volume shape, settings preset, grid, channels, controls, patients, epochs, folds
     "tiny": dict(shape=(22, 23, 20), settings="quick", grid=(24, 24, 24), channels=32,
                  controls=8, patients=6, epochs=20, folds=3, steps=6),
+    # the reference geometry (96x96x64 grid, 64 channels), sized to measure training throughput
+    # (volumes/s, peak memory) on a GPU: 2 folds x 2 epochs x 8 steps of the paper's batch of 4
     "paper": dict(shape=(90, 90, 54), settings="paper", grid=(96, 96, 64), channels=64,
-                  controls=4, patients=2, epochs=1, folds=2, steps=None),
+                  controls=4, patients=2, epochs=2, folds=2, steps=8),
 }
 # synthetic-bids: generator preset, settings preset, controls, patients; epochs/folds/steps
 # None = the settings preset's own (what `bids_uad ... group --train-preset <x>` would run)
@@ -177,11 +193,35 @@ def _settings(name, p, args, controls, bids):
     t = s.training
     t = replace(t, epochs=p["epochs"] or t.epochs, n_folds=p["folds"] or t.n_folds,
                 steps_per_epoch=p["steps"] if p["steps"] is not None or not bids else t.steps_per_epoch,
-                threads=args.threads, progress=args.progress, seed=args.seed)
+                threads=args.threads, progress=args.progress, seed=args.seed, device=args.device)
     if not bids:
         t = replace(t, patience=max(5, t.epochs // 3))
     return replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t,
                    scoring=s.scoring.sized_to(controls[0]["voxel_ml"]))
+
+
+def _reset_gpu_peak(device: str) -> bool:
+    """Reset CUDA's peak-memory counter when training runs on a GPU; True if it does."""
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return cuda
+
+
+def _gpu_peak_mb(cuda: bool) -> float | None:
+    """Peak GPU memory allocated by torch (MiB) since the last reset; None on CPU."""
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+
+
+def _training_volumes(bundle, s) -> int:
+    """Volumes passed forward and backward in training, all folds (validation not counted):
+    epochs run x (steps x batch, or one pass over the fold's training subjects)."""
+    if not is_trainable(s.model.name):
+        return 0  # a fitted baseline: no optimisation
+    per_epoch = [s.training.steps_per_epoch * s.training.batch_size if s.training.steps_per_epoch
+                 else len(f.train_idx) for f in bundle.folds]
+    return int(sum(len(f.history) * n for f, n in zip(bundle.folds, per_epoch)))
 
 
 def _case(item, score, written=None) -> Case:
@@ -206,12 +246,17 @@ def run_seed(p, args, seed, bids) -> dict:
            "n_train_controls": len(train), "n_heldout_controls": len(heldout), "n_patients": len(patients)}
     for name in args.models:
         s = _settings(name, p, args, controls, bids)
+        cuda = _reset_gpu_peak(args.device)
         t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         with PeakRSS() as mem_train:
             bundle = train_from_dwi(s, [c["dwi"] for c in train], [c["bvals"] for c in train],
                                     [c["bvecs"] for c in train], [c["mask"] for c in train],
                                     [c["label"] for c in train], analysis_masks=[c["amask"] for c in train])
+        if cuda:
+            torch.cuda.synchronize()
         train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        gpu_train_mb = _gpu_peak_mb(cuda)
+        volumes = _training_volumes(bundle, s)
         load1 = os.getloadavg()[0]
         cases, times = {"patients": [], "controls": []}, []
         with PeakRSS() as mem_inf:
@@ -232,7 +277,10 @@ def run_seed(p, args, seed, bids) -> dict:
         result["best_epoch"] = [f.best_epoch for f in bundle.folds]
         out["models"][name] = result
         out["timing"][name] = {"train_s": train_s, "train_cpu_s": train_cpu_s, "train_peak_rss_mb": mem_train.peak,
-                               "inference_s": float(np.mean(times)), "inference_peak_rss_mb": mem_inf.peak,
+                               "train_volumes": volumes, "train_volumes_per_s": volumes / train_s if volumes else None,
+                               "train_peak_gpu_mb": gpu_train_mb, "inference_s": float(np.mean(times)),
+                               "inference_peak_rss_mb": mem_inf.peak, "inference_peak_gpu_mb": _gpu_peak_mb(cuda),
+                               "device": str(resolve_device(args.device)),
                                "load_average_1min_start": load0, "load_average_1min_end": load1}
         print(f"seed {seed} {name}: AUPRC {result['auprc']:.3f} AUROC {result['auroc']:.3f} Dice "
               f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
@@ -337,6 +385,8 @@ def _markdown(out: dict) -> str:
         lines.append("")
     lines += ["Timing per model (mean over seeds): " + "; ".join(
         f"{n} train {t['train_s']:.0f} s" + (f" (CPU {t['train_cpu_s']:.0f} s)" if "train_cpu_s" in t else "")
+        + (f", {t['train_volumes_per_s']:.3g} training volumes/s" if t.get("train_volumes_per_s") else "")
+        + (f", peak GPU memory {t['train_peak_gpu_mb']:.0f} MiB" if t.get("train_peak_gpu_mb") else "")
         + f", inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
     return "\n".join(lines)
 
@@ -355,6 +405,9 @@ def main(argv=None) -> dict:
                     help="controls used neither in training nor in calibration (default: 3)")
     ap.add_argument("--patients", type=int)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="torch device for training and inference (default: cpu); on cuda the timing also "
+                         "reports the peak GPU memory")
     ap.add_argument("--train-preset", choices=("quick", "standard", "paper"),
                     help="settings preset of the networks (default: the data preset's, quick for tiny/small)")
     ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
@@ -372,6 +425,10 @@ def main(argv=None) -> dict:
     if args.progress:
         logging.getLogger("bids_uad.training").setLevel(logging.INFO)
     bids = args.input == "synthetic-bids"
+    try:
+        resolve_device(args.device)
+    except UsageError as exc:
+        ap.error(str(exc))
     if not bids and args.preset == "small":
         ap.error("--preset small needs --input synthetic-bids")
     p = dict((BIDS_PRESETS if bids else PRESETS)[args.preset])
@@ -403,10 +460,17 @@ def main(argv=None) -> dict:
     return out
 
 
+def _mean_or_first(values: list):
+    """Mean of numbers over seeds; the first value of anything else (None on CPU, a device name)."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return float(np.mean(values))
+    return values[0]
+
+
 def _summary(per_seed: list[dict], p: dict, args, bids: bool, first: int) -> dict:
     """The benchmark's output object from the seeds finished so far."""
     results = aggregate(per_seed)
-    timing = {n: {k: float(np.mean([r["timing"][n][k] for r in per_seed])) for k in per_seed[0]["timing"][n]}
+    timing = {n: {k: _mean_or_first([r["timing"][n][k] for r in per_seed]) for k in per_seed[0]["timing"][n]}
               for n in per_seed[0]["timing"]}
     shape, last = per_seed[0]["shape"], first + len(per_seed) - 1
     if bids:
