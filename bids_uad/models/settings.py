@@ -17,6 +17,11 @@ MODEL_NAMES = ("dae", "recdisc", "cdae", "normative", "meansignal")
 #: models trained at the group level when --models is not given
 DEFAULT_MODELS = ("dae", "recdisc", "normative", "meansignal")
 SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
+#: what the networks see (bids_uad.models.inputs): the normalised dw channels in the reference's
+#: direction order, or per-shell rotation-invariant features + FA + MD (protocol-invariant)
+INPUT_REPRESENTATIONS = ("dwi", "invariant")
+#: models that read the dw channels themselves (their own metrics): always "dwi" inputs
+DWI_ONLY_MODELS = ("normative", "meansignal")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
@@ -29,7 +34,9 @@ class ModelSettings:
 
     name: str = "dae"
     grid: tuple[int, int, int] = (96, 96, 64)
-    n_channels: int = 64
+    n_channels: int = 64  # network input channels: dw volumes ("dwi") or features ("invariant")
+    inputs: str = "dwi"  # input representation, one of INPUT_REPRESENTATIONS
+    invariant_sh_order: int = 4  # "invariant": highest even SH order whose power is a feature
     features: int = 16  # feature maps after the first block; doubled at each level
     max_features: int = 128
     depth: int = 4  # number of stride-2 downsamplings
@@ -61,6 +68,12 @@ class ModelSettings:
             raise UsageError("logvar_bound must be positive")
         if self.norm not in ("instance", "group"):
             raise UsageError(f"norm must be instance or group, not {self.norm!r}")
+        if self.inputs not in INPUT_REPRESENTATIONS:
+            raise UsageError(f"inputs must be one of {INPUT_REPRESENTATIONS}, not {self.inputs!r}")
+        if self.inputs != "dwi" and self.name in DWI_ONLY_MODELS:
+            raise UsageError(f"the {self.name} baseline reads the dw channels itself: inputs must be 'dwi'")
+        if self.invariant_sh_order not in (2, 4, 6, 8):
+            raise UsageError(f"invariant_sh_order must be 2, 4, 6 or 8, not {self.invariant_sh_order!r}")
         if self.score_reduction not in SCORE_REDUCTIONS:
             raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:

@@ -116,8 +116,9 @@ def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.nda
           analysis_mask: np.ndarray | None = None, method: str | None = None, ensemble: bool | None = None,
           fold: int | None = None, scoring: ScoringSettings | None = None) -> InferenceResult:
     """Full inference from a preprocessed dwi (X, Y, Z, N with b0s) in diffusion space."""
-    prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, bundle.settings.model.grid,
-                               bundle.ref_bvals, bundle.ref_bvecs)
+    m = bundle.settings.model
+    prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
+                               m.inputs, m.invariant_sh_order)
     if analysis_mask is not None and np.shape(analysis_mask) != np.shape(brain_mask):
         raise InputValidationError("analysis mask and brain mask differ in shape")
     return infer_prepared(bundle, prepared, analysis_mask, method, ensemble, fold, scoring)
