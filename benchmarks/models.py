@@ -65,7 +65,7 @@ from bids_uad.scoring.inference import infer  # noqa: E402
 from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
-MODEL_ORDER = ("dae", "recdisc", "cdae", "normative", "meansignal")
+MODEL_ORDER = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 ONE_LINE = ("1-FA", "MD")
 PRESETS = {
     # volume shape, settings preset, grid, channels, controls, patients, epochs, folds

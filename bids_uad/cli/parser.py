@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "it is stored in the model files")
     proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
                       help="group level: models to train: the networks dae (variational autoencoder), "
-                           "recdisc (RecDiscNet) and cdae (U-Net denoising autoencoder trained to remove "
-                           "coarse noise), and the baseline detectors normative (voxelwise normative model "
+                           "recdisc (RecDiscNet), cdae (U-Net denoising autoencoder trained to remove "
+                           "coarse noise) and cevae (context-encoding VAE, StRegA's model), and the baseline detectors normative (voxelwise normative model "
                            "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
                            "signal ratio) (default: dae recdisc normative meansignal)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",

@@ -13,7 +13,7 @@ from typing import Any
 
 from bids_uad.errors import UsageError
 
-MODEL_NAMES = ("dae", "recdisc", "cdae", "normative", "meansignal")
+MODEL_NAMES = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 #: models trained at the group level when --models is not given
 DEFAULT_MODELS = ("dae", "recdisc", "normative", "meansignal")
 SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
@@ -44,6 +44,10 @@ class ModelSettings:
     variational: bool = True  # DAE: False = plain convolutional autoencoder (z = mu, no KL term)
     noise_std: float = 0.2  # cdae: standard deviation of the coarse training noise (signal ratio units)
     noise_scale: int = 8  # cdae: side in voxels of the low-resolution cells the noise is drawn on
+    # dae/cevae: context-encoding term (ceVAE): boxes masked out of each training volume, which the
+    # network must fill in from their context (0 = off; the cevae preset uses 2)
+    context_boxes: int = 0
+    context_box_fraction: float = 0.25  # largest box side as a fraction of the grid side (smallest: half)
     score_reduction: str = "abs-sum"  # dae/cdae score: |sum_c r_c| ("abs-sum") or sum_c |r_c| ("sum-abs")
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
@@ -78,6 +82,10 @@ class ModelSettings:
             raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
+        if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:
+            raise UsageError("context_boxes must lie in [0, 64] and context_box_fraction in (0, 1]")
+        if self.name == "cevae" and self.context_boxes < 1:
+            raise UsageError("the cevae model needs context_boxes >= 1 (its context-encoding term)")
         if not 1 <= self.latent_size <= 4096:
             raise UsageError(f"latent_size {self.latent_size} out of range")
         div = 2 ** self.depth
@@ -220,7 +228,15 @@ def _build(cls, data: dict[str, Any]):
 
 def preset(name: str, model: str = "dae") -> Settings:
     """Named settings: ``quick`` (tiny CPU model for tests/CI), ``standard`` (real training with early
-    stopping on CPU) or ``paper`` (reference geometry)."""
+    stopping on CPU) or ``paper`` (reference geometry).  ``cevae`` is the DAE's settings with the
+    context-encoding term on (2 boxes per training volume)."""
+    settings = _preset(name, "dae" if model == "cevae" else model)
+    if model == "cevae":
+        settings = replace(settings, model=replace(settings.model, name="cevae", context_boxes=2))
+    return settings
+
+
+def _preset(name: str, model: str) -> Settings:
     if name == "quick":
         # Sized for CI: a few dozen Adam steps per fold on CPU.  The DAE needs the fan-in
         # parametrisation of its dense latent layers at this learning rate (see FanInLinear).

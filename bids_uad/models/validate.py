@@ -148,6 +148,8 @@ def _check_bounds(path: Path, model: Any) -> None:
         value = getattr(model, key)
         if not 1 <= value <= b[key]:
             raise _bad(path, f"settings.model.{key}", f"{value} is outside the bounds [1, {b[key]}]")
+    if not 0 <= model.context_boxes <= 64:
+        raise _bad(path, "settings.model.context_boxes", f"{model.context_boxes} is outside the bounds [0, 64]")
     if not 0 <= model.noise_std <= b["noise_std"]:
         raise _bad(path, "settings.model.noise_std", f"{model.noise_std} is outside the bounds [0, {b['noise_std']}]")
 
