@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "recdisc (RecDiscNet), cdae (U-Net denoising autoencoder trained to remove "
                            "coarse noise) and cevae (context-encoding VAE, StRegA's model), and the baseline detectors normative (voxelwise normative model "
                            "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
-                           "signal ratio) (default: dae recdisc normative meansignal)")
+                           "signal ratio) (default: cdae dae recdisc normative meansignal: the cdae measured best, "
+                           "see README)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
                       help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
                            "network trained to its best validation loss with early stopping, 3 folds: "
