@@ -139,6 +139,8 @@ OUTPUTS: dict[str, Output] = {o.key: o for o in (
        sidecar=("Findings", "MinimumVolumeMl", "Atlases", "DeviationReference", MODEL_SHA256),
        description="one row per finding (cluster of the written anomaly mask): volume, centre, atlas regions, "
                    "score, p-value, deviation signature; the sidecar describes each column"),
+    _o("findings_dseg", "dwi", "dseg", **_DWI, model="{model}", desc="findings", sidecar=(MODEL_SHA256,),
+       description="finding label image: voxel value k = row 'finding' k of the findings table"),
     _o("findings_matches", "dwi", "table", ".tsv", source="session", model="{model}", desc="findingsmatch",
        description="longitudinal: each baseline finding matched to this follow-up's findings"),
     # -- longitudinal comparison: per session (baseline dwi space: ``dwibaseline``) -------------

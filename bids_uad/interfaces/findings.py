@@ -40,6 +40,8 @@ class _FindingsInputSpec(BaseInterfaceInputSpec):
 
 class _FindingsOutputSpec(TraitedSpec):
     out_table = File(desc="the findings table (TSV)")
+    out_labels = File(desc="the finding label image (value k = finding k), diffusion space")
+    labels_meta = traits.Dict(desc="the label image's sidecar")
     meta = traits.Dict(desc="the TSV sidecar: column descriptions and provenance")
     n_findings = traits.Int()
 
@@ -146,6 +148,15 @@ class Findings(SimpleInterface):
                 "(the normative model keeps FA, MD and mean DW ratio on its own grid only), so the controls' "
                 "reference is not used"),
         })
+        labels_path = Path(runtime.cwd) / "findings_dseg.nii.gz"
+        label_dtype = np.uint8 if len(rows) < 256 else np.int16
+        nib.save(nib.Nifti1Image(labels.astype(label_dtype), mask_img.affine), str(labels_path))
+        self._results["out_labels"] = str(labels_path)
+        self._results["labels_meta"] = {
+            "Description": "finding label image: voxel value k is row 'finding' k of the findings table "
+                           "(desc-findings_table.tsv); 0 = no finding",
+            **{k: v for k, v in provenance.items() if k in ("Model", "ModelSHA256")},
+            "MinimumVolumeMl": float(min_ml), "Connectivity": 26}
         self._results["out_table"] = str(out)
         self._results["meta"] = meta
         self._results["n_findings"] = len(rows)

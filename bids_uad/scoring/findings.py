@@ -214,6 +214,20 @@ def deviation_signature(rows: list[dict], labels: np.ndarray, maps: Mapping[str,
         row["signature"] = ", ".join(words) if words else "none beyond |z| 2"
 
 
+#: columns of the longitudinal findings match (``desc-findingsmatch_table.tsv``)
+MATCH_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "baseline_finding": ("Finding number in the baseline session's findings table (n/a: new at follow-up)", None),
+    "followup_findings": ("Follow-up finding numbers (its own findings table) overlapping the baseline finding, "
+                          "largest overlap first", None),
+    "status": ("matched, not found at follow-up, or new at follow-up", None),
+    "dice": ("Dice of the baseline finding with the union of its matched follow-up findings (baseline dwi grid)", "1"),
+    "baseline_volume_ml": ("Volume of the baseline finding on the baseline dwi grid", "mL"),
+    "followup_volume_ml": ("Volume of the matched follow-up findings carried to the baseline dwi grid", "mL"),
+    "volume_change_ml": ("Follow-up minus baseline volume", "mL"),
+    "volume_change_percent": ("Volume change relative to the baseline volume", "%"),
+}
+
+
 def match_findings(baseline: np.ndarray, followup: np.ndarray, voxel_ml: float) -> list[dict]:
     """Each baseline finding against the follow-up findings in the same space.
 

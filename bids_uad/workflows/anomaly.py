@@ -125,6 +125,8 @@ def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, 
                    name=f"findings_{model}", mem_gb=1.0)
     sink = pe.Node(DerivativesDataSink(output="findings_table", params={"model": model}, **common),
                    name=f"ds_findings_table_{model}", run_without_submitting=True)
+    labels = pe.Node(DerivativesDataSink(output="findings_dseg", params={"model": model}, **common),
+                     name=f"ds_findings_dseg_{model}", run_without_submitting=True)
     workflow.connect([
         (infer, node, [("mask", "mask"), ("score", "score"), ("pvalue", "pvalue"), ("scoring", "scoring"),
                        ("meta", "in_meta")]),
@@ -134,6 +136,8 @@ def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, 
                            ("t1w2template_xfm", "t1w2template_xfm"), *((f, f) for f in SIGNATURE_INPUTS)]),
         (node, sink, [("out_table", "in_file"), ("meta", "meta")]),
         (inputnode, sink, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
+        (node, labels, [("out_labels", "in_file"), ("labels_meta", "meta")]),
+        (inputnode, labels, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
     ])
     return sink
 
