@@ -219,6 +219,11 @@ def test_patient_outputs_and_overlap_above_random(ran):
     assert float(found["1"]["volume_change_ml"]) > 5 and float(found["1"]["dice"]) > 0.5
     assert found["2"]["status"] == "not found at follow-up"
     assert json.loads(match.with_suffix(".json").read_text())["dice"]["Description"]
+    from bids_uad.reports.collect import collect_subject
+    from bids_uad.reports.sections_longitudinal import _findings_matches
+
+    shown = _findings_matches(collect_subject(out, "pat01"))
+    assert shown and shown[0]["rows"][0][:3] == ["1", "1", "matched"]
 
 
 def test_patient_with_flair_estimate_still_beats_random(ran):
