@@ -121,7 +121,9 @@ def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, 
     """The findings table of one model's written map (and its sidecar); returns the sink."""
     node = pe.Node(Findings(output_dir=str(settings.output_dir),
                             template_name=template.name if template is not None else "",
-                            template_file=str(template.t1w) if template is not None else ""),
+                            template_file=str(template.t1w) if template is not None else "",
+                            min_volume_ml=-1.0 if getattr(settings, "findings_min_volume", None) is None
+                            else float(settings.findings_min_volume)),
                    name=f"findings_{model}", mem_gb=1.0)
     sink = pe.Node(DerivativesDataSink(output="findings_table", params={"model": model}, **common),
                    name=f"ds_findings_table_{model}", run_without_submitting=True)
