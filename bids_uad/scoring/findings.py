@@ -86,31 +86,31 @@ def find_findings(mask: np.ndarray, score: np.ndarray, affine: np.ndarray, pvalu
     relabel = np.zeros(n + 1, np.int32)
     relabel[keep] = np.arange(1, len(keep) + 1)
     labels = relabel[labels]
+    rows = []
+    if not keep:
+        return labels, rows
     discoveries = None
     if pvalues is not None and fdr_q is not None:
         pvalues = np.asarray(pvalues, float)
         counted = np.asarray(analysis_mask, bool) if analysis_mask is not None else np.ones(mask.shape, bool)
         discoveries = np.zeros(mask.shape, bool)
         discoveries[counted] = benjamini_hochberg(pvalues[counted], fdr_q)
-    rows = []
-    ids = np.arange(1, len(keep) + 1)
-    if not len(ids):
-        return labels, rows
-    centres = ndimage.center_of_mass(np.ones(mask.shape), labels, ids)
     score = np.asarray(score, float)
-    for index, centre in zip(ids, centres):
-        voxels = labels == index
-        world = np.asarray(affine, float)[:3, :3] @ np.asarray(centre) + np.asarray(affine, float)[:3, 3]
-        values = score[voxels]
+    affine = np.asarray(affine, float)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        voxels = labels[box] == index          # the cluster inside its bounding box
+        ijk = np.argwhere(voxels) + [s.start for s in box]
+        world = affine[:3, :3] @ ijk.mean(axis=0) + affine[:3, 3]
+        values = score[box][voxels]
         row = {"finding": int(index), "volume_ml": float(voxels.sum()) * voxel_ml, "n_voxels": int(voxels.sum()),
                "centre_x": float(world[0]), "centre_y": float(world[1]), "centre_z": float(world[2]),
                "template_x": None, "template_y": None, "template_z": None,
                "peak_score": float(values.max()), "mean_score": float(values.mean()),
                "min_pvalue": None, "fdr_survives": None}
         if pvalues is not None:
-            row["min_pvalue"] = float(pvalues[voxels].min())
+            row["min_pvalue"] = float(pvalues[box][voxels].min())
             if discoveries is not None:
-                row["fdr_survives"] = "yes" if discoveries[voxels].any() else "no"
+                row["fdr_survives"] = "yes" if discoveries[box][voxels].any() else "no"
         rows.append(row)
     return labels, rows
 
@@ -140,7 +140,8 @@ def add_template_location(rows: list[dict], template_labels: np.ndarray | None, 
     if template_labels is None or not rows:
         return
     template_labels = np.asarray(template_labels).astype(np.int64)
-    present = [r for r in rows if (template_labels == r["finding"]).any()]
+    carried = set(int(v) for v in np.unique(template_labels))
+    present = [r for r in rows if r["finding"] in carried]
     if not present:
         return
     ijk = np.argwhere(np.isin(template_labels, [r["finding"] for r in present]))
@@ -184,28 +185,46 @@ def deviation_signature(rows: list[dict], labels: np.ndarray, maps: Mapping[str,
     gives n/a.
     """
     reference_mask = np.asarray(reference_mask, bool)
+    dseg = None if dseg is None else np.asarray(dseg)
+    boxes = ndimage.find_objects(np.asarray(labels).astype(np.int64))
+    cache: dict[tuple[str, str], tuple[float, float] | None] = {}
+
+    def reference_stats(tissue: str, reference: np.ndarray, key: str) -> tuple[float, float] | None:
+        """(median, 1.4826 x MAD) of metric ``key`` over the reference of ``tissue`` (computed once)."""
+        if (tissue, key) not in cache:
+            ref = maps[key][reference]
+            centre = float(np.median(ref)) if ref.size else float("nan")
+            cache[tissue, key] = None if not ref.size else (centre, MAD_TO_SD * float(np.median(np.abs(ref - centre))))
+        return cache[tissue, key]
+
+    references: dict[str, np.ndarray] = {"brain": reference_mask}
     for row in rows:
-        voxels = labels == row["finding"]
-        reference, tissue = reference_mask, "brain"
+        box = boxes[row["finding"] - 1] if row["finding"] - 1 < len(boxes) else None
+        if box is None:
+            continue
+        voxels = np.asarray(labels)[box] == row["finding"]
+        tissue = "brain"
         if dseg is not None:
-            classes = np.asarray(dseg)[voxels].astype(np.int64)
+            classes = dseg[box][voxels].astype(np.int64)
             classes = classes[classes > 0]
             if classes.size:
                 major = int(np.bincount(classes).argmax())
-                restricted = reference_mask & (np.asarray(dseg) == major)
-                if restricted.sum() >= 20:
-                    reference, tissue = restricted, TISSUE_NAMES.get(major, f"class {major}")
+                name = TISSUE_NAMES.get(major, f"class {major}")
+                if name not in references:
+                    references[name] = reference_mask & (dseg == major)
+                if references[name].sum() >= 20:
+                    tissue = name
         row["reference_tissue"] = tissue
         words = []
         for key, label, _ in SIGNATURE_METRICS:
-            values = maps.get(key)
             row[f"{key}_median"] = row[f"{key}_percent"] = row[f"{key}_z"] = None
-            if values is None or not reference.any():
+            if maps.get(key) is None:
                 continue
-            inside = float(np.median(values[voxels]))
-            ref = values[reference]
-            centre = float(np.median(ref))
-            spread = MAD_TO_SD * float(np.median(np.abs(ref - centre)))
+            stats = reference_stats(tissue, references[tissue], key)
+            if stats is None:
+                continue
+            centre, spread = stats
+            inside = float(np.median(maps[key][box][voxels]))
             row[f"{key}_median"] = inside
             row[f"{key}_percent"] = 100.0 * (inside - centre) / centre if centre != 0 else None
             row[f"{key}_z"] = (inside - centre) / spread if spread > 0 else None
