@@ -86,7 +86,7 @@ def atlas_version() -> str:
 @dataclass(frozen=True)
 class Atlas:
     name: str
-    image: Path
+    image: Path | None  # None: a name only (no lookup)
     labels: dict[int, str]  # index -> name (for a 4-D atlas: the volume index)
 
 

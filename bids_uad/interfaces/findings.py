@@ -63,7 +63,7 @@ class Findings(SimpleInterface):
         import nibabel as nib
         import numpy as np
 
-        from bids_uad.algorithms.atlases import ATLAS_INFO, DEFAULT_ATLASES, atlas_version, load_atlas
+        from bids_uad.algorithms.atlases import ATLAS_INFO, DEFAULT_ATLASES, Atlas, atlas_version, load_atlas
         from bids_uad.bids.derivatives import write_tsv
         from bids_uad.bids.gradients import load_gradients
         from bids_uad.models.inputs import normalise_dwi
@@ -101,7 +101,7 @@ class Findings(SimpleInterface):
             else:
                 template_note = "no transforms to the template for this run: template coordinates and regions n/a"
         if not atlases:
-            FN.add_template_location(rows, None, None, [_Named(n) for n in atlas_names])
+            FN.add_template_location(rows, None, None, [Atlas(n, None, {}) for n in atlas_names])  # n/a columns
 
         maps = {k: np.asarray(nib.load(getattr(inputs, k)).dataobj, np.float32)
                 for k in ("fa", "md", "ad", "rd") if getattr(inputs, k)}
@@ -161,13 +161,6 @@ class Findings(SimpleInterface):
         self._results["meta"] = meta
         self._results["n_findings"] = len(rows)
         return runtime
-
-
-class _Named:
-    """An atlas name standing in for an :class:`~bids_uad.algorithms.atlases.Atlas` (n/a columns)."""
-
-    def __init__(self, name: str):
-        self.name = name
 
 
 def _dilate(mask):
