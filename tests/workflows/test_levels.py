@@ -87,6 +87,11 @@ def test_group_then_participant_inference(levels_setup, capsys):
     assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
     assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
     assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    # lesion-wise: models with a written map have a detection rate and false findings; 1-FA and MD none
+    assert 0 <= float(detection["dae"]["lesion_detection_rate"]) <= 1 and int(detection["dae"]["n_lesions"]) >= 1
+    assert float(detection["normative"]["false_findings_per_control"]) >= 0
+    assert detection["MD"]["lesion_detection_rate"] == "n/a"
+    assert "findings per control" in (out / "group.html").read_text()
     assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
