@@ -45,7 +45,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     and t1w2template_xfm (the anatomical workflow's composites, for template-space maps; unset:
     read from OUTPUT_DIR through the outputs table), fa, md, ad, rd (tensor maps) and dseg (dwi-space
     tissue classes; '' when none) for the findings' deviation signature.
-    outputnode: scores, masks, findings (lists, one per model).
+    outputnode: scores, masks, findings (the stored finding label images; lists, one per model).
     """
     models = resolve_model_files(settings.model)
     workflow = pe.Workflow(name=name)
@@ -118,7 +118,8 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
 
 
 def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, template, model: str):
-    """The findings table of one model's written map (and its sidecar); returns the sink."""
+    """The findings table of one model's written map (with its sidecar) and the finding label image;
+    returns the label image's sink (what the longitudinal stage reads, so it waits for it)."""
     node = pe.Node(Findings(output_dir=str(settings.output_dir),
                             template_name=template.name if template is not None else "",
                             template_file=str(template.t1w) if template is not None else "",
@@ -141,7 +142,7 @@ def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, 
         (node, labels, [("out_labels", "in_file"), ("labels_meta", "meta")]),
         (inputnode, labels, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
     ])
-    return sink
+    return labels
 
 
 def _as_list(value):

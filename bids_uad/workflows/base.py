@@ -138,7 +138,7 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 for field, path in signature_maps(settings.output_dir, run).items():
                     setattr(awf.inputs.inputnode, field, path)
                 workflow.add_nodes([awf])
-                signals.append((awf, "outputnode.masks"))
+                signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
             continue
         dwi_wfs = _add_dwi_stage(workflow, settings, ses)
         series = _add_pair_combination(workflow, settings, ses, dwi_wfs)
@@ -175,7 +175,7 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                                Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
                                + Path(first_source).name)
                 awf.inputs.inputnode.analysis_mask = ""
-            signals.append((awf, "outputnode.masks"))
+            signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
     if settings.model is not None:
         _add_longitudinal_stage(workflow, settings, plan, finished)
     return workflow
