@@ -86,8 +86,11 @@ def _atlases(meta: dict) -> list[dict]:
 
 
 def _caption(model: str, rows: list[dict], meta: dict, atlas: str | None) -> str:
-    parts = [f"{len(rows)} finding(s) of model {model}: 26-connected clusters of the written anomaly mask of at "
-             f"least {_num(meta.get('MinimumVolumeMl'))} mL, largest first"]
+    surviving = sum(1 for r in rows if r.get("fdr_survives") == "yes")
+    parts = [f"{len(rows)} finding(s) of model {model}"
+             + (f", {surviving} surviving FDR" if any(r.get("fdr_survives") in ("yes", "no") for r in rows) else "")
+             + f": 26-connected clusters of the written anomaly mask of at least {_num(meta.get('MinimumVolumeMl'))} "
+             "mL, largest first"]
     if meta.get("ThresholdMethod"):
         parts.append(f"threshold {meta.get('ThresholdMethod')} {_num(meta.get('Threshold'), 4)}")
     if meta.get("FDRq") is not None:
