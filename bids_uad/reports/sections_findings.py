@@ -26,6 +26,12 @@ def _num(value: str, digits: int = 3) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.{digits}g}"
 
 
+def _p(value: str) -> str:
+    """A p-value: two significant digits, scientific below 0.001."""
+    v = to_float(value)
+    return "n/a" if not np.isfinite(v) else (f"{v:.1e}" if v < 1e-3 else f"{v:.2g}")
+
+
 def _xyz(row: dict, prefix: str) -> str:
     values = [to_float(row.get(f"{prefix}_{a}")) for a in "xyz"]
     return "n/a" if not all(np.isfinite(values)) else ", ".join(f"{v:.0f}" for v in values)
@@ -152,7 +158,7 @@ def _table_and_figures(ses, model, files, table, rows, meta, maker) -> list[dict
                    else "",
                    "cells": [r.get("finding", "n/a"), _num(r.get("volume_ml")), _xyz(r, "centre"),
                              _xyz(r, "template"), _region(r, atlas), _num(r.get("peak_score")),
-                             _num(r.get("min_pvalue")), r.get("fdr_survives", "n/a"), r.get("signature", "n/a")]}
+                             _p(r.get("min_pvalue")), r.get("fdr_survives", "n/a"), r.get("signature", "n/a")]}
                   for r in rows]
     items = [{"type": "findings", "columns": list(COLUMNS), "rows": table_rows,
               "caption": _caption(model, rows, meta, atlas), "empty": "no findings"}]

@@ -149,7 +149,7 @@ def evaluate_detectors(settings, candidates: list, bundles: list, control_items:
                     r["auroc"], "n/a" if not np.isfinite(r["dice_calibrated"]) else f"{r['dice_calibrated']:.3f}",
                     r["subject_auroc"])
         if np.isfinite(r.get("lesion_detection_rate", float("nan"))):
-            LOGGER.info("%s: lesions found %.2f of %d, false findings %.2f per patient, findings per held-out "
+            LOGGER.info("%s: lesion-wise detection rate %.2f (%d lesions), false findings %.2f per patient, findings per held-out "
                         "control %s", name, r["lesion_detection_rate"], r["n_lesions"],
                         r["false_findings_per_patient"], r.get("control_findings"))
     return results
