@@ -48,9 +48,10 @@ def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
     return arrays, lesion
 
 
-def _patients(settings, candidates: list) -> list[dict]:
+def load_patients(settings, candidates: list) -> list[dict]:
     """Arrays and truth of every candidate (a non-control's baseline derivatives) with a dwi-space
-    lesion mask."""
+    lesion mask, loaded once for every model's evaluation (``subject``, ``session``, ``truth``,
+    ``instances``, ``types`` added)."""
     import nibabel as nib
 
     out = []
@@ -59,7 +60,7 @@ def _patients(settings, candidates: list) -> list[dict]:
         if loaded is None:
             continue
         arrays, lesion = loaded
-        arrays.update(subject=found.subject, instances=None, types={})
+        arrays.update(subject=found.subject, session=found.session, instances=None, types={})
         instances = find_lesion_instances(lesion)
         if instances is not None:
             arrays["instances"] = np.asarray(nib.load(str(instances[0])).dataobj).astype(np.int32)
@@ -86,20 +87,22 @@ def _case(arrays: dict, score, written=None, bundle=None):
                 arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 
 
-def evaluate_detectors(settings, candidates: list, bundles: list, control_items: list[dict],
-                       control_subjects: list[str], group_dir: Path) -> dict | None:
+def evaluate_detectors(settings, patients: list[dict], bundles: list, control_items: list[dict],
+                       control_subjects: list[str], group_dir: Path,
+                       patient_results: dict[str, list] | None = None) -> dict | None:
     """Evaluate every bundle and the one-line detectors; write the group/detection_*.tsv tables.
 
-    ``candidates``: the non-controls' baseline derivatives (:class:`PreprocessedDwi`); those with a
-    dwi-space lesion mask are the patients.  ``control_items`` are the loaded derivatives of the
-    training controls ``control_subjects``
-    (the order of the bundles' ``subjects``).  Returns {detector: results}, or None without patients.
+    ``patients``: :func:`load_patients` of the non-controls.  ``control_items`` are the loaded
+    derivatives of the training controls ``control_subjects`` (the order of the bundles'
+    ``subjects``).  ``patient_results``: {model: the patients' :class:`InferenceResult`} already
+    computed (by ``evaluate_bundle``), so no patient is scored twice; a model missing there is
+    scored here.  Returns {detector: results}, or None without patients.
     """
     from bids_uad.scoring.evaluation import evaluate_detector, one_line_detectors, pr_curve, score_histograms
     from bids_uad.scoring.inference import infer
     from bids_uad.models.inputs import normalise_dwi
 
-    patients = _patients(settings, candidates)
+    patient_results = patient_results or {}
     if not patients:
         LOGGER.info("no subject with a dwi-space lesion mask: detection evaluation skipped")
         return None
@@ -108,9 +111,10 @@ def evaluate_detectors(settings, candidates: list, bundles: list, control_items:
     cases: dict[str, dict[str, list]] = {}
     for bundle in bundles:
         entry = cases.setdefault(bundle.name, {"patients": [], "controls": []})
-        for arrays in patients:
-            res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
-                        arrays["analysis_mask"])
+        done = patient_results.get(bundle.name)
+        for k, arrays in enumerate(patients):
+            res = done[k] if done is not None else infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"],
+                                                         arrays["brain_mask"], arrays["analysis_mask"])
             entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
         index = {s: i for i, s in enumerate(bundle.subjects)}
         for fold in bundle.folds:
