@@ -128,6 +128,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         ensemble=args.ensemble,
+        findings_min_volume=args.findings_min_volume,
         pe_polarity=tuple(args.pe_polarity),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
         baseline_session=validate_label(args.baseline_session, "ses") if args.baseline_session else None,
