@@ -97,6 +97,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if args.use_plugin is not None:
         plugin_args = load_plugin_settings(args.use_plugin)[1]  # fail early on a bad file
     resolve_preproc_backend(args.preproc_backend)  # fsl without FSL is a usage error, early
+    if args.device == "cuda":  # cuda without a GPU is a usage error, early (torch only imported then)
+        from bids_uad.models.bundle import resolve_device
+
+        resolve_device(args.device)
     return Settings(
         bids_dir=bids_dir,
         output_dir=output_dir,
@@ -124,6 +128,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         ensemble=args.ensemble,
+        findings_min_volume=args.findings_min_volume,
         pe_polarity=tuple(args.pe_polarity),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
         baseline_session=validate_label(args.baseline_session, "ses") if args.baseline_session else None,

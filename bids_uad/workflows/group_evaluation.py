@@ -27,7 +27,8 @@ from bids_uad.errors import InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.group")
 SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "dice_calibrated_sd", "dice_oracle",
-                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "n_patients", "n_controls")
+                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "lesion_detection_rate", "n_lesions",
+                "false_findings_per_patient", "false_findings_per_control", "n_patients", "n_controls")
 
 
 def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
@@ -74,12 +75,16 @@ def _voxel_ml(arrays: dict) -> float:
     return float(np.prod(arrays["header"].get_zooms()[:3])) / 1000.0
 
 
-def _case(arrays: dict, score, written=None):
+def _case(arrays: dict, score, written=None, bundle=None):
+    """A :class:`Case`; ``bundle``: the model whose minimum finding volume sizes the findings."""
     from bids_uad.scoring.evaluation import Case
+    from bids_uad.scoring.findings import min_finding_voxels
 
     amask = arrays["analysis_mask"]
+    voxel_ml = _voxel_ml(arrays)
+    min_voxels = 1 if bundle is None else min_finding_voxels(bundle.settings.scoring.min_cluster_ml, voxel_ml)
     return Case(arrays.get("subject", ""), np.where(amask, score, 0), amask, written, arrays.get("truth"),
-                arrays.get("instances"), arrays.get("types", {}), _voxel_ml(arrays))
+                arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 
 
 def evaluate_detectors(settings, patients: list[dict], bundles: list, control_items: list[dict],
@@ -110,7 +115,7 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
         for k, arrays in enumerate(patients):
             res = done[k] if done is not None else infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"],
                                                          arrays["brain_mask"], arrays["analysis_mask"])
-            entry["patients"].append(_case(arrays, res.score, res.mask))
+            entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
         index = {s: i for i, s in enumerate(bundle.subjects)}
         for fold in bundle.folds:
             for i in fold.val_idx:
@@ -120,7 +125,7 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
                     continue
                 res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                             arrays["analysis_mask"], fold=fold.fold)
-                entry["controls"].append(_case(arrays, res.score, res.mask))
+                entry["controls"].append(_case(arrays, res.score, res.mask, bundle))
     for name in ("1-FA", "MD"):
         cases[name] = {"patients": [], "controls": []}
     for group, items in (("patients", patients), ("controls", control_items)):
@@ -147,4 +152,8 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
         LOGGER.info("%s: AUPRC %.3f, AUROC %.3f, Dice (written map) %s, subject AUROC %.3f", name, r["auprc"],
                     r["auroc"], "n/a" if not np.isfinite(r["dice_calibrated"]) else f"{r['dice_calibrated']:.3f}",
                     r["subject_auroc"])
+        if np.isfinite(r.get("lesion_detection_rate", float("nan"))):
+            LOGGER.info("%s: lesion-wise detection rate %.2f (%d lesions), false findings %.2f per patient, findings per held-out "
+                        "control %s", name, r["lesion_detection_rate"], r["n_lesions"],
+                        r["false_findings_per_patient"], r.get("control_findings"))
     return results
