@@ -1,6 +1,8 @@
 """ANTs registration helpers: spaces, SyN recovery, interpolation, lesion masking, templates."""
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -162,7 +164,7 @@ def test_seed_and_threads_are_set(monkeypatch):
     reg.configure_ants(threads=2, seed=7)
     import os
     assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
-    assert ants.config._random_seed == 7
+    assert ants.config._random_seed == reg.ants_seed(7) == 8  # ANTs reads 0 as "from the clock"
 
 
 def test_chain_dwi_to_template_order():
@@ -264,3 +266,36 @@ def test_register_flair_rigid_onto_t1w():
     before = np.corrcoef(flair["t1w"].get_fdata()[brain], t1["t1w"].get_fdata()[brain])[0, 1]
     after = np.corrcoef(out.get_fdata()[brain], t1["t1w"].get_fdata()[brain])[0, 1]
     assert after > before + 0.2 and after > 0.85, (before, after)
+
+
+_REPRO_SCRIPT = """
+import sys, numpy as np, nibabel as nib, ants
+from scipy import ndimage as ndi
+from bids_uad.algorithms import registration as reg
+rng = np.random.default_rng(0)
+vol = ndi.gaussian_filter(rng.random((40, 44, 40)), 3).astype(np.float32)
+affine = np.diag([2.0, 2.0, 2.0, 1.0])
+fixed = nib.Nifti1Image(vol, affine)
+moving = nib.Nifti1Image((ndi.shift(vol, (1.3, -0.7, 0.4)) ** 2).astype(np.float32), affine)
+for _ in range(3):
+    _, result = reg.register_flair(fixed, moving, seed=0, threads=1)
+    print(repr(list(ants.read_transform(result.forward[0]).parameters)))
+"""
+
+
+def test_default_seed_makes_registration_reproducible():
+    """Three identical rigid registrations with the default seed give the same transform.
+
+    ANTs treats ``--random-seed 0`` as "seed from the clock"; the app's seed 0 must not reach
+    it as 0 (it did, and repeated runs of one dataset differed after every registration).
+    Run in a fresh process: ITK fixes its thread count at its first use in a process, and
+    other tests here register with two threads.
+    """
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _REPRO_SCRIPT], capture_output=True, text=True,
+                         check=True, env={**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"})
+    params = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert len(params) == 3 and len(set(params)) == 1, out.stdout
+    assert reg.ants_seed(0) != 0
