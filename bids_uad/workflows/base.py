@@ -214,8 +214,12 @@ def _merge_node(interface, name: str):
 def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
     """One preprocessing workflow per dwi run (in ``ses.dwi`` order)."""
     wfs = []
+    # the second run of an opposite-PE full-DTI pair reuses the field fitted for the first
+    # (python backend; FSL's topup+eddy node of each run fits its own)
+    partner_of = {j: i for i, j in opposite_pe_pairs(ses.dwi)} if settings.resolved_backend() == "python" else {}
     for index, run in enumerate(ses.dwi):
-        wf = init_dwi_preproc_wf(settings, name=f"dwi_{_session_name(ses)}_{index}")
+        wf = init_dwi_preproc_wf(settings, name=f"dwi_{_session_name(ses)}_{index}",
+                                 sdc_from_partner=index in partner_of)
         wf.inputs.inputnode.dwi_file = str(run.path)
         wf.inputs.inputnode.bval_file = str(run.bval)
         wf.inputs.inputnode.bvec_file = str(run.bvec)
@@ -225,6 +229,8 @@ def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
         wf.inputs.inputnode.source_file = str(run.path)
         workflow.add_nodes([wf])
         wfs.append(wf)
+    for j, i in partner_of.items():
+        workflow.connect(wfs[i], "outputnode.sdc_partner", wfs[j], "inputnode.sdc_partner")
     return wfs
 
 
