@@ -159,15 +159,41 @@ def pair_correlations(bids: Path, dwi_dir: Path, label: str, prefix: str, mask: 
 
 
 def template_quality(dwi_dir: Path, prefix: str, out: Path, label: str) -> tuple[float | None, str]:
-    """(correlation of the subject's FA with the FA-like template in template space, path that ran)."""
+    """(correlation of the subject's FA with the FA-like template in template space, path that ran).
+
+    One measure for both routes (``registration.fa_template_agreement``): dwi-only subjects
+    have it in the sidecar of their template-space FA; for T1w subjects the FA is carried here
+    through the written transforms (dwi -> T1w -> template, one resampling) and compared in the
+    same way.
+    """
     warped = sorted(dwi_dir.glob(f"{prefix}_space-MNI*_model-tensor_param-fa_dwimap.json"))
     if warped:
         meta = json.loads(warped[0].read_text())
         return (meta.get("TemplateRegistrationQuality", {}).get("FACorrelationWithTemplate"),
                 "dwi-only: FA -> FA-like template (affine + SyN)")
-    if sorted((out / f"sub-{label}").rglob("*_from-T1w_to-MNI*_xfm.h5")):
-        return None, "T1w -> template (ANTs SyN) and T1w -> dwi (FA correlation not measured on this path)"
+    anat = out / f"sub-{label}" / "anat"
+    to_template = sorted(anat.glob("*_from-T1w_to-MNI*_xfm.h5"))
+    dwi_to_t1w = sorted(anat.glob(f"{prefix}_from-dwi_to-T1w_*xfm.h5"))
+    if to_template and dwi_to_t1w:
+        return t1w_route_quality(dwi_dir, prefix, dwi_to_t1w[0], to_template[0]), \
+            "T1w -> template (ANTs SyN) and dwi -> T1w (rigid + SyN), FA carried through both"
     return None, "none"
+
+
+def t1w_route_quality(dwi_dir: Path, prefix: str, dwi_to_t1w: Path, t1w_to_template: Path) -> float:
+    """FA correlation with the FA-like template for a subject registered through its T1w."""
+    from bids_uad.algorithms.registration import apply_transforms, fa_template_agreement
+    from bids_uad.algorithms.templates import fa_like_template, template_for_output_spaces
+
+    name = re.search(r"_to-([A-Za-z0-9]+)_", t1w_to_template.name).group(1)
+    target, target_mask = fa_like_template(template_for_output_spaces([name]))
+    fa = nib.load(str(dwi_dir / f"{prefix}_space-dwi_model-tensor_param-fa_dwimap.nii.gz"))
+    mask = nib.load(str(dwi_dir / f"{prefix}_space-dwi_desc-brain_mask.nii.gz"))
+    fa = nib.Nifti1Image(np.asarray(fa.dataobj, np.float32) * (np.asarray(mask.dataobj) > 0), fa.affine)
+    chain = [str(t1w_to_template), str(dwi_to_t1w)]  # antspyx applies the last first
+    quality = fa_template_agreement(apply_transforms(fa, target, chain, "image"),
+                                    apply_transforms(mask, target, chain, "mask"), target, target_mask)
+    return quality["FACorrelationWithTemplate"]
 
 
 _SKIP_RE = re.compile(r"\[WARNING\] (.*(skipped|nominal|partial brain coverage|polarity unknown|no T1w).*)")
@@ -200,7 +226,7 @@ def plausibility(res: dict) -> list[str]:
 
 def table(subjects: dict) -> str:
     head = ("| subject | wall s | peak MB | mask mL | whole brain | WM FA | WM MD (1e-3) | b0 r before/after "
-            "| template | skipped / notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| template FA r (route) | skipped / notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for label, r in subjects.items():
         md = r.get("wm_md_median")
@@ -208,9 +234,17 @@ def table(subjects: dict) -> str:
             else "-"
         rows.append(f"| {label} | {r.get('wall_s')} | {r.get('peak_rss_mb')} | {r.get('mask_ml')} | "
                     f"{r.get('whole_brain')} | {r.get('wm_fa_median')} | {round(md * 1e3, 3) if md else None} | {pair} | "
-                    f"{r.get('template_fa_correlation') or ('T1w' if str(r.get('template_registration')).startswith('T1w') else 'no')} | "
+                    f"{_template_cell(r)} | "
                     f"{'; '.join((r.get('skipped') or []) + (r.get('checks') or []))[:300]} |")
     return head + "\n".join(rows) + "\n"
+
+
+def _template_cell(r: dict) -> str:
+    """FA correlation with the template and the route (T1w or FA) it came through."""
+    corr, route = r.get("template_fa_correlation"), str(r.get("template_registration") or "")
+    if corr is None:
+        return "no"
+    return f"{corr} ({'T1w' if route.startswith('T1w') else 'FA'})"
 
 
 def main(argv=None) -> int:

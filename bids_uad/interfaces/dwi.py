@@ -146,7 +146,7 @@ class _EstimateSDCOutputSpec(TraitedSpec):
     fieldmap_hz = traits.Str(desc="field in Hz on the dwi grid, or '' when skipped")
     b0_pair_raw = traits.List(traits.Str)
     b0_pair_corrected = traits.List(traits.Str)
-    pe_direction = traits.Str()
+    pe_direction = traits.Str(desc="PE direction; only its axis (i, j, k) when the polarity is unknown")
     readout_scale = traits.Float(desc="TotalReadoutTime * polarity of the dwi (0 if unknown)")
     report = traits.Dict()
     partner = traits.Dict(desc="what TransferSDC needs to correct the reverse-PE run of a full-DTI pair "
@@ -176,9 +176,10 @@ class EstimateSDC(SimpleInterface):
                             image_path=self.inputs.dwi_file)
         first_b0 = int(np.flatnonzero(gt.b0_mask)[0])
         b0 = np.asarray(img.dataobj[..., first_b0], dtype=np.float32)
+        # without a polarity the PE axis alone is handed on: the eddy-current model needs only the axis
         self._results.update(fieldmap_hz="", b0_pair_raw=[], b0_pair_corrected=[],
-                             pe_direction=str(meta.get("PhaseEncodingDirection", "")), readout_scale=0.0,
-                             partner={})
+                             pe_direction=str(meta.get("PhaseEncodingDirection") or meta.get("PhaseEncodingAxis", "")),
+                             readout_scale=0.0, partner={})
         rpe = self.inputs.rpe_file or ""
         if not rpe:
             LOGGER.warning("%s: no reverse phase-encoding image; susceptibility distortion correction "
