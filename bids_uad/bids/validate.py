@@ -3,7 +3,7 @@
 Run only on the files a run actually uses; each failure is one
 :class:`~bids_uad.errors.InputValidationError` (exit 16) naming the file and the problem.
 The header is checked from its raw bytes before nibabel opens the image (nibabel silently
-"fixes" zero or negative voxel sizes), and the data are read in bounded slabs, so a header
+"fixes" zero or negative voxel sizes), and the data are read once, in bounded chunks, so a header
 claiming gigabytes on a small file, a truncated or corrupt gzip stream and all-zero data
 are refused here, in seconds, before any processing.
 """
@@ -114,7 +114,7 @@ def load_image(path: str | Path, ndim: int | tuple[int, ...], what: str):
     check_affine(img.affine, path)
     check_qform_sform(img, path, what)
     if not path.name.endswith(".gz"):  # uncompressed: the header's claim is checked against the size
-        need = int(img.header.get_data_offset()) + int(np.prod(shape)) * img.get_data_dtype().itemsize
+        need = int(getattr(img.dataobj, "offset", img.header.get_data_offset())) + int(np.prod(shape)) * img.get_data_dtype().itemsize
         have = path.stat().st_size
         if have < need:
             raise InputValidationError(
@@ -134,54 +134,80 @@ def check_affine(affine: np.ndarray, path: str | Path) -> None:
         )
 
 
-def _slabs(shape: tuple[int, ...], itemsize: int):
-    """Index ranges along the last axis whose slabs hold at most ``_CHUNK_BYTES`` each."""
-    per_index = int(np.prod(shape[:-1])) * itemsize if len(shape) > 1 else itemsize
-    step = max(1, _CHUNK_BYTES // max(per_index, 1))
-    return [(start, min(start + step, shape[-1])) for start in range(0, shape[-1], step)]
-
-
-def _check_gzip_stream(path: str | Path, what: str) -> None:
-    """Decompress a ``.gz`` image to its end: a corrupt stream fails its CRC here even where the
-    damaged bytes still inflate (into garbage) and nibabel would never read the trailer."""
+def _open_stream(path: str | Path):
+    """The image file as a byte stream, decompressed for ``.gz`` (whose CRC is checked at its end)."""
     import gzip
 
-    if not str(path).endswith(".gz"):
-        return
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _scan_stream(img, path: str | Path, what: str) -> tuple[bool, int | None]:
+    """One sequential pass over a single-file NIfTI's data: ``(any non-zero, first bad volume)``.
+
+    Reading a ``.gz`` to its end checks its CRC and length trailer, so a corrupt stream fails
+    here even where the damaged bytes still inflate (into garbage) and nibabel would never read
+    the trailer; the same pass tests finiteness and signal, so the file is decompressed once.
+    A header claiming more data than the file holds fails as truncated without allocating the
+    claim. ``first bad volume`` is the index of the first volume (last axis of a 4D image)
+    holding a NaN or infinite value, 0 for 3D images, ``None`` when all values are finite.
+    """
+    header = img.header
+    dtype = header.get_data_dtype()
+    shape = tuple(int(n) for n in img.shape)
+    proxy = img.dataobj  # nibabel's array proxy knows where the data start and how they scale
+    offset = int(getattr(proxy, "offset", header.get_data_offset()))
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    n_values = int(np.prod(shape))
+    per_volume = int(np.prod(shape[:3])) if len(shape) == 4 else max(n_values, 1)
+    step = max(dtype.itemsize, (_CHUNK_BYTES // dtype.itemsize) * dtype.itemsize)
+    check_finite_values = dtype.kind in "fc"
+    nonzero, bad, seen = False, None, 0
     try:
-        with gzip.open(path, "rb") as handle:
-            while handle.read(_CHUNK_BYTES):
+        with _open_stream(path) as handle:
+            skip = offset
+            while skip > 0:
+                got = len(handle.read(min(skip, step)))
+                if not got:
+                    break
+                skip -= got
+            remaining = n_values * dtype.itemsize
+            while remaining > 0:
+                chunk = handle.read(min(step, remaining))
+                if not chunk or len(chunk) % dtype.itemsize:
+                    raise EOFError(f"data end after {seen} of {n_values} values")
+                block = np.frombuffer(chunk, dtype=dtype)
+                if check_finite_values and bad is None:
+                    finite = np.isfinite(block)
+                    if not finite.all():
+                        bad = (seen + int(np.flatnonzero(~finite)[0])) // per_volume
+                if not nonzero:
+                    if inter == 0.0:
+                        nonzero = bool(np.any(block) and slope != 0.0)
+                    else:
+                        nonzero = bool(np.any(block.astype(np.float64) * slope + inter))
+                seen += block.size
+                remaining -= len(chunk)
+            while handle.read(step):  # to the end: the gzip trailer (CRC, length) is checked here
                 pass
     except Exception as exc:  # EOFError, gzip.BadGzipFile (CRC, length), zlib.error, OSError
         raise InputValidationError(
             f"{what} image data are truncated or corrupt ({type(exc).__name__}: {exc})", path) from exc
+    return nonzero, bad
 
 
 def check_finite(img, path: str | Path, what: str, require_signal: bool = True) -> None:
-    """Read the data in bounded slabs: readable to the end, finite, and (by default) not all zero.
+    """Read the data once, in bounded chunks: readable to the end, finite, and (by default) not all zero.
 
     A truncated file or a corrupt gzip stream surfaces here as an unreadable image, and a
     header claiming more data than the file holds fails without allocating the claim.
     """
-    _check_gzip_stream(path, what)
-    data = img.dataobj
-    shape = tuple(img.shape)
-    itemsize = img.get_data_dtype().itemsize
-    nonzero = False
-    for start, stop in _slabs(shape, itemsize):
-        try:
-            block = np.asarray(data[..., start:stop])
-        except MemoryError:
-            raise InputValidationError(f"{what} image is too large to read ({shape})", path) from None
-        except Exception as exc:  # EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError, ...
-            raise InputValidationError(
-                f"{what} image data are truncated or corrupt ({type(exc).__name__}: {exc})", path) from exc
-        if block.dtype.kind in "fc" and not np.all(np.isfinite(block)):
-            if len(shape) == 4:
-                bad = start + int(np.flatnonzero(~np.all(np.isfinite(block), axis=(0, 1, 2)))[0])
-                raise InputValidationError(f"{what} image holds NaN or infinite values (volume {bad})", path)
-            raise InputValidationError(f"{what} image holds NaN or infinite values", path)
-        nonzero = nonzero or bool(np.any(block))
+    nonzero, bad = _scan_stream(img, path, what)
+    if bad is not None:
+        if len(img.shape) == 4:
+            raise InputValidationError(f"{what} image holds NaN or infinite values (volume {bad})", path)
+        raise InputValidationError(f"{what} image holds NaN or infinite values", path)
     if require_signal and not nonzero:
         raise InputValidationError(f"{what} image holds only zeros (no signal)", path)
 
