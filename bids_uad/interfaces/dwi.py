@@ -444,7 +444,7 @@ class BrainMask(SimpleInterface):
         mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
         coverage = coverage_summary(mask, img.header.get_zooms())
         if not coverage["WholeBrain"]:
-            LOGGER.warning("dwi brain mask reaches the edge of the field of view along %s (extent %s mm): "
+            LOGGER.warning("dwi brain mask is cut by the field of view along %s (extent %s mm): "
                            "partial brain coverage (slab); volumes and template fits cover only this part",
                            "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
         out = _out(runtime, "brain_mask.nii.gz")
