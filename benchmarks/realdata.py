@@ -34,6 +34,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bids_uad.algorithms.masking import coverage_summary
+
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 RESULTS = REPO / "benchmarks" / "results"
@@ -115,9 +117,7 @@ def measure_outputs(out: Path, bids: Path, label: str, log: Path) -> dict:
                 dseg_path.name.replace(".nii.gz", ".json")).is_file() else "T1w segmentation"
     else:
         wm, wm_source = mask & (fa > 0.25), "FA > 0.25 (no dseg)"
-    mask_meta = json.loads(get("space-dwi_desc-brain_mask").with_name(
-        f"{prefix}_space-dwi_desc-brain_mask.json").read_text())
-    coverage = mask_meta.get("Coverage", {})
+    coverage = coverage_summary(mask, mask_img.header.get_zooms())  # the current rule, from the mask itself
     shells = sorted({round(float(b), -2) for b in np.loadtxt(dwi_dir / f"{prefix}_space-dwi_desc-preproc_dwi.bval")
                      if b > 50})
     res = {
@@ -247,12 +247,34 @@ def _template_cell(r: dict) -> str:
     return f"{corr} ({'T1w' if route.startswith('T1w') else 'FA'})"
 
 
+def write_results(summary: dict, merge: bool, order: list[str]) -> None:
+    """benchmarks/results/realdata.{json,md}; ``merge``: update the subjects already there."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "realdata.json"
+    if merge and path.is_file():
+        old = json.loads(path.read_text())
+        subjects = {**old.get("subjects", {}), **summary["subjects"]}
+        failed = sorted((set(old.get("failed", [])) - set(summary["subjects"])) | set(summary["failed"]))
+        pending = [s for s in old.get("pending", []) if s not in subjects]
+        summary = {**summary, "subjects": {k: subjects[k] for k in order if k in subjects},
+                   "failed": failed, "pending": pending, "note": summary.get("note") or old.get("note", "")}
+    (RESULTS / "realdata.md").write_text((summary["note"] + "\n\n" if summary.get("note") else "")
+                                         + table(summary["subjects"]))
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", nargs="+", help="labels (default: every vendors_bids subject, xa30, philips)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bids_uad_realdata"))
     parser.add_argument("--keep-done", action="store_true",
                         help="keep the subjects that succeeded in benchmarks/results/realdata.json; run the others")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="run nothing: re-read the derivatives of an earlier run in --work with the current "
+                             "measuring code, keeping its rc, wall time and memory from benchmarks/results/realdata.json")
+    parser.add_argument("--note", default="", help="conditions of the measurement (machine load, code), kept with the results")
+    parser.add_argument("--update", action="store_true",
+                        help="with --subjects: merge the subjects into benchmarks/results/realdata.{json,md}")
     args = parser.parse_args(argv)
     vendors = REALDATA / "vendors_bids"
     extra = build_extra_dataset(args.work / "extra_bids")
@@ -263,16 +285,19 @@ def main(argv=None) -> int:
     wanted = [s for s in order if not args.subjects or s in args.subjects]
     subjects, failed = {}, []
     previous = RESULTS / "realdata.json"
-    if args.keep_done and previous.is_file():
-        done = json.loads(previous.read_text()).get("subjects", {})
-        subjects = {k: v for k, v in done.items() if v.get("rc") == 0 and "error" not in v and k in wanted}
+    earlier = json.loads(previous.read_text()).get("subjects", {}) if previous.is_file() else {}
+    if args.keep_done:
+        subjects = {k: v for k, v in earlier.items() if v.get("rc") == 0 and "error" not in v and k in wanted}
     for label in wanted:
         if label in subjects:
             continue
         bids = datasets[label]
         out, work, log = args.work / "out" / bids.name, args.work / "work" / bids.name, args.work / f"{label}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
-        run = run_participant(bids, out, work, label, log)
+        if args.remeasure:
+            run = {k: earlier.get(label, {}).get(k) for k in ("rc", "wall_s", "peak_rss_mb")}
+        else:
+            run = run_participant(bids, out, work, label, log)
         result = dict(run)
         if run["rc"] == 0:
             try:
@@ -284,12 +309,11 @@ def main(argv=None) -> int:
             result.setdefault("error", f"exit {run['rc']}; log {log}")
         subjects[label] = result
         print(f"{label}: {json.dumps(result)}", flush=True)
-        summary = {"benchmark": "realdata", "load_1min": round(os.getloadavg()[0], 2), "subjects": subjects,
+        summary = {"benchmark": "realdata", "load_1min": round(os.getloadavg()[0], 2), "note": args.note,
+                   "subjects": subjects,
                    "failed": failed, "pending": [s for s in wanted if s not in subjects]}
-        if not args.subjects:  # written after each subject: a long run keeps what it measured
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "realdata.md").write_text(table(subjects))
-            (RESULTS / "realdata.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if not args.subjects or args.update:  # written after each subject: a long run keeps what it measured
+            write_results(summary, merge=bool(args.subjects), order=order)
     print(table(subjects))
     print(json.dumps(summary))
     return 1 if failed else 0
