@@ -317,6 +317,12 @@ class TransferSDC(SimpleInterface):
                 "PhaseEncodingDirectionSource": "ReversePhaseEncodingDirectionSource"}
         for a, b in swap.items():
             settings[a], settings[b] = settings.get(b), settings.get(a)
+        # the movement of the other run's b0 as seen from this run: the inverse pose
+        from bids_uad.algorithms.hmc import matrix_to_params, params_to_matrix
+        from bids_uad.algorithms.sdc import MOVEMENT_COLUMNS, movement_summary
+
+        inverse = matrix_to_params(np.linalg.inv(params_to_matrix(np.asarray(part["movement"], float))))
+        settings["movement"] = movement_summary(np.vstack([np.zeros(6), inverse]), [(1, MOVEMENT_COLUMNS[axis])])
         settings.update(ReversePEImage=part["source"],
                         FieldEstimatedWith=f"the run {part['source']} (one fit for the pair); moved into this "
                                            "run's frame with the pose of this run's b0 found by that fit",

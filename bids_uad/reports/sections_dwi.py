@@ -49,6 +49,8 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
         mask_arr = mask[0] > 0.5 if mask is not None and b0 is not None and same_grid(b0[0], mask[0]) else None
         sl = F.pick_slices(b0[0].shape, mask_arr) if b0 is not None else None
         contour = [(mask_arr, F.COLORS["brain"], "brain")] if mask_arr is not None else []
+        # a combination of opposite-PE runs has no field or motion table of its own (its runs have)
+        combined = list(ses.sidecar("dwi_preproc").get("CombinedRuns") or [])
         # susceptibility distortion correction
         before, before_src, what = load(ses.get("b0_uncorrected")), ses.get("b0_uncorrected"), "the b0 reference"
         if before is None and b0 is not None and ses.get("fieldmap") is not None:
@@ -67,6 +69,9 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 ("before correction", "after correction"),
                 f"Susceptibility distortion correction: hover to alternate {what} before correction and the "
                 "corrected b0 reference (red: brain mask of the corrected data).", "b0 before/after SDC"))
+        elif combined:
+            items.append(note(f"This series combines the corrected runs {' and '.join(combined)}: their "
+                              "susceptibility correction, field and head motion are shown with each run below."))
         elif b0 is not None and ses.get("fieldmap") is None and ses.get("dwi_preproc") is not None:
             items.append(note("Not available: b0 before/after susceptibility correction — no correction was "
                               "applied (no estimated field; see the warnings in the Summary)."))
@@ -94,7 +99,7 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 f"{ses.prefix}_desc-motion_dwi.svg", [motion], lambda: F.motion_figure(cols),
                 "Head motion per volume: translations, rotations and framewise displacement (FD)." + stats,
                 "Motion parameters and framewise displacement"))
-        else:
+        elif not combined:
             items.append(missing(ses, "motion and framewise displacement", "motion"))
         if b0 is None:
             items.append(missing(ses, "b0 reference figures", "b0"))

@@ -190,6 +190,13 @@ def test_second_run_of_a_pair_reuses_the_field(tmp_path):
     assert settings["TotalReadoutTime"] == pytest.approx(0.04)
     assert settings["ReversePEImage"] == "sub-01_dir-AP_dwi.nii.gz"
     assert "one fit for the pair" in settings["FieldEstimatedWith"]
+    # the other run's movement as seen from this run: the inverse of the fitted pose
+    from bids_uad.algorithms.hmc import params_to_matrix
+    from bids_uad.algorithms.sdc import MOVEMENT_COLUMNS
+
+    back = np.asarray([settings["movement"][0][k] for k in MOVEMENT_COLUMNS])
+    assert np.allclose(params_to_matrix(back) @ params_to_matrix(np.asarray(partner["movement"])), np.eye(4),
+                       atol=1e-3)
     field = nib.load(second.outputs.fieldmap_hz)
     assert field.shape == nib.load(rpe).shape
     from bids_uad.algorithms.sdc import field_in_moved_frame
