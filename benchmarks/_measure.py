@@ -72,3 +72,58 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _tree_cpu_s(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) of ``root`` and each of its descendants now, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    keep = {root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in keep and pid not in keep:
+                keep.add(pid)
+                changed = True
+    return {pid: cpu[pid] for pid in keep if pid in cpu}
+
+
+@contextmanager
+def tree_cpu(interval: float = 0.5):
+    """CPU seconds of this process and all its descendants during a block (``m.cpu_s``).
+
+    Worker processes of a fork server are grandchildren that this process never waits for,
+    so ``getrusage(RUSAGE_CHILDREN)`` misses them; they are sampled from /proc instead (a
+    process that ends between two samples loses at most its last ``interval`` of CPU).
+    """
+    me = os.getpid()
+    start = _tree_cpu_s(me)
+    last: dict[int, float] = dict(start)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            last.update(_tree_cpu_s(me))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    m = Measurement("cpu")
+    try:
+        yield m
+    finally:
+        stop.set()
+        thread.join()
+        last.update(_tree_cpu_s(me))
+        m.extra["cpu_s"] = sum(v - start.get(pid, 0.0) for pid, v in last.items())

@@ -2,6 +2,13 @@
 
 ``python benchmarks/run_all.py [--preset paper|tiny]`` (``make bench``)
 
+``--preset small`` instead runs the demo's dataset through the demo's three levels
+(participant, group, participant ``--model``; :func:`run_levels`) and reports per level: wall,
+CPU of the whole process tree, the nodes of its nipype graph, their summed own work and the
+scheduling overhead (wall − work / processes), read from the run log's closing line.
+
+One subject (``tiny``/``paper``):
+
 1. generates a synthetic dataset (3 controls + 1 patient) at the preset's geometry;
 2. trains a *timing-only* model of each kind at the reference architecture on the controls'
    artefact-free series (1 epoch; its accuracy means nothing — the models benchmark reports
@@ -29,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import current_rss_mb, markdown_table, measure  # noqa: E402
+from _measure import current_rss_mb, markdown_table, measure, tree_cpu  # noqa: E402
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
 
@@ -118,13 +125,90 @@ def train_timing_models(bids: Path, out: Path, models: list[str], threads: int) 
     return timings
 
 
+#: the demo's levels as run_levels names them (in demo_commands' order)
+LEVELS = ("participant", "group", "participant --model")
+
+
+def run_levels(args) -> int:
+    """The demo's dataset through its three levels; per level wall, CPU, nodes, work, overhead."""
+    import shutil
+
+    from bids_uad.cli.demo import demo_commands
+    from bids_uad.cli.run import main as bids_uad_main
+    from bids_uad.synthetic import generate_dataset
+    from bids_uad.workflows.execution import RunSummary
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bids_uad_bench_levels_"))
+    bids, deriv, work = root / "bids", root / "derivatives" / "bids_uad", root / "work"
+    print(f"benchmark folder: {root}", flush=True)
+    with measure("generate") as gen:
+        if not (bids / "dataset_description.json").exists():
+            generate_dataset(bids, preset=args.preset, seed=0)
+    for folder in (deriv, work):  # every level from scratch (the dataset is kept)
+        shutil.rmtree(folder, ignore_errors=True)
+    rows = []
+    for level, (title, argv) in zip(LEVELS, demo_commands(bids, deriv, work, 0, args.nprocs)):
+        print(f"\n=== {title} ===\nbids_uad {' '.join(argv)}", flush=True)
+        logs_before = set((deriv / "logs").glob("run-*.log"))
+        load_start = os.getloadavg()[0]
+        with measure(level) as m, tree_cpu() as cpu:
+            code = bids_uad_main(argv)
+        if code != 0:
+            print(f"{level} failed with exit code {code}", file=sys.stderr)
+            return code
+        new_logs = sorted(set((deriv / "logs").glob("run-*.log")) - logs_before)
+        summary = RunSummary.parse(new_logs[-1].read_text()) if new_logs else None
+        row = {"level": level, "wall_s": round(m.wall_s, 1), "cpu_s": round(cpu.extra["cpu_s"], 1),
+               "nodes": summary.nodes if summary else 0, "reused": summary.reused if summary else 0,
+               "work_s": round(summary.work_s, 1) if summary else None,
+               "graph_wall_s": round(summary.wall_s, 1) if summary else None,
+               "overhead_s": round(summary.overhead_s, 1) if summary else None,
+               "overhead_pct_of_level": round(100 * summary.overhead_s / m.wall_s, 1) if summary else None,
+               "scheduler_cpu_s": round(summary.scheduler_cpu_s, 1) if summary else None,
+               "load_1min_start": round(load_start, 2), "load_1min_end": round(os.getloadavg()[0], 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"run_all_{args.preset}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    participant = rows[0]
+    result = {
+        "benchmark": "run_all", "preset": args.preset, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "nprocs": args.nprocs, "levels": rows, "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+        "total_cpu_s": round(sum(r["cpu_s"] for r in rows), 1), "generate_s": round(gen.wall_s, 1),
+        "targets": {"participant_overhead_pct<=10": (participant["overhead_pct_of_level"] or 0) <= 10},
+        "previous": {k: previous.get(k) for k in ("date", "levels", "total_wall_s")} if previous else None,
+    }
+    columns = ["level", "wall_s", "cpu_s", "nodes", "work_s", "overhead_s", "overhead_pct_of_level",
+               "scheduler_cpu_s", "load_1min_start", "load_1min_end"]
+    table = markdown_table(rows, columns)
+    print(f"\nthe demo's levels ({args.preset} dataset, {args.nprocs} processes):\n{table}")
+    if previous:
+        print(f"\nprevious run ({previous.get('date')}):\n{markdown_table(previous.get('levels', []), columns)}")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"run_all_{args.preset}.md").write_text(
+        f"# The demo's three levels, {args.preset} dataset ({result['date']}, {result['machine']})\n\n"
+        f"{args.nprocs} processes; overhead = graph wall − Σ node work / processes (run log's closing line); "
+        f"cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n")
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "paper"], default="paper")
+    parser.add_argument("--preset", choices=["tiny", "paper", "small"], default="paper",
+                        help="tiny/paper: one subject through the participant level; small: the demo's "
+                             "dataset through its three levels")
+    parser.add_argument("--nprocs", type=int, default=2, help="--nprocs of the levels (--preset small)")
     parser.add_argument("--threads", type=int, default=2, help="--omp-nthreads of the run (default 2)")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     parser.add_argument("--models", nargs="+", default=["dae", "recdisc"])
     args = parser.parse_args(argv)
+    if args.preset == "small":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as make demo (Makefile)
+        return run_levels(args)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     import bids_uad.cli.levels as levels

@@ -56,6 +56,7 @@ class Settings:
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
     ensemble: bool = False
+    findings_min_volume: float | None = None  # mL; None: the model file's min_cluster_ml
     use_plugin: Path | None = None
     baseline_session: str | None = None
     pe_polarity: tuple[str, ...] = ()

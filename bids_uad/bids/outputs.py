@@ -135,6 +135,14 @@ OUTPUTS: dict[str, Output] = {o.key: o for o in (
        sidecar=_ANOMALY_SIDECAR + ("Transforms",)),
     _o("anomaly_mask_template", "dwi", "mask", space="{template}", model="{model}", desc="anomaly",
        sidecar=_ANOMALY_SIDECAR + ("Transforms",)),
+    _o("findings_table", "dwi", "table", ".tsv", model="{model}", desc="findings",
+       sidecar=("Findings", "MinimumVolumeMl", "Atlases", "DeviationReference", MODEL_SHA256),
+       description="one row per finding (cluster of the written anomaly mask): volume, centre, atlas regions, "
+                   "score, p-value, deviation signature; the sidecar describes each column"),
+    _o("findings_dseg", "dwi", "dseg", **_DWI, model="{model}", desc="findings", sidecar=(MODEL_SHA256,),
+       description="finding label image: voxel value k = row 'finding' k of the findings table"),
+    _o("findings_matches", "dwi", "table", ".tsv", source="session", model="{model}", desc="findingsmatch",
+       description="longitudinal: each baseline finding matched to this follow-up's findings"),
     # -- longitudinal comparison: per session (baseline dwi space: ``dwibaseline``) -------------
     _o("lesion_t1w", "anat", "mask", source="session", desc="{lesion}"),
     _o("lesion_dwi", "dwi", "mask", source="session", **_DWI, desc="{lesion}"),

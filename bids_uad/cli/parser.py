@@ -26,6 +26,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from exc
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -114,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale (the "
                            "baselines have none and keep their model file's method); "
                            "otsu and meanpool are per-subject, uncalibrated")
+    proc.add_argument("--findings-min-volume", dest="findings_min_volume", type=_nonnegative_float, default=None,
+                      metavar="ML",
+                      help="smallest finding in mL: clusters of the written anomaly map below it are not listed in "
+                           "the findings table (default: the model file's minimum cluster volume, 0.5 mL from the "
+                           "group level, the size below which its calibrated map drops clusters)")
     proc.add_argument("--ensemble", action="store_true",
                       help="score with the mean of all fold models instead of the best fold")
     proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,6 +124,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         ensemble=args.ensemble,
+        findings_min_volume=args.findings_min_volume,
         pe_polarity=tuple(args.pe_polarity),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
         baseline_session=validate_label(args.baseline_session, "ses") if args.baseline_session else None,
@@ -176,6 +178,7 @@ def run(settings: Settings) -> int:
     from bids_uad.bids.layout import BIDSInputs
     from bids_uad.cli.levels import run_group, run_participant
 
+    started, cpu_started = time.perf_counter(), time.process_time()
     _check_writable_dir(settings.output_dir, "output folder")
     _check_writable_dir(settings.work_dir, "work folder")
     writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
@@ -199,7 +202,8 @@ def run(settings: Settings) -> int:
         run_participant(settings, bids, subjects, run_id)
     else:
         run_group(settings, bids, run_id)
-    LOGGER.info("finished; outputs in %s", settings.output_dir)
+    LOGGER.info("finished in %.1f s wall (%.1f s CPU in this process); outputs in %s",
+                time.perf_counter() - started, time.process_time() - cpu_started, settings.output_dir)
     return 0
 
 

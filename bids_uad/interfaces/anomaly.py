@@ -35,6 +35,7 @@ class _AnomalyInferenceOutputSpec(TraitedSpec):
     mask = File(desc="binary anomaly mask (thresholded, opened)")
     model_name = traits.Str()
     meta = traits.Dict(desc="provenance for the sidecars (BIDS CamelCase keys)")
+    scoring = traits.Dict(desc="the model's scoring settings the findings use: fdr_q, min_cluster_ml")
 
 
 class AnomalyInference(SimpleInterface):
@@ -82,6 +83,9 @@ class AnomalyInference(SimpleInterface):
         info["n_anomalous_voxels"] = int(result.mask.sum())
         info["voxel_volume_mm3"] = float(np.prod(img.header.get_zooms()[:3]))
         self._results["meta"] = sidecar_fields(info)
+        scoring = bundle.settings.scoring
+        self._results["scoring"] = {"fdr_q": float(scoring.fdr_q), "min_cluster_ml": float(scoring.min_cluster_ml),
+                                    "calibrated": result.pvalues is not None}
         return runtime
 
 
@@ -119,6 +123,37 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
     return t1w2tpl[0], dwi2t1w[0]
 
 
+def warp_to_template(img, source_file: str, output_dir: str, template_name: str, template_file: str,
+                     dwi2t1w_xfm: str = "", t1w2template_xfm: str = "", kind: str = "image"):
+    """(``img`` resampled onto the template in one step, the transforms used), or (None, None) with a
+    warning when the run has no transforms to the template.
+
+    The transforms given (the anatomical workflow's composites) are used when both are set;
+    otherwise they are found in OUTPUT_DIR (:func:`template_transforms`).  ``kind``: ``image``
+    (linear) or ``label`` (nearest label, integer output).
+    """
+    import logging
+
+    import nibabel as nib
+
+    from bids_uad.algorithms.registration import apply_transforms, dwi_to_template
+
+    if dwi2t1w_xfm and t1w2template_xfm:
+        found = (Path(t1w2template_xfm), Path(dwi2t1w_xfm))
+    else:
+        found = template_transforms(output_dir, source_file, template_name)
+    if found is None:
+        logging.getLogger("bids_uad.anomaly").warning(
+            "%s: no anatomical transforms (from-dwi_to-T1w of this run, from-T1w_to-%s): %s map not written",
+            Path(source_file).name, template_name, template_name)
+        return None, None
+    if len(found) == 2:
+        warped = dwi_to_template(img, nib.load(template_file), [str(found[1])], [str(found[0])], kind)
+    else:  # dwi-only: the FA -> template registration of this run
+        warped = apply_transforms(img, nib.load(template_file), [str(found[0])], kind)
+    return warped, found
+
+
 class ToTemplateSpace(SimpleInterface):
     """Carry a diffusion-space map to the template in one resampling (dwi → T1w → template).
 
@@ -133,33 +168,19 @@ class ToTemplateSpace(SimpleInterface):
     output_spec = _ToTemplateOutputSpec
 
     def _run_interface(self, runtime):
-        import logging
-
         import nibabel as nib
 
         from nipype.interfaces.base import isdefined
 
-        from bids_uad.algorithms.registration import apply_transforms, dwi_to_template
-
         given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
-        if all(given):
-            found = (Path(given[1]), Path(given[0]))
-        else:
-            found = template_transforms(self.inputs.output_dir, self.inputs.source_file, self.inputs.template_name)
+        kind = "label" if self.inputs.kind == "mask" else "image"
+        warped, found = warp_to_template(nib.load(self.inputs.in_file), self.inputs.source_file,
+                                         self.inputs.output_dir, self.inputs.template_name,
+                                         self.inputs.template_file, given[0], given[1], kind)
         self._results["meta"] = {}
-        if found is None:
-            logging.getLogger("bids_uad.anomaly").warning(
-                "%s: no anatomical transforms (from-dwi_to-T1w of this run, from-T1w_to-%s): %s map not written",
-                Path(self.inputs.source_file).name, self.inputs.template_name, self.inputs.template_name)
+        if warped is None:
             self._results["out_file"] = ""
             return runtime
-        kind = "label" if self.inputs.kind == "mask" else "image"
-        if len(found) == 2:
-            warped = dwi_to_template(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                     [str(found[1])], [str(found[0])], kind)
-        else:  # dwi-only: the FA -> template registration of this run
-            warped = apply_transforms(nib.load(self.inputs.in_file), nib.load(self.inputs.template_file),
-                                      [str(found[0])], kind)
         out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)

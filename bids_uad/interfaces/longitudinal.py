@@ -90,7 +90,8 @@ def session_derivatives(output_dir: str | Path, subject: str, session: str, *,
 
     Returns a dict of paths ('' when absent and optional): ``t1w``, ``brain_mask``,
     ``flair`` (T1w space), ``csf`` (CSF probseg), ``t1w2dwi``/``dwi2t1w`` (composite .h5),
-    ``analysis_mask`` (dwi), ``models`` and per model ``anomaly_masks``/``anomaly_scores``,
+    ``analysis_mask`` (dwi), ``models`` and per model ``anomaly_masks``/``anomaly_scores``/``findings``
+    (the finding label images; '' when absent),
     ``lesion``/``lesion_space`` from ``lesion_dir``.  The dwi files are those of the dwi run
     the T1w was registered to (the run with an analysis mask).  Raises
     :class:`InputMissingError` naming the missing derivative.  ``models=()`` means every model
@@ -135,15 +136,17 @@ def session_derivatives(output_dir: str | Path, subject: str, session: str, *,
             f"no anomaly maps ({outputs.name_for('anomaly_mask', {'sub': subject, 'ses': session}, model='NAME')}"
             ", with the dwi run's entities) for the baseline session; run the participant level with --model first",
             dwi)
-    masks, scores = [], []
+    masks, scores, findings = [], [], []
     for name in names:
         mask, score = of_run("anomaly_mask", model=name), of_run("anomaly_score", model=name)
+        labels = of_run("findings_dseg", model=name)
+        findings.append(str(labels[0]) if labels else "")
         if require_anomaly and not (mask and score):
             raise InputMissingError(f"anomaly maps of model {name!r} missing for sub-{subject} "
                                     f"ses-{session}; run the participant level with --model", dwi)
         masks.append(str(mask[0]) if mask else "")
         scores.append(str(score[0]) if score else "")
-    out.update(models=names, anomaly_masks=masks, anomaly_scores=scores)
+    out.update(models=names, anomaly_masks=masks, anomaly_scores=scores, findings=findings)
     lesion, space = "", ""
     if lesion_dir:
         for candidate in ("T1w", "dwi"):
@@ -180,6 +183,7 @@ class _SessionDerivativesOutputSpec(TraitedSpec):
     models = traits.List(traits.Str)
     anomaly_masks = traits.List(traits.Str)
     anomaly_scores = traits.List(traits.Str)
+    findings = traits.List(traits.Str, desc="finding label images per model ('' = none)")
     lesion = traits.Str()
     lesion_space = traits.Str()
 
@@ -201,7 +205,7 @@ class SessionDerivatives(SimpleInterface):
             self._results[key] = found[key]
         for key in ("t1w2dwi", "dwi2t1w"):
             self._results[key] = [found[key]] if found[key] else []
-        for key in ("models", "anomaly_masks", "anomaly_scores"):
+        for key in ("models", "anomaly_masks", "anomaly_scores", "findings"):
             self._results[key] = list(found[key])
         return runtime
 
@@ -313,6 +317,7 @@ class _FollowupInputSpec(BaseInterfaceInputSpec):
     followup_dwi2t1w = traits.List(traits.Str, desc="follow-up dwi→T1w (for its score maps)")
     followup_scores = traits.List(traits.Str, desc="follow-up score maps (dwi), '' entries allowed")
     followup_masks = traits.List(traits.Str, desc="follow-up anomaly masks (dwi), '' entries allowed")
+    followup_findings = traits.List(traits.Str, desc="follow-up finding label images (dwi), '' entries allowed")
     resolution = traits.Float(2.0, usedefault=True, desc="registration grid (mm); 0 = native")
     syn = traits.Bool(True, usedefault=True, desc="SyN after the rigid stage")
     reg_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True)
@@ -329,6 +334,7 @@ class _FollowupOutputSpec(TraitedSpec):
     background_contrast = traits.Str(desc="FLAIR or T1w: what background_dwi is")
     scores_dwi = traits.List(traits.Str, desc="follow-up score maps on the baseline dwi grid ('' = none)")
     masks_dwi = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
+    findings_dwi = traits.List(traits.Str, desc="follow-up finding labels on the baseline dwi grid ('' = none)")
     meta = traits.Dict()
 
 
@@ -389,6 +395,14 @@ class FollowupToBaseline(SimpleInterface):
                 masks.append("")
         self._results["scores_dwi"] = scores
         self._results["masks_dwi"] = masks
+        findings = []
+        for i, labels in enumerate(list(self.inputs.followup_findings or [])):
+            if not (_given(labels) and self.inputs.followup_dwi2t1w):
+                findings.append("")
+                continue
+            warped = apply_transforms(labels, ref, from_dwi, "label", invert=from_dwi_inv)
+            findings.append(_save(np.asarray(warped.dataobj), ref, cwd / f"followup_findings_{i}.nii.gz", np.int16))
+        self._results["findings_dwi"] = findings
         self._results["xfm"] = result.forward[0] if self.inputs.syn else rigid.forward[0]
         # rigid only: the inverse is the same .mat applied inverted, not a file of its own
         self._results["inverse_xfm"] = result.inverse[0] if self.inputs.syn else ""
@@ -426,6 +440,8 @@ class _CompareInputSpec(BaseInterfaceInputSpec):
     followup_t1w_baseline = traits.Str("", usedefault=True, desc="follow-up T1w on the baseline T1w grid")
     followup_scores = traits.List(traits.Str, desc="follow-up scores on the baseline dwi grid")
     followup_masks = traits.List(traits.Str, desc="follow-up anomaly masks on the baseline dwi grid")
+    baseline_findings = traits.List(traits.Str, desc="baseline finding label images per model ('' = none)")
+    followup_findings = traits.List(traits.Str, desc="follow-up finding labels on the baseline dwi grid")
     xfm = traits.Str("", usedefault=True, desc="follow-up T1w → baseline T1w transform, to store")
     inverse_xfm = traits.Str("", usedefault=True)
     registration_meta = traits.Dict()
@@ -563,6 +579,13 @@ class LongitudinalCompare(SimpleInterface):
             fig.write_text(svg)
             store(str(fig), "longitudinal_figure", fu, {}, model=model,
                   followup=figure_desc(fu).removeprefix("longitudinal"))
+            base_f = list(self.inputs.baseline_findings or [])
+            fu_f = list(self.inputs.followup_findings or [])
+            path = cwd / f"findings_match_{model}.tsv"
+            if (i < len(base_f) and i < len(fu_f) and _given(base_f[i]) and _given(fu_f[i])
+                    and match_findings_table(base_f[i], fu_f[i], ref, zooms, path)):
+                store(str(path), "findings_matches", fu,
+                      {**_match_findings_meta(base, fu), **space_meta, **self.inputs.registration_meta}, model=model)
         self._results["rows"] = rows
         self._results["out_files"] = [f[0] for f in files]
         self._results["out_entities"] = [f[1] for f in files]
@@ -570,6 +593,32 @@ class LongitudinalCompare(SimpleInterface):
         self._results["out_datatypes"] = [f[3] for f in files]
         self._results["out_meta"] = [f[4] for f in files]
         return runtime
+
+
+def _match_findings_meta(base: str, fu: str) -> dict:
+    """The findings-match TSV's sidecar: what each column means."""
+    from bids_uad.scoring.findings import MATCH_COLUMNS
+
+    return {**{c: {"Description": d, **({"Units": u} if u else {})} for c, (d, u) in MATCH_COLUMNS.items()},
+            "Description": f"each finding of ses-{base} matched to the findings of ses-{fu}: the follow-up's "
+                           "finding label image carried to the baseline dwi grid (nearest label); numbers are "
+                           "those of each session's findings table"}
+
+
+def match_findings_table(baseline: str, followup: str, ref, zooms, out_path: Path) -> bool:
+    """Write the baseline→follow-up findings match of two finding label images on the baseline dwi
+    grid (``ref``) to ``out_path``; False (nothing written) when an image is not on that grid."""
+    from bids_uad.bids.derivatives import write_tsv
+    from bids_uad.scoring.findings import MATCH_COLUMNS, match_findings
+
+    base_labels = np.asarray(nib.load(baseline).dataobj)
+    fu_labels = np.asarray(nib.load(followup).dataobj)
+    if base_labels.shape[:3] != ref.shape[:3] or fu_labels.shape[:3] != ref.shape[:3]:
+        LOGGER.warning("finding label images not on the baseline dwi grid: findings not matched (%s, %s)",
+                       Path(baseline).name, Path(followup).name)
+        return False
+    write_tsv(out_path, match_findings(base_labels, fu_labels, float(np.prod(zooms)) / 1000.0), list(MATCH_COLUMNS))
+    return True
 
 
 # ============================================================================ tables

@@ -93,6 +93,9 @@ class ModelBundle:
     versions: dict = field(default_factory=_versions)
     path: Path | None = None  # set when saved or loaded
     file_hash: str | None = None
+    #: every control's out-of-fold scores pooled (:func:`bids_uad.training.trainer.calibrate_out_of_fold`):
+    #: the calibration of the model that is used, when present (older model files lack it)
+    out_of_fold: Calibration | None = None
 
     @property
     def name(self) -> str:
@@ -103,7 +106,11 @@ class ModelBundle:
         return int(np.argmin([f.best_val_loss for f in self.folds]))
 
     def calibration(self, ensemble: bool = False, fold: int | None = None) -> Calibration | None:
-        """Null sample for a single fold, or pooled over folds for the ensemble."""
+        """The calibration of the model that is used: the out-of-fold one over every control when the
+        file has it (best fold and ensemble alike), else the best fold's own or, for the ensemble,
+        the folds' pooled; ``fold`` = that fold's own (its held-out controls only)."""
+        if fold is None and self.out_of_fold is not None:
+            return self.out_of_fold
         if ensemble:
             cals = [f.calibration for f in self.folds]
             return None if any(c is None for c in cals) else pool(cals)
@@ -127,15 +134,12 @@ class ModelBundle:
             "folds": [{"fold": f.fold, "train_subjects": [self.subjects[i] for i in f.train_idx],
                        "heldout_subjects": [self.subjects[i] for i in f.val_idx],
                        "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss, "history": f.history,
-                       "calibration": None if f.calibration is None else {
-                           "n_healthy_voxels": f.calibration.n,
-                           "threshold_at_fpr": f.calibration.threshold_for(self.settings.scoring.fpr),
-                           "fpr": self.settings.scoring.fpr,
-                           "voxelwise_threshold_at_fpr": f.calibration.threshold(self.settings.scoring.fpr),
-                           "written_map_level": f.calibration.level,
-                           "written_map_target_fpr": f.calibration.target_fpr,
-                           "written_map_fpr_on_calibration_controls": f.calibration.written_fpr}}
+                       "calibration": None if f.calibration is None else _calibration_meta(
+                           f.calibration, self.settings.scoring.fpr)}
                       for f in self.folds],
+            "calibration": None if self.out_of_fold is None else {
+                "method": "out-of-fold: every training control scored by the fold that held it out",
+                **_calibration_meta(self.out_of_fold, self.settings.scoring.fpr)},
             "best_fold": self.best_fold(),
             "versions": self.versions,
             "data_hash": self.data_hash,
@@ -148,6 +152,8 @@ class ModelBundle:
             tensors.update({f"fold{f.fold}.{k}": v for k, v in f.model.state_dict().items()})
             if f.calibration is not None:
                 tensors[f"fold{f.fold}.calibration.null"] = torch.from_numpy(f.calibration.null)
+        if self.out_of_fold is not None:
+            tensors["calibration.null"] = torch.from_numpy(self.out_of_fold.null)
         stem = Path(directory) / f"model-{self.name}"
         out = save_tensors(stem, tensors, self.metadata())
         self.path, self.file_hash = out, file_sha256(stem.with_suffix(".safetensors"))
@@ -182,10 +188,22 @@ def load_bundle(path: str | Path, device: str = "cpu") -> ModelBundle:
         folds.append(FoldResult(k, model, [index[s] for s in fm["train_subjects"]],
                                 [index[s] for s in fm["heldout_subjects"]], fm["best_epoch"],
                                 fm["best_val_loss"], fm["history"],
-                                None if null is None else Calibration(
-                                    null.numpy(), cm.get("written_map_level"), cm.get("written_map_target_fpr"),
-                                    cm.get("written_map_fpr_on_calibration_controls"))))
+                                None if null is None else _calibration_from(null, cm)))
     stem = Path(path).with_suffix("") if Path(path).suffix in (".json", ".safetensors") else Path(path)
     return ModelBundle(settings, folds, np.asarray(meta["reference_gradients"]["bvals"]),
                        np.asarray(meta["reference_gradients"]["bvecs"]), subjects, meta["data_hash"],
-                       meta["versions"], stem.with_suffix(".json"), meta["tensor_sha256"])
+                       meta["versions"], stem.with_suffix(".json"), meta["tensor_sha256"],
+                       None if "calibration.null" not in tensors else _calibration_from(
+                           tensors["calibration.null"], meta.get("calibration") or {}))
+
+
+def _calibration_meta(cal: Calibration, fpr: float) -> dict:
+    """JSON record of a calibration (its null sample is a tensor)."""
+    return {"n_healthy_voxels": cal.n, "threshold_at_fpr": cal.threshold_for(fpr), "fpr": fpr,
+            "voxelwise_threshold_at_fpr": cal.threshold(fpr), "written_map_level": cal.level,
+            "written_map_target_fpr": cal.target_fpr, "written_map_fpr_on_calibration_controls": cal.written_fpr}
+
+
+def _calibration_from(null: torch.Tensor, record: dict) -> Calibration:
+    return Calibration(null.numpy(), record.get("written_map_level"), record.get("written_map_target_fpr"),
+                       record.get("written_map_fpr_on_calibration_controls"))

@@ -240,6 +240,8 @@ def _check_json(path: Path, meta: dict) -> Any:
             raise _bad(path, f"{where}.history", "expected a list")
         if fold.get("calibration") is not None and not isinstance(fold["calibration"], dict):
             raise _bad(path, f"{where}.calibration", "expected an object or null")
+    if meta.get("calibration") is not None and not isinstance(meta["calibration"], dict):
+        raise _bad(path, "calibration", "expected an object or null")
     for key, kind in (("data_hash", str), ("versions", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise _bad(path, key, f"expected {kind.__name__}, found {_short(meta[key])}")
@@ -247,7 +249,8 @@ def _check_json(path: Path, meta: dict) -> Any:
 
 
 def _check_tensors(path: Path, header: dict[str, dict], meta: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    """Tensor names and shapes: each fold's parameters exactly, plus an optional 1-D calibration."""
+    """Tensor names and shapes: each fold's parameters exactly, plus optional 1-D calibrations (per fold
+    and the out-of-fold one)."""
     wanted: set[str] = set()
     for fold in meta["folds"]:
         prefix = f"fold{fold['fold']}."
@@ -260,11 +263,12 @@ def _check_tensors(path: Path, header: dict[str, dict], meta: dict, expected: di
                            f"(e.g. settings.model.n_channels={meta['settings'].get('model', {}).get('n_channels')}) "
                            f"needs {list(shape)}")
             wanted.add(prefix + name)
-        null = header.get(prefix + "calibration.null")
+    for name in [f"fold{fold['fold']}.calibration.null" for fold in meta["folds"]] + ["calibration.null"]:
+        null = header.get(name)  # optional: per fold, and the out-of-fold one over every control
         if null is not None:
             if len(null["shape"]) != 1 or not null["dtype"].startswith("F"):
-                raise _bad(path, f"tensor {prefix + 'calibration.null'!r}", "expected a 1-D float tensor")
-            wanted.add(prefix + "calibration.null")
+                raise _bad(path, f"tensor {name!r}", "expected a 1-D float tensor")
+            wanted.add(name)
     extra = sorted(set(header) - wanted)
     if extra:
         raise _bad(path, f"tensor {extra[0]!r}", f"not part of this model ({len(extra)} unexpected tensor(s))")

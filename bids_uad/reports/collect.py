@@ -72,7 +72,8 @@ def is_template_space(space: str | None) -> bool:
 
 
 #: report kind of an anomaly map -> key of the outputs table
-ANOMALY_KINDS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomaly_mask"}
+ANOMALY_KINDS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomaly_mask",
+                 "findings": "findings_table"}
 
 _ENTITY_RE = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
 

@@ -343,3 +343,44 @@ def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly:
     fig.tight_layout()
     data = figure_bytes(fig, fmt)
     return data.decode() if fmt == "svg" else data
+
+
+def finding_planes(backgrounds: Sequence[tuple[str, np.ndarray]], score: np.ndarray, finding: np.ndarray,
+                   centre: Sequence[int], affine: np.ndarray, overlay_range: tuple[float, float],
+                   others: np.ndarray | None = None, title: str = "") -> Figure:
+    """Three planes (sagittal, coronal, axial) through ``centre`` (RAS voxel indices), one row per
+    background (e.g. MD, FA): the score above ``overlay_range[0]`` in hot colours, the finding
+    outlined in cyan and other flagged voxels (``others``) in white."""
+    import matplotlib
+
+    affine = np.asarray(affine, float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    lo, hi = overlay_range
+    hot = matplotlib.colormaps["hot"].with_extremes(bad=(0, 0, 0, 0))
+    shown = np.where(score > lo, score, np.nan)
+    fig = Figure(figsize=(7.5, 2.6 * len(backgrounds) + 0.4), facecolor="black")
+    axes = fig.subplots(len(backgrounds), 3, squeeze=False)
+    for r, (name, bg) in enumerate(backgrounds):
+        vmin, vmax = robust_range(bg, high=99.0)
+        for c, view in enumerate(("x", "y", "z")):
+            axis, h_ax, v_ax = VIEWS[view]
+            index = int(centre[axis])
+            ax = axes[r, c]
+            ax.set_axis_off()
+            aspect = zooms[v_ax] / zooms[h_ax]
+            ax.imshow(_slice(bg, view, index), cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=aspect,
+                      interpolation="none")
+            ax.imshow(_slice(shown, view, index), cmap=hot, vmin=lo, vmax=hi, origin="lower", aspect=aspect,
+                      interpolation="none", alpha=0.8)
+            for mask, color in ((others, "white"), (finding, COLORS["anomaly"])):
+                if mask is None:
+                    continue
+                band = _slice(np.asarray(mask, np.float32), view, index)
+                if band.max() > 0.5 > band.min():
+                    ax.contour(band, levels=[0.5], colors=[color], linewidths=0.9)
+            coord = (affine @ np.r_[[index if a == axis else 0 for a in range(3)], 1.0])[axis]
+            ax.set_title(f"{name} · {view}={coord:.0f} mm", color="white", fontsize=8)
+    if title:
+        fig.suptitle(title, color="white", fontsize=9)
+    fig.tight_layout()
+    return fig

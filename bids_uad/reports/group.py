@@ -216,11 +216,18 @@ def detection_section(group_dir: Path, maker: FigureMaker) -> list[dict]:
     rows = [[r["detector"], _fmt(r.get("auprc"), r.get("auprc_sd")), _fmt(r.get("auroc"), r.get("auroc_sd")),
              _fmt(r.get("dice_calibrated"), r.get("dice_calibrated_sd")),
              _fmt(r.get("dice_oracle"), r.get("dice_oracle_sd")),
-             _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr")), r.get("n_patients"), r.get("n_controls")]
+             _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr")),
+             _fmt(r.get("lesion_detection_rate")) + (f" of {r.get('n_lesions')}" if r.get("n_lesions") not in
+                                                     (None, "", "n/a", "0") else ""),
+             _fmt(r.get("false_findings_per_patient")), _fmt(r.get("false_findings_per_control")),
+             r.get("n_patients"), r.get("n_controls")]
             for r in summary]
     items.append(table(["detector", "AUPRC", "AUROC", "Dice (written map)", "oracle Dice", "subject AUROC",
-                        "controls' FPR (written map)", "patients", "controls"], rows,
-                       caption="Detection: models and baselines (mean ± SD over patients)"))
+                        "controls' FPR (written map)", "lesions found (lesion-wise)", "false findings per patient",
+                        "findings per control", "patients", "controls"], rows,
+                       caption="Detection: models and baselines (mean ± SD over patients). Lesion-wise: a lesion is "
+                               "found when a finding (a cluster of the written map of at least the model's minimum "
+                               "volume) overlaps it; every finding of a held-out control is false"))
     groups = read_tsv(group_dir / "detection_groups.tsv")
     for grouping, title in (("volume", "lesion-volume stratum"), ("type", "lesion type")):
         sel = [r for r in groups if r.get("grouping") == grouping]

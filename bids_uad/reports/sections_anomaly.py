@@ -1,4 +1,5 @@
-"""Anomaly section: score maps, masks, score histograms, metrics against a ground truth."""
+"""Anomaly section: findings tables first, then score maps, masks, score histograms, metrics
+against a ground truth."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,6 +20,9 @@ def anomaly_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
     if not sessions:
         return [note("Not available: no anomaly maps (dwi/*_space-dwi_model-<name>_stat-score_anomaly.nii.gz); "
                      "run the participant level with --model to make them.")]
+    from bids_uad.reports.sections_findings import findings_items
+
+    items += findings_items(sessions, maker)
     for ses in sessions:
         for model, files in sorted(ses.anomaly.items()):
             items.append(heading(f"{ses.title} — model {model}"))

@@ -41,6 +41,33 @@ def _longitudinal_table(path: Path) -> list[dict]:
     return items
 
 
+MATCH_COLUMNS = (("baseline_finding", "baseline finding"), ("followup_findings", "follow-up finding(s)"),
+                 ("status", "status"), ("dice", "Dice"), ("baseline_volume_ml", "baseline (mL)"),
+                 ("followup_volume_ml", "follow-up (mL)"), ("volume_change_percent", "change (%)"))
+
+
+def _findings_matches(subj: SubjectDerivatives) -> list[dict]:
+    """The baseline findings matched at each follow-up (``*_desc-findingsmatch_table.tsv``), per model."""
+    from bids_uad.bids import outputs
+    from bids_uad.bids.outputs import parse_name
+
+    items: list[dict] = []
+    for session in sorted({s.session for s in subj.sessions if s.session}):
+        for path in outputs.find(subj.output_dir, "findings_matches", subj.subject, session):
+            model = (parse_name(path.name) or ({}, "", ""))[0].get("model", "?")
+            rows = read_tsv(path)
+
+            def fmt(v: str) -> str:
+                f = to_float(v)
+                return f"{f:.3g}" if np.isfinite(f) else (v or "n/a")
+            items.append(table([label for _, label in MATCH_COLUMNS],
+                               [[fmt(r.get(c, "")) for c, _ in MATCH_COLUMNS] for r in rows],
+                               caption=f"Findings of model {model} at baseline matched at follow-up ses-{session} "
+                                       "(numbers of each session's findings table; follow-up carried to the "
+                                       "baseline dwi grid)"))
+    return items
+
+
 def longitudinal_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict]:
     """Tables and figures the longitudinal stage wrote (``*desc-longitudinal*``), shown natively.
 
@@ -53,7 +80,7 @@ def longitudinal_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[d
         n = len({s.session for s in subj.sessions if s.session})
         why = ("fewer than two sessions" if n < 2 else "no longitudinal outputs (*desc-longitudinal*) found")
         return [note(f"Not available: {why}.")]
-    items: list[dict] = []
+    items: list[dict] = _findings_matches(subj)
     for path in subj.longitudinal:
         if path.suffix == ".tsv":
             items.extend(_longitudinal_table(path))

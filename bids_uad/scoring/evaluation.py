@@ -11,6 +11,10 @@ analysis mask):
 * subject level: AUROC of patients against held-out controls from each subject's 99th-percentile
   score in the analysis mask;
 * held-out controls: the fraction of their analysis mask flagged in the written map;
+* lesion-wise (the view UAD papers give beside voxel metrics): the fraction of all patients' lesions
+  a *finding* overlaps (a finding: a 26-connected cluster of the written map of at least the
+  model's minimum finding volume, :mod:`bids_uad.scoring.findings`), the findings per patient that
+  overlap no lesion, and the findings per held-out control (every one of them false);
 * per lesion-volume stratum (< 5, 5–20, > 20 mL) and per lesion type: AUPRC/AUROC on the voxels of
   those lesions against the subject's healthy voxels, and the fraction of those lesions the
   written map touches.  Lesion instances and types come from the truth's
@@ -25,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_uad.algorithms.masking import dice
+from bids_uad.scoring.findings import lesion_wise
 from bids_uad.scoring.metrics import _sweep, auprc, auroc
 
 VOLUME_STRATA = (("<5 mL", 0.0, 5.0), ("5-20 mL", 5.0, 20.0), (">20 mL", 20.0, np.inf))
@@ -43,6 +48,7 @@ class Case:
     instances: np.ndarray | None = None  # int lesion ids (0 none); default: components of truth
     types: dict[int, str] = field(default_factory=dict)  # lesion id -> type
     voxel_ml: float = 0.001
+    min_finding_voxels: int = 1  # smallest finding of the written map (the model's minimum volume)
 
     def lesions(self) -> tuple[np.ndarray, dict[int, str]]:
         """(instance labels inside the truth, id -> type)."""
@@ -135,12 +141,43 @@ def evaluate_detector(patients: list[Case], controls: list[Case]) -> dict:
         if pos and neg else float("nan")
     fprs = [float(c.written[c.amask].mean()) for c in controls if c.written is not None and c.amask.any()]
     out["heldout_control_fpr"], out["heldout_control_fpr_sd"], _ = _mean_sd(fprs)
+    out.update(_lesion_wise(patients, controls, rows))
     out["by_volume"] = _group_metrics(patients, lambda v, t: volume_stratum(v))
     out["by_type"] = _group_metrics(patients, lambda v, t: t)
     out["n_patients"], out["n_controls"] = len(patients), len(controls)
+    control_findings = iter(out.get("control_findings", []))
     out["per_subject"] = rows + [{"subject": c.subject, "subject_score": s, "control": True,
-                                  "written_fpr": None if c.written is None else float(c.written[c.amask].mean())}
+                                  "written_fpr": None if c.written is None else float(c.written[c.amask].mean()),
+                                  "findings": None if c.written is None else next(control_findings)}
                                  for c, s in zip(controls, neg)]
+    return out
+
+
+def _lesion_wise(patients: list[Case], controls: list[Case], rows: list[dict]) -> dict:
+    """Lesion detection rate (pooled over patients' lesions), false findings per patient and per
+    control, of the detectors with a written map; per-patient counts are added to ``rows``."""
+    out = {"lesion_detection_rate": float("nan"), "n_lesions": 0, "false_findings_per_patient": float("nan"),
+           "false_findings_per_control": float("nan")}
+    if not any(c.written is not None for c in patients + controls):
+        return out
+    found = total = 0
+    false = []
+    for case, row in zip(patients, rows):
+        if case.written is None:
+            continue
+        labels, _ = case.lesions()
+        lw = lesion_wise(case.written & case.amask, labels, case.min_finding_voxels)
+        found, total = found + lw["n_found"], total + lw["n_lesions"]
+        false.append(lw["n_false_findings"])
+        row.update(n_lesions=lw["n_lesions"], lesions_found=lw["n_found"], findings=lw["n_findings"],
+                   false_findings=lw["n_false_findings"])
+    per_control = [lesion_wise(c.written & c.amask, None, c.min_finding_voxels)["n_findings"]
+                   for c in controls if c.written is not None]
+    out["lesion_detection_rate"] = found / total if total else float("nan")
+    out["n_lesions"] = total
+    out["false_findings_per_patient"] = _mean_sd(false)[0]
+    out["false_findings_per_control"] = _mean_sd(per_control)[0]
+    out["control_findings"] = per_control
     return out
 
 

@@ -79,6 +79,11 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "ensemble": ensemble,
             "folds": [f.fold for f in bundle.folds] if ensemble else [bundle.best_fold() if fold is None else fold],
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
+            "calibration": None if cal is None else (
+                "out-of-fold: every training control, scored by the fold that held it out"
+                if fold is None and bundle.out_of_fold is not None
+                else f"the held-out controls of fold {bundle.best_fold() if fold is None else fold}"
+                if not ensemble else "the folds' held-out controls pooled"),
             "fpr": scoring.fpr if method == "healthy-fpr" else None,
             "fdr_q": scoring.fdr_q if method == "fdr" else None}
     return InferenceResult(from_grid(score, gm), None if pvals is None else from_grid(pvals, gm, fill=1.0),

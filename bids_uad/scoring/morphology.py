@@ -18,12 +18,19 @@ def opening(mask: np.ndarray, size: int = 3) -> np.ndarray:
     return ndimage.binary_opening(mask, structure=np.ones((size,) * mask.ndim, bool))
 
 
+def label_clusters(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 26-connected clusters of ``mask`` (8-connected in 2-D): label image (0 = none) and count."""
+    mask = np.asarray(mask, bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    return labels, int(n)
+
+
 def remove_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Keep the 26-connected clusters of at least ``min_voxels`` voxels (1 keeps everything)."""
     mask = np.asarray(mask, bool)
     if min_voxels <= 1 or not mask.any():
         return mask.copy()
-    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    labels, n = label_clusters(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_voxels
     keep[0] = False

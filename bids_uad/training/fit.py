@@ -11,11 +11,13 @@ from typing import Sequence
 import numpy as np
 
 from bids_uad.errors import InputValidationError
+from bids_uad.models import is_trainable
 from bids_uad.models.bundle import ModelBundle
 from bids_uad.models.inputs import dw_gradients, prepare_subject, to_grid
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
-from bids_uad.training.trainer import train_folds
+from bids_uad.training import distributed
+from bids_uad.training.trainer import calibrate_out_of_fold, train_folds
 
 
 def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -26,7 +28,9 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
 
     ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
     inference can reconcile other protocols.  ``analysis_masks`` (default: brain masks)
-    select the healthy voxels used for calibration.
+    select the healthy voxels used for calibration.  Each fold calibrates on its held-out
+    controls; for the fitted baselines the bundle's default calibration pools every control's
+    out-of-fold scores (:func:`calibrate_out_of_fold`); a network uses its best fold's own.
     """
     if len(subjects) != len(data):
         raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
@@ -35,10 +39,19 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     if len(ref_bvals) != settings.model.n_channels:
         raise InputValidationError(
             f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
+    scores: dict = {}
     folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
-                        gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)))
+                        gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)),
+                        heldout_scores=scores)
+    pooled = None
+    # pooling needs fold models that share a score scale: the fitted baselines (robust statistics of
+    # overlapping control sets) do; separately trained networks need not (docs/models.md, measured)
+    if (not is_trainable(settings.model.name) and distributed.rank() == 0
+            and all(f.calibration is not None for f in folds)):
+        pooled = calibrate_out_of_fold(settings, folds, data, masks if analysis_masks is None else analysis_masks,
+                                       scores)
     return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
-                       list(subjects), data_hash(data))
+                       list(subjects), data_hash(data), out_of_fold=pooled)
 
 
 def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequence[np.ndarray],

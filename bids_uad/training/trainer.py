@@ -30,7 +30,7 @@ from tqdm import tqdm
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, is_trainable
 from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
-from bids_uad.models.calibration import calibrate, calibrate_written
+from bids_uad.models.calibration import Calibration, calibrate, calibrate_written
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -297,7 +297,8 @@ def check_training_inputs(data: Sequence[np.ndarray], masks: Sequence[np.ndarray
 def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                 analysis_masks: Sequence[np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                 on_fold: Callable[[FoldResult], None] | None = None,
-                gradients: tuple[np.ndarray, np.ndarray] | None = None) -> list[FoldResult]:
+                gradients: tuple[np.ndarray, np.ndarray] | None = None,
+                heldout_scores: dict[int, list[np.ndarray]] | None = None) -> list[FoldResult]:
     """k-fold training + calibration on each fold's held-out controls (arrays on the grid).
 
     Models that are not trainable (the baselines) are fitted on each fold's training subjects
@@ -311,7 +312,11 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     * ``settings.training.processes`` N > 1 (and no process group): N workers are spawned to
       train all folds, rank 0 writing the fold checkpoints (in ``checkpoint_dir``, or a
       temporary folder); this process then loads the finished folds from them and calibrates.
+
+    ``heldout_scores`` (a dict, filled on rank 0): {fold: its held-out controls' score maps}, for
+    :func:`calibrate_out_of_fold` without scoring them again.
     """
+    heldout_scores = {} if heldout_scores is None else heldout_scores
     check_training_inputs(data, masks, settings)
     analysis_masks = masks if analysis_masks is None else analysis_masks
     data = [np.ascontiguousarray(d, dtype=np.float32) for d in data]
@@ -323,7 +328,7 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
             res = fit_fold(settings, data, masks, tr, va, fold, gradients)
             results.append(res)
             if distributed.rank() == 0:
-                calibrate_fold(res, settings, data, analysis_masks)
+                heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks)
                 if on_fold is not None:
                     on_fold(res)
         return results
@@ -339,15 +344,16 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
             results.append(res)
             if distributed.rank() != 0:
                 continue
-            calibrate_fold(res, settings, data, analysis_masks)
+            heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks)
             if on_fold is not None:
                 on_fold(res)
     return results
 
 
 def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarray],
-                   analysis_masks: Sequence[np.ndarray]) -> None:
-    """Null sample and written-map level of one fold from its held-out controls' score maps."""
+                   analysis_masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Null sample and written-map level of one fold from its held-out controls' score maps;
+    returns those score maps (in ``res.val_idx`` order) for :func:`calibrate_out_of_fold`."""
     va = res.val_idx
     fold = res.fold
     scores = [score_volume(res.model, data[i]) for i in va]
@@ -358,6 +364,35 @@ def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarra
     LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated, written-map level %.4g "
              "for FPR %.3g", fold, res.best_epoch, res.best_val_loss, res.calibration.n,
              res.calibration.level, settings.scoring.fpr)
+    return scores
+
+
+def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data: Sequence[np.ndarray],
+                          analysis_masks: Sequence[np.ndarray], scores: dict[int, list[np.ndarray]] | None = None) -> Calibration:
+    """One calibration from every control's *out-of-fold* score map (each control scored by the
+    fold that held it out): the threshold of the model that is used (the best fold, or the fold
+    ensemble).
+
+    Why: a fold calibrates on its 1-2 held-out controls, so its written-map level is noisy
+    (measured: held-out false-positive rates from 0.44 % to 2.3 % at a 1 % target), and choosing
+    the best fold by its held-out controls' scores picks the fold whose controls looked most
+    normal, i.e. whose threshold is lowest.  Pooling all k folds' held-out controls calibrates on
+    every control and removes that selection.  Valid when the fold models share a score scale
+    (the fitted baselines; :func:`bids_uad.training.fit.train_model` uses it only for them).  ``scores``: {fold: the held-out score maps} already
+    computed by :func:`calibrate_fold` (recomputed when missing).
+    """
+    maps, masks = [], []
+    for res in folds:
+        fold_scores = (scores or {}).get(res.fold)
+        if fold_scores is None:
+            fold_scores = [score_volume(res.model, data[i]) for i in res.val_idx]
+        maps += list(fold_scores)
+        masks += [analysis_masks[i] for i in res.val_idx]
+    cal = calibrate(maps, masks, settings.scoring.max_null_samples, settings.training.seed)
+    calibrate_written(cal, maps, masks, settings.scoring.fpr, lambda b: postprocess(b, settings.scoring))
+    LOG.info("out-of-fold calibration over %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
+             "(written rate %.4g)", len(maps), cal.n, cal.level, settings.scoring.fpr, cal.written_fpr)
+    return cal
 
 
 def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_idx: Sequence[int],

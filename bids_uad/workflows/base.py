@@ -137,8 +137,10 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 awf.inputs.inputnode.brain_mask = str(run.brain_mask)
                 awf.inputs.inputnode.analysis_mask = str(run.analysis_mask or "")
                 awf.inputs.inputnode.source_file = str(run.dwi)
+                for field, path in signature_maps(settings.output_dir, run).items():
+                    setattr(awf.inputs.inputnode, field, path)
                 workflow.add_nodes([awf])
-                signals.append((awf, "outputnode.masks"))
+                signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
             continue
         dwi_wfs = _add_dwi_stage(workflow, settings, ses)
         series = _add_pair_combination(workflow, settings, ses, dwi_wfs)
@@ -157,21 +159,25 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
             workflow.connect([(dwi_wf, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
                                              ("outputnode.bval", "inputnode.bval"),
                                              ("outputnode.bvec", "inputnode.bvec"),
-                                             ("outputnode.brain_mask", "inputnode.brain_mask")])])
+                                             ("outputnode.brain_mask", "inputnode.brain_mask"),
+                                             *((f"outputnode.{k}", f"inputnode.{k}") for k in ("fa", "md", "ad", "rd"))
+                                             ])])
             if anat_wf is not None and dwi_wf is first_dwi:
                 # data along edges: the template-space maps use this graph's transforms, so they wait
                 # for them (reading them from OUTPUT_DIR had no declared order after the anat sinks)
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask"),
+                                                  ("outputnode.dwi_dseg", "inputnode.dseg"),
                                                   ("outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm"),
                                                   ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm")])])
             elif dwi_wf in tissue_wfs:
-                workflow.connect([(tissue_wfs[dwi_wf], awf, [("outputnode.analysis_mask", "inputnode.analysis_mask")])])
+                workflow.connect([(tissue_wfs[dwi_wf], awf, [("outputnode.analysis_mask", "inputnode.analysis_mask"),
+                                                             ("outputnode.dseg", "inputnode.dseg")])])
             else:
                 LOGGER.warning("%s: no anatomical analysis mask (%s): anomalies scored in the whole brain mask",
                                Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
                                + Path(first_source).name)
                 awf.inputs.inputnode.analysis_mask = ""
-            signals.append((awf, "outputnode.masks"))
+            signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
     if settings.model is not None:
         _add_longitudinal_stage(workflow, settings, plan, finished)
     return workflow
@@ -199,6 +205,20 @@ def check_model_shells(settings: Settings, plan: ParticipantPlan) -> None:
                 if problem:
                     raise InputValidationError(f"{problem} of {name}: this run cannot be scored with that model "
                                                "(train one on controls with these shells)", run.bval)
+
+
+def signature_maps(output_dir, run) -> dict[str, str]:
+    """The tensor maps and dwi-space segmentation of a preprocessed run in OUTPUT_DIR (the inputs of
+    the findings' deviation signature), by anomaly-workflow field; missing ones are left out."""
+    from bids_uad.bids import outputs
+
+    found = {}
+    run_ents = outputs.run_entities(run.dwi.name)
+    for field, key in (("fa", "fa"), ("md", "md"), ("ad", "ad"), ("rd", "rd"), ("dseg", "dwi_dseg")):
+        hits = outputs.find_run(output_dir, key, run.subject, run.session, run_ents)
+        if hits:
+            found[field] = str(hits[0])
+    return found
 
 
 def _add_longitudinal_stage(workflow, settings: Settings, plan: ParticipantPlan,

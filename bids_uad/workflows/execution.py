@@ -6,7 +6,13 @@ the work folder, with crash files under ``OUTPUT_DIR/logs/crash-<run>/`` turned 
 """
 from __future__ import annotations
 
+import functools
+import gc
 import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from bids_uad.config import Settings, load_plugin_settings
 from bids_uad.errors import BidsUadError, PipelineCrashError
@@ -33,6 +39,34 @@ MULTIPROC_START_METHOD = "forkserver"
 WORKER_PRELOAD = ("bids_uad.workflows.worker",)
 
 
+@functools.lru_cache(maxsize=None)
+def multiproc_plugin_class():
+    """nipype's MultiProc scheduler with its garbage-collector passes made cheap (built on first use).
+
+    nipype's MultiProc calls ``gc.collect()`` in every polling loop that has a free process
+    (every :data:`LOCAL_POLL_SLEEP_S`) and after every node it runs itself.  A full pass walks
+    every object of the process, a few hundred thousand with the participant graph (which
+    ``Workflow.run`` copies twice): a tenth of a second or more each time, so the scheduling
+    process kept one of the cores the workers needed busy.  This subclass freezes the objects
+    that exist when the scheduler starts (``gc.freeze``: the graph, the imported modules), so
+    those passes only walk what the run creates, and unfreezes them at the end.  It keeps
+    nipype's class name: nipype derives the plugin's name from it.
+    """
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin as NipypeMultiProc
+
+    class MultiProcPlugin(NipypeMultiProc):
+        def run(self, graph, config, updatehash=False):
+            gc.collect()
+            gc.freeze()
+            try:
+                return super().run(graph, config, updatehash=updatehash)
+            finally:
+                gc.unfreeze()
+
+    MultiProcPlugin.__doc__ = multiproc_plugin_class.__doc__
+    return MultiProcPlugin
+
+
 def nipype_plugin(settings: Settings) -> tuple[str, dict]:
     """The ``--use-plugin`` file when given; else Linear for one process, MultiProc otherwise."""
     if settings.use_plugin is not None:
@@ -51,25 +85,41 @@ def nipype_plugin(settings: Settings) -> tuple[str, dict]:
 
 
 class NodeProgress:
-    """nipype status callback: one log line per finished node, ``[done/total] name (seconds)``."""
+    """nipype status callback: one log line per finished node, ``[done/total] name (seconds)``.
+
+    It also notes each finished node's folder, where its result file says how long its own
+    work took (:func:`summarize_run` reads them once the run is over, not while the
+    scheduler waits on this callback).
+    """
 
     def __init__(self, workflow):
         try:
-            self.total: int | str = sum(1 for _ in workflow._get_all_nodes())
+            # nipype drops the plain IdentityInterface nodes (inputnode, outputnode) before running
+            self.total: int | str = sum(1 for node in workflow._get_all_nodes()
+                                        if type(node.interface).__name__ != "IdentityInterface"
+                                        or getattr(node, "joinsource", None) is not None)
         except AttributeError:  # not a nipype workflow (tests use stand-ins)
             self.total = "?"
         self.done = 0
         self.started: dict[str, float] = {}
+        self.finished: list[tuple[str, str]] = []  # (node folder, status)
+
+    def __getstate__(self):
+        # nipype hands the plugin arguments (this callback) to MapNodes, which are pickled
+        # into their folders and sent to workers: they need no copy of the records
+        return {**self.__dict__, "started": {}, "finished": []}
 
     def __call__(self, node, status: str) -> None:
-        import time
-
         if node.name.startswith("_"):  # the per-item children of a MapNode: counted with their parent
             return
         if status == "start":
             self.started[node.fullname] = time.monotonic()
             return
         self.done += 1
+        try:
+            self.finished.append((node.output_dir(), status))
+        except AttributeError:  # a stand-in node without a folder (tests)
+            pass
         started = self.started.pop(node.fullname, None)
         name = node.fullname.removeprefix("bids_uad_participant_wf.")
         # nodes reused from the work folder, and small ones nipype runs in the scheduler itself,
@@ -85,6 +135,92 @@ class NodeProgress:
 
 #: Seconds the local nipype scheduler sleeps between checks for finished nodes.
 LOCAL_POLL_SLEEP_S = 0.05
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one workflow run cost: its nodes, their own work, and the wall time around it.
+
+    ``work_s`` sums each node's own run time (nipype's ``runtime.duration``, from its result
+    file) over the nodes that ran in this run; nodes reused from the work folder are counted
+    apart and add no work.  ``overhead_s`` is the wall time the work spread over the
+    processes does not explain: scheduling, nipype's per-node files, waiting on dependencies.
+    ``scheduler_cpu_s`` is the CPU time of the process that ran the scheduler (and the small
+    nodes nipype runs in it).
+    """
+
+    workflow: str
+    nodes: int
+    reused: int
+    work_s: float
+    wall_s: float
+    processes: int
+    scheduler_cpu_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        return max(0.0, self.wall_s - self.work_s / max(1, self.processes))
+
+    @property
+    def overhead_pct(self) -> float:
+        return 100.0 * self.overhead_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def line(self) -> str:
+        """The run log's closing line of a workflow run (:meth:`parse` reads it back)."""
+        return (f"{self.workflow}: {self.nodes} nodes ({self.reused} reused), work {self.work_s:.1f} s, "
+                f"wall {self.wall_s:.1f} s on {self.processes} process(es): overhead {self.overhead_s:.1f} s "
+                f"({self.overhead_pct:.0f} % of wall), scheduler CPU {self.scheduler_cpu_s:.1f} s")
+
+    _PATTERN = re.compile(
+        r"(?P<workflow>\S+): (?P<nodes>\d+) nodes \((?P<reused>\d+) reused\), work (?P<work_s>[\d.]+) s, "
+        r"wall (?P<wall_s>[\d.]+) s on (?P<processes>\d+) process\(es\): overhead [\d.]+ s \([\d.]+ % of wall\), "
+        r"scheduler CPU (?P<scheduler_cpu_s>[\d.]+) s")
+
+    @classmethod
+    def parse(cls, text: str) -> "RunSummary | None":
+        """The last summary line in ``text`` (e.g. a run log), or None."""
+        found = list(cls._PATTERN.finditer(text))
+        if not found:
+            return None
+        g = found[-1].groupdict()
+        return cls(workflow=g["workflow"], nodes=int(g["nodes"]), reused=int(g["reused"]),
+                   work_s=float(g["work_s"]), wall_s=float(g["wall_s"]), processes=int(g["processes"]),
+                   scheduler_cpu_s=float(g["scheduler_cpu_s"]))
+
+
+def _node_work(folder: str, run_started: datetime) -> float | None:
+    """Seconds of work a finished node did in this run; None when it was reused (or left no result)."""
+    from pathlib import Path
+
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    path = Path(folder) / f"result_{Path(folder).name}.pklz"
+    try:
+        runtime = load_resultfile(str(path)).runtime
+    except Exception:  # noqa: BLE001 - a crashed node may leave no (readable) result
+        return None
+    total, ran = 0.0, False
+    for item in runtime if isinstance(runtime, list) else [runtime]:  # a MapNode: one per item
+        started = getattr(item, "startTime", None)
+        if started is None or datetime.fromisoformat(started) < run_started:
+            continue
+        total += float(getattr(item, "duration", 0.0) or 0.0)
+        ran = True
+    return total if ran else None
+
+
+def summarize_run(workflow_name: str, progress: NodeProgress, run_started: datetime, wall_s: float,
+                  processes: int, scheduler_cpu_s: float) -> RunSummary:
+    """Nodes, work and overhead of a finished run, from the result files of its nodes."""
+    work, reused = 0.0, 0
+    for folder, _status in progress.finished:
+        seconds = _node_work(folder, run_started)
+        if seconds is None:
+            reused += 1
+        else:
+            work += seconds
+    return RunSummary(workflow=workflow_name, nodes=len(progress.finished), reused=reused, work_s=work,
+                      wall_s=wall_s, processes=processes, scheduler_cpu_s=scheduler_cpu_s)
 
 
 def run_workflow(workflow, settings: Settings, run_id: str) -> None:
@@ -114,8 +250,14 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
 
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
     LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
+    progress = args.get("status_callback")
+    run_started = datetime.now(timezone.utc)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        workflow.run(plugin=plugin, plugin_args=args)
+        if plugin == "MultiProc":
+            workflow.run(plugin=multiproc_plugin_class()(plugin_args=args))
+        else:
+            workflow.run(plugin=plugin, plugin_args=args)
     except (BidsUadError, KeyboardInterrupt):
         raise
     except Exception as exc:  # nipype raises RuntimeError / NodeExecutionError on crashed nodes
@@ -126,3 +268,12 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
             f"crash files in {crash_dir}"
         ) from exc
+    finally:
+        if isinstance(getattr(progress, "finished", None), list):  # a NodeProgress (benchmarks swap in their own)
+            processes = 1 if plugin == "Linear" else int(args.get("n_procs", 1))
+            try:
+                summary = summarize_run(workflow.name, progress, run_started, time.perf_counter() - wall0,
+                                        processes, time.process_time() - cpu0)
+                LOGGER.info("%s", summary.line())
+            except Exception:  # noqa: BLE001 - the figures must never hide the run's outcome
+                LOGGER.warning("the run's node figures could not be summed", exc_info=True)

@@ -34,9 +34,10 @@ LOGGER = logging.getLogger("bids_uad.group")
 #: trained model; :func:`describe_training` fills it in and the group report assembles it.
 __desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
             "cross-validation in PyTorch{budget}, is {model}")
-__postdesc__ = ("Each fold's anomaly scores on its held-out controls formed a null sample for calibrated "
-                "thresholds (false-positive rate on healthy tissue) and conformal p-values, with "
-                "Benjamini-Hochberg control of the false discovery rate")
+__postdesc__ = ("Held-out controls' anomaly scores formed the null sample for calibrated thresholds "
+                "(false-positive rate on healthy tissue of the post-processed map) and conformal p-values, with "
+                "Benjamini-Hochberg control of the false discovery rate: every control's out-of-fold scores for "
+                "the fitted baselines, the selected fold's held-out controls for the networks")
 
 
 def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
@@ -237,35 +238,33 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
              "threshold_at_fpr": None if f.calibration is None else f.calibration.threshold(msettings.scoring.fpr)}
             for f in bundle.folds
         ])
-        evaluate_bundle(settings, bids, bundle, controls, group_dir)
         bundles.append(bundle)
     if bundles and distributed.rank() == 0:
-        from bids_uad.workflows.group_evaluation import evaluate_detectors
+        from bids_uad.workflows.group_evaluation import evaluate_detectors, load_patients
 
+        # after training (the patients are not held in memory while it runs), loaded once for every
+        # model's evaluation and the detection tables; each patient is scored once per model
         candidates = [baseline_derivatives(settings, bids, s) for s in bids.subjects() if s not in controls]
-        evaluate_detectors(settings, [c for c in candidates if c is not None], bundles, items, subjects, group_dir)
+        patients = load_patients(settings, [c for c in candidates if c is not None])
+        patient_results = {b.name: evaluate_bundle(settings, b, patients, group_dir) for b in bundles}
+        evaluate_detectors(settings, patients, bundles, items, subjects, group_dir, patient_results)
 
 
-def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list[str], group_dir: Path) -> None:
-    """Per-subject AUROC/AUPRC/Dice for subjects with a dwi-space lesion mask; mean ± SD table."""
+def evaluate_bundle(settings: Settings, bundle, patients: list[dict], group_dir: Path) -> list:
+    """Per-subject AUROC/AUPRC/Dice for the ``patients`` (:func:`load_patients`: subjects with a
+    dwi-space lesion mask); mean ± SD table.  Returns each patient's inference result (reused by
+    the detection tables)."""
     from bids_uad.scoring.inference import evaluate, infer
-    from bids_uad.workflows.group_evaluation import load_with_lesion_mask
 
-    rows = []
-    for subject in bids.subjects():
-        if subject in controls:
-            continue
-        found = baseline_derivatives(settings, bids, subject)
-        loaded = None if found is None else load_with_lesion_mask(settings, found)
-        if loaded is None:
-            continue
-        arrays, _ = loaded
+    rows, results = [], []
+    for arrays in patients:
         truth = arrays["truth"]
         result = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                        arrays["analysis_mask"])
+        results.append(result)
         metrics = evaluate(result.score, truth, arrays["analysis_mask"], bundle.name, bundle.settings.scoring,
                            bundle.calibration())
-        row = {"participant_id": f"sub-{subject}", "session": found.session or "n/a",
+        row = {"participant_id": f"sub-{arrays['subject']}", "session": arrays.get("session") or "n/a",
                "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
         for method, value in metrics["dice"].items():
             row[f"dice_{method}"] = value
@@ -274,7 +273,7 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
         rows.append(row)
     if not rows:
         LOGGER.info("%s: no subject with a dwi-space lesion mask: evaluation skipped", bundle.name)
-        return
+        return results
     write_tsv(outputs.group_path(settings.output_dir, "evaluation_tsv", model=bundle.name), rows)
     columns = [c for c in rows[0] if c not in ("participant_id", "session")]
     summary = []
@@ -286,3 +285,4 @@ def evaluate_bundle(settings: Settings, bids: BIDSInputs, bundle, controls: list
     write_tsv(outputs.group_path(settings.output_dir, "evaluation_summary_tsv", model=bundle.name), summary)
     auroc = next(s for s in summary if s["metric"] == "auroc")
     LOGGER.info("%s: AUROC %.3f over %d subjects", bundle.name, auroc["mean"] or float("nan"), auroc["n"])
+    return results

@@ -27,7 +27,8 @@ from bids_uad.errors import InputValidationError
 
 LOGGER = logging.getLogger("bids_uad.group")
 SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "dice_calibrated_sd", "dice_oracle",
-                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "n_patients", "n_controls")
+                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "lesion_detection_rate", "n_lesions",
+                "false_findings_per_patient", "false_findings_per_control", "n_patients", "n_controls")
 
 
 def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
@@ -47,9 +48,10 @@ def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
     return arrays, lesion
 
 
-def _patients(settings, candidates: list) -> list[dict]:
+def load_patients(settings, candidates: list) -> list[dict]:
     """Arrays and truth of every candidate (a non-control's baseline derivatives) with a dwi-space
-    lesion mask."""
+    lesion mask, loaded once for every model's evaluation (``subject``, ``session``, ``truth``,
+    ``instances``, ``types`` added)."""
     import nibabel as nib
 
     out = []
@@ -58,7 +60,7 @@ def _patients(settings, candidates: list) -> list[dict]:
         if loaded is None:
             continue
         arrays, lesion = loaded
-        arrays.update(subject=found.subject, instances=None, types={})
+        arrays.update(subject=found.subject, session=found.session, instances=None, types={})
         instances = find_lesion_instances(lesion)
         if instances is not None:
             arrays["instances"] = np.asarray(nib.load(str(instances[0])).dataobj).astype(np.int32)
@@ -73,28 +75,34 @@ def _voxel_ml(arrays: dict) -> float:
     return float(np.prod(arrays["header"].get_zooms()[:3])) / 1000.0
 
 
-def _case(arrays: dict, score, written=None):
+def _case(arrays: dict, score, written=None, bundle=None):
+    """A :class:`Case`; ``bundle``: the model whose minimum finding volume sizes the findings."""
     from bids_uad.scoring.evaluation import Case
+    from bids_uad.scoring.findings import min_finding_voxels
 
     amask = arrays["analysis_mask"]
+    voxel_ml = _voxel_ml(arrays)
+    min_voxels = 1 if bundle is None else min_finding_voxels(bundle.settings.scoring.min_cluster_ml, voxel_ml)
     return Case(arrays.get("subject", ""), np.where(amask, score, 0), amask, written, arrays.get("truth"),
-                arrays.get("instances"), arrays.get("types", {}), _voxel_ml(arrays))
+                arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 
 
-def evaluate_detectors(settings, candidates: list, bundles: list, control_items: list[dict],
-                       control_subjects: list[str], group_dir: Path) -> dict | None:
+def evaluate_detectors(settings, patients: list[dict], bundles: list, control_items: list[dict],
+                       control_subjects: list[str], group_dir: Path,
+                       patient_results: dict[str, list] | None = None) -> dict | None:
     """Evaluate every bundle and the one-line detectors; write the group/detection_*.tsv tables.
 
-    ``candidates``: the non-controls' baseline derivatives (:class:`PreprocessedDwi`); those with a
-    dwi-space lesion mask are the patients.  ``control_items`` are the loaded derivatives of the
-    training controls ``control_subjects``
-    (the order of the bundles' ``subjects``).  Returns {detector: results}, or None without patients.
+    ``patients``: :func:`load_patients` of the non-controls.  ``control_items`` are the loaded
+    derivatives of the training controls ``control_subjects`` (the order of the bundles'
+    ``subjects``).  ``patient_results``: {model: the patients' :class:`InferenceResult`} already
+    computed (by ``evaluate_bundle``), so no patient is scored twice; a model missing there is
+    scored here.  Returns {detector: results}, or None without patients.
     """
     from bids_uad.scoring.evaluation import evaluate_detector, one_line_detectors, pr_curve, score_histograms
     from bids_uad.scoring.inference import infer
     from bids_uad.models.inputs import normalise_dwi
 
-    patients = _patients(settings, candidates)
+    patient_results = patient_results or {}
     if not patients:
         LOGGER.info("no subject with a dwi-space lesion mask: detection evaluation skipped")
         return None
@@ -103,10 +111,11 @@ def evaluate_detectors(settings, candidates: list, bundles: list, control_items:
     cases: dict[str, dict[str, list]] = {}
     for bundle in bundles:
         entry = cases.setdefault(bundle.name, {"patients": [], "controls": []})
-        for arrays in patients:
-            res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
-                        arrays["analysis_mask"])
-            entry["patients"].append(_case(arrays, res.score, res.mask))
+        done = patient_results.get(bundle.name)
+        for k, arrays in enumerate(patients):
+            res = done[k] if done is not None else infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"],
+                                                         arrays["brain_mask"], arrays["analysis_mask"])
+            entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
         index = {s: i for i, s in enumerate(bundle.subjects)}
         for fold in bundle.folds:
             for i in fold.val_idx:
@@ -116,7 +125,7 @@ def evaluate_detectors(settings, candidates: list, bundles: list, control_items:
                     continue
                 res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                             arrays["analysis_mask"], fold=fold.fold)
-                entry["controls"].append(_case(arrays, res.score, res.mask))
+                entry["controls"].append(_case(arrays, res.score, res.mask, bundle))
     for name in ("1-FA", "MD"):
         cases[name] = {"patients": [], "controls": []}
     for group, items in (("patients", patients), ("controls", control_items)):
@@ -143,4 +152,8 @@ def evaluate_detectors(settings, candidates: list, bundles: list, control_items:
         LOGGER.info("%s: AUPRC %.3f, AUROC %.3f, Dice (written map) %s, subject AUROC %.3f", name, r["auprc"],
                     r["auroc"], "n/a" if not np.isfinite(r["dice_calibrated"]) else f"{r['dice_calibrated']:.3f}",
                     r["subject_auroc"])
+        if np.isfinite(r.get("lesion_detection_rate", float("nan"))):
+            LOGGER.info("%s: lesion-wise detection rate %.2f (%d lesions), false findings %.2f per patient, findings per held-out "
+                        "control %s", name, r["lesion_detection_rate"], r["n_lesions"],
+                        r["false_findings_per_patient"], r.get("control_findings"))
     return results

@@ -63,6 +63,7 @@ def test_usage_errors_exit_64(capsys, small_bids, tmp_path):
     assert _run(capsys, small_bids)[0] == 64  # missing positionals
     assert _run(capsys, small_bids, tmp_path / "o", "participant", "--nprocs", "0")[0] == 64
     assert _run(capsys, small_bids, tmp_path / "o", "participant", "--bogus")[0] == 64
+    assert _run(capsys, small_bids, tmp_path / "o", "participant", "--findings-min-volume", "-1")[0] == 64
     code, err = _run(capsys, small_bids, small_bids / "derivatives" / "x", "participant")
     assert code == 64 and "inside" in err
     assert _run(capsys, small_bids, small_bids, "participant")[0] == 64

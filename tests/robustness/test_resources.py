@@ -37,6 +37,8 @@ class FakeWorkflow:
         self.calls = []
 
     def run(self, plugin=None, plugin_args=None):
+        if not isinstance(plugin, str):  # a plugin object (bids_uad's MultiProc) carries its arguments
+            plugin, plugin_args = type(plugin).__name__.removesuffix("Plugin"), plugin.plugin_args
         self.calls.append((plugin, dict(plugin_args or {})))
 
 

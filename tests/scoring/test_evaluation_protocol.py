@@ -45,3 +45,24 @@ def test_volume_strata_and_one_line_detectors():
     maps = one_line_detectors(ratios, np.full(6, 1000.0), bvecs, np.ones((4, 4, 4), bool))
     assert np.isclose(maps["MD"][1, 1, 1], 0.0008, rtol=1e-3) and maps["MD"][0, 0, 0] > maps["MD"][1, 1, 1]
     assert np.allclose(maps["1-FA"], 1.0, atol=1e-4)  # isotropic diffusion: FA 0
+
+
+def test_lesion_wise_detection_rate_and_false_findings():
+    patients = [_patient(i, True) for i in range(2)]
+    patients[0].written[2:4, 2:4, 2:4] = False          # the small lesion of patient 0 missed
+    patients[1].written[25:28, 25:28, 25:28] = True      # a false finding of 27 voxels
+    patients[1].written[0, 29, 0] = True                 # a single voxel: below the minimum finding
+    for case in patients:
+        case.min_finding_voxels = 5
+    controls = [_control(i) for i in range(2)]
+    controls[0].written[5:8, 20:23, 5:8] = True          # 27 voxels
+    controls[0].written[20:23, 5:8, 20:23] = True        # another
+    for case in controls:
+        case.min_finding_voxels = 5
+    out = evaluate_detector(patients, controls)
+    assert out["n_lesions"] == 4 and out["lesion_detection_rate"] == 0.75
+    assert out["false_findings_per_patient"] == 0.5 and out["false_findings_per_control"] == 1.0
+    rows = {r["subject"]: r for r in out["per_subject"]}
+    assert rows["p0"]["lesions_found"] == 1 and rows["p1"]["false_findings"] == 1 and rows["c0"]["findings"] == 2
+    md = evaluate_detector([Case("p", p.score, p.amask, None, p.truth) for p in patients], [])
+    assert np.isnan(md["lesion_detection_rate"])         # no written map (1-FA, MD): no findings

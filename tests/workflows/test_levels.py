@@ -87,6 +87,11 @@ def test_group_then_participant_inference(levels_setup, capsys):
     assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
     assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
     assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
+    # lesion-wise: models with a written map have a detection rate and false findings; 1-FA and MD none
+    assert 0 <= float(detection["dae"]["lesion_detection_rate"]) <= 1 and int(detection["dae"]["n_lesions"]) >= 1
+    assert float(detection["normative"]["false_findings_per_control"]) >= 0
+    assert detection["MD"]["lesion_detection_rate"] == "n/a"
+    assert "findings per control" in (out / "group.html").read_text()
     assert "Detection: models and baselines" in (out / "group.html").read_text()
     assert not list((out / "models").glob(".*"))  # no temporaries left behind
     assert "Cross-validation" in (out / "group.html").read_text() or "cross-validation" in (out / "group.html").read_text()
@@ -105,6 +110,15 @@ def test_group_then_participant_inference(levels_setup, capsys):
             mask = folder / f"{stem}_model-{model}_desc-anomaly_mask.nii.gz"
             pvalue = folder / f"{stem}_model-{model}_stat-pvalue_anomaly.nii.gz"
             assert score.is_file() and mask.is_file() and pvalue.is_file()
+            table = folder / f"sub-pat01_ses-pre_{run}_model-{model}_desc-findings_table.tsv"
+            rows, sidecar = _tsv(table), json.loads(table.with_suffix(".json").read_text())
+            with open(table) as handle:
+                columns = handle.readline().rstrip("\n").split("\t")
+            assert all(sidecar[c]["Description"] for c in columns)   # the sidecar describes every column
+            assert sidecar["Findings"] == len(rows) and sidecar["Atlases"][0]["Key"] == "harvard_oxford"
+            written = np.asarray(nib.load(mask).dataobj) > 0
+            assert sum(int(r["n_voxels"]) for r in rows) <= written.sum()
+            assert (not written.any()) or sidecar["MinimumVolumeMl"] > 0 or rows
             img = nib.load(score)
             assert img.shape == SHAPE
             meta = json.loads(score.with_name(score.name.replace(".nii.gz", ".json")).read_text())

