@@ -36,9 +36,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bids_uad.algorithms import intensity, registration, segmentation, skullstrip  # noqa: E402
+from bids_uad.algorithms import intensity, masking, registration, segmentation, skullstrip  # noqa: E402
 from bids_uad.algorithms.templates import find_template, phantom_head  # noqa: E402
-from bids_uad.workflows.anat import DWI_SYN_ITERATIONS, TEMPLATE_REG_MM  # noqa: E402
+from bids_uad.workflows.anat import DWI_REG_MOVING_MM, DWI_SYN_ITERATIONS, TEMPLATE_REG_MM  # noqa: E402
 
 DWI_TRANSFORM = os.environ.get("BENCH_DWI_TRANSFORM", "Rigid+SyN")
 
@@ -246,7 +246,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
     with meter.step("skullstrip"):
         mask_img, brain = skullstrip.skull_strip(n4, "template", template, seed=seed, threads=threads)
     truth_brain = np.asarray(case.truth_t1w_brain.dataobj) > 0
-    out["skullstrip_dice"] = registration.dice(mask_img.get_fdata(), truth_brain)
+    out["skullstrip_dice"] = masking.dice(mask_img.get_fdata(), truth_brain)
     from nibabel.processing import resample_to_output
 
     lesion = case.lesion
@@ -280,7 +280,11 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
         out["flair_registration_error_mm"] = registration_error(
             case.flair, case.t1w, case.truth_t1w_brain, reg_fl.forward, reg_fl.forward_invert, np.eye(4))["mean"]
     with meter.step("t1w_to_dwi"):
-        reg_dwi = registration.register(case.b0, brain, kind=DWI_TRANSFORM, lesion_mask=lesion,
+        # as init_anat_wf: the moving T1w brain (and lesion) at DWI_REG_MOVING_MM
+        moving_mm = float(os.environ.get("BENCH_DWI_MOVING_MM", DWI_REG_MOVING_MM))
+        reg_dwi = registration.register(case.b0, registration.coarse(brain, moving_mm), kind=DWI_TRANSFORM,
+                                        lesion_mask=(None if lesion is None else
+                                                     registration.coarse(lesion, moving_mm, order=0)),
                                         reg_iterations=(DWI_SYN_ITERATIONS,), composite=True,
                                         seed=seed, threads=threads)
     with meter.step("to_dwi"):
@@ -344,7 +348,8 @@ def main(argv=None) -> dict:
         "benchmark": "anat", "preset": args.preset, "input": source,
         "dwi_reference": "truth clean b0 (space-dwi_desc-clean_dwi volume 0) + truth dwi brain mask",
         "template": template.name, "dwi_transform": DWI_TRANSFORM,
-        "dwi_syn_iterations": DWI_SYN_ITERATIONS, "threads": args.threads, "n_cases": len(per_case),
+        "dwi_syn_iterations": DWI_SYN_ITERATIONS,
+        "dwi_moving_mm": float(os.environ.get("BENCH_DWI_MOVING_MM", DWI_REG_MOVING_MM)), "threads": args.threads, "n_cases": len(per_case),
         "wall_s": max(c["wall_s"] for c in per_case), "wall_s_mean": mean("wall_s"), "wall_s_total": total,
         "cpu_s": max(c["cpu_s"] for c in per_case),
         "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
@@ -368,7 +373,11 @@ def main(argv=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"anat_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out_dir / f"anat_{args.preset}.md").write_text(_markdown(result))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "steps")}))
+    print("step            wall s    CPU s   peak MB  (mean per session)", file=sys.stderr)
+    for name, st in result["steps"].items():
+        print(f"{name:14s} {st['wall_s_mean']:8.1f} {st['cpu_s_mean']:8.1f} {st['peak_rss_mb']:9.0f}", file=sys.stderr)
+    print(json.dumps({**{k: v for k, v in result.items() if k not in ("cases", "steps")},
+                      "step_cpu_s": {k: round(v["cpu_s_mean"], 1) for k, v in result["steps"].items()}}))
     return result
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -332,6 +333,9 @@ def report(rows: list[dict], args, t0: float, source: str) -> int:
         "patients_perilesional_p_below_0.05": int(sum(r["overlap_fraction_perilesional_p"] < 0.05 for r in pats)),
         "control_mismatch_growth_ml_max": max((r["mismatch_growth_ml"] for r in ctls), default=None),
         "wall_s": round(time.time() - t0, 1),
+        # CPU of this process (the null is single-threaded): comparable across machine loads
+        "cpu_s": round(time.process_time(), 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(summary))
     return 0

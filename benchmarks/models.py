@@ -3,6 +3,13 @@
     python benchmarks/models.py [--input toydata|synthetic-bids] [--preset tiny|small|paper]
                                 [--lesions GENERATOR] [--seeds N] [--models dae recdisc ...]
                                 [--epochs N] [--controls N] [--heldout-controls N] [--patients N]
+                                [--train-preset quick|standard|paper] [--device cpu|cuda|auto]
+
+    # the product's yardstick (docs/models.md): standard preset, hard lesions, 3 seeds
+    python benchmarks/models.py --input synthetic-bids --preset small --lesions mixed-hard --seeds 3 \
+        --train-preset standard --models cdae normative meansignal
+    # training throughput (volumes/s) and peak GPU memory at the reference geometry (96x96x64 x 64)
+    python benchmarks/models.py --preset paper --device cuda --models dae recdisc cdae
 
 Per seed: generates the data, trains (or fits) every model with k-fold cross-validation on the
 training controls, calibrates on each fold's held-out controls (the written map, after
@@ -11,7 +18,11 @@ model saw in training or calibration*, and evaluates every detector with the pro
 :mod:`bids_uad.scoring.evaluation` (AUPRC, AUROC, Dice of the written map, oracle Dice,
 subject-level AUROC, held-out control FPR, per lesion-volume stratum and lesion type), next to
 the one-line detectors ``1 - FA`` and ``MD`` computed by the same code on the same voxels.
-Figures are mean ± SD over seeds (each seed's figure is the mean over its patients).
+Figures are mean ± SD over seeds (each seed's figure is the mean over its patients).  Each model
+is also scored as a fold ensemble (``<model>[ensemble]``: the mean score of the same fitted fold
+models with their pooled calibration).  Timing per model: training wall and CPU time, the load
+average around it, training volumes/s, peak RSS and, on ``--device cuda``, peak GPU memory.
+The JSON/MD results are rewritten after every seed.
 
 Inputs:
 * ``toydata``: ``bids_uad.training.toydata`` tensor-model brains (array level, no files).
@@ -44,6 +55,9 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.errors import UsageError  # noqa: E402
+from bids_uad.models import is_trainable  # noqa: E402
+from bids_uad.models.bundle import resolve_device  # noqa: E402
 from bids_uad.models.inputs import normalise_dwi  # noqa: E402
 from bids_uad.models.settings import preset  # noqa: E402
 from bids_uad.scoring.evaluation import Case, evaluate_detector, one_line_detectors  # noqa: E402
@@ -51,14 +65,16 @@ from bids_uad.scoring.inference import infer  # noqa: E402
 from bids_uad.training.fit import train_from_dwi  # noqa: E402
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject  # noqa: E402
 
-MODEL_ORDER = ("dae", "recdisc", "cdae", "normative", "meansignal")
+MODEL_ORDER = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 ONE_LINE = ("1-FA", "MD")
 PRESETS = {
     # volume shape, settings preset, grid, channels, controls, patients, epochs, folds
     "tiny": dict(shape=(22, 23, 20), settings="quick", grid=(24, 24, 24), channels=32,
                  controls=8, patients=6, epochs=20, folds=3, steps=6),
+    # the reference geometry (96x96x64 grid, 64 channels), sized to measure training throughput
+    # (volumes/s, peak memory) on a GPU: 2 folds x 2 epochs x 8 steps of the paper's batch of 4
     "paper": dict(shape=(90, 90, 54), settings="paper", grid=(96, 96, 64), channels=64,
-                  controls=4, patients=2, epochs=1, folds=2, steps=None),
+                  controls=4, patients=2, epochs=2, folds=2, steps=8),
 }
 # synthetic-bids: generator preset, settings preset, controls, patients; epochs/folds/steps
 # None = the settings preset's own (what `bids_uad ... group --train-preset <x>` would run)
@@ -177,11 +193,35 @@ def _settings(name, p, args, controls, bids):
     t = s.training
     t = replace(t, epochs=p["epochs"] or t.epochs, n_folds=p["folds"] or t.n_folds,
                 steps_per_epoch=p["steps"] if p["steps"] is not None or not bids else t.steps_per_epoch,
-                threads=args.threads, progress=False, seed=args.seed)
+                threads=args.threads, progress=args.progress, seed=args.seed, device=args.device)
     if not bids:
         t = replace(t, patience=max(5, t.epochs // 3))
     return replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t,
                    scoring=s.scoring.sized_to(controls[0]["voxel_ml"]))
+
+
+def _reset_gpu_peak(device: str) -> bool:
+    """Reset CUDA's peak-memory counter when training runs on a GPU; True if it does."""
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return cuda
+
+
+def _gpu_peak_mb(cuda: bool) -> float | None:
+    """Peak GPU memory allocated by torch (MiB) since the last reset; None on CPU."""
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+
+
+def _training_volumes(bundle, s) -> int:
+    """Volumes passed forward and backward in training, all folds (validation not counted):
+    epochs run x (steps x batch, or one pass over the fold's training subjects)."""
+    if not is_trainable(s.model.name):
+        return 0  # a fitted baseline: no optimisation
+    per_epoch = [s.training.steps_per_epoch * s.training.batch_size if s.training.steps_per_epoch
+                 else len(f.train_idx) for f in bundle.folds]
+    return int(sum(len(f.history) * n for f, n in zip(bundle.folds, per_epoch)))
 
 
 def _case(item, score, written=None) -> Case:
@@ -206,18 +246,25 @@ def run_seed(p, args, seed, bids) -> dict:
            "n_train_controls": len(train), "n_heldout_controls": len(heldout), "n_patients": len(patients)}
     for name in args.models:
         s = _settings(name, p, args, controls, bids)
-        t0 = time.perf_counter()
+        cuda = _reset_gpu_peak(args.device)
+        t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         with PeakRSS() as mem_train:
             bundle = train_from_dwi(s, [c["dwi"] for c in train], [c["bvals"] for c in train],
                                     [c["bvecs"] for c in train], [c["mask"] for c in train],
                                     [c["label"] for c in train], analysis_masks=[c["amask"] for c in train])
-        train_s = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        gpu_train_mb = _gpu_peak_mb(cuda)
+        volumes = _training_volumes(bundle, s)
+        load1 = os.getloadavg()[0]
         cases, times = {"patients": [], "controls": []}, []
         with PeakRSS() as mem_inf:
             for group, items in (("patients", patients), ("controls", heldout)):
                 for item in items:
                     t0 = time.perf_counter()
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=False)
                     times.append(time.perf_counter() - t0)
                     cases[group].append(_case(item, res.score, res.mask))
         result = evaluate_detector(cases["patients"], cases["controls"])
@@ -227,13 +274,34 @@ def run_seed(p, args, seed, bids) -> dict:
         result["calibration_controls_written_fpr"] = [f.calibration.written_fpr for f in bundle.folds]
         result["best_val_loss"] = [f.best_val_loss for f in bundle.folds]
         result["epochs_run"] = [len(f.history) for f in bundle.folds]
+        result["best_epoch"] = [f.best_epoch for f in bundle.folds]
         out["models"][name] = result
-        out["timing"][name] = {"train_s": train_s, "train_peak_rss_mb": mem_train.peak,
-                               "inference_s": float(np.mean(times)), "inference_peak_rss_mb": mem_inf.peak}
+        out["timing"][name] = {"train_s": train_s, "train_cpu_s": train_cpu_s, "train_peak_rss_mb": mem_train.peak,
+                               "train_volumes": volumes, "train_volumes_per_s": volumes / train_s if volumes else None,
+                               "train_peak_gpu_mb": gpu_train_mb, "inference_s": float(np.mean(times)),
+                               "inference_peak_rss_mb": mem_inf.peak, "inference_peak_gpu_mb": _gpu_peak_mb(cuda),
+                               "device": str(resolve_device(args.device)),
+                               "load_average_1min_start": load0, "load_average_1min_end": load1}
         print(f"seed {seed} {name}: AUPRC {result['auprc']:.3f} AUROC {result['auroc']:.3f} Dice "
               f"{result['dice_calibrated']:.3f} (oracle {result['dice_oracle']:.3f}) subject AUROC "
               f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
               f"({train_s:.0f} s)", flush=True)
+        if args.ensemble_compare and len(bundle.folds) > 1:  # the fold ensemble of the same fitted folds
+            ens, times = {"patients": [], "controls": []}, []
+            for group, items in (("patients", patients), ("controls", heldout)):
+                for item in items:
+                    t0 = time.perf_counter()
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=True)
+                    times.append(time.perf_counter() - t0)
+                    ens[group].append(_case(item, res.score, res.mask))
+            key = f"{name}[ensemble]"
+            out["models"][key] = evaluate_detector(ens["patients"], ens["controls"])
+            out["timing"][key] = dict(out["timing"][name], inference_s=float(np.mean(times)))
+            print(f"seed {seed} {key}: AUPRC {out['models'][key]['auprc']:.3f} AUROC {out['models'][key]['auroc']:.3f}"
+                  f" Dice {out['models'][key]['dice_calibrated']:.3f} held-out FPR "
+                  f"{out['models'][key]['heldout_control_fpr']:.4f} (mean score of {len(bundle.folds)} folds, "
+                  "pooled calibration)", flush=True)
         if name == "cdae":  # the other score reduction of the same trained networks (ranking metrics only)
             other = "sum-abs" if s.model.score_reduction == "abs-sum" else "abs-sum"
             for f in bundle.folds:
@@ -241,7 +309,8 @@ def run_seed(p, args, seed, bids) -> dict:
             alt = {"patients": [], "controls": []}
             for group, items in (("patients", patients), ("controls", heldout)):
                 for item in items:
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"])
+                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                                ensemble=False)
                     alt[group].append(_case(item, res.score))  # no written map: calibrated for the other score
             key = f"cdae[{other}]"
             out["models"][key] = evaluate_detector(alt["patients"], alt["controls"])
@@ -315,7 +384,10 @@ def _markdown(out: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Timing per model (mean over seeds): " + "; ".join(
-        f"{n} train {t['train_s']:.0f} s, inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
+        f"{n} train {t['train_s']:.0f} s" + (f" (CPU {t['train_cpu_s']:.0f} s)" if "train_cpu_s" in t else "")
+        + (f", {t['train_volumes_per_s']:.3g} training volumes/s" if t.get("train_volumes_per_s") else "")
+        + (f", peak GPU memory {t['train_peak_gpu_mb']:.0f} MiB" if t.get("train_peak_gpu_mb") else "")
+        + f", inference {t['inference_s']:.1f} s" for n, t in out["timing"].items()), ""]
     return "\n".join(lines)
 
 
@@ -333,17 +405,30 @@ def main(argv=None) -> dict:
                     help="controls used neither in training nor in calibration (default: 3)")
     ap.add_argument("--patients", type=int)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="torch device for training and inference (default: cpu); on cuda the timing also "
+                         "reports the peak GPU memory")
     ap.add_argument("--train-preset", choices=("quick", "standard", "paper"),
                     help="settings preset of the networks (default: the data preset's, quick for tiny/small)")
     ap.add_argument("--cdae-score", choices=("abs-sum", "sum-abs"),
                     help="cdae score reduction over channels (default: the preset's, abs-sum)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--progress", action="store_true",
+                    help="show the training progress bar (epoch, losses, time left) and the trainer's log on stderr")
+    ap.add_argument("--no-ensemble-compare", dest="ensemble_compare", action="store_false",
+                    help="do not also evaluate each model's fold ensemble (mean score of its fold models)")
     ap.add_argument("--bids", type=Path, help="synthetic-bids: folder for the generated datasets (default: temporary)")
     ap.add_argument("--severity", type=float, default=0.3,
                     help="toydata lesion contrast: 1 = full oedema/necrosis tensors, lower = subtler")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.progress:
+        logging.getLogger("bids_uad.training").setLevel(logging.INFO)
     bids = args.input == "synthetic-bids"
+    try:
+        resolve_device(args.device)
+    except UsageError as exc:
+        ap.error(str(exc))
     if not bids and args.preset == "small":
         ap.error("--preset small needs --input synthetic-bids")
     p = dict((BIDS_PRESETS if bids else PRESETS)[args.preset])
@@ -352,35 +437,6 @@ def main(argv=None) -> dict:
             p[key] = getattr(args, key)
     p["heldout"] = args.heldout_controls
     torch.set_num_threads(args.threads)
-    first = args.seed
-    per_seed = [run_seed(p, args, first + k, bids) for k in range(args.seeds)]
-    results = aggregate(per_seed)
-    timing = {n: {k: float(np.mean([r["timing"][n][k] for r in per_seed])) for k in per_seed[0]["timing"][n]}
-              for n in per_seed[0]["timing"]}
-    shape = per_seed[0]["shape"]
-    if bids:
-        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (lesion generator {args.lesions!r}, "
-                f"seeds {first}..{first + args.seeds - 1}), truth clean dwi {tuple(shape)} of ses-pre, "
-                f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
-                f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
-                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group level does; "
-                f"{args.threads} torch thread(s) on CPU")
-    else:
-        desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
-                f"directions (b=1000, one b0), {p['controls']} training + {p['heldout']} held-out controls, "
-                f"{p['patients']} patients with irregular lesions (severity {args.severity}); grid {p['grid']}; "
-                f"{args.threads} torch thread(s) on CPU")
-    out = {
-        "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
-        "seeds": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
-        "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
-                         "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
-                         "the truth before post-processing; subject_auroc: patients vs held-out controls from the "
-                         "99th-percentile score; heldout_control_fpr: fraction of held-out controls' analysis mask "
-                         "flagged in the written map; mean ± SD over seeds"),
-        "timing": timing, "results": results, "per_seed": per_seed, "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
     name = f"models_bids-{args.preset}" if bids else f"models_{args.preset}"
     if bids and args.lesions != "irregular":
         name += f"_{args.lesions}"
@@ -392,12 +448,57 @@ def main(argv=None) -> dict:
         name += f"_cdae-{args.cdae_score}"
     dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")
-    dest.with_suffix(".md").write_text(_markdown(out))
+    per_seed, first = [], args.seed  # run_seed sets args.seed to the seed it runs
+    for k in range(args.seeds):  # written after every seed: a run stopped early keeps the seeds it finished
+        per_seed.append(run_seed(p, args, first + k, bids))
+        out = _summary(per_seed, p, args, bids, first)
+        dest.write_text(json.dumps(_clean(out), indent=1, default=_json_default) + "\n")
+        dest.with_suffix(".md").write_text(_markdown(out))
     print(_markdown(out))
     last = {k: v for k, v in out.items() if k != "per_seed"}
     print(json.dumps(_clean(last), default=_json_default))
     return out
+
+
+def _mean_or_first(values: list):
+    """Mean of numbers over seeds; the first value of anything else (None on CPU, a device name)."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return float(np.mean(values))
+    return values[0]
+
+
+def _summary(per_seed: list[dict], p: dict, args, bids: bool, first: int) -> dict:
+    """The benchmark's output object from the seeds finished so far."""
+    results = aggregate(per_seed)
+    timing = {n: {k: _mean_or_first([r["timing"][n][k] for r in per_seed]) for k in per_seed[0]["timing"][n]}
+              for n in per_seed[0]["timing"]}
+    shape, last = per_seed[0]["shape"], first + len(per_seed) - 1
+    if bids:
+        desc = (f"bids_uad.synthetic.generate_dataset preset {p['generator']!r} (lesion generator {args.lesions!r}, "
+                f"seeds {first}..{last}), truth clean dwi {tuple(shape)} of ses-pre, "
+                f"{p['controls']} training controls, {p['heldout']} held-out controls (never trained or calibrated "
+                f"on), {p['patients']} patients per seed; analysis mask = true brain mask eroded by 1 voxel minus CSF "
+                f"(true dseg); settings preset {args.train_preset or p['settings']!r} sized to the data as the group "
+                f"level does; {args.threads} torch thread(s) on CPU")
+    else:
+        desc = (f"bids_uad.training.toydata tensor-model brains, {p['shape']} voxels x {p['channels']} "
+                f"directions (b=1000, one b0), {p['controls']} training + {p['heldout']} held-out controls, "
+                f"{p['patients']} patients with irregular lesions (severity {args.severity}); grid {p['grid']}; "
+                f"{args.threads} torch thread(s) on CPU")
+    return {
+        "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
+        "seeds": len(per_seed), "seeds_requested": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
+        "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
+                         "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
+                         "the truth before post-processing; subject_auroc: patients vs held-out controls from the "
+                         "99th-percentile score; heldout_control_fpr: fraction of held-out controls' analysis mask "
+                         "flagged in the written map; <model>[ensemble]: mean score of the same fitted fold models "
+                         "with the folds' pooled calibration (the plain name: the fold with the lowest validation "
+                         "loss); train_cpu_s: CPU time of this process (all threads) while training; mean ± SD over "
+                         "seeds"),
+        "timing": timing, "results": results, "per_seed": per_seed, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def _json_default(value):

@@ -55,7 +55,7 @@ class Settings:
     device: str = "auto"
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
-    ensemble: bool = False
+    ensemble: bool | None = None  # None: the model file's setting (scoring.ensemble, set at the group level)
     findings_min_volume: float | None = None  # mL; None: the model file's min_cluster_ml
     use_plugin: Path | None = None
     baseline_session: str | None = None

@@ -142,48 +142,113 @@ def _components(region: np.ndarray) -> list[np.ndarray]:
     return sorted(parts, key=len, reverse=True)
 
 
+#: tries of one component checked per vectorised batch: 4, then 16, 64, ... (most small
+#: components fit at the first try; one that fits nowhere uses all ``tries`` in a few batches)
+_FIRST_BATCH = 4
+#: at most this many voxel positions (tries x component voxels) are checked in one batch
+_BATCH_VOXELS = 400_000
+
+
+def _draw_try(rng: np.random.Generator, n_candidates: int, n_coords: int) -> tuple[tuple[int, ...], int, int]:
+    """The random numbers of one placement try, in the order they are drawn: three axis
+    flips, the anchor (a candidate voxel), the component voxel put on the anchor."""
+    signs = tuple(-1 if rng.random() < 0.5 else 1 for _ in range(3))
+    return signs, int(rng.integers(n_candidates)), int(rng.integers(n_coords))
+
+
 def _try_place(coords: np.ndarray, free: np.ndarray, candidates: np.ndarray,
                rng: np.random.Generator, tries: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """A randomly flipped and shifted copy of ``coords`` lying entirely in ``free``.
 
     Returns (copy, None) when one fits; otherwise (None, best partial copy): the voxels of the
     attempt that kept the largest part inside ``free`` (None when every attempt missed).
+
+    Tries are drawn one after another (random flips, a random anchor voxel, the component voxel
+    put on it) and the first that fits is taken.  They are *checked* in vectorised batches, as
+    flat indices into ``free`` padded by the component's extent (outside the grid = not free).
+    When a batch holds a fitting try, the generator is rewound to the batch start and advanced
+    by exactly the tries up to that one, so the stream of random numbers, and therefore every
+    result, is the one of checking one try at a time.
     """
-    shape = np.asarray(free.shape)
+    n = len(coords)
+    pad = int((coords.max(0) - coords.min(0)).max()) + 1
+    padded = np.pad(free, pad)
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1])
+    flat_free = padded.ravel()
+    flipped: dict[tuple[int, ...], np.ndarray] = {}   # flat offsets of the flipped component
+
+    def rel(signs):
+        if signs not in flipped:
+            flipped[signs] = (coords * np.asarray(signs)) @ strides
+        return flipped[signs]
+
     best, best_n = None, 0
-    for _ in range(tries):
-        c = coords.copy()
-        for axis in range(3):
-            if rng.random() < 0.5:
-                c[:, axis] = -c[:, axis]
-        anchor = candidates[rng.integers(len(candidates))]
-        moved = c - c[rng.integers(len(c))] + anchor
-        inside = ((moved >= 0) & (moved < shape)).all(1)
-        ok = np.zeros(len(moved), dtype=bool)
-        ok[inside] = free[tuple(moved[inside].T)]
-        if ok.all():
-            return moved, None
-        n_ok = int(ok.sum())
-        if n_ok > best_n:
-            best, best_n = moved[ok], n_ok
+    done, batch = 0, _FIRST_BATCH
+    while done < tries:
+        k = max(1, min(batch, tries - done, _BATCH_VOXELS // max(n, 1)))
+        state = rng.bit_generator.state
+        draws = [_draw_try(rng, len(candidates), n) for _ in range(k)]
+        # flat index of voxel j of try i: anchor + pad - sign * coords[pivot] + sign * coords[j]
+        base = np.array([(candidates[a] + pad - coords[p] * np.asarray(s)) @ strides for s, a, p in draws])
+        ok = flat_free[base[:, None] + np.stack([rel(s) for s, _, _ in draws])]
+        n_ok = np.count_nonzero(ok, axis=1)
+        fits = np.flatnonzero(n_ok == n)
+        pick = int(fits[0]) if fits.size else int(np.argmax(n_ok))  # argmax: the first best, as a scan
+        if fits.size or n_ok[pick] > best_n:
+            s, a, p = draws[pick]
+            moved = (coords - coords[p]) * np.asarray(s) + candidates[a]
+            if fits.size:
+                rng.bit_generator.state = state
+                for _ in range(pick + 1):
+                    _draw_try(rng, len(candidates), n)
+                return moved, None
+            best, best_n = moved[ok[pick]], int(n_ok[pick])
+        done += k
+        batch *= 4
     return None, best
 
 
+def _rank_in(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Position of each voxel of ``points`` (n, 3; all inside ``mask``) in ``np.argwhere(mask)``."""
+    order = np.flatnonzero(mask)
+    return np.searchsorted(order, np.ravel_multi_index(tuple(points.T), mask.shape))
+
+
 def _top_up(part: np.ndarray, n: int, free: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Grow a partial copy back to ``n`` voxels with the free voxels nearest to it."""
+    """Grow a partial copy back to ``n`` voxels with the free voxels nearest to it.
+
+    Every free voxel gets a distance to the partial copy plus a random jitter (one draw per
+    free voxel, in C order); the ``missing`` smallest are taken.  Distances are computed in a
+    window around the copy that is grown until the voxels it picks are provably nearer than
+    anything outside it (outside a margin ``r`` every distance is at least ``r + 1``), so the
+    pick is that of a distance transform of the whole grid, at the cost of a small one.
+    """
     missing = n - len(part)
     if missing <= 0:
         return part
     placed = np.zeros(free.shape, dtype=bool)
     placed[tuple(part.T)] = True
     rest = free & ~placed
-    pts = np.argwhere(rest)
-    if len(pts) <= missing:
-        return np.concatenate([part, pts])
-    dist = ndi.distance_transform_edt(~placed)[tuple(pts.T)]
-    dist = dist + 0.5 * rng.random(len(dist))
-    pick = np.argpartition(dist, missing - 1)[:missing]
-    return np.concatenate([part, pts[pick]])
+    n_rest = int(np.count_nonzero(rest))
+    if n_rest <= missing:
+        return np.concatenate([part, np.argwhere(rest)])
+    jitter = 0.5 * rng.random(n_rest)
+    shape = np.asarray(free.shape)
+    lo_part, hi_part = part.min(0), part.max(0) + 1
+    margin = int(np.ceil(np.cbrt(missing))) + 2
+    while True:
+        lo, hi = np.maximum(lo_part - margin, 0), np.minimum(hi_part + margin, shape)
+        whole = bool((lo == 0).all() and (hi == shape).all())
+        win = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        local = np.argwhere(rest[win])
+        if len(local) >= missing or whole:
+            dist = ndi.distance_transform_edt(~placed[win])[tuple(local.T)]
+            pts = local + lo
+            dist = dist + jitter[_rank_in(rest, pts)]
+            pick = np.argpartition(dist, missing - 1)[:missing]
+            if whole or dist[pick].max() < margin + 1:
+                return np.concatenate([part, pts[pick]])
+        margin *= 2
 
 
 def _blob(n: int, free: np.ndarray, candidates: np.ndarray, rng: np.random.Generator,
@@ -200,6 +265,25 @@ def _blob(n: int, free: np.ndarray, candidates: np.ndarray, rng: np.random.Gener
     return pts[pick]
 
 
+def _place_components(components: list[np.ndarray], allowed: np.ndarray, candidates: np.ndarray,
+                      rng: np.random.Generator, method: str, tries: int) -> tuple[list[np.ndarray], int]:
+    """Voxel coordinates of one random region (one array per component) and the fallbacks."""
+    free = allowed.copy()
+    pieces, fallbacks = [], 0
+    for coords in components:
+        placed, partial = (_try_place(coords, free, candidates, rng, tries) if method == "components"
+                           else (None, None))
+        if placed is None and partial is not None and len(partial) >= len(coords) // 2:
+            fallbacks += 1          # most of a copy fitted: complete it at its border
+            placed = _top_up(partial, len(coords), free, rng)
+        elif placed is None:
+            fallbacks += method == "components"
+            placed = _blob(len(coords), free, candidates, rng)
+        free[tuple(placed.T)] = False
+        pieces.append(placed)
+    return pieces, fallbacks
+
+
 def random_region(region: np.ndarray, allowed: np.ndarray, rng: np.random.Generator,
                   method: str = "components", tries: int = 200) -> tuple[np.ndarray, int]:
     """One random region with the same voxel count as ``region``, inside ``allowed``.
@@ -214,23 +298,13 @@ def random_region(region: np.ndarray, allowed: np.ndarray, rng: np.random.Genera
     if method not in NULL_METHODS:
         raise ValueError(f"method must be one of {NULL_METHODS}, got {method!r}")
     region, allowed = as_bool(region), as_bool(allowed)
-    free = allowed.copy()
-    out = np.zeros(region.shape, dtype=bool)
-    fallbacks = 0
     candidates = np.argwhere(allowed)
     if len(candidates) == 0:
         raise ValueError("the allowed region is empty: nowhere to draw random regions")
-    for coords in _components(region):
-        placed, partial = (_try_place(coords, free, candidates, rng, tries) if method == "components"
-                           else (None, None))
-        if placed is None and partial is not None and len(partial) >= len(coords) // 2:
-            fallbacks += 1          # most of a copy fitted: complete it at its border
-            placed = _top_up(partial, len(coords), free, rng)
-        elif placed is None:
-            fallbacks += method == "components"
-            placed = _blob(len(coords), free, candidates, rng)
+    pieces, fallbacks = _place_components(_components(region), allowed, candidates, rng, method, tries)
+    out = np.zeros(region.shape, dtype=bool)
+    for placed in pieces:
         out[tuple(placed.T)] = True
-        free[tuple(placed.T)] = False
     return out, fallbacks
 
 
@@ -263,16 +337,26 @@ def random_region_null(region: np.ndarray, target: np.ndarray, allowed: np.ndarr
     # random regions live in ``allowed``: work in its bounding box (fast on whole-brain grids)
     box = _bbox(allowed | region)
     region, target, allowed = region[box], target[box], allowed[box]
+    if method not in NULL_METHODS:
+        raise ValueError(f"method must be one of {NULL_METHODS}, got {method!r}")
+    # what every draw shares is computed once; the pieces of a draw are disjoint, so its
+    # overlap is counted on their voxels (the same number as on the whole mask)
+    components = _components(region)
+    candidates = np.argwhere(allowed)
+    if len(candidates) == 0:
+        raise ValueError("the allowed region is empty: nowhere to draw random regions")
     rng = np.random.default_rng(seed)
     samples = np.empty(n_permutations)
     fallbacks = 0
     for i in range(n_permutations):
-        rand, fb = random_region(region, allowed, rng, method, tries)
+        pieces, fb = _place_components(components, allowed, candidates, rng, method, tries)
         fallbacks += fb
-        samples[i] = overlap_fraction(rand, target)
+        size = sum(len(p) for p in pieces)
+        hits = sum(int(np.count_nonzero(target[tuple(p.T)])) for p in pieces)
+        samples[i] = float(hits) / size if size else float("nan")
     if fallbacks:
         LOGGER.info("random-region null: %d of %d component copies did not fit whole",
-                    fallbacks, n_permutations * len(_components(region)))
+                    fallbacks, n_permutations * len(components))
     return RandomNull(observed, samples, method, n, n_fallback=fallbacks)
 
 

@@ -7,6 +7,8 @@ conventions: 1 CSF, 2 GM, 3 WM.  FSL FAST is chosen in the interface layer inste
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 
 import nibabel as nib
@@ -51,13 +53,14 @@ def segment_tissues(
     amask = to_ants(nib.Nifti1Image(mask_arr.astype(np.float32), img.affine))
     m = f"[{mrf},1x1x1]"
     c = f"[{int(iterations)},0]"
-    if priors:
-        init = [to_ants(nib.Nifti1Image(np.asarray(_load(priors[k]).dataobj, dtype=np.float32), img.affine))
-                for k in CLASS_ORDER]
-        res = ants.atropos(a=aimg, x=amask, i=init, m=m, c=c, priorweight=prior_weight)
-    else:
-        res = ants.atropos(a=aimg, x=amask, i="Kmeans[3]", m=m, c=c)
-    probs = [np.asarray(p.numpy(), dtype=np.float32) for p in res["probabilityimages"]]
+    with _private_tempdir():  # ants.atropos leaves its probability files in the temp folder
+        if priors:
+            init = [to_ants(nib.Nifti1Image(np.asarray(_load(priors[k]).dataobj, dtype=np.float32), img.affine))
+                    for k in CLASS_ORDER]
+            res = ants.atropos(a=aimg, x=amask, i=init, m=m, c=c, priorweight=prior_weight)
+        else:
+            res = ants.atropos(a=aimg, x=amask, i="Kmeans[3]", m=m, c=c)
+        probs = [np.asarray(p.numpy(), dtype=np.float32) for p in res["probabilityimages"]]
     if not priors:  # k-means classes: order by mean intensity (CSF darkest on T1w)
         means = [float((p[mask_arr] * data[mask_arr]).sum() / max(p[mask_arr].sum(), 1e-6)) for p in probs]
         probs = [probs[i] for i in np.argsort(means)]
@@ -69,6 +72,24 @@ def segment_tissues(
     dseg_img = nib.Nifti1Image(dseg.astype(np.int16), img.affine)
     dseg_img.set_data_dtype(np.int16)
     return dseg_img, out_probs
+
+
+@contextlib.contextmanager
+def _private_tempdir():
+    """Point :mod:`tempfile` at a fresh folder for the block and remove it afterwards.
+
+    ``ants.atropos`` writes its prior and posterior probability images under
+    ``tempfile.gettempdir()`` and never deletes them (about 0.8 MB per class per call).
+    """
+    import tempfile
+
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="bids_uad-atropos-") as folder:
+        tempfile.tempdir = folder
+        try:
+            yield folder
+        finally:
+            tempfile.tempdir = previous
 
 
 def _load(obj):

@@ -129,14 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smallest finding in mL: clusters of the written anomaly map below it are not listed in "
                            "the findings table (default: the model file's minimum cluster volume, 0.5 mL from the "
                            "group level, the size below which its calibrated map drops clusters)")
-    proc.add_argument("--ensemble", action="store_true",
-                      help="score with the mean of all fold models instead of the best fold")
+    proc.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                      help="score with the mean of all fold models (--ensemble) or the fold with the lowest "
+                           "validation loss (--no-ensemble).  Default: the choice stored in the model file.  "
+                           "Given at the participant level it overrides the model file; at the group level "
+                           "it is stored in the model files")
     proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
                       help="group level: models to train: the networks dae (variational autoencoder), "
-                           "recdisc (RecDiscNet) and cdae (U-Net denoising autoencoder trained to remove "
-                           "coarse noise), and the baseline detectors normative (voxelwise normative model "
+                           "recdisc (RecDiscNet), cdae (U-Net denoising autoencoder trained to remove "
+                           "coarse noise) and cevae (context-encoding VAE, StRegA's model), and the baseline detectors normative (voxelwise normative model "
                            "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
-                           "signal ratio) (default: dae recdisc normative meansignal)")
+                           "signal ratio) (default: cdae dae recdisc normative meansignal: the cdae measured best, "
+                           "see README)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
                       help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
                            "network trained to its best validation loss with early stopping, 3 folds: "

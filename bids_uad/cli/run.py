@@ -97,6 +97,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if args.use_plugin is not None:
         plugin_args = load_plugin_settings(args.use_plugin)[1]  # fail early on a bad file
     resolve_preproc_backend(args.preproc_backend)  # fsl without FSL is a usage error, early
+    if args.device == "cuda":  # cuda without a GPU is a usage error, early (torch only imported then)
+        from bids_uad.models.bundle import resolve_device
+
+        resolve_device(args.device)
     return Settings(
         bids_dir=bids_dir,
         output_dir=output_dir,

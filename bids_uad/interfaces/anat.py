@@ -151,6 +151,9 @@ class _RegisterInputSpec(_AntsInputSpec):
     transform_type = traits.Str("SyN", usedefault=True, desc="antspyx type_of_transform")
     resolution = traits.Float(0.0, usedefault=True,
                               desc="register on images resampled to this voxel size (mm); 0 = native")
+    moving_resolution = traits.Float(0.0, usedefault=True,
+                                     desc="resample the moving image (and its masks) to this voxel size (mm) "
+                                          "instead; 0 = as ``resolution``")
     reg_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True)
     composite = traits.Bool(True, usedefault=True, desc="write Composite.h5 / InverseComposite.h5")
 
@@ -183,18 +186,20 @@ class RegisterImages(SimpleInterface):
                 self._results[key] = ""
             return runtime
 
-        def load(path, order=1):
-            return coarse(path, self.inputs.resolution, order)
+        moving_mm = self.inputs.moving_resolution or self.inputs.resolution
 
-        def opt(path, order=0):
-            return load(path, order) if _given(path) else None
+        def load(path, order=1, mm=self.inputs.resolution):
+            return coarse(path, mm, order)
+
+        def opt(path, order=0, mm=self.inputs.resolution):
+            return load(path, order, mm) if _given(path) else None
 
         fixed = load(self.inputs.fixed_file)
-        moving = load(self.inputs.moving_file)
+        moving = load(self.inputs.moving_file, mm=moving_mm)
         result = register(
             fixed, moving, kind=self.inputs.transform_type,
-            fixed_mask=opt(self.inputs.fixed_mask), moving_mask=opt(self.inputs.moving_mask),
-            lesion_mask=opt(self.inputs.lesion_mask),
+            fixed_mask=opt(self.inputs.fixed_mask), moving_mask=opt(self.inputs.moving_mask, mm=moving_mm),
+            lesion_mask=opt(self.inputs.lesion_mask, mm=moving_mm),
             out_prefix=Path(runtime.cwd) / "xfm_", composite=self.inputs.composite,
             seed=self.inputs.seed, threads=self.inputs.num_threads,
             reg_iterations=tuple(self.inputs.reg_iterations),

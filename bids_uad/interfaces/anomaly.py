@@ -24,7 +24,8 @@ class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
     analysis_mask = traits.Str("", usedefault=True, desc="WM ∪ GM minus ventricles; '' = brain mask")
     model_file = File(exists=True, mandatory=True, desc="model-<name>.json (with its .safetensors)")
     threshold_method = traits.Str("", usedefault=True, desc="'' = the method stored in the model file")
-    ensemble = traits.Bool(False, usedefault=True)
+    ensemble = traits.Enum("", "yes", "no", usedefault=True,
+                           desc="mean score of all fold models: '' = the model file's choice")
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
 
@@ -63,7 +64,8 @@ class AnomalyInference(SimpleInterface):
             analysis = (np.asarray(nib.load(self.inputs.analysis_mask).dataobj) > 0) & brain
         bundle = load_bundle(self.inputs.model_file, device=self.inputs.device)
         result = infer(bundle, dwi, table.bvals, table.bvecs, brain, analysis,
-                       method=self.inputs.threshold_method or None, ensemble=self.inputs.ensemble)
+                       method=self.inputs.threshold_method or None,
+                       ensemble={"yes": True, "no": False}.get(self.inputs.ensemble))
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         out = Path(runtime.cwd)

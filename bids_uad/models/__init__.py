@@ -18,10 +18,11 @@ from bids_uad.models.baselines import MeanSignal, NormativeModel
 from bids_uad.models.cdae import CoarseDAE
 from bids_uad.models.recdisc import RecDiscNet
 from bids_uad.models.settings import ModelSettings
-from bids_uad.models.vae import VAE3d
+from bids_uad.models.vae import ContextVAE, VAE3d
 
 MODELS: dict[str, Callable[[ModelSettings], nn.Module]] = {"dae": VAE3d, "recdisc": RecDiscNet, "cdae": CoarseDAE,
-                                                           "normative": NormativeModel, "meansignal": MeanSignal}
+                                                           "cevae": ContextVAE, "normative": NormativeModel,
+                                                           "meansignal": MeanSignal}
 # the reference paper's fixed thresholds, on its score scales (DAE: residual of sigmoid outputs in
 # [0, 1]; RecDiscNet: a probability); the baselines and cdae have none
 FIXED_THRESHOLDS = {"dae": 0.3, "recdisc": 0.5}
@@ -53,4 +54,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
 
 
 __all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "is_trainable", "register_model", "VAE3d",
-           "RecDiscNet", "CoarseDAE", "MeanSignal", "NormativeModel"]
+           "RecDiscNet", "CoarseDAE", "ContextVAE", "MeanSignal", "NormativeModel"]

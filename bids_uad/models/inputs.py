@@ -6,6 +6,11 @@
   a permutation when the directions match (antipodal directions are equal), otherwise a
   regularised spherical-harmonic fit per shell resampled onto the reference directions.
   A b-value the reference lacks (or the reverse) is an error.
+* :func:`invariant_features` is the other input representation (``ModelSettings.inputs =
+  "invariant"``): per b-value shell the mean dw ratio and the rotation-invariant power of each
+  even spherical-harmonic order, then FA and MD.  These do not depend on the gradient
+  directions, their number or order, or the head's orientation, only on the shells, so a model
+  trained on one protocol reads another with the same shells without resampling.
 * :func:`to_grid` / :func:`from_grid` centre-pad or crop to the model grid and back exactly;
   :func:`grid_affine` gives the affine of the padded array.
 """
@@ -148,6 +153,18 @@ def shell_mismatch(bvals: np.ndarray, ref_bvals: np.ndarray) -> str | None:
     return None
 
 
+def _match_shells(bvals: np.ndarray, ref_bvals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference shells, shell index of each reference volume, of each volume); a b-value the
+    reference lacks, or a reference shell the data lack, raises :class:`InputValidationError`
+    (:func:`shell_mismatch` says which)."""
+    problem = shell_mismatch(bvals, ref_bvals)
+    if problem:
+        raise InputValidationError(problem)
+    ref_shells, ref_idx = shells(ref_bvals)
+    _, idx = shells(bvals, ref_shells)
+    return ref_shells, ref_idx, idx
+
+
 def reconcile_gradients(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
                         ref_bvals: np.ndarray, ref_bvecs: np.ndarray, angle_tol_deg: float = 5.0,
                         clip: bool = True) -> tuple[np.ndarray, str]:
@@ -161,11 +178,7 @@ def reconcile_gradients(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
     bvecs, ref_bvecs = _as_nx3(bvecs), _as_nx3(ref_bvecs)
     if data.shape[-1] != bvals.size:
         raise InputValidationError(f"{data.shape[-1]} channels but {bvals.size} b-values")
-    problem = shell_mismatch(bvals, ref_bvals)
-    if problem:
-        raise InputValidationError(problem)
-    ref_shells, ref_idx = shells(ref_bvals)
-    _, idx = shells(bvals, ref_shells)
+    ref_shells, ref_idx, idx = _match_shells(bvals, ref_bvals)
     if bvals.size == ref_bvals.size and np.array_equal(idx, ref_idx):
         order = match_directions(bvecs, ref_bvecs, angle_tol_deg)
         same_order = order is not None and np.array_equal(order, np.arange(bvals.size))
@@ -189,6 +202,80 @@ def reconcile_gradients(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
         if clip:
             np.clip(out, 0.0, 1.0, out=out)
     return out, method
+
+
+#: MD divisor that maps tissue and CSF (MD up to ~3e-3 mm²/s) onto [0, 1] like the other features
+MD_SCALE = 3e-3
+
+
+def sh_order_supported(n_directions: int, max_order: int = 8) -> int:
+    """Largest even SH order (<= ``max_order``) whose (L+1)(L+2)/2 coefficients ``n_directions`` determine."""
+    order = 0
+    while order < max_order and (order + 3) * (order + 4) // 2 <= n_directions:
+        order += 2
+    return order
+
+
+def invariant_feature_names(ref_bvals: np.ndarray, sh_order: int) -> list[str]:
+    """Channel names of the invariant representation for the reference's shells."""
+    ref_shells, _ = shells(np.asarray(ref_bvals, float).ravel())
+    names = []
+    for b in np.round(ref_shells).astype(int):
+        names += [f"b{b}-mean"] + [f"b{b}-sh{order}" for order in range(2, sh_order + 1, 2)]
+    return names + ["fa", "md"]
+
+
+def input_channels(model, ref_bvals: np.ndarray) -> int:
+    """Network input channels of ``model`` (a :class:`ModelSettings`) for the reference's dw b-values."""
+    if model.inputs == "invariant":
+        return len(invariant_feature_names(ref_bvals, model.invariant_sh_order))
+    return int(np.asarray(ref_bvals).size)
+
+
+def invariant_features(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
+                       ref_bvals: np.ndarray, sh_order: int = 4, smooth: float = 1e-3) -> np.ndarray:
+    """Protocol-invariant features (X, Y, Z, F) float32 in [0, 1] from dw signal ratios (X, Y, Z, C).
+
+    Per reference shell (in ``ref_bvals``' shell order): the mean ratio over the shell's
+    directions and, for each even order l = 2..``sh_order``, the rotation-invariant power of the
+    order-l part of the signal on the sphere, as its root mean square over the sphere,
+    sqrt(sum_m c_lm^2 / 4 pi) (dipy's orthonormal real SH basis, Laplace-Beltrami regularised fit;
+    the same quantity for l = 0 is the mean).  Then FA and MD / 3e-3 mm²/s of the tensor fitted to
+    all shells.  A shell with too few directions for ``sh_order`` raises :class:`InputValidationError`.
+    """
+    from dipy.reconst.shm import real_sh_descoteaux
+
+    from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
+
+    bvals = np.asarray(bvals, float).ravel()
+    bvecs = _as_nx3(bvecs)
+    inside = np.asarray(mask, bool)
+    _, _, idx = _match_shells(bvals, np.asarray(ref_bvals, float).ravel())
+    values = np.asarray(ratios, np.float32)[inside]  # (N, C)
+    features = []
+    for k in range(int(idx.max()) + 1):
+        src = np.flatnonzero(idx == k)
+        shell = values[:, src]
+        features.append(shell.mean(1))
+        if sh_order_supported(len(src)) < sh_order:
+            raise InputValidationError(
+                f"the b={int(round(bvals[src].mean()))} shell has {len(src)} directions, too few for the "
+                f"invariant features up to SH order {sh_order} (needs {(sh_order + 1) * (sh_order + 2) // 2})")
+        v = _unit(bvecs[src])
+        basis, _, l_values = real_sh_descoteaux(sh_order, np.arccos(np.clip(v[:, 2], -1, 1)),
+                                                np.arctan2(v[:, 1], v[:, 0]), legacy=False)
+        lb = (l_values * (l_values + 1)).astype(float) ** 2
+        fit = np.linalg.solve(basis.T @ basis + smooth * np.diag(lb), basis.T)  # (K, n_dirs)
+        coef = shell @ fit.T.astype(np.float32)  # (N, K)
+        for order in range(2, sh_order + 1, 2):
+            power = (coef[:, l_values == order] ** 2).sum(1) / (4 * np.pi)
+            features.append(np.sqrt(power))
+    moved = np.moveaxis(np.asarray(ratios, np.float32), -1, 0)
+    maps = tensor_metrics_from_ratios(moved, bvals, bvecs, inside)
+    features += [maps["fa"][inside], maps["md"][inside] / MD_SCALE]
+    out = np.zeros(inside.shape + (len(features),), np.float32)
+    out[inside] = np.clip(np.stack(features, 1), 0.0, 1.0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -256,11 +343,16 @@ class Prepared:
 
 def prepare_subject(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
                     grid: tuple[int, int, int], ref_bvals: np.ndarray | None = None,
-                    ref_bvecs: np.ndarray | None = None) -> Prepared:
-    """Normalise a raw 4D dwi (with b0s) and put it on the model grid in reference channel order."""
+                    ref_bvecs: np.ndarray | None = None, inputs: str = "dwi", sh_order: int = 4) -> Prepared:
+    """Normalise a raw 4D dwi (with b0s) and put it on the model grid: the dw channels in
+    reference order (``inputs="dwi"``) or the :func:`invariant_features` (``"invariant"``,
+    computed from the subject's own directions; only its shells must match the reference's)."""
     data, bv, bvec = normalise_dwi(dwi, bvals, bvecs, mask)
     method = "identity"
-    if ref_bvals is not None:
+    if inputs == "invariant":
+        data = invariant_features(data, bv, bvec, mask, bv if ref_bvals is None else ref_bvals, sh_order)
+        method = "invariant-features"
+    elif ref_bvals is not None:
         data, method = reconcile_gradients(data, bv, bvec, ref_bvals, ref_bvecs)
     grid_data, gm = to_grid(data, grid)
     grid_mask, _ = to_grid(np.asarray(mask) > 0, grid)

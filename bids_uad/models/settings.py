@@ -13,10 +13,17 @@ from typing import Any
 
 from bids_uad.errors import UsageError
 
-MODEL_NAMES = ("dae", "recdisc", "cdae", "normative", "meansignal")
-#: models trained at the group level when --models is not given
-DEFAULT_MODELS = ("dae", "recdisc", "normative", "meansignal")
+MODEL_NAMES = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
+#: models trained at the group level when --models is not given: the cdae first, the best detector
+#: of benchmarks/models.py (standard preset, mixed-hard lesions; see README's model table), then the
+#: reference's two networks and the baselines it is judged against
+DEFAULT_MODELS = ("cdae", "dae", "recdisc", "normative", "meansignal")
 SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
+#: what the networks see (bids_uad.models.inputs): the normalised dw channels in the reference's
+#: direction order, or per-shell rotation-invariant features + FA + MD (protocol-invariant)
+INPUT_REPRESENTATIONS = ("dwi", "invariant")
+#: models that read the dw channels themselves (their own metrics): always "dwi" inputs
+DWI_ONLY_MODELS = ("normative", "meansignal")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
@@ -29,7 +36,9 @@ class ModelSettings:
 
     name: str = "dae"
     grid: tuple[int, int, int] = (96, 96, 64)
-    n_channels: int = 64
+    n_channels: int = 64  # network input channels: dw volumes ("dwi") or features ("invariant")
+    inputs: str = "dwi"  # input representation, one of INPUT_REPRESENTATIONS
+    invariant_sh_order: int = 4  # "invariant": highest even SH order whose power is a feature
     features: int = 16  # feature maps after the first block; doubled at each level
     max_features: int = 128
     depth: int = 4  # number of stride-2 downsamplings
@@ -37,6 +46,10 @@ class ModelSettings:
     variational: bool = True  # DAE: False = plain convolutional autoencoder (z = mu, no KL term)
     noise_std: float = 0.2  # cdae: standard deviation of the coarse training noise (signal ratio units)
     noise_scale: int = 8  # cdae: side in voxels of the low-resolution cells the noise is drawn on
+    # dae/cevae: context-encoding term (ceVAE): boxes masked out of each training volume, which the
+    # network must fill in from their context (0 = off; the cevae preset uses 2)
+    context_boxes: int = 0
+    context_box_fraction: float = 0.25  # largest box side as a fraction of the grid side (smallest: half)
     score_reduction: str = "abs-sum"  # dae/cdae score: |sum_c r_c| ("abs-sum") or sum_c |r_c| ("sum-abs")
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
@@ -61,10 +74,20 @@ class ModelSettings:
             raise UsageError("logvar_bound must be positive")
         if self.norm not in ("instance", "group"):
             raise UsageError(f"norm must be instance or group, not {self.norm!r}")
+        if self.inputs not in INPUT_REPRESENTATIONS:
+            raise UsageError(f"inputs must be one of {INPUT_REPRESENTATIONS}, not {self.inputs!r}")
+        if self.inputs != "dwi" and self.name in DWI_ONLY_MODELS:
+            raise UsageError(f"the {self.name} baseline reads the dw channels itself: inputs must be 'dwi'")
+        if self.invariant_sh_order not in (2, 4, 6, 8):
+            raise UsageError(f"invariant_sh_order must be 2, 4, 6 or 8, not {self.invariant_sh_order!r}")
         if self.score_reduction not in SCORE_REDUCTIONS:
             raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
+        if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:
+            raise UsageError("context_boxes must lie in [0, 64] and context_box_fraction in (0, 1]")
+        if self.name == "cevae" and self.context_boxes < 1:
+            raise UsageError("the cevae model needs context_boxes >= 1 (its context-encoding term)")
         if not 1 <= self.latent_size <= 4096:
             raise UsageError(f"latent_size {self.latent_size} out of range")
         div = 2 ** self.depth
@@ -145,8 +168,13 @@ class ScoringSettings:
     min_cluster_voxels: int = 8
     opening_size: int = 3  # cube side of the morphological opening; 0 or 1 disables it
     max_null_samples: int = 200_000  # healthy scores kept per fold for p-values
+    # score with the mean of all fold models (True) or the fold with the lowest validation loss;
+    # the group level stores it in the model file, --ensemble/--no-ensemble overrides it at inference
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ensemble, bool):
+            raise UsageError(f"ensemble must be true or false, not {self.ensemble!r}")
         if self.threshold_method not in THRESHOLD_METHODS:
             raise UsageError(f"threshold method must be one of {THRESHOLD_METHODS}, not {self.threshold_method!r}")
         if not 0 < self.fpr < 1 or not 0 < self.fdr_q < 1:
@@ -202,7 +230,15 @@ def _build(cls, data: dict[str, Any]):
 
 def preset(name: str, model: str = "dae") -> Settings:
     """Named settings: ``quick`` (tiny CPU model for tests/CI), ``standard`` (real training with early
-    stopping on CPU) or ``paper`` (reference geometry)."""
+    stopping on CPU) or ``paper`` (reference geometry).  ``cevae`` is the DAE's settings with the
+    context-encoding term on (2 boxes per training volume)."""
+    settings = _preset(name, "dae" if model == "cevae" else model)
+    if model == "cevae":
+        settings = replace(settings, model=replace(settings.model, name="cevae", context_boxes=2))
+    return settings
+
+
+def _preset(name: str, model: str) -> Settings:
     if name == "quick":
         # Sized for CI: a few dozen Adam steps per fold on CPU.  The DAE needs the fan-in
         # parametrisation of its dense latent layers at this learning rate (see FanInLinear).
@@ -217,12 +253,15 @@ def preset(name: str, model: str = "dae") -> Settings:
     if name == "standard":
         # Real training on 2 CPU cores: a mid-size network trained until its validation loss stops
         # improving (patience), sized so that one model (3 folds) on the `small` synthetic dataset
-        # (54x54x34 dwi, 32 directions) finishes in <= 15 min; the epoch cap only bounds the time.
+        # (54x54x34 dwi, 32 directions, 56x56x40 grid) finishes in <= 15 min; the epoch cap only
+        # bounds the time.  Measured (cdae, benchmarks/models.py): 2.8 CPU-s per epoch on one
+        # thread, and at a 40-epoch cap every fold's validation loss was still falling (by ~1 %
+        # per epoch at epoch 40), so the cap is 80: 3 x 80 x 2.8 s = 11 min of one core.
         lr = 1e-3
         return Settings(
             model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
                                 max_features=32, depth=3, latent_size=128, latent_scaling="fan-in"),
-            training=TrainingSettings(epochs=40, learning_rate=lr, lr_decay=0.98, batch_size=2,
+            training=TrainingSettings(epochs=80, learning_rate=lr, lr_decay=0.98, batch_size=2,
                                       steps_per_epoch=4, n_folds=3, patience=6),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )

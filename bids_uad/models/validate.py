@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bids_uad.errors import BidsUadError, InputMissingError, InputValidationError, UsageError
+from bids_uad.models.inputs import input_channels
 from bids_uad.models.io import META_SUFFIX, TENSOR_SUFFIX, file_sha256, foreign_format, read_safetensors_header
 
 #: the ``format`` field every model JSON carries (written by :func:`bids_uad.models.io.save_tensors`)
@@ -147,6 +148,8 @@ def _check_bounds(path: Path, model: Any) -> None:
         value = getattr(model, key)
         if not 1 <= value <= b[key]:
             raise _bad(path, f"settings.model.{key}", f"{value} is outside the bounds [1, {b[key]}]")
+    if not 0 <= model.context_boxes <= 64:
+        raise _bad(path, "settings.model.context_boxes", f"{model.context_boxes} is outside the bounds [0, 64]")
     if not 0 <= model.noise_std <= b["noise_std"]:
         raise _bad(path, "settings.model.noise_std", f"{model.noise_std} is outside the bounds [0, {b['noise_std']}]")
 
@@ -208,7 +211,13 @@ def _check_json(path: Path, meta: dict) -> Any:
         bvecs = np.asarray(grads.get("bvecs"), dtype=float)
     except (TypeError, ValueError):
         raise _bad(path, "reference_gradients", "bvals/bvecs are not numeric arrays") from None
-    if bvals.shape != (n,) or not np.all(np.isfinite(bvals)) or np.any(bvals <= 0):
+    if settings.model.inputs == "invariant":  # n_channels features from the shells of n dw volumes
+        ok = bvals.ndim == 1 and bvals.size > 0 and np.all(np.isfinite(bvals)) and np.all(bvals > 0)
+        if not ok or input_channels(settings.model, bvals) != n:
+            raise _bad(path, "reference_gradients.bvals", f"expected positive b-values whose shells give "
+                       f"{n} invariant features (settings.model.n_channels), found shape {list(bvals.shape)}")
+        n = bvals.size
+    elif bvals.shape != (n,) or not np.all(np.isfinite(bvals)) or np.any(bvals <= 0):
         raise _bad(path, "reference_gradients.bvals", f"expected {n} positive b-values (settings.model.n_channels), "
                    f"found shape {list(bvals.shape)}")
     if bvecs.shape != (n, 3) or not np.all(np.isfinite(bvecs)):

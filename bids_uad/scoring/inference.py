@@ -43,22 +43,33 @@ class InferenceResult:
 
 
 def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fold: int | None = None) -> np.ndarray:
-    """Score map on the grid: one fold (default: best validation loss) or the mean over folds."""
+    """Score map on the grid: one fold (default: best validation loss) or the mean over folds.
+
+    The ensemble accumulates a running sum, so memory stays at two score maps whatever the
+    number of folds (each fold's network is applied in turn, never all at once)."""
     folds = bundle.folds if ensemble else [bundle.folds[bundle.best_fold() if fold is None else fold]]
     torch.set_num_threads(max(1, bundle.settings.training.threads))
-    return np.mean([score_volume(f.model, data) for f in folds], axis=0).astype(np.float32)
+    total = None
+    for f in folds:
+        s = score_volume(f.model, data).astype(np.float64)
+        total = s if total is None else np.add(total, s, out=total)
+    return (total / len(folds)).astype(np.float32)
 
 
 def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.ndarray | None = None,
-                   method: str | None = None, ensemble: bool = False, fold: int | None = None,
+                   method: str | None = None, ensemble: bool | None = None, fold: int | None = None,
                    scoring: ScoringSettings | None = None) -> InferenceResult:
     """Score, threshold and post-process one prepared subject; map results back to its original shape.
 
     ``analysis_mask`` is in the original (diffusion-space) shape; default: the brain mask.
-    ``method``: None uses the model file's threshold method.  ``scoring`` overrides the bundle's
-    scoring settings (threshold method, FPR, q, post-processing).
+    ``method``: None uses the model file's threshold method.  ``ensemble``: None uses the model
+    file's ``scoring.ensemble`` (mean score of all folds, or the best fold); an explicit ``fold``
+    means that single fold.  ``scoring`` overrides the bundle's scoring settings (threshold
+    method, FPR, q, post-processing, ensemble).
     """
     scoring = scoring or bundle.settings.scoring
+    if ensemble is None:
+        ensemble = scoring.ensemble and fold is None
     source = "requested (--threshold)" if method else "model file (the default; set at the group level)"
     if method == "fixed" and scoring.fixed_threshold is None and bundle.name not in FIXED_THRESHOLDS:
         method, source = None, f"model file (--threshold fixed has no reference value for {bundle.name})"
@@ -107,11 +118,12 @@ def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> s
 
 
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,
-          analysis_mask: np.ndarray | None = None, method: str | None = None, ensemble: bool = False,
+          analysis_mask: np.ndarray | None = None, method: str | None = None, ensemble: bool | None = None,
           fold: int | None = None, scoring: ScoringSettings | None = None) -> InferenceResult:
     """Full inference from a preprocessed dwi (X, Y, Z, N with b0s) in diffusion space."""
-    prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, bundle.settings.model.grid,
-                               bundle.ref_bvals, bundle.ref_bvecs)
+    m = bundle.settings.model
+    prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
+                               m.inputs, m.invariant_sh_order)
     if analysis_mask is not None and np.shape(analysis_mask) != np.shape(brain_mask):
         raise InputValidationError("analysis mask and brain mask differ in shape")
     return infer_prepared(bundle, prepared, analysis_mask, method, ensemble, fold, scoring)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +14,7 @@ import numpy as np
 from bids_uad.errors import InputValidationError
 from bids_uad.models import is_trainable
 from bids_uad.models.bundle import ModelBundle
-from bids_uad.models.inputs import dw_gradients, prepare_subject, to_grid
+from bids_uad.models.inputs import dw_gradients, input_channels, prepare_subject, to_grid
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -36,9 +37,10 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
         raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
     if len(set(subjects)) != len(subjects):
         raise InputValidationError("subject labels must be unique")
-    if len(ref_bvals) != settings.model.n_channels:
+    if input_channels(settings.model, ref_bvals) != settings.model.n_channels:
         raise InputValidationError(
-            f"{len(ref_bvals)} reference b-values but the model has {settings.model.n_channels} channels")
+            f"{len(ref_bvals)} reference b-values give {input_channels(settings.model, ref_bvals)} "
+            f"{settings.model.inputs} input channels but the model has {settings.model.n_channels}")
     scores: dict = {}
     folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
                         gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)),
@@ -62,13 +64,17 @@ def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequen
 
     The first subject's diffusion-weighted gradient table is the reference; the others are
     reconciled to it (permutation or SH resampling; a different b-value raises).
+    ``settings.model.n_channels`` is sized here to the input representation
+    (``settings.model.inputs``): the dw volumes, or the invariant features of the shells.
     """
     if len(dwis) < 3:
         raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
     ref_bvals, ref_bvecs = dw_gradients(bvals[0], bvecs[0])
+    m = settings.model
+    settings = replace(settings, model=replace(m, n_channels=input_channels(m, ref_bvals)))
     grid = settings.model.grid
-    prepared = [prepare_subject(d, bv, bc, m, grid, ref_bvals, ref_bvecs)
-                for d, bv, bc, m in zip(dwis, bvals, bvecs, masks)]
+    prepared = [prepare_subject(d, bv, bc, mk, grid, ref_bvals, ref_bvecs, m.inputs, m.invariant_sh_order)
+                for d, bv, bc, mk in zip(dwis, bvals, bvecs, masks)]
     amasks = None
     if analysis_masks is not None:
         amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]

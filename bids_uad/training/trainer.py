@@ -67,7 +67,7 @@ def to_tensors(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
 
 
-def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | None:
+def latent_noise(model, settings: Settings, n: int, device) -> torch.Tensor | dict | None:
     """The training noise of a global batch of ``n`` for models that draw some (the VAE's latent
     draw, the cDAE's coarse input noise: ``model.training_noise``), from torch's seeded generator:
     the same values the model would draw itself for the whole batch.  None for other models."""
@@ -92,11 +92,19 @@ def shard_batch(arrays: dict[str, np.ndarray], noise: torch.Tensor | None, world
     if n_part == 0:
         part, n_part = slice(0, 1), 1
     batch = to_tensors({k: v[part] for k, v in arrays.items()}, device)
-    if noise is not None:
-        batch["noise"] = noise[part]
+    attach_noise(batch, noise, part)
     if world > 1:
         batch["mask_count"] = float(arrays["mask"].sum(dtype=np.float64)) * n_part / n
     return batch, weight
+
+
+def attach_noise(batch: dict[str, torch.Tensor], noise: torch.Tensor | dict | None, part: slice = slice(None)) -> None:
+    """Put a model's training noise (``part`` of the global batch's) into ``batch``: a tensor as
+    ``batch["noise"]``, a dict of tensors under its own keys (e.g. the ceVAE's ``context_mask``)."""
+    items = noise.items() if isinstance(noise, dict) else [("noise", noise)]
+    for key, value in items:
+        if value is not None:
+            batch[key] = value[part]
 
 
 class LossModule(torch.nn.Module):
@@ -131,8 +139,7 @@ def _validation_loss(model, data, masks, settings, device, fold) -> float:
             arrays = batch_arrays(model, data, masks, [i], rng, settings)  # draws this subject's patches
             if mine.start <= i < mine.stop:
                 batch = to_tensors(arrays, device)
-                if noise is not None:
-                    batch["noise"] = noise
+                attach_noise(batch, noise)
                 loss, _ = model.loss(batch)
                 total += float(loss)
     if distributed.is_distributed():

@@ -68,7 +68,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
     for index, model_file in enumerate(models, start=1):
         model = model_name(model_file)
         infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
-                                         ensemble=settings.ensemble,
+                                         ensemble={True: "yes", False: "no"}.get(settings.ensemble, ""),
                                          device="cpu" if settings.device == "auto" else settings.device,
                                          threads=settings.omp_nthreads),
                         name=f"infer_{model}", mem_gb=2.0)

@@ -70,8 +70,8 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
 def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int],
                        voxel_ml: float | None = None):
     """Training settings from the preset, sized to the data: channels, a grid that covers it and
-    the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` (if given) is
-    the threshold method stored in the model file."""
+    the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` and
+    ``--ensemble/--no-ensemble`` (if given) are stored in the model file."""
     from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
@@ -83,13 +83,15 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
         model=replace(base.model, n_channels=int(n_channels), grid=grid),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
-        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml),
+        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml, settings.ensemble),
     )
 
 
-def _scoring_for(scoring, threshold: str | None, voxel_ml: float | None):
+def _scoring_for(scoring, threshold: str | None, voxel_ml: float | None, ensemble: bool | None = None):
     if threshold:
         scoring = replace(scoring, threshold_method=threshold)
+    if ensemble is not None:
+        scoring = replace(scoring, ensemble=ensemble)
     return scoring if voxel_ml is None else scoring.sized_to(voxel_ml)
 
 

@@ -89,6 +89,69 @@ def test_random_region_keeps_voxel_count_and_stays_allowed():
         assert not (rand & ~brain).any()
 
 
+def _try_place_one_by_one(coords, free, candidates, rng, tries):
+    """The placement search checked one try at a time (the definition the batched one keeps)."""
+    shape = np.asarray(free.shape)
+    best, best_n = None, 0
+    for _ in range(tries):
+        c = coords.copy()
+        for axis in range(3):
+            if rng.random() < 0.5:
+                c[:, axis] = -c[:, axis]
+        anchor = candidates[rng.integers(len(candidates))]
+        moved = c - c[rng.integers(len(c))] + anchor
+        inside = ((moved >= 0) & (moved < shape)).all(1)
+        ok = np.zeros(len(moved), dtype=bool)
+        ok[inside] = free[tuple(moved[inside].T)]
+        if ok.all():
+            return moved, None
+        if int(ok.sum()) > best_n:
+            best, best_n = moved[ok], int(ok.sum())
+    return None, best
+
+
+@pytest.mark.parametrize("size", [1, 6, 9])
+def test_batched_placement_search_is_the_one_by_one_search(size):
+    # a tight allowed region (many tries miss, some partial copies) and a roomy one (first try fits)
+    brain = _brain((24, 24, 20))
+    comp = np.argwhere(_ball((30, 30, 30), (15, 15, 15), size / 2.0))
+    for allowed in (brain & (np.indices(brain.shape)[0] < 6 + size), brain):
+        candidates = np.argwhere(allowed)
+        for seed in range(4):
+            r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+            got = lg._try_place(comp, allowed, candidates, r1, 50)
+            want = _try_place_one_by_one(comp, allowed, candidates, r2, 50)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+            assert r1.random() == r2.random()  # the generator is where the one-by-one search left it
+
+
+def test_windowed_top_up_picks_what_a_whole_grid_distance_map_picks():
+    from scipy import ndimage as ndi
+
+    # free voxels around the copy, then a gap: the first window holds too few or too far ones
+    core = _ball((30, 30, 24), (15, 15, 12), 3.0)
+    free = (_brain((30, 30, 24)) & ~_ball((30, 30, 24), (15, 15, 12), 9.0)) | core
+    part = np.argwhere(core)[::2]
+    # only a far corner voxel inside the first window (copy's box +- 3), a nearer block outside it
+    sparse = core.copy()
+    sparse[9, 9, 6] = True
+    sparse[22:24, 14:17, 11:14] = True
+    whole = np.argwhere(core)
+    got = lg._top_up(whole, len(whole) + 1, sparse, np.random.default_rng(0))
+    assert got[-1][0] >= 22
+    for missing in (1, 40, 300, 900):
+        got = lg._top_up(part, len(part) + missing, free, np.random.default_rng(missing))
+        rng = np.random.default_rng(missing)
+        placed = np.zeros(free.shape, bool)
+        placed[tuple(part.T)] = True
+        pts = np.argwhere(free & ~placed)
+        dist = ndi.distance_transform_edt(~placed)[tuple(pts.T)] + 0.5 * rng.random(len(pts))
+        want = np.concatenate([part, pts[np.argpartition(dist, missing - 1)[:missing]]])
+        assert len(got) == len(part) + missing
+        assert set(map(tuple, got)) == set(map(tuple, want))
+
+
 def test_random_null_matches_expected_overlap_for_random_targets():
     """A target that covers a known fraction of the allowed region: random overlap ≈ that fraction."""
     rng = np.random.default_rng(1)

@@ -133,6 +133,43 @@ def test_settings_are_frozen_and_round_trip(small_bids, tmp_path):
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
+
+def test_ensemble_flag_is_tri_state(small_bids, tmp_path):
+    """--ensemble / --no-ensemble override the model file; absent, the model file decides (None),
+    and at the group level the choice is stored in the model files' scoring settings."""
+    from bids_uad.workflows.group import model_settings_for
+
+    base = [str(small_bids), str(tmp_path / "o"), "participant"]
+    assert settings_from_args(base).ensemble is None
+    assert settings_from_args(base + ["--ensemble"]).ensemble is True
+    assert settings_from_args(base + ["--no-ensemble"]).ensemble is False
+    group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
+    from bids_uad.models.settings import preset
+
+    for flag, want in (([], preset("quick", "cdae").scoring.ensemble), (["--ensemble"], True),
+                       (["--no-ensemble"], False)):
+        run = settings_from_args(group + flag)
+        assert model_settings_for(run, "cdae", 8, (16, 16, 16)).scoring.ensemble is want
+
+
+def test_device_cuda_is_plumbed_and_refused_without_a_gpu(small_bids, tmp_path, monkeypatch, capsys):
+    """--device cuda without a GPU: one usage line (64) before any work.  With one (simulated: no
+    test needs a GPU) the device reaches the training settings and the inference nodes."""
+    import torch
+
+    from bids_uad.workflows.group import model_settings_for
+
+    base = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick", "--device", "cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _run(capsys, *base)
+    assert code == 64 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    run = settings_from_args(base + ["--nprocs", "4"])
+    training = model_settings_for(run, "cdae", 8, (16, 16, 16)).training
+    assert run.device == "cuda" and training.device == "cuda"
+    assert training.processes == 1  # data-parallel processes: at most one per GPU (batch 2 allows 2)
+
 def _no_stages(monkeypatch) -> None:
     """Run the participant level's start-up only: an empty graph and no reports."""
     from nipype.pipeline import engine as pe

@@ -4,7 +4,8 @@
 read-only root filesystem, non-root user), compares its files with
 .circleci/expected_outputs_tiny.txt and its images with a run of this checkout's venv.
 Skipped, with the reason, where no Docker engine is available.  Slow: the image half alone took
-63 min on the shared 2-core development machine (load 17-22); the time limit is 3 h.
+63 min on the shared 2-core development machine (load 17-22); the whole test (image and venv
+side by side) 85 min at load 15-27.  The time limit is 3 h.
 """
 from __future__ import annotations
 

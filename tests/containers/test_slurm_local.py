@@ -7,7 +7,7 @@ SLURM would give it (#SBATCH headers overridden by command-line options, ``--exp
 runs this checkout's bids_uad, refusing any path that is not inside a bind.  So the recipe's
 paths and variables are exercised end to end: the array tasks (two at a time) preprocess the
 tiny study's three controls, then the group job trains on their outputs.  Slow: about 10 min on
-2 idle cores.
+2 idle cores; 35 min on the shared development machine at load 24-26.
 """
 from __future__ import annotations
 

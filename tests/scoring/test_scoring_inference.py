@@ -62,3 +62,39 @@ def test_evaluate_reports_every_method(bundle):
     names = {"fixed", "otsu", "meanpool", "healthy-fpr", "fdr", "oracle-youden", "oracle-dice"}
     assert set(out["dice"]) == set(out["dice_written"]) == set(out["fpr"]) == names
     assert out["dice"]["oracle-dice"] >= max(v for k, v in out["dice"].items() if not k.startswith("oracle"))
+
+
+def test_ensemble_default_comes_from_the_model_file(bundle):
+    """``ensemble=None`` follows ``scoring.ensemble`` of the model file; an explicit value overrides it;
+    the ensemble's score is the mean of the folds' scores."""
+    from bids_uad.models.bundle import score_volume
+    from bids_uad.models.inputs import prepare_subject
+    from bids_uad.scoring.inference import score_grid
+
+    sub = make_toy_subject((16, 16, 16), BVECS, 61, lesion=True)
+    dwi, bvals, bvecs = _raw(sub)
+    single = infer(bundle, dwi, bvals, bvecs, sub.mask)
+    assert single.info["ensemble"] is False and single.info["folds"] == [bundle.best_fold()]
+    on = replace(bundle.settings.scoring, ensemble=True)
+    ens = infer(bundle, dwi, bvals, bvecs, sub.mask, scoring=on)
+    assert ens.info["ensemble"] is True and ens.info["folds"] == [0, 1, 2]
+    assert not np.array_equal(ens.score, single.score)
+    off = infer(bundle, dwi, bvals, bvecs, sub.mask, scoring=on, ensemble=False)
+    np.testing.assert_array_equal(off.score, single.score)
+    one = infer(bundle, dwi, bvals, bvecs, sub.mask, scoring=on, fold=1)  # an explicit fold is that fold
+    assert one.info["folds"] == [1]
+    prepared = prepare_subject(dwi, bvals, bvecs, sub.mask, bundle.settings.model.grid,
+                               bundle.ref_bvals, bundle.ref_bvecs)
+    mean = np.mean([score_volume(f.model, prepared.data) for f in bundle.folds], axis=0)
+    np.testing.assert_allclose(score_grid(bundle, prepared.data, ensemble=True), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_setting_is_validated():
+    from bids_uad.errors import UsageError
+    from bids_uad.models.settings import ScoringSettings, Settings
+
+    with pytest.raises(UsageError, match="ensemble"):
+        ScoringSettings(ensemble="yes")
+    s = Settings(scoring=ScoringSettings(ensemble=True))
+    assert Settings.from_dict(s.to_dict()).scoring.ensemble is True
+    assert Settings.from_dict({}).scoring.ensemble is False  # older model files: the best fold

@@ -104,3 +104,84 @@ def test_prepare_subject_channels_first_on_grid():
     p = prepare_subject(dwi, np.r_[0, np.full(8, 1000)], np.vstack([[0, 0, 0], dirs]), mask, (16, 16, 8),
                         np.full(8, 1000.0), dirs[::-1])
     assert p.data.shape == (8, 16, 16, 8) and p.mask.shape == (16, 16, 8) and p.method == "permutation"
+
+
+def _ratios_of(e1, evals, bvecs):
+    """(N, 1, 1, C) signal ratios of axially symmetric tensors, as a flat 'image'."""
+    return tensor_signal(evals, e1, bvecs, 1000.0).astype(np.float32)[:, None, None, :]
+
+
+def test_invariant_features_do_not_depend_on_directions_or_orientation():
+    """The same tissue measured with other directions (number, order) or turned in the head gives
+    the same features; FA and MD come out of the tensor fit, the SH power is 0 when isotropic."""
+    from bids_uad.models.inputs import input_channels, invariant_feature_names, invariant_features
+    from bids_uad.models.settings import ModelSettings
+
+    rng = np.random.default_rng(3)
+    n = 200
+    e1 = rng.normal(size=(n, 3))
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    evals = np.column_stack([rng.uniform(1.2e-3, 1.8e-3, n), rng.uniform(0.3e-3, 0.9e-3, n)])
+    evals[:20] = 1e-3  # isotropic
+    mask = np.ones((n, 1, 1), bool)
+    b32, b45 = fibonacci_directions(32), fibonacci_directions(45, random_rotation(rng))
+    f32 = invariant_features(_ratios_of(e1, evals, b32), np.full(32, 1000.0), b32, mask, np.full(32, 1000.0))
+    f45 = invariant_features(_ratios_of(e1, evals, b45), np.full(45, 1000.0), b45, mask, np.full(32, 1000.0))
+    turned = e1 @ random_rotation(rng).T
+    f_rot = invariant_features(_ratios_of(turned, evals, b32), np.full(32, 1000.0), b32, mask, np.full(32, 1000.0))
+    names = invariant_feature_names(np.full(32, 1000.0), 4)
+    assert names == ["b1000-mean", "b1000-sh2", "b1000-sh4", "fa", "md"] and f32.shape == (n, 1, 1, 5)
+    assert input_channels(ModelSettings(name="cdae", inputs="invariant"), np.full(32, 1000.0)) == 5
+    assert input_channels(ModelSettings(name="cdae"), np.full(32, 1000.0)) == 32
+    np.testing.assert_allclose(f45, f32, atol=0.02)
+    np.testing.assert_allclose(f_rot, f32, atol=0.02)
+    assert f32[20:, 0, 0, 1].min() > 0.02 and np.all(f32[:20, 0, 0, 1:4] < 1e-3)  # sh2, sh4, FA of isotropic
+    md = (evals[:, 0] + 2 * evals[:, 1]) / 3 / 3e-3
+    np.testing.assert_allclose(f32[:, 0, 0, 4], md, rtol=0.02)
+
+
+def test_invariant_inputs_reject_too_few_directions_and_other_shells():
+    from bids_uad.models.inputs import invariant_features
+
+    b = fibonacci_directions(12)
+    ratios = np.full((2, 2, 2, 12), 0.5, np.float32)
+    mask = np.ones((2, 2, 2), bool)
+    with pytest.raises(InputValidationError, match="too few"):
+        invariant_features(ratios, np.full(12, 1000.0), b, mask, np.full(12, 1000.0), sh_order=4)
+    with pytest.raises(InputValidationError, match="shell"):
+        invariant_features(ratios, np.full(12, 2000.0), b, mask, np.full(12, 1000.0), sh_order=2)
+
+
+def test_invariant_model_trains_saves_and_reads_another_protocol(tmp_path):
+    """A cdae on invariant inputs: n_channels sized to the features, the model file validates, and
+    a subject scanned with other directions is scored without resampling."""
+    from dataclasses import replace
+
+    from bids_uad.errors import UsageError
+    from bids_uad.models.bundle import load_bundle
+    from bids_uad.models.settings import ModelSettings, preset
+    from bids_uad.scoring.inference import infer
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.training.toydata import make_toy_subject
+
+    def raw(sub, bvecs):
+        s0 = 900.0 * sub.mask[..., None]
+        return (np.concatenate([s0, s0 * sub.data], -1), np.r_[0.0, np.full(len(bvecs), 1000.0)],
+                np.vstack([[0, 0, 0], bvecs]))
+
+    b20 = fibonacci_directions(20)
+    s = preset("quick", "cdae")
+    s = replace(s, model=replace(s.model, inputs="invariant"), training=replace(s.training, epochs=1, steps_per_epoch=1))
+    subs = [make_toy_subject((14, 14, 14), b20, i) for i in range(3)]
+    raws = [raw(x, b20) for x in subs]
+    bundle = train_from_dwi(s, [r[0] for r in raws], [r[1] for r in raws], [r[2] for r in raws],
+                            [x.mask for x in subs], ["a", "b", "c"])
+    assert bundle.settings.model.n_channels == 5 and len(bundle.ref_bvals) == 20
+    loaded = load_bundle(bundle.save(tmp_path))
+    b30 = fibonacci_directions(30, random_rotation(np.random.default_rng(1)))
+    patient = make_toy_subject((15, 13, 14), b30, 9, lesion=True)
+    res = infer(loaded, *raw(patient, b30), patient.mask)
+    assert res.info["gradient_reconciliation"] == "invariant-features" and res.score.shape == patient.mask.shape
+    assert np.isfinite(res.score).all() and res.score[patient.mask].max() > 0
+    with pytest.raises(UsageError, match="baseline"):
+        ModelSettings(name="normative", inputs="invariant")

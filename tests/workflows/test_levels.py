@@ -84,7 +84,7 @@ def test_group_then_participant_inference(levels_setup, capsys):
         summary = {r["metric"]: r for r in _tsv(out / "group" / f"model-{model}_evaluation_summary.tsv")}
         assert summary["auroc"]["n"] == "1"
     detection = {r["detector"]: r for r in _tsv(out / "group" / "detection_summary.tsv")}
-    assert set(detection) == {"dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
+    assert set(detection) == {"cdae", "dae", "recdisc", "normative", "meansignal", "1-FA", "MD"}
     assert all(0 <= float(r["auprc"]) <= 1 for r in detection.values())
     assert detection["MD"]["dice_calibrated"] == "n/a" and detection["dae"]["dice_calibrated"] != "n/a"
     # lesion-wise: models with a written map have a detection rate and false findings; 1-FA and MD none
