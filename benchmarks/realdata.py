@@ -34,6 +34,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bids_uad.algorithms.masking import coverage_summary
+
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 RESULTS = REPO / "benchmarks" / "results"
@@ -115,9 +117,7 @@ def measure_outputs(out: Path, bids: Path, label: str, log: Path) -> dict:
                 dseg_path.name.replace(".nii.gz", ".json")).is_file() else "T1w segmentation"
     else:
         wm, wm_source = mask & (fa > 0.25), "FA > 0.25 (no dseg)"
-    mask_meta = json.loads(get("space-dwi_desc-brain_mask").with_name(
-        f"{prefix}_space-dwi_desc-brain_mask.json").read_text())
-    coverage = mask_meta.get("Coverage", {})
+    coverage = coverage_summary(mask, mask_img.header.get_zooms())  # the current rule, from the mask itself
     shells = sorted({round(float(b), -2) for b in np.loadtxt(dwi_dir / f"{prefix}_space-dwi_desc-preproc_dwi.bval")
                      if b > 50})
     res = {
@@ -159,15 +159,41 @@ def pair_correlations(bids: Path, dwi_dir: Path, label: str, prefix: str, mask: 
 
 
 def template_quality(dwi_dir: Path, prefix: str, out: Path, label: str) -> tuple[float | None, str]:
-    """(correlation of the subject's FA with the FA-like template in template space, path that ran)."""
+    """(correlation of the subject's FA with the FA-like template in template space, path that ran).
+
+    One measure for both routes (``registration.fa_template_agreement``): dwi-only subjects
+    have it in the sidecar of their template-space FA; for T1w subjects the FA is carried here
+    through the written transforms (dwi -> T1w -> template, one resampling) and compared in the
+    same way.
+    """
     warped = sorted(dwi_dir.glob(f"{prefix}_space-MNI*_model-tensor_param-fa_dwimap.json"))
     if warped:
         meta = json.loads(warped[0].read_text())
         return (meta.get("TemplateRegistrationQuality", {}).get("FACorrelationWithTemplate"),
                 "dwi-only: FA -> FA-like template (affine + SyN)")
-    if sorted((out / f"sub-{label}").rglob("*_from-T1w_to-MNI*_xfm.h5")):
-        return None, "T1w -> template (ANTs SyN) and T1w -> dwi (FA correlation not measured on this path)"
+    anat = out / f"sub-{label}" / "anat"
+    to_template = sorted(anat.glob("*_from-T1w_to-MNI*_xfm.h5"))
+    dwi_to_t1w = sorted(anat.glob(f"{prefix}_from-dwi_to-T1w_*xfm.h5"))
+    if to_template and dwi_to_t1w:
+        return t1w_route_quality(dwi_dir, prefix, dwi_to_t1w[0], to_template[0]), \
+            "T1w -> template (ANTs SyN) and dwi -> T1w (rigid + SyN), FA carried through both"
     return None, "none"
+
+
+def t1w_route_quality(dwi_dir: Path, prefix: str, dwi_to_t1w: Path, t1w_to_template: Path) -> float:
+    """FA correlation with the FA-like template for a subject registered through its T1w."""
+    from bids_uad.algorithms.registration import apply_transforms, fa_template_agreement
+    from bids_uad.algorithms.templates import fa_like_template, template_for_output_spaces
+
+    name = re.search(r"_to-([A-Za-z0-9]+)_", t1w_to_template.name).group(1)
+    target, target_mask = fa_like_template(template_for_output_spaces([name]))
+    fa = nib.load(str(dwi_dir / f"{prefix}_space-dwi_model-tensor_param-fa_dwimap.nii.gz"))
+    mask = nib.load(str(dwi_dir / f"{prefix}_space-dwi_desc-brain_mask.nii.gz"))
+    fa = nib.Nifti1Image(np.asarray(fa.dataobj, np.float32) * (np.asarray(mask.dataobj) > 0), fa.affine)
+    chain = [str(t1w_to_template), str(dwi_to_t1w)]  # antspyx applies the last first
+    quality = fa_template_agreement(apply_transforms(fa, target, chain, "image"),
+                                    apply_transforms(mask, target, chain, "mask"), target, target_mask)
+    return quality["FACorrelationWithTemplate"]
 
 
 _SKIP_RE = re.compile(r"\[WARNING\] (.*(skipped|nominal|partial brain coverage|polarity unknown|no T1w).*)")
@@ -200,7 +226,7 @@ def plausibility(res: dict) -> list[str]:
 
 def table(subjects: dict) -> str:
     head = ("| subject | wall s | peak MB | mask mL | whole brain | WM FA | WM MD (1e-3) | b0 r before/after "
-            "| template | skipped / notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| template FA r (route) | skipped / notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for label, r in subjects.items():
         md = r.get("wm_md_median")
@@ -208,9 +234,33 @@ def table(subjects: dict) -> str:
             else "-"
         rows.append(f"| {label} | {r.get('wall_s')} | {r.get('peak_rss_mb')} | {r.get('mask_ml')} | "
                     f"{r.get('whole_brain')} | {r.get('wm_fa_median')} | {round(md * 1e3, 3) if md else None} | {pair} | "
-                    f"{r.get('template_fa_correlation') or ('T1w' if str(r.get('template_registration')).startswith('T1w') else 'no')} | "
+                    f"{_template_cell(r)} | "
                     f"{'; '.join((r.get('skipped') or []) + (r.get('checks') or []))[:300]} |")
     return head + "\n".join(rows) + "\n"
+
+
+def _template_cell(r: dict) -> str:
+    """FA correlation with the template and the route (T1w or FA) it came through."""
+    corr, route = r.get("template_fa_correlation"), str(r.get("template_registration") or "")
+    if corr is None:
+        return "no"
+    return f"{corr} ({'T1w' if route.startswith('T1w') else 'FA'})"
+
+
+def write_results(summary: dict, merge: bool, order: list[str]) -> None:
+    """benchmarks/results/realdata.{json,md}; ``merge``: update the subjects already there."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "realdata.json"
+    if merge and path.is_file():
+        old = json.loads(path.read_text())
+        subjects = {**old.get("subjects", {}), **summary["subjects"]}
+        failed = sorted((set(old.get("failed", [])) - set(summary["subjects"])) | set(summary["failed"]))
+        pending = [s for s in old.get("pending", []) if s not in subjects]
+        summary = {**summary, "subjects": {k: subjects[k] for k in order if k in subjects},
+                   "failed": failed, "pending": pending, "note": summary.get("note") or old.get("note", "")}
+    (RESULTS / "realdata.md").write_text((summary["note"] + "\n\n" if summary.get("note") else "")
+                                         + table(summary["subjects"]))
+    path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -219,6 +269,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bids_uad_realdata"))
     parser.add_argument("--keep-done", action="store_true",
                         help="keep the subjects that succeeded in benchmarks/results/realdata.json; run the others")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="run nothing: re-read the derivatives of an earlier run in --work with the current "
+                             "measuring code, keeping its rc, wall time and memory from benchmarks/results/realdata.json")
+    parser.add_argument("--note", default="", help="conditions of the measurement (machine load, code), kept with the results")
+    parser.add_argument("--update", action="store_true",
+                        help="with --subjects: merge the subjects into benchmarks/results/realdata.{json,md}")
     args = parser.parse_args(argv)
     vendors = REALDATA / "vendors_bids"
     extra = build_extra_dataset(args.work / "extra_bids")
@@ -229,16 +285,19 @@ def main(argv=None) -> int:
     wanted = [s for s in order if not args.subjects or s in args.subjects]
     subjects, failed = {}, []
     previous = RESULTS / "realdata.json"
-    if args.keep_done and previous.is_file():
-        done = json.loads(previous.read_text()).get("subjects", {})
-        subjects = {k: v for k, v in done.items() if v.get("rc") == 0 and "error" not in v and k in wanted}
+    earlier = json.loads(previous.read_text()).get("subjects", {}) if previous.is_file() else {}
+    if args.keep_done:
+        subjects = {k: v for k, v in earlier.items() if v.get("rc") == 0 and "error" not in v and k in wanted}
     for label in wanted:
         if label in subjects:
             continue
         bids = datasets[label]
         out, work, log = args.work / "out" / bids.name, args.work / "work" / bids.name, args.work / f"{label}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
-        run = run_participant(bids, out, work, label, log)
+        if args.remeasure:
+            run = {k: earlier.get(label, {}).get(k) for k in ("rc", "wall_s", "peak_rss_mb")}
+        else:
+            run = run_participant(bids, out, work, label, log)
         result = dict(run)
         if run["rc"] == 0:
             try:
@@ -250,12 +309,11 @@ def main(argv=None) -> int:
             result.setdefault("error", f"exit {run['rc']}; log {log}")
         subjects[label] = result
         print(f"{label}: {json.dumps(result)}", flush=True)
-        summary = {"benchmark": "realdata", "load_1min": round(os.getloadavg()[0], 2), "subjects": subjects,
+        summary = {"benchmark": "realdata", "load_1min": round(os.getloadavg()[0], 2), "note": args.note,
+                   "subjects": subjects,
                    "failed": failed, "pending": [s for s in wanted if s not in subjects]}
-        if not args.subjects:  # written after each subject: a long run keeps what it measured
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "realdata.md").write_text(table(subjects))
-            (RESULTS / "realdata.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if not args.subjects or args.update:  # written after each subject: a long run keeps what it measured
+            write_results(summary, merge=bool(args.subjects), order=order)
     print(table(subjects))
     print(json.dumps(summary))
     return 1 if failed else 0

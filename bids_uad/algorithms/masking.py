@@ -86,12 +86,21 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2.0 * (a & b).sum() / denom)
 
 
-def coverage_summary(mask: np.ndarray, zooms) -> dict:
+#: a brain mask is cut by the field of view at a face of the grid when its cross-section in that
+#: boundary slice is at least this fraction of its largest cross-section along the axis.  Below it
+#: the mask only touches the face (the brainstem leaving through the bottom slice, the vertex in the
+#: top one: 0-3 % on sub-toshiba and the synthetic heads), which does not make a slab; a cerebellum
+#: cut off at the bottom does (20-25 %).
+CUT_FRACTION = 0.10
+
+
+def coverage_summary(mask: np.ndarray, zooms, cut_fraction: float = CUT_FRACTION) -> dict:
     """What a brain mask covers: volume, extent per axis, and whether the brain is cut by the FOV.
 
-    A mask that reaches the first or last slice of an axis is cut there: the acquisition is a
-    slab (or the FOV is tight), so whole-brain measures (volumes, template registration quality)
-    must not be read as such.  Returned as a sidecar/report dictionary.
+    A mask whose cross-section in the first or last slice of an axis is at least
+    ``cut_fraction`` of its largest one is cut there: the acquisition is a slab (or the FOV is
+    tight), so whole-brain measures (volumes, template registration quality) must not be read
+    as such; ``TouchedAxes`` lists the axes it only touches.  Returned as a sidecar/report dictionary.
     """
     mask = np.asarray(mask, bool)
     zooms = [float(z) for z in zooms[:3]]
@@ -100,12 +109,16 @@ def coverage_summary(mask: np.ndarray, zooms) -> dict:
            "FieldOfViewMm": [round(n * z, 1) for n, z in zip(mask.shape, zooms)]}
     if not mask.any():
         return {**out, "BrainExtentMm": [0.0, 0.0, 0.0], "WholeBrain": False, "CutAxes": []}
-    cut, extent = [], []
+    cut, touched, extent = [], [], []
     for axis in range(3):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+        present = np.flatnonzero(areas)
         extent.append(round(float((present[-1] - present[0] + 1) * zooms[axis]), 1))
-        if present[0] == 0 or present[-1] == mask.shape[axis] - 1:
+        edge = max(int(areas[0]), int(areas[-1]))
+        if edge >= cut_fraction * int(areas.max()):
             cut.append("ijk"[axis])
-    out.update({"BrainExtentMm": extent, "CutAxes": cut, "WholeBrain": not cut,
+        elif edge > 0:
+            touched.append("ijk"[axis])
+    out.update({"BrainExtentMm": extent, "CutAxes": cut, "TouchedAxes": touched, "WholeBrain": not cut,
                 "Anisotropy": round(max(zooms) / min(zooms), 2)})
     return out

@@ -453,12 +453,23 @@ def register_fa_to_template(fa: nib.Nifti1Image, brain_mask: nib.Nifti1Image, te
     result = register(template_fa, moving, kind="Affine+SyN", fixed_mask=template_mask, moving_mask=mask_n,
                       out_prefix=out_prefix, composite=True, seed=seed, threads=threads,
                       reg_iterations=(40, 20, 0))
-    warped = np.asarray(apply_transforms(moving, template_fa, result.forward, "image").dataobj, np.float32)
-    covered = np.asarray(apply_transforms(mask_n, template_fa, result.forward, "mask").dataobj) > 0
+    warped = apply_transforms(moving, template_fa, result.forward, "image")
+    covered = apply_transforms(mask_n, template_fa, result.forward, "mask")
+    return result, fa_template_agreement(warped, covered, template_fa, template_mask)
+
+
+def fa_template_agreement(warped_fa, warped_mask, template_fa, template_mask) -> dict:
+    """How well a subject's FA, already in template space, matches the FA-like template.
+
+    Pearson correlation of the warped FA with the template's FA-like image inside the template
+    brain where the subject's warped brain mask is (a slab is judged on what it covers), and the
+    fraction of the template brain covered.  One measure for both routes to the template (FA
+    registered directly without a T1w; dwi -> T1w -> template with one), so they can be compared.
+    """
+    warped = np.asarray(_as_nib(warped_fa).dataobj, np.float32)
     target = np.asarray(_as_nib(template_fa).dataobj, np.float32)
-    inside = covered & (np.asarray(_as_nib(template_mask).dataobj) > 0)
+    brain = np.asarray(_as_nib(template_mask).dataobj) > 0
+    inside = (np.asarray(_as_nib(warped_mask).dataobj) > 0) & brain
     corr = float(np.corrcoef(warped[inside], target[inside])[0, 1]) if inside.sum() > 10 else float("nan")
-    quality = {"FACorrelationWithTemplate": round(corr, 4),
-               "CoveredTemplateBrainFraction": round(float(inside.sum()) /
-                                                     max(int((np.asarray(_as_nib(template_mask).dataobj) > 0).sum()), 1), 3)}
-    return result, quality
+    return {"FACorrelationWithTemplate": round(corr, 4),
+            "CoveredTemplateBrainFraction": round(float(inside.sum()) / max(int(brain.sum()), 1), 3)}

@@ -431,6 +431,31 @@ def estimate_sdc(
     return SDCResult(field_hz=field_hz, corrected=corrected, info=info, movement=movement)
 
 
+def field_in_moved_frame(field_hz: np.ndarray, movement, zooms) -> np.ndarray:
+    """The field of :func:`estimate_sdc` (on the grid of image 0) as image ``n`` sees it.
+
+    ``movement``: image ``n``'s pose relative to image 0 (``SDCResult.movement[n]``: the
+    reference point ``p`` is at ``R p + t`` in image ``n``).  The field moves with the head, so
+    in image ``n``'s frame it is ``B(T^-1 y)``: resampled through the inverse pose (trilinear,
+    edge values outside the grid).  This lets the second run of an opposite-PE pair reuse the
+    field fitted once for the pair instead of fitting it again with the roles swapped.
+    """
+    from bids_uad.algorithms.hmc import matrix_to_params, params_to_matrix
+
+    arr = np.asarray(field_hz, dtype=np.float32)
+    move = np.asarray(movement, float).reshape(6)
+    if not np.any(move):
+        return arr.copy()
+    inverse = matrix_to_params(np.linalg.inv(params_to_matrix(move)))
+    shape = arr.shape
+    centre = (torch.as_tensor(shape, dtype=torch.float32) - 1) / 2.0
+    params = torch.as_tensor(inverse.reshape(1, 6), dtype=torch.float32)
+    with torch.no_grad():
+        coords = rigid_coords(params, voxel_grid(shape), tuple(float(z) for z in zooms[:3]), centre)
+        out = sample_volumes(torch.from_numpy(np.ascontiguousarray(arr))[None, None], coords, padding_mode="border")
+    return out[0, 0].numpy().astype(np.float32)
+
+
 def distort(image: np.ndarray, field_hz: np.ndarray, pe_axis: int, readout_scale: float) -> np.ndarray:
     """Forward model (for tests and phantoms): what a scanner with this field would show.
 

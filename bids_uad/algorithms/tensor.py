@@ -16,20 +16,9 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.
     b-values at or below ``b0_threshold`` count as b0s (scanners write 0.001 or 5); MD/AD/RD are
     in mm²/s.  Non-finite results (degenerate voxels) become 0.
     """
-    from dipy.core.gradients import gradient_table
-    from dipy.reconst.dti import TensorModel
-
-    bvals = np.asarray(bvals, float).copy()
-    bvecs = np.asarray(bvecs, float).copy()
-    b0 = bvals <= b0_threshold
-    bvals[b0] = 0.0
-    bvecs[b0] = 0.0
-    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
-    data = np.asarray(data, dtype=np.float32)
     if mask is None:
-        mask = np.ones(data.shape[:3], bool)
-    model = TensorModel(gtab, fit_method=fit_method, return_S0_hat=True)
-    fit = model.fit(np.clip(data, 0, None), mask=np.asarray(mask, bool))
+        mask = np.ones(np.shape(data)[:3], bool)
+    fit = _tensor_fit(data, bvals, bvecs, mask, b0_threshold, fit_method)
     maps = {"fa": fit.fa, "md": fit.md, "ad": fit.ad, "rd": fit.rd, "s0": fit.S0_hat}
     out = {}
     for key in TENSOR_MAPS:
@@ -40,6 +29,45 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.
             arr = np.clip(arr, 0.0, 1.0)
         out[key] = arr
     return out
+
+
+def _tensor_fit(data, bvals, bvecs, mask, b0_threshold: float = B0_THRESHOLD, fit_method: str = "WLS"):
+    """dipy's tensor fit of ``data`` in ``mask`` (b-values at or below ``b0_threshold`` are b0s)."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import TensorModel
+
+    bvals = np.asarray(bvals, float).copy()
+    bvecs = np.asarray(bvecs, float).copy()
+    b0 = bvals <= b0_threshold
+    bvals[b0] = 0.0
+    bvecs[b0] = 0.0
+    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    model = TensorModel(gtab, fit_method=fit_method, return_S0_hat=True)
+    return model.fit(np.clip(np.asarray(data, dtype=np.float32), 0, None), mask=np.asarray(mask, bool))
+
+
+def direction_coloured_fa(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, affine: np.ndarray,
+                          mask: np.ndarray | None = None, b0_threshold: float = B0_THRESHOLD) -> np.ndarray:
+    """Direction-encoded colour FA ``(X, Y, Z, 3)`` in [0, 1]: FA times the absolute world
+    (RAS) components of the principal eigenvector: red left-right, green anterior-posterior,
+    blue inferior-superior.
+
+    The quality check for b-vectors: the corpus callosum must be red, the corticospinal tract
+    blue, the cingulum green; a wrong flip or axis order of the ``.bvec`` shows as wrong
+    colours.  ``bvecs`` in FSL's convention (voxel axes, the first flipped when the affine's
+    determinant is positive).
+    """
+    if mask is None:
+        mask = np.ones(np.shape(data)[:3], bool)
+    fit = _tensor_fit(data, bvals, bvecs, mask, b0_threshold)
+    v1 = np.nan_to_num(np.asarray(fit.evecs[..., :, 0], dtype=np.float64))
+    lin = np.asarray(affine, float)[:3, :3]
+    rot = lin / np.linalg.norm(lin, axis=0, keepdims=True)  # voxel axes -> world directions
+    if np.linalg.det(lin) > 0:
+        rot = rot @ np.diag([-1.0, 1.0, 1.0])  # FSL's flip of the first voxel axis
+    rgb = np.abs(v1 @ rot.T) * np.clip(np.nan_to_num(fit.fa), 0.0, 1.0)[..., None]
+    rgb[~np.asarray(mask, bool)] = 0.0
+    return rgb.astype(np.float32)
 
 
 def tensor_metrics_from_ratios(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,

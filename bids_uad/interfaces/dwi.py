@@ -146,9 +146,11 @@ class _EstimateSDCOutputSpec(TraitedSpec):
     fieldmap_hz = traits.Str(desc="field in Hz on the dwi grid, or '' when skipped")
     b0_pair_raw = traits.List(traits.Str)
     b0_pair_corrected = traits.List(traits.Str)
-    pe_direction = traits.Str()
+    pe_direction = traits.Str(desc="PE direction; only its axis (i, j, k) when the polarity is unknown")
     readout_scale = traits.Float(desc="TotalReadoutTime * polarity of the dwi (0 if unknown)")
     report = traits.Dict()
+    partner = traits.Dict(desc="what TransferSDC needs to correct the reverse-PE run of a full-DTI pair "
+                               "with this field ({} when no field was fitted)")
 
 
 class EstimateSDC(SimpleInterface):
@@ -174,8 +176,10 @@ class EstimateSDC(SimpleInterface):
                             image_path=self.inputs.dwi_file)
         first_b0 = int(np.flatnonzero(gt.b0_mask)[0])
         b0 = np.asarray(img.dataobj[..., first_b0], dtype=np.float32)
+        # without a polarity the PE axis alone is handed on: the eddy-current model needs only the axis
         self._results.update(fieldmap_hz="", b0_pair_raw=[], b0_pair_corrected=[],
-                             pe_direction=str(meta.get("PhaseEncodingDirection", "")), readout_scale=0.0)
+                             pe_direction=str(meta.get("PhaseEncodingDirection") or meta.get("PhaseEncodingAxis", "")),
+                             readout_scale=0.0, partner={})
         rpe = self.inputs.rpe_file or ""
         if not rpe:
             LOGGER.warning("%s: no reverse phase-encoding image; susceptibility distortion correction "
@@ -242,6 +246,94 @@ class EstimateSDC(SimpleInterface):
                 "ReversePEResampledToDwiGrid": resampled, **res.info,
             },
         }
+        self._results["partner"] = {
+            "field_file": names["fieldmap_hz"], "source": Path(self.inputs.dwi_file).name,
+            "source_image": str(self.inputs.dwi_file), "movement": [float(v) for v in res.movement[1]],
+            "readout_scale": float(rtrt * rpol), "pe_direction": str(rmeta["PhaseEncodingDirection"]),
+            "raw_b0": names["raw_rpe"], "partner_raw_b0": names["raw_dwi"],
+            "partner_corrected_b0": names["cor_dwi"], "settings": dict(self._results["report"]["SDCSettings"]),
+        }
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------
+class _TransferSDCInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True)
+    partner = traits.Dict(mandatory=True, desc="EstimateSDC's ``partner`` output of the other run")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class TransferSDC(SimpleInterface):
+    """The second run of an opposite-PE full-DTI pair: reuse the field fitted once for the pair.
+
+    :class:`EstimateSDC` of the first run fits the field on that run's b0 grid together with the
+    pose of this run's b0s; here the field is moved into this run's frame
+    (:func:`~bids_uad.algorithms.sdc.field_in_moved_frame`) instead of being fitted a second
+    time with the roles swapped (same data, twice the time, two slightly different fields).
+    Outputs as :class:`EstimateSDC`'s.
+    """
+
+    input_spec = _TransferSDCInputSpec
+    output_spec = _EstimateSDCOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_uad.algorithms.resample import parse_phase_encoding, resample_to_grid, same_grid
+        from bids_uad.algorithms.sdc import apply_sdc, field_in_moved_frame
+
+        _set_threads(self.inputs.num_threads)
+        part = dict(self.inputs.partner)
+        self._results.update(fieldmap_hz="", b0_pair_raw=[], b0_pair_corrected=[], pe_direction="",
+                             readout_scale=0.0, partner={})
+        if not part.get("field_file"):
+            LOGGER.warning("%s: the field of its opposite phase-encoding pair was not fitted; susceptibility "
+                           "distortion correction skipped", Path(self.inputs.dwi_file).name)
+            self._results["report"] = {"SusceptibilityDistortionCorrection": SDC_SKIPPED}
+            return runtime
+        img = nib.load(self.inputs.dwi_file)
+        fimg = nib.load(part["field_file"])
+        zooms = fimg.header.get_zooms()[:3]
+        moved = field_in_moved_frame(np.asarray(fimg.dataobj, np.float32), part["movement"], zooms)
+        field = moved
+        if not same_grid(fimg.shape, fimg.affine, img.shape[:3], img.affine):
+            field = resample_to_grid(moved, fimg.affine, img.shape[:3], img.affine, order=1)
+        axis, _ = parse_phase_encoding(part["pe_direction"])
+        scale = float(part["readout_scale"])
+        names = {key: _out(runtime, f"sdc_{key}.nii.gz") for key in ("fieldmap_hz", "cor_dwi", "cor_rpe")}
+        # the pair's b0s corrected, in this run's frame (for the report): this run's with the moved
+        # field, the other run's corrected b0 moved by the same pose
+        partner_here = field_in_moved_frame(np.asarray(nib.load(part["partner_corrected_b0"]).dataobj, np.float32),
+                                            part["movement"], zooms)
+        own = apply_sdc(np.asarray(nib.load(part["raw_b0"]).dataobj, np.float32), moved, axis, scale)
+        for key, arr, affine in (("fieldmap_hz", field, img.affine), ("cor_dwi", own, fimg.affine),
+                                 ("cor_rpe", partner_here, fimg.affine)):
+            out = nib.Nifti1Image(np.asarray(arr, np.float32), affine)
+            out.header.set_xyzt_units("mm", "sec")
+            nib.save(out, names[key])
+        settings = dict(part["settings"])
+        swap = {"PhaseEncodingDirection": "ReversePhaseEncodingDirection", "TotalReadoutTime": "ReverseTotalReadoutTime",
+                "TotalReadoutTimeSource": "ReverseTotalReadoutTimeSource",
+                "PhaseEncodingDirectionSource": "ReversePhaseEncodingDirectionSource"}
+        for a, b in swap.items():
+            settings[a], settings[b] = settings.get(b), settings.get(a)
+        # the movement of the other run's b0 as seen from this run: the inverse pose
+        from bids_uad.algorithms.hmc import matrix_to_params, params_to_matrix
+        from bids_uad.algorithms.sdc import MOVEMENT_COLUMNS, movement_summary
+
+        inverse = matrix_to_params(np.linalg.inv(params_to_matrix(np.asarray(part["movement"], float))))
+        settings["movement"] = movement_summary(np.vstack([np.zeros(6), inverse]), [(1, MOVEMENT_COLUMNS[axis])])
+        settings.update(ReversePEImage=part["source"],
+                        FieldEstimatedWith=f"the run {part['source']} (one fit for the pair); moved into this "
+                                           "run's frame with the pose of this run's b0 found by that fit",
+                        FieldPoseOfThisRun=[round(v, 5) for v in part["movement"]])
+        self._results.update(
+            fieldmap_hz=names["fieldmap_hz"], b0_pair_raw=[part["raw_b0"], part["partner_raw_b0"]],
+            b0_pair_corrected=[names["cor_dwi"], names["cor_rpe"]], pe_direction=part["pe_direction"],
+            readout_scale=scale)
+        self._results["report"] = {
+            "SusceptibilityDistortionCorrection": "TOPUP model, bids_uad python (torch B-spline field)",
+            "SDCSettings": settings}
         return runtime
 
 
@@ -358,7 +450,7 @@ class BrainMask(SimpleInterface):
         mask = brain_mask(np.asarray(img.dataobj, np.float32), method=self.inputs.method)
         coverage = coverage_summary(mask, img.header.get_zooms())
         if not coverage["WholeBrain"]:
-            LOGGER.warning("dwi brain mask reaches the edge of the field of view along %s (extent %s mm): "
+            LOGGER.warning("dwi brain mask is cut by the field of view along %s (extent %s mm): "
                            "partial brain coverage (slab); volumes and template fits cover only this part",
                            "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
         out = _out(runtime, "brain_mask.nii.gz")

@@ -134,18 +134,34 @@ def sh_resampling_matrix(dirs: np.ndarray, ref_dirs: np.ndarray, sh_order_max: i
     return b_ref @ fit
 
 
-def _match_shells(bvals: np.ndarray, ref_bvals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reference shells, shell index of each reference volume, of each volume); a b-value the
-    reference lacks, or a reference shell the data lack, raises :class:`InputValidationError`."""
-    ref_shells, ref_idx = shells(ref_bvals)
+def shell_mismatch(bvals: np.ndarray, ref_bvals: np.ndarray) -> str | None:
+    """Why diffusion-weighted volumes of b-values ``bvals`` cannot feed a model of reference
+    b-values ``ref_bvals`` (a shell on one side only), or None when the shells match.
+
+    ``bvals`` without b0s (as the model's inputs).  Used at inference and, on the raw
+    ``.bval`` files, at start-up, so that a run the model cannot score is refused before any work.
+    """
+    bvals = np.asarray(bvals, float).ravel()
+    ref_shells, _ = shells(np.asarray(ref_bvals, float).ravel())
     _, idx = shells(bvals, ref_shells)
     if np.any(idx < 0):
         bad = sorted(set(np.round(bvals[idx < 0]).astype(int).tolist()))
-        raise InputValidationError(
-            f"b-values {bad} are not in the model's reference shells {np.round(ref_shells).astype(int).tolist()}")
+        return f"b-values {bad} are not in the model's reference shells {np.round(ref_shells).astype(int).tolist()}"
     missing = [int(round(ref_shells[k])) for k in range(len(ref_shells)) if not np.any(idx == k)]
     if missing:
-        raise InputValidationError(f"the data lack the model's b-value shell(s) {missing}")
+        return f"the data lack the model's b-value shell(s) {missing}"
+    return None
+
+
+def _match_shells(bvals: np.ndarray, ref_bvals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference shells, shell index of each reference volume, of each volume); a b-value the
+    reference lacks, or a reference shell the data lack, raises :class:`InputValidationError`
+    (:func:`shell_mismatch` says which)."""
+    problem = shell_mismatch(bvals, ref_bvals)
+    if problem:
+        raise InputValidationError(problem)
+    ref_shells, ref_idx = shells(ref_bvals)
+    _, idx = shells(bvals, ref_shells)
     return ref_shells, ref_idx, idx
 
 

@@ -67,11 +67,13 @@ def build_participant_report(settings, subject: str, run_id: str | None = None) 
     except Exception as exc:  # the methods text must not cost the report
         LOGGER.warning("methods text failed: %s", exc)
         methods = None
-    n_ses = len(subj.sessions)
+    # subj.sessions holds one entry per dwi series (run, or combination of runs) of each session
+    n_ses, n_series = len({ses.session for ses in subj.sessions}), len(subj.sessions)
     links = [("group.html", "Group report")] if (output_dir / "group.html").is_file() else []
     html = render_report(links=links,
         title=f"sub-{subject}", heading=f"Participant sub-{subject}", version=settings.version,
-        subtitle=f"{n_ses} session(s) · quality control of preprocessing and anomaly detection",
+        subtitle=f"{n_ses} session(s)" + (f", {n_series} dwi series" if n_series > n_ses else "")
+        + " · quality control of preprocessing and anomaly detection",
         sections=sections, methods=methods)
     path = write_text(output_dir / f"sub-{subject}.html", html)
     LOGGER.debug("participant report written: %s", path)

@@ -91,20 +91,23 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
     ``contours``: (mask, colour, label) drawn as 0.5 iso-lines; ``overlay``: a map shown
     above ``overlay_range[0]`` with ``overlay_cmap``; ``slices``: fixed indices (use the same
     for two figures that must line up, e.g. a flicker pair).  Each view is one image (its
-    slices side by side), which keeps figures light.
+    slices side by side), which keeps figures light.  A 4-D ``background`` ``(X, Y, Z, 3)`` is an
+    RGB image (e.g. direction-coloured FA), shown in ``window`` (default 0-1).
     """
     import matplotlib
 
     affine = np.eye(4) if affine is None else np.asarray(affine)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    slices = dict(slices or pick_slices(background.shape, None, n_slices))
+    rgb = background.ndim == 4  # (X, Y, Z, 3) colours in [0, 1], shown as they are
+    slices = dict(slices or pick_slices(background.shape[:3], None, n_slices))
     views = [v for v in ("x", "y", "z") if slices.get(v)]
-    vmin, vmax = window or robust_range(background)
-    gap = max(1, int(round(0.02 * max(background.shape))))
+    vmin, vmax = window or ((0.0, 1.0) if rgb else robust_range(background))
+    gap = max(1, int(round(0.02 * max(background.shape[:3]))))
     rows, ratios, widths = [], [], []
     for v in views:
         _, h_ax, v_ax = VIEWS[v]
-        canvas = _row(background, v, slices[v], gap, np.nan)
+        canvas = np.stack([_row(background[..., c], v, slices[v], gap, 0.0) for c in range(3)], -1) if rgb \
+            else _row(background, v, slices[v], gap, np.nan)
         rows.append(canvas)
         widths.append(canvas.shape[1] * zooms[h_ax])
         ratios.append(canvas.shape[0] * zooms[v_ax])
@@ -124,7 +127,11 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
         ax.set_axis_off()
         aspect = zooms[v_ax] / zooms[h_ax]
         canvas = rows[row]
-        ax.imshow(canvas, cmap=gray, vmin=vmin, vmax=vmax, origin="lower", aspect=aspect, interpolation="none")
+        if rgb:
+            ax.imshow(np.clip((canvas - vmin) / max(vmax - vmin, 1e-6), 0, 1), origin="lower", aspect=aspect,
+                      interpolation="none")
+        else:
+            ax.imshow(canvas, cmap=gray, vmin=vmin, vmax=vmax, origin="lower", aspect=aspect, interpolation="none")
         if overlay is not None:
             ax.imshow(_row(shown, view, slices[view], gap, np.nan), cmap=hot, vmin=lo, vmax=hi,
                       origin="lower", aspect=aspect, interpolation="none", alpha=0.85)
@@ -135,7 +142,7 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
         width = canvas.shape[1] * zooms[h_ax]
         pad = (scale - width) / zooms[h_ax] / 2  # centre narrower rows
         ax.set_xlim(-0.5 - pad, canvas.shape[1] - 0.5 + pad)
-        panel_w = _slice(background, view, slices[view][0]).shape[1]
+        panel_w = _slice(background[..., 0] if rgb else background, view, slices[view][0]).shape[1]
         for col, k in enumerate(slices[view]):
             coord = (affine @ np.r_[[k if a == axis else 0 for a in range(3)], 1.0])[axis]
             ax.text(col * (panel_w + gap) + 1, canvas.shape[0] - 1.5, f"{view}={coord:.0f}", color="white",

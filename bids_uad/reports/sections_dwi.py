@@ -49,6 +49,8 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
         mask_arr = mask[0] > 0.5 if mask is not None and b0 is not None and same_grid(b0[0], mask[0]) else None
         sl = F.pick_slices(b0[0].shape, mask_arr) if b0 is not None else None
         contour = [(mask_arr, F.COLORS["brain"], "brain")] if mask_arr is not None else []
+        # a combination of opposite-PE runs has no field or motion table of its own (its runs have)
+        combined = list(ses.sidecar("dwi_preproc").get("CombinedRuns") or [])
         # susceptibility distortion correction
         before, before_src, what = load(ses.get("b0_uncorrected")), ses.get("b0_uncorrected"), "the b0 reference"
         if before is None and b0 is not None and ses.get("fieldmap") is not None:
@@ -67,6 +69,9 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 ("before correction", "after correction"),
                 f"Susceptibility distortion correction: hover to alternate {what} before correction and the "
                 "corrected b0 reference (red: brain mask of the corrected data).", "b0 before/after SDC"))
+        elif combined:
+            items.append(note(f"This series combines the corrected runs {' and '.join(combined)}: their "
+                              "susceptibility correction, field and head motion are shown with each run below."))
         elif b0 is not None and ses.get("fieldmap") is None and ses.get("dwi_preproc") is not None:
             items.append(note("Not available: b0 before/after susceptibility correction — no correction was "
                               "applied (no estimated field; see the warnings in the Summary)."))
@@ -94,7 +99,7 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 f"{ses.prefix}_desc-motion_dwi.svg", [motion], lambda: F.motion_figure(cols),
                 "Head motion per volume: translations, rotations and framewise displacement (FD)." + stats,
                 "Motion parameters and framewise displacement"))
-        else:
+        elif not combined:
             items.append(missing(ses, "motion and framewise displacement", "motion"))
         if b0 is None:
             items.append(missing(ses, "b0 reference figures", "b0"))
@@ -117,11 +122,49 @@ def diffusion_section(subj: SubjectDerivatives, maker: FigureMaker) -> list[dict
                 f"{ses.prefix}_model-tensor_param-{key}_dwimap.svg", [ses.get(key)],
                 lambda img=img, slz=slz, window=window: F.mosaic(img[0], img[1], slices=slz, window=window),
                 f"{label} map of the tensor fit, axial slices.", label))
+        colour = _colour_fa(ses, maker)
+        if colour is not None:
+            items.append(colour)
         items.append(_dwi_registration(ses, b0, sl, maker))
         template_fig = _fa_template_registration(ses, maker)
         if template_fig is not None:
             items.append(template_fig)
     return items
+
+
+def _colour_fa(ses: SessionDerivatives, maker: FigureMaker) -> dict | None:
+    """Direction-coloured FA from the preprocessed series (a tensor fit in the brain mask): the
+    check that the b-vectors are right.  None when the series or its gradients are missing."""
+    dwi = ses.get("dwi_preproc")
+    if dwi is None:
+        return None
+    stem = str(dwi).replace(".nii.gz", "")
+    bval, bvec = Path(stem + ".bval"), Path(stem + ".bvec")
+    mask_path = ses.get("dwi_mask")
+    if not (bval.is_file() and bvec.is_file()):
+        return None
+
+    def render():
+        import nibabel as nib
+
+        from bids_uad.algorithms.tensor import direction_coloured_fa
+        from bids_uad.bids.gradients import load_gradients
+
+        img = nib.load(str(dwi))
+        gt = load_gradients(bval, bvec, n_volumes=img.shape[3], image_path=dwi)
+        mask = np.asarray(nib.load(str(mask_path)).dataobj) > 0 if mask_path is not None else None
+        rgb = direction_coloured_fa(np.asarray(img.dataobj, np.float32), gt.bvals, gt.bvecs, img.affine, mask)
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(rgb, img.affine))
+        data = np.asarray(canonical.dataobj, np.float32)
+        slz = F.pick_slices(data.shape[:3], data.max(-1) > 0, 8, ("z",))
+        return F.mosaic(data, canonical.affine, slices=slz, window=(0.0, 0.7))
+
+    return maker.figure(
+        f"{ses.prefix}_model-tensor_param-colourfa_dwimap.svg", [dwi, bval, bvec, mask_path], render,
+        "FA coloured by the direction of the tensor's principal eigenvector (red left-right, green "
+        "anterior-posterior, blue inferior-superior), from the preprocessed series and its rotated b-vectors: "
+        "the corpus callosum should be red, the corticospinal tracts blue, the cingulum green; other colours "
+        "there mean a flipped or permuted .bvec.", "Direction-coloured FA")
 
 
 def _fa_template_registration(ses: SessionDerivatives, maker: FigureMaker) -> dict | None:

@@ -63,9 +63,12 @@ def _acquisition_handling(ses: SessionDerivatives, meta: dict) -> list[tuple[str
     coverage = ses.sidecar("dwi_mask").get("Coverage") or {}
     if coverage:
         if coverage.get("WholeBrain"):
-            text = f"whole brain ({coverage.get('VolumeMl')} mL)"
+            touched = coverage.get("TouchedAxes") or []
+            text = f"whole brain ({coverage.get('VolumeMl')} mL)" + (
+                f"; the mask touches the field of view along {'/'.join(touched)} (less than "
+                "a tenth of its largest cross-section there: not a cut)" if touched else "")
         else:
-            text = (f"partial: the brain mask reaches the field of view along {'/'.join(coverage.get('CutAxes', []))} "
+            text = (f"partial: the brain mask is cut by the field of view along {'/'.join(coverage.get('CutAxes', []))} "
                     f"(brain extent {coverage.get('BrainExtentMm')} mm, {coverage.get('VolumeMl')} mL); "
                     "measures and the analysis mask cover this part only")
         rows.append(("brain coverage", text))

@@ -16,7 +16,7 @@ from bids_uad.bids.lesions import find_lesion_mask
 from bids_uad.bids.preprocessed import find_preprocessed_dwi_runs
 from bids_uad.bids.validate import validate_anatomical, validate_dwi_run
 from bids_uad.config import Settings
-from bids_uad.errors import InputMissingError, NoFilesSelectedError
+from bids_uad.errors import InputMissingError, InputValidationError, NoFilesSelectedError
 from bids_uad.workflows.anat import init_anat_wf
 from bids_uad.workflows.anomaly import init_anomaly_wf
 from bids_uad.workflows.dwi import init_dwi_preproc_wf
@@ -116,6 +116,8 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     from bids_uad.bids.outputs import check_unique
 
     check_unique(planned_outputs(settings, plan))
+    if settings.model is not None:
+        check_model_shells(settings, plan)
     workflow = pe.Workflow(name="bids_uad_participant_wf")
     finished: dict[tuple[str, str | None], list[tuple[object, str]]] = {}
     for ses in plan.sessions:
@@ -181,6 +183,30 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     return workflow
 
 
+def check_model_shells(settings: Settings, plan: ParticipantPlan) -> None:
+    """With ``--model``: every dwi run must have the b-value shells of every model, else it
+    cannot be scored; refused at start-up (exit 16, naming the run's .bval and the model)
+    rather than as a crash of the inference step after preprocessing."""
+    import json
+
+    import numpy as np
+
+    from bids_uad.bids.gradients import B0_THRESHOLD, read_bvals
+    from bids_uad.models.inputs import shell_mismatch
+    from bids_uad.models.validate import model_files
+
+    references = {f.name: np.asarray(json.loads(f.read_text())["reference_gradients"]["bvals"], float)
+                  for f in model_files(settings.model)}
+    for ses in plan.sessions:
+        for run in ses.dwi:
+            bvals = read_bvals(run.bval)
+            for name, ref in references.items():
+                problem = shell_mismatch(bvals[bvals > B0_THRESHOLD], ref)
+                if problem:
+                    raise InputValidationError(f"{problem} of {name}: this run cannot be scored with that model "
+                                               "(train one on controls with these shells)", run.bval)
+
+
 def signature_maps(output_dir, run) -> dict[str, str]:
     """The tensor maps and dwi-space segmentation of a preprocessed run in OUTPUT_DIR (the inputs of
     the findings' deviation signature), by anomaly-workflow field; missing ones are left out."""
@@ -234,8 +260,12 @@ def _merge_node(interface, name: str):
 def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
     """One preprocessing workflow per dwi run (in ``ses.dwi`` order)."""
     wfs = []
+    # the second run of an opposite-PE full-DTI pair reuses the field fitted for the first
+    # (python backend; FSL's topup+eddy node of each run fits its own)
+    partner_of = {j: i for i, j in opposite_pe_pairs(ses.dwi)} if settings.resolved_backend() == "python" else {}
     for index, run in enumerate(ses.dwi):
-        wf = init_dwi_preproc_wf(settings, name=f"dwi_{_session_name(ses)}_{index}")
+        wf = init_dwi_preproc_wf(settings, name=f"dwi_{_session_name(ses)}_{index}",
+                                 sdc_from_partner=index in partner_of)
         wf.inputs.inputnode.dwi_file = str(run.path)
         wf.inputs.inputnode.bval_file = str(run.bval)
         wf.inputs.inputnode.bvec_file = str(run.bvec)
@@ -245,6 +275,8 @@ def _add_dwi_stage(workflow, settings: Settings, ses: SessionInputs) -> list:
         wf.inputs.inputnode.source_file = str(run.path)
         workflow.add_nodes([wf])
         wfs.append(wf)
+    for j, i in partner_of.items():
+        workflow.connect(wfs[i], "outputnode.sdc_partner", wfs[j], "inputnode.sdc_partner")
     return wfs
 
 

@@ -19,15 +19,19 @@ from bids_uad.interfaces.dwi import (
     MergeReports,
     MotionCorrect,
     TensorFit,
+    TransferSDC,
 )
 from bids_uad.interfaces.derivatives import DerivativesDataSink
 
 #: ``source_file``: the name whose entities the derivatives inherit (the raw dwi's path; for a
 #: series made from several runs, a name carrying only what they share)
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file", "rpe_metadata",
-                "source_file"]
+                "source_file", "sdc_partner"]
+#: ``sdc_partner``: the field fitted for an opposite-PE full-DTI pair, handed from the first run's
+#: workflow to the second's (python backend; see ``sdc_from_partner``)
 OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0",
-                 "fieldmap_hz", "motion_tsv", "b0_pair_raw", "b0_pair_corrected", "backend_report"]
+                 "fieldmap_hz", "motion_tsv", "b0_pair_raw", "b0_pair_corrected", "backend_report",
+                 "sdc_partner"]
 #: (output field, key of the outputs table bids_uad.bids.outputs.OUTPUTS, sidecar field of
 #: MergeReports or None); every name inherits the raw dwi's entities (acq, dir, run, ...)
 DERIVATIVES = (
@@ -41,10 +45,13 @@ DERIVATIVES = (
 ) + tuple((key, key, "tensor_meta") for key in ("fa", "md", "ad", "rd", "s0"))
 
 def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | None = None,
-                        gibbs: bool = False) -> pe.Workflow:
+                        gibbs: bool = False, sdc_from_partner: bool = False) -> pe.Workflow:
     """Build the diffusion preprocessing workflow for one dwi series.
 
     ``denoise``: None, ``"mppca"`` or ``"patch2self"``; ``gibbs``: Gibbs-ringing removal.
+    ``sdc_from_partner`` (python backend): this run is the second of an opposite-PE full-DTI pair;
+    its field is not fitted again but taken from ``inputnode.sdc_partner`` (the first run's
+    ``outputnode.sdc_partner``: one fit for the pair, moved into this run's frame).
     Inputs/outputs: see ``INPUT_FIELDS``/``OUTPUT_FIELDS``; derivatives are written through
     sink nodes into ``settings.output_dir``.
     """
@@ -54,6 +61,7 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
     inputnode.inputs.rpe_file = ""
     inputnode.inputs.rpe_metadata = {}
+    inputnode.inputs.sdc_partner = {}
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
     den = pe.Node(DenoiseDWI(denoise=denoise or "none", gibbs=bool(gibbs)), name="denoise")
@@ -85,14 +93,21 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
                                 ("b0_pair_raw", "b0_pair_raw"), ("b0_pair_corrected", "b0_pair_corrected")]),
         ])
     else:
-        sdc = pe.Node(EstimateSDC(num_threads=threads), name="sdc", n_procs=threads)
         hmc = pe.Node(MotionCorrect(num_threads=threads), name="hmc", n_procs=threads)
         mask = pe.Node(BrainMask(), name="brain_mask")
+        if sdc_from_partner:
+            sdc = pe.Node(TransferSDC(num_threads=threads), name="sdc", n_procs=threads)
+            wf.connect([(den, sdc, [("out_file", "dwi_file")]), (inputnode, sdc, [("sdc_partner", "partner")])])
+        else:
+            sdc = pe.Node(EstimateSDC(num_threads=threads), name="sdc", n_procs=threads)
+            wf.connect([
+                (den, sdc, [("out_file", "dwi_file")]),
+                (inputnode, sdc, [("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
+                                  ("dwi_metadata", "dwi_metadata"), ("rpe_file", "rpe_file"),
+                                  ("rpe_metadata", "rpe_metadata")]),
+                (sdc, outputnode, [("partner", "sdc_partner")]),
+            ])
         wf.connect([
-            (den, sdc, [("out_file", "dwi_file")]),
-            (inputnode, sdc, [("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
-                              ("dwi_metadata", "dwi_metadata"), ("rpe_file", "rpe_file"),
-                              ("rpe_metadata", "rpe_metadata")]),
             (den, hmc, [("out_file", "dwi_file")]),
             (inputnode, hmc, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
             (sdc, hmc, [("fieldmap_hz", "fieldmap_hz"), ("pe_direction", "pe_direction"),

@@ -25,3 +25,21 @@ def test_mask_dice_on_phantom():
     mask = brain_mask(np.clip(img, 0, None))
     assert dice(mask, truth) > 0.93
     assert dice(brain_mask(np.clip(img, 0, None), method="median_otsu"), truth) > 0.85
+
+
+def test_coverage_cut_only_where_the_brain_is_cut():
+    """A slab cut through the brain is cut; a brain that only touches a face (the brainstem
+    leaving through the bottom slice) is not."""
+    from bids_uad.algorithms.masking import coverage_summary
+
+    g = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in (30, 34, 30)], indexing="ij"))
+    ball = ((g / np.array([12.0, 15.0, 12.0])[:, None, None, None]) ** 2).sum(0) <= 1
+    whole = ball.copy()
+    whole[14:16, 16:18, :15] = True  # a 2x2 "brainstem" down to the bottom slice
+    cov = coverage_summary(whole, (2.0, 2.0, 2.0))
+    assert cov["WholeBrain"] and cov["CutAxes"] == [] and cov["TouchedAxes"] == ["k"]
+    slab = whole[:, :, 8:22]
+    cov = coverage_summary(slab, (2.0, 2.0, 3.0))
+    assert not cov["WholeBrain"] and cov["CutAxes"] == ["k"] and cov["FieldOfViewMm"][2] == 42.0
+    empty = coverage_summary(np.zeros((4, 4, 4), bool), (1, 1, 1))
+    assert empty["WholeBrain"] is False and empty["BrainExtentMm"] == [0.0, 0.0, 0.0]

@@ -59,3 +59,29 @@ def test_real_philips_small_b0_values():
     assert mask.sum() > 1000
     assert 0.1 < np.median(maps["fa"][mask]) < 0.7
     assert 4e-4 < np.median(maps["md"][mask]) < 3.2e-3  # slab crop includes CSF
+
+
+def _fibre_series(axis: int):
+    """A 4x4x4 series of one tensor with its long axis along voxel ``axis`` (FSL bvecs)."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((30, 3))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    evals = np.full(3, 0.3e-3)
+    evals[axis] = 1.7e-3
+    signal = np.r_[1000.0, 1000.0 * np.exp(-1000.0 * (g**2 @ evals))]
+    bvals, bvecs = np.r_[0.0, np.full(30, 1000.0)], np.vstack([[0, 0, 0], g])
+    return np.broadcast_to(signal, (4, 4, 4, 31)).astype(np.float32), bvals, bvecs
+
+
+def test_direction_coloured_fa_is_in_world_axes():
+    """Colours follow world (RAS) axes, whatever the voxel order: a fibre along the first voxel
+    axis is red in an axial acquisition and blue when that axis is the superior one."""
+    from bids_uad.algorithms.tensor import direction_coloured_fa
+
+    data, bvals, bvecs = _fibre_series(0)
+    flipped = bvecs * np.array([-1.0, 1.0, 1.0])  # FSL: first axis flipped for a positive determinant
+    rgb = direction_coloured_fa(data, bvals, flipped, np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert rgb.shape == (4, 4, 4, 3) and np.argmax(rgb[1, 1, 1]) == 0 and rgb[1, 1, 1, 0] > 0.6
+    sagittal_first = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])  # det < 0
+    rgb = direction_coloured_fa(data, bvals, bvecs, sagittal_first, mask=np.ones((4, 4, 4), bool))
+    assert np.argmax(rgb[1, 1, 1]) == 2

@@ -92,3 +92,20 @@ def test_dataset_of_symbolic_links(realdata, tmp_path):
     (ses,) = BIDSInputs(tmp_path).subject_inputs("x").sessions
     assert ses.dwi[0].path.name == "sub-x_dwi.nii.gz" and ses.dwi[0].reverse_pe is None
     validate_dwi_run(ses.dwi[0])
+
+
+def test_model_of_other_shells_refused_before_any_work(realdata, tmp_path, capsys):
+    """participant --model on a real dwi-only subject whose shell (b1500) the model was not
+    trained on: exit 16 at start-up, one line naming the run's .bval and the model."""
+    from bids_uad.cli.run import main
+    from tests.workflows.test_participant_graph import _model_file
+
+    models = tmp_path / "models"
+    models.mkdir()
+    _model_file(models, bvalue=1000.0)
+    code = main([str(realdata / "vendors_bids"), str(tmp_path / "out"), "participant", "--participant-label",
+                 "toshiba", "-w", str(tmp_path / "work"), "--model", str(models)])
+    assert code == 16
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sub-toshiba_dwi.bval: b-values [1500] are not in the model's reference shells [1000]" in err
+    assert not (tmp_path / "work" / "bids_uad_participant_wf").exists()  # nothing ran

@@ -44,8 +44,11 @@ def test_pair_is_corrected_and_combined(canon, realdata):
     assert meta["CombinedRuns"] == ["sub-canon61_dir-AP_dwi.nii.gz", "sub-canon61_dir-PA_dwi.nii.gz"]
     second = meta["RunCombinationSettings"]["runs"][1]
     assert second["b0_correlation_after_alignment"] > 0.8
-    for label in ("AP", "PA"):  # each run corrected on its own, with its own field
+    for label in ("AP", "PA"):  # each run corrected on its own, with the pair's field in its frame
         assert (canon / f"sub-canon61_dir-{label}_space-dwi_desc-susceptibility_fieldmap.nii.gz").is_file()
+    pa = _json(canon / "sub-canon61_dir-PA_space-dwi_desc-susceptibility_fieldmap.json")["SDCSettings"]
+    assert "one fit for the pair" in pa["FieldEstimatedWith"]  # fitted once, by the AP run
+    assert pa["ReversePEImage"] == "sub-canon61_dir-AP_dwi.nii.gz"
     # the correction brings the two phase-encoding directions together
     mask = nib.load(str(canon / "sub-canon61_space-dwi_desc-brain_mask.nii.gz")).get_fdata() > 0
     raw = [nib.load(str(realdata / "vendors_bids" / "sub-canon61" / "dwi" / f"sub-canon61_dir-{d}_dwi.nii.gz"))
@@ -98,6 +101,9 @@ def test_dwi_only_tissue_classes_and_analysis_mask(toshiba):
     assert analysis.sum() == np.isin(dseg, (2, 3)).sum()
     assert "diffusion data" in _json(dwi / "sub-toshiba_space-dwi_desc-analysis_mask.json")["TissueClasses"]
     assert "Tissue classes from the diffusion data" in (toshiba / "sub-toshiba.html").read_text()
+    # registered to the template through its FA (no T1w), and well: 0.65 measured
+    xfm = _json(next(dwi.glob("sub-toshiba_from-dwi_to-MNI*_xfm.json")))
+    assert xfm["TemplateRegistrationQuality"]["FACorrelationWithTemplate"] > 0.5
 
 
 def test_slab_reported_as_partial_coverage(realdata, tmp_path):

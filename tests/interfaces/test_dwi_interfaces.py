@@ -16,6 +16,7 @@ from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
 from bids_uad.interfaces.derivatives import DerivativesDataSink  # noqa: E402
 from bids_uad.interfaces.dwi import (  # noqa: E402
     EstimateSDC,
+    TransferSDC,
 )
 
 
@@ -171,3 +172,39 @@ def test_eddy_parameters_to_motion(tmp_path):
     p.write_text("0.1 0.2 0.3 0.01 0.02 0.03 1 2 3 4\n0 0 0 0 0 0 0 0 0 0\n")
     m = fsl_if.eddy_parameters_to_motion(str(p))
     assert m.shape == (2, 6) and m[0, 5] == pytest.approx(0.03)
+
+
+def test_second_run_of_a_pair_reuses_the_field(tmp_path):
+    """The pair's field is fitted once; the other run gets it moved into its frame, its own PE
+    direction and readout time, and settings with the two directions swapped."""
+    dwi, bval, bvec, rpe = _write(tmp_path, [0, 1000])
+    meta = {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
+    first = _sdc(tmp_path, dwi, bval, bvec, rpe, meta, {"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.04})
+    partner = first.outputs.partner
+    assert partner["readout_scale"] == pytest.approx(0.04) and partner["pe_direction"] == "j"
+    (tmp_path / "second").mkdir()
+    second = TransferSDC(dwi_file=rpe, partner=partner).run(cwd=str(tmp_path / "second"))
+    assert second.outputs.pe_direction == "j" and second.outputs.readout_scale == pytest.approx(0.04)
+    settings = second.outputs.report["SDCSettings"]
+    assert settings["PhaseEncodingDirection"] == "j" and settings["ReversePhaseEncodingDirection"] == "j-"
+    assert settings["TotalReadoutTime"] == pytest.approx(0.04)
+    assert settings["ReversePEImage"] == "sub-01_dir-AP_dwi.nii.gz"
+    assert "one fit for the pair" in settings["FieldEstimatedWith"]
+    # the other run's movement as seen from this run: the inverse of the fitted pose
+    from bids_uad.algorithms.hmc import params_to_matrix
+    from bids_uad.algorithms.sdc import MOVEMENT_COLUMNS
+
+    back = np.asarray([settings["movement"][0][k] for k in MOVEMENT_COLUMNS])
+    assert np.allclose(params_to_matrix(back) @ params_to_matrix(np.asarray(partner["movement"])), np.eye(4),
+                       atol=1e-3)
+    field = nib.load(second.outputs.fieldmap_hz)
+    assert field.shape == nib.load(rpe).shape
+    from bids_uad.algorithms.sdc import field_in_moved_frame
+
+    expected = field_in_moved_frame(nib.load(first.outputs.fieldmap_hz).get_fdata(), partner["movement"],
+                                    (2.0, 2.0, 2.0))
+    assert np.allclose(field.get_fdata(), expected, atol=1e-4)
+    # nothing fitted for the pair: no correction, said so
+    (tmp_path / "none").mkdir()
+    none = TransferSDC(dwi_file=rpe, partner={}).run(cwd=str(tmp_path / "none"))
+    assert none.outputs.fieldmap_hz == "" and none.outputs.report["SusceptibilityDistortionCorrection"].startswith("None")

@@ -354,3 +354,16 @@ def test_sdc_check_from_the_raw_series(tmp_path):
     text = build_participant_report(settings_for(out, tmp_path / "bids"), "01").read_text()
     assert "sub-01/figures/sub-01_ses-pre_desc-sdcbefore_dwi.svg" in text
     assert "first b0 volume of the raw series (sub-01_ses-pre_dir-AP_dwi.nii.gz)" in text
+
+
+def test_title_counts_sessions_not_dwi_series(tmp_path):
+    """Two dwi runs of one session are one session with two series, not two sessions."""
+    out = make_derivatives(tmp_path / "out", with_anomaly=False, evil=False)
+    dwi = out / "sub-01" / "ses-pre" / "dwi"
+    for path in list(dwi.glob("sub-01_ses-pre_space-dwi_*")):
+        for run in ("dir-AP", "dir-PA"):
+            shutil.copy(path, path.with_name(path.name.replace("ses-pre_", f"ses-pre_{run}_")))
+        path.unlink()
+    assert len(collect_subject(out, "01").sessions) == 2
+    text = build_participant_report(settings_for(out), "01").read_text()
+    assert "1 session(s), 2 dwi series" in text and "2 session(s)" not in text

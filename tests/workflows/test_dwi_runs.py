@@ -55,6 +55,12 @@ def test_two_runs_plan_two_derivative_sets(tmp_path):
     # the T1w is registered to the combined series: its dwi-space outputs carry only the shared entities
     anat = workflow.get_node("anat_sub_ctrl01_ses_pre")
     assert Path(anat.inputs.inputnode.dwi_source_file).name == "sub-ctrl01_ses-pre_dwi.nii.gz"
+    # the pair's field is fitted once, in the first run; the second run reuses it
+    first, second = (workflow.get_node(f"dwi_sub_ctrl01_ses_pre_{i}") for i in (0, 1))
+    assert type(first.get_node("sdc").interface).__name__ == "EstimateSDC"
+    assert type(second.get_node("sdc").interface).__name__ == "TransferSDC"
+    edges = {(a.name, b.name, x, y) for a, b, d in workflow._graph.edges(data=True) for x, y in d["connect"]}
+    assert (first.name, second.name, "outputnode.sdc_partner", "inputnode.sdc_partner") in edges
 
 
 def test_collision_between_two_runs_is_refused(tmp_path, capsys):

@@ -14,7 +14,7 @@ from bids_uad.workflows.base import collect_participant_inputs, init_participant
 from tests.conftest import build_small_bids
 
 
-def _model_file(folder):
+def _model_file(folder, bvalue: float = 1000.0):
     """A real (fitted, calibrated, validated) model file: the graph is built only for valid models."""
     bvecs = fibonacci_directions(12)
     subjects = [make_toy_subject((12, 12, 10), bvecs, 100 + i) for i in range(3)]
@@ -22,7 +22,7 @@ def _model_file(folder):
             for s in subjects]
     s = preset("quick", "meansignal")
     s = replace(s, model=replace(s.model, grid=(16, 16, 12), n_channels=12))
-    bundle = train_from_dwi(s, raws, [np.r_[0.0, np.full(12, 1000.0)]] * 3,
+    bundle = train_from_dwi(s, raws, [np.r_[0.0, np.full(12, bvalue)]] * 3,
                             [np.vstack([[0, 0, 0], bvecs])] * 3, [x.mask for x in subjects],
                             [f"c{i}" for i in range(3)])
     bundle.save(folder)
@@ -68,3 +68,24 @@ def test_findings_min_volume_reaches_the_findings_node(tmp_path):
     assert node.inputs.min_volume_ml == 0.2
     default = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "--model", str(models)])
     assert init_anomaly_wf(default).get_node("findings_meansignal").inputs.min_volume_ml == -1.0  # the model's
+
+
+def test_runs_a_model_cannot_score_are_refused_before_any_work(tmp_path):
+    """--model trained on other shells than a run's: exit 16 at start-up naming the .bval and the
+    model, not a crash of the inference step after the whole preprocessing."""
+    import pytest
+
+    from bids_uad.errors import InputValidationError
+
+    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
+    models = tmp_path / "models"
+    models.mkdir()
+    _model_file(models, bvalue=2000.0)
+    settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                                   "--participant-label", "pat01", "--nprocs", "1", "--model", str(models)])
+    plan = collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
+    with pytest.raises(InputValidationError) as err:
+        init_participant_wf(settings, plan)
+    assert "not in the model's reference shells [2000] of model-meansignal.json" in str(err.value)
+    assert err.value.path.endswith(".bval")
+    assert err.value.exit_code == 16
