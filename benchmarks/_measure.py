@@ -7,12 +7,14 @@ sampled from ``/proc/self/statm`` by a background thread (every 20 ms) because
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -127,3 +129,13 @@ def tree_cpu(interval: float = 0.5):
         thread.join()
         last.update(_tree_cpu_s(me))
         m.extra["cpu_s"] = sum(v - start.get(pid, 0.0) for pid, v in last.items())
+
+
+def write_results(stem: str, result: dict, markdown: str) -> Path:
+    """Keep a benchmark's figures: ``results/<stem>.json`` (the JSON line) and ``<stem>.md``."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{stem}.md").write_text(markdown)
+    path = results / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

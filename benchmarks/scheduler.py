@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import markdown_table  # noqa: E402
+from _measure import markdown_table, write_results  # noqa: E402
 
 
 def _same(x):
@@ -109,13 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(f"\n{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph in memory "
           f"({objects} objects; one full gc.collect() {full_gc_s:.3f} s):\n{table}")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"scheduler_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / f"scheduler_{args.preset}.md").write_text(
-        f"# Scheduling cost per node ({result['date']}, {result['machine']})\n\n"
-        f"{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph in memory "
-        f"({objects} objects; one full gc.collect() {full_gc_s:.3f} s)\n\n{table}\n")
+    write_results(f"scheduler_{args.preset}", result,
+                  f"# Scheduling cost per node ({result['date']}, {result['machine']})\n\n"
+                  f"{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph "
+                  f"in memory ({objects} objects; one full gc.collect() {full_gc_s:.3f} s)\n\n{table}\n")
     print(json.dumps(result))
     return 0
 

@@ -16,11 +16,12 @@ def _add_one(x):
     return x + 1
 
 
-def _chain(length: int) -> pe.Workflow:
-    workflow = pe.Workflow(name="chain")
+def _chain(length: int, function=_add_one, name: str = "chain", prefix: str = "step") -> pe.Workflow:
+    """A chain of ``length`` function nodes, each passing ``x`` to the next."""
+    workflow = pe.Workflow(name=name)
     previous = None
     for i in range(length):
-        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_add_one), name=f"step{i}")
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=function), name=f"{prefix}{i}")
         if previous is None:
             node.inputs.x = 0
         else:
@@ -173,16 +174,7 @@ def _nap(x):
 
 
 def _napping_chain(length: int) -> pe.Workflow:
-    workflow = pe.Workflow(name="naps")
-    previous = None
-    for i in range(length):
-        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_nap), name=f"nap{i}")
-        if previous is None:
-            node.inputs.x = 0
-        else:
-            workflow.connect(previous, "x", node, "x")
-        previous = node
-    return workflow
+    return _chain(length, function=_nap, name="naps", prefix="nap")
 
 
 def _summaries(caplog):
