@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--findings-min-volume", dest="findings_min_volume", type=_nonnegative_float, default=None,
                       metavar="ML",
                       help="smallest finding in mL: clusters of the written anomaly map below it are not listed in "
-                           "the findings table (default: the model file's minimum cluster volume, 0.5 mL from the "
-                           "group level, the size below which its calibrated map drops clusters)")
+                           "the findings table (default: the model file's finding volume, calibrated on the healthy "
+                           "controls so that at most 5 %% of them would show any finding; else its 0.5 mL minimum "
+                           "cluster)")
     proc.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                       help="score with the mean of all fold models (--ensemble) or the fold with the lowest "
                            "validation loss (--no-ensemble).  Default: the choice stored in the model file.  "

@@ -87,6 +87,7 @@ class AnomalyInference(SimpleInterface):
         self._results["meta"] = sidecar_fields(info)
         scoring = bundle.settings.scoring
         self._results["scoring"] = {"fdr_q": float(scoring.fdr_q), "min_cluster_ml": float(scoring.min_cluster_ml),
+                                    "finding_min_ml": result.info.get("finding_min_volume_ml"),
                                     "calibrated": result.pvalues is not None}
         return runtime
 

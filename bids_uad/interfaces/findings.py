@@ -12,6 +12,18 @@ from pathlib import Path
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
+def _minimum_volume(option_ml: float, scoring: dict) -> tuple[float, str]:
+    """The smallest finding (mL) and why: ``--findings-min-volume``, else the model file's volume
+    calibrated on healthy controls, else the post-processing's minimum cluster."""
+    if option_ml >= 0:
+        return float(option_ml), "--findings-min-volume"
+    if scoring.get("finding_min_ml"):
+        return float(scoring["finding_min_ml"]), (
+            "calibrated on the model's healthy calibration controls: larger than their largest cluster "
+            "in the written map (family-wise), see the model file's finding_min_volume_ml")
+    return float(scoring.get("min_cluster_ml", 0.0)), "the post-processing's minimum cluster (min_cluster_ml)"
+
+
 class _FindingsInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="the written binary anomaly map (diffusion space)")
     score = File(exists=True, mandatory=True, desc="the anomaly score map it was made from")
@@ -27,7 +39,8 @@ class _FindingsInputSpec(BaseInterfaceInputSpec):
     rd = traits.Str("", usedefault=True)
     dseg = traits.Str("", usedefault=True, desc="dwi-space tissue segmentation (1 CSF, 2 GM, 3 WM); '' = none")
     scoring = traits.Dict(desc="fdr_q, min_cluster_ml, calibrated (from the inference node)")
-    min_volume_ml = traits.Float(-1.0, usedefault=True, desc="smallest finding; < 0: the model's min_cluster_ml")
+    min_volume_ml = traits.Float(-1.0, usedefault=True,
+                                 desc="smallest finding; < 0: the model's calibrated finding volume, else min_cluster_ml")
     source_file = traits.Str(mandatory=True, desc="the dwi run (its entities name the outputs)")
     output_dir = traits.Str(mandatory=True)
     template_name = traits.Str("", usedefault=True, desc="'' = no template-space location")
@@ -77,7 +90,7 @@ class Findings(SimpleInterface):
         amask = (_load(inputs.analysis_mask) > 0) & brain if inputs.analysis_mask else brain
         scoring = dict(inputs.scoring) if isdefined(inputs.scoring) else {}
         fdr_q = scoring.get("fdr_q", 0.05)
-        min_ml = inputs.min_volume_ml if inputs.min_volume_ml >= 0 else scoring.get("min_cluster_ml", 0.0)
+        min_ml, min_source = _minimum_volume(inputs.min_volume_ml, scoring)
         pvalues = np.asarray(nib.load(inputs.pvalue).dataobj, np.float32) if inputs.pvalue else None
         labels, rows = FN.find_findings(mask, score, mask_img.affine, pvalues, amask, fdr_q, min_ml)
 
@@ -131,6 +144,7 @@ class Findings(SimpleInterface):
         meta.update({
             "Findings": len(rows),
             "MinimumVolumeMl": float(min_ml),
+            "MinimumVolumeSource": min_source,
             "MinimumVoxels": FN.min_finding_voxels(min_ml, float(np.prod(mask_img.header.get_zooms()[:3])) / 1000),
             "Connectivity": 26,
             "FDRq": float(fdr_q) if pvalues is not None else None,

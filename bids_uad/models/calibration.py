@@ -29,6 +29,7 @@ class Calibration:
     level: float | None = None  # voxel-wise exceedance level used for the written map
     target_fpr: float | None = None  # false-positive rate of the written map it was calibrated for
     written_fpr: float | None = None  # the rate it reached on the calibration controls
+    finding_min_ml: float | None = None  # smallest finding (mL), see calibrate_finding_volume
 
     def __post_init__(self) -> None:
         self.null = np.sort(np.asarray(self.null, dtype=np.float32).ravel())
@@ -102,6 +103,38 @@ def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray]
     calibration.level = float(np.exp(lo))
     calibration.target_fpr = float(target)
     calibration.written_fpr = written_fpr(calibration.threshold(calibration.level), score_maps, masks, post)
+    return calibration
+
+
+def calibrate_finding_volume(calibration: Calibration, score_maps: Sequence[np.ndarray],
+                             masks: Sequence[np.ndarray], post, voxel_ml: float,
+                             familywise: float = 0.05) -> Calibration:
+    """Set ``calibration.finding_min_ml``: the smallest volume a cluster of the written map needs
+    to be a *finding*, so that at most ``familywise`` of healthy subjects have any finding.
+
+    A cluster-extent threshold from the controls' own null distribution, as in cluster-level
+    inference: each calibration control's written map (``post`` of its map thresholded at the
+    calibrated level) gives its largest cluster (26-connectivity); the finding volume is one voxel
+    more than the ``ceil((n+1)(1-familywise))``-th smallest of those n largest clusters (capped at
+    the largest; with fewer than 19 controls that is the largest, so no calibration control
+    keeps a finding).  Calibrated at the written map's level: a threshold chosen another way
+    (``--threshold``) does not use it.  Without clusters in the controls it stays unset (the
+    post-processing's minimum applies).  Returns the same object.
+    """
+    from scipy import ndimage as ndi
+
+    if calibration.level is None:
+        raise ValueError("calibrate the written map (calibrate_written) before the finding volume")
+    t = calibration.threshold(calibration.level)
+    structure = np.ones((3, 3, 3), bool)
+    largest = []
+    for score, mask in zip(score_maps, masks):
+        written = post((np.asarray(score) > t) & (np.asarray(mask) > 0)) & (np.asarray(mask) > 0)
+        labels, n = ndi.label(written, structure)
+        largest.append(int(np.bincount(labels.ravel())[1:].max()) if n else 0)
+    largest.sort()
+    k = min(math.ceil((len(largest) + 1) * (1 - familywise)), len(largest))
+    calibration.finding_min_ml = float((largest[k - 1] + 1) * voxel_ml) if largest and largest[k - 1] else None
     return calibration
 
 

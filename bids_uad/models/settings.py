@@ -171,8 +171,18 @@ class ScoringSettings:
     # score with the mean of all fold models (True) or the fold with the lowest validation loss;
     # the group level stores it in the model file, --ensemble/--no-ensemble overrides it at inference
     ensemble: bool = False
+    # findings: the smallest finding is calibrated so that at most this fraction of healthy
+    # calibration controls would have any finding (the largest-cluster volume's order statistic,
+    # see :func:`bids_uad.models.calibration.calibrate_finding_volume`)
+    finding_familywise: float = 0.05
+    # voxel volume (mL) of the training data; set by :meth:`sized_to` at the group level
+    voxel_ml: float | None = None
 
     def __post_init__(self) -> None:
+        if not 0 < self.finding_familywise < 1:
+            raise UsageError("finding_familywise must lie in (0, 1)")
+        if self.voxel_ml is not None and not self.voxel_ml > 0:
+            raise UsageError("voxel_ml must be positive")
         if not isinstance(self.ensemble, bool):
             raise UsageError(f"ensemble must be true or false, not {self.ensemble!r}")
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -186,7 +196,7 @@ class ScoringSettings:
 
     def sized_to(self, voxel_ml: float) -> "ScoringSettings":
         """The same settings with ``min_cluster_voxels`` = ``min_cluster_ml`` in voxels of ``voxel_ml``."""
-        return replace(self, min_cluster_voxels=max(1, int(self.min_cluster_ml / voxel_ml)))
+        return replace(self, min_cluster_voxels=max(1, int(self.min_cluster_ml / voxel_ml)), voxel_ml=float(voxel_ml))
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,20 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
                 else f"the held-out controls of fold {bundle.best_fold() if fold is None else fold}"
                 if not ensemble else "the folds' held-out controls pooled"),
             "fpr": scoring.fpr if method == "healthy-fpr" else None,
-            "fdr_q": scoring.fdr_q if method == "fdr" else None}
+            "fdr_q": scoring.fdr_q if method == "fdr" else None,
+            "finding_min_volume_ml": finding_min_volume(method, scoring, cal)}
     return InferenceResult(from_grid(score, gm), None if pvals is None else from_grid(pvals, gm, fill=1.0),
                            from_grid(written, gm), from_grid(binary, gm), t, method, info)
+
+
+def finding_min_volume(method: str, scoring: ScoringSettings, cal: Calibration | None) -> float | None:
+    """The calibrated smallest finding (mL) when the written map uses the threshold it was
+    calibrated at (healthy-fpr at the calibrated target), else ``None`` (then the
+    post-processing's ``min_cluster_ml`` is the smallest finding)."""
+    if (method == "healthy-fpr" and cal is not None and cal.level is not None and cal.target_fpr is not None
+            and np.isclose(cal.target_fpr, scoring.fpr) and cal.finding_min_ml is not None):
+        return max(float(cal.finding_min_ml), float(scoring.min_cluster_ml))
+    return None
 
 
 def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> str:

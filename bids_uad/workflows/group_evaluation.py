@@ -75,6 +75,15 @@ def _voxel_ml(arrays: dict) -> float:
     return float(np.prod(arrays["header"].get_zooms()[:3])) / 1000.0
 
 
+def _finding_min_ml(bundle) -> float:
+    """The smallest finding of ``bundle`` as participant-level inference sizes it."""
+    from bids_uad.scoring.inference import finding_min_volume
+
+    scoring = bundle.settings.scoring
+    calibrated = finding_min_volume(scoring.threshold_method, scoring, bundle.calibration(ensemble=scoring.ensemble))
+    return scoring.min_cluster_ml if calibrated is None else calibrated
+
+
 def _case(arrays: dict, score, written=None, bundle=None):
     """A :class:`Case`; ``bundle``: the model whose minimum finding volume sizes the findings."""
     from bids_uad.scoring.evaluation import Case
@@ -82,7 +91,7 @@ def _case(arrays: dict, score, written=None, bundle=None):
 
     amask = arrays["analysis_mask"]
     voxel_ml = _voxel_ml(arrays)
-    min_voxels = 1 if bundle is None else min_finding_voxels(bundle.settings.scoring.min_cluster_ml, voxel_ml)
+    min_voxels = 1 if bundle is None else min_finding_voxels(_finding_min_ml(bundle), voxel_ml)
     return Case(arrays.get("subject", ""), np.where(amask, score, 0), amask, written, arrays.get("truth"),
                 arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 

@@ -88,3 +88,14 @@ def test_no_transforms_leaves_template_columns_empty(subject, tmp_path):
     assert row["template_x"] == "n/a" and row["region_harvard_oxford"] == "n/a"
     assert row["min_pvalue"] == "n/a" and row["fdr_survives"] == "n/a"      # uncalibrated: no p-values
     assert "no transforms" in result.outputs.meta["TemplateLocation"]
+
+
+def test_smallest_finding_option_then_calibrated_volume_then_post_processing_minimum():
+    from bids_uad.interfaces.findings import _minimum_volume
+
+    scoring = {"min_cluster_ml": 0.5, "finding_min_ml": 2.3}
+    assert _minimum_volume(1.0, scoring) == (1.0, "--findings-min-volume")
+    ml, why = _minimum_volume(-1.0, scoring)
+    assert ml == 2.3 and why.startswith("calibrated on the model's healthy calibration controls")
+    ml, why = _minimum_volume(-1.0, {"min_cluster_ml": 0.5, "finding_min_ml": None})
+    assert ml == 0.5 and "min_cluster_ml" in why

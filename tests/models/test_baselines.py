@@ -36,7 +36,7 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
     raws = [_raw(c) for c in controls]
     for name in ("normative", "meansignal"):
         s = preset("quick", name)
-        s = replace(s, model=replace(s.model, grid=(24, 24, 16), n_channels=12))
+        s = replace(s, model=replace(s.model, grid=(24, 24, 16), n_channels=12), scoring=s.scoring.sized_to(0.008))
         bundle = train_from_dwi(s, [r[0] for r in raws], [r[1] for r in raws], [r[2] for r in raws],
                                 [c.mask for c in controls], [f"c{i}" for i in range(5)])
         assert all(f.calibration is not None and f.calibration.level is not None for f in bundle.folds)
@@ -49,12 +49,17 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
         assert bundle.calibration() is oof and bundle.calibration(ensemble=True) is oof
         assert bundle.calibration(fold=1) is bundle.folds[1].calibration
         assert loaded.out_of_fold.level == oof.level and np.array_equal(loaded.out_of_fold.null, oof.null)
+        # the smallest finding is calibrated on the same controls, saved and loaded
+        assert oof.finding_min_ml is None or oof.finding_min_ml > 0
+        assert loaded.out_of_fold.finding_min_ml == oof.finding_min_ml
         dwi, bvals, bvecs = _raw(patient)
         res = infer(loaded, dwi, bvals, bvecs, patient.mask)
         again = infer(bundle, dwi, bvals, bvecs, patient.mask)
         assert np.array_equal(res.score, again.score)
         assert res.method == "healthy-fpr" and res.info["threshold_source"].startswith("model file")
         assert res.threshold == oof.threshold_for(s.scoring.fpr) and res.info["calibration"].startswith("out-of-fold")
+        assert res.info["finding_min_volume_ml"] == (None if oof.finding_min_ml is None
+                                                     else max(oof.finding_min_ml, s.scoring.min_cluster_ml))
         fixed = infer(loaded, dwi, bvals, bvecs, patient.mask, method="fixed")  # no reference value: model file's
         assert fixed.method == "healthy-fpr" and "no reference value" in fixed.info["threshold_source"]
         # toy brains differ in anatomy from seed to seed, which blurs a voxelwise normative model

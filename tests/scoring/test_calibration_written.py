@@ -46,3 +46,31 @@ def test_a_one_millilitre_lesion_survives_post_processing():
     assert postprocess(ball, scoring).sum() == ball.sum()
     # the reference's 3x3x3 opening would erase it at this voxel size
     assert postprocess(ball, ScoringSettings(postprocess="opening")).sum() == 0
+
+
+def test_finding_volume_is_larger_than_every_calibration_controls_largest_cluster():
+    from bids_uad.models.calibration import calibrate_finding_volume
+    from bids_uad.scoring.findings import min_finding_voxels
+
+    scoring = ScoringSettings(fpr=0.01, min_cluster_voxels=4).sized_to(0.008)  # 2 mm voxels
+    post = lambda b: postprocess(b, scoring)  # noqa: E731
+    calib_maps = _healthy_maps(3, 0)
+    masks = [np.ones(m.shape, bool) for m in calib_maps]
+    cal = calibrate_written(calibrate(calib_maps, masks), calib_maps, masks, 0.01, post)
+    calibrate_finding_volume(cal, calib_maps, masks, post, 0.008, familywise=0.05)
+    t = cal.threshold(cal.level)
+    largest = []
+    for m in calib_maps:
+        labels, n = ndimage.label(post(m > t), np.ones((3, 3, 3), bool))
+        largest.append(np.bincount(labels.ravel())[1:].max() if n else 0)
+    # fewer than 19 controls: one voxel more than the largest cluster of any of them
+    assert cal.finding_min_ml == (max(largest) + 1) * 0.008
+    # so no calibration control keeps a finding, while a lesion-sized cluster stays one
+    assert min_finding_voxels(cal.finding_min_ml, 0.008) > max(largest)
+    # a laxer family-wise rate takes a lower order statistic
+    lax = calibrate_finding_volume(cal, calib_maps, masks, post, 0.008, familywise=0.6)
+    assert lax.finding_min_ml == (sorted(largest)[1] + 1) * 0.008
+    # without the written-map level there is nothing to calibrate at
+    import pytest
+    with pytest.raises(ValueError):
+        calibrate_finding_volume(calibrate(calib_maps, masks), calib_maps, masks, post, 0.008)
