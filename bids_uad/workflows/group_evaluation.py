@@ -110,6 +110,7 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
     from bids_uad.scoring.evaluation import evaluate_detector, one_line_detectors, pr_curve, score_histograms
     from bids_uad.scoring.inference import infer
     from bids_uad.models.inputs import normalise_dwi
+    from bids_uad.workflows.group import can_score
 
     patient_results = patient_results or {}
     if not patients:
@@ -122,8 +123,11 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
         entry = cases.setdefault(bundle.name, {"patients": [], "controls": []})
         done = patient_results.get(bundle.name)
         for k, arrays in enumerate(patients):
+            if not can_score(bundle, arrays):  # a template-space model without the patient's transforms
+                continue
             res = done[k] if done is not None else infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"],
-                                                         arrays["brain_mask"], arrays["analysis_mask"])
+                                                         arrays["brain_mask"], arrays["analysis_mask"],
+                                                         route=arrays.get("route"))
             entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
         index = {s: i for i, s in enumerate(bundle.subjects)}
         for fold in bundle.folds:
@@ -133,7 +137,7 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
                 if arrays is None or subject not in index:
                     continue
                 res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
-                            arrays["analysis_mask"], fold=fold.fold)
+                            arrays["analysis_mask"], fold=fold.fold, route=arrays.get("route"))
                 entry["controls"].append(_case(arrays, res.score, res.mask, bundle))
     for name in ("1-FA", "MD"):
         cases[name] = {"patients": [], "controls": []}
