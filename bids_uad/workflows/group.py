@@ -313,21 +313,12 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         evaluate_detectors(settings, patients, bundles, items, subjects, group_dir, patient_results)
 
 
-def can_score(bundle, arrays: dict) -> bool:
-    """Whether ``bundle`` can score this loaded subject: a template-space model needs its route
-    (``arrays["route"]``); without one the subject is left out of that model's evaluation, with a warning."""
-    if not needs_template(bundle.settings.model) or arrays.get("route") is not None:
-        return True
-    LOGGER.warning("sub-%s: no transforms to %s and back: left out of the %s evaluation", arrays.get("subject"),
-                   bundle.settings.model.normative_template, bundle.name)
-    return False
-
-
 def evaluate_bundle(settings: Settings, bundle, patients: list[dict], group_dir: Path) -> list:
     """Per-subject AUROC/AUPRC/Dice for the ``patients`` (:func:`load_patients`: subjects with a
     dwi-space lesion mask); mean ± SD table.  Returns each patient's inference result (reused by
     the detection tables)."""
     from bids_uad.scoring.inference import evaluate, infer
+    from bids_uad.workflows.group_evaluation import can_score
 
     rows, results = [], []
     for arrays in patients:
