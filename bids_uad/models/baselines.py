@@ -65,7 +65,9 @@ class NormativeModel(nn.Module):
     #: how this model learns, for the methods text (nipreps' ``__desc__``)
     __desc__ = ("a voxelwise normative model (the per-voxel median and median absolute deviation of FA, MD and "
                 "the mean diffusion-weighted signal ratio over the training controls, pooled over a 3x3x3 "
-                "neighbourhood when controls are few and smoothed), scoring the largest absolute robust z-score")
+                "neighbourhood when controls are few and smoothed, in template space: each subject's maps carried "
+                "to the template with its own transforms in one resampling), scoring the largest absolute robust "
+                "z-score, mapped back to diffusion space with the inverse transforms")
 
     def __init__(self, settings: ModelSettings):
         super().__init__()

@@ -98,7 +98,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "ensemble": ensemble,
             "folds": [f.fold for f in bundle.folds] if ensemble else [bundle.best_fold() if fold is None else fold],
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
-            "model_space": bundle.settings.model.normative_template if route is not None else None,
+            **({"model_space": bundle.settings.model.normative_template} if route is not None else {}),
             "calibration": None if cal is None else (
                 "out-of-fold: every training control, scored by the fold that held it out"
                 if fold is None and bundle.out_of_fold is not None
