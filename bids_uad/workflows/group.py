@@ -94,7 +94,8 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
 def normative_template_settings(settings: Settings, voxel_mm: float | None) -> dict:
     """The normative model's space for BIDS runs: the template the anatomical workflow registers to
     (:func:`~bids_uad.algorithms.templates.template_for_output_spaces`), on a grid covering its
-    brain at the controls' dwi voxel size (at least 1 mm; 2 mm when unknown)."""
+    brain at the controls' dwi voxel size (``voxel_mm``: the isotropic voxel of the same volume as
+    theirs, rounded to 0.01 mm, at least 1 mm; 2 mm when unknown)."""
     from bids_uad.algorithms.templates import template_for_output_spaces, template_grid
 
     template = template_for_output_spaces(settings.output_spaces)
@@ -198,7 +199,7 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
     shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
     zooms = loaded[0]["header"].get_zooms()[:3]
     return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0,
-            "voxel_mm": float(max(zooms))}
+            "voxel_mm": float(np.prod(zooms)) ** (1 / 3)}  # the isotropic voxel of the same volume
 
 
 def shell_signature(bvals) -> tuple[int, ...]:
