@@ -33,6 +33,11 @@ Inputs:
   i.e. the models without the preprocessing's errors; the grid is sized to the data as the
   group level does.  Results: ``benchmarks/results/models_bids-<preset>.json`` and ``.md``.
 
+The normative model runs as its dwi-grid variant here (``model.normative_space = "dwi"``, in the
+results JSON): neither input has registrations to a template (the toy brains and the synthetic
+truth share one anatomy on one grid, so voxel correspondence holds without them).  The group level
+of a BIDS run fits it in template space (docs/models.md).
+
 Prints a table, then one JSON object as the LAST line.  Not a test: no asserts.
 """
 from __future__ import annotations
@@ -196,7 +201,9 @@ def _settings(name, p, args, controls, bids):
                 threads=args.threads, progress=args.progress, seed=args.seed, device=args.device)
     if not bids:
         t = replace(t, patience=max(5, t.epochs // 3))
-    return replace(s, model=replace(s.model, grid=grid, n_channels=channels), training=t,
+    # the arrays here have no registrations (toy brains; the synthetic truth in dwi space, one anatomy):
+    # the normative model is the dwi-grid variant, said so (the group level fits it in template space)
+    return replace(s, model=replace(s.model, grid=grid, n_channels=channels, normative_space="dwi"), training=t,
                    scoring=s.scoring.sized_to(controls[0]["voxel_ml"]))
 
 
@@ -488,6 +495,8 @@ def _summary(per_seed: list[dict], p: dict, args, bids: bool, first: int) -> dic
     return {
         "preset": args.preset, "input_kind": args.input, "input": desc, "lesions": args.lesions if bids else "toy",
         "seeds": len(per_seed), "seeds_requested": args.seeds, "calibration_target": preset(p["settings"]).scoring.fpr,
+        "normative_space": "dwi (model grid in each subject's diffusion space: these arrays have no registrations; "
+                           "BIDS runs fit it in template space)",
         "metrics_note": ("auprc/auroc: voxels in the analysis mask, mean over patients; dice_calibrated: the written "
                          "map (model file's healthy-fpr threshold, post-processed); dice_oracle: best threshold on "
                          "the truth before post-processing; subject_auroc: patients vs held-out controls from the "

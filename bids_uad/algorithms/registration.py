@@ -473,3 +473,57 @@ def fa_template_agreement(warped_fa, warped_mask, template_fa, template_mask) ->
     corr = float(np.corrcoef(warped[inside], target[inside])[0, 1]) if inside.sum() > 10 else float("nan")
     return {"FACorrelationWithTemplate": round(corr, 4),
             "CoveredTemplateBrainFraction": round(float(inside.sum()) / max(int(brain.sum()), 1), 3)}
+
+
+@dataclass(frozen=True)
+class TemplateRoute:
+    """How the maps of one dwi run go to a template grid and come back (one resampling each way).
+
+    ``affine``: voxel-to-world (4x4) of the arrays carried (the dwi image, or the model grid that
+    overlays it); ``to_template``: the ANTs transform list that resamples a dwi-space image onto the
+    template (``[T1w→template, dwi→T1w]``, or the dwi-only ``[dwi→template]``); ``to_dwi``: the
+    inverse chain (``[T1w→dwi, template→T1w]``).  Empty lists mean identity (the arrays are already
+    in the template's world frame: tests, phantoms).
+    """
+
+    template: str
+    affine: tuple
+    to_template: tuple = ()
+    to_dwi: tuple = ()
+
+    def with_affine(self, affine: np.ndarray) -> "TemplateRoute":
+        """The same route for arrays with another voxel-to-world ``affine`` (e.g. the model grid)."""
+        return TemplateRoute(self.template, tuple(np.asarray(affine, float).ravel()), self.to_template, self.to_dwi)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.affine, float).reshape(4, 4)
+
+    def forward(self, maps: np.ndarray, support: np.ndarray, shape: Sequence[int],
+                affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(``maps`` (K, X, Y, Z) carried onto the template grid ``shape``/``affine``, the carried
+        ``support``): :func:`carry_masked` with this route's ``to_template`` chain."""
+        return carry_masked(maps, support, self.matrix, shape, affine, self.to_template)
+
+    def backward(self, maps: np.ndarray, support: np.ndarray, template_affine: np.ndarray,
+                 shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Template-grid ``maps`` (K, X', Y', Z') back onto this route's arrays (``shape``)."""
+        return carry_masked(maps, support, np.asarray(template_affine, float), shape, self.matrix, self.to_dwi)
+
+
+def carry_masked(maps: np.ndarray, support: np.ndarray, affine: np.ndarray, shape: Sequence[int],
+                 target_affine: np.ndarray, transforms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``maps`` (K, X, Y, Z; defined where ``support``) onto the grid ``shape``/``target_affine``
+    through ``transforms`` (linear), normalised by the carried support: each output is
+    Σ w·m·s / Σ w·s, so values outside the support (0) do not dilute the edge.  Returns
+    (maps (K, ...) float32, 0 where the carried support is below one half; that support, bool)."""
+    target = nib.Nifti1Image(np.zeros(tuple(int(s) for s in shape), np.float32), np.asarray(target_affine, float))
+    s = np.asarray(support, np.float32)
+    stack = np.concatenate([np.asarray(maps, np.float32) * s, s[None]], 0)
+    moved = np.asarray(apply_transforms(nib.Nifti1Image(np.moveaxis(stack, 0, -1), np.asarray(affine, float)),
+                                        target, list(transforms), "linear").dataobj, np.float32)
+    moved = np.moveaxis(moved, -1, 0) if moved.ndim == 4 else moved[None]
+    weight = moved[-1]
+    inside = weight >= 0.5
+    out = np.where(inside, moved[:-1] / np.maximum(weight, 1e-6), 0).astype(np.float32)
+    return out, inside

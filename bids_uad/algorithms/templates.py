@@ -338,3 +338,22 @@ def fa_like_template(template: Template, resolution_mm: float = 2.0) -> tuple[ni
     img = resample_to_output(nib.Nifti1Image(fa.astype(np.float32), ref.affine), [resolution_mm] * 3, order=1)
     mask = resample_to_output(nib.load(template.brain_mask), [resolution_mm] * 3, order=0)
     return img, nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8), mask.affine)
+
+
+def template_grid(brain_mask, resolution_mm: float, margin_vox: int = 2) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of a grid at isotropic ``resolution_mm`` covering the template brain
+    ``brain_mask`` (image or path) and ``margin_vox`` voxels around it: where a template-space model
+    (the normative model's centre/spread) lives, at about the data's resolution rather than 1 mm."""
+    from nibabel.processing import resample_to_output
+
+    img = nib.load(str(brain_mask)) if not isinstance(brain_mask, nib.Nifti1Image) else brain_mask
+    coarse = resample_to_output(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.float32), img.affine),
+                                [float(resolution_mm)] * 3, order=1)
+    inside = np.argwhere(np.asarray(coarse.dataobj) > 0.5)
+    if inside.size == 0:
+        raise ValueError("the template brain mask is empty")
+    lo = np.maximum(inside.min(0) - margin_vox, 0)
+    hi = np.minimum(inside.max(0) + margin_vox + 1, coarse.shape[:3])
+    affine = coarse.affine.copy()
+    affine[:3, 3] = coarse.affine[:3, :3] @ lo + coarse.affine[:3, 3]
+    return tuple(int(v) for v in hi - lo), affine

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="group level: models to train: the networks dae (variational autoencoder), "
                            "recdisc (RecDiscNet), cdae (U-Net denoising autoencoder trained to remove "
                            "coarse noise) and cevae (context-encoding VAE, StRegA's model), and the baseline detectors normative (voxelwise normative model "
-                           "of FA, MD and mean dw signal from the controls) and meansignal (1 - mean dw "
+                           "of FA, MD and mean dw signal from the controls, fitted in template space: every control needs "
+                           "its transforms from a T1w, else exit 66) and meansignal (1 - mean dw "
                            "signal ratio) (default: cdae dae recdisc normative meansignal: the cdae measured best, "
                            "see README)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",

@@ -12,6 +12,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+import numpy as np
+
 from bids_uad.bids import outputs
 from bids_uad.bids.outputs import sidecar_fields
 
@@ -28,6 +30,13 @@ class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
                            desc="mean score of all fold models: '' = the model file's choice")
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
+    # a template-space model (the template-space normative model) needs the run's transforms both ways
+    output_dir = traits.Str("", usedefault=True, desc="OUTPUT_DIR holding the transforms (template-space models)")
+    source_file = traits.Str("", usedefault=True, desc="the dwi run (its entities find its transforms)")
+    dwi2t1w_xfm = traits.Str("", usedefault=True, desc="dwi → T1w composite ('' : from OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str("", usedefault=True, desc="T1w → template composite ('' : from OUTPUT_DIR)")
+    t1w2dwi_xfm = traits.Str("", usedefault=True, desc="T1w → dwi composite ('' : from OUTPUT_DIR)")
+    template2t1w_xfm = traits.Str("", usedefault=True, desc="template → T1w composite ('' : from OUTPUT_DIR)")
 
 
 class _AnomalyInferenceOutputSpec(TraitedSpec):
@@ -53,6 +62,7 @@ class AnomalyInference(SimpleInterface):
         from bids_uad.bids.gradients import load_gradients
         from bids_uad.scoring.inference import infer
         from bids_uad.models.bundle import load_bundle
+        from bids_uad.models.settings import needs_template
 
         torch.set_num_threads(max(1, self.inputs.threads))
         img = nib.load(self.inputs.dwi_file)
@@ -63,9 +73,20 @@ class AnomalyInference(SimpleInterface):
         if self.inputs.analysis_mask:
             analysis = (np.asarray(nib.load(self.inputs.analysis_mask).dataobj) > 0) & brain
         bundle = load_bundle(self.inputs.model_file, device=self.inputs.device)
+        route = None
+        if needs_template(bundle.settings.model):
+            from bids_uad.errors import InputMissingError
+
+            template = bundle.settings.model.normative_template
+            route, missing = template_route(self.inputs.output_dir, self.inputs.source_file or self.inputs.dwi_file,
+                                            template, img.affine, self._given_transforms())
+            if route is None:
+                raise InputMissingError(f"{bundle.name} works in {template}: transforms missing for "
+                                        f"{Path(self.inputs.source_file or self.inputs.dwi_file).name}: "
+                                        + ", ".join(missing), self.inputs.dwi_file)
         result = infer(bundle, dwi, table.bvals, table.bvecs, brain, analysis,
                        method=self.inputs.threshold_method or None,
-                       ensemble={"yes": True, "no": False}.get(self.inputs.ensemble))
+                       ensemble={"yes": True, "no": False}.get(self.inputs.ensemble), route=route)
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         out = Path(runtime.cwd)
@@ -90,6 +111,11 @@ class AnomalyInference(SimpleInterface):
                                     "finding_min_ml": result.info.get("finding_min_volume_ml"),
                                     "calibrated": result.pvalues is not None}
         return runtime
+
+    def _given_transforms(self) -> dict:
+        """The composites that came along the graph's edges, by outputs-table key."""
+        return {"xfm_dwi_to_t1w": self.inputs.dwi2t1w_xfm, "xfm_t1w_to_template": self.inputs.t1w2template_xfm,
+                "xfm_t1w_to_dwi": self.inputs.t1w2dwi_xfm, "xfm_template_to_t1w": self.inputs.template2t1w_xfm}
 
 
 class _ToTemplateInputSpec(BaseInterfaceInputSpec):
@@ -124,6 +150,51 @@ def template_transforms(output_dir: str | Path, source_file: str | Path, templat
                   if outputs.run_entities(p.name) == outputs.run_entities(ents)]
         return (direct[0],) if direct else None
     return t1w2tpl[0], dwi2t1w[0]
+
+
+#: the transforms a template-space model needs per dwi run: (outputs-table key, what the file is)
+ROUTE_TRANSFORMS = (("xfm_dwi_to_t1w", "from-dwi_to-T1w"), ("xfm_t1w_to_template", "from-T1w_to-{template}"),
+                    ("xfm_t1w_to_dwi", "from-T1w_to-dwi"), ("xfm_template_to_t1w", "from-{template}_to-T1w"))
+
+
+def template_route(output_dir: str | Path, source_file: str | Path, template: str, dwi_affine,
+                   given: dict | None = None):
+    """(the :class:`~bids_uad.algorithms.registration.TemplateRoute` of the dwi run ``source_file``
+    to ``template`` and back, or None; the missing transforms, named) for a template-space model.
+
+    Both directions are needed: ``from-dwi_to-T1w`` + ``from-T1w_to-<template>`` to the template,
+    ``from-<template>_to-T1w`` + ``from-T1w_to-dwi`` back (the anatomical workflow writes all four).
+    ``given``: {outputs-table key: path} from the graph's edges (the same run's anatomical
+    workflow), used before OUTPUT_DIR.  A dwi-only run (``from-dwi_to-<template>``, no inverse
+    written) has no route back: refused, named as missing.
+    """
+    from bids_uad.algorithms.registration import TemplateRoute
+
+    given = {k: v for k, v in (given or {}).items() if v}
+    ents = outputs.source_entities(source_file)
+    subject, session, run = ents["sub"], ents.get("ses"), outputs.run_entities(ents)
+    found = {}
+    for key, _ in ROUTE_TRANSFORMS:
+        if key in given:
+            found[key] = Path(given[key])
+            continue
+        if key in ("xfm_dwi_to_t1w", "xfm_t1w_to_dwi"):
+            hits = outputs.find_run(output_dir, key, subject, session, run)
+        else:
+            hits = outputs.find(output_dir, key, subject, session, template=template)
+        if hits:
+            found[key] = Path(hits[0])
+    missing = [label.format(template=template) for key, label in ROUTE_TRANSFORMS if key not in found]
+    if missing:
+        direct = template_transforms(output_dir, source_file, template)
+        if direct is not None and len(direct) == 1:
+            missing.append(f"from-{template}_to-dwi (this run registers its FA to the template without a T1w; "
+                           "that route writes no inverse)")
+        return None, missing
+    route = TemplateRoute(template, tuple(np.asarray(dwi_affine, float).ravel()),
+                          (str(found["xfm_t1w_to_template"]), str(found["xfm_dwi_to_t1w"])),
+                          (str(found["xfm_t1w_to_dwi"]), str(found["xfm_template_to_t1w"])))
+    return route, []
 
 
 def warp_to_template(img, source_file: str, output_dir: str, template_name: str, template_file: str,

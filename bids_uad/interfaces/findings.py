@@ -158,9 +158,9 @@ class Findings(SimpleInterface):
             "DeviationReference": (
                 "this subject's normal-appearing tissue: analysis-mask voxels outside the anomaly mask dilated by one "
                 "voxel, restricted to the tissue class holding most of the finding's voxels in the dwi-space "
-                "segmentation (reference_tissue); the model files store no controls' values at template locations "
-                "(the normative model keeps FA, MD and mean DW ratio on its own grid only), so the controls' "
-                "reference is not used"),
+                "segmentation (reference_tissue); the controls' values are not the reference: only the template-space "
+                "normative model file holds them (median/MAD of FA, MD and mean DW ratio at template locations; no AD/RD), "
+                "and the same reference serves every model"),
         })
         labels_path = Path(runtime.cwd) / "findings_dseg.nii.gz"
         label_dtype = np.uint8 if len(rows) < 256 else np.int16

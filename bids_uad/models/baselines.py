@@ -9,10 +9,12 @@ instead of optimised (``trainable = False``; see :func:`bids_uad.training.traine
 * :class:`NormativeModel` — a voxelwise normative model of DTI metrics (FA, MD, mean
   diffusion-weighted ratio) from the training controls: per voxel a robust centre (median) and
   spread (1.4826 × MAD), pooled over a neighbourhood when the controls are few, smoothed; the
-  score is the largest absolute robust z over the metrics.  Space: the subject's diffusion space
-  centred on the model grid (the space every model here works in), so voxel correspondence
-  across subjects is as good as the heads' alignment in their dwi grids; the neighbourhood
-  pooling and smoothing absorb small offsets.
+  score is the largest absolute robust z over the metrics.  Space (``model.normative_space``):
+  ``"template"`` — each subject's metric maps are carried to a template grid with its own
+  transforms (one resampling), fitted/z-scored there, and the z map comes back to the subject's
+  grid with the inverse chain (the group level's setting for BIDS runs); ``"dwi"`` — the model
+  grid in each subject's diffusion space, where correspondence is only the heads' alignment in
+  their dwi grids (arrays without registrations: the array-level benchmark; older model files).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from scipy import ndimage
 from torch import nn
 
 from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
+from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models.settings import ModelSettings
 
 #: metrics of the normative model, in buffer order
@@ -62,33 +65,76 @@ class NormativeModel(nn.Module):
     #: how this model learns, for the methods text (nipreps' ``__desc__``)
     __desc__ = ("a voxelwise normative model (the per-voxel median and median absolute deviation of FA, MD and "
                 "the mean diffusion-weighted signal ratio over the training controls, pooled over a 3x3x3 "
-                "neighbourhood when controls are few and smoothed), scoring the largest absolute robust z-score")
+                "neighbourhood when controls are few and smoothed, in template space: each subject's maps carried "
+                "to the template with its own transforms in one resampling), scoring the largest absolute robust "
+                "z-score, mapped back to diffusion space with the inverse transforms")
 
     def __init__(self, settings: ModelSettings):
         super().__init__()
         self.settings = settings
-        grid, c, m = tuple(settings.grid), settings.n_channels, len(NORMATIVE_METRICS)
+        c, m = settings.n_channels, len(NORMATIVE_METRICS)
+        grid = self.template_shape if self.in_template else tuple(settings.grid)
         self.register_buffer("bvals", torch.zeros(c))
         self.register_buffer("bvecs", torch.zeros(c, 3))
         self.register_buffer("centre", torch.zeros((m,) + grid))
         self.register_buffer("spread", torch.ones((m,) + grid))
         self.register_buffer("valid", torch.zeros(grid))
 
+    @property
+    def in_template(self) -> bool:
+        """Fitted on a template grid (``model.normative_space = "template"``), else on the model grid."""
+        return self.settings.normative_space == "template"
+
+    @property
+    def template_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.settings.normative_template_shape)
+
+    @property
+    def template_affine(self) -> np.ndarray:
+        return np.asarray(self.settings.normative_template_affine, float).reshape(4, 4)
+
+    def _routes(self, routes, n: int) -> list:
+        """The per-subject routes to the template (template space), checked; [None]*n on the model grid."""
+        if not self.in_template:
+            return [None] * n
+        routes = list(routes) if routes is not None else []
+        if len(routes) != n or any(r is None for r in routes):
+            raise InputMissingError(
+                f"the normative model lives in template space ({self.settings.normative_template}): every subject "
+                "needs its transforms to the template (TemplateRoute); none given for "
+                f"{sum(r is None for r in routes) + max(n - len(routes), 0)} of {n}")
+        for r in routes:
+            if r.template != self.settings.normative_template:
+                raise InputValidationError(f"transforms to {r.template!r} given to a normative model fitted in "
+                                           f"{self.settings.normative_template!r}")
+        return routes
+
     def metrics(self, x: np.ndarray) -> np.ndarray:
         """(M, X, Y, Z) metric maps of one subject (C, X, Y, Z)."""
         maps = tensor_metrics_from_ratios(x, self.bvals.cpu().numpy(), self.bvecs.cpu().numpy())
         return np.stack([maps[k] for k in NORMATIVE_METRICS])
 
+    def subject_maps(self, x: np.ndarray, brain: np.ndarray, route=None) -> tuple[np.ndarray, np.ndarray]:
+        """(metric maps, where they are defined) of one subject in the model's space: its grid, or
+        the template grid (carried there by ``route`` in one resampling, support-normalised)."""
+        values = self.metrics(x).astype(np.float32)
+        if route is None:
+            return values, brain
+        return route.forward(np.where(brain, values, 0), brain, self.template_shape, self.template_affine)
+
     def fit(self, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], bvals: np.ndarray,
-            bvecs: np.ndarray) -> None:
-        """Robust per-voxel centre and spread of each metric over the controls ``data``."""
+            bvecs: np.ndarray, routes: Sequence | None = None) -> None:
+        """Robust per-voxel centre and spread of each metric over the controls ``data``;
+        ``routes``: each control's :class:`~bids_uad.algorithms.registration.TemplateRoute`
+        (template space only, where it is required)."""
         s = self.settings
+        routes = self._routes(routes, len(data))
         self.bvals.copy_(torch.as_tensor(np.asarray(bvals, np.float32)))
         self.bvecs.copy_(torch.as_tensor(np.asarray(bvecs, np.float32).reshape(-1, 3)))
         stacks = []
-        for d, mask in zip(data, masks):
-            values = self.metrics(np.asarray(d)).astype(np.float32)
+        for d, mask, route in zip(data, masks, routes):
             inside = (np.asarray(mask) > 0) & (np.asarray(d).mean(0) > 0)
+            values, inside = self.subject_maps(np.asarray(d), inside, route)
             values[:, ~inside] = np.nan
             stacks.append(values)
         values = np.stack(stacks, 1)  # (M, n, X, Y, Z)
@@ -111,15 +157,22 @@ class NormativeModel(nn.Module):
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
     @torch.no_grad()
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Largest |robust z| over the metrics (B, X, Y, Z); 0 outside the brain and the model."""
+    def score(self, x: torch.Tensor, routes: Sequence | None = None) -> torch.Tensor:
+        """Largest |robust z| over the metrics (B, X, Y, Z); 0 outside the brain and the model.
+        In template space z is computed there and carried back with each subject's route."""
         out = []
         centre, spread = self.centre.cpu().numpy(), self.spread.cpu().numpy()
         valid = self.valid.cpu().numpy() > 0
-        for xi in x.detach().cpu().numpy():
-            z = np.abs(self.metrics(xi) - centre) / spread
-            brain = valid & (xi.mean(0) > 0)
-            out.append(np.where(brain, z.max(0), 0).astype(np.float32))
+        arrays = x.detach().cpu().numpy()
+        for xi, route in zip(arrays, self._routes(routes, len(arrays))):
+            brain = xi.mean(0) > 0
+            values, inside = self.subject_maps(xi, brain, route)
+            defined = valid & inside
+            z = np.where(defined, (np.abs(values - centre) / spread).max(0), 0).astype(np.float32)
+            if route is not None:  # back to the subject's grid with the inverse chain
+                z, defined = route.backward(z[None], defined, self.template_affine, brain.shape)
+                z = z[0]
+            out.append(np.where(brain & defined, z, 0).astype(np.float32))
         return torch.from_numpy(np.stack(out)).to(x.device)
 
 

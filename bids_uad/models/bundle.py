@@ -25,7 +25,7 @@ from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
 from bids_uad.models.calibration import Calibration, pool
 from bids_uad.models.io import file_sha256, save_tensors
-from bids_uad.models.settings import Settings
+from bids_uad.models.settings import Settings, needs_template
 from bids_uad.models.validate import validate_model_file
 
 LOG = logging.getLogger(__name__)
@@ -57,8 +57,11 @@ class FoldResult:
 
 
 @torch.no_grad()
-def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
-    """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid."""
+def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None,
+                 route=None) -> np.ndarray:
+    """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid; ``route``: the
+    subject's :class:`~bids_uad.algorithms.registration.TemplateRoute` for a model that works in
+    template space (:func:`needs_template`), else None."""
     if device is None:  # the baselines have buffers only
         first = next(iter(model.parameters()), None)
         first = next(iter(model.buffers()), None) if first is None else first
@@ -66,7 +69,9 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
     device = torch.device(device)
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
-    return model.score(x)[0].float().cpu().numpy()
+    scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
+    return scored[0].float().cpu().numpy()
+
 
 
 def _versions() -> dict[str, str]:

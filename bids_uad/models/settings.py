@@ -24,6 +24,8 @@ SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
 INPUT_REPRESENTATIONS = ("dwi", "invariant")
 #: models that read the dw channels themselves (their own metrics): always "dwi" inputs
 DWI_ONLY_MODELS = ("normative", "meansignal")
+#: where the normative model fits its centre/spread (docs/models.md, *normative*)
+NORMATIVE_SPACES = ("template", "dwi")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
@@ -62,6 +64,14 @@ class ModelSettings:
     normative_pool_below: int = 20  # normative: pool each voxel's neighbourhood when fewer controls
     normative_pool_radius: int = 1  # normative: neighbourhood half-width in voxels (1: 3x3x3)
     normative_smoothing: float = 1.0  # normative: Gaussian sigma (voxels) of the centre/spread maps
+    # normative: where centre/spread are fitted: "template" (the group level's setting for BIDS runs:
+    # metric maps carried to the template grid below with each subject's transforms, z back to dwi
+    # space) or "dwi" (the model grid in each subject's diffusion space: arrays without
+    # registrations, e.g. benchmarks/models.py, and model files written before it existed)
+    normative_space: str = "dwi"
+    normative_template: str = ""  # template name (the transforms' to-<template>), "template" space only
+    normative_template_shape: tuple[int, int, int] = (0, 0, 0)  # template grid the model is fitted on
+    normative_template_affine: tuple[float, ...] = ()  # its voxel-to-world affine, 16 values row by row
 
     def __post_init__(self) -> None:
         if self.output_activation not in ("sigmoid", "linear"):
@@ -76,6 +86,19 @@ class ModelSettings:
             raise UsageError(f"norm must be instance or group, not {self.norm!r}")
         if self.inputs not in INPUT_REPRESENTATIONS:
             raise UsageError(f"inputs must be one of {INPUT_REPRESENTATIONS}, not {self.inputs!r}")
+        if self.normative_space not in NORMATIVE_SPACES:
+            raise UsageError(f"normative_space must be one of {NORMATIVE_SPACES}, not {self.normative_space!r}")
+        if self.name == "normative" and self.normative_space == "template":
+            import numpy as np
+
+            affine = np.asarray(self.normative_template_affine, float)
+            if (not self.normative_template or len(self.normative_template_shape) != 3
+                    or min(self.normative_template_shape) < 1 or affine.size != 16
+                    or not np.isfinite(affine).all() or abs(np.linalg.det(affine.reshape(4, 4)[:3, :3])) < 1e-9):
+                raise UsageError("a template-space normative model needs normative_template (a name), "
+                                 "normative_template_shape (3 positive sizes) and normative_template_affine "
+                                 f"(16 finite values, invertible); got {self.normative_template!r}, "
+                                 f"{self.normative_template_shape}, {len(self.normative_template_affine)} values")
         if self.inputs != "dwi" and self.name in DWI_ONLY_MODELS:
             raise UsageError(f"the {self.name} baseline reads the dw channels itself: inputs must be 'dwi'")
         if self.invariant_sh_order not in (2, 4, 6, 8):
@@ -283,3 +306,10 @@ def _preset(name: str, model: str) -> Settings:
                                       n_folds=7, patience=15),
         )
     raise UsageError(f"unknown preset {name!r}; choose quick, standard or paper")
+
+
+def needs_template(model) -> bool:
+    """Whether ``model`` (a module, or its :class:`ModelSettings`) scores in a template space and so
+    needs each subject's transforms to it and back (the template-space normative model)."""
+    settings = getattr(model, "settings", model)
+    return getattr(settings, "name", "") == "normative" and getattr(settings, "normative_space", "dwi") == "template"

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from bids_uad.algorithms.masking import dice
-from bids_uad.errors import InputValidationError
+from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models import FIXED_THRESHOLDS
 from bids_uad.models.bundle import ModelBundle, score_volume
+from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
-from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, to_grid
+from bids_uad.models.inputs import Prepared, from_grid, grid_affine, prepare_subject, to_grid
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
 from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import postprocess, postprocess_description
@@ -42,8 +43,10 @@ class InferenceResult:
     info: dict = field(default_factory=dict)  # provenance for the JSON sidecar
 
 
-def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fold: int | None = None) -> np.ndarray:
-    """Score map on the grid: one fold (default: best validation loss) or the mean over folds.
+def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fold: int | None = None,
+               route=None) -> np.ndarray:
+    """Score map on the grid: one fold (default: best validation loss) or the mean over folds
+    (``route``: the subject's route to the template, on the grid, for a template-space model).
 
     The ensemble accumulates a running sum, so memory stays at two score maps whatever the
     number of folds (each fold's network is applied in turn, never all at once)."""
@@ -51,23 +54,28 @@ def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fo
     torch.set_num_threads(max(1, bundle.settings.training.threads))
     total = None
     for f in folds:
-        s = score_volume(f.model, data).astype(np.float64)
+        s = score_volume(f.model, data, route=route).astype(np.float64)
         total = s if total is None else np.add(total, s, out=total)
     return (total / len(folds)).astype(np.float32)
 
 
 def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.ndarray | None = None,
                    method: str | None = None, ensemble: bool | None = None, fold: int | None = None,
-                   scoring: ScoringSettings | None = None) -> InferenceResult:
+                   scoring: ScoringSettings | None = None, route=None) -> InferenceResult:
     """Score, threshold and post-process one prepared subject; map results back to its original shape.
 
     ``analysis_mask`` is in the original (diffusion-space) shape; default: the brain mask.
     ``method``: None uses the model file's threshold method.  ``ensemble``: None uses the model
     file's ``scoring.ensemble`` (mean score of all folds, or the best fold); an explicit ``fold``
     means that single fold.  ``scoring`` overrides the bundle's scoring settings (threshold
-    method, FPR, q, post-processing, ensemble).
+    method, FPR, q, post-processing, ensemble).  ``route``: the subject's
+    :class:`~bids_uad.algorithms.registration.TemplateRoute` for its *original* (diffusion-space)
+    array, required by a template-space model (:func:`~bids_uad.models.bundle.needs_template`).
     """
     scoring = scoring or bundle.settings.scoring
+    if needs_template(bundle.settings.model):
+        check_route(bundle, route)
+        route = route.with_affine(grid_affine(route.matrix, prepared.grid_map))
     if ensemble is None:
         ensemble = scoring.ensemble and fold is None
     source = "requested (--threshold)" if method else "model file (the default; set at the group level)"
@@ -76,7 +84,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     method = method or scoring.threshold_method
     gm = prepared.grid_map
     amask = prepared.mask if analysis_mask is None else to_grid(np.asarray(analysis_mask) > 0, gm.grid)[0]
-    score = np.where(amask, score_grid(bundle, prepared.data, ensemble, fold), 0).astype(np.float32)
+    score = np.where(amask, score_grid(bundle, prepared.data, ensemble, fold, route), 0).astype(np.float32)
     cal: Calibration | None = bundle.calibration(ensemble=ensemble, fold=fold)
     pvals = None if cal is None else np.where(amask, cal.pvalues(score), 1).astype(np.float32)
     binary, t = threshold_map(score, amask, method, bundle.name, scoring, cal, pvals)
@@ -90,6 +98,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "ensemble": ensemble,
             "folds": [f.fold for f in bundle.folds] if ensemble else [bundle.best_fold() if fold is None else fold],
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
+            **({"model_space": bundle.settings.model.normative_template} if route is not None else {}),
             "calibration": None if cal is None else (
                 "out-of-fold: every training control, scored by the fold that held it out"
                 if fold is None and bundle.out_of_fold is not None
@@ -100,6 +109,18 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "finding_min_volume_ml": finding_min_volume(method, scoring, cal)}
     return InferenceResult(from_grid(score, gm), None if pvals is None else from_grid(pvals, gm, fill=1.0),
                            from_grid(written, gm), from_grid(binary, gm), t, method, info)
+
+
+def check_route(bundle: ModelBundle, route) -> None:
+    """A template-space model needs the subject's transforms to its template: refuse without them
+    (no fallback: scored in another space it would be a detector its threshold was not calibrated for)."""
+    want = bundle.settings.model.normative_template
+    if route is None:
+        raise InputMissingError(f"the {bundle.name} model works in template space ({want}): the subject's "
+                                "transforms to the template and back are needed")
+    if route.template != want:
+        raise InputValidationError(f"the {bundle.name} model was fitted in {want}; the subject's transforms "
+                                   f"go to {route.template}")
 
 
 def finding_min_volume(method: str, scoring: ScoringSettings, cal: Calibration | None) -> float | None:
@@ -130,14 +151,15 @@ def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> s
 
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,
           analysis_mask: np.ndarray | None = None, method: str | None = None, ensemble: bool | None = None,
-          fold: int | None = None, scoring: ScoringSettings | None = None) -> InferenceResult:
-    """Full inference from a preprocessed dwi (X, Y, Z, N with b0s) in diffusion space."""
+          fold: int | None = None, scoring: ScoringSettings | None = None, route=None) -> InferenceResult:
+    """Full inference from a preprocessed dwi (X, Y, Z, N with b0s) in diffusion space (``route``:
+    the dwi's :class:`~bids_uad.algorithms.registration.TemplateRoute`, for a template-space model)."""
     m = bundle.settings.model
     prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
                                m.inputs, m.invariant_sh_order)
     if analysis_mask is not None and np.shape(analysis_mask) != np.shape(brain_mask):
         raise InputValidationError("analysis mask and brain mask differ in shape")
-    return infer_prepared(bundle, prepared, analysis_mask, method, ensemble, fold, scoring)
+    return infer_prepared(bundle, prepared, analysis_mask, method, ensemble, fold, scoring, route)
 
 
 def evaluate(score: np.ndarray, truth: np.ndarray, analysis_mask: np.ndarray, model_name: str,

@@ -14,7 +14,7 @@ import numpy as np
 from bids_uad.errors import InputValidationError
 from bids_uad.models import is_trainable
 from bids_uad.models.bundle import ModelBundle
-from bids_uad.models.inputs import dw_gradients, input_channels, prepare_subject, to_grid
+from bids_uad.models.inputs import dw_gradients, grid_affine, input_channels, prepare_subject, to_grid
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -24,7 +24,7 @@ from bids_uad.training.trainer import calibrate_out_of_fold, train_folds
 def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                 subjects: Sequence[str], ref_bvals: np.ndarray, ref_bvecs: np.ndarray,
                 analysis_masks: Sequence[np.ndarray] | None = None,
-                checkpoint_dir: str | Path | None = None) -> ModelBundle:
+                checkpoint_dir: str | Path | None = None, routes: Sequence | None = None) -> ModelBundle:
     """Train and calibrate all folds on control arrays (C, X, Y, Z) already on the model grid.
 
     ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
@@ -32,6 +32,8 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     select the healthy voxels used for calibration.  Each fold calibrates on its held-out
     controls; for the fitted baselines the bundle's default calibration pools every control's
     out-of-fold scores (:func:`calibrate_out_of_fold`); a network uses its best fold's own.
+    ``routes``: each control's :class:`~bids_uad.algorithms.registration.TemplateRoute` for the
+    arrays on the grid (required by a model that works in template space, else unused).
     """
     if len(subjects) != len(data):
         raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
@@ -44,14 +46,14 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     scores: dict = {}
     folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
                         gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)),
-                        heldout_scores=scores)
+                        heldout_scores=scores, routes=routes)
     pooled = None
     # pooling needs fold models that share a score scale: the fitted baselines (robust statistics of
     # overlapping control sets) do; separately trained networks need not (docs/models.md, measured)
     if (not is_trainable(settings.model.name) and distributed.rank() == 0
             and all(f.calibration is not None for f in folds)):
         pooled = calibrate_out_of_fold(settings, folds, data, masks if analysis_masks is None else analysis_masks,
-                                       scores)
+                                       scores, routes)
     return ModelBundle(settings, folds, np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float),
                        list(subjects), data_hash(data), out_of_fold=pooled)
 
@@ -59,13 +61,15 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
 def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequence[np.ndarray],
                    bvecs: Sequence[np.ndarray], masks: Sequence[np.ndarray], subjects: Sequence[str],
                    analysis_masks: Sequence[np.ndarray] | None = None,
-                   checkpoint_dir: str | Path | None = None) -> ModelBundle:
+                   checkpoint_dir: str | Path | None = None, routes: Sequence | None = None) -> ModelBundle:
     """Like :func:`train_model` from raw preprocessed dwi (with b0s) in diffusion space.
 
     The first subject's diffusion-weighted gradient table is the reference; the others are
     reconciled to it (permutation or SH resampling; a different b-value raises).
     ``settings.model.n_channels`` is sized here to the input representation
     (``settings.model.inputs``): the dw volumes, or the invariant features of the shells.
+    ``routes``: each control's :class:`~bids_uad.algorithms.registration.TemplateRoute` for its dwi
+    image (affine of the dwi); moved here onto the model grid that overlays it.
     """
     if len(dwis) < 3:
         raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
@@ -78,5 +82,8 @@ def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequen
     amasks = None
     if analysis_masks is not None:
         amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]
+    if routes is not None:
+        routes = [None if r is None else r.with_affine(grid_affine(r.matrix, p.grid_map))
+                  for r, p in zip(routes, prepared)]
     return train_model(settings, [p.data for p in prepared], [p.mask for p in prepared], subjects,
-                       ref_bvals, ref_bvecs, amasks, checkpoint_dir)
+                       ref_bvals, ref_bvecs, amasks, checkpoint_dir, routes)

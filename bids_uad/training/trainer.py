@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, is_trainable
 from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
+from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration, calibrate, calibrate_finding_volume, calibrate_written
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
 from bids_uad.models.settings import Settings
@@ -305,7 +306,8 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
                 analysis_masks: Sequence[np.ndarray] | None = None, checkpoint_dir: str | Path | None = None,
                 on_fold: Callable[[FoldResult], None] | None = None,
                 gradients: tuple[np.ndarray, np.ndarray] | None = None,
-                heldout_scores: dict[int, list[np.ndarray]] | None = None) -> list[FoldResult]:
+                heldout_scores: dict[int, list[np.ndarray]] | None = None,
+                routes: Sequence | None = None) -> list[FoldResult]:
     """k-fold training + calibration on each fold's held-out controls (arrays on the grid).
 
     Models that are not trainable (the baselines) are fitted on each fold's training subjects
@@ -321,7 +323,9 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
       temporary folder); this process then loads the finished folds from them and calibrates.
 
     ``heldout_scores`` (a dict, filled on rank 0): {fold: its held-out controls' score maps}, for
-    :func:`calibrate_out_of_fold` without scoring them again.
+    :func:`calibrate_out_of_fold` without scoring them again.  ``routes``: each subject's
+    :class:`~bids_uad.algorithms.registration.TemplateRoute` (on the grid of ``data``), for a model
+    that works in template space (the template-space normative model); None otherwise.
     """
     heldout_scores = {} if heldout_scores is None else heldout_scores
     check_training_inputs(data, masks, settings)
@@ -332,10 +336,10 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     results = []
     if not is_trainable(settings.model.name):
         for fold, tr, va, _ in plan:
-            res = fit_fold(settings, data, masks, tr, va, fold, gradients)
+            res = fit_fold(settings, data, masks, tr, va, fold, gradients, routes)
             results.append(res)
             if distributed.rank() == 0:
-                heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks)
+                heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes)
                 if on_fold is not None:
                     on_fold(res)
         return results
@@ -357,13 +361,19 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     return results
 
 
+def _route(routes: Sequence | None, i: int):
+    """Subject ``i``'s route to the template (None without routes)."""
+    return None if routes is None else routes[i]
+
+
 def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarray],
-                   analysis_masks: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Null sample and written-map level of one fold from its held-out controls' score maps;
-    returns those score maps (in ``res.val_idx`` order) for :func:`calibrate_out_of_fold`."""
+                   analysis_masks: Sequence[np.ndarray], routes: Sequence | None = None) -> list[np.ndarray]:
+    """Null sample and written-map level of one fold from its held-out controls' score maps
+    (``routes``: as :func:`train_folds`); returns those score maps (in ``res.val_idx`` order) for
+    :func:`calibrate_out_of_fold`."""
     va = res.val_idx
     fold = res.fold
-    scores = [score_volume(res.model, data[i]) for i in va]
+    scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
     amasks = [analysis_masks[i] for i in va]
     res.calibration = calibrate(scores, amasks, settings.scoring.max_null_samples, settings.training.seed + fold)
     calibrate_written(res.calibration, scores, amasks, settings.scoring.fpr,
@@ -383,7 +393,8 @@ def _finding_volume(cal: Calibration, settings: Settings, maps, masks) -> None:
 
 
 def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data: Sequence[np.ndarray],
-                          analysis_masks: Sequence[np.ndarray], scores: dict[int, list[np.ndarray]] | None = None) -> Calibration:
+                          analysis_masks: Sequence[np.ndarray], scores: dict[int, list[np.ndarray]] | None = None,
+                          routes: Sequence | None = None) -> Calibration:
     """One calibration from every control's *out-of-fold* score map (each control scored by the
     fold that held it out): the threshold of the model that is used (the best fold, or the fold
     ensemble).
@@ -400,7 +411,7 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
     for res in folds:
         fold_scores = (scores or {}).get(res.fold)
         if fold_scores is None:
-            fold_scores = [score_volume(res.model, data[i]) for i in res.val_idx]
+            fold_scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in res.val_idx]
         maps += list(fold_scores)
         masks += [analysis_masks[i] for i in res.val_idx]
     cal = calibrate(maps, masks, settings.scoring.max_null_samples, settings.training.seed)
@@ -412,19 +423,26 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
 
 
 def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_idx: Sequence[int],
-             val_idx: Sequence[int], fold: int, gradients: tuple[np.ndarray, np.ndarray] | None) -> FoldResult:
-    """Fit a non-trainable model (a baseline) on the fold's training subjects.
+             val_idx: Sequence[int], fold: int, gradients: tuple[np.ndarray, np.ndarray] | None,
+             routes: Sequence | None = None) -> FoldResult:
+    """Fit a non-trainable model (a baseline) on the fold's training subjects (``routes``: as
+    :func:`train_folds`, passed to the model only when it works in template space).
 
     Its "validation loss" is the mean score of the held-out controls inside their brain masks
     (lower: they look more normal), so the best fold is chosen as for the networks.
     """
     model = get_model(settings.model.name, settings.model)
     bvals, bvecs = gradients if gradients is not None else (None, None)
-    model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs)
+    if needs_template(model):
+        model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs,
+                  routes=[_route(routes, i) for i in train_idx])
+    else:
+        model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs)
     model.eval()
 
     def mean_score(idx):
-        return float(np.mean([score_volume(model, data[i])[masks[i]].mean() for i in idx])) if len(idx) else 0.0
+        return float(np.mean([score_volume(model, data[i], route=_route(routes, i))[masks[i]].mean()
+                              for i in idx])) if len(idx) else 0.0
 
     val, train = mean_score(val_idx), mean_score(train_idx)
     history = [{"epoch": 0, "train_loss": train, "val_loss": val, "lr": 0.0}]

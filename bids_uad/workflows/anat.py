@@ -35,7 +35,7 @@ OUTPUT_FIELDS = [
     "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
     "dwi_dseg", "dwi_probsegs", "dwi_ventricles", "dwi_analysis_mask",
     "t1w2dwi_xfm", "dwi2t1w_xfm", "t1w2mni_xfm", "mni2t1w_xfm", "template_name", "template_file",
-    "dwi2t1w_composite", "t1w2mni_composite",
+    "dwi2t1w_composite", "t1w2mni_composite", "t1w2dwi_composite", "mni2t1w_composite",
 ]
 #: resolution (mm) the T1w→template registration runs at (transforms are physical: any grid)
 TEMPLATE_REG_MM = 2.0
@@ -231,9 +231,11 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         (dwi_probs, outputnode, [("out_files", "dwi_probsegs")]),
         (analysis, outputnode, [("out_file", "dwi_analysis_mask")]),
         (t1w2dwi, outputnode, [("forward_transforms", "t1w2dwi_xfm"),
-                               ("reverse_transforms", "dwi2t1w_xfm"), ("reverse_xfm", "dwi2t1w_composite")]),
+                               ("reverse_transforms", "dwi2t1w_xfm"), ("reverse_xfm", "dwi2t1w_composite"),
+                               ("forward_xfm", "t1w2dwi_composite")]),
         (t1w2tpl, outputnode, [("forward_transforms", "t1w2mni_xfm"),
-                               ("reverse_transforms", "mni2t1w_xfm"), ("forward_xfm", "t1w2mni_composite")]),
+                               ("reverse_transforms", "mni2t1w_xfm"), ("forward_xfm", "t1w2mni_composite"),
+                               ("reverse_xfm", "mni2t1w_composite")]),
     ])
 
     # -- derivatives ------------------------------------------------------------------------

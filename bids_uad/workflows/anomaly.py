@@ -31,29 +31,68 @@ def model_name(model_file: str | Path) -> str:
 
 #: inputs of the findings' deviation signature ('' when not available)
 SIGNATURE_INPUTS = ("fa", "md", "ad", "rd", "dseg")
+#: the anatomical workflow's composite transforms ('' when not along the graph's edges: from OUTPUT_DIR)
+TRANSFORM_INPUTS = ("dwi2t1w_xfm", "t1w2template_xfm", "t1w2dwi_xfm", "template2t1w_xfm")
 #: output of AnomalyInference -> key of the outputs table (dwi space)
 OUTPUTS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomaly_mask"}
 #: output of AnomalyInference -> (key of the outputs table in template space, resampling kind)
 TEMPLATE_OUTPUTS = {"score": ("anomaly_score_template", "image"), "mask": ("anomaly_mask_template", "mask")}
 
 
-def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
-    """Inference for every model in ``settings.model``, maps written in diffusion space.
+def template_models(settings: Settings) -> dict[str, str]:
+    """{model: template} of the ``--model`` files that work in a template space (the template-space
+    normative model): they need each run's transforms to the template and back."""
+    import json
+    from types import SimpleNamespace
+
+    from bids_uad.models.settings import needs_template
+
+    found = {}
+    for path in resolve_model_files(settings.model):
+        model = json.loads(Path(path).read_text()).get("settings", {}).get("model", {})
+        if needs_template(SimpleNamespace(name=model.get("name"), normative_space=model.get("normative_space"))):
+            found[model_name(path)] = model.get("normative_template", "")
+    return found
+
+
+def unscorable_models(settings: Settings, source_file: str | Path, edges: str = "") -> dict[str, str]:
+    """{model: why} for the template-space models that cannot score the dwi run ``source_file``:
+    its transforms to the template and back are not in OUTPUT_DIR, and do not come along the graph's
+    edges (``edges``: the template of this graph's anatomical workflow, '' when none feeds this run).
+    The participant level skips those models for the run with a warning (no fallback to another space)."""
+    import numpy as np
+
+    from bids_uad.interfaces.anomaly import template_route
+
+    out = {}
+    for model, template in template_models(settings).items():
+        if edges and edges == template:
+            continue
+        route, missing = template_route(settings.output_dir, source_file, template, np.eye(4))
+        if route is None:
+            out[model] = "no transforms " + ", ".join(missing)
+    return out
+
+
+def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf", skip: tuple[str, ...] = ()):
+    """Inference for every model in ``settings.model`` (but those named in ``skip``), maps written
+    in diffusion space.
 
     inputnode: dwi_preproc, bval, bvec, brain_mask, analysis_mask ('' when none), source_file
-    (the raw dwi run or its preprocessed derivative: the maps inherit its entities), dwi2t1w_xfm
-    and t1w2template_xfm (the anatomical workflow's composites, for template-space maps; unset:
-    read from OUTPUT_DIR through the outputs table), fa, md, ad, rd (tensor maps) and dseg (dwi-space
-    tissue classes; '' when none) for the findings' deviation signature.
+    (the raw dwi run or its preprocessed derivative: the maps inherit its entities), dwi2t1w_xfm,
+    t1w2template_xfm, t1w2dwi_xfm and template2t1w_xfm (the anatomical workflow's composites, for
+    template-space maps and template-space models; unset: read from OUTPUT_DIR through the outputs
+    table), fa, md, ad, rd (tensor maps) and dseg (dwi-space tissue classes; '' when none) for the
+    findings' deviation signature.
     outputnode: scores, masks, findings (the stored finding label images; lists, one per model).
     """
-    models = resolve_model_files(settings.model)
+    models = [m for m in resolve_model_files(settings.model) if model_name(m) not in skip]
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask",
-                                                      "analysis_mask", "source_file", "dwi2t1w_xfm",
-                                                      "t1w2template_xfm", *SIGNATURE_INPUTS]),
+                                                      "analysis_mask", "source_file", *TRANSFORM_INPUTS,
+                                                      *SIGNATURE_INPUTS]),
                         name="inputnode")
-    for field in SIGNATURE_INPUTS:
+    for field in SIGNATURE_INPUTS + TRANSFORM_INPUTS:
         setattr(inputnode.inputs, field, "")
     outputnode = pe.Node(niu.IdentityInterface(fields=["scores", "masks", "findings"]), name="outputnode")
     scores = pe.Node(niu.Merge(len(models)), name="merge_scores", run_without_submitting=True)
@@ -70,11 +109,12 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf"):
         infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
                                          ensemble={True: "yes", False: "no"}.get(settings.ensemble, ""),
                                          device="cpu" if settings.device == "auto" else settings.device,
-                                         threads=settings.omp_nthreads),
+                                         threads=settings.omp_nthreads, output_dir=str(settings.output_dir)),
                         name=f"infer_{model}", mem_gb=2.0)
         workflow.connect([(inputnode, infer, [("dwi_preproc", "dwi_file"), ("bval", "bval_file"),
                                               ("bvec", "bvec_file"), ("brain_mask", "brain_mask"),
-                                              ("analysis_mask", "analysis_mask")])])
+                                              ("analysis_mask", "analysis_mask"), ("source_file", "source_file"),
+                                              *((f, f) for f in TRANSFORM_INPUTS)])])
         for field, key in OUTPUTS.items():
             sink = pe.Node(DerivativesDataSink(output=key, params={"model": model}, skip_empty=(field == "pvalue"),
                                                **common), name=f"ds_{key}_{model}", run_without_submitting=True)

@@ -130,7 +130,10 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 if run.analysis_mask is None:
                     LOGGER.warning("%s: no analysis mask for this run: anomalies scored in the whole "
                                    "brain mask", run.dwi.name)
-                awf = init_anomaly_wf(settings, name=f"anomaly_{_session_name(ses)}_{index}")
+                skip = _skipped_models(settings, run.dwi)
+                if skip is None:
+                    continue
+                awf = init_anomaly_wf(settings, name=f"anomaly_{_session_name(ses)}_{index}", skip=skip)
                 awf.inputs.inputnode.dwi_preproc = str(run.dwi)
                 awf.inputs.inputnode.bval = str(run.bval)
                 awf.inputs.inputnode.bvec = str(run.bvec)
@@ -154,7 +157,11 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
         if settings.model is None:
             continue
         for index, (dwi_wf, source) in enumerate(series):
-            awf = init_anomaly_wf(settings, name=f"anomaly_{_session_name(ses)}_{index}")
+            edges = anat_wf is not None and dwi_wf is first_dwi
+            skip = _skipped_models(settings, source, _anat_template(settings) if edges else "")
+            if skip is None:
+                continue
+            awf = init_anomaly_wf(settings, name=f"anomaly_{_session_name(ses)}_{index}", skip=skip)
             awf.inputs.inputnode.source_file = str(source)
             workflow.connect([(dwi_wf, awf, [("outputnode.dwi_preproc", "inputnode.dwi_preproc"),
                                              ("outputnode.bval", "inputnode.bval"),
@@ -168,7 +175,9 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 workflow.connect([(anat_wf, awf, [("outputnode.dwi_analysis_mask", "inputnode.analysis_mask"),
                                                   ("outputnode.dwi_dseg", "inputnode.dseg"),
                                                   ("outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm"),
-                                                  ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm")])])
+                                                  ("outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm"),
+                                                  ("outputnode.t1w2dwi_composite", "inputnode.t1w2dwi_xfm"),
+                                                  ("outputnode.mni2t1w_composite", "inputnode.template2t1w_xfm")])])
             elif dwi_wf in tissue_wfs:
                 workflow.connect([(tissue_wfs[dwi_wf], awf, [("outputnode.analysis_mask", "inputnode.analysis_mask"),
                                                              ("outputnode.dseg", "inputnode.dseg")])])
@@ -181,6 +190,25 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
     if settings.model is not None:
         _add_longitudinal_stage(workflow, settings, plan, finished)
     return workflow
+
+
+def _anat_template(settings: Settings) -> str:
+    """The template the anatomical workflow registers the T1w to (its transforms' to-<template>)."""
+    from bids_uad.algorithms.templates import template_for_output_spaces
+
+    return template_for_output_spaces(settings.output_spaces).name
+
+
+def _skipped_models(settings: Settings, source, edges: str = "") -> tuple[str, ...] | None:
+    """The ``--model`` models this dwi run cannot be scored with (a template-space model without the
+    run's transforms: warned, not fallen back on); None when that leaves no model for the run."""
+    from bids_uad.workflows.anomaly import resolve_model_files, unscorable_models
+
+    skip = unscorable_models(settings, source, edges)
+    for model, why in skip.items():
+        LOGGER.warning("%s: model %s not scored: it works in template space and the run has %s", Path(source).name,
+                       model, why)
+    return tuple(skip) if len(skip) < len(resolve_model_files(settings.model)) else None
 
 
 def check_model_shells(settings: Settings, plan: ParticipantPlan) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bids_uad.bids.layout import BIDSInputs
 from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, order_sessions
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
+from bids_uad.models.settings import needs_template
 
 LOGGER = logging.getLogger("bids_uad.group")
 
@@ -68,23 +70,67 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
 
 
 def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int],
-                       voxel_ml: float | None = None):
+                       voxel_ml: float | None = None, voxel_mm: float | None = None):
     """Training settings from the preset, sized to the data: channels, a grid that covers it and
     the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` and
-    ``--ensemble/--no-ensemble`` (if given) are stored in the model file."""
+    ``--ensemble/--no-ensemble`` (if given) are stored in the model file.  The normative model works
+    in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``)."""
     from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
     grid = tuple(int(math.ceil(s / div) * div) for s in shape)
     processes = training_processes(settings, base.training.batch_size)
+    space = normative_template_settings(settings, voxel_mm) if model == "normative" else {}
     return replace(
         base,
-        model=replace(base.model, n_channels=int(n_channels), grid=grid),
+        model=replace(base.model, n_channels=int(n_channels), grid=grid, **space),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
         scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml, settings.ensemble),
     )
+
+
+def normative_template_settings(settings: Settings, voxel_mm: float | None) -> dict:
+    """The normative model's space for BIDS runs: the template the anatomical workflow registers to
+    (:func:`~bids_uad.algorithms.templates.template_for_output_spaces`), on a grid covering its
+    brain at the controls' dwi voxel size (``voxel_mm``: the isotropic voxel of the same volume as
+    theirs, rounded to 0.01 mm, at least 1 mm; 2 mm when unknown)."""
+    from bids_uad.algorithms.templates import template_for_output_spaces, template_grid
+
+    template = template_for_output_spaces(settings.output_spaces)
+    shape, affine = template_grid(template.brain_mask, max(1.0, round(float(voxel_mm or 2.0), 2)))
+    return {"normative_space": "template", "normative_template": template.name,
+            "normative_template_shape": tuple(shape),
+            "normative_template_affine": tuple(float(v) for v in np.asarray(affine).ravel())}
+
+
+def template_routes(settings: Settings, found: list[PreprocessedDwi], items: list[dict], template: str,
+                    refuse: bool = True) -> list:
+    """Each run's :class:`~bids_uad.algorithms.registration.TemplateRoute` to ``template`` and back
+    (from OUTPUT_DIR), also stored in its loaded ``items`` entry as ``"route"`` (None when missing).
+
+    ``refuse``: the controls of a template-space model must all have them: exit 66 naming the
+    controls without and what is missing (no fallback to the dwi grid: another detector).
+    """
+    from bids_uad.errors import InputMissingError
+    from bids_uad.interfaces.anomaly import template_route
+
+    routes, missing = [], {}
+    for run, item in zip(found, items):
+        route, lacking = template_route(settings.output_dir, run.dwi, template, item["affine"])
+        item["route"] = route
+        routes.append(route)
+        if route is None:
+            missing[f"sub-{run.subject}"] = ", ".join(lacking)
+    if missing and refuse:
+        raise InputMissingError(
+            f"the normative model works in template space ({template}) and needs every control's transforms to "
+            "the template and back, written by the participant level's anatomical workflow (a T1w per "
+            "session); missing for " + "; ".join(f"{s}: {m}" for s, m in missing.items())
+            + ": run the participant level with a T1w for them (e.g. --output-spaces dwi MNI152NLin2009cAsym), "
+            "or train without it (--models without normative)", settings.output_dir)
+    return routes
 
 
 def _scoring_for(scoring, threshold: str | None, voxel_ml: float | None, ensemble: bool | None = None):
@@ -152,7 +198,8 @@ def _load_controls(found: list[PreprocessedDwi]) -> dict:
     shapes = {d["dwi"].shape[:3] for d in loaded}
     shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
     zooms = loaded[0]["header"].get_zooms()[:3]
-    return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0}
+    return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0,
+            "voxel_mm": float(np.prod(zooms)) ** (1 / 3)}  # the isotropic voxel of the same volume
 
 
 def shell_signature(bvals) -> tuple[int, ...]:
@@ -218,7 +265,15 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     subjects = [f.subject for f in found]
     bundles = []
     for model in settings.models:
-        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"])
+        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"],
+                                       data["voxel_mm"])
+        routes = None
+        if needs_template(msettings.model):
+            started = time.perf_counter()
+            routes = template_routes(settings, found, items, msettings.model.normative_template)
+            LOGGER.info("%s works in %s (grid %s): transforms found for all %d controls (%.1f s)", model,
+                        msettings.model.normative_template, msettings.model.normative_template_shape,
+                        len(found), time.perf_counter() - started)
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
         LOGGER.info("training %s on %d controls (%d folds, grid %s, %d channels)", model, len(found),
@@ -228,7 +283,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],
             [i["brain_mask"] for i in items], subjects,
             analysis_masks=[i["analysis_mask"] for i in items],
-            checkpoint_dir=settings.work_dir / "training" / model,
+            checkpoint_dir=settings.work_dir / "training" / model, routes=routes,
         )
         if distributed.rank() != 0:
             continue
@@ -247,7 +302,14 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         # after training (the patients are not held in memory while it runs), loaded once for every
         # model's evaluation and the detection tables; each patient is scored once per model
         candidates = [baseline_derivatives(settings, bids, s) for s in bids.subjects() if s not in controls]
-        patients = load_patients(settings, [c for c in candidates if c is not None])
+        candidates = [c for c in candidates if c is not None]
+        patients = load_patients(settings, candidates)
+        for bundle in bundles:
+            if needs_template(bundle.settings.model):  # the patients' routes for its evaluation
+                for arrays in patients:
+                    run = next(c for c in candidates if c.subject == arrays["subject"])
+                    template_routes(settings, [run], [arrays], bundle.settings.model.normative_template, refuse=False)
+                break
         patient_results = {b.name: evaluate_bundle(settings, b, patients, group_dir) for b in bundles}
         evaluate_detectors(settings, patients, bundles, items, subjects, group_dir, patient_results)
 
@@ -257,12 +319,16 @@ def evaluate_bundle(settings: Settings, bundle, patients: list[dict], group_dir:
     dwi-space lesion mask); mean ± SD table.  Returns each patient's inference result (reused by
     the detection tables)."""
     from bids_uad.scoring.inference import evaluate, infer
+    from bids_uad.workflows.group_evaluation import can_score
 
     rows, results = [], []
     for arrays in patients:
         truth = arrays["truth"]
+        if not can_score(bundle, arrays):
+            results.append(None)
+            continue
         result = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
-                       arrays["analysis_mask"])
+                       arrays["analysis_mask"], route=arrays.get("route"))
         results.append(result)
         metrics = evaluate(result.score, truth, arrays["analysis_mask"], bundle.name, bundle.settings.scoring,
                            bundle.calibration())

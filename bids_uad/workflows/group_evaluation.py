@@ -24,6 +24,7 @@ import numpy as np
 from bids_uad.bids.derivatives import write_tsv
 from bids_uad.bids.lesions import find_lesion_instances, find_lesion_mask
 from bids_uad.errors import InputValidationError
+from bids_uad.models.settings import needs_template
 
 LOGGER = logging.getLogger("bids_uad.group")
 SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "dice_calibrated_sd", "dice_oracle",
@@ -96,6 +97,16 @@ def _case(arrays: dict, score, written=None, bundle=None):
                 arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 
 
+def can_score(bundle, arrays: dict) -> bool:
+    """Whether ``bundle`` can score this loaded subject: a template-space model needs its route
+    (``arrays["route"]``); without one the subject is left out of that model's evaluation, with a warning."""
+    if not needs_template(bundle.settings.model) or arrays.get("route") is not None:
+        return True
+    LOGGER.warning("sub-%s: no transforms to %s and back: left out of the %s evaluation", arrays.get("subject"),
+                   bundle.settings.model.normative_template, bundle.name)
+    return False
+
+
 def evaluate_detectors(settings, patients: list[dict], bundles: list, control_items: list[dict],
                        control_subjects: list[str], group_dir: Path,
                        patient_results: dict[str, list] | None = None) -> dict | None:
@@ -122,8 +133,11 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
         entry = cases.setdefault(bundle.name, {"patients": [], "controls": []})
         done = patient_results.get(bundle.name)
         for k, arrays in enumerate(patients):
+            if not can_score(bundle, arrays):  # a template-space model without the patient's transforms
+                continue
             res = done[k] if done is not None else infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"],
-                                                         arrays["brain_mask"], arrays["analysis_mask"])
+                                                         arrays["brain_mask"], arrays["analysis_mask"],
+                                                         route=arrays.get("route"))
             entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
         index = {s: i for i, s in enumerate(bundle.subjects)}
         for fold in bundle.folds:
@@ -133,7 +147,7 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
                 if arrays is None or subject not in index:
                     continue
                 res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
-                            arrays["analysis_mask"], fold=fold.fold)
+                            arrays["analysis_mask"], fold=fold.fold, route=arrays.get("route"))
                 entry["controls"].append(_case(arrays, res.score, res.mask, bundle))
     for name in ("1-FA", "MD"):
         cases[name] = {"patients": [], "controls": []}

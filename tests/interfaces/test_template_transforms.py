@@ -25,3 +25,53 @@ def test_t1w_chain_wins_when_present(tmp_path):
     t1w2tpl = _touch(tmp_path, "xfm_t1w_to_template", "sub-01_T1w.nii.gz", template=TPL)
     dwi2t1w = _touch(tmp_path, "xfm_dwi_to_t1w", "sub-01_dwi.nii.gz")
     assert template_transforms(tmp_path, "sub-01_dwi.nii.gz", TPL) == (t1w2tpl, dwi2t1w)
+
+
+def test_template_route_needs_both_directions_and_names_what_is_missing(tmp_path):
+    import numpy as np
+
+    from bids_uad.interfaces.anomaly import template_route
+
+    route, missing = template_route(tmp_path, "sub-01_dwi.nii.gz", TPL, np.eye(4))
+    assert route is None and missing == ["from-dwi_to-T1w", f"from-T1w_to-{TPL}", "from-T1w_to-dwi",
+                                         f"from-{TPL}_to-T1w"]
+    # the dwi-only route carries maps there but has no way back: refused, and said why
+    _touch(tmp_path, "xfm_dwi_to_template", "sub-01_dwi.nii.gz", template=TPL)
+    route, missing = template_route(tmp_path, "sub-01_dwi.nii.gz", TPL, np.eye(4))
+    assert route is None and "writes no inverse" in missing[-1]
+    t1w2tpl = _touch(tmp_path, "xfm_t1w_to_template", "sub-01_T1w.nii.gz", template=TPL)
+    tpl2t1w = _touch(tmp_path, "xfm_template_to_t1w", "sub-01_T1w.nii.gz", template=TPL)
+    dwi2t1w = _touch(tmp_path, "xfm_dwi_to_t1w", "sub-01_dwi.nii.gz")
+    route, missing = template_route(tmp_path, "sub-01_dwi.nii.gz", TPL, np.eye(4))
+    assert route is None and missing == ["from-T1w_to-dwi"]
+    t1w2dwi = _touch(tmp_path, "xfm_t1w_to_dwi", "sub-01_dwi.nii.gz")
+    route, missing = template_route(tmp_path, "sub-01_dwi.nii.gz", TPL, 2 * np.eye(4))
+    assert missing == [] and route.template == TPL and np.array_equal(route.matrix, 2 * np.eye(4))
+    # antspyx applies the last transform first: dwi -> T1w -> template, and template -> T1w -> dwi
+    assert route.to_template == (str(t1w2tpl), str(dwi2t1w)) and route.to_dwi == (str(t1w2dwi), str(tpl2t1w))
+    # composites along the graph's edges come first
+    given = template_route(tmp_path, "sub-01_dwi.nii.gz", TPL, np.eye(4), {"xfm_t1w_to_dwi": "/x/edge.h5"})[0]
+    assert given.to_dwi[0] == "/x/edge.h5"
+
+
+def test_group_level_refuses_controls_without_transforms(tmp_path):
+    import numpy as np
+    import pytest
+
+    from bids_uad.bids.preprocessed import PreprocessedDwi
+    from bids_uad.errors import InputMissingError
+    from bids_uad.workflows.group import template_routes
+
+    class Settings:
+        output_dir = tmp_path
+
+    for key, source in (("xfm_t1w_to_template", "sub-01_T1w.nii.gz"), ("xfm_template_to_t1w", "sub-01_T1w.nii.gz"),
+                        ("xfm_dwi_to_t1w", "sub-01_dwi.nii.gz"), ("xfm_t1w_to_dwi", "sub-01_dwi.nii.gz")):
+        _touch(tmp_path, key, source, template=TPL)
+    runs = [PreprocessedDwi(s, None, tmp_path / f"sub-{s}" / "dwi" / f"sub-{s}_space-dwi_desc-preproc_dwi.nii.gz",
+                            tmp_path, tmp_path, tmp_path, None) for s in ("01", "02")]
+    items = [{"affine": np.eye(4)}, {"affine": np.eye(4)}]
+    with pytest.raises(InputMissingError, match=r"sub-02: from-dwi_to-T1w.*--output-spaces dwi MNI.*--models"):
+        template_routes(Settings, runs, items, TPL)
+    routes = template_routes(Settings, runs, items, TPL, refuse=False)
+    assert routes[0] is not None and routes[1] is None and items[1]["route"] is None

@@ -43,10 +43,29 @@ def _write_run(out, lesions, label, seed, lesion, run):
     if lesion or "PA" not in run:  # the T1w was registered to the first run only
         analysis = np.isin(toy.dseg, (2, 3)).astype(np.uint8)
         nib.save(nib.Nifti1Image(analysis, affine), folder / f"{stem}_desc-analysis_mask.nii.gz")
+        _write_transforms(out, label, run)
     if lesion:
         lfolder = lesions / f"sub-{label}" / "ses-pre" / "dwi"
         lfolder.mkdir(parents=True)
         nib.save(nib.Nifti1Image(toy.lesion.astype(np.uint8), affine), lfolder / f"{stem}_desc-tumor_mask.nii.gz")
+
+
+def _write_transforms(out, label, run):
+    """Identity transforms dwi <-> T1w <-> template, as the anatomical workflow names them (the
+    template-space normative model needs them both ways)."""
+    import ants
+
+    from bids_uad.algorithms.templates import find_template
+    from bids_uad.bids import outputs
+
+    identity = ants.create_ants_transform(transform_type="AffineTransform", dimension=3)
+    dwi = f"sub-{label}_ses-pre{'_' + run if run else ''}_dwi.nii.gz"
+    t1w = f"sub-{label}_ses-pre_T1w.nii.gz"
+    for key, source in (("xfm_dwi_to_t1w", dwi), ("xfm_t1w_to_dwi", dwi), ("xfm_t1w_to_template", t1w),
+                        ("xfm_template_to_t1w", t1w)):
+        path = outputs.path_for(out, key, source, template=find_template().name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ants.write_transform(identity, str(path))
 
 
 @pytest.fixture()
@@ -105,7 +124,14 @@ def test_group_then_participant_inference(levels_setup, capsys):
     folder = out / "sub-pat01" / "ses-pre" / "dwi"
     for run in ("dir-AP", "dir-PA"):
         stem = f"sub-pat01_ses-pre_{run}_space-dwi"
+        # the T1w was registered to dir-AP only: dir-PA has no transforms to the template, so the
+        # template-space normative model skips it (with a warning), the others score it
+        assert (f"{stem}_desc-preproc_dwi.nii.gz: model normative not scored" in err) \
+            == (run == "dir-PA")
+        assert (folder / f"{stem}_model-normative_stat-score_anomaly.nii.gz").is_file() == (run == "dir-AP")
         for model in ("dae", "recdisc", "normative", "meansignal"):
+            if model == "normative" and run == "dir-PA":
+                continue
             score = folder / f"{stem}_model-{model}_stat-score_anomaly.nii.gz"
             mask = folder / f"{stem}_model-{model}_desc-anomaly_mask.nii.gz"
             pvalue = folder / f"{stem}_model-{model}_stat-pvalue_anomaly.nii.gz"
@@ -135,6 +161,23 @@ def test_group_then_participant_inference(levels_setup, capsys):
             else:  # no analysis mask for this run: the brain mask
                 assert meta["AnalysisMask"] == "brain mask"
     assert not list(folder.glob("sub-pat01_ses-pre_space-dwi_model-*"))
+
+
+def test_group_refuses_normative_without_transforms(tmp_path, capsys):
+    """The template-space normative model needs every control's transforms: exit 66 naming the
+    controls without them, no fallback to the dwi grid."""
+    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=0)
+    out = tmp_path / "out"
+    for i, label in enumerate(["ctrl01", "ctrl02", "ctrl03"]):
+        _write_derivatives(out, tmp_path / "lesions", label, seed=i, lesion=False)
+    for path in (out / "sub-ctrl02").rglob("*_xfm.h5"):
+        path.unlink()
+    code = main([str(bids), str(out), "group", "-w", str(tmp_path / "w"), "--train-preset", "quick",
+                 "--models", "normative"])
+    err = capsys.readouterr().err
+    assert code == 66, err
+    assert "sub-ctrl02: from-dwi_to-T1w" in err and "sub-ctrl01" not in err.split("missing for")[1]
+    assert "--models without normative" in err
 
 
 def test_group_without_participant_derivatives(tmp_path, capsys):

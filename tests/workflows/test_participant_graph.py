@@ -48,6 +48,9 @@ def test_template_maps_take_the_transforms_of_the_same_graph(tmp_path):
     anomaly = next(e[1] for e in edges if e[1].startswith("anomaly_sub_pat01"))
     assert (anat, anomaly, "outputnode.dwi2t1w_composite", "inputnode.dwi2t1w_xfm") in edges
     assert (anat, anomaly, "outputnode.t1w2mni_composite", "inputnode.t1w2template_xfm") in edges
+    # the way back, for a template-space model's z map (the normative model)
+    assert (anat, anomaly, "outputnode.t1w2dwi_composite", "inputnode.t1w2dwi_xfm") in edges
+    assert (anat, anomaly, "outputnode.mni2t1w_composite", "inputnode.template2t1w_xfm") in edges
     # the findings' deviation signature takes the run's tensor maps and the dwi-space tissue classes
     dwi = next(e[0] for e in edges if e[1] == anomaly and e[2] == "outputnode.fa")
     for field in ("fa", "md", "ad", "rd"):
