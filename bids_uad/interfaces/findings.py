@@ -4,6 +4,8 @@ Reads the maps, calls :mod:`bids_uad.scoring.findings`, carries the finding labe
 template (the same transforms as the template-space anomaly maps) for the template centre and
 the atlas regions, and writes the table; the sidecar describes every column (BIDS TSV sidecar)
 and says which atlas named the regions and what the deviation signature is measured against.
+:class:`ControlsReference` carries a template-space normative model's controls' values back to a
+run's diffusion grid once, for the findings of every model of the run.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ class _FindingsInputSpec(BaseInterfaceInputSpec):
     t1w2template_xfm = traits.Str(desc="as ToTemplateSpace")
     atlases = traits.List(traits.Str, desc="atlases naming the regions (default: DEFAULT_ATLASES)")
     in_meta = traits.Dict(desc="the anomaly map's provenance (model hash, threshold)")
+    controls_reference = traits.Str("", usedefault=True,
+                                    desc="the controls' values on the dwi grid (ControlsReference's out_file); "
+                                         "'' = the subject's own tissue is the reference")
+    controls_meta = traits.Dict(desc="ControlsReference's meta: where the controls' values come from, or why not")
 
 
 class _FindingsOutputSpec(TraitedSpec):
@@ -127,7 +133,11 @@ class Findings(SimpleInterface):
         dseg = _load(inputs.dseg) if inputs.dseg else None
         dseg = dseg if dseg is not None and dseg.shape == mask.shape else None
         reference = amask & ~_dilate(mask)
-        FN.deviation_signature(rows, labels, maps, reference, dseg)
+        controls_meta = dict(inputs.controls_meta) if isdefined(inputs.controls_meta) else {}
+        controls = _load_controls(inputs.controls_reference, mask.shape)
+        if inputs.controls_reference and controls is None:
+            controls_meta = {"Note": "the controls' reference is not on this map's grid: not used"}
+        FN.deviation_signature(rows, labels, maps, reference, dseg, controls=controls)
 
         columns = list(FN.COLUMNS)
         region_cols = FN.region_columns(atlas_names)
@@ -138,6 +148,8 @@ class Findings(SimpleInterface):
         meta = {col: ({"Description": descriptions[col][0]} |
                       ({"Units": descriptions[col][1]} if descriptions[col][1] else {})) for col in columns}
         meta["fdr_survives"]["Levels"] = {"yes": "survives FDR", "no": "does not survive FDR"}
+        for key, _, _ in FN.SIGNATURE_METRICS:
+            meta[f"{key}_reference"]["Levels"] = dict(FN.REFERENCE_LEVELS)
         provenance = {k: v for k, v in (inputs.in_meta if isdefined(inputs.in_meta) else {}).items()
                       if k in ("Model", "ModelSHA256", "Threshold", "ThresholdMethod", "Postprocessing")}
         meta.update(provenance)
@@ -155,12 +167,7 @@ class Findings(SimpleInterface):
                          "Space": "MNI152 (looked up by template mm; "
                                   f"{inputs.template_name or 'the template'} differs by a few mm)"}
                         for name in atlas_names],
-            "DeviationReference": (
-                "this subject's normal-appearing tissue: analysis-mask voxels outside the anomaly mask dilated by one "
-                "voxel, restricted to the tissue class holding most of the finding's voxels in the dwi-space "
-                "segmentation (reference_tissue); the controls' values are not the reference: only the template-space "
-                "normative model file holds them (median/MAD of FA, MD and mean DW ratio at template locations; no AD/RD), "
-                "and the same reference serves every model"),
+            "DeviationReference": deviation_reference(controls is not None, controls_meta),
         })
         labels_path = Path(runtime.cwd) / "findings_dseg.nii.gz"
         label_dtype = np.uint8 if len(rows) < 256 else np.int16
@@ -174,6 +181,107 @@ class Findings(SimpleInterface):
         self._results["out_table"] = str(out)
         self._results["meta"] = meta
         self._results["n_findings"] = len(rows)
+        return runtime
+
+
+def deviation_reference(controls: bool, controls_meta: dict) -> str:
+    """The sidecar's DeviationReference: what each metric of the deviation signature is compared with."""
+    subject = ("this subject's normal-appearing tissue: analysis-mask voxels outside the anomaly mask dilated by one "
+               "voxel, restricted to the tissue class holding most of the finding's voxels in the dwi-space "
+               "segmentation (reference_tissue)")
+    if controls:
+        return ("per metric, as <metric>_reference says. FA, MD and mean DW ratio: the healthy controls at the same "
+                f"template locations: {controls_meta.get('Description', 'the template-space normative model')}; "
+                "the cluster's median against the median of the controls' per-voxel medians over the cluster's "
+                "voxels where they are defined (at least half of them, else the subject's tissue), robust z with "
+                "the median of their per-voxel spreads (1.4826 x MAD). AD and RD (not in the normative model), and "
+                f"a metric the controls do not cover: {subject}. The same reference serves every model of the run")
+    why = controls_meta.get("Note") or "no template-space normative model among the models used"
+    return (f"{subject}; the controls' values are not the reference ({why}); the same reference serves every "
+            "model of the run")
+
+
+def _load_controls(path: str, shape) -> dict | None:
+    """{signature metric: (controls' centre, spread, defined)} from ControlsReference's image, or None."""
+    if not path:
+        return None
+    import nibabel as nib
+    import numpy as np
+
+    from bids_uad.scoring.findings import NORMATIVE_SIGNATURE
+
+    data = np.asarray(nib.load(path).dataobj, np.float32)
+    n = len(NORMATIVE_SIGNATURE)
+    if data.ndim != 4 or data.shape[:3] != tuple(shape) or data.shape[3] != 3 * n:
+        return None
+    return {key: (data[..., i], data[..., n + i], data[..., 2 * n + i] > 0.5)
+            for i, key in enumerate(NORMATIVE_SIGNATURE.values())}
+
+
+class _ControlsReferenceInputSpec(BaseInterfaceInputSpec):
+    model_file = traits.Str("", usedefault=True, desc="a template-space normative model-<name>.json ('' = none)")
+    dwi_file = File(exists=True, mandatory=True, desc="the run's preprocessed dwi: the grid the values come back to")
+    source_file = traits.Str(mandatory=True, desc="the dwi run (its entities find its transforms)")
+    output_dir = traits.Str(mandatory=True, desc="OUTPUT_DIR holding the transforms")
+    dwi2t1w_xfm = traits.Str("", usedefault=True, desc="as AnomalyInference ('' : from OUTPUT_DIR)")
+    t1w2template_xfm = traits.Str("", usedefault=True)
+    t1w2dwi_xfm = traits.Str("", usedefault=True)
+    template2t1w_xfm = traits.Str("", usedefault=True)
+
+
+class _ControlsReferenceOutputSpec(TraitedSpec):
+    out_file = traits.Str(desc="4-D image on the dwi grid: controls' median of FA, MD, mean DW ratio, their robust "
+                               "spreads, where each is defined; '' when not available")
+    meta = traits.Dict(desc="Description (model, hash, template, transforms) or Note (why not)")
+
+
+class ControlsReference(SimpleInterface):
+    """The controls' per-voxel median and robust spread of FA, MD and mean DW ratio, from a
+    template-space normative model, on one run's dwi grid (the normative score's inverse route:
+    :func:`~bids_uad.interfaces.anomaly.template_route`,
+    :func:`~bids_uad.models.baselines.controls_reference`)."""
+
+    input_spec = _ControlsReferenceInputSpec
+    output_spec = _ControlsReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+
+        from bids_uad.interfaces.anomaly import template_route
+        from bids_uad.models.baselines import NORMATIVE_METRICS, controls_reference
+        from bids_uad.models.bundle import load_bundle
+        from bids_uad.models.settings import needs_template
+
+        inputs = self.inputs
+        self._results["out_file"], self._results["meta"] = "", {}
+        if not inputs.model_file:
+            self._results["meta"] = {"Note": "no template-space normative model among the models used"}
+            return runtime
+        bundle = load_bundle(inputs.model_file)
+        if not needs_template(bundle.settings.model):
+            self._results["meta"] = {"Note": f"{Path(inputs.model_file).name} is not a template-space normative model"}
+            return runtime
+        template = bundle.settings.model.normative_template
+        img = nib.load(inputs.dwi_file)
+        given = {"xfm_dwi_to_t1w": inputs.dwi2t1w_xfm, "xfm_t1w_to_template": inputs.t1w2template_xfm,
+                 "xfm_t1w_to_dwi": inputs.t1w2dwi_xfm, "xfm_template_to_t1w": inputs.template2t1w_xfm}
+        route, missing = template_route(inputs.output_dir, inputs.source_file, template, img.affine, given)
+        if route is None:
+            self._results["meta"] = {"Note": f"this run has no transforms to {template} and back: "
+                                             + ", ".join(missing)}
+            return runtime
+        reference = controls_reference([f.model for f in bundle.folds], route, img.shape[:3])
+        stack = ([reference[k][0] for k in NORMATIVE_METRICS] + [reference[k][1] for k in NORMATIVE_METRICS]
+                 + [reference[k][2].astype(np.float32) for k in NORMATIVE_METRICS])
+        out = Path(runtime.cwd) / "controls_reference.nii.gz"
+        nib.save(nib.Nifti1Image(np.stack(stack, -1).astype(np.float32), img.affine), str(out))
+        self._results["out_file"] = str(out)
+        self._results["meta"] = {"Description": (
+            f"{Path(inputs.model_file).name} (sha256 {bundle.file_hash}; {len(bundle.subjects)} controls, the "
+            f"{len(bundle.folds)} folds' per-voxel medians and spreads averaged), fitted in {template} and carried "
+            "back to this run's diffusion grid in one linear resampling (support-normalised) through "
+            + ", ".join(Path(t).name for t in route.to_dwi) + ", the normative score's own route")}
         return runtime
 
 

@@ -156,6 +156,13 @@ class NormativeModel(nn.Module):
         self.spread.copy_(torch.as_tensor(np.where(valid, spread, 1), dtype=torch.float32))
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
+    def carry_back(self, maps: np.ndarray, support: np.ndarray, route, shape: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Template-grid ``maps`` (K, ...) defined where ``support``, back onto the grid of ``route``'s
+        arrays (``shape``) with its inverse chain in one resampling, support-normalised (the route of
+        the score map and of the controls' reference, :func:`controls_reference`)."""
+        return route.backward(maps, support, self.template_affine, shape)
+
     @torch.no_grad()
     def score(self, x: torch.Tensor, routes: Sequence | None = None) -> torch.Tensor:
         """Largest |robust z| over the metrics (B, X, Y, Z); 0 outside the brain and the model.
@@ -170,10 +177,33 @@ class NormativeModel(nn.Module):
             defined = valid & inside
             z = np.where(defined, (np.abs(values - centre) / spread).max(0), 0).astype(np.float32)
             if route is not None:  # back to the subject's grid with the inverse chain
-                z, defined = route.backward(z[None], defined, self.template_affine, brain.shape)
+                z, defined = self.carry_back(z[None], defined, route, brain.shape)
                 z = z[0]
             out.append(np.where(brain & defined, z, 0).astype(np.float32))
         return torch.from_numpy(np.stack(out)).to(x.device)
+
+
+def controls_reference(models: Sequence[NormativeModel], route, shape: Sequence[int]
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The controls' values of a template-space normative model on one subject's grid.
+
+    ``models``: the fold models of one template-space normative model file (their centres and
+    spreads averaged, where every fold defines them: together they have seen every control);
+    ``route``: the subject's :class:`~bids_uad.algorithms.registration.TemplateRoute` for arrays of
+    ``shape`` (its dwi image).  Returns {metric (:data:`NORMATIVE_METRICS`): (the controls' median,
+    their robust spread 1.4826 x MAD, where both are defined on the subject's grid)}, carried back
+    with :meth:`NormativeModel.carry_back` — the normative score's own route.
+    """
+    models = list(models)
+    if not models or not all(isinstance(m, NormativeModel) and m.in_template for m in models):
+        raise InputValidationError("the controls' reference needs the folds of a template-space normative model")
+    valid = np.logical_and.reduce([m.valid.cpu().numpy() > 0 for m in models])
+    centre = np.mean([m.centre.cpu().numpy() for m in models], 0)
+    spread = np.mean([m.spread.cpu().numpy() for m in models], 0)
+    stack = np.where(valid, np.concatenate([centre, spread]), 0).astype(np.float32)
+    carried, defined = models[0].carry_back(stack, valid, route, shape)
+    n = len(NORMATIVE_METRICS)
+    return {key: (carried[i], carried[n + i], defined & (carried[n + i] > 0)) for i, key in enumerate(NORMATIVE_METRICS)}
 
 
 def _neighbourhood(values: np.ndarray, radius: int) -> np.ndarray:

@@ -10,7 +10,9 @@ at least ``min_volume_ml``.  Per finding (plain functions on arrays; the interfa
 * :func:`add_template_location` — centre in template mm and the atlas regions it overlaps, from
   the label image carried to the template (:mod:`bids_uad.algorithms.atlases`);
 * :func:`deviation_signature` — median FA, MD, AD, RD and mean diffusion-weighted ratio inside the
-  finding relative to a reference (percent and robust z);
+  finding relative to a reference (percent and robust z): the healthy controls' values at the
+  same locations where a template-space normative model gives them (FA, MD, mean DW ratio),
+  else the subject's own normal-appearing tissue of the finding's tissue class;
 * :func:`match_findings` — baseline findings against follow-up findings in one space;
 * :func:`lesion_wise` — per-lesion detection and false findings against a lesion instance image.
 
@@ -30,6 +32,8 @@ MAD_TO_SD = 1.4826
 #: metrics of the deviation signature, in column order: (key, label, units)
 SIGNATURE_METRICS = (("fa", "FA", "1"), ("md", "MD", "mm^2/s"), ("ad", "AD", "mm^2/s"), ("rd", "RD", "mm^2/s"),
                      ("dwratio", "mean DW ratio", "1"))
+#: metric of the normative model (:data:`bids_uad.models.baselines.NORMATIVE_METRICS`) -> signature metric
+NORMATIVE_SIGNATURE = {"fa": "fa", "md": "md", "mdw": "dwratio"}
 #: tissue classes of a dwi-space dseg (bids_uad.algorithms.segmentation.LABELS)
 TISSUE_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
 
@@ -52,20 +56,35 @@ COLUMNS: dict[str, tuple[str, str | None]] = {
     "fdr_survives": ("yes when a voxel of the cluster is a Benjamini-Hochberg discovery at level FDRq over the "
                      "analysis mask's conformal p-values, else no; n/a for an uncalibrated model", None),
 }
+#: values of the ``<metric>_reference`` columns -> what they mean (the sidecar's Levels)
+REFERENCE_LEVELS = {
+    "controls": "the healthy controls at the same locations: the template-space normative model's per-voxel median "
+                "and robust spread (1.4826 x MAD) carried back to this run's diffusion grid, over the cluster's voxels",
+    "subject": "this subject's normal-appearing tissue of class reference_tissue (outside the dilated anomaly mask)",
+}
 for _key, _label, _units in SIGNATURE_METRICS:
-    COLUMNS[f"{_key}_median"] = (f"Median {_label} inside the cluster" if _key != "dwratio" else
-                                 "Mean diffusion-weighted signal ratio (S/S0 averaged over the diffusion-weighted "
-                                 "volumes), median over the cluster", _units)
-    COLUMNS[f"{_key}_percent"] = (f"{_label} inside the cluster relative to the reference median (see "
-                                  "DeviationReference): 100 * (cluster median - reference median) / reference median",
-                                  "%")
-    COLUMNS[f"{_key}_z"] = (f"Robust z of the cluster's median {_label}: (cluster median - reference median) / "
-                            "(1.4826 * reference median absolute deviation)", "1")
+    COLUMNS[f"{_key}_median"] = ((f"Median {_label} inside the cluster" if _key != "dwratio" else
+                                  "Mean diffusion-weighted signal ratio (S/S0 averaged over the diffusion-weighted "
+                                  "volumes), median over the cluster")
+                                 + " (with the controls' reference: over the cluster's voxels where the controls' "
+                                   "values are defined)", _units)
+    COLUMNS[f"{_key}_percent"] = (f"{_label} inside the cluster relative to the reference median ({_key}_reference; "
+                                  "see DeviationReference): 100 * (cluster median - reference median) / reference "
+                                  "median; with the controls' reference, the reference median is the median of the "
+                                  "controls' per-voxel medians over the same voxels", "%")
+    COLUMNS[f"{_key}_z"] = (f"Robust z of the cluster's median {_label}: (cluster median - reference median) / reference "
+                            "spread, the spread being 1.4826 x the median absolute deviation (of the subject's "
+                            "reference tissue; with the controls' reference, the median over the cluster's voxels "
+                            "of the controls' per-voxel robust spread)", "1")
+    COLUMNS[f"{_key}_reference"] = (f"What {_label} is compared with: 'controls' (the healthy controls' values at the "
+                                    "same template locations, from the template-space normative model) or 'subject' "
+                                    "(this subject's normal-appearing tissue of class reference_tissue); n/a when "
+                                    f"{_label} is not available", None)
 COLUMNS["signature"] = ("The deviation signature in words: metrics whose |robust z| >= 2, e.g. 'MD +34 %, FA -41 %'",
                         None)
-COLUMNS["reference_tissue"] = ("Tissue class of the reference values (the class holding most of the cluster's "
-                               "voxels in the dwi-space segmentation; 'brain' without one)", None)
-
+COLUMNS["reference_tissue"] = ("Tissue class of the subject's own reference values, used by the metrics whose "
+                               "<metric>_reference is 'subject' (the class holding most of the cluster's voxels in "
+                               "the dwi-space segmentation; 'brain' without one)", None)
 
 def find_findings(mask: np.ndarray, score: np.ndarray, affine: np.ndarray, pvalues: np.ndarray | None = None,
                   analysis_mask: np.ndarray | None = None, fdr_q: float | None = 0.05,
@@ -174,18 +193,27 @@ def region_columns(atlas_names: Sequence[str]) -> dict[str, tuple[str, str | Non
 
 def deviation_signature(rows: list[dict], labels: np.ndarray, maps: Mapping[str, np.ndarray],
                         reference_mask: np.ndarray, dseg: np.ndarray | None = None,
-                        z_words: float = 2.0) -> None:
-    """Fill each row's ``<metric>_median``, ``_percent``, ``_z``, ``signature`` and
+                        z_words: float = 2.0,
+                        controls: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                        min_coverage: float = 0.5) -> None:
+    """Fill each row's ``<metric>_median``, ``_percent``, ``_z``, ``_reference``, ``signature`` and
     ``reference_tissue``, in place.
 
-    The reference of a finding is ``reference_mask`` (the subject's normal-appearing analysis
-    mask: no flagged voxel) restricted, when ``dseg`` is given, to the tissue class holding most
-    of the finding's voxels; its median and 1.4826 x MAD give the percent and robust z.
-    ``maps``: metric key (:data:`SIGNATURE_METRICS`) -> map on the label grid; a missing metric
-    gives n/a.
+    ``maps``: metric key (:data:`SIGNATURE_METRICS`) -> the subject's map on the label grid; a
+    missing metric gives n/a.  Per metric the reference is:
+
+    * ``controls`` — when ``controls`` holds the metric (key -> (the controls' per-voxel centre,
+      their per-voxel robust spread, where both are defined), on the label grid; e.g. a
+      template-space normative model carried back to the subject) and it is defined on at least
+      ``min_coverage`` of the finding's voxels: over those voxels, the subject's median against
+      the median of the controls' centres; robust z with the median of their spreads;
+    * ``subject`` — otherwise: ``reference_mask`` (the subject's normal-appearing analysis mask:
+      no flagged voxel) restricted, when ``dseg`` is given, to the tissue class holding most of
+      the finding's voxels; its median and 1.4826 x MAD give the percent and robust z.
     """
     reference_mask = np.asarray(reference_mask, bool)
     dseg = None if dseg is None else np.asarray(dseg)
+    controls = {k: v for k, v in (controls or {}).items() if v is not None}
     boxes = ndimage.find_objects(np.asarray(labels).astype(np.int64))
     cache: dict[tuple[str, str], tuple[float, float] | None] = {}
 
@@ -217,15 +245,27 @@ def deviation_signature(rows: list[dict], labels: np.ndarray, maps: Mapping[str,
         row["reference_tissue"] = tissue
         words = []
         for key, label, _ in SIGNATURE_METRICS:
-            row[f"{key}_median"] = row[f"{key}_percent"] = row[f"{key}_z"] = None
+            row[f"{key}_median"] = row[f"{key}_percent"] = row[f"{key}_z"] = row[f"{key}_reference"] = None
             if maps.get(key) is None:
                 continue
-            stats = reference_stats(tissue, references[tissue], key)
+            values = maps[key][box][voxels]
+            stats, source = None, "subject"
+            if key in controls:
+                centre_map, spread_map, defined = controls[key]
+                covered = np.asarray(defined, bool)[box][voxels]
+                if covered.any() and covered.mean() >= min_coverage:
+                    values = values[covered]
+                    stats = (float(np.median(np.asarray(centre_map)[box][voxels][covered])),
+                             float(np.median(np.asarray(spread_map)[box][voxels][covered])))
+                    source = "controls"
+            if stats is None:
+                stats = reference_stats(tissue, references[tissue], key)
             if stats is None:
                 continue
             centre, spread = stats
-            inside = float(np.median(maps[key][box][voxels]))
+            inside = float(np.median(values))
             row[f"{key}_median"] = inside
+            row[f"{key}_reference"] = source
             row[f"{key}_percent"] = 100.0 * (inside - centre) / centre if centre != 0 else None
             row[f"{key}_z"] = (inside - centre) / spread if spread > 0 else None
             if row[f"{key}_z"] is not None and abs(row[f"{key}_z"]) >= z_words and row[f"{key}_percent"] is not None:

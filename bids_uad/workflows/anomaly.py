@@ -14,7 +14,7 @@ from nipype.pipeline import engine as pe
 from bids_uad.config import Settings
 from bids_uad.interfaces.anomaly import AnomalyInference, ToTemplateSpace
 from bids_uad.interfaces.derivatives import DerivativesDataSink
-from bids_uad.interfaces.findings import Findings
+from bids_uad.interfaces.findings import ControlsReference, Findings
 from bids_uad.models.validate import model_files
 
 
@@ -104,6 +104,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf", skip: tuple[st
 
         template = template_for_output_spaces(settings.output_spaces)
     common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir)}
+    controls = _add_controls_reference(workflow, settings, inputnode, models)
     for index, model_file in enumerate(models, start=1):
         model = model_name(model_file)
         infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
@@ -128,7 +129,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf", skip: tuple[st
                 workflow.connect(sink, "out_file", masks, f"in{index}")
         if template is not None:
             _add_template_outputs(workflow, settings, inputnode, infer, common, template, model)
-        findings = _add_findings(workflow, settings, inputnode, infer, common, template, model)
+        findings = _add_findings(workflow, settings, inputnode, infer, common, template, model, controls)
         workflow.connect(findings, "out_file", tables, f"in{index}")
     workflow.connect([
         (scores, outputnode, [("out", "scores")]),
@@ -157,8 +158,24 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
         ])
 
 
-def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, template, model: str):
+def _add_controls_reference(workflow, settings: Settings, inputnode, models: list):
+    """One node per run carrying the controls' values of the template-space normative model among
+    ``models`` (if any) back to the run's dwi grid: the deviation signature's reference for the
+    findings of every model (:class:`~bids_uad.interfaces.findings.ControlsReference`)."""
+    names = template_models(settings)
+    normative = next((m for m in models if model_name(m) in names), None)
+    node = pe.Node(ControlsReference(model_file=str(normative) if normative is not None else "",
+                                     output_dir=str(settings.output_dir)),
+                   name="controls_reference", mem_gb=1.0)
+    workflow.connect([(inputnode, node, [("dwi_preproc", "dwi_file"), ("source_file", "source_file"),
+                                         *((f, f) for f in TRANSFORM_INPUTS)])])
+    return node
+
+
+def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, template, model: str,
+                  controls=None):
     """The findings table of one model's written map (with its sidecar) and the finding label image;
+    ``controls``: the run's ControlsReference node (the deviation signature's reference);
     returns the label image's sink (what the longitudinal stage reads, so it waits for it)."""
     node = pe.Node(Findings(output_dir=str(settings.output_dir),
                             template_name=template.name if template is not None else "",
@@ -177,6 +194,7 @@ def _add_findings(workflow, settings: Settings, inputnode, infer, common: dict, 
                            ("dwi_preproc", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
                            ("source_file", "source_file"), ("dwi2t1w_xfm", "dwi2t1w_xfm"),
                            ("t1w2template_xfm", "t1w2template_xfm"), *((f, f) for f in SIGNATURE_INPUTS)]),
+        *([(controls, node, [("out_file", "controls_reference"), ("meta", "controls_meta")])] if controls else []),
         (node, sink, [("out_table", "in_file"), ("meta", "meta")]),
         (inputnode, sink, [("source_file", "source_file"), (("dwi_preproc", _as_list), "source_files")]),
         (node, labels, [("out_labels", "in_file"), ("labels_meta", "meta")]),

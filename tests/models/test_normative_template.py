@@ -176,3 +176,34 @@ def test_dwi_grid_model_files_still_load(tmp_path):
     loaded = load_bundle(path)
     assert loaded.settings.model.normative_space == "dwi"
     assert np.array_equal(score_volume(loaded.folds[0].model, data[0]), score_volume(bundle.folds[0].model, data[0]))
+
+
+def test_controls_reference_carries_the_folds_centre_and_spread_back(tmp_path):
+    """The controls' values on a subject's grid: the folds' centres/spreads averaged, back through the
+    route's inverse chain (the score's own route); where the model has no data, not defined."""
+    from bids_uad.models.baselines import NORMATIVE_METRICS, controls_reference
+
+    data, masks = _controls()
+    identity = TemplateRoute("tplTest", tuple(AFFINE.ravel()))
+    folds = [_fit(_settings("template"), data[:4], masks[:4], [identity] * 4),
+             _fit(_settings("template"), data[1:], masks[1:], [identity] * 4)]
+    reference = controls_reference(folds, identity, GRID)
+    assert list(reference) == list(NORMATIVE_METRICS)
+    valid = (folds[0].valid.numpy() > 0) & (folds[1].valid.numpy() > 0)
+    for k, key in enumerate(NORMATIVE_METRICS):
+        centre, spread, defined = reference[key]
+        assert np.array_equal(defined, valid)
+        mean_centre = (folds[0].centre[k].numpy() + folds[1].centre[k].numpy()) / 2
+        mean_spread = (folds[0].spread[k].numpy() + folds[1].spread[k].numpy()) / 2
+        assert np.allclose(centre[valid], mean_centre[valid], rtol=1e-5, atol=1e-9)
+        assert np.allclose(spread[valid], mean_spread[valid], rtol=1e-5, atol=1e-9)
+    # a subject 4 mm off the template: the controls' MD comes back moved by the inverse chain
+    shift = TemplateRoute("tplTest", tuple(AFFINE.ravel()), (_translation(tmp_path / "fwd.mat", 4.0),),
+                          (_translation(tmp_path / "inv.mat", -4.0),))
+    moved = controls_reference(folds, shift, GRID)["md"][0]
+    centre = reference["md"][0]
+    inner = (slice(4, -4),) * 2
+    diffs = [np.abs(moved[inner + (slice(4 + d, -4 + d),)] - centre[inner + (slice(4, -4),)]).max() for d in (-2, 2)]
+    assert min(diffs) < 1e-6 < max(diffs)
+    with pytest.raises(Exception, match="template-space normative"):
+        controls_reference([_fit(_settings(), data, masks)], identity, GRID)

@@ -72,6 +72,7 @@ def test_deviation_signature_against_tissue_reference():
     assert row["md_z"] > 5 and row["fa_z"] < -5
     assert "MD +34 %" in row["signature"] and "FA -41 %" in row["signature"]
     assert row["ad_median"] is None                               # a metric not given stays n/a
+    assert row["md_reference"] == row["fa_reference"] == "subject" and row["ad_reference"] is None  # no controls
 
 
 def test_match_findings_overlap_volume_change_and_new():
@@ -103,3 +104,58 @@ def test_lesion_wise_detection_and_false_findings():
     assert (out["n_lesions"], out["n_found"], out["n_findings"], out["n_false_findings"]) == (2, 1, 2, 1)
     control = FN.lesion_wise(written, None, min_voxels=2)
     assert control["n_lesions"] == 0 and control["n_false_findings"] == 2
+
+
+def test_deviation_signature_against_the_controls_at_the_same_locations():
+    """The controls' centre varies across the image (as FA/MD do across the brain): the finding is
+    compared with the controls' values over its own voxels, not with the subject's tissue elsewhere."""
+    shape = (30, 30, 10)
+    x = np.arange(shape[0], dtype=float)[:, None, None] * np.ones(shape)
+    md_controls = 0.6e-3 + 0.02e-3 * x                  # 0.6e-3 .. 1.18e-3 along x
+    fa_controls = 0.7 - 0.01 * x
+    spread_md, spread_fa = np.full(shape, 0.05e-3), np.full(shape, 0.04)
+    defined = np.ones(shape, bool)
+    defined[25:] = False                                 # the controls do not cover x >= 25
+    lesion = np.zeros(shape, bool)
+    lesion[10:15, 10:15, 3:7] = True                     # x 10..14: controls' MD median 0.84e-3, FA 0.58
+    outside = np.zeros(shape, bool)
+    outside[26:29, 10:13, 3:6] = True                    # where the controls say nothing
+    md = md_controls.copy()
+    fa = fa_controls.copy()
+    md[lesion] *= 1.25
+    fa[lesion] *= 0.5
+    ad = np.full(shape, 1.2e-3)
+    ad[lesion] = 1.5e-3
+    labels, rows = FN.find_findings(lesion | outside, (lesion | outside).astype(float), np.eye(4))
+    controls = {"md": (md_controls, spread_md, defined), "fa": (fa_controls, spread_fa, defined)}
+    FN.deviation_signature(rows, labels, {"md": md, "fa": fa, "ad": ad}, ~(lesion | outside), controls=controls)
+    row = next(r for r in rows if r["centre_x"] == pytest.approx(12))
+    assert row["md_reference"] == row["fa_reference"] == "controls" and row["ad_reference"] == "subject"
+    assert row["md_median"] == pytest.approx(1.25 * 0.84e-3)
+    assert row["md_percent"] == pytest.approx(25) and row["md_z"] == pytest.approx(0.25 * 0.84e-3 / 0.05e-3)
+    assert row["fa_percent"] == pytest.approx(-50) and row["fa_z"] == pytest.approx(-0.29 / 0.04)
+    assert row["ad_percent"] == pytest.approx(25)                 # against the subject's own (constant) AD
+    assert row["dwratio_reference"] is None                       # not given: n/a
+    # the subject's own tissue would have hidden the change: its MD median over the brain is ~0.89e-3
+    subject_only = [dict(r) for r in rows]
+    FN.deviation_signature(subject_only, labels, {"md": md}, ~(lesion | outside))
+    assert abs(next(r for r in subject_only if r["finding"] == row["finding"])["md_percent"] - 25) > 5
+    far = next(r for r in rows if r["finding"] != row["finding"])
+    assert far["md_reference"] == far["fa_reference"] == "subject"  # not covered by the controls: fallback
+
+
+def test_controls_covering_less_than_half_of_a_finding_are_not_its_reference():
+    shape = (20, 20, 10)
+    lesion = np.zeros(shape, bool)
+    lesion[5:10, 5:10, 2:6] = True
+    defined = np.zeros(shape, bool)
+    defined[5:7] = True                                            # 2 of the finding's 5 x-slices
+    md = np.full(shape, 0.8e-3)
+    md[lesion] = 1.0e-3
+    labels, rows = FN.find_findings(lesion, lesion.astype(float), np.eye(4))
+    controls = {"md": (np.full(shape, 0.5e-3), np.full(shape, 0.05e-3), defined)}
+    FN.deviation_signature(rows, labels, {"md": md}, ~lesion, controls=controls)
+    assert rows[0]["md_reference"] == "subject" and rows[0]["md_percent"] == pytest.approx(25)
+    defined[5:8] = True                                            # 3 of 5: covered
+    FN.deviation_signature(rows, labels, {"md": md}, ~lesion, controls=controls)
+    assert rows[0]["md_reference"] == "controls" and rows[0]["md_percent"] == pytest.approx(100)
