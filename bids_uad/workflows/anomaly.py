@@ -83,7 +83,8 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf", skip: tuple[st
     t1w2template_xfm, t1w2dwi_xfm and template2t1w_xfm (the anatomical workflow's composites, for
     template-space maps and template-space models; unset: read from OUTPUT_DIR through the outputs
     table), fa, md, ad, rd (tensor maps) and dseg (dwi-space tissue classes; '' when none) for the
-    findings' deviation signature.
+    findings' deviation signature (whose reference, the controls' values from a template-space
+    normative model where there is one, one node computes for the findings of every model).
     outputnode: scores, masks, findings (the stored finding label images; lists, one per model).
     """
     models = [m for m in resolve_model_files(settings.model) if model_name(m) not in skip]
@@ -104,7 +105,7 @@ def init_anomaly_wf(settings: Settings, name: str = "anomaly_wf", skip: tuple[st
 
         template = template_for_output_spaces(settings.output_spaces)
     common = {"output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir)}
-    controls = _add_controls_reference(workflow, settings, inputnode, models)
+    controls = _add_controls_reference(workflow, settings, inputnode)
     for index, model_file in enumerate(models, start=1):
         model = model_name(model_file)
         infer = pe.Node(AnomalyInference(model_file=str(model_file), threshold_method=settings.threshold or "",
@@ -158,12 +159,14 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
         ])
 
 
-def _add_controls_reference(workflow, settings: Settings, inputnode, models: list):
+def _add_controls_reference(workflow, settings: Settings, inputnode):
     """One node per run carrying the controls' values of the template-space normative model among
-    ``models`` (if any) back to the run's dwi grid: the deviation signature's reference for the
-    findings of every model (:class:`~bids_uad.interfaces.findings.ControlsReference`)."""
+    the ``--model`` files (if any) back to the run's dwi grid: the deviation signature's reference
+    for the findings of every model (:class:`~bids_uad.interfaces.findings.ControlsReference`; a run
+    without the transforms, for which the model is skipped, gets the subject's tissue, and its
+    sidecar says why)."""
     names = template_models(settings)
-    normative = next((m for m in models if model_name(m) in names), None)
+    normative = next((m for m in resolve_model_files(settings.model) if model_name(m) in names), None)
     node = pe.Node(ControlsReference(model_file=str(normative) if normative is not None else "",
                                      output_dir=str(settings.output_dir)),
                    name="controls_reference", mem_gb=1.0)

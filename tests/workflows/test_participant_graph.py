@@ -92,3 +92,33 @@ def test_runs_a_model_cannot_score_are_refused_before_any_work(tmp_path):
     assert "not in the model's reference shells [2000] of model-meansignal.json" in str(err.value)
     assert err.value.path.endswith(".bval")
     assert err.value.exit_code == 16
+
+
+def test_one_controls_reference_serves_the_findings_of_every_model(tmp_path):
+    """With a template-space normative model among --model, one node carries its controls' values to the
+    run's dwi grid (along the same transform edges as the normative score) and every model's findings
+    take it; without one, the node says so and the findings use the subject's tissue."""
+    from bids_uad.workflows.anomaly import init_anomaly_wf
+    from tests.interfaces.test_findings_interface import _normative_model_file
+
+    models = tmp_path / "models"
+    models.mkdir()
+    _model_file(models)
+    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
+    args = [str(bids), str(tmp_path / "out"), "participant", "--model", str(models)]
+    workflow = init_anomaly_wf(settings_from_args(args))
+    assert workflow.get_node("controls_reference").inputs.model_file == ""
+    _normative_model_file(models)
+    workflow = init_anomaly_wf(settings_from_args(args))
+    node = workflow.get_node("controls_reference")
+    assert node.inputs.model_file.endswith("model-normative.json")
+    edges = _edges(workflow)
+    for field in ("dwi2t1w_xfm", "t1w2template_xfm", "t1w2dwi_xfm", "template2t1w_xfm"):
+        assert ("inputnode", "controls_reference", field, field) in edges
+    for model in ("meansignal", "normative"):
+        assert ("controls_reference", f"findings_{model}", "out_file", "controls_reference") in edges
+        assert ("controls_reference", f"findings_{model}", "meta", "controls_meta") in edges
+    # a run the normative model cannot score (skipped): the reference node still names the model, and
+    # finds no transforms at run time (its sidecar says why) instead of claiming there is no such model
+    skipped = init_anomaly_wf(settings_from_args(args), skip=("normative",))
+    assert skipped.get_node("controls_reference").inputs.model_file.endswith("model-normative.json")
