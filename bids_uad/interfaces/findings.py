@@ -168,6 +168,7 @@ class Findings(SimpleInterface):
                                   f"{inputs.template_name or 'the template'} differs by a few mm)"}
                         for name in atlas_names],
             "DeviationReference": deviation_reference(controls is not None, controls_meta),
+            "ControlsReference": controls_meta.get("Description") if controls is not None else None,
         })
         labels_path = Path(runtime.cwd) / "findings_dseg.nii.gz"
         label_dtype = np.uint8 if len(rows) < 256 else np.int16
@@ -186,19 +187,19 @@ class Findings(SimpleInterface):
 
 def deviation_reference(controls: bool, controls_meta: dict) -> str:
     """The sidecar's DeviationReference: what each metric of the deviation signature is compared with."""
-    subject = ("this subject's normal-appearing tissue: analysis-mask voxels outside the anomaly mask dilated by one "
+    subject = ("this subject's normal-appearing tissue (analysis-mask voxels outside the anomaly mask dilated by one "
                "voxel, restricted to the tissue class holding most of the finding's voxels in the dwi-space "
-               "segmentation (reference_tissue)")
+               "segmentation: reference_tissue)")
     if controls:
         return ("per metric, as <metric>_reference says. FA, MD and mean DW ratio: the healthy controls at the same "
-                f"template locations: {controls_meta.get('Description', 'the template-space normative model')}; "
+                f"template locations ({controls_meta.get('Description', 'the template-space normative model')}): "
                 "the cluster's median against the median of the controls' per-voxel medians over the cluster's "
                 "voxels where they are defined (at least half of them, else the subject's tissue), robust z with "
                 "the median of their per-voxel spreads (1.4826 x MAD). AD and RD (not in the normative model), and "
                 f"a metric the controls do not cover: {subject}. The same reference serves every model of the run")
     why = controls_meta.get("Note") or "no template-space normative model among the models used"
-    return (f"{subject}; the controls' values are not the reference ({why}); the same reference serves every "
-            "model of the run")
+    return (f"every metric: {subject}; the controls' values are not the reference ({why}). The same reference "
+            "serves every model of the run")
 
 
 def _load_controls(path: str, shape) -> dict | None:

