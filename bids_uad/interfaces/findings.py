@@ -250,9 +250,10 @@ class ControlsReference(SimpleInterface):
         import numpy as np
 
         from bids_uad.interfaces.anomaly import template_route
-        from bids_uad.models.baselines import NORMATIVE_METRICS, controls_reference
+        from bids_uad.models.baselines import controls_reference
         from bids_uad.models.bundle import load_bundle
         from bids_uad.models.settings import needs_template
+        from bids_uad.scoring.findings import NORMATIVE_SIGNATURE
 
         inputs = self.inputs
         self._results["out_file"], self._results["meta"] = "", {}
@@ -273,8 +274,9 @@ class ControlsReference(SimpleInterface):
                                              + ", ".join(missing)}
             return runtime
         reference = controls_reference([f.model for f in bundle.folds], route, img.shape[:3])
-        stack = ([reference[k][0] for k in NORMATIVE_METRICS] + [reference[k][1] for k in NORMATIVE_METRICS]
-                 + [reference[k][2].astype(np.float32) for k in NORMATIVE_METRICS])
+        keys = list(NORMATIVE_SIGNATURE)  # the volumes' order _load_controls reads
+        stack = ([reference[k][0] for k in keys] + [reference[k][1] for k in keys]
+                 + [reference[k][2].astype(np.float32) for k in keys])
         out = Path(runtime.cwd) / "controls_reference.nii.gz"
         nib.save(nib.Nifti1Image(np.stack(stack, -1).astype(np.float32), img.affine), str(out))
         self._results["out_file"] = str(out)
