@@ -16,7 +16,7 @@ def _boom(dwi_file):
     raise RuntimeError("injected failure for the robustness test")
 
 
-def _crashing_dwi_builder(settings, name):
+def _crashing_dwi_builder(settings, name, **_options):
     from nipype.interfaces.utility import Function, IdentityInterface
     from nipype.pipeline import engine as pe
 
