@@ -38,9 +38,14 @@ def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> 
     MODELS[name] = factory
 
 
-def describe_model(name: str) -> str:
-    """The methods-text clause of model ``name`` (its class's ``__desc__``)."""
+def describe_model(name: str, model_settings: dict | None = None) -> str:
+    """The methods-text clause of model ``name``: its class's ``describe(model_settings)`` where it
+    has one and the model file's ``settings.model`` is given (a variant-dependent text), else
+    its class's ``__desc__``."""
     factory = MODELS.get(name)
+    describe = getattr(factory, "describe", None)
+    if model_settings is not None and callable(describe):
+        return describe(model_settings)
     return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
 
 

@@ -68,6 +68,17 @@ class NormativeModel(nn.Module):
                 "neighbourhood when controls are few and smoothed, in template space: each subject's maps carried "
                 "to the template with its own transforms in one resampling), scoring the largest absolute robust "
                 "z-score, mapped back to diffusion space with the inverse transforms")
+    #: the same for a model fitted on the model grid in each subject's diffusion space
+    #: (``model.normative_space`` ``dwi``: array-level benchmarks and older model files)
+    __desc_dwi__ = ("a voxelwise normative model (the per-voxel median and median absolute deviation of FA, MD and "
+                    "the mean diffusion-weighted signal ratio over the training controls, pooled over a 3x3x3 "
+                    "neighbourhood when controls are few and smoothed, on the model grid in each subject's "
+                    "diffusion space, without registration), scoring the largest absolute robust z-score")
+
+    @classmethod
+    def describe(cls, model_settings: dict) -> str:
+        """The methods clause for a model file's ``settings.model`` (its ``normative_space``)."""
+        return cls.__desc_dwi__ if model_settings.get("normative_space", "dwi") == "dwi" else cls.__desc__
 
     def __init__(self, settings: ModelSettings):
         super().__init__()

@@ -54,7 +54,8 @@ def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
     training = settings.get("training", {}) if isinstance(settings.get("training"), dict) else {}
     budget = (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
               if training.get("epochs") is not None else "")
-    text = __desc__.format(name=name, model=describe_model(name), n_subjects=len(meta.get("training_subjects", [])),
+    model = settings.get("model") if isinstance(settings.get("model"), dict) else None
+    text = __desc__.format(name=name, model=describe_model(name, model), n_subjects=len(meta.get("training_subjects", [])),
                            k=len(meta.get("folds", [])), budget=budget)
     return [(text, ["reference", "pytorch"]), (__postdesc__, ["bh"])]
 

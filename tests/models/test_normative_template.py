@@ -207,3 +207,16 @@ def test_controls_reference_carries_the_folds_centre_and_spread_back(tmp_path):
     assert min(diffs) < 1e-6 < max(diffs)
     with pytest.raises(Exception, match="template-space normative"):
         controls_reference([_fit(_settings(), data, masks)], identity, GRID)
+
+
+def test_methods_text_follows_the_model_files_space():
+    """The group report's methods clause says where the normative model was fitted, from the model file."""
+    from bids_uad.models import describe_model
+    from bids_uad.workflows.group import describe_training
+
+    assert "template space" in describe_model("normative", {"normative_space": "template"})
+    dwi_text = describe_model("normative", {"normative_space": "dwi"})
+    assert "diffusion space, without registration" in dwi_text and "template" not in dwi_text
+    older = describe_training("normative", {"settings": {"model": {}}, "folds": [0, 1]})[0][0]
+    assert "without registration" in older  # older files have no normative_space: the dwi grid
+    assert describe_model("dae", {"normative_space": "template"}) == describe_model("dae")
