@@ -56,11 +56,37 @@ def ants_seed(seed: int) -> int:
     return seed + 1 if seed >= 0 else seed
 
 
+#: The environment variable ITK (and so ANTs) reads its thread count from.
+ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+
+
+def set_itk_threads(threads: int) -> int:
+    """Give ITK (ANTs) ``threads`` threads in this process and in the processes it starts later.
+
+    ITK reads :data:`ITK_THREADS_VARIABLE` once per process, when it makes its first image;
+    setting the variable after that changes nothing in that process.  So a run sets it before
+    any image exists (``bids_uad.cli.run.run`` and ``run_workflow``, before the workers are
+    started: they inherit it), not only in the node that registers: a worker whose first ITK
+    call was a resampling (which sets nothing) kept ITK's default, one thread per core, for
+    every registration after it.
+
+    With more than one thread ANTs' Mattes mutual information is not reproducible even with a
+    fixed seed (the ANTs authors say so; measured here: two identical rigid fits with seed 1
+    and two threads differed by up to 2e-3 mm in translation, with one thread they were
+    identical), so the default ``--omp-nthreads 1`` keeps repeated runs equal.  Returns the
+    count set.
+    """
+    threads = max(1, int(threads))
+    os.environ[ITK_THREADS_VARIABLE] = str(threads)
+    return threads
+
+
 def configure_ants(threads: int = 1, seed: int | None = 0) -> None:
-    """Set ITK's thread count and ANTs' random seed (sampling in Mattes MI) for reproducibility."""
+    """Set ITK's thread count (:func:`set_itk_threads`: effective only before ITK's first use in
+    the process) and ANTs' random seed (sampling in Mattes MI) for reproducibility."""
     import ants
 
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(threads)))
+    set_itk_threads(threads)
     if seed is not None:
         os.environ["ANTS_RANDOM_SEED"] = str(ants_seed(seed))
         ants.config._random_seed = ants_seed(seed)  # read by ants.registration (--random-seed)

@@ -24,6 +24,10 @@ LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 CLASS_ORDER = ("CSF", "GM", "WM")
 
 
+#: Atropos' ``--use-random-seed``: 0 is its constant seed (1, its default, seeds from the clock)
+ATROPOS_RANDOM_SEED = 0
+
+
 def dseg_tsv_rows() -> list[dict]:
     """Rows of the ``dseg.tsv`` look-up table (index, name)."""
     return [{"index": k, "name": v} for k, v in LABELS.items()]
@@ -43,6 +47,13 @@ def segment_tissues(
 
     ``priors``: {"CSF","GM","WM": nibabel image on the same grid}, e.g. template priors
     warped to the subject; used as Atropos prior probability images.
+
+    Atropos runs with its constant random seed (``--use-random-seed 0``): its default seeds
+    from the clock and reads neither ``--random-seed`` nor ``ANTS_RANDOM_SEED``, so the same
+    call gave different tissue probabilities in every process (measured on the tiny study's
+    T1w with priors, one thread: up to 1.0 apart, 0.3 % of the voxels by more than 0.01; with
+    the constant seed three processes were identical).  ``seed`` therefore does not change
+    Atropos' result; it still seeds ANTs elsewhere (:func:`configure_ants`).
     """
     import ants
 
@@ -57,9 +68,9 @@ def segment_tissues(
         if priors:
             init = [to_ants(nib.Nifti1Image(np.asarray(_load(priors[k]).dataobj, dtype=np.float32), img.affine))
                     for k in CLASS_ORDER]
-            res = ants.atropos(a=aimg, x=amask, i=init, m=m, c=c, priorweight=prior_weight)
+            res = ants.atropos(a=aimg, x=amask, i=init, m=m, c=c, priorweight=prior_weight, r=ATROPOS_RANDOM_SEED)
         else:
-            res = ants.atropos(a=aimg, x=amask, i="Kmeans[3]", m=m, c=c)
+            res = ants.atropos(a=aimg, x=amask, i="Kmeans[3]", m=m, c=c, r=ATROPOS_RANDOM_SEED)
         probs = [np.asarray(p.numpy(), dtype=np.float32) for p in res["probabilityimages"]]
     if not priors:  # k-means classes: order by mean intensity (CSF darkest on T1w)
         means = [float((p[mask_arr] * data[mask_arr]).sum() / max(p[mask_arr].sum(), 1e-6)) for p in probs]

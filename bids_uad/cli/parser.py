@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "overrides --use-plugin; group level: data-parallel training processes "
                            "(at most the batch size; on CUDA at most one per GPU)")
     perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, default=1,
-                      help="threads per process (torch, ITK, BLAS) (default: 1)")
+                      help="threads per process, for torch and ITK/ANTs (default: 1; more than 1 makes ANTs' "
+                           "registrations differ from run to run)")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float,
                       help="memory limit for scheduling parallel steps, in GB (overrides --use-plugin)")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=Path, metavar="FILE",

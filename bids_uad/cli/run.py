@@ -179,10 +179,13 @@ def _to_run_log(message: str, exc_info=None) -> None:
 
 def run(settings: Settings) -> int:
     """Run one analysis level with validated settings; returns 0 or raises."""
+    from bids_uad.algorithms.registration import set_itk_threads
     from bids_uad.bids.layout import BIDSInputs
     from bids_uad.cli.levels import run_group, run_participant
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    # before any image exists in this process or its workers: ITK reads it once per process
+    set_itk_threads(settings.omp_nthreads)
     _check_writable_dir(settings.output_dir, "output folder")
     _check_writable_dir(settings.work_dir, "work folder")
     writer = DerivativesWriter(settings.output_dir, settings.bids_dir)

@@ -9,7 +9,6 @@ to the same outputs by :class:`FASTToDseg`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -22,14 +21,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_uad.algorithms.registration import set_itk_threads
 from bids_uad.algorithms.segmentation import CLASS_ORDER
 
 #: order of probseg lists in this stage's outputs (the workflow contract)
 PROBSEG_ORDER = ("GM", "WM", "CSF")
 
-
-def _set_threads(n: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
 
 def _save(img: nib.Nifti1Image, cwd: str, name: str) -> str:
@@ -68,7 +65,7 @@ class N4BiasFieldCorrection(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_uad.algorithms.intensity import n4_correct
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         img = nib.load(self.inputs.in_file)
         if img.ndim > 3:
             img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32)[..., 0], img.affine)
@@ -103,7 +100,7 @@ class SkullStrip(SimpleInterface):
         from bids_uad.algorithms.skullstrip import skull_strip
         from bids_uad.algorithms.templates import Template, find_template
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         template = None
         if self.inputs.method in ("template", "template-only"):
             if _given(self.inputs.template_t1w) and _given(self.inputs.template_mask):
@@ -177,7 +174,7 @@ class RegisterImages(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_uad.algorithms.registration import apply_transforms, coarse, register
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         if not _given(self.inputs.fixed_file):
             for key in ("forward_transforms", "forward_invert_flags", "reverse_transforms",
                         "reverse_invert_flags"):
@@ -242,7 +239,7 @@ class ApplyTransforms(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_uad.algorithms.registration import apply_transforms
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         outs = []
         skip = not _given(self.inputs.reference)
         for i, path in enumerate(self.inputs.in_files):
@@ -299,7 +296,7 @@ class TissueSegmentation(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_uad.algorithms.segmentation import segment_tissues
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         img = nib.load(self.inputs.in_file)
         mask = nib.load(self.inputs.mask_file)
         priors = None
@@ -449,7 +446,7 @@ class FlairToT1w(SimpleInterface):
         from bids_uad.algorithms.intensity import n4_correct
         from bids_uad.algorithms.registration import register_flair
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         if not _given(self.inputs.flair_file):
             self._results["out_file"] = ""
             self._results["transforms"] = []

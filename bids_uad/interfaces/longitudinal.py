@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec, traits
 
+from bids_uad.algorithms.registration import set_itk_threads
 from bids_uad.bids import outputs
 from bids_uad.errors import InputMissingError, InputValidationError
 
@@ -64,9 +65,6 @@ def _save(array: np.ndarray, like: nib.Nifti1Image, path: Path, dtype) -> str:
     nib.save(img, str(path))
     return str(path)
 
-
-def _set_threads(n: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
 
 # ============================================================================ finding inputs
@@ -246,7 +244,7 @@ class SessionLesionMask(SimpleInterface):
         from bids_uad.algorithms.longitudinal import flair_hyperintensity_estimate, volume_ml
         from bids_uad.algorithms.registration import apply_transforms
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         t1w = nib.load(self.inputs.t1w)
         zooms = t1w.header.get_zooms()[:3]
         cwd = Path(runtime.cwd)
@@ -348,7 +346,7 @@ class FollowupToBaseline(SimpleInterface):
         from bids_uad.algorithms.masking import dice
         from bids_uad.algorithms.registration import apply_transforms, register_followup
 
-        _set_threads(self.inputs.num_threads)
+        set_itk_threads(self.inputs.num_threads)
         cwd = Path(runtime.cwd)
         rigid, result = register_followup(
             self.inputs.baseline_t1w, self.inputs.baseline_brain_mask, self.inputs.baseline_lesion or "",

@@ -227,6 +227,8 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
     """Run a nipype workflow in the work folder with crash files in the output logs."""
     from nipype import config as nipype_config
 
+    from bids_uad.algorithms.registration import set_itk_threads
+
     crash_dir = settings.output_dir / "logs" / f"crash-{run_id}"
     workflow.base_dir = str(settings.work_dir)
     workflow.config["execution"].update({
@@ -238,6 +240,9 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
         "create_report": False,
     })
     nipype_config.set("execution", "check_version", "false")
+    # the workers inherit it: ITK fixes its thread count at its first use in a process, and a
+    # worker's first ITK call may be a node that sets none (registration.set_itk_threads)
+    set_itk_threads(settings.omp_nthreads)
     plugin, args = nipype_plugin(settings)
     if plugin in ("Linear", "MultiProc", "LegacyMultiProc"):
         args = {**args, "status_callback": NodeProgress(workflow)}

@@ -60,3 +60,34 @@ def test_analysis_mask_excludes_ventricles_and_csf():
 def test_dseg_tsv_rows():
     assert dseg_tsv_rows() == [{"index": 1, "name": "CSF"}, {"index": 2, "name": "GM"},
                                {"index": 3, "name": "WM"}]
+
+
+_REPRO_SCRIPT = """
+import hashlib, numpy as np, nibabel as nib
+from scipy import ndimage as ndi
+from bids_uad.algorithms.segmentation import segment_tissues
+from bids_uad.algorithms.templates import phantom_head
+head = phantom_head(2.0, bias=0.1, noise=0.05)
+truth = head["dseg"].get_fdata()
+priors = {name: nib.Nifti1Image(ndi.gaussian_filter((truth == value).astype(np.float32), 2), head["t1w"].affine)
+          for value, name in ((1, "CSF"), (2, "GM"), (3, "WM"))}
+for given in (None, priors):
+    _, probs = segment_tissues(head["t1w"], head["brain_mask"], priors=given, prior_weight=0.5, seed=0, threads=1)
+    print(hashlib.sha256(np.stack([p.get_fdata() for p in probs.values()]).tobytes()).hexdigest())
+"""
+
+
+def test_segmentation_is_reproducible_between_processes():
+    """The same Atropos call in two fresh processes gives the same probabilities (k-means and
+    priors).  Regression: Atropos' default ``--use-random-seed 1`` seeds from the clock, so the
+    image and the venv run of the tiny study (#16) had different tissue maps after identical
+    registrations."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", _REPRO_SCRIPT], capture_output=True, text=True, check=True,
+                           env=env).stdout.split() for _ in range(2)]
+    assert all(len(r) == 2 for r in runs), runs
+    assert runs[0] == runs[1], runs

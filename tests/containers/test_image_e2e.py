@@ -3,9 +3,9 @@
 ``make image-test`` (docker/test_image.sh) runs the tiny study through the image (offline,
 read-only root filesystem, non-root user), compares its files with
 .circleci/expected_outputs_tiny.txt and its images with a run of this checkout's venv.
-Skipped, with the reason, where no Docker engine is available.  Slow: the image half alone took
-63 min on the shared 2-core development machine (load 17-22); the whole test (image and venv
-side by side) 85 min at load 15-27.  The time limit is 3 h.
+Skipped, with the reason, where no Docker engine is available.  Slow: the whole test (make image,
+then the image and the venv side by side) took 28 min on the shared 2-core development machine
+at load 3-7 and 85 min at load 15-27.  The time limit is 3 h.
 """
 from __future__ import annotations
 

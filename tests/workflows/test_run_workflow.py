@@ -224,3 +224,75 @@ def test_run_summary_line_reads_back():
     assert line.startswith("wf: 12 nodes (2 reused), work 30.0 s, wall 20.0 s") and "overhead 5.0 s (25 %" in line
     assert RunSummary.parse("12:00 [INFO] " + line + "\nlater lines") == summary
     assert RunSummary.parse("no figures here") is None
+
+
+ITK_THREADS_IN_WORKERS = '''
+import sys
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_uad.config import Settings
+from bids_uad.workflows.execution import run_workflow
+
+
+def rigid(out):
+    import os
+    from pathlib import Path
+
+    import ants
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage as ndi
+    from bids_uad.algorithms import registration as reg
+    at_start = os.environ.get(reg.ITK_THREADS_VARIABLE)
+    rng = np.random.default_rng(0)
+    vol = ndi.gaussian_filter(rng.random((40, 44, 40)), 3).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fixed = nib.Nifti1Image(vol, affine)
+    moving = nib.Nifti1Image((ndi.shift(vol, (1.3, -0.7, 0.4)) ** 2).astype(np.float32), affine)
+    reg.to_ants(fixed)  # ITK's first use in this worker sets no thread count (a resampling node's)
+    result = reg.register(fixed, moving, kind="Rigid", seed=0, threads=1)
+    Path(out).write_text(f"{at_start} {list(ants.read_transform(result.forward[0]).parameters)!r}")
+    return out
+
+
+def main():
+    tmp = Path(sys.argv[1])
+    workflow = pe.Workflow(name="itk_threads")
+    for i in range(2):
+        node = pe.Node(niu.Function(input_names=["out"], output_names=["out"], function=rigid), name=f"rigid{i}")
+        node.inputs.out = str(tmp / f"rigid{i}.txt")
+        workflow.add_nodes([node])
+    settings = Settings(bids_dir=tmp, output_dir=tmp / "out", analysis_level="participant",
+                        work_dir=tmp / "work", nprocs=2, omp_nthreads=1)
+    run_workflow(workflow, settings, "test")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_workers_start_with_the_itk_thread_count(tmp_path):
+    """Every MultiProc worker starts with ITK's thread count set (``--omp-nthreads``), so a node
+    whose first ITK call is not a registration still registers with that count, reproducibly.
+
+    Regression: ITK reads the count once per process, at its first image; a worker that first
+    resampled kept one thread per core, and ANTs' multi-threaded Mattes metric made the same
+    registration differ between two processes (the image and the venv run of #16 disagreed).
+    """
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "itk_threads.py"
+    script.write_text(ITK_THREADS_IN_WORKERS)
+    env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    texts = [(tmp_path / f"rigid{i}.txt").read_text() for i in range(2)]
+    assert all(t.startswith("1 [") for t in texts), texts  # set before the worker's first ITK call
+    assert texts[0] == texts[1]  # two processes, one transform
