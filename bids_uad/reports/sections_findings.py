@@ -86,20 +86,89 @@ def _match_clusters(rows: list[dict], mask: np.ndarray, affine: np.ndarray) -> d
 
 
 def findings_items(sessions, maker: FigureMaker) -> list[dict]:
-    """Items for every session and model: the findings table, then one figure per finding."""
+    """Items for every session: an overview of every model's findings, how to read the tables
+    (once per session: atlas, deviation reference), then each model's table and one figure per
+    finding."""
     items: list[dict] = []
     for ses in sessions:
+        loaded = []
         for model, files in sorted(ses.anomaly.items()):
             table = files.get("findings")
-            items.append(heading(f"Findings — {ses.title} — model {model}"))
-            if table is None:
+            rows = read_tsv(table) if table is not None else None
+            meta = (read_json(sidecar_of(table)) or {}) if table is not None else {}
+            loaded.append((model, files, table, rows, meta))
+        items.append(heading(f"Findings — {ses.title}"))
+        items.append(_overview(ses, loaded))
+        first = next((meta for *_, rows, meta in loaded if rows is not None and meta), None)
+        if first:
+            items.append(note(_how_to_read(first)))
+        for model, files, table, rows, meta in loaded:
+            items.append({**heading(f"Findings — {ses.title} — model {model}"),
+                          "anchor": f"findings-{ses.prefix}-{model}"})
+            if rows is None:
                 items.append(note(f"Not available: findings table of model {model} "
                                   f"(dwi/{ses.prefix}_model-{model}_desc-findings_table.tsv)."))
                 continue
-            rows = read_tsv(table)
-            meta = read_json(sidecar_of(table)) or {}
             items += _table_and_figures(ses, model, files, table, rows, meta, maker)
     return items
+
+
+#: columns of the per-session overview (one row per model)
+OVERVIEW_COLUMNS = ("model", "findings", "surviving FDR", "largest (mL)", "region of the largest",
+                    "smallest counted (mL)", "threshold")
+
+
+def _overview(ses, loaded) -> dict:
+    """One row per model: how many findings, the largest and where, and what counted as one."""
+    atlas_of = lambda meta: next((a.get("Key") for a in _atlases(meta)), None)  # noqa: E731
+    rows = []
+    for model, _files, _table, found, meta in loaded:
+        href = f"#findings-{ses.prefix}-{model}"
+        if found is None:
+            rows.append({"href": href, "cells": [model, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]})
+            continue
+        surviving = sum(1 for r in found if r.get("fdr_survives") == "yes")
+        fdr = str(surviving) if any(r.get("fdr_survives") in ("yes", "no") for r in found) else "n/a"
+        largest = found[0] if found else None
+        minimum = _num(meta.get("MinimumVolumeMl")) + _short_source(meta.get("MinimumVolumeSource"))
+        threshold = (f"{meta.get('ThresholdMethod')} {_num(meta.get('Threshold'), 4)}"
+                     if meta.get("ThresholdMethod") else "n/a")
+        rows.append({"href": href, "cells": [
+            model, str(len(found)), fdr, _num(largest.get("volume_ml")) if largest else "-",
+            _region(largest, atlas_of(meta)) if largest else "-", minimum, threshold]})
+    return {"type": "findings", "columns": list(OVERVIEW_COLUMNS), "rows": rows, "empty": "no models",
+            "caption": f"Every model's findings in {ses.title} at a glance (each model's table follows)."}
+
+
+def _short_source(source) -> str:
+    """The sidecar's MinimumVolumeSource in a word or two, for the overview."""
+    if not source:
+        return ""
+    text = str(source)
+    short = ("calibrated on controls" if text.startswith("calibrated") else
+             "--findings-min-volume" if text.startswith("--findings-min-volume") else
+             "post-processing minimum" if "post-processing" in text else text)
+    return f" ({short})"
+
+
+def _how_to_read(meta: dict) -> str:
+    """What the columns of this session's findings tables mean: the parts every model shares."""
+    atlases = _atlases(meta)
+    parts = ["How to read the findings tables: a finding is a 26-connected cluster of the model's written "
+             "anomaly mask (after thresholding and post-processing), at least the model's smallest counted "
+             "volume, largest first; FDR = yes when a voxel of the cluster is a Benjamini-Hochberg discovery"]
+    if meta.get("MinimumVolumeSource"):
+        parts.append(f"smallest counted volume: {meta['MinimumVolumeSource']}")
+    info = atlases[0] if atlases else None
+    if isinstance(info, dict):
+        parts.append(f"region: {info.get('Name', info.get('Key'))} ({info.get('Citation', '')}; licence: "
+                     f"{info.get('License', '')}; {info.get('Source', '')}), percent of the cluster's voxels in "
+                     "template space; 'no label' is mostly white matter")
+    if meta.get("DeviationReference"):
+        parts.append("deviation signature, the cluster's median against a reference (column 'compared with': "
+                     "controls = the healthy controls at the same template locations, own = this subject's "
+                     "normal-appearing tissue of that class): " + str(meta["DeviationReference"]))
+    return "; ".join(parts) + "."
 
 
 def _atlases(meta: dict) -> list[dict]:
@@ -108,25 +177,16 @@ def _atlases(meta: dict) -> list[dict]:
     return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
 
 
-def _caption(model: str, rows: list[dict], meta: dict, atlas: str | None) -> str:
+def _caption(model: str, rows: list[dict], meta: dict) -> str:
+    """The model's own line above its table (what every model shares is said once per session)."""
     surviving = sum(1 for r in rows if r.get("fdr_survives") == "yes")
     parts = [f"{len(rows)} finding(s) of model {model}"
              + (f", {surviving} surviving FDR" if any(r.get("fdr_survives") in ("yes", "no") for r in rows) else "")
-             + f": 26-connected clusters of the written anomaly mask of at least {_num(meta.get('MinimumVolumeMl'))} "
-             "mL, largest first"]
+             + f", at least {_num(meta.get('MinimumVolumeMl'))} mL" + _short_source(meta.get("MinimumVolumeSource"))]
     if meta.get("ThresholdMethod"):
         parts.append(f"threshold {meta.get('ThresholdMethod')} {_num(meta.get('Threshold'), 4)}")
     if meta.get("FDRq") is not None:
-        parts.append(f"FDR: a voxel of the cluster is a Benjamini-Hochberg discovery at q = {_num(meta.get('FDRq'))}")
-    info = next((a for a in _atlases(meta) if a.get("Key") == atlas), None)
-    if isinstance(info, dict):
-        parts.append(f"region: {info.get('Name', atlas)} ({info.get('Citation', '')}; licence: "
-                     f"{info.get('License', '')}; {info.get('Source', '')}), percent of the cluster's voxels in "
-                     "template space; 'no label' is mostly white matter")
-    if meta.get("DeviationReference"):
-        parts.append("deviation signature, the cluster's median against a reference (column 'compared with': "
-                     "controls = the healthy controls at the same template locations, own = this subject's "
-                     "normal-appearing tissue of that class): " + str(meta["DeviationReference"]))
+        parts.append(f"FDR at q = {_num(meta.get('FDRq'))}")
     return "; ".join(parts) + "."
 
 
@@ -181,7 +241,7 @@ def _table_and_figures(ses, model, files, table, rows, meta, maker) -> list[dict
                              _reference(r)]}
                   for r in rows]
     items = [{"type": "findings", "columns": list(COLUMNS), "rows": table_rows,
-              "caption": _caption(model, rows, meta, atlas), "empty": "no findings"}]
+              "caption": _caption(model, rows, meta), "empty": "no findings"}]
     if len(rows) > MAX_FIGURES:
         items.append(note(f"Figures of the {MAX_FIGURES} largest findings of {len(rows)}."))
     return items + figures

@@ -379,3 +379,16 @@ def test_findings_row_says_what_each_metric_is_compared_with():
     # a table written before the per-metric reference: the subject's tissue was the only one
     assert _reference({"reference_tissue": "GM", "md_median": "0.001", "fa_median": "n/a"}) == "own GM: MD"
     assert _reference({}) == "n/a"
+
+
+def test_findings_overview_leads_each_session(built_reports):
+    """Each session's findings open with one row per model (linked to that model's table) and one
+    'how to read' note; each model's own caption is one short line, not the shared text again."""
+    text = built_reports["html"].read_text()
+    anomaly = text[text.index('id="anomaly"'):]
+    assert "<th>region of the largest</th>" in anomaly
+    links = re.findall(r'<td><a href="#(findings-[^"]+)">([a-z]+)</a></td>', anomaly)
+    assert links and all(f'<h3 id="{anchor}">' in anomaly for anchor, _ in links)
+    assert anomaly.count("How to read the findings tables") == len(re.findall(r"<h3>Findings — [^<]*</h3>", anomaly))
+    captions = re.findall(r'<div class="tcap">(\d+ finding\(s\) of model [^<]*)</div>', anomaly)
+    assert captions and all("Harvard-Oxford" not in c and len(c) < 600 for c in captions)
