@@ -116,8 +116,12 @@ def test_multiproc_workers_run_torch_after_the_parent_did(tmp_path):
     assert "finished" in result.stdout
 
 
-WORKER_CHATTER = '''
-import sys
+def two_node_script(function_source: str, function: str, value: str, **settings: object) -> str:
+    """A script that runs ``run_workflow`` on two independent nodes of ``function`` (one argument,
+    returned as its output) in MultiProc workers: ``value`` is the argument of node ``i``, an
+    expression in ``i`` and ``tmp`` (the script's first command-line argument)."""
+    extra = "".join(f", {key}={val!r}" for key, val in settings.items())
+    return f'''import sys
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -127,28 +131,32 @@ from bids_uad.config import Settings
 from bids_uad.workflows.execution import run_workflow
 
 
-def talk(x):
-    import logging
-    logging.getLogger("bids_uad.interfaces.example").info("worker-info-line")
-    logging.getLogger("bids_uad.interfaces.example").warning("worker-warning-line")
-    return x
-
+{function_source}
 
 def main():
     tmp = Path(sys.argv[1])
-    workflow = pe.Workflow(name="chatter")
+    workflow = pe.Workflow(name="{function}_twice")
     for i in range(2):
-        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=talk), name=f"talk{i}")
-        node.inputs.x = i
+        node = pe.Node(niu.Function(input_names=["arg"], output_names=["arg"], function={function}), name=f"{function}{{i}}")
+        node.inputs.arg = {value}
         workflow.add_nodes([node])
     settings = Settings(bids_dir=tmp, output_dir=tmp / "out", analysis_level="participant",
-                        work_dir=tmp / "work", nprocs=2)
+                        work_dir=tmp / "work", nprocs=2{extra})
     run_workflow(workflow, settings, "test")
 
 
 if __name__ == "__main__":
     main()
 '''
+
+
+WORKER_CHATTER = two_node_script('''
+def talk(arg):
+    import logging
+    logging.getLogger("bids_uad.interfaces.example").info("worker-info-line")
+    logging.getLogger("bids_uad.interfaces.example").warning("worker-warning-line")
+    return arg
+''', "talk", "i")
 
 
 def test_workers_print_warnings_but_not_nipype_chatter(tmp_path):
@@ -226,18 +234,8 @@ def test_run_summary_line_reads_back():
     assert RunSummary.parse("no figures here") is None
 
 
-ITK_THREADS_IN_WORKERS = '''
-import sys
-from pathlib import Path
-
-from nipype.interfaces import utility as niu
-from nipype.pipeline import engine as pe
-
-from bids_uad.config import Settings
-from bids_uad.workflows.execution import run_workflow
-
-
-def rigid(out):
+ITK_THREADS_IN_WORKERS = two_node_script('''
+def rigid(arg):
     import os
     from pathlib import Path
 
@@ -254,25 +252,9 @@ def rigid(out):
     moving = nib.Nifti1Image((ndi.shift(vol, (1.3, -0.7, 0.4)) ** 2).astype(np.float32), affine)
     reg.to_ants(fixed)  # ITK's first use in this worker sets no thread count (a resampling node's)
     result = reg.register(fixed, moving, kind="Rigid", seed=0, threads=1)
-    Path(out).write_text(f"{at_start} {list(ants.read_transform(result.forward[0]).parameters)!r}")
-    return out
-
-
-def main():
-    tmp = Path(sys.argv[1])
-    workflow = pe.Workflow(name="itk_threads")
-    for i in range(2):
-        node = pe.Node(niu.Function(input_names=["out"], output_names=["out"], function=rigid), name=f"rigid{i}")
-        node.inputs.out = str(tmp / f"rigid{i}.txt")
-        workflow.add_nodes([node])
-    settings = Settings(bids_dir=tmp, output_dir=tmp / "out", analysis_level="participant",
-                        work_dir=tmp / "work", nprocs=2, omp_nthreads=1)
-    run_workflow(workflow, settings, "test")
-
-
-if __name__ == "__main__":
-    main()
-'''
+    Path(arg).write_text(f"{at_start} {list(ants.read_transform(result.forward[0]).parameters)!r}")
+    return arg
+''', "rigid", 'str(tmp / f"rigid{i}.txt")', omp_nthreads=1)
 
 
 def test_workers_start_with_the_itk_thread_count(tmp_path):
