@@ -152,7 +152,8 @@ class SessionDerivatives:
 
     @property
     def session_title(self) -> str:
-        return f"session {self.session}" if self.session else "no session"
+        """``session pre``; a dataset without sessions: the subject (``sub-01``)."""
+        return f"session {self.session}" if self.session else f"sub-{self.subject}"
 
     @property
     def title(self) -> str:
