@@ -236,6 +236,20 @@ def _case(item, score, written=None) -> Case:
                 item.get("types", {}), item["voxel_ml"])
 
 
+def _score_cases(bundle, patients: list, heldout: list, ensemble: bool) -> tuple[dict, list[float]]:
+    """Score the patients and the held-out controls with ``bundle``: the evaluation cases per
+    group and the inference time of each subject."""
+    cases, times = {"patients": [], "controls": []}, []
+    for group, items in (("patients", patients), ("controls", heldout)):
+        for item in items:
+            t0 = time.perf_counter()
+            res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
+                        ensemble=ensemble)
+            times.append(time.perf_counter() - t0)
+            cases[group].append(_case(item, res.score, res.mask))
+    return cases, times
+
+
 def run_seed(p, args, seed, bids) -> dict:
     """Train, calibrate and evaluate every model (and the one-line detectors) for one seed."""
     t0 = time.perf_counter()
@@ -265,15 +279,8 @@ def run_seed(p, args, seed, bids) -> dict:
         gpu_train_mb = _gpu_peak_mb(cuda)
         volumes = _training_volumes(bundle, s)
         load1 = os.getloadavg()[0]
-        cases, times = {"patients": [], "controls": []}, []
         with PeakRSS() as mem_inf:
-            for group, items in (("patients", patients), ("controls", heldout)):
-                for item in items:
-                    t0 = time.perf_counter()
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
-                                ensemble=False)
-                    times.append(time.perf_counter() - t0)
-                    cases[group].append(_case(item, res.score, res.mask))
+            cases, times = _score_cases(bundle, patients, heldout, ensemble=False)
         result = evaluate_detector(cases["patients"], cases["controls"])
         result["threshold_method"] = s.scoring.threshold_method
         result["postprocessing"] = {"postprocess": s.scoring.postprocess,
@@ -294,14 +301,7 @@ def run_seed(p, args, seed, bids) -> dict:
               f"{result['subject_auroc']:.3f} held-out FPR {result['heldout_control_fpr']:.4f} "
               f"({train_s:.0f} s)", flush=True)
         if args.ensemble_compare and len(bundle.folds) > 1:  # the fold ensemble of the same fitted folds
-            ens, times = {"patients": [], "controls": []}, []
-            for group, items in (("patients", patients), ("controls", heldout)):
-                for item in items:
-                    t0 = time.perf_counter()
-                    res = infer(bundle, item["dwi"], item["bvals"], item["bvecs"], item["mask"], item["amask"],
-                                ensemble=True)
-                    times.append(time.perf_counter() - t0)
-                    ens[group].append(_case(item, res.score, res.mask))
+            ens, times = _score_cases(bundle, patients, heldout, ensemble=True)
             key = f"{name}[ensemble]"
             out["models"][key] = evaluate_detector(ens["patients"], ens["controls"])
             out["timing"][key] = dict(out["timing"][name], inference_s=float(np.mean(times)))
