@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import current_rss_mb, markdown_table, measure, tree_cpu, write_results  # noqa: E402
+from _measure import current_rss_mb, markdown_table, measure, publish, tree_cpu  # noqa: E402
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
 
@@ -185,12 +185,10 @@ def run_levels(args) -> int:
     print(f"\nthe demo's levels ({args.preset} dataset, {args.nprocs} processes):\n{table}")
     if previous:
         print(f"\nprevious run ({previous.get('date')}):\n{markdown_table(previous.get('levels', []), columns)}")
-    write_results(f"run_all_{args.preset}", result,
-                  f"# The demo's three levels, {args.preset} dataset ({result['date']}, {result['machine']})\n\n"
-                  f"{args.nprocs} processes; overhead = graph wall − Σ node work / processes (run log's closing "
-                  f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n")
-    print(json.dumps(result))
-    return 0
+    return publish(f"run_all_{args.preset}", result,
+                   f"# The demo's three levels, {args.preset} dataset ({result['date']}, {result['machine']})\n\n"
+                   f"{args.nprocs} processes; overhead = graph wall − Σ node work / processes (run log's closing "
+                   f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,12 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, ["stage", "wall_s", "peak_rss_mb", "nodes"])
     print(f"\nparticipant level, one {args.preset} subject ({dwi_shape} dwi, {t1_shape} T1w), "
           f"{args.threads} threads: {part.wall_s:.1f} s, peak {part.peak_rss_mb:.0f} MB\n{table}")
-    write_results(f"run_all_{args.preset}", result,
-                  f"# Whole participant level, {args.preset} preset ({result['date']}, {result['machine']})\n\n"
-                  f"dwi {dwi_shape}, T1w {t1_shape}, {args.threads} threads; total {part.wall_s:.1f} s, "
-                  f"peak {part.peak_rss_mb:.0f} MB\n\n{table}\n")
-    print(json.dumps(result))
-    return 0
+    return publish(f"run_all_{args.preset}", result,
+                   f"# Whole participant level, {args.preset} preset ({result['date']}, {result['machine']})\n\n"
+                   f"dwi {dwi_shape}, T1w {t1_shape}, {args.threads} threads; total {part.wall_s:.1f} s, "
+                   f"peak {part.peak_rss_mb:.0f} MB\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import markdown_table, write_results  # noqa: E402
+from _measure import markdown_table, publish  # noqa: E402
 
 
 def _same(x):
@@ -109,12 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(f"\n{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph in memory "
           f"({objects} objects; one full gc.collect() {full_gc_s:.3f} s):\n{table}")
-    write_results(f"scheduler_{args.preset}", result,
-                  f"# Scheduling cost per node ({result['date']}, {result['machine']})\n\n"
-                  f"{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph "
-                  f"in memory ({objects} objects; one full gc.collect() {full_gc_s:.3f} s)\n\n{table}\n")
-    print(json.dumps(result))
-    return 0
+    return publish(f"scheduler_{args.preset}", result,
+                   f"# Scheduling cost per node ({result['date']}, {result['machine']})\n\n"
+                   f"{args.nodes} no-work nodes in a chain, 2 processes, a {graph_nodes}-node participant graph "
+                   f"in memory ({objects} objects; one full gc.collect() {full_gc_s:.3f} s)\n\n{table}\n")
 
 
 if __name__ == "__main__":
