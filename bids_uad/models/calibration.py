@@ -146,3 +146,33 @@ def pool(calibrations: Sequence[Calibration]) -> Calibration:
     ok = all(v is not None for v in levels) and len(targets) == 1
     return Calibration(np.concatenate([c.null for c in calibrations]),
                        float(np.mean(levels)) if ok else None, targets.pop() if ok else None)
+
+
+def cross_fitted(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], peers: Sequence[Sequence[int]],
+                 target: float, post: Callable[[np.ndarray], np.ndarray], voxel_ml: float | None = None,
+                 max_samples: int = 200_000, seed: int = 0) -> list[Calibration | None]:
+    """For each healthy map ``i``, the written-map calibration made from its ``peers[i]`` alone
+    (None without peers): the threshold, and smallest finding, that map gets when it took no part
+    in calibrating them.
+
+    A control that calibrated its own threshold flags about the target fraction by construction
+    (in-sample).  Thresholding each control with a calibration from the others estimates what a
+    new healthy subject's written map flags, as cross-fitting does for any tuned parameter: the
+    honest held-out false-positive rate and findings per control of a group study with no spare
+    controls.  ``peers`` says which maps the model would calibrate on in place of ``i`` (e.g.
+    the other folds' held-out controls for an out-of-fold calibration).  ``voxel_ml``: the maps'
+    voxel volume, to calibrate the smallest finding too (:func:`calibrate_finding_volume`).
+    """
+    out: list[Calibration | None] = []
+    for i, chosen in enumerate(peers):
+        chosen = [j for j in chosen if j != i]
+        if not chosen:
+            out.append(None)
+            continue
+        maps, ms = [score_maps[j] for j in chosen], [masks[j] for j in chosen]
+        cal = calibrate(maps, ms, max_samples, seed)
+        calibrate_written(cal, maps, ms, target, post)
+        if voxel_ml is not None:
+            calibrate_finding_volume(cal, maps, ms, post, voxel_ml)
+        out.append(cal)
+    return out

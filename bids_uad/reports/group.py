@@ -210,13 +210,14 @@ def detection_section(group_dir: Path, maker: FigureMaker) -> list[dict]:
         "Every detector on the same voxels (each patient's analysis mask). AUPRC is the primary figure (lesions "
         "are a few percent of the voxels); Dice is that of the written map (the model file's threshold, after "
         "post-processing); the oracle Dice uses the truth (an upper bound, not a method). Subject AUROC: patients "
-        "against the controls scored out of fold, from the 99th-percentile score. The controls' written-map "
-        "false-positive rate is measured on the controls that calibrated each fold (in-sample). 1-FA and MD are "
-        "one-line detectors without a calibrated threshold.")]
+        "against the controls scored out of fold, from the 99th-percentile score. Each control's written map, "
+        "false-positive rate and findings use a threshold calibrated without it (on the other controls the "
+        "model's calibration pools), as a new healthy subject's would. 1-FA and MD are one-line detectors "
+        "without a calibrated threshold.")]
     rows = [[r["detector"], _fmt(r.get("auprc"), r.get("auprc_sd")), _fmt(r.get("auroc"), r.get("auroc_sd")),
              _fmt(r.get("dice_calibrated"), r.get("dice_calibrated_sd")),
              _fmt(r.get("dice_oracle"), r.get("dice_oracle_sd")),
-             _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr")),
+             _fmt(r.get("subject_auroc")), _fmt(r.get("heldout_control_fpr"), r.get("heldout_control_fpr_sd")),
              _fmt(r.get("lesion_detection_rate")) + (f" of {r.get('n_lesions')}" if r.get("n_lesions") not in
                                                      (None, "", "n/a", "0") else ""),
              _fmt(r.get("false_findings_per_patient")), _fmt(r.get("false_findings_per_control")),

@@ -3,9 +3,9 @@
 Patients are the non-control subjects with a dwi-space lesion mask (``--lesion-masks``), scored
 by each model's default (best) fold and its written map (the model file's threshold method).
 The controls are scored out of fold (each by the fold that held it out), so the subject-level
-AUROC compares patients with controls no model saw in training; their written-map
-false-positive rate uses the same controls that calibrated that fold (an in-sample figure:
-``benchmarks/models.py`` measures it on controls outside training and calibration).
+AUROC compares patients with controls no model saw in training; their written maps are
+thresholded by a calibration each took no part in (:func:`control_cases`), so their
+false-positive rate and findings are held-out figures.
 The one-line detectors ``1 − FA`` and ``MD`` are computed on the same voxels.
 
 Writes ``group/detection_summary.tsv`` (one row per detector), ``group/detection_groups.tsv``
@@ -28,8 +28,9 @@ from bids_uad.models.settings import needs_template
 
 LOGGER = logging.getLogger("bids_uad.group")
 SUMMARY_KEYS = ("auprc", "auprc_sd", "auroc", "auroc_sd", "dice_calibrated", "dice_calibrated_sd", "dice_oracle",
-                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "lesion_detection_rate", "n_lesions",
-                "false_findings_per_patient", "false_findings_per_control", "n_patients", "n_controls")
+                "dice_oracle_sd", "subject_auroc", "heldout_control_fpr", "heldout_control_fpr_sd",
+                "lesion_detection_rate", "n_lesions", "false_findings_per_patient", "false_findings_per_control",
+                "n_patients", "n_controls")
 
 
 def load_with_lesion_mask(settings, found) -> tuple[dict, Path] | None:
@@ -97,6 +98,44 @@ def _case(arrays: dict, score, written=None, bundle=None):
                 arrays.get("instances"), arrays.get("types", {}), voxel_ml, min_voxels)
 
 
+def control_cases(bundle, scored: list[tuple[dict, object, int]]) -> list:
+    """Cases of the controls scored out of fold (``scored``: arrays, inference result, fold).
+
+    With the healthy-fpr threshold (the default) each control's written map and smallest finding
+    are *cross-fitted* (:func:`~bids_uad.models.calibration.cross_fitted`): calibrated on the
+    controls the model's calibration pools in its place, without it: the other folds' held-out
+    controls for an out-of-fold or pooled calibration, the other held-out controls of its own fold
+    for a fold's own calibration (a fold that held out one control gives it no written map).  Its
+    false-positive rate and findings are then those of a healthy subject that calibrated nothing.
+    Other threshold methods calibrate nothing on the controls: their written maps are kept.
+    """
+    from bids_uad.models.calibration import cross_fitted
+    from bids_uad.scoring.findings import min_finding_voxels
+    from bids_uad.scoring.morphology import postprocess
+
+    scoring = bundle.settings.scoring
+    if scoring.threshold_method != "healthy-fpr" or not scored:
+        return [_case(arrays, res.score, res.mask, bundle) for arrays, res, _ in scored]
+    pooled = bundle.out_of_fold is not None or scoring.ensemble
+    folds = [fold for _, _, fold in scored]
+    peers = [[j for j, other in enumerate(folds) if (other != fold if pooled else other == fold)] for fold in folds]
+    amasks = [np.asarray(arrays["analysis_mask"]) > 0 for arrays, _, _ in scored]
+    maps = [np.where(m, res.score, 0) for (_, res, _), m in zip(scored, amasks)]
+    voxel_ml = _voxel_ml(scored[0][0])
+    post = lambda b: postprocess(b, scoring)  # noqa: E731
+    cals = cross_fitted(maps, amasks, peers, scoring.fpr, post, voxel_ml, scoring.max_null_samples,
+                        bundle.settings.training.seed)
+    cases = []
+    for (arrays, res, _), score, amask, cal in zip(scored, maps, amasks, cals):
+        case = _case(arrays, score)
+        if cal is not None:
+            case.written = post((score > cal.threshold(cal.level)) & amask) & amask
+            case.min_finding_voxels = min_finding_voxels(
+                scoring.min_cluster_ml if cal.finding_min_ml is None else cal.finding_min_ml, case.voxel_ml)
+        cases.append(case)
+    return cases
+
+
 def can_score(bundle, arrays: dict) -> bool:
     """Whether ``bundle`` can score this loaded subject: a template-space model needs its route
     (``arrays["route"]``); without one the subject is left out of that model's evaluation, with a warning."""
@@ -139,16 +178,17 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
                                                          arrays["brain_mask"], arrays["analysis_mask"],
                                                          route=arrays.get("route"))
             entry["patients"].append(_case(arrays, res.score, res.mask, bundle))
-        index = {s: i for i, s in enumerate(bundle.subjects)}
+        scored = []  # (arrays, out-of-fold result, fold) of each control
         for fold in bundle.folds:
             for i in fold.val_idx:
                 subject = bundle.subjects[i]
                 arrays = control_items[control_subjects.index(subject)] if subject in control_subjects else None
-                if arrays is None or subject not in index:
+                if arrays is None:
                     continue
                 res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                             arrays["analysis_mask"], fold=fold.fold, route=arrays.get("route"))
-                entry["controls"].append(_case(arrays, res.score, res.mask, bundle))
+                scored.append((arrays, res, fold.fold))
+        entry["controls"] = control_cases(bundle, scored)
     for name in ("1-FA", "MD"):
         cases[name] = {"patients": [], "controls": []}
     for group, items in (("patients", patients), ("controls", control_items)):
@@ -176,7 +216,9 @@ def evaluate_detectors(settings, patients: list[dict], bundles: list, control_it
                     r["auroc"], "n/a" if not np.isfinite(r["dice_calibrated"]) else f"{r['dice_calibrated']:.3f}",
                     r["subject_auroc"])
         if np.isfinite(r.get("lesion_detection_rate", float("nan"))):
+            rates = [f"{row['written_fpr']:.4f}" for row in r["per_subject"] if row.get("written_fpr") is not None]
             LOGGER.info("%s: lesion-wise detection rate %.2f (%d lesions), false findings %.2f per patient, findings per held-out "
-                        "control %s", name, r["lesion_detection_rate"], r["n_lesions"],
-                        r["false_findings_per_patient"], r.get("control_findings"))
+                        "control %s, written-map false-positive rate per held-out control [%s]", name,
+                        r["lesion_detection_rate"], r["n_lesions"], r["false_findings_per_patient"],
+                        r.get("control_findings"), ", ".join(rates))
     return results

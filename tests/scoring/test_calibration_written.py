@@ -74,3 +74,26 @@ def test_finding_volume_is_larger_than_every_calibration_controls_largest_cluste
     import pytest
     with pytest.raises(ValueError):
         calibrate_finding_volume(calibrate(calib_maps, masks), calib_maps, masks, post, 0.008)
+
+
+def test_cross_fitted_calibrates_each_map_on_its_peers_only():
+    from bids_uad.models.calibration import cross_fitted
+
+    scoring = ScoringSettings(fpr=0.01, min_cluster_voxels=8)
+    post = lambda b: postprocess(b, scoring)  # noqa: E731
+    maps = _healthy_maps(3, 2)
+    maps[2] = maps[2] * 3.0  # a control far noisier than the others
+    masks = [np.ones(m.shape, bool) for m in maps]
+    cals = cross_fitted(maps, masks, [[1, 2], [0, 2], [0, 1], [0]], 0.01, post, voxel_ml=0.008)
+    assert len(cals) == 4 and all(c is not None for c in cals)
+    # the same as calibrating on the peers alone
+    alone = calibrate_written(calibrate(maps[:2], masks[:2]), maps[:2], masks[:2], 0.01, post)
+    assert cals[2].threshold(cals[2].level) == alone.threshold(alone.level)
+    assert cals[2].finding_min_ml is not None
+    # in-sample, the noisy control flags about the target; held out (calibrated on the others) far more
+    in_sample = calibrate_written(calibrate(maps, masks), maps, masks, 0.01, post)
+    held_out = written_fpr(cals[2].threshold(cals[2].level), maps[2:], masks[2:], post)
+    assert written_fpr(in_sample.threshold(in_sample.level), maps, masks, post) <= 0.01
+    assert held_out > 0.05
+    # a map whose only peer is itself gets no calibration
+    assert cross_fitted(maps[:1], masks[:1], [[0]], 0.01, post) == [None]
