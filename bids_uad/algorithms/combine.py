@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bids_uad.algorithms.hmc import ROT_SCALE, _Warper, mi_rigid, rotation_matrix
+from bids_uad.algorithms.hmc import FOV_COVERAGE_MIN, ROT_SCALE, _Warper, mi_rigid, rotation_matrix
 from bids_uad.algorithms.resample import sample_volumes
 
 
@@ -114,3 +114,14 @@ def combine_runs(series: list[np.ndarray], bvals: list[np.ndarray], bvecs: list[
                           info={"method": "rigid alignment of each run's b0 reference to the first run's "
                                           "(mutual information), b0 intensity scaling, concatenation",
                                 "runs": runs, "volumes": [int(s.shape[3]) for s in series]})
+
+
+def combined_fov(fov_masks: list[np.ndarray], run_params: list, zooms) -> np.ndarray:
+    """Field-of-view mask of a combined series: the first run's, and every later run's moved by its
+    alignment (``run_params``: :func:`combine_runs`' per-run ``params``), where the moved mask keeps
+    :data:`~bids_uad.algorithms.hmc.FOV_COVERAGE_MIN` of its interpolation weight."""
+    out = np.asarray(fov_masks[0], bool).copy()
+    for mask, params in zip(fov_masks[1:], run_params[1:]):
+        moved = resample_rigid(np.asarray(mask, np.float32), np.asarray(params, float), zooms)
+        out &= moved >= FOV_COVERAGE_MIN
+    return out

@@ -138,6 +138,7 @@ class HMCResult:
     bvecs: np.ndarray  # (N, 3) rotated, FSL frame as given
     framewise_displacement: np.ndarray
     info: dict = field(default_factory=dict)
+    coverage: np.ndarray | None = None  # (X, Y, Z) field-of-view coverage, see fov_coverage
 
 
 class _Warper:
@@ -332,7 +333,8 @@ def correct_motion(
     if anchor:
         theta, off = _anchor_dwis_to_b0(warper, vols, theta, is_b0, chunk, anchor)
         offsets.append(off)
-    corrected = _apply(warper, vols, theta, chunk) * scale
+    corrected, coverage = _apply(warper, vols, theta, chunk, coverage=True)
+    corrected = corrected * scale
     th = theta.numpy().astype(float)
     rigid = np.concatenate([th[:, :3], th[:, 3:6] * ROT_SCALE], 1)
     eddy_terms = np.zeros((n_vol, 4))
@@ -375,7 +377,8 @@ def correct_motion(
         "seconds": round(time.perf_counter() - t_start, 2),
     })
     return HMCResult(corrected=np.moveaxis(corrected[:, 0].numpy(), 0, -1), motion=motion, eddy=eddy_terms,
-                     bvecs=new_bvecs, framewise_displacement=framewise_displacement(motion), info=info)
+                     bvecs=new_bvecs, framewise_displacement=framewise_displacement(motion), info=info,
+                     coverage=coverage.numpy())
 
 
 def _residuals(warper, mov, tgt, sw, theta, pts, disp, jac_field, factor):
@@ -558,10 +561,30 @@ def _gauss_newton(warper, mov, tgt, sw, theta, pfree, pts, disp, jac_field, fact
     return theta
 
 
-def _apply(warper: _Warper, vols: torch.Tensor, theta: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Resample all volumes (full resolution) with the current parameters; (N, 1, X, Y, Z)."""
+#: The smallest field-of-view coverage (:func:`fov_coverage`) of a voxel whose corrected signal
+#: is trusted: in every volume at least 90 % of its trilinear weight came from acquired voxels.
+#: Near the slab's edges head motion (and the susceptibility and eddy shifts) move the sample
+#: point of some volumes outside the acquired field of view; the zero padding there darkens those
+#: volumes only, which reads as a diffusion change.  Such voxels are left out of the analysis mask.
+FOV_COVERAGE_MIN = 0.9
+
+
+def fov_coverage(coords: torch.Tensor, shape) -> torch.Tensor:
+    """Fraction of each sample's trilinear weight that lies on acquired voxels, the minimum over
+    volumes: ``coords`` (N, x, y, z, 3) are voxel coordinates in the raw grid ``shape``; 1 within
+    the outer voxel centres, falling linearly to 0 one voxel beyond them (zero padding)."""
+    size = torch.as_tensor([n - 1 for n in shape], dtype=coords.dtype)
+    outside = torch.relu(-coords) + torch.relu(coords - size)
+    return torch.clamp(1.0 - outside, 0.0, 1.0).prod(-1).min(0).values
+
+
+def _apply(warper: _Warper, vols: torch.Tensor, theta: torch.Tensor, chunk: int,
+           coverage: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Resample all volumes (full resolution) with the current parameters; (N, 1, X, Y, Z), and
+    with ``coverage`` also their :func:`fov_coverage` (X, Y, Z)."""
     pts, disp, jac_field = warper.level(1)
     out = torch.empty_like(vols)
+    cover = torch.ones(warper.shape)
     with torch.no_grad():
         for start in range(0, vols.shape[0], chunk):
             sl = slice(start, start + chunk)
@@ -571,7 +594,9 @@ def _apply(warper: _Warper, vols: torch.Tensor, theta: torch.Tensor, chunk: int)
             if jac is not None:
                 warped = warped * jac
             out[sl, 0] = warped
-    return out
+            if coverage:
+                cover = torch.minimum(cover, fov_coverage(y, warper.shape))
+    return (out, cover) if coverage else out
 
 
 def _targets(corrected: torch.Tensor, bvals, bvecs, is_b0, mask, first_pass=False):

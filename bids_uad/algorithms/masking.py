@@ -29,6 +29,25 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def interior(mask: np.ndarray) -> np.ndarray:
+    """The mask without its boundary layer: voxels whose 26 neighbours are all in the mask.
+
+    The analysis mask keeps only the dwi brain mask's interior: a boundary voxel of a 2-4 mm
+    brain mask mixes brain with CSF, skull or background, so its tensor and signal ratios are
+    off for every healthy subject (TBSS erodes FA maps for the same reason).  Measured on the
+    demo: a held-out control whose brain mask reached further out flagged 50 % of its voxels
+    within 1.5 voxels of the brain edge and 3 % deeper in.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m = np.zeros((5, 5, 5), bool); m[1:4, 1:4, 1:4] = True
+    >>> int(interior(m).sum())
+    1
+    """
+    return ndimage.binary_erosion(np.asarray(mask, bool), structure=np.ones((3, 3, 3), bool), border_value=0)
+
+
 def threshold_mask(image: np.ndarray, sigma: float = 1.0, opening: int = 1, dilate: int = 0) -> np.ndarray:
     """Foreground/brain mask: Otsu on the smoothed image, largest component, holes filled."""
     img = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), sigma)

@@ -306,13 +306,17 @@ def apply_transforms(
     invert: Sequence[bool] | None = None,
     default_value: float = 0.0,
     dtype=None,
+    crop_to_support: bool = False,
 ) -> nib.Nifti1Image:
     """Resample ``moving_img`` onto the grid of ``fixed_img`` through ``transforms``.
 
     ``interpolation`` is an ANTs interpolator or an image kind (``label``, ``mask``,
     ``probability``, ``image``; see :data:`INTERPOLATION`).  ``invert`` flags the affine
     ``.mat`` files to invert (antspyx ``whichtoinvert``).  4-D inputs are resampled per volume.
-    Label outputs keep an integer dtype.
+    Label outputs keep an integer dtype.  ``crop_to_support``: for a map that is zero outside a
+    small region (an anomaly map, a label image) going onto a much finer grid (a 1 mm template),
+    resample only inside the box of the fixed grid where it lands (:func:`support_box`) and leave
+    the rest ``default_value`` (0); the result is the same, in a fraction of the time.
     """
     import ants
 
@@ -326,19 +330,32 @@ def apply_transforms(
     elif invert is None:
         invert = [False] * len(transforms)
     invert = None if invert is None else [bool(v) for v in invert]
-    fixed_a = to_ants(fixed_n)
     data = np.asarray(moving_n.dataobj, dtype=np.float32)
+    box = None
+    if crop_to_support and default_value == 0 and transforms != ["identity"]:
+        box = support_box(np.any(data != 0, axis=-1) if data.ndim > 3 else data != 0, moving_n.affine,
+                          fixed_n, transforms, invert)
+    target = fixed_n if box is None else _crop_grid(fixed_n, box)
     vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[-1])]
     out = []
-    for vol in vols:
-        mov = to_ants(nib.Nifti1Image(vol, moving_n.affine))
-        if transforms == ["identity"]:
-            warped = ants.resample_image_to_target(mov, fixed_a, interp_type=interp)
-        else:
-            warped = ants.apply_transforms(fixed_a, mov, transformlist=list(transforms),
-                                           interpolator=interp, whichtoinvert=invert,
-                                           defaultvalue=default_value)
-        out.append(warped.numpy())
+    if target is None:  # nothing to carry: the map is empty where it lands
+        out = [np.zeros(fixed_n.shape[:3], np.float32) for _ in vols]
+    else:
+        fixed_a = to_ants(target)
+        for vol in vols:
+            mov = to_ants(nib.Nifti1Image(vol, moving_n.affine))
+            if transforms == ["identity"]:
+                warped = ants.resample_image_to_target(mov, fixed_a, interp_type=interp)
+            else:
+                warped = ants.apply_transforms(fixed_a, mov, transformlist=list(transforms),
+                                               interpolator=interp, whichtoinvert=invert,
+                                               defaultvalue=default_value)
+            if box is None:
+                out.append(warped.numpy())
+            else:
+                full = np.zeros(fixed_n.shape[:3], np.float32)
+                full[tuple(slice(lo, hi) for lo, hi in box)] = warped.numpy()
+                out.append(full)
     arr = out[0] if data.ndim == 3 else np.stack(out, axis=-1)
     if dtype is None:
         dtype = np.int16 if interp in ("genericLabel", "nearestNeighbor", "multiLabel") else np.float32
@@ -433,6 +450,54 @@ def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w
     return rigid, result
 
 
+#: Spacing (mm) of the coarse probe grid of :func:`support_box`, and its margin in probe voxels.
+SUPPORT_PROBE_MM = 4.0
+SUPPORT_MARGIN = 3
+
+
+def support_box(support: np.ndarray, affine: np.ndarray, fixed_n: nib.Nifti1Image, transforms: Sequence[str],
+                invert: Sequence[bool] | None) -> list[tuple[int, int]] | None:
+    """The index box of ``fixed_n``'s grid outside which a map nonzero only on ``support`` (on the
+    grid of ``affine``) resamples to 0 through ``transforms``: [(lo, hi)] per axis, None when it
+    lands nowhere.  The whole grid when it is not much finer than :data:`SUPPORT_PROBE_MM`.
+
+    The support (as a 0/1 image, linear interpolation: nonzero wherever any interpolation of the
+    map can be) is resampled onto a probe grid of the fixed grid's every ``f``-th voxel (``f``
+    voxels make :data:`SUPPORT_PROBE_MM`); the box of the nonzero probe voxels, grown by
+    :data:`SUPPORT_MARGIN` probe voxels (12 mm: a linear interpolation reaches one moving voxel
+    past the support, and a probe point lies within half a probe spacing of any point), is where
+    the full resampling runs.
+    """
+    import ants
+
+    zooms = np.asarray(fixed_n.header.get_zooms()[:3], float)
+    shape = np.asarray(fixed_n.shape[:3])
+    factor = int(np.floor(SUPPORT_PROBE_MM / max(float(zooms.max()), 1e-6)))
+    if factor < 2:
+        return [(0, int(n)) for n in shape]
+    if not support.any():
+        return None
+    probe_shape = tuple(int(n) for n in -(-shape // factor))
+    probe_affine = fixed_n.affine @ np.diag([factor, factor, factor, 1.0])
+    probe = to_ants(nib.Nifti1Image(np.zeros(probe_shape, np.float32), probe_affine))
+    moving = to_ants(nib.Nifti1Image(support.astype(np.float32), affine))
+    landed = ants.apply_transforms(probe, moving, transformlist=list(transforms), interpolator="linear",
+                                   whichtoinvert=None if invert is None else list(invert)).numpy() > 0
+    if not landed.any():
+        return None
+    idx = np.argwhere(landed)
+    lo = np.maximum((idx.min(0) - SUPPORT_MARGIN) * factor, 0)
+    hi = np.minimum((idx.max(0) + SUPPORT_MARGIN) * factor + 1, shape)
+    return [(int(a), int(b)) for a, b in zip(lo, hi)]
+
+
+def _crop_grid(fixed_n: nib.Nifti1Image, box: list[tuple[int, int]]) -> nib.Nifti1Image:
+    """An empty image on the sub-grid ``box`` of ``fixed_n``'s grid (same voxels, shifted origin)."""
+    affine = fixed_n.affine.copy()
+    affine[:3, 3] = fixed_n.affine[:3, :3] @ np.array([lo for lo, _ in box], float) + fixed_n.affine[:3, 3]
+    return nib.Nifti1Image(np.zeros([hi - lo for lo, hi in box], np.float32), affine)
+
+
 def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert: Sequence[bool],
                           t1w2mni: Sequence[str], t1w2mni_invert: Sequence[bool] | None = None,
                           ) -> tuple[list[str], list[bool]]:
@@ -461,7 +526,7 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
     flags = (list(t1w2dwi_inverse_invert) if t1w2dwi_inverse_invert is not None
              else [str(p).endswith(".mat") for p in t1w2dwi_inverse])
     xfms, inv = chain_dwi_to_template(t1w2dwi_inverse, flags, t1w2mni)
-    return apply_transforms(img, template_file, xfms, interpolation, invert=inv)
+    return apply_transforms(img, template_file, xfms, interpolation, invert=inv, crop_to_support=True)
 
 
 def register_fa_to_template(fa: nib.Nifti1Image, brain_mask: nib.Nifti1Image, template_fa: nib.Nifti1Image,

@@ -398,15 +398,19 @@ class _AnalysisInputSpec(BaseInterfaceInputSpec):
     dseg = traits.Str(mandatory=True, desc="dseg ('' = skip)")
     ventricles = traits.Str("", usedefault=True)
     brain_mask = traits.Str("", usedefault=True, desc="optional: restrict to this mask too")
+    fov_mask = traits.Str("", usedefault=True, desc="optional: the dwi field-of-view mask (hmc.fov_coverage)")
 
 
 class AnalysisMask(SimpleInterface):
-    """The scoring mask: GM ∪ WM minus the ventricles (within the brain mask when given)."""
+    """The scoring mask: GM ∪ WM minus the ventricles, within the interior of the brain mask (its
+    boundary layer left out, :func:`~bids_uad.algorithms.masking.interior`) and the dwi field of
+    view when given."""
 
     input_spec = _AnalysisInputSpec
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
+        from bids_uad.algorithms.masking import interior
         from bids_uad.algorithms.segmentation import analysis_mask
 
         if not _given(self.inputs.dseg):
@@ -415,10 +419,12 @@ class AnalysisMask(SimpleInterface):
         dseg = nib.load(self.inputs.dseg)
         vent = np.asarray(nib.load(self.inputs.ventricles).dataobj) if _given(self.inputs.ventricles) else None
         mask = analysis_mask(np.asarray(dseg.dataobj), vent)
-        if _given(self.inputs.brain_mask):
-            brain = nib.load(self.inputs.brain_mask)
-            if brain.shape[:3] == dseg.shape[:3]:
-                mask &= np.asarray(brain.dataobj).reshape(dseg.shape[:3]) > 0
+        for restrict, keep in ((self.inputs.brain_mask, interior), (self.inputs.fov_mask, None)):
+            if _given(restrict):
+                img = nib.load(restrict)
+                if img.shape[:3] == dseg.shape[:3]:
+                    inside = np.asarray(img.dataobj).reshape(dseg.shape[:3]) > 0
+                    mask &= inside if keep is None else keep(inside)
         out = nib.Nifti1Image(mask.astype(np.uint8), dseg.affine)
         self._results["out_file"] = _save(out, runtime.cwd, "analysis_mask.nii.gz")
         return runtime

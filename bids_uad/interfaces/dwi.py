@@ -355,6 +355,7 @@ class _MotionCorrectOutputSpec(TraitedSpec):
     out_bvec = File(exists=True)
     b0_ref = File(exists=True)
     motion_tsv = File(exists=True)
+    fov_mask = File(exists=True, desc="voxels whose every volume was sampled inside the acquired field of view")
     report = traits.Dict()
 
 
@@ -367,7 +368,7 @@ class MotionCorrect(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from bids_uad.algorithms.hmc import correct_motion
+        from bids_uad.algorithms.hmc import FOV_COVERAGE_MIN, correct_motion
         from bids_uad.algorithms.resample import parse_phase_encoding
         from bids_uad.bids.derivatives import write_tsv
         from bids_uad.bids.gradients import GradientTable, load_gradients, write_fsl_gradients
@@ -409,7 +410,10 @@ class MotionCorrect(SimpleInterface):
             rows.append(row)
         tsv = _out(runtime, "motion.tsv")
         write_tsv(tsv, rows)
-        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref, motion_tsv=tsv)
+        covered = res.coverage >= FOV_COVERAGE_MIN
+        fov = _out(runtime, "fov_mask.nii.gz")
+        nib.save(nib.Nifti1Image(covered.astype(np.uint8), img.affine), fov)
+        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref, motion_tsv=tsv, fov_mask=fov)
         self._results["report"] = {
             "HeadMotionCorrection": "bids_uad python: per-volume rigid + eddy-current (affine along PE) "
                                     "registration, b0s to b0 reference, DWIs to leave-one-out tensor prediction",
@@ -420,6 +424,11 @@ class MotionCorrect(SimpleInterface):
                                    "motion and eddy currents applied in one trilinear resampling",
             "MeanFramewiseDisplacement": float(np.nanmean(res.framewise_displacement))
             if data.shape[3] > 1 else 0.0,
+            "FieldOfViewCoverage": {
+                "VoxelsOutside": int((~covered).sum()),
+                "Criterion": f"in every volume at least {FOV_COVERAGE_MIN:.0%} of the voxel's interpolation weight "
+                             "from acquired voxels (motion, eddy and susceptibility shifts move sample points past "
+                             "the slab's edges); the voxels outside are left out of the analysis mask"},
         }
         return runtime
 
@@ -572,6 +581,7 @@ class _CombineRunsInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, mandatory=True, desc="brain mask of the first run")
     run_names = traits.List(traits.Str, desc="raw file names of the runs, for the sidecar")
     run_reports = traits.List(traits.Dict, desc="each run's preprocessing report (MergeReports.backend_report)")
+    fov_masks = traits.List(traits.Str, desc="each run's field-of-view mask ('' for a run without one)")
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -580,6 +590,7 @@ class _CombineRunsOutputSpec(TraitedSpec):
     out_bval = File(exists=True)
     out_bvec = File(exists=True)
     b0_ref = File(exists=True)
+    fov_mask = traits.Str(desc="the combined series' field-of-view mask ('' when a run has none)")
     report = traits.Dict()
 
 
@@ -624,7 +635,15 @@ class CombineRuns(SimpleInterface):
             [Path(f).name for f in self.inputs.dwi_files]
         for name, run in zip(names, res.info["runs"]):
             run["run"] = name
-        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref)
+        self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref, fov_mask="")
+        fovs = list(self.inputs.fov_masks) if isdefined(self.inputs.fov_masks) else []
+        if len(fovs) == len(imgs) and all(fovs):
+            from bids_uad.algorithms.combine import combined_fov
+
+            fov = combined_fov([np.asarray(nib.load(f).dataobj) > 0 for f in fovs],
+                               [run["params"] for run in res.info["runs"]], zooms)
+            self._results["fov_mask"] = _out(runtime, "fov_mask.nii.gz")
+            nib.save(nib.Nifti1Image(fov.astype(np.uint8), imgs[0].affine), self._results["fov_mask"])
         per_run = list(self.inputs.run_reports) if isdefined(self.inputs.run_reports) else []
         sdc_lines = sorted({r.get("SusceptibilityDistortionCorrection", SDC_SKIPPED) for r in per_run})
         self._results["report"] = {
@@ -646,6 +665,7 @@ class _DiffusionTissuesInputSpec(BaseInterfaceInputSpec):
     fa = File(exists=True, mandatory=True)
     md = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
+    fov_mask = traits.Str("", usedefault=True, desc="optional: the field-of-view mask (hmc.fov_coverage)")
 
 
 class _DiffusionTissuesOutputSpec(TraitedSpec):
@@ -665,7 +685,7 @@ class DiffusionTissues(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from bids_uad.algorithms.masking import coverage_summary
+        from bids_uad.algorithms.masking import coverage_summary, interior
         from bids_uad.algorithms.segmentation import analysis_mask, diffusion_tissue_classes, dseg_tsv_rows
         from bids_uad.bids.derivatives import write_tsv
 
@@ -674,7 +694,9 @@ class DiffusionTissues(SimpleInterface):
         md = np.asarray(nib.load(self.inputs.md).dataobj, np.float32)
         mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
         dseg, info = diffusion_tissue_classes(fa, md, mask)
-        analysis = analysis_mask(dseg)
+        analysis = analysis_mask(dseg) & interior(mask)
+        if self.inputs.fov_mask:
+            analysis &= np.asarray(nib.load(self.inputs.fov_mask).dataobj).reshape(analysis.shape) > 0
         names = {}
         for key, arr in (("dseg", dseg), ("analysis_mask", analysis.astype(np.uint8))):
             names[key] = _out(runtime, f"{key}.nii.gz")
@@ -688,7 +710,9 @@ class DiffusionTissues(SimpleInterface):
         self._results["dseg_meta"] = {"TissueClasses": how, "TissueClassSettings": info}
         self._results["analysis_meta"] = {
             "Type": "ROI", "TissueClasses": how,
-            "Description": "GM and WM from the diffusion tissue classes (CSF excluded), within the dwi brain mask",
+            "Description": "GM and WM from the diffusion tissue classes (CSF excluded), within the dwi brain mask's "
+                           "interior (its boundary layer left out) and the part of the field of view every dwi "
+                           "volume covers after correction",
             "Coverage": coverage_summary(analysis, fa_img.header.get_zooms())}
         return runtime
 

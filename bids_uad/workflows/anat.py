@@ -30,7 +30,7 @@ from bids_uad.interfaces.derivatives import DerivativesDataSink
 
 #: ``dwi_source_file``: the raw dwi run that ``dwi_ref`` belongs to: dwi-space outputs and the
 #: T1w↔dwi transforms inherit its entities (acq, dir, run, ...); T1w-space outputs the T1w's
-INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "dwi_source_file"]
+INPUT_FIELDS = ["t1w_file", "flair_file", "dwi_ref", "dwi_mask", "lesion_mask", "dwi_source_file", "dwi_fov_mask"]
 OUTPUT_FIELDS = [
     "t1w_preproc", "t1w_brain_mask", "t1w_dseg", "t1w_probsegs", "flair_t1w", "t1w_ventricles",
     "dwi_dseg", "dwi_probsegs", "dwi_ventricles", "dwi_analysis_mask",
@@ -91,6 +91,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     backend = settings.resolved_backend()
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
+    inputnode.inputs.dwi_fov_mask = ""  # no field-of-view restriction unless the dwi workflow gives one
     outputnode = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
     outputnode.inputs.template_name = template.name
     outputnode.inputs.template_file = template.t1w
@@ -216,7 +217,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
     analysis = pe.Node(AnalysisMask(), name="analysis_mask_dwi")
     workflow.connect([
         (dwi_labels, analysis, [(("out_files", _pick, 0), "dseg"), (("out_files", _pick, 1), "ventricles")]),
-        (inputnode, analysis, [("dwi_mask", "brain_mask")]),
+        (inputnode, analysis, [("dwi_mask", "brain_mask"), ("dwi_fov_mask", "fov_mask")]),
     ])
 
     # -- outputnode ------------------------------------------------------------------------
@@ -275,8 +276,10 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         (dwi_probs, ("out_files", _pick, 2), "dwi_csf", {"Resampling": "linear"}),
         (dwi_labels, ("out_files", _pick, 1), "dwi_ventricles", {"Resampling": "genericLabel"}),
         (analysis, "out_file", "analysis_mask",
-         {"Description": "GM and WM minus the lateral ventricles, within the dwi brain mask; "
-                         "where anomalies are scored"}),
+         {"Description": "GM and WM minus the lateral ventricles, within the dwi brain mask's interior (its "
+                         "boundary layer, partial volume with CSF and skull, left out) and the part of the field "
+                         "of view every dwi volume covers after correction (HeadMotionCorrection's "
+                         "FieldOfViewCoverage); where anomalies are scored"}),
     ]
     for node, field, key, meta in outputs:
         sink = pe.Node(DerivativesDataSink(

@@ -350,7 +350,7 @@ def _add_pair_combination(workflow, settings: Settings, ses: SessionInputs, dwi_
         cwf.inputs.inputnode.source_file = str(source)
         cwf.inputs.inputnode.source_files = [str(r.path) for r in runs]
         for field, out in (("dwi_files", "dwi_preproc"), ("bval_files", "bval"), ("bvec_files", "bvec"),
-                           ("b0_refs", "b0_ref"), ("run_reports", "backend_report")):
+                           ("b0_refs", "b0_ref"), ("run_reports", "backend_report"), ("fov_masks", "fov_mask")):
             merge = _merge_node(niu.Merge(2), f"{field}_{_session_name(ses)}_pair{n}")
             workflow.connect([(dwi_wfs[i], merge, [(f"outputnode.{out}", "in1")]),
                               (dwi_wfs[j], merge, [(f"outputnode.{out}", "in2")]),
@@ -373,7 +373,8 @@ def _add_dwi_tissue_stage(workflow, settings: Settings, ses: SessionInputs, seri
         twf.inputs.inputnode.source_files = [str(ses.dwi[k].path) for pair in opposite_pe_pairs(ses.dwi) for k in pair
                                              if shared_source_name([ses.dwi[i].path for i in pair]) == Path(source)]
         workflow.connect([(dwi_wf, twf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
-                                         ("outputnode.brain_mask", "inputnode.brain_mask")])])
+                                         ("outputnode.brain_mask", "inputnode.brain_mask"),
+                                         ("outputnode.fov_mask", "inputnode.fov_mask")])])
         out[dwi_wf] = twf
     return out
 
@@ -393,10 +394,12 @@ def _add_anat_stage(workflow, settings: Settings, ses: SessionInputs, first_dwi,
     awf.inputs.inputnode.dwi_source_file = str(first_source or ses.dwi[0].path) if first_dwi is not None else ""
     if first_dwi is not None:
         workflow.connect([(first_dwi, awf, [("outputnode.b0_ref", "inputnode.dwi_ref"),
-                                            ("outputnode.brain_mask", "inputnode.dwi_mask")])])
+                                            ("outputnode.brain_mask", "inputnode.dwi_mask"),
+                                            ("outputnode.fov_mask", "inputnode.dwi_fov_mask")])])
     else:
         LOGGER.warning("sub-%s: no dwi in this session: T1w processed without dwi registration", ses.subject)
         awf.inputs.inputnode.dwi_ref = ""
         awf.inputs.inputnode.dwi_mask = ""
+        awf.inputs.inputnode.dwi_fov_mask = ""
         workflow.add_nodes([awf])
     return awf

@@ -31,7 +31,7 @@ INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file"
 #: workflow to the second's (python backend; see ``sdc_from_partner``)
 OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0",
                  "fieldmap_hz", "motion_tsv", "b0_pair_raw", "b0_pair_corrected", "backend_report",
-                 "sdc_partner"]
+                 "sdc_partner", "fov_mask"]
 #: (output field, key of the outputs table bids_uad.bids.outputs.OUTPUTS, sidecar field of
 #: MergeReports or None); every name inherits the raw dwi's entities (acq, dir, run, ...)
 DERIVATIVES = (
@@ -79,6 +79,7 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
         from bids_uad.interfaces.fsl import FSLDWIPreproc
 
         fslp = pe.Node(FSLDWIPreproc(num_threads=threads), name="fsl_preproc", n_procs=threads)
+        outputnode.inputs.fov_mask = ""  # eddy's output has no field-of-view coverage: nothing left out
         wf.connect([
             (den, fslp, [("out_file", "dwi_file")]),
             (inputnode, fslp, [("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
@@ -119,7 +120,7 @@ def init_dwi_preproc_wf(settings, name: str = "dwi_preproc_wf", denoise: str | N
             (hmc, merge, [("report", "hmc")]),
             (mask, merge, [("report", "mask")]),
             (hmc, outputnode, [("out_file", "dwi_preproc"), ("out_bval", "bval"), ("out_bvec", "bvec"),
-                               ("b0_ref", "b0_ref"), ("motion_tsv", "motion_tsv")]),
+                               ("b0_ref", "b0_ref"), ("motion_tsv", "motion_tsv"), ("fov_mask", "fov_mask")]),
             (mask, outputnode, [("out_mask", "brain_mask")]),
             (sdc, outputnode, [("fieldmap_hz", "fieldmap_hz"), ("b0_pair_raw", "b0_pair_raw"),
                                ("b0_pair_corrected", "b0_pair_corrected")]),
@@ -150,8 +151,9 @@ def connect_sinks(wf: pe.Workflow, settings, derivatives, outputnode, inputnode,
 
 #: inputs of the combination of opposite-PE runs: lists with one item per run (first = reference)
 COMBINE_INPUT_FIELDS = ["dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask", "run_reports",
-                        "run_names", "source_file", "source_files"]
-COMBINE_OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0"]
+                        "run_names", "source_file", "source_files", "fov_masks"]
+COMBINE_OUTPUT_FIELDS = ["dwi_preproc", "bval", "bvec", "b0_ref", "brain_mask", "fa", "md", "ad", "rd", "s0",
+                         "fov_mask"]
 #: the combined series' derivatives (no field map or motion table of its own: each run has them)
 COMBINED_DERIVATIVES = tuple(d for d in DERIVATIVES if d[0] in COMBINE_OUTPUT_FIELDS)
 
@@ -170,7 +172,7 @@ def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
     merge = pe.Node(MergeReports(backend=settings.resolved_backend()), name="merge_reports")
     wf.connect([
         (inputnode, combine, [(f, f) for f in ("dwi_files", "bval_files", "bvec_files", "b0_refs", "brain_mask",
-                                               "run_reports", "run_names")]),
+                                               "run_reports", "run_names", "fov_masks")]),
         (combine, mask, [("b0_ref", "in_file")]),
         (combine, tensor, [("out_file", "dwi_file"), ("out_bval", "bval_file"), ("out_bvec", "bvec_file")]),
         (mask, tensor, [("out_mask", "mask_file")]),
@@ -178,7 +180,7 @@ def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
         (mask, merge, [("report", "mask")]),
         (tensor, merge, [("report", "tensor")]),
         (combine, outputnode, [("out_file", "dwi_preproc"), ("out_bval", "bval"), ("out_bvec", "bvec"),
-                               ("b0_ref", "b0_ref")]),
+                               ("b0_ref", "b0_ref"), ("fov_mask", "fov_mask")]),
         (mask, outputnode, [("out_mask", "brain_mask")]),
         (tensor, outputnode, [(k, k) for k in ("fa", "md", "ad", "rd", "s0")]),
     ])
@@ -190,14 +192,15 @@ def init_dwi_combine_wf(settings, name: str = "dwi_combine_wf") -> pe.Workflow:
 def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
     """Tissue classes and analysis mask from the tensor maps, for a session without a T1w.
 
-    inputnode: fa, md, brain_mask, source_file; outputnode: dseg, analysis_mask (dwi grid),
+    inputnode: fa, md, brain_mask, source_file, fov_mask (optional); outputnode: dseg, analysis_mask (dwi grid),
     written as the same derivatives the anatomical workflow writes (``dwi_dseg``,
     ``analysis_mask``), their sidecars saying they come from the diffusion data.
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file", "source_files"]),
+    inputnode = pe.Node(IdentityInterface(fields=["fa", "md", "brain_mask", "source_file", "source_files", "fov_mask"]),
                         name="inputnode")
     inputnode.inputs.source_files = []  # the raw runs of a combined series ([]: source_file)
+    inputnode.inputs.fov_mask = ""
     outputnode = pe.Node(IdentityInterface(fields=["dseg", "analysis_mask"]), name="outputnode")
     tissues = pe.Node(DiffusionTissues(), name="tissues")
     # the analysis mask is handed on once the template transform is on disk too (anomaly maps
@@ -205,7 +208,7 @@ def init_dwi_tissue_wf(settings, name: str = "dwi_tissue_wf") -> pe.Workflow:
     ready = pe.Node(IdentityInterface(fields=["analysis_mask", "xfm"]), name="ready")
     ready.inputs.xfm = ""
     wf.connect([
-        (inputnode, tissues, [("fa", "fa"), ("md", "md"), ("brain_mask", "brain_mask")]),
+        (inputnode, tissues, [("fa", "fa"), ("md", "md"), ("brain_mask", "brain_mask"), ("fov_mask", "fov_mask")]),
         (tissues, outputnode, [("dseg", "dseg")]),
         (tissues, ready, [("analysis_mask", "analysis_mask")]),
         (ready, outputnode, [("analysis_mask", "analysis_mask")]),

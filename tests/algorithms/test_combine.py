@@ -56,3 +56,17 @@ def test_combining_needs_two_runs_on_one_grid():
     with pytest.raises(ValueError, match="grid"):
         combine_runs([np.zeros((4, 4, 4, 2)), np.zeros((5, 4, 4, 2))], [np.zeros(2)] * 2, [np.zeros((2, 3))] * 2,
                      [np.zeros((4, 4, 4)), np.zeros((5, 4, 4))], (1, 1, 1))
+
+
+def test_combined_field_of_view_moves_the_later_runs_mask_with_their_alignment():
+    from bids_uad.algorithms.combine import combined_fov
+
+    first = np.ones((20, 20, 12), bool)
+    first[..., 0] = False
+    second = np.ones((20, 20, 12), bool)
+    second[..., -1] = False
+    still = combined_fov([first, second], [[0.0] * 6, [0.0] * 6], (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(still, first & second)
+    # the second run aligned by one voxel (2 mm) along z: its last covered slice moves with it
+    moved = combined_fov([first, second], [[0.0] * 6, [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]], (2.0, 2.0, 2.0))
+    assert not moved[..., -2:].any() and moved[2:-2, 2:-2, 1:-2].all()

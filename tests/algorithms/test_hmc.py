@@ -147,3 +147,30 @@ def test_bvecs_rotated_by_rotation_part():
     v = rot.T @ np.array([1.0, 0, 0])
     assert v[1] < 0  # rotating the head by +z moves the head-frame gradient to -y
     _ = rng
+
+
+def test_fov_coverage_falls_off_one_voxel_beyond_the_outer_voxel_centres():
+    import torch
+
+    from bids_uad.algorithms.hmc import fov_coverage
+
+    coords = torch.tensor([[[[[0.0, 5.0, 5.0]], [[-0.25, 5.0, 5.0]], [[9.5, 5.0, 5.0]], [[4.0, 5.0, -1.5]]]]])
+    cover = fov_coverage(coords, (10, 10, 10))  # one volume, four points
+    np.testing.assert_allclose(cover.numpy().ravel(), [1.0, 0.75, 0.5, 0.0])
+    two = torch.cat([coords, torch.zeros_like(coords) + 5.0])  # a second volume well inside
+    np.testing.assert_allclose(fov_coverage(two, (10, 10, 10)).numpy().ravel(), [1.0, 0.75, 0.5, 0.0])
+
+
+def test_edge_slices_a_volume_moved_out_of_are_not_covered():
+    from bids_uad.algorithms.hmc import FOV_COVERAGE_MIN
+
+    ref = _phantom()
+    true = np.zeros((4, 6))
+    true[2, 2] = 1.5 * ZOOMS[2]  # one volume moved 1.5 voxels along z
+    data = np.stack([_move(ref, p) for p in true], -1)
+    res = correct_motion(data, np.zeros(4), np.zeros((4, 3)), ZOOMS, pe_axis=None, schedule=FAST, smooth_sigma=1.0)
+    covered = res.coverage >= FOV_COVERAGE_MIN
+    assert res.coverage.shape == ref.shape
+    assert covered[3:-3, 3:-3, :-2].all()  # covered by every volume
+    # the moved volume holds the last 1.5 slices' anatomy nowhere: its samples there lie past the slab
+    assert not covered[:, :, -2:].any()

@@ -253,6 +253,30 @@ def test_dwi_to_template_composes_inverse_then_forward(tmp_path):
     assert np.allclose(world, [-1.0, -1.0, 3.0], atol=0.6)  # blob centre (-1,-1,-1) + 4 z
 
 
+@pytest.mark.parametrize("kind", ["image", "label"])
+def test_cropping_to_the_support_resamples_the_same_map(tmp_path, kind):
+    """A 4 mm map with a small support carried onto a 1 mm grid: resampling only inside the box
+    where it lands gives the same image as the whole grid."""
+    coarse_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    coarse_affine[:3, 3] = [-40, -40, -40]
+    data = np.zeros((20, 20, 20), np.float32)
+    data[6:9, 10:14, 4:7] = np.arange(1, 37, dtype=np.float32).reshape(3, 4, 3)
+    img = nib.Nifti1Image(data if kind == "image" else (data > 10).astype(np.float32), coarse_affine)
+    fine_affine = np.eye(4)
+    fine_affine[:3, 3] = [-45, -45, -45]
+    fine = nib.Nifti1Image(np.zeros((90, 90, 90), np.float32), fine_affine)
+    shift = _translation(tmp_path / "shift.mat", [3.0, -5.0, 7.0])
+    full = reg.apply_transforms(img, fine, [shift], kind)
+    cropped = reg.apply_transforms(img, fine, [shift], kind, crop_to_support=True)
+    assert np.asarray(full.dataobj).any() and full.get_data_dtype() == cropped.get_data_dtype()
+    np.testing.assert_array_equal(np.asarray(full.dataobj), np.asarray(cropped.dataobj))
+    box = reg.support_box(np.asarray(img.dataobj) != 0, coarse_affine, fine, [shift], [False])
+    assert np.prod([hi - lo for lo, hi in box]) < 0.2 * 90 ** 3  # most of the grid was skipped
+    empty = reg.apply_transforms(nib.Nifti1Image(np.zeros_like(data), coarse_affine), fine, [shift], kind,
+                                 crop_to_support=True)
+    assert not np.asarray(empty.dataobj).any() and empty.shape == fine.shape
+
+
 def test_register_flair_rigid_onto_t1w():
     rot = np.deg2rad(5.0)
     pose = np.eye(4)

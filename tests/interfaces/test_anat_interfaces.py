@@ -111,7 +111,22 @@ def test_analysis_and_ventricle_masks(files, tmp_path):
     d = dseg.get_fdata()
     v = nib.load(vent.outputs.out_file).get_fdata() > 0
     assert mask.sum() > 0 and not (mask & v).any() and not mask[d == 1].any()
+    # the brain mask's boundary layer (partial volume) is left out
+    from scipy import ndimage
+
+    brain = nib.load(files["brain_mask"]).get_fdata() > 0
+    edge = brain & ~ndimage.binary_erosion(brain, np.ones((3, 3, 3), bool))
+    assert edge.any() and not (mask & edge).any()
     assert ia.AnalysisMask(dseg="").run(cwd=str(tmp_path / "b")).outputs.out_file == ""
+    # the dwi field of view: slices a volume was moved out of are left out
+    fov = np.ones(dseg.shape, np.uint8)
+    fov[..., -2:] = 0
+    nib.save(nib.Nifti1Image(fov, dseg.affine), tmp_path / "fov.nii.gz")
+    (tmp_path / "f").mkdir()
+    res = ia.AnalysisMask(dseg=files["dseg"], ventricles=vent.outputs.out_file, brain_mask=files["brain_mask"],
+                          fov_mask=str(tmp_path / "fov.nii.gz")).run(cwd=str(tmp_path / "f"))
+    restricted = nib.load(res.outputs.out_file).get_fdata() > 0
+    np.testing.assert_array_equal(restricted, mask & (fov > 0))
 
 
 def test_flair_interface_none(files, tmp_path):
