@@ -348,7 +348,8 @@ sub-X/sub-X_desc-lesion_info.json        lesion parameters per session (patients
 def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: int | None = None,
                      n_patients: int | None = None, seed: int = 0, lesion_generator: str = DEFAULT_GENERATOR,
                      no_reverse_pe_fraction: float | None = None, write_clean_dwi: bool = True,
-                     progress: bool = True, n_jobs: int | None = None, severity: float | None = None) -> Path:
+                     progress: bool = True, n_jobs: int | None = None, severity: float | None = None,
+                     n_controls_two_sessions: int | None = None) -> Path:
     """Write a synthetic BIDS dataset (and its truth) to ``output_dir``; returns the path.
 
     The dataset is built in a hidden staging folder inside ``output_dir`` and moved into place
@@ -359,6 +360,8 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
 
     ``lesion_generator``: the patients' lesions (see :mod:`bids_uad.synthetic.lesion_types`);
     ``severity`` (0-1) fixes the severity of the graded types (default: drawn per lesion).
+    ``n_controls_two_sessions``: how many controls also get a follow-up session (default: the
+    preset's).
     """
     if lesion_generator not in LESION_GENERATORS:
         raise UsageError(f"--lesion-generator must be one of {', '.join(LESION_GENERATORS)}")
@@ -369,14 +372,16 @@ def generate_dataset(output_dir: str | Path, preset: str = "tiny", n_controls: i
                          "mass-effect, mixed-hard), not to the glioma")
     if no_reverse_pe_fraction is not None and not 0 <= no_reverse_pe_fraction <= 1:
         raise UsageError("--no-reverse-pe-fraction must lie in [0, 1]")
-    for name, value in (("--controls", n_controls), ("--patients", n_patients)):
+    for name, value in (("--controls", n_controls), ("--patients", n_patients),
+                        ("n_controls_two_sessions", n_controls_two_sessions)):
         if value is not None and value < 0:
             raise UsageError(f"{name} must not be negative")
     spec = get_preset(preset, n_controls=n_controls, n_patients=n_patients,
                       no_reverse_pe_fraction=no_reverse_pe_fraction)
     spec = get_preset(preset, n_controls=spec.n_controls, n_patients=spec.n_patients,
                       no_reverse_pe_fraction=spec.no_reverse_pe_fraction,
-                      n_controls_two_sessions=min(spec.n_controls_two_sessions, spec.n_controls))
+                      n_controls_two_sessions=min(spec.n_controls_two_sessions if n_controls_two_sessions is None
+                                                  else n_controls_two_sessions, spec.n_controls))
     out = Path(output_dir).resolve()
     tmp = prepare_output(out, _is_previous_synthetic)
     try:

@@ -1,7 +1,8 @@
 """The whole chain on a tiny synthetic dataset: participant → group → participant --model.
 
-This is the one end-to-end run kept in the default (CI) suite: 3 controls and 1 patient with
-two sessions, every stage for real (SDC, motion/eddy correction, tensor, N4, skull strip,
+This is the one end-to-end run kept in the default (CI) suite: 3 controls (one session each: a
+control's follow-up would repeat the patient's longitudinal path) and 1 patient with two
+sessions, every stage for real (SDC, motion/eddy correction, tensor, N4, skull strip,
 segmentation, SyN, training with the quick preset, calibration, inference, longitudinal
 comparison, reports), then a check of the derivative files a user relies on.
 """
@@ -22,7 +23,7 @@ from bids_uad.synthetic import generate_dataset
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     bids = generate_dataset(root / "bids", preset="tiny", n_controls=3, n_patients=1, seed=1, progress=False,
-                            no_reverse_pe_fraction=0.0)
+                            no_reverse_pe_fraction=0.0, n_controls_two_sessions=0)
     out, work = root / "out", root / "work"
     truth = bids / "derivatives" / "synthetic-truth"
     common = ["-w", str(work), "--nprocs", "2", "--lesion-masks", str(truth), "--seed", "0"]
@@ -34,6 +35,9 @@ def tiny_run(tmp_path_factory):
 
 def test_every_level_succeeds(tiny_run):
     assert tiny_run[2] == {"participant": 0, "group": 0, "inference": 0}
+    bids = tiny_run[0]
+    assert [p.name for p in sorted(bids.glob("sub-ctrl*/ses-*"))] == ["ses-pre"] * 3  # n_controls_two_sessions=0
+    assert [p.name for p in sorted(bids.glob("sub-pat01/ses-*"))] == ["ses-followup", "ses-pre"]
 
 
 @pytest.mark.parametrize("name", [
