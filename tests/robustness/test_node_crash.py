@@ -23,8 +23,9 @@ def _crashing_dwi_builder(settings, name, **_options):
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "dwi_metadata", "rpe_file",
                                                   "rpe_metadata", "source_file"]), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=["dwi_preproc", "bval", "bvec", "brain_mask", "b0_ref", "fa", "md"]),
-                         name="outputnode")
+    from bids_uad.workflows.dwi import OUTPUT_FIELDS
+
+    outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")  # what base.py connects
     boom = pe.Node(Function(input_names=["dwi_file"], output_names=["out"], function=_boom), name="boom")
     wf.connect([(inputnode, boom, [("dwi_file", "dwi_file")]), (boom, outputnode, [("out", "dwi_preproc")])])
     return wf

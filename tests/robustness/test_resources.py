@@ -59,7 +59,7 @@ def test_run_workflow_passes_nprocs_and_memory(tmp_path, nprocs, mem_gb, plugin,
         assert "memory_gb" not in args
     assert wf.base_dir == str(tmp_path / "work")
     assert wf.config["execution"]["crashdump_dir"] == str(tmp_path / "out" / "logs" / "crash-r1")
-    assert wf.config["execution"]["hash_method"] == "content"
+    assert wf.config["execution"]["hash_method"] == "timestamp"
 
 
 def test_plugin_file_overrides_are_visible(tmp_path):
