@@ -224,7 +224,7 @@ def detection_section(group_dir: Path, maker: FigureMaker) -> list[dict]:
              r.get("n_patients"), r.get("n_controls")]
             for r in summary]
     items.append(table(["detector", "AUPRC", "AUROC", "Dice (written map)", "oracle Dice", "subject AUROC",
-                        "controls' FPR (written map)", "lesions found (lesion-wise)", "false findings per patient",
+                        "held-out controls' FPR (written map; ± SD over controls)", "lesions found (lesion-wise)", "false findings per patient",
                         "findings per control", "patients", "controls"], rows,
                        caption="Detection: models and baselines (mean ± SD over patients). Lesion-wise: a lesion is "
                                "found when a finding (a cluster of the written map of at least the model's minimum "
