@@ -331,17 +331,17 @@ def apply_transforms(
         invert = [False] * len(transforms)
     invert = None if invert is None else [bool(v) for v in invert]
     data = np.asarray(moving_n.dataobj, dtype=np.float32)
-    box = None
+    whole = [(0, int(n)) for n in fixed_n.shape[:3]]
+    box = whole  # the part of the fixed grid that is resampled; None: nothing lands on it
     if crop_to_support and default_value == 0 and transforms != ["identity"]:
         box = support_box(np.any(data != 0, axis=-1) if data.ndim > 3 else data != 0, moving_n.affine,
                           fixed_n, transforms, invert)
-    target = fixed_n if box is None else _crop_grid(fixed_n, box)
     vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[-1])]
     out = []
-    if target is None:  # nothing to carry: the map is empty where it lands
+    if box is None:  # nothing to carry: the map is empty where it lands
         out = [np.zeros(fixed_n.shape[:3], np.float32) for _ in vols]
     else:
-        fixed_a = to_ants(target)
+        fixed_a = to_ants(fixed_n if box == whole else _crop_grid(fixed_n, box))
         for vol in vols:
             mov = to_ants(nib.Nifti1Image(vol, moving_n.affine))
             if transforms == ["identity"]:
@@ -350,7 +350,7 @@ def apply_transforms(
                 warped = ants.apply_transforms(fixed_a, mov, transformlist=list(transforms),
                                                interpolator=interp, whichtoinvert=invert,
                                                defaultvalue=default_value)
-            if box is None:
+            if box == whole:
                 out.append(warped.numpy())
             else:
                 full = np.zeros(fixed_n.shape[:3], np.float32)
