@@ -148,9 +148,23 @@ def pool(calibrations: Sequence[Calibration]) -> Calibration:
                        float(np.mean(levels)) if ok else None, targets.pop() if ok else None)
 
 
+def calibrate_written_map(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], target: float,
+                          post: Callable[[np.ndarray], np.ndarray], max_samples: int = 200_000, seed: int = 0,
+                          voxel_ml: float | None = None, familywise: float = 0.05) -> Calibration:
+    """The whole calibration of a written map from healthy score maps: the null sample
+    (:func:`calibrate`), the voxel-wise level that gives ``target`` after ``post``
+    (:func:`calibrate_written`) and, when ``voxel_ml`` is known, the smallest finding
+    (:func:`calibrate_finding_volume`)."""
+    cal = calibrate(score_maps, masks, max_samples, seed)
+    calibrate_written(cal, score_maps, masks, target, post)
+    if voxel_ml:
+        calibrate_finding_volume(cal, score_maps, masks, post, voxel_ml, familywise)
+    return cal
+
+
 def cross_fitted(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], peers: Sequence[Sequence[int]],
                  target: float, post: Callable[[np.ndarray], np.ndarray], voxel_ml: float | None = None,
-                 max_samples: int = 200_000, seed: int = 0) -> list[Calibration | None]:
+                 max_samples: int = 200_000, seed: int = 0, familywise: float = 0.05) -> list[Calibration | None]:
     """For each healthy map ``i``, the written-map calibration made from its ``peers[i]`` alone
     (None without peers): the threshold, and smallest finding, that map gets when it took no part
     in calibrating them.
@@ -161,18 +175,12 @@ def cross_fitted(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
     honest held-out false-positive rate and findings per control of a group study with no spare
     controls.  ``peers`` says which maps the model would calibrate on in place of ``i`` (e.g.
     the other folds' held-out controls for an out-of-fold calibration).  ``voxel_ml``: the maps'
-    voxel volume, to calibrate the smallest finding too (:func:`calibrate_finding_volume`).
+    voxel volume, to calibrate the smallest finding too (:func:`calibrate_written_map`).
     """
     out: list[Calibration | None] = []
     for i, chosen in enumerate(peers):
         chosen = [j for j in chosen if j != i]
-        if not chosen:
-            out.append(None)
-            continue
-        maps, ms = [score_maps[j] for j in chosen], [masks[j] for j in chosen]
-        cal = calibrate(maps, ms, max_samples, seed)
-        calibrate_written(cal, maps, ms, target, post)
-        if voxel_ml is not None:
-            calibrate_finding_volume(cal, maps, ms, post, voxel_ml)
-        out.append(cal)
+        out.append(None if not chosen else calibrate_written_map(
+            [score_maps[j] for j in chosen], [masks[j] for j in chosen], target, post, max_samples, seed,
+            voxel_ml, familywise))
     return out

@@ -31,7 +31,7 @@ from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, is_trainable
 from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
 from bids_uad.models.settings import needs_template
-from bids_uad.models.calibration import Calibration, calibrate, calibrate_finding_volume, calibrate_written
+from bids_uad.models.calibration import Calibration, calibrate_written_map
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -375,21 +375,19 @@ def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarra
     fold = res.fold
     scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
     amasks = [analysis_masks[i] for i in va]
-    res.calibration = calibrate(scores, amasks, settings.scoring.max_null_samples, settings.training.seed + fold)
-    calibrate_written(res.calibration, scores, amasks, settings.scoring.fpr,
-                      lambda b: postprocess(b, settings.scoring))
-    _finding_volume(res.calibration, settings, scores, amasks)
+    res.calibration = _calibrate_written_map(settings, scores, amasks, settings.training.seed + fold)
     LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated, written-map level %.4g "
              "for FPR %.3g", fold, res.best_epoch, res.best_val_loss, res.calibration.n,
              res.calibration.level, settings.scoring.fpr)
     return scores
 
 
-def _finding_volume(cal: Calibration, settings: Settings, maps, masks) -> None:
-    """The calibration's smallest finding, when the training data's voxel size is known."""
-    if settings.scoring.voxel_ml:
-        calibrate_finding_volume(cal, maps, masks, lambda b: postprocess(b, settings.scoring),
-                                 settings.scoring.voxel_ml, settings.scoring.finding_familywise)
+def _calibrate_written_map(settings: Settings, maps, masks, seed: int) -> Calibration:
+    """:func:`~bids_uad.models.calibration.calibrate_written_map` with the settings' scoring (the
+    smallest finding when the training data's voxel size is known)."""
+    scoring = settings.scoring
+    return calibrate_written_map(maps, masks, scoring.fpr, lambda b: postprocess(b, scoring),
+                                 scoring.max_null_samples, seed, scoring.voxel_ml, scoring.finding_familywise)
 
 
 def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data: Sequence[np.ndarray],
@@ -414,9 +412,7 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
             fold_scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in res.val_idx]
         maps += list(fold_scores)
         masks += [analysis_masks[i] for i in res.val_idx]
-    cal = calibrate(maps, masks, settings.scoring.max_null_samples, settings.training.seed)
-    calibrate_written(cal, maps, masks, settings.scoring.fpr, lambda b: postprocess(b, settings.scoring))
-    _finding_volume(cal, settings, maps, masks)
+    cal = _calibrate_written_map(settings, maps, masks, settings.training.seed)
     LOG.info("out-of-fold calibration over %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
              "(written rate %.4g)", len(maps), cal.n, cal.level, settings.scoring.fpr, cal.written_fpr)
     return cal
