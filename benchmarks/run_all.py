@@ -143,7 +143,9 @@ def run_levels(args) -> int:
     print(f"benchmark folder: {root}", flush=True)
     with measure("generate") as gen:
         if not (bids / "dataset_description.json").exists():
-            generate_dataset(bids, preset=args.preset, seed=0)
+            generate_dataset(bids, preset=args.preset, seed=0, lesion_generator=args.lesions)
+        elif f"lesion generator {args.lesions}" not in (bids / "dataset_description.json").read_text():
+            raise SystemExit(f"{bids} holds another lesion generator's dataset; use a new --workdir")
     for folder in (deriv, work):  # every level from scratch (the dataset is kept)
         shutil.rmtree(folder, ignore_errors=True)
     rows = []
@@ -168,13 +170,15 @@ def run_levels(args) -> int:
                "load_1min_start": round(load_start, 2), "load_1min_end": round(os.getloadavg()[0], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    path = HERE / "results" / f"run_all_{args.preset}.json"
+    stem = f"run_all_{args.preset}" + ("" if args.lesions == DEFAULT_LESIONS else f"_{args.lesions}")
+    path = HERE / "results" / f"{stem}.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     participant = rows[0]
     result = {
         "benchmark": "run_all", "preset": args.preset, "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "nprocs": args.nprocs, "levels": rows, "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+        "nprocs": args.nprocs, "lesions": args.lesions, "levels": rows,
+        "detection": _detection_tables(deriv / "group"), "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
         "total_cpu_s": round(sum(r["cpu_s"] for r in rows), 1), "generate_s": round(gen.wall_s, 1),
         "targets": {"participant_overhead_pct<=10": (participant["overhead_pct_of_level"] or 0) <= 10},
         "previous": {k: previous.get(k) for k in ("date", "levels", "total_wall_s")} if previous else None,
@@ -185,10 +189,45 @@ def run_levels(args) -> int:
     print(f"\nthe demo's levels ({args.preset} dataset, {args.nprocs} processes):\n{table}")
     if previous:
         print(f"\nprevious run ({previous.get('date')}):\n{markdown_table(previous.get('levels', []), columns)}")
-    return publish(f"run_all_{args.preset}", result,
-                   f"# The demo's three levels, {args.preset} dataset ({result['date']}, {result['machine']})\n\n"
+    detection = _detection_markdown(result["detection"])
+    print(f"\n{detection}")
+    return publish(stem, result,
+                   f"# The demo's three levels, {args.preset} dataset, {args.lesions} lesions ({result['date']}, "
+                   f"{result['machine']})\n\n"
                    f"{args.nprocs} processes; overhead = graph wall − Σ node work / processes (run log's closing "
-                   f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n")
+                   f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n\n{detection}\n")
+
+
+DEFAULT_LESIONS = "glioma"
+
+
+def _detection_tables(group_dir: Path) -> dict:
+    """The group level's evaluation (``detection_summary.tsv``, ``detection_groups.tsv``) as rows."""
+    from bids_uad.bids.derivatives import read_tsv
+
+    tables = {}
+    for key in ("summary", "groups"):
+        path = group_dir / f"detection_{key}.tsv"
+        tables[key] = read_tsv(path) if path.is_file() else []
+    return tables
+
+
+def _detection_markdown(tables: dict) -> str:
+    """AUPRC per detector, overall and per lesion type (the group level's evaluation)."""
+    summary = tables.get("summary") or []
+    if not summary:
+        return "(no group evaluation: no lesion masks)"
+    types = sorted({r["group"] for r in tables.get("groups") or [] if r.get("grouping") == "type"})
+    rows = []
+    for r in summary:
+        row = {"detector": r["detector"], "AUPRC": r.get("auprc"), "AUROC": r.get("auroc"),
+               "Dice (written map)": r.get("dice_calibrated"), "held-out control FPR": r.get("heldout_control_fpr")}
+        for t in types:
+            row[t] = next((g.get("auprc") for g in tables["groups"]
+                           if g["detector"] == r["detector"] and g["grouping"] == "type" and g["group"] == t), None)
+        rows.append(row)
+    return ("Detection (group level, every patient's lesion voxels against the analysis mask's others; "
+            "AUPRC per lesion type):\n\n" + markdown_table(rows, list(rows[0])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="--omp-nthreads of the run (default 2)")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     parser.add_argument("--models", nargs="+", default=["dae", "recdisc"])
+    parser.add_argument("--lesions", default=DEFAULT_LESIONS,
+                        help="--preset small: the patients' lesion generator (bids_uad.synthetic.lesion_types; "
+                             "default glioma, the demo's); results go to run_all_small_<lesions>.* when not the default")
     args = parser.parse_args(argv)
     if args.preset == "small":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as make demo (Makefile)

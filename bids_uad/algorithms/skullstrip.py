@@ -10,6 +10,8 @@ FSL's ``bet`` is chosen in the interface layer when the FSL backend is active.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -72,11 +74,12 @@ def template_brain_mask(
     seed: int | None = 0,
     threads: int = 1,
     syn_iterations=(30, 15, 0),
-) -> tuple[np.ndarray, dict]:
+) -> np.ndarray:
     """Warp a template brain mask to the subject (template brain-only T1w → subject brain).
 
     Registration runs at ``resolution_mm`` on the subject masked by the dilated first guess
-    (which keeps the scalp out of the metric); the warped mask is thresholded at 0.5.
+    (which keeps the scalp out of the metric); the warped mask is thresholded at 0.5.  The
+    transforms are written to a temporary folder that is removed before returning.
     """
     from nibabel.processing import resample_to_output
 
@@ -91,12 +94,12 @@ def template_brain_mask(
     tpl = nib.load(str(template_t1w))
     tpl = nib.Nifti1Image(np.asarray(tpl.dataobj, dtype=np.float32), tpl.affine)
     moving_lo = resample_to_output(tpl, [res] * 3, order=1)
-    reg = register(fixed_lo, moving_lo, kind="SyN", seed=seed, threads=threads,
-                   reg_iterations=syn_iterations, composite=True)
-    warped = apply_transforms(template_mask, img, reg.forward, "probability")
+    with tempfile.TemporaryDirectory(prefix="bids_uad_skullstrip_") as tmp:  # the transforms die with it
+        reg = register(fixed_lo, moving_lo, kind="SyN", seed=seed, threads=threads,
+                       reg_iterations=syn_iterations, composite=True, out_prefix=Path(tmp) / "tpl2t1w_")
+        warped = apply_transforms(template_mask, img, reg.forward, "probability")
     mask = np.asarray(warped.dataobj) >= 0.5
-    mask = ndi.binary_fill_holes(_largest(mask))
-    return mask, {"transforms": reg.forward, "inverse": reg.inverse}
+    return ndi.binary_fill_holes(_largest(mask))
 
 
 def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 2.0,
@@ -147,7 +150,7 @@ def skull_strip(
             from bids_uad.algorithms.templates import find_template
 
             template = find_template()
-        warped, _ = template_brain_mask(img, template.t1w, template.brain_mask, guess,
+        warped = template_brain_mask(img, template.t1w, template.brain_mask, guess,
                                         seed=seed, threads=threads)
         mask = combine_masks(guess, warped, zooms)
     elif method == "template-only":
@@ -155,7 +158,7 @@ def skull_strip(
             from bids_uad.algorithms.templates import find_template
 
             template = find_template()
-        mask, _ = template_brain_mask(img, template.t1w, template.brain_mask, guess,
+        mask = template_brain_mask(img, template.t1w, template.brain_mask, guess,
                                       seed=seed, threads=threads)
     elif method == "deepbet":
         mask = _deepbet_mask(img)

@@ -1,6 +1,8 @@
 """Skull stripping: Dice against the true brain mask of a synthetic head with skull and scalp."""
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -24,8 +26,10 @@ def test_morphological_mask_dice(head):
     assert dice(mask, head["brain_mask"].get_fdata()) >= 0.9
 
 
-def test_template_skull_strip_dice(head):
+def test_template_skull_strip_dice(head, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the registration's scratch folder
     mask, brain = skull_strip(head["t1w"], method="template", template=find_template())
+    assert list(tmp_path.iterdir()) == []  # its transforms did not outlive the call
     truth = head["brain_mask"].get_fdata()
     assert dice(mask.get_fdata(), truth) >= 0.9
     assert mask.get_data_dtype() == np.uint8
