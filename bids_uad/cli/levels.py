@@ -9,7 +9,8 @@ import logging
 
 from bids_uad.bids.layout import BIDSInputs
 from bids_uad.config import Settings
-from bids_uad.reports.build import build_group_report, build_participant_report, build_reports
+from bids_uad.reports.batch import build_participant_reports
+from bids_uad.reports.build import build_group_report, build_reports
 from bids_uad.workflows.base import collect_participant_inputs, init_participant_wf
 from bids_uad.workflows.execution import run_workflow
 from bids_uad.workflows.group import run_group_training, select_controls
@@ -38,12 +39,10 @@ def run_participant(settings: Settings, bids: BIDSInputs, subjects: list[str], r
 
 
 def _build_participant_reports(settings: Settings, subjects: list[str], run_id: str) -> None:
-    """One HTML report per subject; a failing report is logged, never hides the run's own error."""
-    for subject in subjects:
-        try:
-            LOGGER.info("report: %s", build_participant_report(settings, subject, run_id))
-        except Exception:  # noqa: BLE001 - a report must not mask the pipeline's outcome
-            LOGGER.exception("sub-%s: the HTML report could not be built", subject)
+    """One HTML report per subject, in ``--nprocs`` processes; a failing report is logged, never
+    hides the run's own error."""
+    for path in build_participant_reports(settings, subjects, run_id):
+        LOGGER.info("report: %s", path)
 
 
 def run_group(settings: Settings, bids: BIDSInputs, run_id: str) -> None:

@@ -1,0 +1,101 @@
+"""The participant reports of a run, built in ``--nprocs`` processes.
+
+A report is minutes of matplotlib for a subject with many sessions (tens of figures), and the
+reports of a run are independent, so they are built side by side in fresh (``spawn``) worker
+processes.  Each worker's log records are collected and handed back with its result, then
+re-emitted in the parent through the same loggers, so the run log reads as if one process had
+built them.  A report that fails is logged with its traceback and never stops the others (nor
+hides the run's own outcome).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from bids_uad.reports.build import build_participant_report
+
+LOGGER = logging.getLogger("bids_uad.reports")
+#: resident memory of one report worker (GB): the peak measured on the demo's patients is ~0.8 GB
+WORKER_MEM_GB = 1.0
+
+
+def report_processes(settings, n_subjects: int) -> int:
+    """How many worker processes: ``--nprocs``, at most one per subject and what ``--mem`` allows."""
+    n = min(max(1, int(getattr(settings, "nprocs", 1) or 1)), max(1, n_subjects))
+    mem_gb = getattr(settings, "mem_gb", None)
+    if mem_gb:
+        n = min(n, max(1, int(mem_gb // WORKER_MEM_GB)))
+    return n
+
+
+class _Collect(logging.Handler):
+    """Keeps a worker's records, flattened so that they pickle (message formatted, traceback as text)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        record.stack_info = None
+        self.records.append(record)
+
+
+def _one_report(settings, subject: str, run_id: str | None, level: int) -> tuple[str | None, list]:
+    """Worker: build one report, logging what the parent would have; returns (path or None, records)."""
+    collect = _Collect()
+    root = logging.getLogger("bids_uad")
+    root.addHandler(collect)
+    root.setLevel(level)
+    path = None
+    try:
+        path = str(build_participant_report(settings, subject, run_id))
+    except Exception:  # noqa: BLE001 - a report must not stop the others
+        LOGGER.exception("sub-%s: the HTML report could not be built", subject)
+    finally:
+        root.removeHandler(collect)
+    return path, collect.records
+
+
+def _replay(records: Iterable[logging.LogRecord]) -> None:
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def build_participant_reports(settings, subjects: Iterable[str], run_id: str | None = None,
+                              processes: int | None = None) -> list[Path]:
+    """Build ``sub-<label>.html`` for each of ``subjects``; the paths of those that were written,
+    in the order of ``subjects``.  ``processes`` defaults to :func:`report_processes`."""
+    subjects = list(subjects)
+    n = report_processes(settings, len(subjects)) if processes is None else max(1, min(processes, len(subjects)))
+    level = logging.getLogger("bids_uad").getEffectiveLevel()
+    if n <= 1 or len(subjects) <= 1:
+        results = []
+        for subject in subjects:
+            try:
+                results.append(build_participant_report(settings, subject, run_id))
+            except Exception:  # noqa: BLE001 - a report must not stop the others
+                LOGGER.exception("sub-%s: the HTML report could not be built", subject)
+        return results
+    LOGGER.info("building %d participant reports in %d processes", len(subjects), n)
+    paths = []
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_one_report, settings, subject, run_id, level) for subject in subjects]
+        for subject, future in zip(subjects, futures):
+            try:
+                path, records = future.result()
+            except Exception:  # noqa: BLE001 - a worker that died (memory): that report only
+                LOGGER.exception("sub-%s: the HTML report could not be built (its worker process failed)", subject)
+                continue
+            _replay(records)
+            if path:
+                paths.append(Path(path))
+    return paths

@@ -1,0 +1,30 @@
+"""Participant reports built side by side in worker processes, their logs back in the parent's."""
+from __future__ import annotations
+
+import logging
+
+from bids_uad.reports.batch import build_participant_reports, report_processes
+from tests.reports.fakes import make_derivatives, settings_for
+
+
+def test_reports_in_two_processes_with_their_logs(tmp_path, caplog):
+    out = tmp_path / "out"
+    make_derivatives(out, subject="01", evil=False)
+    make_derivatives(out, subject="02", evil=False, with_anomaly=False)
+    settings = settings_for(out, nprocs=2)
+    assert report_processes(settings, 3) == 2
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        paths = build_participant_reports(settings, ["01", "../x", "02"])
+    # both good subjects written (in the order asked), the bad label reported, not fatal
+    assert [p.name for p in paths] == ["sub-01.html", "sub-02.html"]
+    assert all(p.is_file() and "Participant sub-" in p.read_text() for p in paths)
+    failed = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failed) == 1 and "sub-../x" in failed[0].getMessage()
+    assert failed[0].exc_text and "label" in failed[0].exc_text  # the worker's traceback came along
+    assert any("in 2 processes" in r.getMessage() for r in caplog.records)
+
+
+def test_report_processes_follow_nprocs_subjects_and_memory(tmp_path):
+    assert report_processes(settings_for(tmp_path, nprocs=8), 3) == 3
+    assert report_processes(settings_for(tmp_path, nprocs=8, mem_gb=2.5), 10) == 2
+    assert report_processes(settings_for(tmp_path), 10) == 1
