@@ -7,6 +7,8 @@ JSON so a run can be reproduced exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +26,28 @@ DEVICES = ("auto", "cpu", "cuda")
 TRAIN_PRESETS = ("quick", "standard", "paper")
 #: FSL programs the ``fsl`` backend needs on PATH (with ``FSLDIR`` set).
 FSL_PROGRAMS = ("topup", "applytopup", "eddy", "bet", "fast")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """12 hex digits of the SHA-1 of the package's Python sources (their paths and contents)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def code_work_subdir() -> str:
+    """The work folder's subfolder of this code, ``bids_uad_<version>_<code fingerprint>``.
+
+    Steps are reused by their inputs only (nipype's timestamp hashing), so a step whose code
+    changed but whose inputs did not would be reused with its old result.  As fMRIPrep names its
+    graph ``fmriprep_<version>_wf`` for this reason, each code version here gets its own
+    subfolder: a killed run resumes (same code), an updated bids_uad starts afresh.  The
+    fingerprint covers every source file, so an edit in a development checkout counts too.
+    """
+    return f"bids_uad_{__version__}_{code_fingerprint()}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,12 @@ class Settings:
     pe_polarity: tuple[str, ...] = ()
     command_line: tuple[str, ...] = ()
     version: str = __version__
+
+    @property
+    def code_work_dir(self) -> Path:
+        """This code's part of the work folder (:func:`code_work_subdir`): every step's results and
+        training checkpoints; a run of other code finds none of them to reuse."""
+        return self.work_dir / code_work_subdir()
 
     def resolved_backend(self) -> str:
         """``fsl`` or ``python``: the choice of ``--preproc-backend`` made in one place."""

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from bids_uad.config import Settings, load_plugin_settings
 from bids_uad.errors import BidsUadError, PipelineCrashError
@@ -246,7 +247,13 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
     from bids_uad.algorithms.registration import set_itk_threads
 
     crash_dir = settings.output_dir / "logs" / f"crash-{run_id}"
-    workflow.base_dir = str(settings.work_dir)
+    workflow.base_dir = str(settings.code_work_dir)
+    others = sorted(p.name for p in Path(settings.work_dir).glob("bids_uad_*")
+                    if p.is_dir() and p != settings.code_work_dir)
+    if others:
+        LOGGER.info("work folder %s: steps of this code are kept in %s; it also holds %d folder(s) of other code "
+                    "versions, never reused (%s): remove them to free space", settings.work_dir,
+                    settings.code_work_dir.name, len(others), ", ".join(others))
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_dir),
         "crashfile_format": "txt",

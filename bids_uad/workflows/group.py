@@ -284,7 +284,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],
             [i["brain_mask"] for i in items], subjects,
             analysis_masks=[i["analysis_mask"] for i in items],
-            checkpoint_dir=settings.work_dir / "training" / model, routes=routes,
+            checkpoint_dir=settings.code_work_dir / "training" / model, routes=routes,
         )
         if distributed.rank() != 0:
             continue

@@ -50,14 +50,15 @@ class FakeWorkflow:
 ])
 def test_run_workflow_passes_nprocs_and_memory(tmp_path, nprocs, mem_gb, plugin, expected):
     wf = FakeWorkflow()
-    run_workflow(wf, _settings(tmp_path, nprocs=nprocs, mem_gb=mem_gb), "r1")
+    settings = _settings(tmp_path, nprocs=nprocs, mem_gb=mem_gb)
+    run_workflow(wf, settings, "r1")
     (used, args), = wf.calls
     assert used == plugin
     for key, value in expected.items():
         assert args[key] == value
     if plugin == "MultiProc" and mem_gb is None:
         assert "memory_gb" not in args
-    assert wf.base_dir == str(tmp_path / "work")
+    assert wf.base_dir == str(settings.code_work_dir) and settings.code_work_dir.parent == tmp_path / "work"
     assert wf.config["execution"]["crashdump_dir"] == str(tmp_path / "out" / "logs" / "crash-r1")
     assert wf.config["execution"]["hash_method"] == "timestamp"
 

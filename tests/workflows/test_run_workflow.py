@@ -278,3 +278,26 @@ def test_workers_start_with_the_itk_thread_count(tmp_path):
     texts = [(tmp_path / f"rigid{i}.txt").read_text() for i in range(2)]
     assert all(t.startswith("1 [") for t in texts), texts  # set before the worker's first ITK call
     assert texts[0] == texts[1]  # two processes, one transform
+
+
+def test_each_code_version_has_its_own_work_folder(tmp_path, monkeypatch, caplog):
+    """Steps are reused by their inputs only; another code version must not find them."""
+    import bids_uad.config as config
+
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=1)
+    run_workflow(_chain(2), settings, "first")
+    first = settings.code_work_dir
+    assert first.parent == tmp_path / "work" and first.name.startswith("bids_uad_")
+    assert len(list(first.rglob("result_step*.pklz"))) == 2
+    with caplog.at_level(logging.INFO, logger="bids_uad"):  # same code: both steps reused
+        run_workflow(_chain(2), settings, "again")
+    assert "2 reused" in " ".join(r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(config, "code_fingerprint", lambda: "0123456789ab")  # an updated bids_uad
+    assert settings.code_work_dir != first
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_chain(2), settings, "updated")
+    assert len(list(settings.code_work_dir.rglob("result_step*.pklz"))) == 2  # ran afresh there
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "0 reused" in messages and first.name in messages  # and the old folder is named for removal
