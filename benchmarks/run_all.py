@@ -212,6 +212,14 @@ def _detection_tables(group_dir: Path) -> dict:
     return tables
 
 
+def _three(value):
+    """A TSV cell as a number with 3 decimals when it is one."""
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return value
+
+
 def _detection_markdown(tables: dict) -> str:
     """AUPRC per detector, overall and per lesion type (the group level's evaluation)."""
     summary = tables.get("summary") or []
@@ -225,7 +233,7 @@ def _detection_markdown(tables: dict) -> str:
         for t in types:
             row[t] = next((g.get("auprc") for g in tables["groups"]
                            if g["detector"] == r["detector"] and g["grouping"] == "type" and g["group"] == t), None)
-        rows.append(row)
+        rows.append({k: _three(v) for k, v in row.items()})
     return ("Detection (group level, every patient's lesion voxels against the analysis mask's others; "
             "AUPRC per lesion type):\n\n" + markdown_table(rows, list(rows[0])))
 
