@@ -55,10 +55,21 @@ def otsu_multi(values: np.ndarray, classes: int = 3, bins: int = 128) -> list[fl
     return [float(edges[best_ij[0]]), float(edges[best_ij[1]])]
 
 
+#: spacing (mm) of the grid N4 fits the bias field on (:func:`n4_shrink_factor`)
+N4_FIT_SPACING_MM = 6.0
+
+
+def n4_shrink_factor(zooms) -> int:
+    """N4's shrink factor for voxels of ``zooms`` mm: a fit grid of about :data:`N4_FIT_SPACING_MM`
+    (1 mm: 6; 2 mm: 3; never below 1).  The field is smooth (100 mm splines), so a coarser grid
+    loses little, and the fit's time grows with the number of grid points."""
+    return max(1, int(round(N4_FIT_SPACING_MM / float(min(zooms)))))
+
+
 def n4_correct(
     img: nib.Nifti1Image,
     mask: np.ndarray | None = None,
-    shrink_factor: int = 4,
+    shrink_factor: int | None = None,
     iterations: tuple[int, ...] = (50, 50, 30),
     spline_distance_mm: float = 100.0,
     threads: int = 1,
@@ -68,6 +79,12 @@ def n4_correct(
 
     The mask (default: the head mask) restricts the field fit; the correction is applied
     everywhere.  Intensities are kept positive (N4 works on log intensities).
+
+    ``shrink_factor`` (default: :func:`n4_shrink_factor`, a fit grid of about
+    :data:`N4_FIT_SPACING_MM`): the field is fitted on the image shrunk by this factor.  A fixed
+    factor of 4 fitted a 1 mm T1w on a 4 mm grid in 14 s and a 2 mm one on an 8 mm grid; the
+    6 mm grid fits the 1 mm T1w in 5 s (2 cores) with a white-matter coefficient of variation
+    0.0494 instead of 0.0482 (raw 0.104) on the paper-geometry synthetic head.
     """
     import ants
 
@@ -80,6 +97,8 @@ def n4_correct(
     aimg = to_ants(nib.Nifti1Image(shifted, img.affine))
     amask = to_ants(nib.Nifti1Image(np.asarray(mask, dtype=np.float32), img.affine))
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if shrink_factor is None:
+        shrink_factor = n4_shrink_factor(zooms)
     extent = np.asarray(data.shape[:3]) * zooms
     spline_param = [max(1, int(round(e / spline_distance_mm))) for e in extent]
     res = ants.n4_bias_field_correction(

@@ -48,7 +48,7 @@ class _AntsInputSpec(BaseInterfaceInputSpec):
 class _N4InputSpec(_AntsInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = traits.Str("", usedefault=True, desc="fit mask ('' = head mask)")
-    shrink_factor = traits.Int(4, usedefault=True)
+    shrink_factor = traits.Int(0, usedefault=True, desc="0: by the voxel size (intensity.n4_shrink_factor)")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -70,7 +70,7 @@ class N4BiasFieldCorrection(SimpleInterface):
         if img.ndim > 3:
             img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32)[..., 0], img.affine)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0 if _given(self.inputs.mask_file) else None
-        out, bias = n4_correct(img, mask=mask, shrink_factor=self.inputs.shrink_factor,
+        out, bias = n4_correct(img, mask=mask, shrink_factor=self.inputs.shrink_factor or None,
                                threads=self.inputs.num_threads, seed=self.inputs.seed)
         self._results["out_file"] = _save(out, runtime.cwd, "n4_corrected.nii.gz")
         self._results["bias_file"] = _save(bias, runtime.cwd, "n4_bias.nii.gz")

@@ -37,6 +37,17 @@ def test_n4_reduces_known_bias():
     assert corrected.get_fdata().dtype == np.float64 or corrected.get_data_dtype() == np.float32
 
 
+def test_n4_fit_grid_follows_the_voxel_size():
+    from bids_uad.algorithms.intensity import n4_shrink_factor
+
+    assert [n4_shrink_factor(z) for z in ((1, 1, 1), (0.8, 0.8, 1.2), (2, 2, 2), (4, 4, 4), (8, 8, 8))] == [6, 8, 3, 2, 1]
+    head = phantom_head(2.0, bias=0.4, noise=0.0)  # the default (a 6 mm grid) still removes a known bias
+    wm = head["dseg"].get_fdata() == 3
+    corrected, field = n4_correct(head["t1w"])
+    assert _cv(corrected.get_fdata()[wm]) < 0.75 * _cv(head["t1w"].get_fdata()[wm])
+    assert np.corrcoef(head["bias"].get_fdata()[wm], field.get_fdata()[wm])[0, 1] > 0.6
+
+
 def test_normalise_percentile():
     data = np.arange(101, dtype=np.float32)
     out = normalise(data, data > 0, pct=100)
