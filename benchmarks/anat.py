@@ -274,7 +274,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
     if case.flair is not None:
         with meter.step("flair_to_t1w"):
             flair = nib.Nifti1Image(np.asarray(case.flair.dataobj, np.float32), case.flair.affine)
-            fl_n4, _ = intensity.n4_correct(flair, threads=threads, seed=seed)
+            fl_n4, _ = intensity.n4_correct_flair(flair, threads=threads, seed=seed)
             _, reg_fl = registration.register_flair(n4, fl_n4, mask_img, seed=seed, threads=threads)
         # the synthetic FLAIR shares the T1w grid and pose: the truth is the identity
         out["flair_registration_error_mm"] = registration_error(

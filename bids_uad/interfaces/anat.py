@@ -48,7 +48,7 @@ class _AntsInputSpec(BaseInterfaceInputSpec):
 class _N4InputSpec(_AntsInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = traits.Str("", usedefault=True, desc="fit mask ('' = head mask)")
-    shrink_factor = traits.Int(0, usedefault=True, desc="0: by the voxel size (intensity.n4_shrink_factor)")
+    shrink_factor = traits.Int(4, usedefault=True)
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -70,7 +70,7 @@ class N4BiasFieldCorrection(SimpleInterface):
         if img.ndim > 3:
             img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32)[..., 0], img.affine)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0 if _given(self.inputs.mask_file) else None
-        out, bias = n4_correct(img, mask=mask, shrink_factor=self.inputs.shrink_factor or None,
+        out, bias = n4_correct(img, mask=mask, shrink_factor=self.inputs.shrink_factor,
                                threads=self.inputs.num_threads, seed=self.inputs.seed)
         self._results["out_file"] = _save(out, runtime.cwd, "n4_corrected.nii.gz")
         self._results["bias_file"] = _save(bias, runtime.cwd, "n4_bias.nii.gz")
@@ -449,7 +449,7 @@ class FlairToT1w(SimpleInterface):
     output_spec = _FlairOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_uad.algorithms.intensity import n4_correct
+        from bids_uad.algorithms.intensity import n4_correct_flair
         from bids_uad.algorithms.registration import register_flair
 
         set_itk_threads(self.inputs.num_threads)
@@ -460,7 +460,7 @@ class FlairToT1w(SimpleInterface):
         flair = nib.load(self.inputs.flair_file)
         if flair.ndim > 3:
             flair = nib.Nifti1Image(np.asarray(flair.dataobj, dtype=np.float32)[..., 0], flair.affine)
-        flair_n4, _ = n4_correct(flair, threads=self.inputs.num_threads, seed=self.inputs.seed)
+        flair_n4, _ = n4_correct_flair(flair, threads=self.inputs.num_threads, seed=self.inputs.seed)
         n4_path = _save(flair_n4, runtime.cwd, "flair_n4.nii.gz")
         mask = self.inputs.t1w_mask if _given(self.inputs.t1w_mask) else None
         out, result = register_flair(self.inputs.t1w_file, n4_path, mask, seed=self.inputs.seed,

@@ -38,12 +38,13 @@ def test_n4_reduces_known_bias():
 
 
 def test_n4_fit_grid_follows_the_voxel_size():
-    from bids_uad.algorithms.intensity import n4_shrink_factor
+    from bids_uad.algorithms.intensity import FLAIR_N4_FIT_SPACING_MM, n4_shrink_factor
 
-    assert [n4_shrink_factor(z) for z in ((1, 1, 1), (0.8, 0.8, 1.2), (2, 2, 2), (4, 4, 4), (8, 8, 8))] == [6, 8, 3, 2, 1]
-    head = phantom_head(2.0, bias=0.4, noise=0.0)  # the default (a 6 mm grid) still removes a known bias
+    assert [n4_shrink_factor(z, 6.0) for z in ((1, 1, 1), (0.8, 0.8, 1.2), (2, 2, 2), (4, 4, 4), (8, 8, 8))] == [6, 8, 3, 2, 1]
+    assert n4_shrink_factor((2, 2, 2), FLAIR_N4_FIT_SPACING_MM) == 4  # 2 mm FLAIRs: as the T1w
+    head = phantom_head(1.5, bias=0.4, noise=0.0)  # the FLAIR's 8 mm grid still removes a known bias
     wm = head["dseg"].get_fdata() == 3
-    corrected, field = n4_correct(head["t1w"])
+    corrected, field = n4_correct(head["t1w"], shrink_factor=n4_shrink_factor((1.5,) * 3, FLAIR_N4_FIT_SPACING_MM))
     assert _cv(corrected.get_fdata()[wm]) < 0.75 * _cv(head["t1w"].get_fdata()[wm])
     assert np.corrcoef(head["bias"].get_fdata()[wm], field.get_fdata()[wm])[0, 1] > 0.6
 
