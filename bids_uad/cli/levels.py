@@ -9,8 +9,8 @@ import logging
 
 from bids_uad.bids.layout import BIDSInputs
 from bids_uad.config import Settings
-from bids_uad.reports.batch import build_participant_reports
-from bids_uad.reports.build import build_group_report, build_reports
+from bids_uad.reports.batch import build_participant_reports, build_reports
+from bids_uad.reports.build import build_group_report
 from bids_uad.workflows.base import collect_participant_inputs, init_participant_wf
 from bids_uad.workflows.execution import run_workflow
 from bids_uad.workflows.group import run_group_training, select_controls

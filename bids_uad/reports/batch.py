@@ -15,7 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from bids_uad.reports.build import build_participant_report
+from bids_uad.errors import PipelineCrashError
+from bids_uad.reports.build import build_group_report, build_participant_report
 
 LOGGER = logging.getLogger("bids_uad.reports")
 #: resident memory of one report worker (GB): the peak measured on the demo's patients is ~0.8 GB
@@ -98,4 +99,20 @@ def build_participant_reports(settings, subjects: Iterable[str], run_id: str | N
             _replay(records)
             if path:
                 paths.append(Path(path))
+    return paths
+
+
+def build_reports(settings, subjects=None, run_id: str | None = None, group: bool | None = None) -> list[Path]:
+    """Build the participant reports of ``subjects`` (default: every ``sub-*`` in OUTPUT_DIR; in
+    ``--nprocs`` processes) and the group report (default: when ``models/`` exists).  What ``--reports-only`` runs."""
+    from bids_uad.reports.collect import list_subjects
+
+    output_dir = Path(settings.output_dir)
+    subjects = list(subjects) if subjects else list_subjects(output_dir)
+    paths = build_participant_reports(settings, subjects, run_id)
+    if len(paths) < len(subjects):  # each failure is in the log with its traceback
+        raise PipelineCrashError(f"{len(subjects) - len(paths)} of {len(subjects)} participant report(s) could not "
+                                 f"be built (see the log in {output_dir / 'logs'})")
+    if group or (group is None and (output_dir / "models").is_dir()):
+        paths.append(build_group_report(settings, run_id))
     return paths

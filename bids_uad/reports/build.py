@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 from bids_uad.bids.derivatives import validate_label, write_text
-from bids_uad.errors import PipelineCrashError
 from bids_uad.reports import group as G
 from bids_uad.reports import participant as P
 from bids_uad.reports.collect import collect_subject
@@ -109,18 +108,3 @@ def build_group_report(settings, run_id: str | None = None) -> Path:
     return path
 
 
-def build_reports(settings, subjects=None, run_id: str | None = None, group: bool | None = None) -> list[Path]:
-    """Build the participant reports of ``subjects`` (default: every ``sub-*`` in OUTPUT_DIR; in
-    ``--nprocs`` processes, :mod:`bids_uad.reports.batch`) and the group report (default: when ``models/`` exists).  What ``--reports-only`` runs."""
-    from bids_uad.reports.batch import build_participant_reports
-    from bids_uad.reports.collect import list_subjects
-
-    output_dir = Path(settings.output_dir)
-    subjects = list(subjects) if subjects else list_subjects(output_dir)
-    paths = build_participant_reports(settings, subjects, run_id)
-    if len(paths) < len(subjects):  # each failure is in the log with its traceback
-        raise PipelineCrashError(f"{len(subjects) - len(paths)} of {len(subjects)} participant report(s) could not "
-                                 f"be built (see the log in {output_dir / 'logs'})")
-    if group or (group is None and (output_dir / "models").is_dir()):
-        paths.append(build_group_report(settings, run_id))
-    return paths

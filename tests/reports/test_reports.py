@@ -254,7 +254,7 @@ def test_b0_taken_from_preprocessed_dwi_when_missing(tmp_path):
 
 
 def test_build_reports_for_every_subject(built_reports):
-    from bids_uad.reports.build import build_reports
+    from bids_uad.reports.batch import build_reports
 
     paths = build_reports(built_reports["settings"])
     assert [p.name for p in paths] == ["sub-01.html", "group.html"]
