@@ -1,17 +1,19 @@
 """The participant reports of a run, built in ``--nprocs`` processes.
 
-A report is minutes of matplotlib for a subject with many sessions (tens of figures), and the
-reports of a run are independent, so they are built side by side in fresh (``spawn``) worker
-processes.  Each worker's log records are collected and handed back with its result, then
+A report is tens of seconds of matplotlib for a subject with several sessions (tens of figures;
+~10 CPU s per demo subject), and the reports of a run are independent, so they are built side by
+side in fresh (``spawn``) worker processes.  Each worker's log records are collected and handed back with its result, then
 re-emitted in the parent through the same loggers, so the run log reads as if one process had
 built them.  A report that fails is logged with its traceback and never stops the others (nor
-hides the run's own outcome).
+hides the run's own outcome).  When worker processes cannot be started, or one dies (killed for
+memory), the reports it did not deliver are built in this process instead.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable
 
@@ -77,34 +79,49 @@ def build_participant_reports(settings, subjects: Iterable[str], run_id: str | N
     in the order of ``subjects``.  ``processes`` defaults to :func:`report_processes`."""
     subjects = list(subjects)
     n = report_processes(settings, len(subjects)) if processes is None else max(1, min(processes, len(subjects)))
-    level = logging.getLogger("bids_uad").getEffectiveLevel()
     if n <= 1 or len(subjects) <= 1:
-        results = []
-        for subject in subjects:
-            try:
-                results.append(build_participant_report(settings, subject, run_id))
-            except Exception:  # noqa: BLE001 - a report must not stop the others
-                LOGGER.exception("sub-%s: the HTML report could not be built", subject)
-        return results
+        return _in_this_process(settings, subjects, run_id)
     LOGGER.info("building %d participant reports in %d processes", len(subjects), n)
-    paths = []
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_one_report, settings, subject, run_id, level) for subject in subjects]
-        for subject, future in zip(subjects, futures):
-            try:
-                path, records = future.result()
-            except Exception:  # noqa: BLE001 - a worker that died (memory): that report only
-                LOGGER.exception("sub-%s: the HTML report could not be built (its worker process failed)", subject)
-                continue
-            _replay(records)
-            if path:
-                paths.append(Path(path))
-    return paths
+    level = logging.getLogger("bids_uad").getEffectiveLevel()
+    done: dict[str, Path | None] = {}
+    try:
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_one_report, settings, subject, run_id, level) for subject in subjects]
+            for subject, future in zip(subjects, futures):
+                try:
+                    path, records = future.result()
+                except Exception:  # noqa: BLE001 - a worker died (or its result could not come back):
+                    continue  # what it did not deliver is built below
+                _replay(records)
+                done[subject] = Path(path) if path else None
+    except (OSError, BrokenProcessPool) as exc:  # no worker could start (no semaphores, no memory)
+        LOGGER.warning("report worker processes failed (%s): building the remaining reports in this process", exc)
+    missing = [s for s in subjects if s not in done]
+    if missing:
+        LOGGER.warning("%d report(s) not delivered by a worker process, built in this process: %s", len(missing),
+                       ", ".join(f"sub-{s}" for s in missing))
+        done.update(zip(missing, _in_this_process(settings, missing, run_id, keep_failures=True)))
+    return [done[s] for s in subjects if done.get(s) is not None]
+
+
+def _in_this_process(settings, subjects: list[str], run_id: str | None, keep_failures: bool = False) -> list:
+    """The reports built one after another here; a failure is logged (None in its place with
+    ``keep_failures``, else left out)."""
+    results = []
+    for subject in subjects:
+        try:
+            results.append(build_participant_report(settings, subject, run_id))
+        except Exception:  # noqa: BLE001 - a report must not stop the others
+            LOGGER.exception("sub-%s: the HTML report could not be built", subject)
+            if keep_failures:
+                results.append(None)
+    return results
 
 
 def build_reports(settings, subjects=None, run_id: str | None = None, group: bool | None = None) -> list[Path]:
     """Build the participant reports of ``subjects`` (default: every ``sub-*`` in OUTPUT_DIR; in
-    ``--nprocs`` processes) and the group report (default: when ``models/`` exists).  What ``--reports-only`` runs."""
+    ``--nprocs`` processes) and the group report (default: when ``models/`` exists).  What
+    ``--reports-only`` runs; a report that could not be built makes it fail (exit 1)."""
     from bids_uad.reports.collect import list_subjects
 
     output_dir = Path(settings.output_dir)

@@ -27,3 +27,21 @@ def test_report_processes_follow_nprocs_subjects_and_memory(tmp_path):
     assert report_processes(settings_for(tmp_path, nprocs=8), 3) == 3
     assert report_processes(settings_for(tmp_path, nprocs=8, mem_gb=2.5), 10) == 2
     assert report_processes(settings_for(tmp_path), 10) == 1
+
+
+def test_without_worker_processes_the_reports_are_built_here(tmp_path, caplog, monkeypatch):
+    import bids_uad.reports.batch as batch
+
+    def no_pool(*args, **kwargs):
+        raise OSError("no semaphores here")
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", no_pool)
+    out = tmp_path / "out"
+    make_derivatives(out, subject="01", evil=False, with_anomaly=False)
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        paths = build_participant_reports(settings_for(out, nprocs=2), ["01", "../x"])
+    assert [p.name for p in paths] == ["sub-01.html"] and paths[0].is_file()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no semaphores here" in m for m in messages)
+    assert any("sub-01, sub-../x" in m for m in messages)  # named, and built in this process
+    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 1  # the bad label only
