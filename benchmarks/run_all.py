@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from _measure import current_rss_mb, markdown_table, measure, publish, tree_cpu  # noqa: E402
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
+from bids_uad.synthetic.lesion_types import DEFAULT_GENERATOR as DEFAULT_LESIONS, LESION_GENERATORS  # noqa: E402
 
 STAGE_PREFIXES = (("dwi_", "dwi_preproc"), ("anat_", "anat"), ("anomaly_", "anomaly"),
                   ("longitudinal_", "longitudinal"))
@@ -198,9 +199,6 @@ def run_levels(args) -> int:
                    f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n\n{detection}\n")
 
 
-DEFAULT_LESIONS = "glioma"
-
-
 def _detection_tables(group_dir: Path) -> dict:
     """The group level's evaluation (``detection_summary.tsv``, ``detection_groups.tsv``) as rows."""
     from bids_uad.bids.derivatives import read_tsv
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="--omp-nthreads of the run (default 2)")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     parser.add_argument("--models", nargs="+", default=["dae", "recdisc"])
-    parser.add_argument("--lesions", default=DEFAULT_LESIONS,
+    parser.add_argument("--lesions", default=DEFAULT_LESIONS, choices=LESION_GENERATORS,
                         help="--preset small: the patients' lesion generator (bids_uad.synthetic.lesion_types; "
                              "default glioma, the demo's); results go to run_all_small_<lesions>.* when not the default")
     args = parser.parse_args(argv)
