@@ -62,7 +62,7 @@ checksums > "$WS/data.sha256"
 [ "$IMAGE" = local ] && chmod -R a-w "$DATA"
 
 timed participant bids_uad_run participant "${COMMON[@]}"
-# the models expected_outputs_tiny.txt was recorded with (the default list now starts with cdae)
+# the models expected_outputs_tiny.txt was recorded with (the default list also has the cdae)
 timed group bids_uad_run group "${COMMON[@]}" --train-preset quick --models dae recdisc normative meansignal
 timed participant-model bids_uad_run participant "${COMMON[@]}" --model "$O/models"
 awk -F '\t' 'NR > 1 { s += $2 } END { printf "total\t%d\n", s }' "$TIMING" >> "$TIMING"
