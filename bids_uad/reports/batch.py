@@ -27,10 +27,9 @@ WORKER_MEM_GB = 1.0
 
 def report_processes(settings, n_subjects: int) -> int:
     """How many worker processes: ``--nprocs``, at most one per subject and what ``--mem`` allows."""
-    n = min(max(1, int(getattr(settings, "nprocs", 1) or 1)), max(1, n_subjects))
-    mem_gb = getattr(settings, "mem_gb", None)
-    if mem_gb:
-        n = min(n, max(1, int(mem_gb // WORKER_MEM_GB)))
+    n = min(max(1, settings.nprocs), max(1, n_subjects))
+    if settings.mem_gb:
+        n = min(n, max(1, int(settings.mem_gb // WORKER_MEM_GB)))
     return n
 
 
@@ -79,7 +78,7 @@ def build_participant_reports(settings, subjects: Iterable[str], run_id: str | N
     in the order of ``subjects``.  ``processes`` defaults to :func:`report_processes`."""
     subjects = list(subjects)
     n = report_processes(settings, len(subjects)) if processes is None else max(1, min(processes, len(subjects)))
-    if n <= 1 or len(subjects) <= 1:
+    if n <= 1:
         return _in_this_process(settings, subjects, run_id)
     LOGGER.info("building %d participant reports in %d processes", len(subjects), n)
     level = logging.getLogger("bids_uad").getEffectiveLevel()

@@ -106,5 +106,3 @@ def build_group_report(settings, run_id: str | None = None) -> Path:
     path = write_text(output_dir / "group.html", html)
     LOGGER.debug("group report written: %s", path)
     return path
-
-
