@@ -252,7 +252,7 @@ class ControlsReference(SimpleInterface):
         from bids_uad.interfaces.anomaly import template_route
         from bids_uad.models.baselines import controls_reference
         from bids_uad.models.bundle import load_bundle
-        from bids_uad.models.settings import needs_template
+        from bids_uad.models.settings import is_template_normative
         from bids_uad.scoring.findings import NORMATIVE_SIGNATURE
 
         inputs = self.inputs
@@ -261,7 +261,7 @@ class ControlsReference(SimpleInterface):
             self._results["meta"] = {"Note": "no template-space normative model among the models used"}
             return runtime
         bundle = load_bundle(inputs.model_file)
-        if not needs_template(bundle.settings.model):
+        if not is_template_normative(bundle.settings.model):
             self._results["meta"] = {"Note": f"{Path(inputs.model_file).name} is not a template-space normative model"}
             return runtime
         template = bundle.settings.model.normative_template

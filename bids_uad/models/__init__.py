@@ -16,6 +16,7 @@ from torch import nn
 from bids_uad.errors import UsageError
 from bids_uad.models.baselines import MeanSignal, NormativeModel
 from bids_uad.models.cdae import CoarseDAE
+from bids_uad.models.normaliser import ScoreNormaliser
 from bids_uad.models.recdisc import RecDiscNet
 from bids_uad.models.settings import ModelSettings
 from bids_uad.models.vae import ContextVAE, VAE3d
@@ -33,6 +34,12 @@ def is_trainable(name: str) -> bool:
     return bool(getattr(MODELS.get(name), "trainable", True))
 
 
+def has_score_reference(name: str) -> bool:
+    """Whether the registered network ``name`` gets a score reference in template space at the group
+    level (:mod:`bids_uad.models.normaliser`; its class's ``score_reference``)."""
+    return is_trainable(name) and bool(getattr(MODELS.get(name), "score_reference", False))
+
+
 def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> None:
     """Add a model factory under ``name``."""
     MODELS[name] = factory
@@ -46,17 +53,33 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
     describe = getattr(factory, "describe", None)
     if model_settings is not None and callable(describe):
         return describe(model_settings)
-    return getattr(factory, "__desc__", "") or f"the registered model {name!r}"
+    text = getattr(factory, "__desc__", "") or f"the registered model {name!r}"
+    if model_settings is not None and has_score_reference(name) and model_settings.get("normative_space") == "template":
+        text += (f"; its score is referred to the controls' own: each control scored by the fold that held it "
+                 f"out, per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
+                 f"controls' median and spread; a fold's reference from the controls it trained on) in "
+                 f"{model_settings.get('normative_template') or 'template'} space, the score being the positive robust z there, "
+                 "mapped back to diffusion space with the inverse transforms")
+    return text
 
 
 def get_model(name: str, settings: ModelSettings) -> nn.Module:
-    """Build the registered model ``name`` from ``settings``."""
+    """Build the registered model ``name`` from ``settings``: a network whose ``normative_space`` is
+    ``template`` gets its (unfitted) score reference as ``model.normaliser``
+    (:mod:`bids_uad.models.normaliser`)."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise UsageError(f"unknown model {name!r}; registered: {sorted(MODELS)}") from None
-    return factory(settings)
+    model = factory(settings)
+    if is_trainable(name) and settings.normative_space == "template":
+        if not has_score_reference(name):
+            raise UsageError(f"the {name} model's score is not referred to the controls' (normative_space must "
+                             "be 'dwi')")
+        model.normaliser = ScoreNormaliser(settings)
+    return model
 
 
-__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "is_trainable", "register_model", "VAE3d",
+__all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "has_score_reference", "is_trainable",
+           "register_model", "VAE3d",
            "RecDiscNet", "CoarseDAE", "ContextVAE", "MeanSignal", "NormativeModel"]

@@ -148,23 +148,9 @@ class NormativeModel(nn.Module):
             values, inside = self.subject_maps(np.asarray(d), inside, route)
             values[:, ~inside] = np.nan
             stacks.append(values)
-        values = np.stack(stacks, 1)  # (M, n, X, Y, Z)
-        if len(data) < s.normative_pool_below and s.normative_pool_radius > 0:
-            values = _neighbourhood(values, s.normative_pool_radius)
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels outside every brain
-                centre = np.nanmedian(values, axis=1)
-                spread = MAD_TO_SD * np.nanmedian(np.abs(values - centre[:, None]), axis=1)
-        valid = np.isfinite(centre).all(0) & np.isfinite(spread).all(0)
-        centre = np.stack([_smooth(c, valid, s.normative_smoothing) for c in centre])
-        spread = np.stack([_smooth(v, valid, s.normative_smoothing) for v in spread])
-        for k in range(len(spread)):  # a floor keeps near-constant voxels from giving huge z
-            floor = 0.25 * float(np.median(spread[k][valid])) if valid.any() else 1.0
-            spread[k] = np.maximum(spread[k], max(floor, 1e-12))
-        self.centre.copy_(torch.as_tensor(np.where(valid, centre, 0), dtype=torch.float32))
-        self.spread.copy_(torch.as_tensor(np.where(valid, spread, 1), dtype=torch.float32))
+        centre, spread, valid = robust_voxel_stats(np.stack(stacks, 1), s)  # (M, n, X, Y, Z)
+        self.centre.copy_(torch.as_tensor(centre))
+        self.spread.copy_(torch.as_tensor(spread))
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
     def carry_back(self, maps: np.ndarray, support: np.ndarray, route, shape: Sequence[int]
@@ -215,6 +201,34 @@ def controls_reference(models: Sequence[NormativeModel], route, shape: Sequence[
     carried, defined = models[0].carry_back(stack, valid, route, shape)
     n = len(NORMATIVE_METRICS)
     return {key: (carried[i], carried[n + i], defined & (carried[n + i] > 0)) for i, key in enumerate(NORMATIVE_METRICS)}
+
+
+def robust_voxel_stats(values: np.ndarray, settings: ModelSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-voxel robust centre (median) and spread (1.4826 x MAD) of ``values`` (M, n, X, Y, Z): M
+    maps of n subjects, NaN where a subject has no value; the normative model's statistics.
+
+    Fewer subjects than ``settings.normative_pool_below``: each voxel pools its neighbourhood's
+    samples (half-width ``normative_pool_radius``).  Both maps are smoothed inside the voxels where
+    they are defined (Gaussian sigma ``normative_smoothing`` voxels), and the spread is floored at a
+    quarter of its median, so near-constant voxels give no huge z.  Returns (centre (M, X, Y, Z),
+    spread (M, X, Y, Z), valid (X, Y, Z): defined for every map); outside ``valid`` centre is 0 and
+    spread 1.
+    """
+    s = settings
+    if values.shape[1] < s.normative_pool_below and s.normative_pool_radius > 0:
+        values = _neighbourhood(values, s.normative_pool_radius)
+    import warnings
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels outside every brain
+        centre = np.nanmedian(values, axis=1)
+        spread = MAD_TO_SD * np.nanmedian(np.abs(values - centre[:, None]), axis=1)
+    valid = np.isfinite(centre).all(0) & np.isfinite(spread).all(0)
+    centre = np.stack([_smooth(c, valid, s.normative_smoothing) for c in centre])
+    spread = np.stack([_smooth(v, valid, s.normative_smoothing) for v in spread])
+    for k in range(len(spread)):  # a floor keeps near-constant voxels from giving huge z
+        floor = 0.25 * float(np.median(spread[k][valid])) if valid.any() else 1.0
+        spread[k] = np.maximum(spread[k], max(floor, 1e-12))
+    return (np.where(valid, centre, 0).astype(np.float32), np.where(valid, spread, 1).astype(np.float32), valid)
 
 
 def _neighbourhood(values: np.ndarray, radius: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
 from bids_uad.models.calibration import Calibration, pool
 from bids_uad.models.io import file_sha256, save_tensors
+from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.settings import Settings, needs_template
 from bids_uad.models.validate import validate_model_file
 
@@ -58,10 +59,12 @@ class FoldResult:
 
 @torch.no_grad()
 def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None,
-                 route=None) -> np.ndarray:
+                 route=None, raw: bool = False) -> np.ndarray:
     """Score map (X, Y, Z) float32 of one subject (C, X, Y, Z) on the model grid; ``route``: the
     subject's :class:`~bids_uad.algorithms.registration.TemplateRoute` for a model that works in
-    template space (:func:`needs_template`), else None."""
+    template space (:func:`needs_template`), else None.  A network with a score reference
+    (:mod:`bids_uad.models.normaliser`) gives its robust z against the controls' scores there;
+    ``raw``: its score before that (what the reference is fitted on)."""
     if device is None:  # the baselines have buffers only
         first = next(iter(model.parameters()), None)
         first = next(iter(model.buffers()), None) if first is None else first
@@ -69,9 +72,12 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
     device = torch.device(device)
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
+    normaliser = normaliser_of(model)
+    if normaliser is not None:
+        scored = model.score(x)[0].float().cpu().numpy()
+        return scored if raw else normaliser.zscore(scored, np.asarray(data).mean(0) > 0, route)
     scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
     return scored[0].float().cpu().numpy()
-
 
 
 def _versions() -> dict[str, str]:

@@ -66,10 +66,12 @@ class ModelSettings:
     normative_pool_below: int = 20  # normative: pool each voxel's neighbourhood when fewer controls
     normative_pool_radius: int = 1  # normative: neighbourhood half-width in voxels (1: 3x3x3)
     normative_smoothing: float = 1.0  # normative: Gaussian sigma (voxels) of the centre/spread maps
-    # normative: where centre/spread are fitted: "template" (the group level's setting for BIDS runs:
-    # metric maps carried to the template grid below with each subject's transforms, z back to dwi
-    # space) or "dwi" (the model grid in each subject's diffusion space: arrays without
-    # registrations, e.g. benchmarks/models.py, and model files written before it existed)
+    # where the controls' per-voxel centre/spread are fitted: "template" (the group level's setting
+    # for BIDS runs: maps carried to the template grid below with each subject's transforms, z back
+    # to dwi space) or "dwi" (the model grid in each subject's diffusion space, or for a network no
+    # reference at all: arrays without registrations, e.g. benchmarks/models.py, and older model
+    # files).  The normative model's metrics; a network's score (its out-of-fold control scores:
+    # bids_uad.models.normaliser); meansignal has none
     normative_space: str = "dwi"
     normative_template: str = ""  # template name (the transforms' to-<template>), "template" space only
     normative_template_shape: tuple[int, int, int] = (0, 0, 0)  # template grid the model is fitted on
@@ -90,14 +92,16 @@ class ModelSettings:
             raise UsageError(f"inputs must be one of {INPUT_REPRESENTATIONS}, not {self.inputs!r}")
         if self.normative_space not in NORMATIVE_SPACES:
             raise UsageError(f"normative_space must be one of {NORMATIVE_SPACES}, not {self.normative_space!r}")
-        if self.name == "normative" and self.normative_space == "template":
+        if self.normative_space == "template" and self.name == "meansignal":
+            raise UsageError("the meansignal baseline has no controls' reference: normative_space must be 'dwi'")
+        if self.normative_space == "template":
             import numpy as np
 
             affine = np.asarray(self.normative_template_affine, float)
             if (not self.normative_template or len(self.normative_template_shape) != 3
                     or min(self.normative_template_shape) < 1 or affine.size != 16
                     or not np.isfinite(affine).all() or abs(np.linalg.det(affine.reshape(4, 4)[:3, :3])) < 1e-9):
-                raise UsageError("a template-space normative model needs normative_template (a name), "
+                raise UsageError(f"a template-space {self.name} model needs normative_template (a name), "
                                  "normative_template_shape (3 positive sizes) and normative_template_affine "
                                  f"(16 finite values, invertible); got {self.normative_template!r}, "
                                  f"{self.normative_template_shape}, {len(self.normative_template_affine)} values")
@@ -312,6 +316,14 @@ def _preset(name: str, model: str) -> Settings:
 
 def needs_template(model) -> bool:
     """Whether ``model`` (a module, or its :class:`ModelSettings`) scores in a template space and so
-    needs each subject's transforms to it and back (the template-space normative model)."""
+    needs each subject's transforms to it and back: the template-space normative model, and a
+    network whose score is referred to its controls' in template space (:mod:`bids_uad.models.normaliser`)."""
     settings = getattr(model, "settings", model)
-    return getattr(settings, "name", "") == "normative" and getattr(settings, "normative_space", "dwi") == "template"
+    return getattr(settings, "normative_space", "dwi") == "template"
+
+
+def is_template_normative(model) -> bool:
+    """Whether ``model`` (a module, or its :class:`ModelSettings`) is the template-space normative
+    model (whose controls' metric values are the findings' reference)."""
+    settings = getattr(model, "settings", model)
+    return getattr(settings, "name", "") == "normative" and needs_template(settings)

@@ -13,6 +13,7 @@ import numpy as np
 
 from bids_uad.errors import InputValidationError
 from bids_uad.models import is_trainable
+from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.bundle import ModelBundle
 from bids_uad.models.inputs import dw_gradients, grid_affine, input_channels, prepare_subject, to_grid
 from bids_uad.models.io import data_hash
@@ -30,8 +31,10 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     ``ref_bvals``/``ref_bvecs`` describe the channels (b0s removed) and are stored so that
     inference can reconcile other protocols.  ``analysis_masks`` (default: brain masks)
     select the healthy voxels used for calibration.  Each fold calibrates on its held-out
-    controls; for the fitted baselines the bundle's default calibration pools every control's
-    out-of-fold scores (:func:`calibrate_out_of_fold`); a network uses its best fold's own.
+    controls; for the fitted baselines, and networks whose score is referred to the controls' in
+    template space (:mod:`bids_uad.models.normaliser`, fitted in :func:`train_folds`), the bundle's
+    default calibration pools every control's out-of-fold scores (:func:`calibrate_out_of_fold`);
+    other networks use their best fold's own.
     ``routes``: each control's :class:`~bids_uad.algorithms.registration.TemplateRoute` for the
     arrays on the grid (required by a model that works in template space, else unused).
     """
@@ -49,8 +52,10 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
                         heldout_scores=scores, routes=routes)
     pooled = None
     # pooling needs fold models that share a score scale: the fitted baselines (robust statistics of
-    # overlapping control sets) do; separately trained networks need not (docs/models.md, measured)
-    if (not is_trainable(settings.model.name) and distributed.rank() == 0
+    # overlapping control sets) and networks with a score reference (robust z) do; separately
+    # trained networks' raw scores need not (docs/models.md, measured)
+    shared_scale = not is_trainable(settings.model.name) or normaliser_of(folds[0].model) is not None
+    if (shared_scale and distributed.rank() == 0
             and all(f.calibration is not None for f in folds)):
         pooled = calibrate_out_of_fold(settings, folds, data, masks if analysis_masks is None else analysis_masks,
                                        scores, routes)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, is_trainable
 from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
+from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration, calibrate_written_map
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
@@ -37,6 +38,7 @@ from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
 from bids_uad.scoring.morphology import postprocess
 from bids_uad.training.folds import make_folds
+from bids_uad.training.normalise import fit_score_normalisers
 from bids_uad.training.ood import add_ood_patches
 
 LOG = logging.getLogger(__name__)
@@ -353,11 +355,14 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
                              data_id=fold_id)
             res.train_idx, res.val_idx = list(tr), list(va)
             results.append(res)
-            if distributed.rank() != 0:
-                continue
-            heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks)
-            if on_fold is not None:
-                on_fold(res)
+    if distributed.rank() != 0:
+        return results
+    if normaliser_of(results[0].model) is not None:  # every fold trained: their score references
+        fit_score_normalisers(results, data, routes)
+    for res in results:
+        heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes)
+        if on_fold is not None:
+            on_fold(res)
     return results
 
 

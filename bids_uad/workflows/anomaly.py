@@ -39,20 +39,36 @@ OUTPUTS = {"score": "anomaly_score", "pvalue": "anomaly_pvalue", "mask": "anomal
 TEMPLATE_OUTPUTS = {"score": ("anomaly_score_template", "image"), "mask": ("anomaly_mask_template", "mask")}
 
 
-def template_models(settings: Settings) -> dict[str, str]:
-    """{model: template} of the ``--model`` files that work in a template space (the template-space
-    normative model): they need each run's transforms to the template and back."""
+def _model_file_settings(path: str | Path):
+    """The ``settings.model`` of a model file's JSON, as attributes (name, normative_space, ...)."""
     import json
     from types import SimpleNamespace
 
+    model = json.loads(Path(path).read_text()).get("settings", {}).get("model", {})
+    return SimpleNamespace(name=model.get("name"), normative_space=model.get("normative_space"),
+                           normative_template=model.get("normative_template", ""))
+
+
+def template_models(settings: Settings) -> dict[str, str]:
+    """{model: template} of the ``--model`` files that work in a template space (the template-space
+    normative model, and networks whose score is referred to their controls' there): they need
+    each run's transforms to the template and back."""
     from bids_uad.models.settings import needs_template
 
     found = {}
     for path in resolve_model_files(settings.model):
-        model = json.loads(Path(path).read_text()).get("settings", {}).get("model", {})
-        if needs_template(SimpleNamespace(name=model.get("name"), normative_space=model.get("normative_space"))):
-            found[model_name(path)] = model.get("normative_template", "")
+        model = _model_file_settings(path)
+        if needs_template(model):
+            found[model_name(path)] = model.normative_template
     return found
+
+
+def template_normative_file(settings: Settings) -> Path | None:
+    """The ``--model`` file of the template-space normative model (the findings' reference), or None."""
+    from bids_uad.models.settings import is_template_normative
+
+    return next((m for m in resolve_model_files(settings.model) if is_template_normative(_model_file_settings(m))),
+                None)
 
 
 def unscorable_models(settings: Settings, source_file: str | Path, edges: str = "") -> dict[str, str]:
@@ -165,8 +181,7 @@ def _add_controls_reference(workflow, settings: Settings, inputnode):
     for the findings of every model (:class:`~bids_uad.interfaces.findings.ControlsReference`; a run
     without the transforms, for which the model is skipped, gets the subject's tissue, and its
     sidecar says why)."""
-    names = template_models(settings)
-    normative = next((m for m in resolve_model_files(settings.model) if model_name(m) in names), None)
+    normative = template_normative_file(settings)
     node = pe.Node(ControlsReference(model_file=str(normative) if normative is not None else "",
                                      output_dir=str(settings.output_dir)),
                    name="controls_reference", mem_gb=1.0)

@@ -28,6 +28,7 @@ from bids_uad.bids.layout import BIDSInputs
 from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, order_sessions
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
+from bids_uad.models import has_score_reference
 from bids_uad.models.settings import needs_template
 
 LOGGER = logging.getLogger("bids_uad.group")
@@ -75,14 +76,15 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
     """Training settings from the preset, sized to the data: channels, a grid that covers it and
     the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` and
     ``--ensemble/--no-ensemble`` (if given) are stored in the model file.  The normative model works
-    in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``)."""
+    in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``), and so do the
+    reconstruction networks' score references (:mod:`bids_uad.models.normaliser`)."""
     from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
     grid = tuple(int(math.ceil(s / div) * div) for s in shape)
     processes = training_processes(settings, base.training.batch_size)
-    space = normative_template_settings(settings, voxel_mm) if model == "normative" else {}
+    space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
     return replace(
         base,
         model=replace(base.model, n_channels=int(n_channels), grid=grid, **space),
@@ -269,7 +271,16 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"],
                                        data["voxel_mm"])
         routes = None
-        if needs_template(msettings.model):
+        if needs_template(msettings.model) and has_score_reference(model):
+            routes = template_routes(settings, found, items, msettings.model.normative_template, refuse=False)
+            if any(r is None for r in routes):  # the raw score then (the normative model refuses instead)
+                LOGGER.warning("%s: not every control has transforms to %s and back, so its score is not referred "
+                               "to the controls' there (the raw reconstruction score is used)", model,
+                               msettings.model.normative_template)
+                routes, msettings = None, replace(msettings, model=replace(
+                    msettings.model, normative_space="dwi", normative_template="", normative_template_shape=(0, 0, 0),
+                    normative_template_affine=()))
+        elif needs_template(msettings.model):
             started = time.perf_counter()
             routes = template_routes(settings, found, items, msettings.model.normative_template)
             LOGGER.info("%s works in %s (grid %s): transforms found for all %d controls (%.1f s)", model,

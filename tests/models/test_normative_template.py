@@ -219,4 +219,10 @@ def test_methods_text_follows_the_model_files_space():
     assert "diffusion space, without registration" in dwi_text and "template" not in dwi_text
     older = describe_training("normative", {"settings": {"model": {}}, "folds": [0, 1]})[0][0]
     assert "without registration" in older  # older files have no normative_space: the dwi grid
-    assert describe_model("dae", {"normative_space": "template"}) == describe_model("dae")
+    # a reconstruction network's clause says when its score is referred to the controls' in the template
+    referred = describe_model("cdae", {"normative_space": "template", "normative_template": "MNI152NLin2009cAsym"})
+    assert referred.startswith(describe_model("cdae")) and "referred to the controls'" in referred
+    assert "MNI152NLin2009cAsym space" in referred
+    assert describe_model("dae", {"normative_space": "dwi"}) == describe_model("dae")
+    # RecDiscNet's score (a probability) never is
+    assert describe_model("recdisc", {"normative_space": "template"}) == describe_model("recdisc")

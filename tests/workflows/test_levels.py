@@ -125,12 +125,13 @@ def test_group_then_participant_inference(levels_setup, capsys):
     for run in ("dir-AP", "dir-PA"):
         stem = f"sub-pat01_ses-pre_{run}_space-dwi"
         # the T1w was registered to dir-AP only: dir-PA has no transforms to the template, so the
-        # template-space normative model skips it (with a warning), the others score it
-        assert (f"{stem}_desc-preproc_dwi.nii.gz: model normative not scored" in err) \
-            == (run == "dir-PA")
-        assert (folder / f"{stem}_model-normative_stat-score_anomaly.nii.gz").is_file() == (run == "dir-AP")
+        # template-space models (the normative model; the dae, whose score is referred to the controls'
+        # there) skip it (with a warning), the others score it
+        for model in ("normative", "dae"):
+            assert (f"{stem}_desc-preproc_dwi.nii.gz: model {model} not scored" in err) == (run == "dir-PA")
+            assert (folder / f"{stem}_model-{model}_stat-score_anomaly.nii.gz").is_file() == (run == "dir-AP")
         for model in ("dae", "recdisc", "normative", "meansignal"):
-            if model == "normative" and run == "dir-PA":
+            if model in ("normative", "dae") and run == "dir-PA":
                 continue
             score = folder / f"{stem}_model-{model}_stat-score_anomaly.nii.gz"
             mask = folder / f"{stem}_model-{model}_desc-anomaly_mask.nii.gz"

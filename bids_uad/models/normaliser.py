@@ -1,0 +1,118 @@
+"""A network's score referred to its controls' in template space: a normative model of the score.
+
+A reconstruction network's raw score is high wherever reconstruction is hard, lesion or not
+(ventricle borders, the cortex, the brain's edge, the skull-stripping rim), so on healthy tissue it
+varies more by *where* than by *whether* it is normal.  The controls' own scores tell where: each
+control is scored by the fold network that held it out (out of fold, as a new subject would be),
+and the per-voxel robust centre and spread of those scores, in the template the anatomical
+workflow registers to, give the network's normal range at each location.  The model's score is
+then the positive robust z of its raw score against that range, computed in the template and
+carried back to the subject's grid (the template-space normative model's route, one resampling
+each way).
+
+Per fold: the raw scores are first put on a common scale (each fold's median and robust spread
+of its held-out controls' scores inside their brains: separately trained networks do not share a
+scale), and fold ``f``'s per-voxel statistics come from the controls *it trained on*, which the
+other folds scored out of fold.  Fold ``f``'s held-out controls thus took part in neither its
+training nor its reference, so its calibration on them stays held-out, and the folds' scores
+share one scale (the robust z), so the out-of-fold calibration can pool them.
+
+Fitted at the group level by :func:`bids_uad.training.normalise.fit_score_normalisers`; applied by
+:func:`bids_uad.models.bundle.score_volume`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bids_uad.errors import InputValidationError
+from bids_uad.models.baselines import MAD_TO_SD, robust_voxel_stats
+from bids_uad.models.settings import ModelSettings
+
+
+class ScoreNormaliser(nn.Module):
+    """Buffers of one fold: its raw-score scale (location, spread) and the per-voxel centre,
+    spread and validity of its training controls' scaled out-of-fold scores on the template grid."""
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+        shape = self.template_shape
+        self.register_buffer("scale", torch.tensor([0.0, 0.0]))  # (location, spread); spread 0: not fitted
+        self.register_buffer("centre", torch.zeros(shape))
+        self.register_buffer("spread", torch.ones(shape))
+        self.register_buffer("valid", torch.zeros(shape))
+
+    @property
+    def template_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.settings.normative_template_shape)
+
+    @property
+    def template_affine(self) -> np.ndarray:
+        return np.asarray(self.settings.normative_template_affine, float).reshape(4, 4)
+
+    @property
+    def fitted(self) -> bool:
+        return float(self.scale[1]) > 0
+
+    def set_scale(self, location: float, spread: float) -> None:
+        if not (np.isfinite(location) and np.isfinite(spread) and spread > 0):
+            raise InputValidationError(f"a score scale needs a finite location and a positive spread, got "
+                                       f"{location}, {spread}")
+        self.scale.copy_(torch.tensor([float(location), float(spread)]))
+
+    def scaled(self, raw: np.ndarray) -> np.ndarray:
+        """``raw`` on the fold's common scale: (raw − location) / spread."""
+        location, spread = (float(v) for v in self.scale)
+        return ((np.asarray(raw, np.float32) - location) / spread).astype(np.float32)
+
+    def to_template(self, raw: np.ndarray, brain: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:
+        """(the scaled score carried to the template grid, where it is defined there)."""
+        maps, support = route.forward(np.where(brain, self.scaled(raw), 0)[None].astype(np.float32), brain,
+                                      self.template_shape, self.template_affine)
+        return maps[0], support
+
+    def set_reference(self, maps: Sequence[np.ndarray]) -> None:
+        """Per-voxel robust centre/spread of template-grid scaled scores (NaN outside each subject)."""
+        centre, spread, valid = robust_voxel_stats(np.stack(list(maps))[None], self.settings)
+        self.centre.copy_(torch.as_tensor(centre[0]))
+        self.spread.copy_(torch.as_tensor(spread[0]))
+        self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
+
+    def zscore(self, raw: np.ndarray, brain: np.ndarray, route) -> np.ndarray:
+        """The positive robust z of one subject's raw score map (X, Y, Z) on its grid (``route``: its
+        TemplateRoute for that grid); 0 outside ``brain`` and where the reference is undefined."""
+        if not self.fitted:
+            raise InputValidationError("this network's score reference was never fitted (a model file written "
+                                       "while training, or damaged): train the model again")
+        if route is None:
+            raise InputValidationError("this network's score is referred to its controls' in "
+                                       f"{self.settings.normative_template}: the subject's transforms are needed")
+        values, support = self.to_template(raw, brain, route)
+        defined = support & (self.valid.cpu().numpy() > 0)
+        centre, spread = self.centre.cpu().numpy(), self.spread.cpu().numpy()
+        z = np.where(defined, np.maximum((values - centre) / spread, 0), 0).astype(np.float32)
+        back, landed = route.backward(z[None], defined, self.template_affine, brain.shape)
+        return np.where(brain & landed, back[0], 0).astype(np.float32)
+
+
+def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(median, 1.4826 x MAD) of the score maps' values inside their masks."""
+    values = np.concatenate([np.asarray(m, np.float64)[np.asarray(k) > 0] for m, k in zip(maps, masks)])
+    if values.size == 0:
+        raise InputValidationError("no brain voxel to put the scores on a common scale")
+    location = float(np.median(values))
+    spread = MAD_TO_SD * float(np.median(np.abs(values - location)))
+    if not spread > 0:
+        spread = float(np.std(values)) or 1.0
+    return location, spread
+
+
+def normaliser_of(model: nn.Module) -> ScoreNormaliser | None:
+    """The network's score reference (:func:`bids_uad.models.get_model` attaches one to a network
+    whose ``normative_space`` is ``template``), or None."""
+    found = getattr(model, "normaliser", None)
+    return found if isinstance(found, ScoreNormaliser) else None

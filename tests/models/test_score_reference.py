@@ -1,0 +1,166 @@
+"""A network's score referred to its controls' in template space (bids_uad.models.normaliser):
+fitted per fold from the controls it trained on (scored out of fold), saved and loaded with the
+model, applied through the subject's route, never silently skipped."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bids_uad.algorithms.registration import TemplateRoute
+from bids_uad.errors import InputValidationError, UsageError
+from bids_uad.models import get_model, has_score_reference
+from bids_uad.models.bundle import load_bundle, score_volume
+from bids_uad.models.normaliser import ScoreNormaliser, normaliser_of, robust_scale
+from bids_uad.models.settings import needs_template, preset
+from bids_uad.models.validate import validate_model_file
+from bids_uad.training.fit import train_model
+from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
+
+GRID = (16, 16, 16)
+BVECS = fibonacci_directions(12)
+BVALS = np.full(12, 1000.0)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+IDENTITY = TemplateRoute("tplTest", tuple(AFFINE.ravel()))  # no transforms: the template frame is the grid's
+
+
+def _model_settings(name="cdae", space="template"):
+    s = preset("quick", name)
+    extra = {}
+    if space == "template":
+        extra = dict(normative_template="tplTest", normative_template_shape=GRID,
+                     normative_template_affine=tuple(AFFINE.ravel()))
+    return replace(s.model, grid=GRID, n_channels=12, normative_space=space, **extra)
+
+
+def _settings(name="cdae"):
+    s = preset("quick", name)
+    return replace(s, model=_model_settings(name), training=replace(s.training, epochs=2, processes=1),
+                   scoring=s.scoring.sized_to(0.008))
+
+
+def _x(subject):
+    return np.ascontiguousarray(np.moveaxis(subject.data, -1, 0), np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    subs = [make_toy_subject(GRID, BVECS, 200 + i) for i in range(5)]
+    data, masks = [_x(s) for s in subs], [s.mask for s in subs]
+    bundle = train_model(_settings(), data, masks, [f"c{i}" for i in range(5)], BVALS, BVECS,
+                         routes=[IDENTITY] * 5)
+    return bundle, data, masks
+
+
+def test_each_fold_refers_to_the_controls_it_trained_on(trained):
+    bundle, data, masks = trained
+    brains = [d.mean(0) > 0 for d in data]
+    held_by = {i: f for f in bundle.folds for i in f.val_idx}
+    assert sorted(held_by) == list(range(5))  # every control scored out of fold once
+    raw = {i: score_volume(f.model, data[i], raw=True) for i, f in held_by.items()}
+    for f in bundle.folds:
+        norm = normaliser_of(f.model)
+        assert norm is not None and norm.fitted
+        # the fold's scale: its held-out controls' raw scores
+        location, spread = robust_scale([raw[i] for i in f.val_idx], [brains[i] for i in f.val_idx])
+        assert np.allclose(norm.scale.numpy(), [location, spread], rtol=1e-6)
+        # its reference: its training controls' scores, each scaled by the fold that held it out;
+        # its held-out controls take no part
+        expected = ScoreNormaliser(bundle.settings.model)
+        maps = []
+        for i in f.train_idx:
+            values, support = normaliser_of(held_by[i].model).to_template(raw[i], brains[i], IDENTITY)
+            maps.append(np.where(support, values, np.nan))
+        expected.set_reference(maps)
+        assert torch.equal(expected.centre, norm.centre) and torch.equal(expected.spread, norm.spread)
+        assert not set(f.val_idx) & set(f.train_idx)
+    # one score scale for every fold (robust z): the out-of-fold calibration pools every control
+    assert bundle.out_of_fold is not None and bundle.calibration() is bundle.out_of_fold
+
+
+def test_score_is_a_positive_robust_z_that_rises_in_a_lesion(trained):
+    bundle, data, _ = trained
+    fold = bundle.folds[bundle.best_fold()]
+    patient = make_toy_subject(GRID, BVECS, 990, lesion=True)
+    x = _x(patient)
+    z = score_volume(fold.model, x, route=IDENTITY)
+    brain = x.mean(0) > 0
+    assert z.min() >= 0 and np.all(z[~brain] == 0)
+    lesion = patient.lesion & brain
+    assert lesion.sum() > 5
+    assert np.median(z[lesion]) > 2 * np.median(z[brain & ~lesion])
+    # the held-out controls of this fold: their z is of the order of 1, not of the raw score's scale
+    for i in fold.val_idx:
+        healthy = score_volume(fold.model, data[i], route=IDENTITY)[data[i].mean(0) > 0]
+        assert np.median(healthy) < 1.5
+
+
+def test_round_trip_keeps_the_reference(trained, tmp_path):
+    bundle, data, _ = trained
+    path = bundle.save(tmp_path)
+    checked = validate_model_file(path)
+    assert any(k.endswith("normaliser.centre") for k in checked.shapes)
+    loaded = load_bundle(path)
+    assert needs_template(loaded.settings.model)
+    for f0, f1 in zip(bundle.folds, loaded.folds):
+        assert np.array_equal(score_volume(f0.model, data[0], route=IDENTITY),
+                              score_volume(f1.model, data[0], route=IDENTITY))
+
+
+def test_never_silently_raw():
+    """An unfitted reference, or a subject without its route, is refused, never passed through."""
+    model = get_model("cdae", _model_settings())
+    x = _x(make_toy_subject(GRID, BVECS, 5))
+    with pytest.raises(InputValidationError, match="never fitted"):
+        score_volume(model, x, route=IDENTITY)
+    normaliser_of(model).set_scale(0.0, 1.0)
+    with pytest.raises(InputValidationError, match="transforms are needed"):
+        score_volume(model, x)
+    assert score_volume(model, x, raw=True).shape == GRID  # what the reference is fitted on
+
+
+def test_which_models_have_a_reference():
+    assert has_score_reference("cdae") and has_score_reference("dae") and has_score_reference("cevae")
+    # RecDiscNet's score is a probability; the baselines are not networks
+    assert not has_score_reference("recdisc") and not has_score_reference("normative")
+    with pytest.raises(UsageError, match="recdisc"):
+        get_model("recdisc", _model_settings("recdisc"))
+    with pytest.raises(UsageError, match="meansignal"):
+        _model_settings("meansignal")
+    assert normaliser_of(get_model("cdae", _model_settings(space="dwi"))) is None
+
+
+def test_a_location_where_every_control_scores_high_is_normal():
+    """The point of the reference: a raw score that is high at one place in every control (a hard
+    to reconstruct structure) gives a z near 0 there; a rise that only the patient has stands out."""
+    settings = _model_settings()
+    rng = np.random.default_rng(0)
+    brain = np.zeros(GRID, bool)
+    brain[2:14, 2:14, 2:14] = True
+    hard = np.zeros(GRID, bool)
+    hard[5:12, 5:12, 5:12] = True
+
+    def raw_map(extra=None):
+        m = rng.normal(1.0, 0.3, GRID) + 1.5 * hard  # a 5-sigma rise at one place in every brain
+        if extra is not None:
+            m = m + 1.5 * extra
+        return np.where(brain, m, 0).astype(np.float32)
+
+    norm = ScoreNormaliser(settings)
+    controls = [raw_map() for _ in range(6)]
+    norm.set_scale(*robust_scale(controls, [brain] * 6))
+    maps = []
+    for m in controls:
+        values, support = norm.to_template(m, brain, IDENTITY)
+        maps.append(np.where(support, values, np.nan))
+    norm.set_reference(maps)
+    lesion = np.zeros(GRID, bool)
+    lesion[2:5, 2:5, 2:5] = True
+    patient = raw_map(lesion)
+    z = norm.zscore(patient, brain, IDENTITY)
+    core = np.zeros(GRID, bool)
+    core[7:10, 7:10, 7:10] = True  # inside the hard structure, away from its smoothed edge
+    assert np.median(norm.scaled(patient)[core]) > 3.0  # on the common scale alone it would stand out
+    assert np.median(z[core]) < 1.0
+    assert np.median(z[lesion]) > 3.0
