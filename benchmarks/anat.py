@@ -235,6 +235,12 @@ def registration_error(t1w, b0, dwi_mask, forward, forward_invert, truth_xfm):
 
 
 def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dict:
+    """One case's anatomical stage, measured; its transforms go to a folder removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="bench_anat_xfm_") as xfm:
+        return _run_case(case, template, meter, threads, seed, Path(xfm))
+
+
+def _run_case(case: Case, template, meter: Meter, threads: int, seed: int, xfm: Path) -> dict:
     out: dict = {"case": case.name, "t1w_shape": list(case.t1w.shape[:3]),
                  "t1w_voxel_mm": float(case.t1w.header.get_zooms()[0]),
                  "dwi_shape": list(case.b0.shape[:3]), "dwi_voxel_mm": float(case.b0.header.get_zooms()[0]),
@@ -258,7 +264,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
         reg_tpl = registration.register(
             tpl_lo, lo(brain) if fine else brain, kind="SyN",
             lesion_mask=(lo(lesion, 0) if lesion is not None and fine else lesion),
-            composite=True, seed=seed, threads=threads)
+            composite=True, seed=seed, threads=threads, out_prefix=xfm / "tpl2t1w_")
     with meter.step("priors_to_t1w"):
         priors = {k: registration.apply_transforms(template.priors[k], n4, reg_tpl.inverse, "probability")
                   for k in ("CSF", "GM", "WM")}
@@ -275,7 +281,8 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
         with meter.step("flair_to_t1w"):
             flair = nib.Nifti1Image(np.asarray(case.flair.dataobj, np.float32), case.flair.affine)
             fl_n4, _ = intensity.n4_correct_flair(flair, threads=threads, seed=seed)
-            _, reg_fl = registration.register_flair(n4, fl_n4, mask_img, seed=seed, threads=threads)
+            _, reg_fl = registration.register_flair(n4, fl_n4, mask_img, seed=seed, threads=threads,
+                                                    out_prefix=xfm / "flair2t1w_")
         # the synthetic FLAIR shares the T1w grid and pose: the truth is the identity
         out["flair_registration_error_mm"] = registration_error(
             case.flair, case.t1w, case.truth_t1w_brain, reg_fl.forward, reg_fl.forward_invert, np.eye(4))["mean"]
@@ -286,7 +293,7 @@ def run_case(case: Case, template, meter: Meter, threads: int, seed: int) -> dic
                                         lesion_mask=(None if lesion is None else
                                                      registration.coarse(lesion, moving_mm, order=0)),
                                         reg_iterations=(DWI_SYN_ITERATIONS,), composite=True,
-                                        seed=seed, threads=threads)
+                                        seed=seed, threads=threads, out_prefix=xfm / "t1w2dwi_")
     with meter.step("to_dwi"):
         dwi_dseg = registration.apply_transforms(dseg, case.b0, reg_dwi.forward, "label")
         for p in probs.values():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -199,7 +198,8 @@ def register(
     fixed_mask=None,
     moving_mask=None,
     lesion_mask=None,
-    out_prefix: str | Path | None = None,
+    *,
+    out_prefix: str | Path,
     composite: bool = False,
     seed: int | None = 0,
     threads: int = 1,
@@ -213,11 +213,12 @@ def register(
 
     ``lesion_mask`` (in moving space) is removed from the moving metric mask (and from the
     brain mask if one is given), so a tumour neither pulls nor tears the deformation; the
-    masks are used in every stage.  Transforms go to ``out_prefix`` (a temporary folder
-    when None); ``composite=True`` writes ``Composite.h5``/``InverseComposite.h5``.
+    masks are used in every stage.  Transforms go to ``out_prefix`` (a folder and file-name prefix,
+    required: :func:`checked_prefix`); ``composite=True`` writes ``Composite.h5``/``InverseComposite.h5``.
     """
     import ants
 
+    out_prefix = checked_prefix(out_prefix)
     if kind in STAGED:
         return _register_staged(fixed, moving, kind, fixed_mask, moving_mask, lesion_mask, out_prefix,
                                 composite, seed, threads, reg_iterations, aff_metric, syn_metric, **kwargs)
@@ -229,9 +230,6 @@ def register(
         moving_mask = nib.Nifti1Image(
             exclusion_mask(brain, lesion, moving_n.shape[:3]).astype(np.float32), moving_n.affine)
     fmask, mmask = _mask_image(fixed_mask, fixed_n), _mask_image(moving_mask, moving_n)
-    if out_prefix is None:
-        out_prefix = Path(tempfile.mkdtemp(prefix="bids_uad_reg_")) / "reg_"
-    out_prefix = str(out_prefix)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     args = dict(
         type_of_transform=kind, outprefix=out_prefix, mask=fmask, moving_mask=mmask,
@@ -259,6 +257,20 @@ def register(
     )
 
 
+def checked_prefix(out_prefix: str | Path | None) -> str:
+    """``out_prefix`` as a string, or a ValueError when there is none.
+
+    Every registration writes its transforms under a prefix its caller owns (a node's working
+    directory, a pytest ``tmp_path``, a ``tempfile.TemporaryDirectory`` the caller closes): with
+    no prefix they used to go to a ``/tmp/bids_uad_reg_*`` folder that nobody removed.
+    """
+    if out_prefix is None or str(out_prefix) == "":
+        raise ValueError("registration needs out_prefix, the folder and file-name prefix its transforms are "
+                         "written to (a folder the caller removes, e.g. a tempfile.TemporaryDirectory); "
+                         "none was given")
+    return str(out_prefix)
+
+
 #: two-step registrations: a linear fit, then SyN at the full resolution of the fixed image only
 STAGED = {"Rigid+SyN": "Rigid", "Affine+SyN": "Affine"}
 
@@ -278,9 +290,7 @@ def _register_staged(fixed, moving, kind, fixed_mask, moving_mask, lesion_mask, 
     after a rigid fit keep sub-voxel accuracy and still absorb residual EPI distortion.
     ``reg_iterations``: only its last entry is used (iterations at full resolution).
     """
-    if out_prefix is None:
-        out_prefix = Path(tempfile.mkdtemp(prefix="bids_uad_reg_")) / "reg_"
-    out_prefix = str(out_prefix)
+    out_prefix = checked_prefix(out_prefix)
     linear = register(fixed, moving, kind=STAGED[kind], fixed_mask=fixed_mask, moving_mask=moving_mask,
                       lesion_mask=lesion_mask, out_prefix=_sibling_prefix(out_prefix, "linear_"), composite=False, seed=seed,
                       threads=threads, aff_metric=aff_metric, aff_random_sampling_rate=1.0)
@@ -393,14 +403,15 @@ def coarse(img, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
 
 
 def register_flair(t1w, flair, t1w_mask=None, resolution_mm: float = 2.0, seed: int | None = 0,
-                   threads: int = 1, out_prefix: str | Path | None = None,
+                   threads: int = 1, *, out_prefix: str | Path,
                    ) -> tuple[nib.Nifti1Image, RegistrationResult]:
     """Rigid FLAIR → T1w (Mattes MI, T1w brain mask as fixed mask), run on ``resolution_mm``
     copies (the rigid transform is physical); returns the FLAIR resampled (linear) on the
-    T1w grid and the registration.  The metric uses every voxel (sampling rate 1): with
-    antspyx's default random 20 % sampling the same call occasionally (1 run in 5) ended in a
-    wrong optimum despite the fixed seed.
+    T1w grid and the registration (its transform written under ``out_prefix``).  The metric uses
+    every voxel (sampling rate 1): with antspyx's default random 20 % sampling the same call
+    occasionally (1 run in 5) ended in a wrong optimum despite the fixed seed.
     """
+    out_prefix = checked_prefix(out_prefix)  # before any work
     fixed = coarse(t1w, resolution_mm)
     mask = None if t1w_mask is None else coarse(t1w_mask, resolution_mm, order=0)
     result = register(fixed, coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
@@ -422,6 +433,8 @@ def register_followup(baseline_t1w, baseline_mask, baseline_lesion, followup_t1w
     paths; lesions may be ``""`` (none).  Without ``syn`` both results are the rigid one.
     """
     from scipy import ndimage as ndi
+
+    out_prefix = checked_prefix(out_prefix)  # (None would have named files "Nonerigid_..." in the cwd)
 
     def brain_img(t1w, mask):
         img = coarse(t1w, resolution)
@@ -530,15 +543,16 @@ def dwi_to_template(img, template_file, t1w2dwi_inverse: Sequence[str],
 
 
 def register_fa_to_template(fa: nib.Nifti1Image, brain_mask: nib.Nifti1Image, template_fa: nib.Nifti1Image,
-                            template_mask: nib.Nifti1Image, out_prefix: str | Path | None = None,
+                            template_mask: nib.Nifti1Image, *, out_prefix: str | Path,
                             seed: int | None = 0, threads: int = 1) -> tuple[RegistrationResult, dict]:
     """Subject FA → an FA-like template (affine then SyN, Mattes MI, both brain masks), for
     subjects without a T1w; returns the registration and its quality.
 
     Quality: Pearson correlation of the warped FA with the template's FA-like image, inside
     the template brain where the subject's (warped) brain mask is: a slab is judged on what it
-    covers.  Composite transforms (``from-dwi_to-<template>``) are written.
+    covers.  Composite transforms (``from-dwi_to-<template>``) are written under ``out_prefix``.
     """
+    out_prefix = checked_prefix(out_prefix)  # before any work
     fa_n, mask_n = _as_nib(fa), _as_nib(brain_mask)
     moving = nib.Nifti1Image(np.asarray(fa_n.dataobj, np.float32) * (np.asarray(mask_n.dataobj) > 0), fa_n.affine)
     result = register(template_fa, moving, kind="Affine+SyN", fixed_mask=template_mask, moving_mask=mask_n,

@@ -109,7 +109,7 @@ def ndi_erode(mask):
     return ndimage.binary_erosion(mask, iterations=2)
 
 
-def test_lesion_mask_reaches_ants(monkeypatch):
+def test_lesion_mask_reaches_ants(monkeypatch, tmp_path):
     import ants
 
     captured = {}
@@ -123,7 +123,8 @@ def test_lesion_mask_reaches_ants(monkeypatch):
     lesion = head["lesion"]
     assert lesion.get_fdata().sum() > 10
     with pytest.raises(RuntimeError, match="stop"):
-        reg.register(head["t1w"], head["t1w"], moving_mask=head["brain_mask"], lesion_mask=lesion)
+        reg.register(head["t1w"], head["t1w"], moving_mask=head["brain_mask"], lesion_mask=lesion,
+                     out_prefix=tmp_path / "a_")
     mmask = captured["moving_mask"].numpy() > 0
     les, brain = lesion.get_fdata() > 0, head["brain_mask"].get_fdata() > 0
     assert not mmask[les].any()                     # lesion excluded from the metric
@@ -132,12 +133,12 @@ def test_lesion_mask_reaches_ants(monkeypatch):
     # without a brain mask: everything but the lesion
     captured.clear()
     with pytest.raises(RuntimeError):
-        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion)
+        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion, out_prefix=tmp_path / "b_")
     mmask = captured["moving_mask"].numpy() > 0
     assert mmask.sum() == mmask.size - les.sum()
 
 
-def test_lesion_mask_on_another_grid_is_resampled(monkeypatch):
+def test_lesion_mask_on_another_grid_is_resampled(monkeypatch, tmp_path):
     import ants
     from nibabel.processing import resample_to_output
 
@@ -151,10 +152,40 @@ def test_lesion_mask_on_another_grid_is_resampled(monkeypatch):
     head = phantom_head(4.0, lesion_radius_mm=14.0)
     lesion_2mm = resample_to_output(head["lesion"], [2.0] * 3, order=0)
     with pytest.raises(RuntimeError):
-        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion_2mm)
+        reg.register(head["t1w"], head["t1w"], lesion_mask=lesion_2mm, out_prefix=tmp_path / "x_")
     mmask = captured["moving_mask"].numpy() > 0
     assert mmask.shape == head["t1w"].shape
     assert (~mmask).sum() == pytest.approx((head["lesion"].get_fdata() > 0).sum(), rel=0.3)
+
+
+def test_registration_refuses_to_run_without_an_out_prefix(monkeypatch, tmp_path):
+    """Transforms go where the caller can remove them: without ``out_prefix`` every registration
+    refuses before any work (register used to write them to a /tmp/bids_uad_reg_* folder that
+    nobody removed)."""
+    import tempfile
+
+    import ants
+
+    monkeypatch.setattr(ants, "registration", lambda *a, **k: pytest.fail("registered without a prefix"))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: pytest.fail("made a temporary folder"))
+    head = phantom_head(4.0)
+    t1w, brain = head["t1w"], head["brain_mask"]
+    with pytest.raises(TypeError, match="out_prefix"):
+        reg.register(t1w, t1w, kind="Rigid")
+    for kind in ("Rigid", "Rigid+SyN"):
+        with pytest.raises(ValueError, match="needs out_prefix"):
+            reg.register(t1w, t1w, kind=kind, out_prefix=None)
+    with pytest.raises(TypeError, match="out_prefix"):
+        reg.register_flair(t1w, t1w, brain)
+    with pytest.raises(ValueError, match="needs out_prefix"):
+        reg.register_flair(t1w, t1w, brain, out_prefix="")
+    with pytest.raises(TypeError, match="out_prefix"):
+        reg.register_fa_to_template(t1w, brain, t1w, brain)
+    paths = [str(tmp_path / f"{k}.nii.gz") for k in ("t1w", "brain")]
+    nib.save(t1w, paths[0])
+    nib.save(brain, paths[1])
+    with pytest.raises(ValueError, match="needs out_prefix"):
+        reg.register_followup(paths[0], paths[1], "", paths[0], paths[1], "", None)
 
 
 def test_seed_and_threads_are_set(monkeypatch):
@@ -277,14 +308,15 @@ def test_cropping_to_the_support_resamples_the_same_map(tmp_path, kind):
     assert not np.asarray(empty.dataobj).any() and empty.shape == fine.shape
 
 
-def test_register_flair_rigid_onto_t1w():
+def test_register_flair_rigid_onto_t1w(tmp_path):
     rot = np.deg2rad(5.0)
     pose = np.eye(4)
     pose[:3, :3] = [[1, 0, 0], [0, np.cos(rot), -np.sin(rot)], [0, np.sin(rot), np.cos(rot)]]
     pose[:3, 3] = [2.0, 3.0, -2.0]
     t1 = phantom_head(4.0, bias=0.0)
     flair = phantom_head(4.0, pose=pose, bias=0.0, seed=5)
-    out, res = reg.register_flair(t1["t1w"], flair["t1w"], t1["brain_mask"], resolution_mm=4.0)
+    out, res = reg.register_flair(t1["t1w"], flair["t1w"], t1["brain_mask"], resolution_mm=4.0,
+                                  out_prefix=tmp_path / "flair_")
     assert out.shape == t1["t1w"].shape and np.allclose(out.affine, t1["t1w"].affine)
     brain = t1["brain_mask"].get_fdata() > 0
     before = np.corrcoef(flair["t1w"].get_fdata()[brain], t1["t1w"].get_fdata()[brain])[0, 1]
@@ -293,7 +325,7 @@ def test_register_flair_rigid_onto_t1w():
 
 
 _REPRO_SCRIPT = """
-import sys, numpy as np, nibabel as nib, ants
+import sys, tempfile, numpy as np, nibabel as nib, ants
 from scipy import ndimage as ndi
 from bids_uad.algorithms import registration as reg
 rng = np.random.default_rng(0)
@@ -302,8 +334,9 @@ affine = np.diag([2.0, 2.0, 2.0, 1.0])
 fixed = nib.Nifti1Image(vol, affine)
 moving = nib.Nifti1Image((ndi.shift(vol, (1.3, -0.7, 0.4)) ** 2).astype(np.float32), affine)
 for _ in range(3):
-    _, result = reg.register_flair(fixed, moving, seed=0, threads=1)
-    print(repr(list(ants.read_transform(result.forward[0]).parameters)))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, result = reg.register_flair(fixed, moving, seed=0, threads=1, out_prefix=tmp + "/flair_")
+        print(repr(list(ants.read_transform(result.forward[0]).parameters)))
 """
 
 

@@ -237,6 +237,7 @@ def test_run_summary_line_reads_back():
 ITK_THREADS_IN_WORKERS = two_node_script('''
 def rigid(arg):
     import os
+    import tempfile
     from pathlib import Path
 
     import ants
@@ -251,8 +252,9 @@ def rigid(arg):
     fixed = nib.Nifti1Image(vol, affine)
     moving = nib.Nifti1Image((ndi.shift(vol, (1.3, -0.7, 0.4)) ** 2).astype(np.float32), affine)
     reg.to_ants(fixed)  # ITK's first use in this worker sets no thread count (a resampling node's)
-    result = reg.register(fixed, moving, kind="Rigid", seed=0, threads=1)
-    Path(arg).write_text(f"{at_start} {list(ants.read_transform(result.forward[0]).parameters)!r}")
+    with tempfile.TemporaryDirectory() as xfm:  # the transform dies with it
+        result = reg.register(fixed, moving, kind="Rigid", seed=0, threads=1, out_prefix=Path(xfm) / "rigid_")
+        Path(arg).write_text(f"{at_start} {list(ants.read_transform(result.forward[0]).parameters)!r}")
     return arg
 ''', "rigid", 'str(tmp / f"rigid{i}.txt")', omp_nthreads=1)
 
