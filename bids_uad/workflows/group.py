@@ -39,8 +39,10 @@ __desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s
             "cross-validation in PyTorch{budget}, is {model}")
 __postdesc__ = ("Held-out controls' anomaly scores formed the null sample for calibrated thresholds "
                 "(false-positive rate on healthy tissue of the post-processed map) and conformal p-values, with "
-                "Benjamini-Hochberg control of the false discovery rate: every control's out-of-fold scores for "
-                "the fitted baselines, the selected fold's held-out controls for the networks")
+                "Benjamini-Hochberg control of the false discovery rate, from {calibration}")
+#: where a model file's null sample came from (its top-level ``calibration``: out of fold, else its best fold's)
+CALIBRATION_SOURCES = {True: "every control's out-of-fold scores (each scored by the fold that held it out)",
+                       False: "the selected fold's held-out controls"}
 
 
 def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
@@ -58,7 +60,8 @@ def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
     model = settings.get("model") if isinstance(settings.get("model"), dict) else None
     text = __desc__.format(name=name, model=describe_model(name, model), n_subjects=len(meta.get("training_subjects", [])),
                            k=len(meta.get("folds", [])), budget=budget)
-    return [(text, ["reference", "pytorch"]), (__postdesc__, ["bh"])]
+    post = __postdesc__.format(calibration=CALIBRATION_SOURCES[bool(meta.get("calibration"))])
+    return [(text, ["reference", "pytorch"]), (post, ["bh"])]
 
 
 def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> PreprocessedDwi | None:

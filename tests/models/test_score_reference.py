@@ -164,3 +164,16 @@ def test_a_location_where_every_control_scores_high_is_normal():
     assert np.median(norm.scaled(patient)[core]) > 3.0  # on the common scale alone it would stand out
     assert np.median(z[core]) < 1.0
     assert np.median(z[lesion]) > 3.0
+
+
+def test_methods_text_names_each_models_calibration():
+    """The group report's methods say, per model file, where its null sample came from."""
+    from bids_uad.workflows.group import describe_training
+
+    referred = {"settings": {"model": {"normative_space": "template", "normative_template": "tplTest"}},
+                "folds": [0, 1, 2], "calibration": {"method": "out-of-fold"}}
+    text = " ".join(t for t, _ in describe_training("cdae", referred))
+    assert "referred to the controls'" in text and "every control's out-of-fold scores" in text
+    raw = {"settings": {"model": {"normative_space": "dwi"}}, "folds": [0, 1, 2], "calibration": None}
+    text = " ".join(t for t, _ in describe_training("recdisc", raw))
+    assert "the selected fold's held-out controls" in text and "out-of-fold" not in text
