@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="score with the mean of all fold models (--ensemble) or the fold with the lowest "
                            "validation loss (--no-ensemble).  Default: the choice stored in the model file.  "
                            "Given at the participant level it overrides the model file; at the group level "
-                           "it is stored in the model files")
+                           "it is stored in the model files (default there: the ensemble for the networks whose "
+                           "score is referred to the controls' in the template, dae, cdae and cevae; the best "
+                           "fold for the others)")
     proc.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(DEFAULT_MODELS),
                       help="group level: models to train: the networks dae (variational autoencoder), "
                            "recdisc (RecDiscNet), cdae (U-Net denoising autoencoder trained to remove "

@@ -78,7 +78,8 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
                        voxel_ml: float | None = None, voxel_mm: float | None = None):
     """Training settings from the preset, sized to the data: channels, a grid that covers it and
     the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` and
-    ``--ensemble/--no-ensemble`` (if given) are stored in the model file.  The normative model works
+    ``--ensemble/--no-ensemble`` (if given; else the fold ensemble for a network whose score is
+    referred to the controls', :data:`REFERRED_ENSEMBLE`) are stored in the model file.  The normative model works
     in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``), and so do the
     reconstruction networks' score references (:mod:`bids_uad.models.normaliser`)."""
     from bids_uad.models.settings import preset
@@ -93,8 +94,16 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
         model=replace(base.model, n_channels=int(n_channels), grid=grid, **space),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
-        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml, settings.ensemble),
+        scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml,
+                             REFERRED_ENSEMBLE if settings.ensemble is None and space and model != "normative"
+                             else settings.ensemble),
     )
+
+
+#: a network whose score is referred to its controls' scores with the mean of its fold models unless
+#: --no-ensemble: measured, the fold ensemble's AUPRC was higher for each referred network
+#: (docs/models.md, *The reconstruction networks' score reference*)
+REFERRED_ENSEMBLE = True
 
 
 def normative_template_settings(settings: Settings, voxel_mm: float | None) -> dict:
@@ -282,7 +291,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                                msettings.model.normative_template)
                 routes, msettings = None, replace(msettings, model=replace(
                     msettings.model, normative_space="dwi", normative_template="", normative_template_shape=(0, 0, 0),
-                    normative_template_affine=()))
+                    normative_template_affine=()), scoring=replace(msettings.scoring, ensemble=bool(settings.ensemble)))
         elif needs_template(msettings.model):
             started = time.perf_counter()
             routes = template_routes(settings, found, items, msettings.model.normative_template)

@@ -146,10 +146,14 @@ def test_ensemble_flag_is_tri_state(small_bids, tmp_path):
     group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
     from bids_uad.models.settings import preset
 
-    for flag, want in (([], preset("quick", "cdae").scoring.ensemble), (["--ensemble"], True),
-                       (["--no-ensemble"], False)):
+    # absent: the fold ensemble for a network whose score is referred to the controls' (cdae), the
+    # preset's choice for the others (RecDiscNet, the baselines)
+    for flag, want in (([], True), (["--ensemble"], True), (["--no-ensemble"], False)):
         run = settings_from_args(group + flag)
         assert model_settings_for(run, "cdae", 8, (16, 16, 16)).scoring.ensemble is want
+    run = settings_from_args(group)
+    for model in ("recdisc", "normative", "meansignal"):
+        assert model_settings_for(run, model, 8, (16, 16, 16)).scoring.ensemble is preset("quick", model).scoring.ensemble
 
 
 def test_device_cuda_is_plumbed_and_refused_without_a_gpu(small_bids, tmp_path, monkeypatch, capsys):
