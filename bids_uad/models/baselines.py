@@ -57,7 +57,20 @@ class MeanSignal(nn.Module):
         return torch.where(mean > 0, 1.0 - mean, torch.zeros_like(mean))
 
 
-class NormativeModel(nn.Module):
+class TemplateGrid:
+    """The template grid of a module whose ``settings`` (:class:`ModelSettings`) place it in template
+    space: the normative model, and a network's score reference (:mod:`bids_uad.models.normaliser`)."""
+
+    @property
+    def template_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.settings.normative_template_shape)
+
+    @property
+    def template_affine(self) -> np.ndarray:
+        return np.asarray(self.settings.normative_template_affine, float).reshape(4, 4)
+
+
+class NormativeModel(TemplateGrid, nn.Module):
     """Voxelwise robust z-scores of FA, MD and mean dw ratio against the training controls."""
 
     needs_ood = False
@@ -95,14 +108,6 @@ class NormativeModel(nn.Module):
     def in_template(self) -> bool:
         """Fitted on a template grid (``model.normative_space = "template"``), else on the model grid."""
         return self.settings.normative_space == "template"
-
-    @property
-    def template_shape(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.settings.normative_template_shape)
-
-    @property
-    def template_affine(self) -> np.ndarray:
-        return np.asarray(self.settings.normative_template_affine, float).reshape(4, 4)
 
     def _routes(self, routes, n: int) -> list:
         """The per-subject routes to the template (template space), checked; [None]*n on the model grid."""

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from bids_uad.errors import InputValidationError
-from bids_uad.models.baselines import MAD_TO_SD, robust_voxel_stats
+from bids_uad.models.baselines import MAD_TO_SD, TemplateGrid, robust_voxel_stats
 from bids_uad.models.settings import ModelSettings
 
 
-class ScoreNormaliser(nn.Module):
+class ScoreNormaliser(TemplateGrid, nn.Module):
     """Buffers of one fold: its raw-score scale (location, spread) and the per-voxel centre,
     spread and validity of its training controls' scaled out-of-fold scores on the template grid."""
 
@@ -45,14 +45,6 @@ class ScoreNormaliser(nn.Module):
         self.register_buffer("centre", torch.zeros(shape))
         self.register_buffer("spread", torch.ones(shape))
         self.register_buffer("valid", torch.zeros(shape))
-
-    @property
-    def template_shape(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.settings.normative_template_shape)
-
-    @property
-    def template_affine(self) -> np.ndarray:
-        return np.asarray(self.settings.normative_template_affine, float).reshape(4, 4)
 
     @property
     def fitted(self) -> bool:
