@@ -54,12 +54,14 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
     if model_settings is not None and callable(describe):
         return describe(model_settings)
     text = getattr(factory, "__desc__", "") or f"the registered model {name!r}"
-    if model_settings is not None and has_score_reference(name) and model_settings.get("normative_space") == "template":
-        text += (f"; its score is referred to the controls' own: each control scored by the fold that held it "
-                 f"out, per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
-                 f"controls' median and spread; a fold's reference from the controls it trained on) in "
-                 f"{model_settings.get('normative_template') or 'template'} space, the score being the positive robust z there, "
-                 "mapped back to diffusion space with the inverse transforms")
+    referred = model_settings is not None and model_settings.get("normative_space") == "template"
+    if referred and has_score_reference(name):
+        template = model_settings.get("normative_template") or "template"
+        text += ("; its score is referred to the controls' own: each control scored by the fold that held it out, "
+                 "per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
+                 "controls' median and spread; a fold's reference from the controls it trained on) in "
+                 f"{template} space, the score being the positive robust z there, mapped back to diffusion space "
+                 "with the inverse transforms")
     return text
 
 
@@ -81,5 +83,4 @@ def get_model(name: str, settings: ModelSettings) -> nn.Module:
 
 
 __all__ = ["MODELS", "FIXED_THRESHOLDS", "describe_model", "get_model", "has_score_reference", "is_trainable",
-           "register_model", "VAE3d",
-           "RecDiscNet", "CoarseDAE", "ContextVAE", "MeanSignal", "NormativeModel"]
+           "register_model", "VAE3d", "RecDiscNet", "CoarseDAE", "ContextVAE", "MeanSignal", "NormativeModel"]

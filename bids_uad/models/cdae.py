@@ -50,7 +50,8 @@ class CoarseDAE(nn.Module):
                 "from the healthy diffusion-weighted signal; its anomaly score is the reconstruction residual "
                 "reduced over the diffusion-weighted channels")
     needs_ood = False
-    #: whether the group level refers its score to the controls' (bids_uad.models.normaliser): a reconstruction error: referred to the controls' in template space at the group level
+    #: a reconstruction error: the group level refers it to the controls' in template space
+    #: (bids_uad.models.normaliser)
     score_reference = True
 
     def __init__(self, settings: ModelSettings):

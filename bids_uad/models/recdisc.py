@@ -23,7 +23,8 @@ class RecDiscNet(nn.Module):
                 "synthetic anomalies (ellipsoidal out-of-distribution patches) added to the training "
                 "inputs as in the reference study; its anomaly score is the U-Net's output")
     needs_ood = True
-    #: whether the group level refers its score to the controls' (bids_uad.models.normaliser): a discriminator's anomaly probability, near 0 on most healthy voxels: no robust spread to refer it to (measured: docs/models.md)
+    #: not referred to the controls' (bids_uad.models.normaliser): a discriminator's probability, near 0
+    #: on most healthy voxels, has no robust spread to refer it to (measured: docs/models.md)
     score_reference = False
 
     def __init__(self, settings: ModelSettings):

@@ -53,7 +53,8 @@ class VAE3d(nn.Module):
                 "diffusion-weighted signal; its anomaly score is the reconstruction residual summed over "
                 "the diffusion-weighted channels")
     needs_ood = False
-    #: whether the group level refers its score to the controls' (bids_uad.models.normaliser): a reconstruction error: referred to the controls' in template space at the group level
+    #: a reconstruction error: the group level refers it to the controls' in template space
+    #: (bids_uad.models.normaliser)
     score_reference = True
     needs_noise = True  # training draws latent noise: the trainer may supply it as batch["noise"]
 
