@@ -144,13 +144,13 @@ def run_levels(args) -> int:
     print(f"benchmark folder: {root}", flush=True)
     with measure("generate") as gen:
         if not (bids / "dataset_description.json").exists():
-            generate_dataset(bids, preset=args.preset, seed=0, lesion_generator=args.lesions)
+            generate_dataset(bids, preset=args.preset, seed=args.seed, lesion_generator=args.lesions)
         elif f"lesion generator {args.lesions}" not in (bids / "dataset_description.json").read_text():
             raise SystemExit(f"{bids} holds another lesion generator's dataset; use a new --workdir")
     for folder in (deriv, work):  # every level from scratch (the dataset is kept)
         shutil.rmtree(folder, ignore_errors=True)
     rows = []
-    for level, (title, argv) in zip(LEVELS, demo_commands(bids, deriv, work, 0, args.nprocs)):
+    for level, (title, argv) in zip(LEVELS, demo_commands(bids, deriv, work, args.seed, args.nprocs)):
         print(f"\n=== {title} ===\nbids_uad {' '.join(argv)}", flush=True)
         logs_before = set((deriv / "logs").glob("run-*.log"))
         load_start = os.getloadavg()[0]
@@ -171,14 +171,15 @@ def run_levels(args) -> int:
                "load_1min_start": round(load_start, 2), "load_1min_end": round(os.getloadavg()[0], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    stem = f"run_all_{args.preset}" + ("" if args.lesions == DEFAULT_LESIONS else f"_{args.lesions}")
+    stem = (f"run_all_{args.preset}" + ("" if args.lesions == DEFAULT_LESIONS else f"_{args.lesions}")
+            + ("" if args.seed == 0 else f"_seed{args.seed}"))
     path = HERE / "results" / f"{stem}.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     participant = rows[0]
     result = {
         "benchmark": "run_all", "preset": args.preset, "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "nprocs": args.nprocs, "lesions": args.lesions, "levels": rows,
+        "nprocs": args.nprocs, "lesions": args.lesions, "seed": args.seed, "levels": rows,
         "detection": _detection_tables(deriv / "group"), "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
         "total_cpu_s": round(sum(r["cpu_s"] for r in rows), 1), "generate_s": round(gen.wall_s, 1),
         "targets": {"participant_overhead_pct<=10": (participant["overhead_pct_of_level"] or 0) <= 10},
@@ -193,7 +194,8 @@ def run_levels(args) -> int:
     detection = _detection_markdown(result["detection"])
     print(f"\n{detection}")
     return publish(stem, result,
-                   f"# The demo's three levels, {args.preset} dataset, {args.lesions} lesions ({result['date']}, "
+                   f"# The demo's three levels, {args.preset} dataset, {args.lesions} lesions, seed {args.seed} "
+                   f"({result['date']}, "
                    f"{result['machine']})\n\n"
                    f"{args.nprocs} processes; overhead = graph wall − Σ node work / processes (run log's closing "
                    f"line); cpu_s = the whole process tree; load = 1-min load average\n\n{table}\n\n{detection}\n")
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lesions", default=DEFAULT_LESIONS, choices=LESION_GENERATORS,
                         help="--preset small: the patients' lesion generator (bids_uad.synthetic.lesion_types; "
                              "default glioma, the demo's); results go to run_all_small_<lesions>.* when not the default")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--preset small: the dataset's and the levels' seed (results: ..._seed<N>.* when not 0)")
     args = parser.parse_args(argv)
     if args.preset == "small":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as make demo (Makefile)
