@@ -32,15 +32,14 @@ from _measure import markdown_table, publish  # noqa: E402
 
 from bids_uad.models import has_score_reference  # noqa: E402
 from bids_uad.models.bundle import load_bundle, score_volume  # noqa: E402
-from bids_uad.models.inputs import from_grid, grid_affine, prepare_subject  # noqa: E402
+from bids_uad.models.inputs import from_grid  # noqa: E402
 from bids_uad.models.settings import needs_template  # noqa: E402
+from bids_uad.scoring.inference import prepare_for  # noqa: E402
 
 
 def raw_score(bundle, arrays: dict) -> np.ndarray:
     """The best fold's raw reconstruction score of one patient, in its dwi grid (analysis mask)."""
-    m = bundle.settings.model
-    prepared = prepare_subject(arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"], m.grid,
-                               bundle.ref_bvals, bundle.ref_bvecs, m.inputs, m.invariant_sh_order)
+    prepared = prepare_for(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"])
     score = score_volume(bundle.folds[bundle.best_fold()].model, prepared.data, raw=True)
     return np.where(np.asarray(arrays["analysis_mask"]) > 0, from_grid(score, prepared.grid_map), 0)
 

@@ -149,14 +149,21 @@ def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> s
     return reasons.get(method, "")
 
 
+def prepare_for(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
+                brain_mask: np.ndarray) -> Prepared:
+    """A preprocessed dwi (X, Y, Z, N with b0s) on ``bundle``'s grid, in its input representation and
+    its reference gradients' order."""
+    m = bundle.settings.model
+    return prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
+                           m.inputs, m.invariant_sh_order)
+
+
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,
           analysis_mask: np.ndarray | None = None, method: str | None = None, ensemble: bool | None = None,
           fold: int | None = None, scoring: ScoringSettings | None = None, route=None) -> InferenceResult:
     """Full inference from a preprocessed dwi (X, Y, Z, N with b0s) in diffusion space (``route``:
     the dwi's :class:`~bids_uad.algorithms.registration.TemplateRoute`, for a template-space model)."""
-    m = bundle.settings.model
-    prepared = prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
-                               m.inputs, m.invariant_sh_order)
+    prepared = prepare_for(bundle, dwi, bvals, bvecs, brain_mask)
     if analysis_mask is not None and np.shape(analysis_mask) != np.shape(brain_mask):
         raise InputValidationError("analysis mask and brain mask differ in shape")
     return infer_prepared(bundle, prepared, analysis_mask, method, ensemble, fold, scoring, route)
