@@ -289,8 +289,8 @@ def _register_staged(fixed, moving, kind, fixed_mask, moving_mask, lesion_mask, 
     to drift by several mm on synthetic heads, while a few full-resolution SyN iterations
     after a rigid fit keep sub-voxel accuracy and still absorb residual EPI distortion.
     ``reg_iterations``: only its last entry is used (iterations at full resolution).
+    ``out_prefix``: already checked by :func:`register`, its only caller.
     """
-    out_prefix = checked_prefix(out_prefix)
     linear = register(fixed, moving, kind=STAGED[kind], fixed_mask=fixed_mask, moving_mask=moving_mask,
                       lesion_mask=lesion_mask, out_prefix=_sibling_prefix(out_prefix, "linear_"), composite=False, seed=seed,
                       threads=threads, aff_metric=aff_metric, aff_random_sampling_rate=1.0)
