@@ -18,7 +18,7 @@ from typing import Any
 
 from bids_uad import __version__
 from bids_uad.errors import InputMissingError, UsageError
-from bids_uad.models.settings import DEFAULT_MODELS, MODEL_NAMES, THRESHOLD_METHODS
+from bids_uad.models.settings import DEFAULT_MODELS, INPUT_REPRESENTATIONS, MODEL_NAMES, THRESHOLD_METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")
@@ -79,6 +79,7 @@ class Settings:
     device: str = "auto"
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
+    model_inputs: str = "dwi"  # the networks' input representation (ModelSettings.inputs), group level
     ensemble: bool | None = None  # None: the model file's setting (scoring.ensemble, set at the group level)
     findings_min_volume: float | None = None  # mL; None: the model file's min_cluster_ml
     use_plugin: Path | None = None

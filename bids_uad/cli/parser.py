@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.config import DEFAULT_MODELS, DEVICES, MODEL_NAMES, PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS
+from bids_uad.config import (DEFAULT_MODELS, DEVICES, INPUT_REPRESENTATIONS, MODEL_NAMES, PREPROC_BACKENDS,
+                             THRESHOLD_METHODS, TRAIN_PRESETS)
 from bids_uad.errors import EXIT_CODES, UsageError
 
 
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "network trained to its best validation loss with early stopping, 3 folds: "
                            "real training on a few CPU cores) or quick (a small model for demos and "
                            "tests) (default: paper)")
+    proc.add_argument("--model-inputs", dest="model_inputs", choices=INPUT_REPRESENTATIONS, default="dwi",
+                      help="group level: what the networks see: dwi (the normalised dw volumes in the "
+                           "controls' gradient order) or invariant (per shell the mean dw ratio and the "
+                           "rotation-invariant spherical-harmonic power of each even order, with FA and MD: "
+                           "independent of the gradient directions).  The baselines always read the dw "
+                           "volumes.  Stored in the model files (default: dwi)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")
     proc.add_argument("--reports-only", action="store_true",

@@ -127,6 +127,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         device=args.device,
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
+        model_inputs=args.model_inputs,
         ensemble=args.ensemble,
         findings_min_volume=args.findings_min_volume,
         pe_polarity=tuple(args.pe_polarity),

@@ -14,6 +14,7 @@ sharded over subjects and summed over ranks; only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -161,6 +162,16 @@ def _comparable(meta: dict) -> dict:
     settings["training"] = {k: v for k, v in (settings.get("training") or {}).items()
                             if k not in RUNTIME_TRAINING_KEYS}
     return {"settings": settings, "fold": meta.get("fold"), "data_hash": meta.get("data_hash")}
+
+
+def checkpoint_key(settings: Settings, subjects: Sequence[str]) -> str:
+    """A short digest of what a model's checkpoints compute: its settings without the runtime keys
+    and its training subjects.  The group level keeps each key's checkpoints in their own folder,
+    so a rerun with other settings (another preset, ``--model-inputs``) or other controls trains
+    afresh beside them instead of meeting checkpoints it cannot resume."""
+    ident = _comparable(_checkpoint_meta(settings, 0, ""))["settings"]
+    text = json.dumps({"settings": ident, "subjects": list(subjects)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks: Sequence[np.ndarray],

@@ -29,7 +29,7 @@ from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, o
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
 from bids_uad.models import has_score_reference
-from bids_uad.models.settings import needs_template
+from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template
 
 LOGGER = logging.getLogger("bids_uad.group")
 
@@ -89,9 +89,10 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
     grid = tuple(int(math.ceil(s / div) * div) for s in shape)
     processes = training_processes(settings, base.training.batch_size)
     space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
+    inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
     return replace(
         base,
-        model=replace(base.model, n_channels=int(n_channels), grid=grid, **space),
+        model=replace(base.model, n_channels=int(n_channels), grid=grid, inputs=inputs, **space),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
         scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml,
@@ -256,6 +257,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     other than 0 only train)."""
     from bids_uad.training import distributed
     from bids_uad.training.fit import train_from_dwi
+    from bids_uad.training.trainer import checkpoint_key
     from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
@@ -307,7 +309,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
             [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],
             [i["brain_mask"] for i in items], subjects,
             analysis_masks=[i["analysis_mask"] for i in items],
-            checkpoint_dir=settings.code_work_dir / "training" / model, routes=routes,
+            checkpoint_dir=settings.code_work_dir / "training" / model / checkpoint_key(msettings, subjects),
+            routes=routes,
         )
         if distributed.rank() != 0:
             continue
