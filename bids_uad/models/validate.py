@@ -10,7 +10,8 @@ when a node loads the model, so both see the same rules:
 * a well-formed model (exit 16 otherwise, naming the file and the field): schema and field
   types, a registered model name, architecture sizes within :data:`ARCHITECTURE_BOUNDS`
   (checked before any allocation: the network is built on torch's ``meta`` device), tensor
-  names and shapes equal to the architecture's, and the tensor file's SHA-256.
+  names and shapes equal to the architecture's, the tensor file's SHA-256, and a referred
+  network's fitted score reference (its 2-value scale tensors are the only ones read).
 """
 from __future__ import annotations
 
@@ -283,6 +284,23 @@ def _check_tensors(path: Path, header: dict[str, dict], meta: dict, expected: di
         raise _bad(path, f"tensor {extra[0]!r}", f"not part of this model ({len(extra)} unexpected tensor(s))")
 
 
+def _check_score_references(path: Path, header: dict[str, dict], meta: dict) -> None:
+    """A network referred to its controls' scores (:mod:`bids_uad.models.normaliser`) needs each
+    fold's fitted scale, (location, spread > 0), finite: reads those 2-value tensors only (a file
+    saved before the reference was fitted, e.g. from a checkpoint, would otherwise fail at inference)."""
+    from safetensors import safe_open
+
+    names = [f"fold{fold['fold']}.normaliser.scale" for fold in meta["folds"]]
+    if not any(n in header for n in names):
+        return
+    with safe_open(str(path), framework="np") as f:
+        for name in names:
+            location, spread = (float(v) for v in f.get_tensor(name))
+            if not (math.isfinite(location) and math.isfinite(spread) and spread > 0):
+                raise _bad(path, f"tensor {name!r}", f"the score reference was never fitted (scale {location:g}, "
+                           f"spread {spread:g}); retrain the model at the group level")
+
+
 def validate_model_file(path: str | Path) -> ModelFile:
     """Check one model (JSON + safetensors) completely without loading its tensors; see module doc."""
     path = Path(path)
@@ -308,4 +326,5 @@ def validate_model_file(path: str | Path) -> ModelFile:
     _check_tensors(tensor_path, header, meta, expected)
     if file_sha256(tensor_path) != meta["tensor_sha256"]:
         raise _bad(tensor_path, "tensor_sha256", "the tensor file does not match its JSON (hash differs)")
+    _check_score_references(tensor_path, header, meta)
     return ModelFile(json_path, tensor_path, meta, settings, {k: tuple(v["shape"]) for k, v in header.items()})

@@ -258,7 +258,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     from bids_uad.training import distributed
     from bids_uad.training.fit import train_from_dwi
     from bids_uad.training.trainer import checkpoint_key
-    from bids_uad.models.inputs import dw_gradients
+    from bids_uad.models.inputs import dw_gradients, input_channels
 
     found, missing = [], []
     for subject in controls:
@@ -302,8 +302,9 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                         len(found), time.perf_counter() - started)
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
-        LOGGER.info("training %s on %d controls (%d folds, grid %s, %d channels)", model, len(found),
-                    msettings.training.n_folds, msettings.model.grid, msettings.model.n_channels)
+        LOGGER.info("training %s on %d controls (%d folds, grid %s, %d %s channels)", model, len(found),
+                    msettings.training.n_folds, msettings.model.grid, input_channels(msettings.model, ref_bvals),
+                    msettings.model.inputs)
         bundle = train_from_dwi(
             msettings,
             [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],

@@ -1,6 +1,7 @@
 """The command line: every documented exit code, one-line messages, options, settings log."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -154,6 +155,27 @@ def test_ensemble_flag_is_tri_state(small_bids, tmp_path):
     run = settings_from_args(group)
     for model in ("recdisc", "normative", "meansignal"):
         assert model_settings_for(run, model, 8, (16, 16, 16)).scoring.ensemble is preset("quick", model).scoring.ensemble
+
+
+def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bids, tmp_path, capsys):
+    """--model-inputs sets the networks' input representation (stored in their model files and named
+    in the methods text); the baselines read the dw volumes whatever it says; a wrong value is one
+    usage line (64)."""
+    from bids_uad.models import describe_model
+    from bids_uad.workflows.group import model_settings_for
+
+    group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
+    assert model_settings_for(settings_from_args(group), "cdae", 8, (16, 16, 16)).model.inputs == "dwi"
+    run = settings_from_args(group + ["--model-inputs", "invariant"])
+    for model, want in (("cdae", "invariant"), ("dae", "invariant"), ("recdisc", "invariant"),
+                        ("normative", "dwi"), ("meansignal", "dwi")):
+        assert model_settings_for(run, model, 8, (16, 16, 16)).model.inputs == want, model
+    invariant = dataclasses.asdict(model_settings_for(run, "cdae", 8, (16, 16, 16)).model)
+    assert "protocol-invariant features" in describe_model("cdae", invariant)
+    assert "protocol-invariant" not in describe_model(
+        "cdae", dataclasses.asdict(model_settings_for(settings_from_args(group), "cdae", 8, (16, 16, 16)).model))
+    code, err = _run(capsys, *group, "--model-inputs", "tensor")
+    assert code == 64 and "--model-inputs" in err and len(err.strip().splitlines()) == 1
 
 
 def test_device_cuda_is_plumbed_and_refused_without_a_gpu(small_bids, tmp_path, monkeypatch, capsys):

@@ -108,6 +108,18 @@ def test_round_trip_keeps_the_reference(trained, tmp_path):
                               score_volume(f1.model, data[0], route=IDENTITY))
 
 
+def test_a_model_file_with_an_unfitted_reference_is_refused_at_start_up(trained, tmp_path):
+    """Checked with the model file (start-up, --model), not first at inference: one line, exit 16."""
+    import copy
+
+    bundle = copy.deepcopy(trained[0])
+    normaliser_of(bundle.folds[1].model).scale.zero_()
+    path = bundle.save(tmp_path)
+    with pytest.raises(InputValidationError, match=r"fold1\.normaliser\.scale.*never fitted") as err:
+        validate_model_file(path)
+    assert err.value.exit_code == 16 and "\n" not in str(err.value)
+
+
 def test_never_silently_raw():
     """An unfitted reference, or a subject without its route, is refused, never passed through."""
     model = get_model("cdae", _model_settings())

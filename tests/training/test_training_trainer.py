@@ -158,3 +158,20 @@ def test_train_model_killed_between_folds_resumes(tmp_path, controls, monkeypatc
         a, b = _params(f0.model), _params(f1.model)
         assert all(torch.equal(a[k], b[k]) for k in a)
         np.testing.assert_array_equal(f0.calibration.null, f1.calibration.null)
+
+
+def test_checkpoint_key_follows_what_the_checkpoints_compute():
+    """The group level's checkpoint folder key: other settings or other controls give another key
+    (so a rerun trains beside the old checkpoints); runtime keys (threads, processes, progress) do not."""
+    from dataclasses import replace
+
+    from bids_uad.models.settings import preset
+    from bids_uad.training.trainer import checkpoint_key
+
+    base = preset("quick", "cdae")
+    key = checkpoint_key(base, ["a", "b"])
+    assert key == checkpoint_key(replace(base, training=replace(base.training, threads=4, processes=2,
+                                                                 progress=True)), ["a", "b"])
+    assert key != checkpoint_key(base, ["a", "c"])
+    assert key != checkpoint_key(replace(base, model=replace(base.model, inputs="invariant")), ["a", "b"])
+    assert key != checkpoint_key(preset("standard", "cdae"), ["a", "b"])
