@@ -349,10 +349,11 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     results = []
     if not is_trainable(settings.model.name):
         for fold, tr, va, _ in plan:
-            res = fit_fold(settings, data, masks, tr, va, fold, gradients, routes)
+            val_scores: list[np.ndarray] = []
+            res = fit_fold(settings, data, masks, tr, va, fold, gradients, routes, val_scores)
             results.append(res)
             if distributed.rank() == 0:
-                heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes)
+                heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes, val_scores)
                 if on_fold is not None:
                     on_fold(res)
         return results
@@ -383,13 +384,16 @@ def _route(routes: Sequence | None, i: int):
 
 
 def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarray],
-                   analysis_masks: Sequence[np.ndarray], routes: Sequence | None = None) -> list[np.ndarray]:
+                   analysis_masks: Sequence[np.ndarray], routes: Sequence | None = None,
+                   scores: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """Null sample and written-map level of one fold from its held-out controls' score maps
-    (``routes``: as :func:`train_folds`); returns those score maps (in ``res.val_idx`` order) for
-    :func:`calibrate_out_of_fold`."""
+    (``routes``: as :func:`train_folds`; ``scores``: those maps when already computed, in
+    ``res.val_idx`` order); returns the score maps for :func:`calibrate_out_of_fold`."""
     va = res.val_idx
     fold = res.fold
-    scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
+    if not scores:
+        scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
+    scores = list(scores)
     amasks = [analysis_masks[i] for i in va]
     res.calibration = _calibrate_written_map(settings, scores, amasks, settings.training.seed + fold)
     LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated, written-map level %.4g "
@@ -436,12 +440,13 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
 
 def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_idx: Sequence[int],
              val_idx: Sequence[int], fold: int, gradients: tuple[np.ndarray, np.ndarray] | None,
-             routes: Sequence | None = None) -> FoldResult:
+             routes: Sequence | None = None, val_scores: list | None = None) -> FoldResult:
     """Fit a non-trainable model (a baseline) on the fold's training subjects (``routes``: as
     :func:`train_folds`, passed to the model only when it works in template space).
 
     Its "validation loss" is the mean score of the held-out controls inside their brain masks
-    (lower: they look more normal), so the best fold is chosen as for the networks.
+    (lower: they look more normal), so the best fold is chosen as for the networks.  ``val_scores``
+    (a list) receives the held-out controls' score maps, for :func:`calibrate_fold`.
     """
     model = get_model(settings.model.name, settings.model)
     bvals, bvecs = gradients if gradients is not None else (None, None)
@@ -452,11 +457,13 @@ def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.
         model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs)
     model.eval()
 
-    def mean_score(idx):
-        return float(np.mean([score_volume(model, data[i], route=_route(routes, i))[masks[i]].mean()
-                              for i in idx])) if len(idx) else 0.0
+    def mean_score(idx, keep=None):
+        maps = [score_volume(model, data[i], route=_route(routes, i)) for i in idx]
+        if keep is not None:
+            keep[:] = maps
+        return float(np.mean([m[masks[i]].mean() for m, i in zip(maps, idx)])) if len(idx) else 0.0
 
-    val, train = mean_score(val_idx), mean_score(train_idx)
+    val, train = mean_score(val_idx, val_scores), mean_score(train_idx)
     history = [{"epoch": 0, "train_loss": train, "val_loss": val, "lr": 0.0}]
     return FoldResult(fold, model, list(train_idx), list(val_idx), 0, val, history)
 

@@ -1,5 +1,6 @@
 """Baseline detectors (meansignal, normative) as registered, fitted, calibrated, saved models."""
 import numpy as np
+import pytest
 
 from bids_uad.algorithms.tensor import fit_tensor, tensor_metrics_from_ratios
 from bids_uad.scoring.inference import infer
@@ -65,3 +66,23 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
         # toy brains differ in anatomy from seed to seed, which blurs a voxelwise normative model
         floor = {"normative": 0.65, "meansignal": 0.7}[name]
         assert auroc(res.score[patient.mask], patient.lesion[patient.mask]) > floor, name
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 108])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nanmedian_axis1_is_numpys(n, dtype):
+    """The normative statistics' median equals np.nanmedian bit for bit: odd and even counts of
+    valid values, voxels with none (NaN), both float widths."""
+    import warnings
+
+    from bids_uad.models.baselines import nanmedian_axis1
+
+    rng = np.random.default_rng(n)
+    values = rng.normal(size=(2, n, 6, 5, 4)).astype(dtype)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, :, 0] = np.nan  # no subject there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmedian(values, axis=1)
+    got = nanmedian_axis1(values)
+    assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
