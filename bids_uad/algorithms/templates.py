@@ -340,6 +340,22 @@ def fa_like_template(template: Template, resolution_mm: float = 2.0) -> tuple[ni
     return img, nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8), mask.affine)
 
 
+def native_resolution_mm(zooms) -> float:
+    """The isotropic voxel size (mm) at which diffusion-space maps live in a template: that of the
+    same volume as a voxel of ``zooms`` (mm), rounded to 0.01 mm, at least 1 mm.  Used for the
+    normative model's and the score references' grids and for the template-space anomaly maps
+    (fMRIPrep's ``res-native``: a map is not resampled finer than it was measured)."""
+    return max(1.0, round(float(np.prod([float(z) for z in zooms[:3]])) ** (1 / 3), 2))
+
+
+@functools.lru_cache(maxsize=8)
+def native_template_reference(brain_mask: str, resolution_mm: float) -> nib.Nifti1Image:
+    """An empty image on :func:`template_grid` (``brain_mask``: a path) at ``resolution_mm``: the
+    reference grid that diffusion-space maps are carried onto in the template."""
+    shape, affine = template_grid(brain_mask, resolution_mm)
+    return nib.Nifti1Image(np.zeros(shape, np.uint8), affine)
+
+
 def template_grid(brain_mask, resolution_mm: float, margin_vox: int = 2) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, affine) of a grid at isotropic ``resolution_mm`` covering the template brain
     ``brain_mask`` (image or path) and ``margin_vox`` voxels around it: where a template-space model

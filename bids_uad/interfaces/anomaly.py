@@ -123,7 +123,8 @@ class _ToTemplateInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True, desc="OUTPUT_DIR holding the anatomical transforms")
     source_file = traits.Str(mandatory=True, desc="the dwi run the map belongs to (its name gives the entities)")
     template_name = traits.Str(mandatory=True)
-    template_file = File(exists=True, mandatory=True)
+    template_mask = File(exists=True, mandatory=True,
+                         desc="the template's brain mask: the output grid covers it at the map's resolution")
     kind = traits.Enum("image", "mask", usedefault=True, desc="image: linear; mask: nearest label")
     in_meta = traits.Dict(desc="provenance of the diffusion-space map, carried into the sidecar")
     dwi2t1w_xfm = traits.Str(desc="dwi → T1w composite from the anatomical workflow ('' or unset: "
@@ -197,14 +198,15 @@ def template_route(output_dir: str | Path, source_file: str | Path, template: st
     return route, []
 
 
-def warp_to_template(img, source_file: str, output_dir: str, template_name: str, template_file: str,
+def warp_to_template(img, source_file: str, output_dir: str, template_name: str, template_file,
                      dwi2t1w_xfm: str = "", t1w2template_xfm: str = "", kind: str = "image"):
     """(``img`` resampled onto the template in one step, the transforms used), or (None, None) with a
     warning when the run has no transforms to the template.
 
     The transforms given (the anatomical workflow's composites) are used when both are set;
     otherwise they are found in OUTPUT_DIR (:func:`template_transforms`).  ``kind``: ``image``
-    (linear) or ``label`` (nearest label, integer output).
+    (linear) or ``label`` (nearest label, integer output).  ``template_file``: the output grid (a
+    path or an image).
     """
     import logging
 
@@ -221,10 +223,11 @@ def warp_to_template(img, source_file: str, output_dir: str, template_name: str,
             "%s: no anatomical transforms (from-dwi_to-T1w of this run, from-T1w_to-%s): %s map not written",
             Path(source_file).name, template_name, template_name)
         return None, None
+    reference = template_file if isinstance(template_file, nib.Nifti1Image) else nib.load(template_file)
     if len(found) == 2:
-        warped = dwi_to_template(img, nib.load(template_file), [str(found[1])], [str(found[0])], kind)
+        warped = dwi_to_template(img, reference, [str(found[1])], [str(found[0])], kind)
     else:  # dwi-only: the FA -> template registration of this run
-        warped = apply_transforms(img, nib.load(template_file), [str(found[0])], kind)
+        warped = apply_transforms(img, reference, [str(found[0])], kind)
     return warped, found
 
 
@@ -236,6 +239,11 @@ class ToTemplateSpace(SimpleInterface):
     the derivatives (:func:`template_transforms`: the run's ``from-dwi_to-T1w`` and the session's
     ``from-T1w_to-<template>``, or, without a T1w, the run's own ``from-dwi_to-<template>``).
     Without any it writes nothing and says so in the log.
+
+    The output grid covers the template's brain at the map's own resolution (the isotropic voxel of
+    the same volume, :func:`~bids_uad.algorithms.templates.native_resolution_mm`; fMRIPrep's
+    ``res-native``), not the template's 1 mm: a 2 mm map carried to 1 mm has 8x the voxels and no
+    more information.
     """
 
     input_spec = _ToTemplateInputSpec
@@ -246,11 +254,15 @@ class ToTemplateSpace(SimpleInterface):
 
         from nipype.interfaces.base import isdefined
 
+        from bids_uad.algorithms.templates import native_resolution_mm, native_template_reference
+
         given = [x if isdefined(x) else "" for x in (self.inputs.dwi2t1w_xfm, self.inputs.t1w2template_xfm)]
         kind = "label" if self.inputs.kind == "mask" else "image"
-        warped, found = warp_to_template(nib.load(self.inputs.in_file), self.inputs.source_file,
-                                         self.inputs.output_dir, self.inputs.template_name,
-                                         self.inputs.template_file, given[0], given[1], kind)
+        img = nib.load(self.inputs.in_file)
+        resolution = native_resolution_mm(img.header.get_zooms()[:3])
+        reference = native_template_reference(str(self.inputs.template_mask), resolution)
+        warped, found = warp_to_template(img, self.inputs.source_file, self.inputs.output_dir,
+                                         self.inputs.template_name, reference, given[0], given[1], kind)
         self._results["meta"] = {}
         if warped is None:
             self._results["out_file"] = ""
@@ -262,5 +274,7 @@ class ToTemplateSpace(SimpleInterface):
         self._results["out_file"] = str(out)
         self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t.name for t in found],
                                  "Template": self.inputs.template_name,
+                                 "Resolution": f"{resolution:g} mm isotropic: the diffusion map's own voxel "
+                                               "volume, on a grid covering the template brain (res-native)",
                                  "Interpolation": "nearest label" if kind == "label" else "linear"}
         return runtime

@@ -161,7 +161,7 @@ def _add_template_outputs(workflow, settings: Settings, inputnode, infer, common
     """Score and mask maps also in the MNI template actually available (named as such)."""
     for field, (key, kind) in TEMPLATE_OUTPUTS.items():
         warp = pe.Node(ToTemplateSpace(output_dir=str(settings.output_dir), template_name=template.name,
-                                       template_file=template.t1w, kind=kind),
+                                       template_mask=template.brain_mask, kind=kind),
                        name=f"to_template_{field}_{model}", mem_gb=1.5)
         sink = pe.Node(DerivativesDataSink(output=key, params={"model": model, "template": template.name},
                                            skip_empty=True, **common),

@@ -112,10 +112,10 @@ def normative_template_settings(settings: Settings, voxel_mm: float | None) -> d
     (:func:`~bids_uad.algorithms.templates.template_for_output_spaces`), on a grid covering its
     brain at the controls' dwi voxel size (``voxel_mm``: the isotropic voxel of the same volume as
     theirs, rounded to 0.01 mm, at least 1 mm; 2 mm when unknown)."""
-    from bids_uad.algorithms.templates import template_for_output_spaces, template_grid
+    from bids_uad.algorithms.templates import native_resolution_mm, template_for_output_spaces, template_grid
 
     template = template_for_output_spaces(settings.output_spaces)
-    shape, affine = template_grid(template.brain_mask, max(1.0, round(float(voxel_mm or 2.0), 2)))
+    shape, affine = template_grid(template.brain_mask, native_resolution_mm((voxel_mm or 2.0,) * 3))
     return {"normative_space": "template", "normative_template": template.name,
             "normative_template_shape": tuple(shape),
             "normative_template_affine": tuple(float(v) for v in np.asarray(affine).ravel())}

@@ -75,3 +75,41 @@ def test_group_level_refuses_controls_without_transforms(tmp_path):
         template_routes(Settings, runs, items, TPL)
     routes = template_routes(Settings, runs, items, TPL, refuse=False)
     assert routes[0] is not None and routes[1] is None and items[1]["route"] is None
+
+
+def test_template_maps_are_written_at_the_maps_own_resolution(tmp_path):
+    """ToTemplateSpace (identity registration) writes on a grid covering the template brain at the
+    diffusion map's voxel size (res-native), not the template's 1 mm; values land where they were."""
+    import json
+
+    import ants
+    import nibabel as nib
+    import numpy as np
+
+    from bids_uad.algorithms.templates import find_template, template_grid
+    from bids_uad.interfaces.anomaly import ToTemplateSpace
+
+    template = find_template()
+    out = tmp_path / "out"
+    xfm = outputs.path_for(out, "xfm_dwi_to_template", "sub-01_dwi.nii.gz", template=template.name)
+    xfm.parent.mkdir(parents=True)
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(xfm))
+    affine = np.diag([2.0, 2.5, 3.2, 1.0])  # anisotropic: 16 mm^3, res-native 2.52 mm
+    affine[:3, 3] = [-90, -126, -72]
+    score = np.zeros((91, 88, 57), np.float32)
+    world_to_vox = np.linalg.inv(affine)
+    i, j, k = np.round(world_to_vox @ [30.0, -20.0, 20.0, 1.0])[:3].astype(int)
+    score[i - 3:i + 4, j - 3:j + 4, k - 3:k + 4] = 5.0
+    nib.save(nib.Nifti1Image(score, affine), str(tmp_path / "score.nii.gz"))
+    (tmp_path / "work").mkdir()
+    node = ToTemplateSpace(in_file=str(tmp_path / "score.nii.gz"), output_dir=str(out), source_file="sub-01_dwi.nii.gz",
+                           template_name=template.name, template_mask=str(template.brain_mask),
+                           in_meta={"Model": "x"})
+    result = node.run(cwd=str(tmp_path / "work"))
+    warped = nib.load(result.outputs.out_file)
+    shape, grid_affine = template_grid(template.brain_mask, 2.52)
+    assert warped.shape == shape and np.allclose(warped.affine, grid_affine)
+    assert np.allclose(warped.header.get_zooms()[:3], 2.52)
+    at = np.round(np.linalg.inv(warped.affine) @ [30.0, -20.0, 20.0, 1.0])[:3].astype(int)
+    assert warped.get_fdata()[tuple(at)] == 5.0
+    assert "2.52 mm" in result.outputs.meta["Resolution"] and json.dumps(result.outputs.meta)
