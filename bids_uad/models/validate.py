@@ -302,7 +302,8 @@ def _check_score_references(path: Path, header: dict[str, dict], meta: dict) -> 
 
 
 def validate_model_file(path: str | Path) -> ModelFile:
-    """Check one model (JSON + safetensors) completely without loading its tensors; see module doc."""
+    """Check one model (JSON + safetensors) completely without loading its weights (of the tensors
+    only a score reference's 2-value scales are read); see module doc."""
     path = Path(path)
     json_path = path.with_suffix(META_SUFFIX) if path.suffix in (META_SUFFIX, TENSOR_SUFFIX) else \
         path.with_name(path.name + META_SUFFIX)
