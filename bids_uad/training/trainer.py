@@ -157,16 +157,18 @@ def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
 
 
 def _comparable(meta: dict) -> dict:
-    """Checkpoint identity: settings (without runtime keys), fold and data hash."""
-    settings = dict(meta.get("settings") or {})
+    """Checkpoint identity: settings (without runtime keys, and without the scoring settings, which
+    do not change what is trained: another ``--threshold`` or ``--ensemble`` reuses the training),
+    fold and data hash."""
+    settings = {k: v for k, v in (meta.get("settings") or {}).items() if k != "scoring"}
     settings["training"] = {k: v for k, v in (settings.get("training") or {}).items()
                             if k not in RUNTIME_TRAINING_KEYS}
     return {"settings": settings, "fold": meta.get("fold"), "data_hash": meta.get("data_hash")}
 
 
 def checkpoint_key(settings: Settings, subjects: Sequence[str]) -> str:
-    """A short digest of what a model's checkpoints compute: its settings without the runtime keys
-    and its training subjects.  The group level keeps each key's checkpoints in their own folder,
+    """A short digest of what a model's checkpoints compute: its settings without the runtime and
+    scoring keys (:func:`_comparable`) and its training subjects.  The group level keeps each key's checkpoints in their own folder,
     so a rerun with other settings (another preset, ``--model-inputs``) or other controls trains
     afresh beside them instead of meeting checkpoints it cannot resume."""
     ident = _comparable(_checkpoint_meta(settings, 0, ""))["settings"]
