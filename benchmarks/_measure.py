@@ -67,6 +67,24 @@ def measure(name: str, interval: float = 0.02):
         m.ru_maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@contextmanager
+def scratch_folder(workdir: Path | None, prefix: str):
+    """The benchmark's folder: ``workdir`` when given (kept), else a temporary folder that is removed
+    at the end, also after an error (a demo-sized run leaves 1-3 GB)."""
+    import shutil
+    import tempfile
+
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """Rows of dicts as a Markdown table."""
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))

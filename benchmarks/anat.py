@@ -35,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _measure import scratch_folder  # noqa: E402
 
 from bids_uad.algorithms import intensity, masking, registration, segmentation, skullstrip  # noqa: E402
 from bids_uad.algorithms.templates import find_template, phantom_head  # noqa: E402
@@ -330,21 +332,23 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    cases, source = (None, "phantom requested") if args.phantom else _generator_cases(
-        args.preset, args.seed, args.subjects, args.data)
-    if cases is None:
-        note = source
-        cases, source = _phantom_cases(args.preset, args.seed, args.subjects)
-        source = f"{source} ({note})"
-    template = find_template()
-    meter = Meter()
-    per_case = []
-    t0 = time.perf_counter()
-    for case in cases:
-        res = run_case(case, template, meter, args.threads, args.seed)
-        print(json.dumps(res), file=sys.stderr)
-        per_case.append(res)
-    meter.close()
+    # a generated dataset lives in a temporary folder that is removed at the end (--data is kept)
+    with scratch_folder(args.data, f"bench_anat_{args.preset}_") as data:
+        cases, source = (None, "phantom requested") if args.phantom else _generator_cases(
+            args.preset, args.seed, args.subjects, data)
+        if cases is None:
+            note = source
+            cases, source = _phantom_cases(args.preset, args.seed, args.subjects)
+            source = f"{source} ({note})"
+        template = find_template()
+        meter = Meter()
+        per_case = []
+        t0 = time.perf_counter()
+        for case in cases:
+            res = run_case(case, template, meter, args.threads, args.seed)
+            print(json.dumps(res), file=sys.stderr)
+            per_case.append(res)
+        meter.close()
     total = time.perf_counter() - t0
 
     def mean(key):

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -36,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import current_rss_mb, markdown_table, measure, publish, tree_cpu  # noqa: E402
+from _measure import current_rss_mb, markdown_table, measure, publish, scratch_folder, tree_cpu  # noqa: E402
 
 from bids_uad.bids.gradients import B0_THRESHOLD  # noqa: E402
 from bids_uad.synthetic.lesion_types import DEFAULT_GENERATOR as DEFAULT_LESIONS, LESION_GENERATORS  # noqa: E402
@@ -139,7 +138,7 @@ def run_levels(args) -> int:
     from bids_uad.synthetic import generate_dataset
     from bids_uad.workflows.execution import RunSummary
 
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="bids_uad_bench_levels_"))
+    root = args.workdir
     bids, deriv, work = root / "bids", root / "derivatives" / "bids_uad", root / "work"
     print(f"benchmark folder: {root}", flush=True)
     with measure("generate") as gen:
@@ -253,9 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="--preset small: the dataset's and the levels' seed (results: ..._seed<N>.* when not 0)")
     args = parser.parse_args(argv)
-    if args.preset == "small":
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as make demo (Makefile)
-        return run_levels(args)
+    with scratch_folder(args.workdir, "bids_uad_bench_") as root:
+        args.workdir = root
+        if args.preset == "small":
+            os.environ.setdefault("OMP_NUM_THREADS", "1")  # as make demo (Makefile)
+            return run_levels(args)
+        return run_subject(args)
+
+
+def run_subject(args) -> int:
+    """--preset tiny/paper: one subject through the participant level (``args.workdir``)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     import bids_uad.cli.levels as levels
@@ -263,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from bids_uad.cli.run import main as bids_uad_main
     from bids_uad.synthetic import generate_dataset
 
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="bids_uad_bench_"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = args.workdir
     bids, out, models_dir = root / "bids", root / "out", root / "models"
     print(f"benchmark folder: {root}", flush=True)
     with measure("generate") as gen:

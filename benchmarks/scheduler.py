@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import markdown_table, publish  # noqa: E402
+from _measure import markdown_table, publish, scratch_folder  # noqa: E402
 
 
 def _same(x):
@@ -55,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=60)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
+    with scratch_folder(args.workdir, "bids_uad_bench_sched_") as root:
+        return _run(args, root)
 
+
+def _run(args, root: Path) -> int:
     import bids_uad.workflows.execution as execution
     from bids_uad.bids.layout import BIDSInputs
     from bids_uad.cli.run import settings_from_args
@@ -65,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("bids_uad", "nipype.workflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="bids_uad_bench_sched_"))
     bids = root / "bids"
     if not (bids / "dataset_description.json").exists():
         generate_dataset(bids, preset=args.preset, seed=0)
