@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                              "dataset through its three levels")
     parser.add_argument("--nprocs", type=int, default=2, help="--nprocs of the levels (--preset small)")
     parser.add_argument("--threads", type=int, default=2, help="--omp-nthreads of the run (default 2)")
-    parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
+    parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder, removed at the end)")
     parser.add_argument("--models", nargs="+", default=["dae", "recdisc"])
     parser.add_argument("--lesions", default=DEFAULT_LESIONS, choices=LESION_GENERATORS,
                         help="--preset small: the patients' lesion generator (bids_uad.synthetic.lesion_types; "

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--nodes", type=int, default=60)
-    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--workdir", type=Path, help="keep the dataset and work files here (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
     with scratch_folder(args.workdir, "bids_uad_bench_sched_") as root:
         return _run(args, root)
