@@ -121,14 +121,13 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def _generator_cases(preset: str, seed: int, max_subjects: int, data_dir: Path | None):
+def _generator_cases(preset: str, seed: int, max_subjects: int, root: Path):
+    """The sessions of the synthetic dataset in ``root``, generated there first when it has none."""
     try:
         from bids_uad.synthetic import generate_dataset  # noqa: F401
     except ImportError:
         return None, "generator not available"
-    root = data_dir
-    if root is None or not (root / "derivatives" / "synthetic-truth").is_dir():
-        root = Path(tempfile.mkdtemp(prefix=f"bench_anat_{preset}_")) if root is None else root
+    if not (root / "derivatives" / "synthetic-truth").is_dir():
         from bids_uad.synthetic import generate_dataset
 
         generate_dataset(root, preset=preset, seed=seed, n_jobs=1, progress=False)

@@ -168,9 +168,10 @@ def _comparable(meta: dict) -> dict:
 
 def checkpoint_key(settings: Settings, subjects: Sequence[str]) -> str:
     """A short digest of what a model's checkpoints compute: its settings without the runtime and
-    scoring keys (:func:`_comparable`) and its training subjects.  The group level keeps each key's checkpoints in their own folder,
-    so a rerun with other settings (another preset, ``--model-inputs``) or other controls trains
-    afresh beside them instead of meeting checkpoints it cannot resume."""
+    scoring keys (:func:`_comparable`) and its training subjects.  The group level keeps each key's
+    checkpoints in their own folder, so a rerun with other settings (another preset,
+    ``--model-inputs``) or other controls trains afresh beside them instead of meeting checkpoints
+    it cannot resume."""
     ident = _comparable(_checkpoint_meta(settings, 0, ""))["settings"]
     text = json.dumps({"settings": ident, "subjects": list(subjects)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -351,8 +352,7 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     results = []
     if not is_trainable(settings.model.name):
         for fold, tr, va, _ in plan:
-            val_scores: list[np.ndarray] = []
-            res = fit_fold(settings, data, masks, tr, va, fold, gradients, routes, val_scores)
+            res, val_scores = fit_fold(settings, data, masks, tr, va, fold, gradients, routes)
             results.append(res)
             if distributed.rank() == 0:
                 heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes, val_scores)
@@ -393,7 +393,7 @@ def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarra
     ``res.val_idx`` order); returns the score maps for :func:`calibrate_out_of_fold`."""
     va = res.val_idx
     fold = res.fold
-    if not scores:
+    if scores is None:
         scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
     scores = list(scores)
     amasks = [analysis_masks[i] for i in va]
@@ -442,13 +442,13 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
 
 def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_idx: Sequence[int],
              val_idx: Sequence[int], fold: int, gradients: tuple[np.ndarray, np.ndarray] | None,
-             routes: Sequence | None = None, val_scores: list | None = None) -> FoldResult:
+             routes: Sequence | None = None) -> tuple[FoldResult, list[np.ndarray]]:
     """Fit a non-trainable model (a baseline) on the fold's training subjects (``routes``: as
     :func:`train_folds`, passed to the model only when it works in template space).
 
     Its "validation loss" is the mean score of the held-out controls inside their brain masks
-    (lower: they look more normal), so the best fold is chosen as for the networks.  ``val_scores``
-    (a list) receives the held-out controls' score maps, for :func:`calibrate_fold`.
+    (lower: they look more normal), so the best fold is chosen as for the networks.  Returns the
+    fold and its held-out controls' score maps (in ``val_idx`` order, for :func:`calibrate_fold`).
     """
     model = get_model(settings.model.name, settings.model)
     bvals, bvecs = gradients if gradients is not None else (None, None)
@@ -459,15 +459,16 @@ def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.
         model.fit([data[i] for i in train_idx], [masks[i] for i in train_idx], bvals, bvecs)
     model.eval()
 
-    def mean_score(idx, keep=None):
-        maps = [score_volume(model, data[i], route=_route(routes, i)) for i in idx]
-        if keep is not None:
-            keep[:] = maps
+    def scored(idx):
+        return [score_volume(model, data[i], route=_route(routes, i)) for i in idx]
+
+    def mean_score(maps, idx):
         return float(np.mean([m[masks[i]].mean() for m, i in zip(maps, idx)])) if len(idx) else 0.0
 
-    val, train = mean_score(val_idx, val_scores), mean_score(train_idx)
+    val_maps = scored(val_idx)
+    val, train = mean_score(val_maps, val_idx), mean_score(scored(train_idx), train_idx)
     history = [{"epoch": 0, "train_loss": train, "val_loss": val, "lr": 0.0}]
-    return FoldResult(fold, model, list(train_idx), list(val_idx), 0, val, history)
+    return FoldResult(fold, model, list(train_idx), list(val_idx), 0, val, history), val_maps
 
 
 def fold_plan(settings: Settings, data: Sequence[np.ndarray]) -> list[tuple[int, list[int], list[int], str]]:

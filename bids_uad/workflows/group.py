@@ -110,12 +110,12 @@ REFERRED_ENSEMBLE = True
 def normative_template_settings(settings: Settings, voxel_mm: float | None) -> dict:
     """The normative model's space for BIDS runs: the template the anatomical workflow registers to
     (:func:`~bids_uad.algorithms.templates.template_for_output_spaces`), on a grid covering its
-    brain at the controls' dwi voxel size (``voxel_mm``: the isotropic voxel of the same volume as
-    theirs, rounded to 0.01 mm, at least 1 mm; 2 mm when unknown)."""
-    from bids_uad.algorithms.templates import native_resolution_mm, template_for_output_spaces, template_grid
+    brain at the controls' dwi voxel size (``voxel_mm``: their
+    :func:`~bids_uad.algorithms.templates.native_resolution_mm`; 2 mm when unknown)."""
+    from bids_uad.algorithms.templates import template_for_output_spaces, template_grid
 
     template = template_for_output_spaces(settings.output_spaces)
-    shape, affine = template_grid(template.brain_mask, native_resolution_mm((voxel_mm or 2.0,) * 3))
+    shape, affine = template_grid(template.brain_mask, voxel_mm or 2.0)
     return {"normative_space": "template", "normative_template": template.name,
             "normative_template_shape": tuple(shape),
             "normative_template_affine": tuple(float(v) for v in np.asarray(affine).ravel())}
@@ -210,12 +210,14 @@ def torchrun_worker_main(settings: Settings) -> int | None:
 
 
 def _load_controls(found: list[PreprocessedDwi]) -> dict:
+    from bids_uad.algorithms.templates import native_resolution_mm
+
     loaded = [f.load() for f in found]
     shapes = {d["dwi"].shape[:3] for d in loaded}
     shape = tuple(int(max(s[i] for s in shapes)) for i in range(3))
     zooms = loaded[0]["header"].get_zooms()[:3]
     return {"items": loaded, "shape": shape, "voxel_ml": float(np.prod(zooms)) / 1000.0,
-            "voxel_mm": float(np.prod(zooms)) ** (1 / 3)}  # the isotropic voxel of the same volume
+            "voxel_mm": native_resolution_mm(zooms)}
 
 
 def shell_signature(bvals) -> tuple[int, ...]:
