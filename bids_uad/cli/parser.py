@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="group level: what the networks see: dwi (the normalised dw volumes in the "
                            "controls' gradient order) or invariant (per shell the mean dw ratio and the "
                            "rotation-invariant spherical-harmonic power of each even order, with FA and MD: "
-                           "independent of the gradient directions).  The baselines always read the dw "
+                           "independent of the gradient directions) or both (the dw volumes and the "
+                           "features; the score weighs the two alike).  The baselines always read the dw "
                            "volumes.  Stored in the model files (default: dwi)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")

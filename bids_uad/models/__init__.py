@@ -54,10 +54,14 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
     if model_settings is not None and callable(describe):
         return describe(model_settings)
     text = getattr(factory, "__desc__", "") or f"the registered model {name!r}"
-    if model_settings is not None and model_settings.get("inputs") == "invariant" and is_trainable(name):
-        text += ("; its inputs are protocol-invariant features instead of the dw volumes: per shell the mean dw "
-                 "signal ratio and the rotation-invariant spherical-harmonic power of each even order up to "
-                 f"{int(model_settings.get('invariant_sh_order', 4))}, with FA and MD")
+    inputs = None if model_settings is None or not is_trainable(name) else model_settings.get("inputs")
+    if inputs in ("invariant", "both"):
+        features = ("protocol-invariant features: per shell the mean dw signal ratio and the rotation-invariant "
+                    "spherical-harmonic power of each even order up to "
+                    f"{int(model_settings.get('invariant_sh_order', 4))}, with FA and MD")
+        text += (f"; its inputs are {features}, instead of the dw volumes" if inputs == "invariant" else
+                 f"; its inputs are the dw volumes and {features}, and its score adds the mean residual of "
+                 "the dw volumes and that of the features")
     referred = model_settings is not None and model_settings.get("normative_space") == "template"
     if referred and has_score_reference(name):
         template = model_settings.get("normative_template") or "template"

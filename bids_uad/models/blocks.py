@@ -118,10 +118,19 @@ def output_activation(kind: str) -> nn.Module:
     return nn.Sigmoid() if kind == "sigmoid" else nn.Identity()
 
 
-def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-sum") -> torch.Tensor:
+def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-sum",
+                   feature_channels: int = 0) -> torch.Tensor:
     """Voxel score (B, X, Y, Z) from the residual over channels: ``"abs-sum"`` = |sum_c (x̂_c - x_c)|
     (the reference DAE's: a lesion moves the signal of most channels the same way) or ``"sum-abs"``
-    = sum_c |x̂_c - x_c| (also counts channel changes of opposite sign, and all noise)."""
+    = sum_c |x̂_c - x_c| (also counts channel changes of opposite sign, and all noise).
+
+    ``feature_channels`` > 0 (inputs ``"both"``): the last channels are invariant features, another
+    quantity than the dw channels before them.  Each group is reduced on its own, as a mean over its
+    channels, and the two are added, so each group weighs the same however many channels it has."""
+    if feature_channels:
+        split = recon.shape[1] - feature_channels
+        dw = residual_score(recon[:, :split], x[:, :split], reduction) / split
+        return dw + residual_score(recon[:, split:], x[:, split:], reduction) / feature_channels
     r = recon - x
     if reduction == "abs-sum":
         return r.sum(1).abs()

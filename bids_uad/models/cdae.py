@@ -91,4 +91,4 @@ class CoarseDAE(nn.Module):
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly score (B, X, Y, Z): the residual reduced over channels (``score_reduction``)."""
-        return residual_score(self(x), x, self.settings.score_reduction)
+        return residual_score(self(x), x, self.settings.score_reduction, self.settings.feature_channels)

@@ -10,14 +10,16 @@
   "invariant"``): per b-value shell the mean dw ratio and the rotation-invariant power of each
   even spherical-harmonic order, then FA and MD.  These do not depend on the gradient
   directions, their number or order, or the head's orientation, only on the shells, so a model
-  trained on one protocol reads another with the same shells without resampling.
+  trained on one protocol reads another with the same shells without resampling.  ``"both"``
+  gives the network the reconciled dw channels followed by these features
+  (:func:`channel_layout`).
 * :func:`to_grid` / :func:`from_grid` centre-pad or crop to the model grid and back exactly;
   :func:`grid_affine` gives the affine of the padded array.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -225,11 +227,28 @@ def invariant_feature_names(ref_bvals: np.ndarray, sh_order: int) -> list[str]:
     return names + ["fa", "md"]
 
 
+def channel_layout(inputs: str, sh_order: int, ref_bvals: np.ndarray) -> tuple[int, int]:
+    """(network input channels, of which invariant features at the end) of an input representation
+    for the reference's dw b-values: ``"dwi"`` the dw volumes, ``"invariant"`` the features,
+    ``"both"`` the dw volumes then the features."""
+    n_dw = int(np.asarray(ref_bvals).size)
+    n_features = len(invariant_feature_names(ref_bvals, sh_order)) if inputs != "dwi" else 0
+    if inputs == "invariant":
+        return n_features, 0  # one group: every channel is a feature
+    return n_dw + n_features, n_features
+
+
 def input_channels(model, ref_bvals: np.ndarray) -> int:
     """Network input channels of ``model`` (a :class:`ModelSettings`) for the reference's dw b-values."""
-    if model.inputs == "invariant":
-        return len(invariant_feature_names(ref_bvals, model.invariant_sh_order))
-    return int(np.asarray(ref_bvals).size)
+    return channel_layout(model.inputs, model.invariant_sh_order, ref_bvals)[0]
+
+
+def sized_to_inputs(model, ref_bvals: np.ndarray, inputs: str | None = None):
+    """``model`` (a :class:`ModelSettings`) with its channel counts sized to the reference's b-values,
+    for its own input representation or ``inputs``."""
+    inputs = model.inputs if inputs is None else inputs
+    n, n_features = channel_layout(inputs, model.invariant_sh_order, ref_bvals)
+    return replace(model, inputs=inputs, n_channels=n, feature_channels=n_features)
 
 
 def invariant_features(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
@@ -345,15 +364,20 @@ def prepare_subject(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask:
                     grid: tuple[int, int, int], ref_bvals: np.ndarray | None = None,
                     ref_bvecs: np.ndarray | None = None, inputs: str = "dwi", sh_order: int = 4) -> Prepared:
     """Normalise a raw 4D dwi (with b0s) and put it on the model grid: the dw channels in
-    reference order (``inputs="dwi"``) or the :func:`invariant_features` (``"invariant"``,
-    computed from the subject's own directions; only its shells must match the reference's)."""
+    reference order (``inputs="dwi"``), the :func:`invariant_features` (``"invariant"``,
+    computed from the subject's own directions; only its shells must match the reference's), or
+    the dw channels followed by the features (``"both"``)."""
     data, bv, bvec = normalise_dwi(dwi, bvals, bvecs, mask)
     method = "identity"
+    features = None
+    if inputs in ("invariant", "both"):
+        features = invariant_features(data, bv, bvec, mask, bv if ref_bvals is None else ref_bvals, sh_order)
     if inputs == "invariant":
-        data = invariant_features(data, bv, bvec, mask, bv if ref_bvals is None else ref_bvals, sh_order)
-        method = "invariant-features"
+        data, method = features, "invariant-features"
     elif ref_bvals is not None:
         data, method = reconcile_gradients(data, bv, bvec, ref_bvals, ref_bvecs)
+    if inputs == "both":
+        data, method = np.concatenate([np.asarray(data, np.float32), features], axis=-1), f"{method}+invariant-features"
     grid_data, gm = to_grid(data, grid)
     grid_mask, _ = to_grid(np.asarray(mask) > 0, grid)
     return Prepared(np.ascontiguousarray(np.moveaxis(grid_data, -1, 0)), grid_mask, gm, method)

@@ -22,8 +22,9 @@ MODEL_NAMES = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 DEFAULT_MODELS = ("normative", "cdae", "dae", "recdisc", "meansignal")
 SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
 #: what the networks see (bids_uad.models.inputs): the normalised dw channels in the reference's
-#: direction order, or per-shell rotation-invariant features + FA + MD (protocol-invariant)
-INPUT_REPRESENTATIONS = ("dwi", "invariant")
+#: direction order, per-shell rotation-invariant features + FA + MD (protocol-invariant), or
+#: both side by side (the dw channels, then the features)
+INPUT_REPRESENTATIONS = ("dwi", "invariant", "both")
 #: models that read the dw channels themselves (their own metrics): always "dwi" inputs
 DWI_ONLY_MODELS = ("normative", "meansignal")
 #: where the normative model fits its centre/spread (docs/models.md, *normative*)
@@ -40,7 +41,10 @@ class ModelSettings:
 
     name: str = "dae"
     grid: tuple[int, int, int] = (96, 96, 64)
-    n_channels: int = 64  # network input channels: dw volumes ("dwi") or features ("invariant")
+    n_channels: int = 64  # network input channels: dw volumes ("dwi"), features ("invariant") or both
+    # "both": how many of the channels (the last ones) are invariant features; the score reduces the
+    # dw channels and the features separately (bids_uad.models.blocks.residual_score)
+    feature_channels: int = 0
     inputs: str = "dwi"  # input representation, one of INPUT_REPRESENTATIONS
     invariant_sh_order: int = 4  # "invariant": highest even SH order whose power is a feature
     features: int = 16  # feature maps after the first block; doubled at each level
@@ -107,6 +111,9 @@ class ModelSettings:
                                  f"{self.normative_template_shape}, {len(self.normative_template_affine)} values")
         if self.inputs != "dwi" and self.name in DWI_ONLY_MODELS:
             raise UsageError(f"the {self.name} baseline reads the dw channels itself: inputs must be 'dwi'")
+        if (self.inputs == "both") != (self.feature_channels > 0) or not 0 <= self.feature_channels < self.n_channels:
+            raise UsageError(f"feature_channels ({self.feature_channels}) must be in [1, n_channels) with inputs "
+                             f"'both' and 0 otherwise (inputs {self.inputs!r}, n_channels {self.n_channels})")
         if self.invariant_sh_order not in (2, 4, 6, 8):
             raise UsageError(f"invariant_sh_order must be 2, 4, 6 or 8, not {self.invariant_sh_order!r}")
         if self.score_reduction not in SCORE_REDUCTIONS:

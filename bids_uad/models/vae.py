@@ -135,7 +135,7 @@ class VAE3d(nn.Module):
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly score (B, X, Y, Z): the residual reduced over channels (``score_reduction``)."""
-        return residual_score(self(x)[0], x, self.settings.score_reduction)
+        return residual_score(self(x)[0], x, self.settings.score_reduction, self.settings.feature_channels)
 
 
 class ContextVAE(VAE3d):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bids_uad.errors import BidsUadError, InputMissingError, InputValidationError, UsageError
-from bids_uad.models.inputs import input_channels
+from bids_uad.models.inputs import sized_to_inputs
 from bids_uad.models.io import META_SUFFIX, TENSOR_SUFFIX, file_sha256, foreign_format, read_safetensors_header
 
 #: the ``format`` field every model JSON carries (written by :func:`bids_uad.models.io.save_tensors`)
@@ -212,11 +212,12 @@ def _check_json(path: Path, meta: dict) -> Any:
         bvecs = np.asarray(grads.get("bvecs"), dtype=float)
     except (TypeError, ValueError):
         raise _bad(path, "reference_gradients", "bvals/bvecs are not numeric arrays") from None
-    if settings.model.inputs == "invariant":  # n_channels features from the shells of n dw volumes
+    if settings.model.inputs != "dwi":  # n_channels from the shells of the dw volumes (with them: "both")
         ok = bvals.ndim == 1 and bvals.size > 0 and np.all(np.isfinite(bvals)) and np.all(bvals > 0)
-        if not ok or input_channels(settings.model, bvals) != n:
-            raise _bad(path, "reference_gradients.bvals", f"expected positive b-values whose shells give "
-                       f"{n} invariant features (settings.model.n_channels), found shape {list(bvals.shape)}")
+        if not ok or sized_to_inputs(settings.model, bvals) != settings.model:
+            raise _bad(path, "reference_gradients.bvals", f"expected positive b-values that give {n} "
+                       f"{settings.model.inputs} input channels ({settings.model.feature_channels} features; "
+                       f"settings.model.n_channels, feature_channels), found shape {list(bvals.shape)}")
         n = bvals.size
     elif bvals.shape != (n,) or not np.all(np.isfinite(bvals)) or np.any(bvals <= 0):
         raise _bad(path, "reference_gradients.bvals", f"expected {n} positive b-values (settings.model.n_channels), "

@@ -15,7 +15,7 @@ from bids_uad.errors import InputValidationError
 from bids_uad.models import is_trainable
 from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.bundle import ModelBundle
-from bids_uad.models.inputs import dw_gradients, grid_affine, input_channels, prepare_subject, to_grid
+from bids_uad.models.inputs import dw_gradients, grid_affine, prepare_subject, sized_to_inputs, to_grid
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -42,10 +42,12 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
         raise InputValidationError(f"{len(subjects)} subject labels for {len(data)} arrays")
     if len(set(subjects)) != len(subjects):
         raise InputValidationError("subject labels must be unique")
-    if input_channels(settings.model, ref_bvals) != settings.model.n_channels:
+    sized = sized_to_inputs(settings.model, ref_bvals)
+    if (sized.n_channels, sized.feature_channels) != (settings.model.n_channels, settings.model.feature_channels):
         raise InputValidationError(
-            f"{len(ref_bvals)} reference b-values give {input_channels(settings.model, ref_bvals)} "
-            f"{settings.model.inputs} input channels but the model has {settings.model.n_channels}")
+            f"{len(ref_bvals)} reference b-values give {sized.n_channels} {settings.model.inputs} input channels "
+            f"({sized.feature_channels} features) but the model has {settings.model.n_channels} "
+            f"({settings.model.feature_channels})")
     scores: dict = {}
     folds = train_folds(settings, data, masks, analysis_masks, checkpoint_dir,
                         gradients=(np.asarray(ref_bvals, float), np.asarray(ref_bvecs, float)),
@@ -80,7 +82,7 @@ def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequen
         raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
     ref_bvals, ref_bvecs = dw_gradients(bvals[0], bvecs[0])
     m = settings.model
-    settings = replace(settings, model=replace(m, n_channels=input_channels(m, ref_bvals)))
+    settings = replace(settings, model=sized_to_inputs(m, ref_bvals))
     grid = settings.model.grid
     prepared = [prepare_subject(d, bv, bc, mk, grid, ref_bvals, ref_bvecs, m.inputs, m.invariant_sh_order)
                 for d, bv, bc, mk in zip(dwis, bvals, bvecs, masks)]

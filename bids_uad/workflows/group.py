@@ -74,14 +74,16 @@ def baseline_derivatives(settings: Settings, bids: BIDSInputs, subject: str) -> 
     return None
 
 
-def model_settings_for(settings: Settings, model: str, n_channels: int, shape: tuple[int, int, int],
+def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[int, int, int],
                        voxel_ml: float | None = None, voxel_mm: float | None = None):
-    """Training settings from the preset, sized to the data: channels, a grid that covers it and
+    """Training settings from the preset, sized to the data: channels (for the input representation
+    of the reference's dw b-values ``ref_bvals``), a grid that covers it and
     the post-processing's minimum cluster in voxels of ``voxel_ml``; ``--threshold`` and
     ``--ensemble/--no-ensemble`` (if given; else the fold ensemble for a network whose score is
     referred to the controls', :data:`REFERRED_ENSEMBLE`) are stored in the model file.  The normative model works
     in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``), and so do the
     reconstruction networks' score references (:mod:`bids_uad.models.normaliser`)."""
+    from bids_uad.models.inputs import sized_to_inputs
     from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
@@ -92,7 +94,7 @@ def model_settings_for(settings: Settings, model: str, n_channels: int, shape: t
     inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
     return replace(
         base,
-        model=replace(base.model, n_channels=int(n_channels), grid=grid, inputs=inputs, **space),
+        model=sized_to_inputs(replace(base.model, grid=grid, **space), ref_bvals, inputs),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
                          processes=processes, device=settings.device, progress=True),
         scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml,
@@ -260,7 +262,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     from bids_uad.training import distributed
     from bids_uad.training.fit import train_from_dwi
     from bids_uad.training.trainer import checkpoint_key
-    from bids_uad.models.inputs import dw_gradients, input_channels
+    from bids_uad.models.inputs import dw_gradients
 
     found, missing = [], []
     for subject in controls:
@@ -284,7 +286,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
     subjects = [f.subject for f in found]
     bundles = []
     for model in settings.models:
-        msettings = model_settings_for(settings, model, len(ref_bvals), data["shape"], data["voxel_ml"],
+        msettings = model_settings_for(settings, model, ref_bvals, data["shape"], data["voxel_ml"],
                                        data["voxel_mm"])
         routes = None
         if needs_template(msettings.model) and has_score_reference(model):
@@ -305,7 +307,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
         LOGGER.info("training %s on %d controls (%d folds, grid %s, %d %s channels)", model, len(found),
-                    msettings.training.n_folds, msettings.model.grid, input_channels(msettings.model, ref_bvals),
+                    msettings.training.n_folds, msettings.model.grid, msettings.model.n_channels,
                     msettings.model.inputs)
         bundle = train_from_dwi(
             msettings,

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bids_uad.cli.parser import build_parser
@@ -151,10 +152,10 @@ def test_ensemble_flag_is_tri_state(small_bids, tmp_path):
     # preset's choice for the others (RecDiscNet, the baselines)
     for flag, want in (([], True), (["--ensemble"], True), (["--no-ensemble"], False)):
         run = settings_from_args(group + flag)
-        assert model_settings_for(run, "cdae", 8, (16, 16, 16)).scoring.ensemble is want
+        assert model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).scoring.ensemble is want
     run = settings_from_args(group)
     for model in ("recdisc", "normative", "meansignal"):
-        assert model_settings_for(run, model, 8, (16, 16, 16)).scoring.ensemble is preset("quick", model).scoring.ensemble
+        assert model_settings_for(run, model, np.full(8, 1000.0), (16, 16, 16)).scoring.ensemble is preset("quick", model).scoring.ensemble
 
 
 def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bids, tmp_path, capsys):
@@ -165,15 +166,19 @@ def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bid
     from bids_uad.workflows.group import model_settings_for
 
     group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
-    assert model_settings_for(settings_from_args(group), "cdae", 8, (16, 16, 16)).model.inputs == "dwi"
+    assert model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).model.inputs == "dwi"
     run = settings_from_args(group + ["--model-inputs", "invariant"])
     for model, want in (("cdae", "invariant"), ("dae", "invariant"), ("recdisc", "invariant"),
                         ("normative", "dwi"), ("meansignal", "dwi")):
-        assert model_settings_for(run, model, 8, (16, 16, 16)).model.inputs == want, model
-    invariant = dataclasses.asdict(model_settings_for(run, "cdae", 8, (16, 16, 16)).model)
+        assert model_settings_for(run, model, np.full(8, 1000.0), (16, 16, 16)).model.inputs == want, model
+    invariant = dataclasses.asdict(model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).model)
     assert "protocol-invariant features" in describe_model("cdae", invariant)
     assert "protocol-invariant" not in describe_model(
-        "cdae", dataclasses.asdict(model_settings_for(settings_from_args(group), "cdae", 8, (16, 16, 16)).model))
+        "cdae", dataclasses.asdict(model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).model))
+    both = model_settings_for(settings_from_args(group + ["--model-inputs", "both"]), "cdae", np.full(32, 1000.0),
+                              (16, 16, 16)).model
+    assert (both.inputs, both.n_channels, both.feature_channels) == ("both", 37, 5)  # 32 dw + 3 shell + FA, MD
+    assert "the dw volumes and protocol-invariant features" in describe_model("cdae", dataclasses.asdict(both))
     code, err = _run(capsys, *group, "--model-inputs", "tensor")
     assert code == 64 and "--model-inputs" in err and len(err.strip().splitlines()) == 1
 
@@ -192,7 +197,7 @@ def test_device_cuda_is_plumbed_and_refused_without_a_gpu(small_bids, tmp_path, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     run = settings_from_args(base + ["--nprocs", "4"])
-    training = model_settings_for(run, "cdae", 8, (16, 16, 16)).training
+    training = model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).training
     assert run.device == "cuda" and training.device == "cuda"
     assert training.processes == 1  # data-parallel processes: at most one per GPU (batch 2 allows 2)
 

@@ -51,6 +51,29 @@ def test_dae_score_is_abs_of_channel_sum():
     torch.testing.assert_close(model.score(x), (recon - x).sum(1).abs())
 
 
+def test_both_inputs_score_each_channel_group_as_its_mean_residual():
+    """inputs "both": the dw channels and the features are reduced apart, as means, and added, so
+    the 5 features weigh as much as the 32 dw channels; the other inputs keep the plain reduction."""
+    from bids_uad.models.blocks import residual_score
+
+    x = torch.zeros(1, 37, 2, 2, 2)
+    recon = x.clone()
+    recon[:, :32, 0] = 0.5  # every dw channel 0.5 off at x = 0
+    recon[:, 32, 1] = 1.0  # one feature 1.0 off at x = 1
+    score = residual_score(recon, x, "abs-sum", feature_channels=5)
+    torch.testing.assert_close(score[0, 0], torch.full((2, 2), 0.5))
+    torch.testing.assert_close(score[0, 1], torch.full((2, 2), 0.2))
+    torch.testing.assert_close(residual_score(recon, x, "abs-sum"), (recon - x).sum(1).abs())
+    s = ModelSettings(name="cdae", n_channels=37, inputs="both", feature_channels=5, grid=(16, 16, 16), features=4,
+                      max_features=8, depth=2)
+    model = get_model("cdae", s).eval()
+    xb = torch.rand(1, 37, 16, 16, 16)
+    torch.testing.assert_close(model.score(xb), residual_score(model(xb), xb, "abs-sum", 5))
+    for bad in ({"inputs": "both"}, {"inputs": "both", "feature_channels": 37}, {"feature_channels": 5}):
+        with pytest.raises(UsageError, match="feature_channels"):
+            ModelSettings(name="cdae", n_channels=37, **bad)
+
+
 @pytest.mark.parametrize("name", ["dae", "recdisc"])
 def test_loss_decreases(name):
     torch.manual_seed(0)

@@ -197,7 +197,7 @@ def test_group_level_process_count(tmp_path, monkeypatch):
     def training(nprocs, omp):
         run = RunSettings(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="group", work_dir=tmp_path,
                           nprocs=nprocs, omp_nthreads=omp, device="cpu", train_preset="quick")
-        return model_settings_for(run, "dae", 8, (16, 16, 16)).training, run
+        return model_settings_for(run, "dae", np.full(8, 1000.0), (16, 16, 16)).training, run
 
     t, run = training(8, 3)  # quick preset: batch 2
     assert (t.processes, t.threads) == (2, 6)

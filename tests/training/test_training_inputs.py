@@ -185,3 +185,53 @@ def test_invariant_model_trains_saves_and_reads_another_protocol(tmp_path):
     assert np.isfinite(res.score).all() and res.score[patient.mask].max() > 0
     with pytest.raises(UsageError, match="baseline"):
         ModelSettings(name="normative", inputs="invariant")
+
+
+def test_both_inputs_train_save_and_read_another_protocol(tmp_path):
+    """A cdae on "both" inputs: the dw channels in the reference order, then the invariant features;
+    channel counts sized and stored, the model file validates (a wrong feature count is refused),
+    and a subject scanned with other directions is resampled for the dw part only."""
+    import json
+    from dataclasses import replace
+
+    from bids_uad.models.bundle import load_bundle
+    from bids_uad.models.inputs import invariant_features, prepare_subject
+    from bids_uad.models.settings import preset
+    from bids_uad.scoring.inference import infer
+    from bids_uad.training.fit import train_from_dwi
+    from bids_uad.training.toydata import make_toy_subject
+
+    def raw(sub, bvecs):
+        s0 = 900.0 * sub.mask[..., None]
+        return (np.concatenate([s0, s0 * sub.data], -1), np.r_[0.0, np.full(len(bvecs), 1000.0)],
+                np.vstack([[0, 0, 0], bvecs]))
+
+    b20 = fibonacci_directions(20)
+    subs = [make_toy_subject((14, 14, 14), b20, i) for i in range(3)]
+    raws = [raw(x, b20) for x in subs]
+    p = prepare_subject(*raws[0], subs[0].mask, (16, 16, 16), np.full(20, 1000.0), b20, "both")
+    ratios, bv, bvec = normalise_dwi(*raws[0], subs[0].mask)
+    want = np.moveaxis(to_grid(np.concatenate([ratios, invariant_features(ratios, bv, bvec, subs[0].mask, bv)], -1),
+                               (16, 16, 16))[0], -1, 0)
+    assert p.data.shape == (25, 16, 16, 16) and p.method == "identity+invariant-features"
+    np.testing.assert_array_equal(p.data, want)
+
+    s = preset("quick", "cdae")
+    s = replace(s, model=replace(s.model, inputs="both", feature_channels=1, n_channels=2),
+                training=replace(s.training, epochs=1, steps_per_epoch=1))
+    bundle = train_from_dwi(s, [r[0] for r in raws], [r[1] for r in raws], [r[2] for r in raws],
+                            [x.mask for x in subs], ["a", "b", "c"])
+    m = bundle.settings.model
+    assert (m.n_channels, m.feature_channels) == (25, 5) and len(bundle.ref_bvals) == 20
+    path = bundle.save(tmp_path)
+    loaded = load_bundle(path)
+    b30 = fibonacci_directions(30, random_rotation(np.random.default_rng(1)))
+    patient = make_toy_subject((15, 13, 14), b30, 9, lesion=True)
+    res = infer(loaded, *raw(patient, b30), patient.mask)
+    assert res.info["gradient_reconciliation"] == "sh+invariant-features"
+    assert np.isfinite(res.score).all() and res.score[patient.mask].max() > 0
+    meta = json.loads(path.read_text())
+    meta["settings"]["model"]["feature_channels"] = 4
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputValidationError, match="feature_channels"):
+        load_bundle(path)
