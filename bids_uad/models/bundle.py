@@ -72,12 +72,17 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
     device = torch.device(device)
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
-    normaliser = normaliser_of(model)
-    if normaliser is not None:
+    if normaliser_of(model) is not None:
         scored = model.score(x)[0].float().cpu().numpy()
-        return scored if raw else normaliser.zscore(scored, np.asarray(data).mean(0) > 0, route)
+        return scored if raw else refer_score(model, scored, data, route)
     scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
     return scored[0].float().cpu().numpy()
+
+
+def refer_score(model: torch.nn.Module, raw: np.ndarray, data: np.ndarray, route) -> np.ndarray:
+    """A network's raw score map of ``data`` (:func:`score_volume` with ``raw``) referred to its
+    controls' (robust z), as :func:`score_volume` gives it without ``raw``."""
+    return normaliser_of(model).zscore(raw, np.asarray(data).mean(0) > 0, route)
 
 
 def _versions() -> dict[str, str]:

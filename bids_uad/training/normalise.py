@@ -14,8 +14,10 @@ from bids_uad.models.normaliser import normaliser_of, robust_scale
 LOG = logging.getLogger(__name__)
 
 
-def fit_score_normalisers(folds: Sequence[FoldResult], data: Sequence[np.ndarray], routes: Sequence | None) -> None:
-    """Fit every fold's score reference from the controls' out-of-fold raw scores.
+def fit_score_normalisers(folds: Sequence[FoldResult], data: Sequence[np.ndarray],
+                          routes: Sequence | None) -> dict[int, np.ndarray]:
+    """Fit every fold's score reference from the controls' out-of-fold raw scores; returns those
+    raw maps ({control index: map}, for the folds' calibration without a second forward pass).
 
     ``data``: every control's arrays on the model grid; ``routes``: their TemplateRoutes on that
     grid (all required).  Each control is scored once, by the fold that held it out; a fold's scale
@@ -48,3 +50,4 @@ def fit_score_normalisers(folds: Sequence[FoldResult], data: Sequence[np.ndarray
         normaliser_of(res.model).set_reference([scaled[i] for i in peers])
     LOG.info("score reference fitted for %d folds from %d controls' out-of-fold scores (%.1f s)", len(folds),
              len(scaled), time.perf_counter() - started)
+    return raw

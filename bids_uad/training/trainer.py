@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, is_trainable
-from bids_uad.models.bundle import FoldResult, resolve_device, score_volume
+from bids_uad.models.bundle import FoldResult, refer_score, resolve_device, score_volume
 from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration, calibrate_written_map
@@ -371,10 +371,12 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
             results.append(res)
     if distributed.rank() != 0:
         return results
+    raw = {}
     if normaliser_of(results[0].model) is not None:  # every fold trained: their score references
-        fit_score_normalisers(results, data, routes)
+        raw = fit_score_normalisers(results, data, routes)
     for res in results:
-        heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes)
+        referred = [refer_score(res.model, raw[i], data[i], _route(routes, i)) for i in res.val_idx] if raw else None
+        heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes, referred)
         if on_fold is not None:
             on_fold(res)
     return results

@@ -10,11 +10,12 @@ import torch
 from bids_uad.algorithms.registration import TemplateRoute
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, has_score_reference
-from bids_uad.models.bundle import load_bundle, score_volume
+from bids_uad.models.bundle import load_bundle, refer_score, score_volume
 from bids_uad.models.normaliser import ScoreNormaliser, normaliser_of, robust_scale
 from bids_uad.models.settings import needs_template, preset
 from bids_uad.models.validate import validate_model_file
 from bids_uad.training.fit import train_model
+from bids_uad.training.trainer import calibrate_out_of_fold
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 
 GRID = (16, 16, 16)
@@ -77,6 +78,13 @@ def test_each_fold_refers_to_the_controls_it_trained_on(trained):
         assert not set(f.val_idx) & set(f.train_idx)
     # one score scale for every fold (robust z): the out-of-fold calibration pools every control
     assert bundle.out_of_fold is not None and bundle.calibration() is bundle.out_of_fold
+    # the calibrations reuse the reference fit's forward passes: the same as scoring the controls again
+    again = calibrate_out_of_fold(bundle.settings, bundle.folds, data, masks, None, [IDENTITY] * 5)
+    assert again.level == bundle.out_of_fold.level and again.n == bundle.out_of_fold.n
+    for f in bundle.folds:
+        referred = [score_volume(f.model, data[i], route=IDENTITY) for i in f.val_idx]
+        assert all(np.array_equal(refer_score(f.model, raw[i], data[i], IDENTITY), m)
+                   for i, m in zip(f.val_idx, referred))
 
 
 def test_score_is_a_positive_robust_z_that_rises_in_a_lesion(trained):
