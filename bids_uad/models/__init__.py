@@ -68,8 +68,10 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
         text += ("; its score is referred to the controls' own: each control scored by the fold that held it out, "
                  "per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
                  "controls' median and spread; a fold's reference from the controls it trained on) in "
-                 f"{template} space, the score being the positive robust z there, mapped back to diffusion space "
-                 "with the inverse transforms")
+                 f"{template} space, the score being "
+                 + ("the magnitude of the robust z there of the residual's signed sum over the dw volumes"
+                    if model_settings.get("score_reduction") == "sum" else "the positive robust z there")
+                 + ", mapped back to diffusion space with the inverse transforms")
     return text
 
 

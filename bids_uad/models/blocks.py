@@ -122,7 +122,10 @@ def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-s
                    feature_channels: int = 0) -> torch.Tensor:
     """Voxel score (B, X, Y, Z) from the residual over channels: ``"abs-sum"`` = |sum_c (x̂_c - x_c)|
     (the reference DAE's: a lesion moves the signal of most channels the same way) or ``"sum-abs"``
-    = sum_c |x̂_c - x_c| (also counts channel changes of opposite sign, and all noise).
+    = sum_c |x̂_c - x_c| (also counts channel changes of opposite sign, and all noise) or ``"sum"`` =
+    sum_c (x̂_c - x_c), signed: a network whose score is referred to its controls' centres it per
+    voxel before its magnitude is taken, so a lesion that moves the residual against the network's
+    usual bias there is not folded onto normal values (:mod:`bids_uad.models.normaliser`).
 
     ``feature_channels`` > 0 (inputs ``"both"``): the last channels are invariant features, another
     quantity than the dw channels before them.  Each group is reduced on its own, as a mean over its
@@ -136,4 +139,6 @@ def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-s
         return r.sum(1).abs()
     if reduction == "sum-abs":
         return r.abs().sum(1)
+    if reduction == "sum":
+        return r.sum(1)
     raise ValueError(f"unknown score reduction {reduction!r}")

@@ -6,9 +6,13 @@ varies more by *where* than by *whether* it is normal.  The controls' own scores
 control is scored by the fold network that held it out (out of fold, as a new subject would be),
 and the per-voxel robust centre and spread of those scores, in the template the anatomical
 workflow registers to, give the network's normal range at each location.  The model's score is
-then the positive robust z of its raw score against that range, computed in the template and
-carried back to the subject's grid (the template-space normative model's route, one resampling
-each way).
+then the robust z of its raw score against that range, computed in the template and carried back
+to the subject's grid (the template-space normative model's route, one resampling each way): the
+positive z of a magnitude score, or |z| of a signed one (``score_reduction`` ``"sum"``, the signed
+channel sum of the residual, which the group level uses for networks on dw inputs: a network's
+residual has a sign that is the same in every healthy brain at a place, and a lesion can move it
+either way; folding it to a magnitude first hid lesions that moved it towards 0 —
+measured in docs/models.md).
 
 Per fold: the raw scores are first put on a common scale (each fold's median and robust spread
 of its held-out controls' scores inside their brains: separately trained networks do not share a
@@ -75,8 +79,9 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
     def zscore(self, raw: np.ndarray, brain: np.ndarray, route) -> np.ndarray:
-        """The positive robust z of one subject's raw score map (X, Y, Z) on its grid (``route``: its
-        TemplateRoute for that grid); 0 outside ``brain`` and where the reference is undefined."""
+        """The robust z of one subject's raw score map (X, Y, Z) on its grid (``route``: its
+        TemplateRoute for that grid), positive part, or magnitude for a signed score; 0 outside
+        ``brain`` and where the reference is undefined."""
         if not self.fitted:
             raise InputValidationError("this network's score reference was never fitted (a model file written "
                                        "while training, or damaged): train the model again")
@@ -86,7 +91,9 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
         values, support = self.to_template(raw, brain, route)
         defined = support & (self.valid.cpu().numpy() > 0)
         centre, spread = self.centre.cpu().numpy(), self.spread.cpu().numpy()
-        z = np.where(defined, np.maximum((values - centre) / spread, 0), 0).astype(np.float32)
+        z = (values - centre) / spread
+        z = np.abs(z) if self.settings.score_reduction == "sum" else np.maximum(z, 0)
+        z = np.where(defined, z, 0).astype(np.float32)
         back, landed = route.backward(z[None], defined, self.template_affine, brain.shape)
         return np.where(brain & landed, back[0], 0).astype(np.float32)
 

@@ -20,7 +20,7 @@ MODEL_NAMES = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 #: README's *Models*), then the cdae (the best network on the array-level hard-lesion benchmark),
 #: the reference's two networks, and the mean-signal baseline
 DEFAULT_MODELS = ("normative", "cdae", "dae", "recdisc", "meansignal")
-SCORE_REDUCTIONS = ("abs-sum", "sum-abs")
+SCORE_REDUCTIONS = ("abs-sum", "sum-abs", "sum")
 #: what the networks see (bids_uad.models.inputs): the normalised dw channels in the reference's
 #: direction order, per-shell rotation-invariant features + FA + MD (protocol-invariant), or
 #: both side by side (the dw channels, then the features)
@@ -58,7 +58,10 @@ class ModelSettings:
     # network must fill in from their context (0 = off; the cevae preset uses 2)
     context_boxes: int = 0
     context_box_fraction: float = 0.25  # largest box side as a fraction of the grid side (smallest: half)
-    score_reduction: str = "abs-sum"  # dae/cdae score: |sum_c r_c| ("abs-sum") or sum_c |r_c| ("sum-abs")
+    # dae/cdae/cevae score: |sum_c r_c| ("abs-sum"), sum_c |r_c| ("sum-abs"), or the signed sum_c r_c
+    # ("sum": only with a score reference, whose z is then two-sided; the group level's choice for a
+    # referred network on dw inputs, docs/models.md)
+    score_reduction: str = "abs-sum"
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
     kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL (MSE a mean, KL summed over latent)
@@ -118,6 +121,9 @@ class ModelSettings:
             raise UsageError(f"invariant_sh_order must be 2, 4, 6 or 8, not {self.invariant_sh_order!r}")
         if self.score_reduction not in SCORE_REDUCTIONS:
             raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
+        if self.score_reduction == "sum" and (self.normative_space != "template" or self.inputs != "dwi"):
+            raise UsageError("score_reduction 'sum' (a signed score) needs a score reference (normative_space "
+                             "'template') and the dw volumes as inputs (their channels move together in a lesion)")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
         if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:

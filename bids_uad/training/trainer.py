@@ -156,13 +156,18 @@ def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
     return json.loads(json.dumps({"settings": settings.to_dict(), "fold": fold, "data_hash": dhash}))
 
 
+#: model settings that change how a trained network scores, not what is trained
+SCORE_ONLY_MODEL_KEYS = ("score_reduction",)
+
+
 def _comparable(meta: dict) -> dict:
-    """Checkpoint identity: settings (without runtime keys, and without the scoring settings, which
-    do not change what is trained: another ``--threshold`` or ``--ensemble`` reuses the training),
-    fold and data hash."""
+    """Checkpoint identity: settings (without runtime keys, and without the scoring settings and
+    :data:`SCORE_ONLY_MODEL_KEYS`, which do not change what is trained: another ``--threshold`` or
+    ``--ensemble`` reuses the training), fold and data hash."""
     settings = {k: v for k, v in (meta.get("settings") or {}).items() if k != "scoring"}
     settings["training"] = {k: v for k, v in (settings.get("training") or {}).items()
                             if k not in RUNTIME_TRAINING_KEYS}
+    settings["model"] = {k: v for k, v in (settings.get("model") or {}).items() if k not in SCORE_ONLY_MODEL_KEYS}
     return {"settings": settings, "fold": meta.get("fold"), "data_hash": meta.get("data_hash")}
 
 
@@ -289,6 +294,9 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             break
         if stop_after is not None and ran >= stop_after:
             break
+    if ran and not bar.disable:  # the final count (tqdm prints it only if 0.1 s passed since the postfix)
+        bar.n = start + ran
+        bar.refresh()
     bar.close()
     model.load_state_dict(best_state)
     model.eval()

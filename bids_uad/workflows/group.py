@@ -29,7 +29,7 @@ from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, o
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
 from bids_uad.models import has_score_reference
-from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template
+from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template, preset
 
 LOGGER = logging.getLogger("bids_uad.group")
 
@@ -84,7 +84,6 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
     in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``), and so do the
     reconstruction networks' score references (:mod:`bids_uad.models.normaliser`)."""
     from bids_uad.models.inputs import sized_to_inputs
-    from bids_uad.models.settings import preset
 
     base = preset(settings.train_preset, model)
     div = 2 ** base.model.depth
@@ -92,6 +91,8 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
     processes = training_processes(settings, base.training.batch_size)
     space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
     inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
+    if space and model != "normative" and inputs == "dwi":  # a referred network on the dw volumes
+        space["score_reduction"] = REFERRED_REDUCTION
     return replace(
         base,
         model=sized_to_inputs(replace(base.model, grid=grid, **space), ref_bvals, inputs),
@@ -107,6 +108,10 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
 #: --no-ensemble: measured, the fold ensemble's AUPRC was higher for each referred network
 #: (docs/models.md, *The reconstruction networks' score reference*)
 REFERRED_ENSEMBLE = True
+#: and its score the signed channel sum of its residual, whose referred z is two-sided: measured on
+#: the three hard-lesion seeds, AUPRC rose for every seed and network (docs/models.md, *Score
+#: reduction*).  Networks on invariant features keep their preset's (their signed sum was worse)
+REFERRED_REDUCTION = "sum"
 
 
 def normative_template_settings(settings: Settings, voxel_mm: float | None) -> dict:
@@ -297,7 +302,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                                msettings.model.normative_template)
                 routes, msettings = None, replace(msettings, model=replace(
                     msettings.model, normative_space="dwi", normative_template="", normative_template_shape=(0, 0, 0),
-                    normative_template_affine=()), scoring=replace(msettings.scoring, ensemble=bool(settings.ensemble)))
+                    normative_template_affine=(), score_reduction=preset(settings.train_preset, model).model.score_reduction),
+                    scoring=replace(msettings.scoring, ensemble=bool(settings.ensemble)))
         elif needs_template(msettings.model):
             started = time.perf_counter()
             routes = template_routes(settings, found, items, msettings.model.normative_template)

@@ -175,6 +175,11 @@ def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bid
     assert "protocol-invariant features" in describe_model("cdae", invariant)
     assert "protocol-invariant" not in describe_model(
         "cdae", dataclasses.asdict(model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).model))
+    # a referred network on the dw volumes scores the signed residual sum; on invariant features not
+    dwi_run = settings_from_args(group)
+    assert [model_settings_for(dwi_run, m, np.full(8, 1000.0), (16, 16, 16)).model.score_reduction
+            for m in ("cdae", "dae", "cevae", "recdisc")] == ["sum", "sum", "sum", "abs-sum"]
+    assert model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).model.score_reduction == "abs-sum"
     both = model_settings_for(settings_from_args(group + ["--model-inputs", "both"]), "cdae", np.full(32, 1000.0),
                               (16, 16, 16)).model
     assert (both.inputs, both.n_channels, both.feature_channels) == ("both", 37, 5)  # 32 dw + 3 shell + FA, MD

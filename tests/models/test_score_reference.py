@@ -140,6 +140,35 @@ def test_never_silently_raw():
     assert score_volume(model, x, raw=True).shape == GRID  # what the reference is fitted on
 
 
+def test_a_signed_score_is_referred_two_sided():
+    """score_reduction "sum": the residual's signed channel sum, centred per voxel on the controls'
+    before its magnitude is taken; a value far *below* the controls' (a lesion moving the residual
+    against the network's usual bias there) scores as high as one far above.  A magnitude score
+    keeps the positive z.  The signed score needs a reference and dw inputs."""
+    from bids_uad.models.blocks import residual_score
+
+    x, recon = torch.zeros(1, 3, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2)
+    recon[:, 0], recon[:, 1] = 0.5, -0.2
+    torch.testing.assert_close(residual_score(recon, x, "sum"), torch.full((1, 2, 2, 2), 0.3))
+    brain = np.ones(GRID, bool)
+    controls = [np.random.default_rng(i).normal(1.0, 0.1, GRID).astype(np.float32) for i in range(6)]
+    subject = np.ones(GRID, np.float32)
+    subject[4:8, 4:8, 4:8], subject[10:14, 10:14, 10:14] = -1.0, 3.0  # 20 spreads below, above
+    z = {}
+    for reduction in ("sum", "abs-sum"):
+        norm = ScoreNormaliser(replace(_model_settings(), score_reduction=reduction))
+        norm.set_scale(0.0, 1.0)
+        norm.set_reference([np.where(brain, c, np.nan) for c in controls])
+        z[reduction] = norm.zscore(subject, brain, IDENTITY)
+    below, above = z["sum"][5, 5, 5], z["sum"][11, 11, 11]
+    assert below > 10 and above > 10 and abs(below - above) < 0.2 * above
+    assert z["abs-sum"][5, 5, 5] == 0 and z["abs-sum"][11, 11, 11] > 10
+    for bad in ({"normative_space": "dwi", "normative_template": "", "normative_template_shape": (0, 0, 0),
+                 "normative_template_affine": ()}, {"inputs": "invariant"}):
+        with pytest.raises(UsageError, match="score_reduction 'sum'"):
+            replace(_model_settings(), score_reduction="sum", **bad)
+
+
 def test_which_models_have_a_reference():
     assert has_score_reference("cdae") and has_score_reference("dae") and has_score_reference("cevae")
     # RecDiscNet's score is a probability; the baselines are not networks

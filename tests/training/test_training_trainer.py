@@ -162,8 +162,8 @@ def test_train_model_killed_between_folds_resumes(tmp_path, controls, monkeypatc
 
 def test_checkpoint_key_follows_what_the_checkpoints_compute():
     """The group level's checkpoint folder key: other settings or other controls give another key
-    (so a rerun trains beside the old checkpoints); runtime keys (threads, processes, progress) and
-    the scoring settings do not."""
+    (so a rerun trains beside the old checkpoints); runtime keys (threads, processes, progress), the
+    scoring settings and the score reduction (how a trained network scores) do not."""
     from dataclasses import replace
 
     from bids_uad.models.settings import preset
@@ -175,6 +175,7 @@ def test_checkpoint_key_follows_what_the_checkpoints_compute():
                                                                  progress=True)), ["a", "b"])
     assert key == checkpoint_key(replace(base, scoring=replace(base.scoring, ensemble=not base.scoring.ensemble,
                                                                  fpr=0.05)), ["a", "b"])  # not trained on
+    assert key == checkpoint_key(replace(base, model=replace(base.model, score_reduction="sum-abs")), ["a", "b"])
     assert key != checkpoint_key(base, ["a", "c"])
     assert key != checkpoint_key(replace(base, model=replace(base.model, inputs="invariant")), ["a", "b"])
     assert key != checkpoint_key(preset("standard", "cdae"), ["a", "b"])

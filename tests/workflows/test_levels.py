@@ -199,6 +199,21 @@ def test_group_without_participant_derivatives(tmp_path, capsys):
     assert "run the participant level first" in capsys.readouterr().err
 
 
+def test_a_network_without_every_controls_transforms_keeps_its_raw_score(levels_setup, capsys):
+    """A control without transforms to the template: the network's score cannot be referred to the
+    controls' there, so it is trained with its preset's raw (magnitude) score, not the signed one a
+    referred network gets, and the log says so."""
+    bids, out, lesions, work = levels_setup
+    for path in (out / "sub-ctrl04").rglob("*xfm.*"):
+        path.unlink()
+    code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work), "--models", "cdae"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "not every control has transforms" in err
+    model = json.loads((out / "models" / "model-cdae.json").read_text())["settings"]["model"]
+    assert (model["normative_space"], model["score_reduction"]) == ("dwi", "abs-sum")
+
+
 def test_group_and_participant_with_cdae(levels_setup, capsys):
     bids, out, lesions, work = levels_setup
     code = main([str(bids), str(out), "group", "--train-preset", "quick", "-w", str(work), "--models", "cdae",
