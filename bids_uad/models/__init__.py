@@ -60,8 +60,9 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
                     "spherical-harmonic power of each even order up to "
                     f"{int(model_settings.get('invariant_sh_order', 4))}, with FA and MD")
         text += (f"; its inputs are {features}, instead of the dw volumes" if inputs == "invariant" else
-                 f"; its inputs are the dw volumes and {features}, and its score adds the mean residual of "
-                 "the dw volumes and that of the features")
+                 f"; its inputs are the dw volumes and {features}"
+                 + ("" if model_settings.get("score_reduction") == "sum" else
+                    ", and its score adds the mean residual of the dw volumes and that of the features"))
     referred = model_settings is not None and model_settings.get("normative_space") == "template"
     if referred and has_score_reference(name):
         template = model_settings.get("normative_template") or "template"
@@ -69,7 +70,9 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
                  "per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
                  "controls' median and spread; a fold's reference from the controls it trained on) in "
                  f"{template} space, the score being "
-                 + ("the magnitude of the robust z there of the residual's signed sum over the dw volumes"
+                 + (("the larger magnitude of the robust z there of the residual's signed sum over the dw "
+                     "volumes and of that over the features" if model_settings.get("feature_channels") else
+                     "the magnitude of the robust z there of the residual's signed sum over the dw volumes")
                     if model_settings.get("score_reduction") == "sum" else "the positive robust z there")
                  + ", mapped back to diffusion space with the inverse transforms")
     return text

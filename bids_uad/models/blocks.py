@@ -129,7 +129,13 @@ def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-s
 
     ``feature_channels`` > 0 (inputs ``"both"``): the last channels are invariant features, another
     quantity than the dw channels before them.  Each group is reduced on its own, as a mean over its
-    channels, and the two are added, so each group weighs the same however many channels it has."""
+    channels, and the two are added, so each group weighs the same however many channels it has;
+    with ``"sum"`` the two signed sums are returned as two maps (B, 2, X, Y, Z), which the score
+    reference refers each on its own."""
+    if feature_channels and reduction == "sum":  # two signed maps (B, 2, X, Y, Z), referred apart
+        split = recon.shape[1] - feature_channels
+        r = recon - x
+        return torch.stack([r[:, :split].sum(1), r[:, split:].sum(1)], 1)
     if feature_channels:
         split = recon.shape[1] - feature_channels
         dw = residual_score(recon[:, :split], x[:, :split], reduction) / split

@@ -39,49 +39,72 @@ from bids_uad.models.settings import ModelSettings
 
 class ScoreNormaliser(TemplateGrid, nn.Module):
     """Buffers of one fold: its raw-score scale (location, spread) and the per-voxel centre,
-    spread and validity of its training controls' scaled out-of-fold scores on the template grid."""
+    spread and validity of its training controls' scaled out-of-fold scores on the template grid.
+
+    A signed score of inputs ``"both"`` has two raw maps (the residual's signed sum over the dw
+    volumes and over the features: ``ModelSettings.n_score_maps``), each with its own scale and
+    per-voxel statistics (buffers with a leading axis of 2), the score being the larger |z|, as the
+    normative model's over its metrics.  One map keeps the buffers' original shapes."""
 
     def __init__(self, settings: ModelSettings):
         super().__init__()
         self.settings = settings
-        shape = self.template_shape
-        self.register_buffer("scale", torch.tensor([0.0, 0.0]))  # (location, spread); spread 0: not fitted
-        self.register_buffer("centre", torch.zeros(shape))
-        self.register_buffer("spread", torch.ones(shape))
+        self.n_maps = settings.n_score_maps
+        lead = () if self.n_maps == 1 else (self.n_maps,)
+        shape = tuple(self.template_shape)
+        self.register_buffer("scale", torch.zeros(lead + (2,)))  # (location, spread); spread 0: not fitted
+        self.register_buffer("centre", torch.zeros(lead + shape))
+        self.register_buffer("spread", torch.ones(lead + shape))
         self.register_buffer("valid", torch.zeros(shape))
+
+    def _per_map(self, array: np.ndarray) -> np.ndarray:
+        """``array`` with a leading axis of the raw maps: (M, X, Y, Z)."""
+        array = np.asarray(array)
+        return array.reshape((self.n_maps,) + array.shape[-3:])
 
     @property
     def fitted(self) -> bool:
-        return float(self.scale[1]) > 0
+        return bool((self.scale.reshape(-1, 2)[:, 1] > 0).all())
 
-    def set_scale(self, location: float, spread: float) -> None:
-        if not (np.isfinite(location) and np.isfinite(spread) and spread > 0):
-            raise InputValidationError(f"a score scale needs a finite location and a positive spread, got "
-                                       f"{location}, {spread}")
-        self.scale.copy_(torch.tensor([float(location), float(spread)]))
+    def set_scale(self, location, spread) -> None:
+        """Each raw map's (location, spread): numbers, or one per map."""
+        location = np.atleast_1d(np.asarray(location, float)).ravel()
+        spread = np.atleast_1d(np.asarray(spread, float)).ravel()
+        if (location.size != self.n_maps or spread.size != self.n_maps or not np.isfinite(location).all()
+                or not np.isfinite(spread).all() or not (spread > 0).all()):
+            raise InputValidationError(f"a score scale needs a finite location and a positive spread per raw map "
+                                       f"({self.n_maps}), got {location.tolist()}, {spread.tolist()}")
+        self.scale.copy_(torch.as_tensor(np.stack([location, spread], -1), dtype=torch.float32).reshape(self.scale.shape))
 
     def scaled(self, raw: np.ndarray) -> np.ndarray:
-        """``raw`` on the fold's common scale: (raw − location) / spread."""
-        location, spread = (float(v) for v in self.scale)
-        return ((np.asarray(raw, np.float32) - location) / spread).astype(np.float32)
+        """``raw`` on the fold's common scale, (raw − location) / spread, each map by its own (the
+        shape of ``raw``)."""
+        scale = self.scale.reshape(-1, 2).cpu().numpy().astype(np.float32)
+        location, spread = scale[:, 0, None, None, None], scale[:, 1, None, None, None]
+        raw = np.asarray(raw, np.float32)
+        return ((self._per_map(raw) - location) / spread).astype(np.float32).reshape(raw.shape)
 
     def to_template(self, raw: np.ndarray, brain: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:
-        """(the scaled score carried to the template grid, where it is defined there)."""
-        maps, support = route.forward(np.where(brain, self.scaled(raw), 0)[None].astype(np.float32), brain,
+        """(the scaled score carried to the template grid, with ``raw``'s leading axis if it has one;
+        where it is defined there)."""
+        maps, support = route.forward(np.where(brain, self._per_map(self.scaled(raw)), 0).astype(np.float32), brain,
                                       self.template_shape, self.template_affine)
-        return maps[0], support
+        return (maps if np.ndim(raw) == 4 else maps[0]), support
 
     def set_reference(self, maps: Sequence[np.ndarray]) -> None:
-        """Per-voxel robust centre/spread of template-grid scaled scores (NaN outside each subject)."""
-        centre, spread, valid = robust_voxel_stats(np.stack(list(maps))[None], self.settings)
-        self.centre.copy_(torch.as_tensor(centre[0]))
-        self.spread.copy_(torch.as_tensor(spread[0]))
+        """Per-voxel robust centre/spread of template-grid scaled scores, one per control, as
+        :meth:`to_template` gives them (NaN outside each subject)."""
+        values = np.stack([self._per_map(m) for m in maps], 1)  # (M, n, X, Y, Z)
+        centre, spread, valid = robust_voxel_stats(values, self.settings)
+        self.centre.copy_(torch.as_tensor(centre).reshape(self.centre.shape))
+        self.spread.copy_(torch.as_tensor(spread).reshape(self.spread.shape))
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
     def zscore(self, raw: np.ndarray, brain: np.ndarray, route) -> np.ndarray:
-        """The robust z of one subject's raw score map (X, Y, Z) on its grid (``route``: its
-        TemplateRoute for that grid), positive part, or magnitude for a signed score; 0 outside
-        ``brain`` and where the reference is undefined."""
+        """The robust z of one subject's raw score map (X, Y, Z, or (M, X, Y, Z)) on its grid
+        (``route``: its TemplateRoute for that grid): the positive part, or the magnitude of a
+        signed score (the largest over its maps); 0 outside ``brain`` and where the reference is
+        undefined."""
         if not self.fitted:
             raise InputValidationError("this network's score reference was never fitted (a model file written "
                                        "while training, or damaged): train the model again")
@@ -90,16 +113,21 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
                                        f"{self.settings.normative_template}: the subject's transforms are needed")
         values, support = self.to_template(raw, brain, route)
         defined = support & (self.valid.cpu().numpy() > 0)
-        centre, spread = self.centre.cpu().numpy(), self.spread.cpu().numpy()
-        z = (values - centre) / spread
-        z = np.abs(z) if self.settings.score_reduction == "sum" else np.maximum(z, 0)
+        centre = self._per_map(self.centre.cpu().numpy())
+        spread = self._per_map(self.spread.cpu().numpy())
+        z = (self._per_map(values) - centre) / spread
+        z = (np.abs(z) if self.settings.score_reduction == "sum" else np.maximum(z, 0)).max(0)
         z = np.where(defined, z, 0).astype(np.float32)
         back, landed = route.backward(z[None], defined, self.template_affine, brain.shape)
         return np.where(brain & landed, back[0], 0).astype(np.float32)
 
 
-def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(median, 1.4826 x MAD) of the score maps' values inside their masks."""
+def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
+    """(median, 1.4826 x MAD) of the score maps' values inside their masks; for maps with a leading
+    axis (M, X, Y, Z), (locations, spreads) of each of the M maps."""
+    if maps and np.ndim(maps[0]) == 4:
+        pairs = [robust_scale([m[k] for m in maps], masks) for k in range(np.shape(maps[0])[0])]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     values = np.concatenate([np.asarray(m, np.float64)[np.asarray(k) > 0] for m, k in zip(maps, masks)])
     if values.size == 0:
         raise InputValidationError("no brain voxel to put the scores on a common scale")

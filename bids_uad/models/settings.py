@@ -84,6 +84,12 @@ class ModelSettings:
     normative_template_shape: tuple[int, int, int] = (0, 0, 0)  # template grid the model is fitted on
     normative_template_affine: tuple[float, ...] = ()  # its voxel-to-world affine, 16 values row by row
 
+    @property
+    def n_score_maps(self) -> int:
+        """Raw score maps a score reference refers: 2 for the signed score of inputs ``"both"``
+        (the residual's signed sum over the dw volumes and over the features), else 1."""
+        return 2 if self.score_reduction == "sum" and self.feature_channels > 0 else 1
+
     def __post_init__(self) -> None:
         if self.output_activation not in ("sigmoid", "linear"):
             raise UsageError(f"output_activation must be sigmoid or linear, not {self.output_activation!r}")
@@ -121,9 +127,10 @@ class ModelSettings:
             raise UsageError(f"invariant_sh_order must be 2, 4, 6 or 8, not {self.invariant_sh_order!r}")
         if self.score_reduction not in SCORE_REDUCTIONS:
             raise UsageError(f"score_reduction must be one of {SCORE_REDUCTIONS}, not {self.score_reduction!r}")
-        if self.score_reduction == "sum" and (self.normative_space != "template" or self.inputs != "dwi"):
+        if self.score_reduction == "sum" and (self.normative_space != "template" or self.inputs == "invariant"):
             raise UsageError("score_reduction 'sum' (a signed score) needs a score reference (normative_space "
-                             "'template') and the dw volumes as inputs (their channels move together in a lesion)")
+                             "'template') and the dw volumes among the inputs (their channels move together in a "
+                             "lesion)")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
         if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:

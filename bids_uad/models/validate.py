@@ -11,7 +11,7 @@ when a node loads the model, so both see the same rules:
   types, a registered model name, architecture sizes within :data:`ARCHITECTURE_BOUNDS`
   (checked before any allocation: the network is built on torch's ``meta`` device), tensor
   names and shapes equal to the architecture's, the tensor file's SHA-256, and a referred
-  network's fitted score reference (its 2-value scale tensors are the only ones read).
+  network's fitted score reference (its small scale tensors are the only ones read).
 """
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ def _check_tensors(path: Path, header: dict[str, dict], meta: dict, expected: di
 
 def _check_score_references(path: Path, header: dict[str, dict], meta: dict) -> None:
     """A network referred to its controls' scores (:mod:`bids_uad.models.normaliser`) needs each
-    fold's fitted scale, (location, spread > 0), finite: reads those 2-value tensors only (a file
+    fold's fitted scale, (location, spread > 0) per raw map, finite: reads those small tensors only (a file
     saved before the reference was fitted, e.g. from a checkpoint, would otherwise fail at inference)."""
     from safetensors import safe_open
 
@@ -296,15 +296,15 @@ def _check_score_references(path: Path, header: dict[str, dict], meta: dict) -> 
         return
     with safe_open(str(path), framework="np") as f:
         for name in names:
-            location, spread = (float(v) for v in f.get_tensor(name))
-            if not (math.isfinite(location) and math.isfinite(spread) and spread > 0):
-                raise _bad(path, f"tensor {name!r}", f"the score reference was never fitted (scale {location:g}, "
-                           f"spread {spread:g}); retrain the model at the group level")
+            for location, spread in f.get_tensor(name).reshape(-1, 2).astype(float):
+                if not (math.isfinite(location) and math.isfinite(spread) and spread > 0):
+                    raise _bad(path, f"tensor {name!r}", f"the score reference was never fitted (scale {location:g}, "
+                               f"spread {spread:g}); retrain the model at the group level")
 
 
 def validate_model_file(path: str | Path) -> ModelFile:
     """Check one model (JSON + safetensors) completely without loading its weights (of the tensors
-    only a score reference's 2-value scales are read); see module doc."""
+    only a score reference's small scale tensors are read); see module doc."""
     path = Path(path)
     json_path = path.with_suffix(META_SUFFIX) if path.suffix in (META_SUFFIX, TENSOR_SUFFIX) else \
         path.with_name(path.name + META_SUFFIX)

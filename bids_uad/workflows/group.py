@@ -91,7 +91,7 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
     processes = training_processes(settings, base.training.batch_size)
     space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
     inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
-    if space and model != "normative" and inputs == "dwi":  # a referred network on the dw volumes
+    if space and model != "normative" and inputs != "invariant":  # a referred network on the dw volumes
         space["score_reduction"] = REFERRED_REDUCTION
     return replace(
         base,

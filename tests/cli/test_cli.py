@@ -183,6 +183,9 @@ def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bid
     both = model_settings_for(settings_from_args(group + ["--model-inputs", "both"]), "cdae", np.full(32, 1000.0),
                               (16, 16, 16)).model
     assert (both.inputs, both.n_channels, both.feature_channels) == ("both", 37, 5)  # 32 dw + 3 shell + FA, MD
+    assert both.score_reduction == "sum" and both.n_score_maps == 2
+    assert "signed sum over the dw volumes and of that over the features" in describe_model(
+        "cdae", dataclasses.asdict(both))
     assert "the dw volumes and protocol-invariant features" in describe_model("cdae", dataclasses.asdict(both))
     code, err = _run(capsys, *group, "--model-inputs", "tensor")
     assert code == 64 and "--model-inputs" in err and len(err.strip().splitlines()) == 1

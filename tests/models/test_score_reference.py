@@ -164,9 +164,57 @@ def test_a_signed_score_is_referred_two_sided():
     assert below > 10 and above > 10 and abs(below - above) < 0.2 * above
     assert z["abs-sum"][5, 5, 5] == 0 and z["abs-sum"][11, 11, 11] > 10
     for bad in ({"normative_space": "dwi", "normative_template": "", "normative_template_shape": (0, 0, 0),
-                 "normative_template_affine": ()}, {"inputs": "invariant"}):
+                 "normative_template_affine": ()}, {"inputs": "invariant", "n_channels": 5}):
         with pytest.raises(UsageError, match="score_reduction 'sum'"):
             replace(_model_settings(), score_reduction="sum", **bad)
+
+
+def test_a_signed_score_of_both_inputs_refers_its_two_maps_apart(tmp_path):
+    """Inputs "both" with the signed score: the dw volumes' and the features' residual sums are two
+    raw maps, each with its own scale and per-voxel reference (buffers with a leading axis of 2),
+    the score the larger |z|; the model file round-trips and an unfitted second map is refused."""
+    import copy
+
+    from bids_uad.models.blocks import residual_score
+    from bids_uad.models.inputs import invariant_features
+
+    settings = replace(_model_settings(), inputs="both", n_channels=16, feature_channels=4, invariant_sh_order=2,
+                       score_reduction="sum")
+    assert settings.n_score_maps == 2
+    x, recon = torch.zeros(1, 16, 2, 2, 2), torch.zeros(1, 16, 2, 2, 2)
+    recon[:, :12], recon[:, 12] = 0.1, -0.5
+    torch.testing.assert_close(residual_score(recon, x, "sum", 4)[0, :, 0, 0, 0], torch.tensor([1.2, -0.5]))
+
+    norm = ScoreNormaliser(settings)
+    assert tuple(norm.scale.shape) == (2, 2) and tuple(norm.centre.shape) == (2,) + GRID
+    brain = np.ones(GRID, bool)
+    controls = [np.random.default_rng(i).normal([[[[1.0]]], [[[-2.0]]]], 0.1, (2,) + GRID).astype(np.float32)
+                for i in range(6)]
+    location, spread = robust_scale(controls, [brain] * 6)
+    assert np.allclose(location, [1.0, -2.0], atol=0.02) and np.allclose(spread, 0.1, rtol=0.1)
+    norm.set_scale(location, spread)
+    norm.set_reference([np.where(brain, norm.to_template(c, brain, IDENTITY)[0], np.nan) for c in controls])
+    patient = np.stack([np.full(GRID, 1.0), np.full(GRID, -2.0)]).astype(np.float32)
+    patient[1, 4:8, 4:8, 4:8] = -4.0  # only the features' sum moves, below the controls'
+    z = norm.zscore(patient, brain, IDENTITY)
+    assert z[5, 5, 5] > 10 and np.median(z) < 2
+
+    subs = [make_toy_subject(GRID, BVECS, 300 + i) for i in range(5)]
+    data = [np.concatenate([_x(t), np.moveaxis(invariant_features(t.data, BVALS, BVECS, t.mask, BVALS, 2), -1, 0)])
+            for t in subs]
+    s = _settings()
+    bundle = train_model(replace(s, model=settings), data, [t.mask for t in subs], [f"c{i}" for i in range(5)],
+                         BVALS, BVECS, routes=[IDENTITY] * 5)
+    loaded = load_bundle(bundle.save(tmp_path / "a"))
+    m = loaded.folds[0].model
+    assert normaliser_of(m).fitted and tuple(normaliser_of(m).scale.shape) == (2, 2)
+    assert score_volume(m, data[0], raw=True).shape == (2,) + GRID
+    assert np.array_equal(score_volume(m, data[0], route=IDENTITY),
+                          score_volume(bundle.folds[0].model, data[0], route=IDENTITY))
+    broken = copy.deepcopy(bundle)
+    normaliser_of(broken.folds[0].model).scale[1, 1] = 0
+    with pytest.raises(InputValidationError, match="never fitted"):
+        validate_model_file(broken.save(tmp_path / "b"))
 
 
 def test_which_models_have_a_reference():
