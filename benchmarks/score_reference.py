@@ -10,15 +10,19 @@ three ways, from the *same* fold networks:
 * ``referred-ensemble`` — the mean of the folds' z (the group level's default for these models);
 
 next to the model files' baselines (``normative``, ``meansignal``) scored by the same code on
-the same voxels.  Prints a table (AUPRC, AUROC, written-map Dice, per lesion type) and keeps it
+the same voxels.  ``--reductions``: also each other score reduction (``model.score_reduction``,
+e.g. ``sum``, the signed score) of the same fold networks, their references refitted from the
+controls for it (:func:`refitted`), as a referred ensemble; no Dice for those (the model file's
+threshold was calibrated for its own score).  Prints a table (AUPRC, AUROC, written-map Dice, per lesion type) and keeps it
 in ``benchmarks/results/score_reference_<name>.{json,md}``.  No timing is reported beyond wall
 time: scoring only.
 
-    python benchmarks/score_reference.py BIDS_DIR OUTPUT_DIR --lesion-masks DIR --name demo
+    python benchmarks/score_reference.py BIDS_DIR OUTPUT_DIR --lesion-masks DIR --name demo [--reductions sum]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -32,7 +36,8 @@ from _measure import markdown_table, publish  # noqa: E402
 
 from bids_uad.models import has_score_reference  # noqa: E402
 from bids_uad.models.bundle import load_bundle, score_volume  # noqa: E402
-from bids_uad.models.inputs import from_grid  # noqa: E402
+from bids_uad.models.inputs import from_grid, grid_affine  # noqa: E402
+from bids_uad.models.normaliser import ScoreNormaliser  # noqa: E402
 from bids_uad.models.settings import needs_template  # noqa: E402
 from bids_uad.scoring.inference import prepare_for  # noqa: E402
 
@@ -44,12 +49,39 @@ def raw_score(bundle, arrays: dict) -> np.ndarray:
     return np.where(np.asarray(arrays["analysis_mask"]) > 0, from_grid(score, prepared.grid_map), 0)
 
 
+def refitted(bundle, reduction: str, settings, bids):
+    """A copy of ``bundle`` whose fold networks score with ``reduction``, their score references
+    refitted for it from the training controls as the group level fits them."""
+    from dataclasses import replace
+
+    from bids_uad.training.normalise import fit_score_normalisers
+    from bids_uad.workflows.group import baseline_derivatives, template_routes
+
+    model = replace(bundle.settings.model, score_reduction=reduction)  # validated: "sum" needs a reference
+    out = copy.deepcopy(bundle)
+    out.settings = replace(out.settings, model=model)
+    for fold in out.folds:
+        fold.model.settings = model
+        fold.model.normaliser = ScoreNormaliser(model)
+    found = [baseline_derivatives(settings, bids, subject) for subject in out.subjects]
+    if any(f is None for f in found):
+        raise SystemExit("a training control's derivatives are missing: cannot refit the score reference")
+    items = [f.load() for f in found]
+    routes = template_routes(settings, found, items, model.normative_template)
+    prepared = [prepare_for(out, i["dwi"], i["bvals"], i["bvecs"], i["brain_mask"]) for i in items]
+    fit_score_normalisers(out.folds, [p.data for p in prepared],
+                          [r.with_affine(grid_affine(r.matrix, p.grid_map)) for r, p in zip(routes, prepared)])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("output_dir", type=Path, help="a finished group level's OUTPUT_DIR")
     parser.add_argument("--lesion-masks", type=Path, required=True)
     parser.add_argument("--name", default="run", help="results file suffix")
+    parser.add_argument("--reductions", nargs="*", default=[], choices=["abs-sum", "sum-abs", "sum"],
+                        help="also score the referred networks with these score reductions (reference refitted)")
     args = parser.parse_args(argv)
 
     from bids_uad.bids.layout import BIDSInputs
@@ -76,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         name = bundle.name
         if needs_template(bundle.settings.model):
             template_routes(settings, found, patients, bundle.settings.model.normative_template, refuse=False)
-        ways = {name: None}
+        ways = {name: (bundle, None)}
         if has_score_reference(name) and needs_template(bundle.settings.model):
-            ways = {f"{name} raw": "raw", f"{name} referred": False, f"{name} referred-ensemble": True}
+            own = bundle.settings.model.score_reduction
+            ways = {f"{name} raw": (bundle, "raw"), f"{name} referred": (bundle, False),
+                    f"{name} referred-ensemble": (bundle, True)}
+            ways.update({f"{name} referred-ensemble [{r}]": (refitted(bundle, r, settings, bids), True)
+                         for r in args.reductions if r != own})
         elif has_score_reference(name):
             continue  # a network trained without its reference: nothing to compare
-        for label, how in ways.items():
+        for label, (scored, how) in ways.items():
             cases = []
             for arrays in patients:
                 if not can_score(bundle, arrays):  # no transforms to the template: left out, with a warning
@@ -89,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 if how == "raw":
                     cases.append(_case(arrays, raw_score(bundle, arrays)))
                     continue
-                res = infer(bundle, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
+                res = infer(scored, arrays["dwi"], arrays["bvals"], arrays["bvecs"], arrays["brain_mask"],
                             arrays["analysis_mask"], ensemble=how, route=arrays.get("route"))
-                cases.append(_case(arrays, res.score, res.mask, bundle))
+                cases.append(_case(arrays, res.score, res.mask if scored is bundle else None, bundle))
             r = evaluate_detector(cases, [])
             row = {"detector": label, "auprc": round(r["auprc"], 4), "auroc": round(r["auroc"], 4),
                    "dice_written": None if how == "raw" or not np.isfinite(r["dice_calibrated"])
@@ -105,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
               "load_1min_end": round(os.getloadavg()[0], 2), "rows": rows}
     md = (f"# Networks' score reference: raw vs referred vs ensemble ({args.name}, {result['date']})\n\n"
           f"{len(patients)} patients, models in `{args.output_dir}/models`; the same fold networks scored "
-          "three ways; Dice of the written map (the model file's threshold), none for the raw score.\n\n"
+          "three ways (and with other score reductions, `[...]`, references refitted); Dice of the written "
+          "map (the model file's threshold), none for the raw score and the refitted ones.\n\n"
           + markdown_table(rows))
     return publish(f"score_reference_{args.name}", result, md)
 
