@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "controls' gradient order) or invariant (per shell the mean dw ratio and the "
                            "rotation-invariant spherical-harmonic power of each even order, with FA and MD: "
                            "independent of the gradient directions) or both (the dw volumes and the "
-                           "features; the score weighs the two alike).  The baselines always read the dw "
+                           "features, each group scored on its own).  The baselines always read the dw "
                            "volumes.  Stored in the model files (default: dwi)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")
