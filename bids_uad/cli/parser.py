@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "coarse noise) and cevae (context-encoding VAE, StRegA's model), and the baseline detectors normative (voxelwise normative model "
                            "of FA, MD and mean dw signal from the controls, fitted in template space: every control needs "
                            "its transforms from a T1w, else exit 66) and meansignal (1 - mean dw "
-                           "signal ratio) (default: " + " ".join(DEFAULT_MODELS) + ": the normative model measured "
-                           "best with registrations, see README)")
+                           "signal ratio) (default: " + " ".join(DEFAULT_MODELS) + ": the best measured first, "
+                           "see README's Models)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
                       help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
                            "network trained to its best validation loss with early stopping, 3 folds: "
