@@ -13,8 +13,8 @@ next to the model files' baselines (``normative``, ``meansignal``) scored by the
 the same voxels.  ``--reductions``: also each other score reduction (``model.score_reduction``,
 e.g. ``sum``, the signed score) of the same fold networks, their references refitted from the
 controls for it (:func:`refitted`), as a referred ensemble; no Dice for those (the model file's
-threshold was calibrated for its own score).  Prints a table (AUPRC, AUROC, written-map Dice, per lesion type) and keeps it
-in ``benchmarks/results/score_reference_<name>.{json,md}``.  No timing is reported beyond wall
+threshold was calibrated for its own score).  Prints a table (AUPRC, AUROC, written-map Dice,
+per lesion type) and keeps it in ``benchmarks/results/score_reference_<name>.{json,md}``.  No timing is reported beyond wall
 time: scoring only.
 
     python benchmarks/score_reference.py BIDS_DIR OUTPUT_DIR --lesion-masks DIR --name demo [--reductions sum]

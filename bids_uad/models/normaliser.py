@@ -74,7 +74,8 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
                 or not np.isfinite(spread).all() or not (spread > 0).all()):
             raise InputValidationError(f"a score scale needs a finite location and a positive spread per raw map "
                                        f"({self.n_maps}), got {location.tolist()}, {spread.tolist()}")
-        self.scale.copy_(torch.as_tensor(np.stack([location, spread], -1), dtype=torch.float32).reshape(self.scale.shape))
+        pairs = torch.as_tensor(np.stack([location, spread], -1), dtype=torch.float32)
+        self.scale.copy_(pairs.reshape(self.scale.shape))
 
     def scaled(self, raw: np.ndarray) -> np.ndarray:
         """``raw`` on the fold's common scale, (raw − location) / spread, each map by its own (the
@@ -87,8 +88,8 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
     def to_template(self, raw: np.ndarray, brain: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:
         """(the scaled score carried to the template grid, with ``raw``'s leading axis if it has one;
         where it is defined there)."""
-        maps, support = route.forward(np.where(brain, self._per_map(self.scaled(raw)), 0).astype(np.float32), brain,
-                                      self.template_shape, self.template_affine)
+        scaled = np.where(brain, self._per_map(self.scaled(raw)), 0).astype(np.float32)
+        maps, support = route.forward(scaled, brain, self.template_shape, self.template_affine)
         return (maps if np.ndim(raw) == 4 else maps[0]), support
 
     def set_reference(self, maps: Sequence[np.ndarray]) -> None:

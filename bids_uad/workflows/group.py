@@ -300,9 +300,10 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                 LOGGER.warning("%s: not every control has transforms to %s and back, so its score is not referred "
                                "to the controls' there (the raw reconstruction score is used)", model,
                                msettings.model.normative_template)
+                raw_score = preset(settings.train_preset, model).model.score_reduction  # no signed score
                 routes, msettings = None, replace(msettings, model=replace(
                     msettings.model, normative_space="dwi", normative_template="", normative_template_shape=(0, 0, 0),
-                    normative_template_affine=(), score_reduction=preset(settings.train_preset, model).model.score_reduction),
+                    normative_template_affine=(), score_reduction=raw_score),
                     scoring=replace(msettings.scoring, ensemble=bool(settings.ensemble)))
         elif needs_template(msettings.model):
             started = time.perf_counter()
