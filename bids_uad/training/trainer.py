@@ -244,11 +244,10 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
 
     n = len(train_data)
     # epoch n/N, elapsed<left (left: at the current pace if no early stop comes first), losses
-    bar = tqdm(range(start, ts.epochs), desc=f"{settings.model.name} fold {fold}",
-               disable=not ts.progress or done or rank != 0, initial=start, total=ts.epochs, leave=False,
-               unit="epoch", bar_format=PROGRESS_FORMAT)
+    bar = tqdm(desc=f"{settings.model.name} fold {fold}", disable=not ts.progress or done or rank != 0,
+               initial=start, total=ts.epochs, leave=False, unit="epoch", bar_format=PROGRESS_FORMAT)
     ran = 0
-    for epoch in bar:
+    for epoch in range(start, ts.epochs):
         if done:
             break
         net.train()
@@ -282,7 +281,10 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             bad += 1
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "lr": sched.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}", best=best_epoch, patience=f"{bad}/{ts.patience}")
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}", val=f"{val:.4g}", best=best_epoch, patience=f"{bad}/{ts.patience}",
+                        refresh=False)
+        bar.update(1)
+        bar.refresh()  # every epoch, with its count: tqdm alone prints only if 0.1 s passed since the last print
         finished = bad >= ts.patience or epoch == ts.epochs - 1
         if finished or (epoch + 1 - start) % ts.checkpoint_every == 0:
             save_checkpoint(epoch, finished)
@@ -294,9 +296,6 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             break
         if stop_after is not None and ran >= stop_after:
             break
-    if ran and not bar.disable:  # the final count (tqdm prints it only if 0.1 s passed since the postfix)
-        bar.n = start + ran
-        bar.refresh()
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
