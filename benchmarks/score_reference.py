@@ -36,7 +36,7 @@ from _measure import markdown_table, publish  # noqa: E402
 
 from bids_uad.models import has_score_reference  # noqa: E402
 from bids_uad.models.bundle import load_bundle, score_volume  # noqa: E402
-from bids_uad.models.inputs import from_grid, grid_affine  # noqa: E402
+from bids_uad.models.inputs import from_grid, route_on_grid  # noqa: E402
 from bids_uad.models.normaliser import ScoreNormaliser  # noqa: E402
 from bids_uad.models.settings import needs_template  # noqa: E402
 from bids_uad.scoring.inference import prepare_for  # noqa: E402
@@ -70,7 +70,7 @@ def refitted(bundle, reduction: str, settings, bids):
     routes = template_routes(settings, found, items, model.normative_template)
     prepared = [prepare_for(out, i["dwi"], i["bvals"], i["bvecs"], i["brain_mask"]) for i in items]
     fit_score_normalisers(out.folds, [p.data for p in prepared],
-                          [r.with_affine(grid_affine(r.matrix, p.grid_map)) for r, p in zip(routes, prepared)])
+                          [route_on_grid(r, p.grid_map) for r, p in zip(routes, prepared)])
     return out
 
 

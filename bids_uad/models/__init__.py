@@ -54,27 +54,33 @@ def describe_model(name: str, model_settings: dict | None = None) -> str:
     if model_settings is not None and callable(describe):
         return describe(model_settings)
     text = getattr(factory, "__desc__", "") or f"the registered model {name!r}"
-    inputs = None if model_settings is None or not is_trainable(name) else model_settings.get("inputs")
+    model_settings = model_settings or {}
+    inputs = model_settings.get("inputs") if is_trainable(name) else None
+    signed = model_settings.get("score_reduction") == "sum"
     if inputs in ("invariant", "both"):
         features = ("protocol-invariant features: per shell the mean dw signal ratio and the rotation-invariant "
                     "spherical-harmonic power of each even order up to "
                     f"{int(model_settings.get('invariant_sh_order', 4))}, with FA and MD")
-        text += (f"; its inputs are {features}, instead of the dw volumes" if inputs == "invariant" else
-                 f"; its inputs are the dw volumes and {features}"
-                 + ("" if model_settings.get("score_reduction") == "sum" else
-                    ", and its score adds the mean residual of the dw volumes and that of the features"))
-    referred = model_settings is not None and model_settings.get("normative_space") == "template"
-    if referred and has_score_reference(name):
+        if inputs == "invariant":
+            text += f"; its inputs are {features}, instead of the dw volumes"
+        else:
+            text += f"; its inputs are the dw volumes and {features}"
+            if not signed:
+                text += ", and its score adds the mean residual of the dw volumes and that of the features"
+    if model_settings.get("normative_space") == "template" and has_score_reference(name):
         template = model_settings.get("normative_template") or "template"
+        if not signed:
+            z = "the positive robust z there"
+        elif model_settings.get("feature_channels"):
+            z = ("the larger magnitude of the robust z there of the residual's signed sum over the dw volumes "
+                 "and of that over the features")
+        else:
+            z = "the magnitude of the robust z there of the residual's signed sum over the dw volumes"
         text += ("; its score is referred to the controls' own: each control scored by the fold that held it out, "
                  "per-voxel robust centre and spread of those scores (each fold's scale set by its held-out "
                  "controls' median and spread; a fold's reference from the controls it trained on) in "
-                 f"{template} space, the score being "
-                 + (("the larger magnitude of the robust z there of the residual's signed sum over the dw "
-                     "volumes and of that over the features" if model_settings.get("feature_channels") else
-                     "the magnitude of the robust z there of the residual's signed sum over the dw volumes")
-                    if model_settings.get("score_reduction") == "sum" else "the positive robust z there")
-                 + ", mapped back to diffusion space with the inverse transforms")
+                 f"{template} space, the score being {z}, mapped back to diffusion space with the inverse "
+                 "transforms")
     return text
 
 

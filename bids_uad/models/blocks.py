@@ -132,15 +132,13 @@ def residual_score(recon: torch.Tensor, x: torch.Tensor, reduction: str = "abs-s
     channels, and the two are added, so each group weighs the same however many channels it has;
     with ``"sum"`` the two signed sums are returned as two maps (B, 2, X, Y, Z), which the score
     reference refers each on its own."""
-    if feature_channels and reduction == "sum":  # two signed maps (B, 2, X, Y, Z), referred apart
-        split = recon.shape[1] - feature_channels
-        r = recon - x
-        return torch.stack([r[:, :split].sum(1), r[:, split:].sum(1)], 1)
+    r = recon - x
     if feature_channels:
         split = recon.shape[1] - feature_channels
+        if reduction == "sum":  # two signed maps (B, 2, X, Y, Z), referred apart
+            return torch.stack([r[:, :split].sum(1), r[:, split:].sum(1)], 1)
         dw = residual_score(recon[:, :split], x[:, :split], reduction) / split
         return dw + residual_score(recon[:, split:], x[:, split:], reduction) / feature_channels
-    r = recon - x
     if reduction == "abs-sum":
         return r.sum(1).abs()
     if reduction == "sum-abs":

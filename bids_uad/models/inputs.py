@@ -350,6 +350,12 @@ def grid_affine(affine: np.ndarray, gm: GridMap) -> np.ndarray:
     return np.asarray(affine, float) @ shift
 
 
+def route_on_grid(route, gm: GridMap):
+    """A :class:`~bids_uad.algorithms.registration.TemplateRoute` of the original image, for the
+    array put on the model grid by ``gm`` (None stays None)."""
+    return None if route is None else route.with_affine(grid_affine(route.matrix, gm))
+
+
 @dataclass
 class Prepared:
     """One subject ready for a model: channels-first array on the grid plus its masks."""

@@ -23,7 +23,7 @@ from bids_uad.models import FIXED_THRESHOLDS
 from bids_uad.models.bundle import ModelBundle, score_volume
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
-from bids_uad.models.inputs import Prepared, from_grid, grid_affine, prepare_subject, to_grid
+from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, route_on_grid, to_grid
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
 from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import postprocess, postprocess_description
@@ -75,7 +75,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     scoring = scoring or bundle.settings.scoring
     if needs_template(bundle.settings.model):
         check_route(bundle, route)
-        route = route.with_affine(grid_affine(route.matrix, prepared.grid_map))
+        route = route_on_grid(route, prepared.grid_map)
     if ensemble is None:
         ensemble = scoring.ensemble and fold is None
     source = "requested (--threshold)" if method else "model file (the default; set at the group level)"

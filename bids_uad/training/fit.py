@@ -15,7 +15,7 @@ from bids_uad.errors import InputValidationError
 from bids_uad.models import is_trainable
 from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.bundle import ModelBundle
-from bids_uad.models.inputs import dw_gradients, grid_affine, prepare_subject, sized_to_inputs, to_grid
+from bids_uad.models.inputs import dw_gradients, prepare_subject, route_on_grid, sized_to_inputs, to_grid
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
@@ -43,7 +43,7 @@ def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     if len(set(subjects)) != len(subjects):
         raise InputValidationError("subject labels must be unique")
     sized = sized_to_inputs(settings.model, ref_bvals)
-    if (sized.n_channels, sized.feature_channels) != (settings.model.n_channels, settings.model.feature_channels):
+    if sized != settings.model:
         raise InputValidationError(
             f"{len(ref_bvals)} reference b-values give {sized.n_channels} {settings.model.inputs} input channels "
             f"({sized.feature_channels} features) but the model has {settings.model.n_channels} "
@@ -90,7 +90,6 @@ def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequen
     if analysis_masks is not None:
         amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]
     if routes is not None:
-        routes = [None if r is None else r.with_affine(grid_affine(r.matrix, p.grid_map))
-                  for r, p in zip(routes, prepared)]
+        routes = [route_on_grid(r, p.grid_map) for r, p in zip(routes, prepared)]
     return train_model(settings, [p.data for p in prepared], [p.mask for p in prepared], subjects,
                        ref_bvals, ref_bvecs, amasks, checkpoint_dir, routes)
