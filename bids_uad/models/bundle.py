@@ -85,6 +85,14 @@ def refer_score(model: torch.nn.Module, raw: np.ndarray, data: np.ndarray, route
     return normaliser_of(model).zscore(raw, np.asarray(data).mean(0) > 0, route)
 
 
+def signed_score(model: torch.nn.Module, data: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:
+    """A referred network's z maps of ``data`` before they are folded into its score
+    (:meth:`~bids_uad.models.normaliser.ScoreNormaliser.signed`: (M, X, Y, Z), where defined): what a
+    fold ensemble averages."""
+    raw = score_volume(model, data, raw=True)
+    return normaliser_of(model).signed(raw, np.asarray(data).mean(0) > 0, route)
+
+
 def _versions() -> dict[str, str]:
     import safetensors
     try:

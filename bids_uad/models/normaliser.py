@@ -101,11 +101,10 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
         self.spread.copy_(torch.as_tensor(spread).reshape(self.spread.shape))
         self.valid.copy_(torch.as_tensor(valid.astype(np.float32)))
 
-    def zscore(self, raw: np.ndarray, brain: np.ndarray, route) -> np.ndarray:
-        """The robust z of one subject's raw score map (X, Y, Z, or (M, X, Y, Z)) on its grid
-        (``route``: its TemplateRoute for that grid): the positive part, or the magnitude of a
-        signed score (the largest over its maps); 0 outside ``brain`` and where the reference is
-        undefined."""
+    def signed(self, raw: np.ndarray, brain: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:
+        """(the robust z of each of one subject's raw score maps (X, Y, Z, or (M, X, Y, Z)) on its grid,
+        (M, X, Y, Z), before :meth:`fold` makes it a score; where it is defined: ``brain``, where the
+        reference is, carried back).  ``route``: the subject's TemplateRoute for that grid."""
         if not self.fitted:
             raise InputValidationError("this network's score reference was never fitted (a model file written "
                                        "while training, or damaged): train the model again")
@@ -116,11 +115,57 @@ class ScoreNormaliser(TemplateGrid, nn.Module):
         defined = support & (self.valid.cpu().numpy() > 0)
         centre = self._per_map(self.centre.cpu().numpy())
         spread = self._per_map(self.spread.cpu().numpy())
-        z = (self._per_map(values) - centre) / spread
-        z = (np.abs(z) if self.settings.score_reduction == "sum" else np.maximum(z, 0)).max(0)
-        z = np.where(defined, z, 0).astype(np.float32)
-        back, landed = route.backward(z[None], defined, self.template_affine, brain.shape)
-        return np.where(brain & landed, back[0], 0).astype(np.float32)
+        z = np.where(defined, (self._per_map(values) - centre) / spread, 0).astype(np.float32)
+        back, landed = route.backward(z, defined, self.template_affine, brain.shape)
+        keep = brain & landed
+        return np.where(keep, back, 0).astype(np.float32), keep
+
+    def fold(self, z: np.ndarray) -> np.ndarray:
+        """The score of z maps (M, X, Y, Z): the magnitude of a signed score's, the positive part of a
+        magnitude score's; the largest over the maps."""
+        return (np.abs(z) if self.settings.score_reduction == "sum" else np.maximum(z, 0)).max(0).astype(np.float32)
+
+    def zscore(self, raw: np.ndarray, brain: np.ndarray, route) -> np.ndarray:
+        """The score of one subject's raw score map(s): :meth:`fold` of :meth:`signed`; 0 outside
+        ``brain`` and where the reference is undefined."""
+        return self.fold(self.signed(raw, brain, route)[0])
+
+
+#: fewest voxels defined in every fold's z map for an ensemble's null spread to be estimated
+MIN_ENSEMBLE_VOXELS = 500
+
+
+def ensemble_z(fold_z: Sequence[np.ndarray], keeps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The fold ensemble of one subject's z maps, on the null scale of one fold's.
+
+    ``fold_z``: each fold's :meth:`ScoreNormaliser.signed` maps (M, X, Y, Z) of the same subject,
+    ``keeps`` where each is defined.  Their mean has a narrower healthy distribution than one fold's
+    (separately trained networks err partly independently: the folds' z maps of a subject correlate
+    by 0.1-0.6 on the hard-lesion set, docs/models.md), so a level calibrated on single folds'
+    out-of-fold maps (every control can only be scored out of fold by one network) would flag fewer
+    voxels in the ensemble's than it was calibrated for.  Each map's mean is therefore divided by
+    ``r`` = robust spread of the mean / median over folds of each fold's robust spread, measured on
+    the voxels every fold defines: the ratio of the subject's own spreads, so a lesion or a noisy scan,
+    which widens both, leaves it about unchanged.  Returns (the rescaled mean (M, X, Y, Z), r per map);
+    r is 1 for one fold or fewer than :data:`MIN_ENSEMBLE_VOXELS` common voxels.
+    """
+    stack = np.stack([np.asarray(z, np.float32) for z in fold_z])  # (K, M, X, Y, Z)
+    mean = stack.mean(0)
+    ratio = np.ones(stack.shape[1])
+    common = np.logical_and.reduce([np.asarray(k, bool) for k in keeps])
+    if len(stack) > 1 and common.sum() >= MIN_ENSEMBLE_VOXELS:
+        for m in range(stack.shape[1]):
+            folds = np.median([robust_spread(z[m][common]) for z in stack])
+            together = robust_spread(mean[m][common])
+            if folds > 0 and together > 0:
+                ratio[m] = together / folds
+    return (mean / ratio[:, None, None, None].astype(np.float32)).astype(np.float32), ratio
+
+
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation from the median (the SD of a normal sample)."""
+    values = np.asarray(values, np.float64)
+    return MAD_TO_SD * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
 
 
 def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
@@ -133,7 +178,7 @@ def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
     if values.size == 0:
         raise InputValidationError("no brain voxel to put the scores on a common scale")
     location = float(np.median(values))
-    spread = MAD_TO_SD * float(np.median(np.abs(values - location)))
+    spread = robust_spread(values)
     if not spread > 0:
         spread = float(np.std(values)) or 1.0
     return location, spread

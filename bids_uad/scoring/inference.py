@@ -20,9 +20,10 @@ import torch
 from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models import FIXED_THRESHOLDS
-from bids_uad.models.bundle import ModelBundle, score_volume
+from bids_uad.models.bundle import ModelBundle, score_volume, signed_score
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
+from bids_uad.models.normaliser import ensemble_z, normaliser_of
 from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, route_on_grid, to_grid
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
 from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
@@ -44,14 +45,24 @@ class InferenceResult:
 
 
 def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fold: int | None = None,
-               route=None) -> np.ndarray:
-    """Score map on the grid: one fold (default: best validation loss) or the mean over folds
+               route=None, details: dict | None = None) -> np.ndarray:
+    """Score map on the grid: one fold (default: best validation loss) or the fold ensemble
     (``route``: the subject's route to the template, on the grid, for a template-space model).
 
-    The ensemble accumulates a running sum, so memory stays at two score maps whatever the
-    number of folds (each fold's network is applied in turn, never all at once)."""
+    The ensemble of networks referred to their controls (:mod:`bids_uad.models.normaliser`) averages
+    the folds' z maps before they are folded into a score and puts the mean back on one fold's null
+    scale (:func:`~bids_uad.models.normaliser.ensemble_z`; ``details["ensemble_scale"]`` gets the
+    ratio), so the out-of-fold calibration holds for it; other models' ensemble is the mean of the
+    folds' scores, accumulated as a running sum (memory stays at two score maps whatever the number
+    of folds; each fold's network is applied in turn, never all at once)."""
     folds = bundle.folds if ensemble else [bundle.folds[bundle.best_fold() if fold is None else fold]]
     torch.set_num_threads(max(1, bundle.settings.training.threads))
+    if len(folds) > 1 and normaliser_of(folds[0].model) is not None:
+        maps, keeps = zip(*(signed_score(f.model, data, route) for f in folds))
+        mean, ratio = ensemble_z(maps, keeps)
+        if details is not None:
+            details["ensemble_scale"] = [round(float(r), 4) for r in ratio]
+        return normaliser_of(folds[0].model).fold(mean)
     total = None
     for f in folds:
         s = score_volume(f.model, data, route=route).astype(np.float64)
@@ -84,7 +95,8 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     method = method or scoring.threshold_method
     gm = prepared.grid_map
     amask = prepared.mask if analysis_mask is None else to_grid(np.asarray(analysis_mask) > 0, gm.grid)[0]
-    score = np.where(amask, score_grid(bundle, prepared.data, ensemble, fold, route), 0).astype(np.float32)
+    details: dict = {}
+    score = np.where(amask, score_grid(bundle, prepared.data, ensemble, fold, route, details), 0).astype(np.float32)
     cal: Calibration | None = bundle.calibration(ensemble=ensemble, fold=fold)
     pvals = None if cal is None else np.where(amask, cal.pvalues(score), 1).astype(np.float32)
     binary, t = threshold_map(score, amask, method, bundle.name, scoring, cal, pvals)
@@ -97,6 +109,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "min_cluster_voxels": scoring.min_cluster_voxels if scoring.postprocess == "cluster" else None,
             "ensemble": ensemble,
             "folds": [f.fold for f in bundle.folds] if ensemble else [bundle.best_fold() if fold is None else fold],
+            **({"ensemble_scale": details["ensemble_scale"]} if "ensemble_scale" in details else {}),
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
             **({"model_space": bundle.settings.model.normative_template} if route is not None else {}),
             "calibration": None if cal is None else (

@@ -10,10 +10,11 @@ import torch
 from bids_uad.algorithms.registration import TemplateRoute
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, has_score_reference
-from bids_uad.models.bundle import load_bundle, refer_score, score_volume
-from bids_uad.models.normaliser import ScoreNormaliser, normaliser_of, robust_scale
+from bids_uad.models.bundle import load_bundle, refer_score, score_volume, signed_score
+from bids_uad.models.normaliser import ScoreNormaliser, ensemble_z, normaliser_of, robust_scale, robust_spread
 from bids_uad.models.settings import needs_template, preset
 from bids_uad.models.validate import validate_model_file
+from bids_uad.scoring.inference import score_grid
 from bids_uad.training.fit import train_model
 from bids_uad.training.trainer import calibrate_out_of_fold
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
@@ -102,6 +103,56 @@ def test_score_is_a_positive_robust_z_that_rises_in_a_lesion(trained):
     for i in fold.val_idx:
         healthy = score_volume(fold.model, data[i], route=IDENTITY)[data[i].mean(0) > 0]
         assert np.median(healthy) < 1.5
+
+
+def _folds_z(shape, k, rho, seed):
+    """``k`` fold z maps (1, X, Y, Z) of one healthy subject: unit normal each, correlated by ``rho``."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(shape)
+    return [(np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.standard_normal(shape))[None].astype(np.float32)
+            for _ in range(k)]
+
+
+def test_the_fold_ensemble_keeps_one_folds_null_scale():
+    """The mean of partly independent folds' z is narrower than one fold's; a level calibrated on
+    single folds' out-of-fold maps would flag too few of its voxels.  ensemble_z puts it back."""
+    shape, rho = (40, 40, 30), 0.3
+    maps = _folds_z(shape, 3, rho, 0)
+    keep = np.ones(shape, bool)
+    mean, ratio = ensemble_z(maps, [keep] * 3)
+    expected = np.sqrt((1 + 2 * rho) / 3)  # the plain mean's spread
+    assert abs(robust_spread(np.mean(maps, 0)) - expected) < 0.03
+    assert abs(ratio[0] - expected) < 0.03 and abs(robust_spread(mean) - 1) < 0.03
+    level = np.percentile(np.abs(maps[0]), 99)  # one fold's 1 % level
+    assert abs(np.mean(np.abs(mean) >= level) - 0.01) < 0.002
+    assert np.mean(np.abs(np.mean(maps, 0)) >= level) < 0.002  # the plain mean: far below 1 %
+    # a lesion the folds agree on stands out more; a scan twice as noisy keeps the ratio
+    lesion = [m.copy() for m in maps]
+    for m in lesion:
+        m[0, :8, :8, :8] += 4
+    assert np.median(ensemble_z(lesion, [keep] * 3)[0][0, :8, :8, :8]) > 4.5
+    assert np.allclose(ensemble_z([2 * m for m in maps], [keep] * 3)[1], ratio, rtol=1e-6)
+    # one fold, or too few common voxels: unchanged
+    one, r1 = ensemble_z(maps[:1], [keep])
+    assert np.array_equal(one, maps[0]) and r1.tolist() == [1.0]
+    few = np.zeros(shape, bool)
+    few[:5, :5, :5] = True
+    assert ensemble_z(maps, [few] * 3)[1].tolist() == [1.0]
+
+
+def test_the_ensemble_score_is_the_rescaled_mean_of_the_folds_signed_z(trained):
+    bundle, data, _ = trained
+    patient = _x(make_toy_subject(GRID, BVECS, 991, lesion=True))
+    details = {}
+    score = score_grid(bundle, patient, ensemble=True, route=IDENTITY, details=details)
+    maps, keeps = zip(*(signed_score(f.model, patient, IDENTITY) for f in bundle.folds))
+    mean, ratio = ensemble_z(maps, keeps)
+    np.testing.assert_array_equal(score, normaliser_of(bundle.folds[0].model).fold(mean))
+    assert details["ensemble_scale"] == [round(float(r), 4) for r in ratio] and 0 < ratio[0] < 1.2
+    # a single fold is its own score, as the calibration saw it
+    for f in bundle.folds:
+        np.testing.assert_array_equal(score_grid(bundle, patient, fold=f.fold, route=IDENTITY),
+                                      score_volume(f.model, patient, route=IDENTITY))
 
 
 def test_round_trip_keeps_the_reference(trained, tmp_path):
