@@ -7,7 +7,8 @@ three ways, from the *same* fold networks:
 * ``raw`` — the best fold's reconstruction score before the reference (what the networks wrote
   before :mod:`bids_uad.models.normaliser`), thresholded by nothing (AUPRC/AUROC only);
 * ``referred`` — the best fold's positive robust z against its controls' scores in the template;
-* ``referred-ensemble`` — the mean of the folds' z (the group level's default for these models);
+* ``referred-ensemble`` — the folds' z averaged and put back on one fold's null scale
+  (:func:`bids_uad.models.normaliser.ensemble_z`; the group level's default for these models);
 
 next to the model files' baselines (``normative``, ``meansignal``) scored by the same code on
 the same voxels.  ``--reductions``: also each other score reduction (``model.score_reduction``,
