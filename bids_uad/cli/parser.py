@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "controls so that at most 5 %% of them would show any finding; else its 0.5 mL minimum "
                            "cluster)")
     proc.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
-                      help="score with the mean of all fold models (--ensemble) or the fold with the lowest "
+                      help="score with the mean of all fold models (--ensemble; for a network referred to "
+                           "its controls, the mean of the folds' z put back on one fold's null scale, so that "
+                           "its calibration holds) or the fold with the lowest "
                            "validation loss (--no-ensemble).  Default: the choice stored in the model file.  "
                            "Given at the participant level it overrides the model file; at the group level "
                            "it is stored in the model files (default there: the ensemble for the networks whose "

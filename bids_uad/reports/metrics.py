@@ -32,7 +32,8 @@ def anomaly_metrics(score: np.ndarray, binary: np.ndarray | None, truth: np.ndar
 
     for label, key in (("model", "Model"), ("model file", "ModelFile"), ("threshold method", THRESHOLD_METHOD),
                        ("threshold", THRESHOLD), ("ensemble of folds", "Ensemble"), ("folds", "Folds"),
-                       ("ensemble scale", "EnsembleScale"), ("opening size", "OpeningSize"), ("target FPR", "FPR"), ("FDR q", "FDRq")):
+                       ("ensemble scale", "EnsembleScale"), ("opening size", "OpeningSize"), ("target FPR", "FPR"),
+                       ("FDR q", "FDRq")):
         value = meta.get(key)
         if value not in (None, ""):
             rows.append((label, value))
