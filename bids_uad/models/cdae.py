@@ -62,11 +62,39 @@ class CoarseDAE(nn.Module):
         self.decoder = Decoder(feats, settings.norm, skip=True)
         self.head = nn.Conv3d(feats[0], settings.n_channels, 1)
         self.act = output_activation(settings.output_activation)
+        self.noise_modes = min(settings.noise_modes, settings.n_channels)
+        if self.noise_modes:
+            # (k, C): the leading principal directions of the training brains' signal across the
+            # channels, each scaled by its spread (fit_noise_basis); saved with the model
+            self.register_buffer("noise_basis", torch.zeros(self.noise_modes, settings.n_channels))
+
+    def fit_noise_basis(self, data, masks) -> None:
+        """The ``noise_modes`` leading principal directions (times their standard deviations) of the
+        channels' signal over the brain voxels of ``data`` (C, X, Y, Z arrays; ``masks`` their brains)."""
+        import numpy as np
+
+        k = self.noise_modes
+        if not k:
+            return
+        rng = np.random.default_rng(0)
+        voxels = np.concatenate([np.asarray(d, np.float32)[:, np.asarray(m, bool)] for d, m in zip(data, masks)], 1)
+        if voxels.shape[1] > 200_000:  # a seeded subsample: the covariance of C channels needs few
+            voxels = voxels[:, rng.choice(voxels.shape[1], 200_000, replace=False)]
+        cov = np.cov(voxels.astype(np.float64))
+        values, vectors = np.linalg.eigh(cov)
+        order = np.argsort(values)[::-1][:k]
+        basis = vectors[:, order].T * np.sqrt(np.maximum(values[order], 0))[:, None]
+        self.noise_basis.copy_(torch.as_tensor(basis, dtype=torch.float32))
 
     def training_noise(self, n: int, device) -> torch.Tensor:
-        """Coarse noise for ``n`` inputs from torch's (seeded) global generator."""
+        """Coarse noise for ``n`` inputs from torch's (seeded) global generator: independent per
+        channel, plus, with ``noise_modes``, coarse fields of unit spread along each principal direction."""
         s = self.settings
-        return coarse_noise(n, s.n_channels, tuple(s.grid), s.noise_std, s.noise_scale, device=device)
+        noise = coarse_noise(n, s.n_channels, tuple(s.grid), s.noise_std, s.noise_scale, device=device)
+        if self.noise_modes:
+            fields = coarse_noise(n, self.noise_modes, tuple(s.grid), 1.0, s.noise_scale, device=device)
+            noise = noise + torch.einsum("nkxyz,kc->ncxyz", fields, self.noise_basis.to(fields.device))
+        return noise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, C, X, Y, Z) of ``x``."""

@@ -55,6 +55,11 @@ class ModelSettings:
     variational: bool = True  # DAE: False = plain convolutional autoencoder (z = mu, no KL term)
     noise_std: float = 0.2  # cdae: standard deviation of the coarse training noise (signal ratio units)
     noise_scale: int = 8  # cdae: side in voxels of the low-resolution cells the noise is drawn on
+    # cdae: coarse noise also along the k leading principal directions of the healthy signal across
+    # the channels (each with its spread over the training brains), so that the patterns the channels
+    # vary by together (mean signal, anisotropy) must be restored from anatomy too; 0: off.  6: a
+    # diffusion tensor's degrees of freedom (at most n_channels are used; docs/models.md)
+    noise_modes: int = 6
     # dae/cevae: context-encoding term (ceVAE): boxes masked out of each training volume, which the
     # network must fill in from their context (0 = off; the cevae preset uses 2)
     context_boxes: int = 0
@@ -134,6 +139,8 @@ class ModelSettings:
                              "lesion)")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
+        if not 0 <= self.noise_modes <= 64:
+            raise UsageError(f"noise_modes must lie in [0, 64], not {self.noise_modes}")
         if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:
             raise UsageError("context_boxes must lie in [0, 64] and context_box_fraction in (0, 1]")
         if self.name == "cevae" and self.context_boxes < 1:
@@ -264,7 +271,8 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Settings":
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults (those
+        of :data:`WRITTEN_BEFORE`: the behaviour before the key existed)."""
         parts = {}
         for f in fields(cls):
             sub_cls = {"model": ModelSettings, "training": TrainingSettings,
@@ -277,7 +285,13 @@ class Settings:
         return replace(self, model=replace(self.model, name=name))
 
 
+#: keys added with a default other than the behaviour before them: the value a settings dict
+#: written without the key (an older model file or checkpoint) was trained with
+WRITTEN_BEFORE: dict[type, dict[str, Any]] = {ModelSettings: {"noise_modes": 0}}
+
+
 def _build(cls, data: dict[str, Any]):
+    data = {**WRITTEN_BEFORE.get(cls, {}), **data}
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:

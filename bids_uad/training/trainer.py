@@ -205,6 +205,8 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
         device = torch.device("cuda", torch.cuda.current_device())  # set per rank by distributed.init_group
     torch.manual_seed(_seed_int(ts.seed, fold))
     model = get_model(settings.model.name, settings.model).to(device)
+    if hasattr(model, "fit_noise_basis"):  # the cdae's noise along the signal's principal directions
+        model.fit_noise_basis(train_data, train_masks)
     opt = torch.optim.Adam(model.parameters(), lr=ts.learning_rate)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=ts.lr_decay)
     dhash = data_id or data_hash(list(train_data) + list(val_data))

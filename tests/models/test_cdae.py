@@ -146,3 +146,40 @@ def test_cdae_bundle_round_trip_and_validation(tmp_path, controls):
     out.write_text(json.dumps(meta))
     with pytest.raises(InputValidationError, match="noise_scale"):
         validate_model_file(out)
+
+
+def test_noise_along_the_signals_principal_directions():
+    """noise_modes: the basis is the training brains' leading principal directions across channels
+    (times their spreads), saved with the model; the added noise lies along them."""
+    s = replace(preset("quick", "cdae").model, n_channels=6, noise_modes=2, noise_std=0.0)
+    model = get_model("cdae", s)
+    rng = np.random.default_rng(0)
+    mask = np.zeros(s.grid, bool)
+    mask[2:14, 2:14, 2:14] = True
+    # channels vary together along two known directions (spreads 0.3 and 0.1) plus a little noise
+    a, b = np.array([1, 1, 1, 1, 1, 1]) / np.sqrt(6), np.array([1, -1, 1, -1, 1, -1]) / np.sqrt(6)
+    f1, f2 = rng.standard_normal((2, *s.grid))
+    data = [(0.3 * f1[None] * a[:, None, None, None] + 0.1 * f2[None] * b[:, None, None, None]
+             + 0.01 * rng.standard_normal((6, *s.grid))).astype(np.float32)]
+    model.fit_noise_basis(data, [mask])
+    basis = model.noise_basis.numpy()
+    assert np.allclose(np.abs(basis @ a), [0.3, 0], atol=0.01) and np.allclose(np.abs(basis @ b), [0, 0.1], atol=0.01)
+    noise = model.training_noise(2, "cpu")  # noise_std 0: only the modes
+    rest = noise - torch.einsum("ncxyz,kc,kd->ndxyz", noise, torch.as_tensor(np.stack([a, b]), dtype=noise.dtype),
+                                torch.as_tensor(np.stack([a, b]), dtype=noise.dtype))
+    assert float(noise.std()) > 0.05 and float(rest.std()) < 0.01 * float(noise.std())
+    assert "noise_basis" in model.state_dict()
+    assert get_model("cdae", replace(s, noise_modes=9)).noise_basis.shape == (6, 6)  # at most one per channel
+    assert "noise_basis" not in get_model("cdae", replace(s, noise_modes=0)).state_dict()
+    with pytest.raises(UsageError, match="noise_modes"):
+        replace(s, noise_modes=-1)
+
+
+def test_a_settings_dict_without_noise_modes_is_an_older_models():
+    """Model files written before noise_modes existed were trained without it: they load as 0."""
+    from bids_uad.models.settings import Settings
+
+    data = preset("quick", "cdae").to_dict()
+    assert data["model"]["noise_modes"] == 6
+    del data["model"]["noise_modes"]
+    assert Settings.from_dict(data).model.noise_modes == 0
