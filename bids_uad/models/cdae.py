@@ -8,6 +8,12 @@ noise can only be removed by knowing what healthy tissue looks like there, which
 the residual on a real lesion large.  Score = residual reduced over the channels
 (:func:`bids_uad.models.blocks.residual_score`, setting ``score_reduction``).
 
+With ``noise_modes`` (default 6) the noise also has coarse fields along the leading principal
+directions of the training brains' signal across the channels (:meth:`CoarseDAE.fit_noise_basis`):
+noise drawn per channel is white across the gradient directions, which smoothing across channels
+removes without any anatomy, while the patterns the channels vary by together (mean signal,
+anisotropy) then have to be restored from their context as well.
+
 The noise is drawn by :meth:`CoarseDAE.training_noise` (the trainer supplies it as
 ``batch["noise"]``, so data-parallel ranks and the fixed validation draw share it) and is
 added inside the brain mask only.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +53,8 @@ class CoarseDAE(nn.Module):
 
     #: how this model learns, for the methods text (nipreps' ``__desc__``)
     __desc__ = ("a 3D U-Net denoising autoencoder (cDAE, after Kascenas et al. 2022) that learns to remove "
-                "coarse Gaussian noise (drawn at low resolution and upsampled, covering lesion-sized regions) "
+                "coarse Gaussian noise (drawn at low resolution and upsampled, covering lesion-sized regions, "
+                "per volume and along the healthy signal's leading principal directions across volumes) "
                 "from the healthy diffusion-weighted signal; its anomaly score is the reconstruction residual "
                 "reduced over the diffusion-weighted channels")
     needs_ood = False
@@ -71,8 +79,6 @@ class CoarseDAE(nn.Module):
     def fit_noise_basis(self, data, masks) -> None:
         """The ``noise_modes`` leading principal directions (times their standard deviations) of the
         channels' signal over the brain voxels of ``data`` (C, X, Y, Z arrays; ``masks`` their brains)."""
-        import numpy as np
-
         k = self.noise_modes
         if not k:
             return
