@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from bids_uad.algorithms.robust import robust_spread
+
 LOGGER = logging.getLogger(__name__)
 
 #: how random regions are drawn: shifted/flipped copies of each connected component of the
@@ -371,7 +373,7 @@ def robust_zscore(image: np.ndarray, mask: np.ndarray, out_mask: np.ndarray | No
     if values.size == 0:
         return np.zeros(image.shape, dtype=np.float32)
     med = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(values - med)))
+    mad = robust_spread(values, med)
     if mad <= 0:
         mad = float(values.std()) or 1.0
     z = (image - med) / mad

@@ -25,13 +25,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from bids_uad.algorithms.robust import MAD_TO_SD
 from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
 from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models.settings import ModelSettings
 
 #: metrics of the normative model, in buffer order
 NORMATIVE_METRICS = ("fa", "md", "mdw")
-MAD_TO_SD = 1.4826
 
 
 class MeanSignal(nn.Module):

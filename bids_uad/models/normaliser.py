@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from bids_uad.errors import InputValidationError
-from bids_uad.models.baselines import MAD_TO_SD, TemplateGrid, robust_voxel_stats
+from bids_uad.algorithms.robust import robust_spread
+from bids_uad.models.baselines import TemplateGrid, robust_voxel_stats
 from bids_uad.models.settings import ModelSettings
 
 
@@ -162,12 +163,6 @@ def ensemble_z(fold_z: Sequence[np.ndarray], keeps: Sequence[np.ndarray]) -> tup
     return (mean / ratio[:, None, None, None].astype(np.float32)).astype(np.float32), ratio
 
 
-def robust_spread(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation from the median (the SD of a normal sample)."""
-    values = np.asarray(values, np.float64)
-    return MAD_TO_SD * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
-
-
 def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
     """(median, 1.4826 x MAD) of the score maps' values inside their masks; for maps with a leading
     axis (M, X, Y, Z), (locations, spreads) of each of the M maps."""
@@ -178,7 +173,7 @@ def robust_scale(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
     if values.size == 0:
         raise InputValidationError("no brain voxel to put the scores on a common scale")
     location = float(np.median(values))
-    spread = robust_spread(values)
+    spread = robust_spread(values, location)
     if not spread > 0:
         spread = float(np.std(values)) or 1.0
     return location, spread

@@ -25,10 +25,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from bids_uad.algorithms.robust import MAD_TO_SD
 from bids_uad.scoring.morphology import label_clusters
 from bids_uad.scoring.thresholds import benjamini_hochberg
 
-MAD_TO_SD = 1.4826
 #: metrics of the deviation signature, in column order: (key, label, units)
 SIGNATURE_METRICS = (("fa", "FA", "1"), ("md", "MD", "mm^2/s"), ("ad", "AD", "mm^2/s"), ("rd", "RD", "mm^2/s"),
                      ("dwratio", "mean DW ratio", "1"))
