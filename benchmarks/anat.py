@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/anat.py [--preset tiny|small|paper] [--subjects 2] [--threads 1]
 
 Runs the same algorithm calls, with the same settings, as ``init_anat_wf`` (N4 → skull strip
-→ T1w→template SyN → priors → Atropos → ventricles → FLAIR rigid → T1w→dwi SyN → labels to
+and T1w→template from one SyN → priors → Atropos → ventricles → FLAIR rigid → T1w→dwi SyN → labels to
 dwi → analysis mask) step by step, so each step gets its own wall time and peak RSS.
 Inputs: the synthetic dataset generator (``bids_uad.synthetic.generate_dataset``) when it is
 available, else template-derived phantom heads (``bids_uad.algorithms.templates.phantom_head``);
@@ -250,22 +250,14 @@ def _run_case(case: Case, template, meter: Meter, threads: int, seed: int, xfm: 
     t_case, c_case = time.perf_counter(), _cpu_s()
     with meter.step("n4"):
         n4, _ = intensity.n4_correct(t1w, threads=threads, seed=seed)
-    with meter.step("skullstrip"):
-        mask_img, brain = skullstrip.skull_strip(n4, "template", template, seed=seed, threads=threads)
+    lesion = case.lesion
+    with meter.step("skullstrip_to_template"):
+        # as init_anat_wf: one SyN gives the brain mask and the T1w → template transform
+        mask_img, brain, reg_tpl = skullstrip.strip_and_normalise(
+            n4, template, lesion, out_prefix=xfm / "t1w2tpl_", resolution_mm=TEMPLATE_REG_MM,
+            seed=seed, threads=threads)
     truth_brain = np.asarray(case.truth_t1w_brain.dataobj) > 0
     out["skullstrip_dice"] = masking.dice(mask_img.get_fdata(), truth_brain)
-    from nibabel.processing import resample_to_output
-
-    lesion = case.lesion
-    with meter.step("t1w_to_template"):
-        lo = lambda img, order=1: resample_to_output(img, [TEMPLATE_REG_MM] * 3, order=order)  # noqa: E731
-        tpl_lo = lo(nib.Nifti1Image(np.asarray(nib.load(template.t1w).dataobj, np.float32),
-                                    nib.load(template.t1w).affine))
-        fine = min(brain.header.get_zooms()) < TEMPLATE_REG_MM
-        reg_tpl = registration.register(
-            tpl_lo, lo(brain) if fine else brain, kind="SyN",
-            lesion_mask=(lo(lesion, 0) if lesion is not None and fine else lesion),
-            composite=True, seed=seed, threads=threads, out_prefix=xfm / "tpl2t1w_")
     with meter.step("priors_to_t1w"):
         priors = {k: registration.apply_transforms(template.priors[k], n4, reg_tpl.inverse, "probability")
                   for k in ("CSF", "GM", "WM")}

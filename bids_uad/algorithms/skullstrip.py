@@ -2,8 +2,9 @@
 
 Default (``method="template"``): a morphological first guess (tissue threshold, erosion
 to cut the brain from the scalp, largest component, dilation back) is refined by
-registering the brain-only template to the subject (affine + coarse SyN, antspyx) and
-warping its brain mask.  ``method="morph"`` stops after the first guess (fast, for tests);
+registering the first-guess brain to the brain-only template (affine + SyN, antspyx) and
+warping the template's brain mask back (:func:`strip_and_normalise`, which also hands over
+that registration: the anatomical workflow uses it as its T1w → template transform).  ``method="morph"`` stops after the first guess (fast, for tests);
 ``method="deepbet"`` uses deepbet when it is installed (its weights ship in its wheel).
 FSL's ``bet`` is chosen in the interface layer when the FSL backend is active.
 """
@@ -19,7 +20,7 @@ from scipy import ndimage as ndi
 
 from bids_uad.algorithms.intensity import head_mask, otsu_multi
 from bids_uad.algorithms.masking import dice
-from bids_uad.algorithms.registration import apply_transforms, register
+from bids_uad.algorithms.registration import apply_transforms, coarse, register
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,41 +66,61 @@ def morphological_brain_mask(data: np.ndarray, zooms, erode_mm: float = 5.0) -> 
     return brain & head
 
 
-def template_brain_mask(
+def strip_and_normalise(
     img: nib.Nifti1Image,
-    template_t1w: str,
-    template_mask: str,
+    template,
+    lesion: nib.Nifti1Image | None = None,
+    *,
+    out_prefix: str | Path,
     first_guess: np.ndarray | None = None,
     resolution_mm: float = 2.0,
+    reg_iterations=(40, 20, 0),
     seed: int | None = 0,
     threads: int = 1,
-    syn_iterations=(30, 15, 0),
-) -> np.ndarray:
-    """Warp a template brain mask to the subject (template brain-only T1w → subject brain).
+    combine: bool = True,
+    min_dice: float = 0.85,
+):
+    """Brain mask and T1w → template registration from one SyN.
 
-    Registration runs at ``resolution_mm`` on the subject masked by the dilated first guess
-    (which keeps the scalp out of the metric); the warped mask is thresholded at 0.5.  The
-    transforms are written to a temporary folder that is removed before returning.
+    The subject's first-guess brain (:func:`morphological_brain_mask`) is registered onto the
+    template's brain-only T1w (affine + SyN with ``reg_iterations`` on ``resolution_mm``
+    copies; ``lesion`` — in T1w space — is kept out of the metric), the template brain mask is
+    carried back through the inverse, and the two masks are combined (:func:`combine_masks`;
+    ``combine=False`` keeps the warped template mask alone).  When the first guess and the
+    warped mask disagree grossly (Dice < ``min_dice``) the guess was wrong, so the
+    registration is run again on the brain the final mask gives.
+
+    One registration where there were two (a template → subject fit for the mask, then the
+    T1w brain → template fit): on the demo's 2 mm T1w the mask's Dice against the truth was
+    0.9920 / 0.9906 (two sessions; the two-registration mask 0.9907 / 0.9898) and the
+    T1w → template mapping moved by 0.27 / 0.21 mm on average (p95 0.64 / 0.51 mm) — less than the
+    two-registration fit moves between two random seeds (0.46 / 0.31 mm) — in 5 s instead of 15 s.
+
+    Returns ``(mask image (uint8), brain image (float32), RegistrationResult)`` with composite
+    transforms under ``out_prefix`` (forward: T1w → template).
     """
-    from nibabel.processing import resample_to_output
-
     data = np.asarray(img.dataobj, dtype=np.float32)
     zooms = img.header.get_zooms()[:3]
-    if first_guess is None:
-        first_guess = morphological_brain_mask(data, zooms)
-    grown = ndi.binary_dilation(first_guess, structure=_ball(4.0 / np.asarray(zooms, float)))
-    fixed = nib.Nifti1Image(data * grown, img.affine)
-    res = max(resolution_mm, float(min(zooms)))
-    fixed_lo = resample_to_output(fixed, [res] * 3, order=1) if min(zooms) < res else fixed
-    tpl = nib.load(str(template_t1w))
-    tpl = nib.Nifti1Image(np.asarray(tpl.dataobj, dtype=np.float32), tpl.affine)
-    moving_lo = resample_to_output(tpl, [res] * 3, order=1)
-    with tempfile.TemporaryDirectory(prefix="bids_uad_skullstrip_") as tmp:  # the transforms die with it
-        reg = register(fixed_lo, moving_lo, kind="SyN", seed=seed, threads=threads,
-                       reg_iterations=syn_iterations, composite=True, out_prefix=Path(tmp) / "tpl2t1w_")
-        warped = apply_transforms(template_mask, img, reg.forward, "probability")
-    mask = np.asarray(warped.dataobj) >= 0.5
-    return ndi.binary_fill_holes(_largest(mask))
+    guess = morphological_brain_mask(data, zooms) if first_guess is None else first_guess.astype(bool)
+    fixed = coarse(template.t1w, resolution_mm)
+    lesion_lo = None if lesion is None else coarse(lesion, resolution_mm, order=0)
+
+    def fit(brain: np.ndarray, prefix: str):
+        moving = coarse(nib.Nifti1Image(data * brain, img.affine), resolution_mm)
+        return register(fixed, moving, kind="SyN", lesion_mask=lesion_lo, composite=True,
+                        out_prefix=prefix, reg_iterations=tuple(reg_iterations), seed=seed, threads=threads)
+
+    reg = fit(guess, f"{out_prefix}")
+    warped = apply_transforms(template.brain_mask, img, reg.inverse, "probability", invert=reg.inverse_invert)
+    warped = ndi.binary_fill_holes(_largest(np.asarray(warped.dataobj) >= 0.5))
+    mask = combine_masks(guess, warped, zooms, min_dice=min_dice) if combine else warped
+    if dice(guess, warped) < min_dice:
+        LOGGER.warning("skull strip: registering the T1w to the template again, on the corrected brain mask")
+        reg = fit(mask, f"{out_prefix}final_")
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+    mask_img.set_data_dtype(np.uint8)
+    brain_img = nib.Nifti1Image((data * mask).astype(np.float32), img.affine)
+    return mask_img, brain_img, reg
 
 
 def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float = 2.0,
@@ -145,21 +166,16 @@ def skull_strip(
     guess = morphological_brain_mask(data, zooms)
     if method == "morph":
         mask = guess
-    elif method == "template":
+    elif method in ("template", "template-only"):
         if template is None:
             from bids_uad.algorithms.templates import find_template
 
             template = find_template()
-        warped = template_brain_mask(img, template.t1w, template.brain_mask, guess,
-                                        seed=seed, threads=threads)
-        mask = combine_masks(guess, warped, zooms)
-    elif method == "template-only":
-        if template is None:
-            from bids_uad.algorithms.templates import find_template
-
-            template = find_template()
-        mask = template_brain_mask(img, template.t1w, template.brain_mask, guess,
-                                      seed=seed, threads=threads)
+        with tempfile.TemporaryDirectory(prefix="bids_uad_skullstrip_") as tmp:  # the transforms die with it
+            mask_img, brain, _ = strip_and_normalise(img, template, out_prefix=Path(tmp) / "t1w2tpl_",
+                                                     first_guess=guess, seed=seed, threads=threads,
+                                                     combine=method == "template")
+        return mask_img, brain
     elif method == "deepbet":
         mask = _deepbet_mask(img)
     else:

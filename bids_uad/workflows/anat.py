@@ -1,4 +1,8 @@
-"""Anatomical workflow: N4 → skull strip → T1w→template SyN → tissues → T1w→dwi SyN → outputs.
+"""Anatomical workflow: N4 → skull strip + T1w→template SyN → tissues → T1w→dwi SyN → outputs.
+
+With the default (python) backend one registration of the first-guess brain to the template
+gives both the brain mask and the T1w → template transform (node ``skull_strip``); with FSL's
+``bet``, or another skull-strip method, the brain is registered afterwards (``t1w_to_template``).
 
 Wiring only; numerics live in :mod:`bids_uad.algorithms` behind :mod:`bids_uad.interfaces.anat`.
 The FSL backend (``settings.resolved_backend() == "fsl"``) swaps skull stripping for
@@ -21,6 +25,7 @@ from bids_uad.interfaces.anat import (
     N4BiasFieldCorrection,
     RegisterImages,
     SkullStrip,
+    SkullStripToTemplate,
     TissueSegmentation,
     VentricleMask,
     fsl_bet,
@@ -101,6 +106,7 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
 
     # -- skull stripping -------------------------------------------------------------
     brain = pe.Node(niu.IdentityInterface(fields=["mask", "brain"]), name="brain")
+    one_registration = backend != "fsl" and skullstrip_method == "template"
     if backend == "fsl":
         bet = pe.Node(fsl_bet(), name="fsl_bet")
         apply_mask = pe.Node(ApplyMask(), name="bet_apply_mask")
@@ -111,6 +117,16 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
             (bet, brain, [("mask_file", "mask")]),
             (apply_mask, brain, [("out_file", "brain")]),
         ])
+    elif one_registration:
+        # one SyN gives the brain mask and the T1w → template transform (algorithms.skullstrip)
+        strip = _ants_node(SkullStripToTemplate(template_t1w=template.t1w, template_mask=template.brain_mask,
+                                                resolution=template_reg_mm, reg_iterations=list(reg_iterations)),
+                           "skull_strip", settings)
+        workflow.connect([
+            (n4, strip, [("out_file", "in_file")]),
+            (inputnode, strip, [("lesion_mask", "lesion_mask")]),
+            (strip, brain, [("out_mask", "mask"), ("out_file", "brain")]),
+        ])
     else:
         strip = _ants_node(SkullStrip(method=skullstrip_method, template_t1w=template.t1w,
                                       template_mask=template.brain_mask), "skull_strip", settings)
@@ -120,17 +136,22 @@ def init_anat_wf(settings, name: str = "anat_wf", skullstrip_method: str = "temp
         ])
 
     # -- T1w → template (lesion-aware), priors back to T1w ---------------------------
-    t1w2tpl = _ants_node(RegisterImages(fixed_file=template.t1w, transform_type="SyN",
-                                        resolution=template_reg_mm, composite=True,
-                                        reg_iterations=list(reg_iterations)),
-                         "t1w_to_template", settings)
+    if one_registration:
+        t1w2tpl = strip  # the skull strip's registration
+    else:
+        t1w2tpl = _ants_node(RegisterImages(fixed_file=template.t1w, transform_type="SyN",
+                                            resolution=template_reg_mm, composite=True,
+                                            reg_iterations=list(reg_iterations)),
+                             "t1w_to_template", settings)
+        workflow.connect([
+            (brain, t1w2tpl, [("brain", "moving_file")]),
+            (inputnode, t1w2tpl, [("lesion_mask", "lesion_mask")]),
+        ])
     priors = _ants_node(ApplyTransforms(
         in_files=[template.priors["CSF"], template.priors["GM"], template.priors["WM"],
                   template.ventricles],
         interpolation="probability"), "priors_to_t1w", settings)
     workflow.connect([
-        (brain, t1w2tpl, [("brain", "moving_file")]),
-        (inputnode, t1w2tpl, [("lesion_mask", "lesion_mask")]),
         (n4, priors, [("out_file", "reference")]),
         (t1w2tpl, priors, [("reverse_transforms", "transforms"),
                            ("reverse_invert_flags", "invert_flags")]),
