@@ -67,7 +67,9 @@ def pick_slices(shape: Sequence[int], mask: np.ndarray | None = None, n: int = 7
 
 def _slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
     axis = VIEWS[view][0]
-    return np.take(data, index, axis=axis).T  # rows = vertical axis, columns = horizontal
+    # basic indexing (a view): np.take copies the whole volume first when it is in Fortran
+    # order, as nibabel loads it (17 ms a slice at 1 mm, ~2 s a report)
+    return data[(slice(None),) * axis + (index,)].T  # rows = vertical axis, columns = horizontal
 
 
 def _row(volume: np.ndarray, view: str, indices: Sequence[int], gap: int, fill: float) -> np.ndarray:
@@ -136,7 +138,7 @@ def mosaic(background: np.ndarray, affine: np.ndarray | None = None, *,
             ax.imshow(_row(shown, view, slices[view], gap, np.nan), cmap=hot, vmin=lo, vmax=hi,
                       origin="lower", aspect=aspect, interpolation="none", alpha=0.85)
         for mask, color, _label in contours:
-            band = _row(np.asarray(mask, dtype=np.float32), view, slices[view], gap, 0.0)
+            band = _row(np.asarray(mask), view, slices[view], gap, 0.0)
             if band.max() > 0.5 > band.min():
                 ax.contour(band, levels=[0.5], colors=[color], linewidths=0.8)
         width = canvas.shape[1] * zooms[h_ax]
@@ -310,7 +312,7 @@ def plot_longitudinal(baseline_bg: np.ndarray, followup_bg: np.ndarray, anomaly:
     planes = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
 
     def cut(vol, axis):
-        return np.take(np.asarray(vol), centre[axis], axis=axis).T
+        return _slice(np.asarray(vol), ("x", "y", "z")[axis], centre[axis])
 
     def aspect(axis):
         dims = [d for d in range(3) if d != axis]
