@@ -27,3 +27,27 @@ def test_every_declared_atlas_is_shipped_with_citation_and_licence():
         atlas = A.load_atlas(name)
         assert atlas.image.is_file() and atlas.labels
         assert info["Citation"] and info["License"]
+
+
+def test_probabilistic_lookup_matches_a_full_argmax_and_follows_the_file(tmp_path):
+    """4-D atlases: the per-voxel maximum is computed once per process and kept; the labels equal
+    a plain argmax over the volumes (below ``min_probability``: -1), and a rewritten file is read
+    again (the cache is keyed by the file's modification time and size)."""
+    import os
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 100, (6, 7, 5, 4)).astype(np.uint8)
+    path = tmp_path / "atlas_x.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    atlas = A.Atlas("x", path, {k: f"R{k}" for k in range(4)})
+    ijk = np.argwhere(np.ones(data.shape[:3], bool))
+    expected = data.reshape(-1, 4).argmax(1).reshape(data.shape[:3])[tuple(ijk.T)]
+    expected[data.max(3)[tuple(ijk.T)] < 25] = -1
+    assert (A.point_labels(atlas, ijk.astype(float)) == expected).all()
+    nib.save(nib.Nifti1Image(data[..., ::-1].copy(), np.eye(4)), path)  # the volumes reversed
+    os.utime(path, ns=(1, 1))  # another modification time even within the clock's resolution
+    flipped = np.where(expected >= 0, 3 - expected, -1)
+    ties = (np.sort(data, axis=3)[..., -1] == np.sort(data, axis=3)[..., -2])[tuple(ijk.T)]
+    assert (A.point_labels(atlas, ijk.astype(float))[~ties] == flipped[~ties]).all()

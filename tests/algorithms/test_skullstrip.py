@@ -50,3 +50,36 @@ def test_unknown_method():
     head = phantom_head(4.0)
     with pytest.raises(ValueError):
         skull_strip(head["t1w"], method="nope")
+
+
+def test_strip_and_normalise_gives_mask_and_template_registration(head, tmp_path):
+    """One SyN for both: the mask matches the truth, and the registration it hands over maps
+    the subject's brain onto the template (its forward) and the template's mask back (inverse)."""
+    import nibabel as nib
+
+    from bids_uad.algorithms.registration import apply_transforms
+    from bids_uad.algorithms.skullstrip import strip_and_normalise
+
+    template = find_template()
+    mask, brain, reg = strip_and_normalise(head["t1w"], template, head["lesion"], out_prefix=tmp_path / "t1w2tpl_",
+                                           resolution_mm=4.0, reg_iterations=(20, 10, 0))
+    truth = head["brain_mask"].get_fdata() > 0
+    assert dice(mask.get_fdata(), truth) >= 0.9
+    assert [p.startswith(str(tmp_path)) for p in reg.forward + reg.inverse] == [True, True]
+    # the truth brain carried to the template overlaps the template's brain mask
+    tpl_mask = nib.load(template.brain_mask)
+    on_tpl = np.asarray(apply_transforms(head["brain_mask"], tpl_mask, reg.forward, "mask").dataobj) > 0
+    assert dice(on_tpl, np.asarray(tpl_mask.dataobj) > 0) >= 0.85
+
+
+def test_strip_and_normalise_registers_again_when_the_first_guess_fails(head, tmp_path, caplog):
+    from bids_uad.algorithms.skullstrip import strip_and_normalise
+
+    leaked = np.ones(head["t1w"].shape, bool)  # a first guess that is the whole field of view
+    with caplog.at_level("WARNING"):
+        mask, _, reg = strip_and_normalise(head["t1w"], find_template(), first_guess=leaked,
+                                           out_prefix=tmp_path / "t1w2tpl_", resolution_mm=4.0,
+                                           reg_iterations=(20, 10, 0))
+    assert "registering the T1w to the template again" in caplog.text
+    assert all("final_" in p for p in reg.forward + reg.inverse)  # the second fit's transforms
+    assert dice(mask.get_fdata(), head["brain_mask"].get_fdata() > 0) >= 0.8
