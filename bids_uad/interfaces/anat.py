@@ -116,57 +116,6 @@ class SkullStrip(SimpleInterface):
 
 
 
-class _StripNormaliseInputSpec(_AntsInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="T1w with skull (bias corrected)")
-    template_t1w = File(exists=True, mandatory=True, desc="brain-only template T1w (the fixed image)")
-    template_mask = File(exists=True, mandatory=True, desc="template brain mask")
-    lesion_mask = traits.Str("", usedefault=True, desc="lesion in T1w space, excluded from the metric")
-    resolution = traits.Float(2.0, usedefault=True, desc="register on images resampled to this voxel size (mm)")
-    reg_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True)
-
-
-class _StripNormaliseOutputSpec(_SkullStripOutputSpec):
-    forward_transforms = traits.List(traits.Str, desc="T1w → template (antspyx order)")
-    forward_invert_flags = traits.List(traits.Bool)
-    reverse_transforms = traits.List(traits.Str, desc="template → T1w")
-    reverse_invert_flags = traits.List(traits.Bool)
-    warped_file = traits.Str(desc="brain-extracted T1w on the template grid")
-    forward_xfm = traits.Str(desc="forward composite transform file")
-    reverse_xfm = traits.Str(desc="reverse composite transform file")
-
-
-class SkullStripToTemplate(SimpleInterface):
-    """Skull stripping and T1w → template SyN from one registration
-    (:func:`bids_uad.algorithms.skullstrip.strip_and_normalise`); its registration outputs are
-    named as :class:`RegisterImages`'s, so it stands in for both nodes."""
-
-    input_spec = _StripNormaliseInputSpec
-    output_spec = _StripNormaliseOutputSpec
-
-    def _run_interface(self, runtime):
-        from bids_uad.algorithms.registration import apply_transforms
-        from bids_uad.algorithms.skullstrip import strip_and_normalise
-        from bids_uad.algorithms.templates import Template
-
-        set_itk_threads(self.inputs.num_threads)
-        template = Template(name="custom", t1w=self.inputs.template_t1w, brain_mask=self.inputs.template_mask)
-        lesion = nib.load(self.inputs.lesion_mask) if _given(self.inputs.lesion_mask) else None
-        mask, brain, reg = strip_and_normalise(
-            nib.load(self.inputs.in_file), template, lesion, out_prefix=Path(runtime.cwd) / "xfm_",
-            resolution_mm=self.inputs.resolution, reg_iterations=tuple(self.inputs.reg_iterations),
-            seed=self.inputs.seed, threads=self.inputs.num_threads)
-        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask.nii.gz")
-        self._results["out_file"] = _save(brain, runtime.cwd, "brain.nii.gz")
-        warped = apply_transforms(brain, self.inputs.template_t1w, reg.forward, "image", invert=reg.forward_invert)
-        self._results["warped_file"] = _save(warped, runtime.cwd, "warped.nii.gz")
-        self._results["forward_transforms"] = reg.forward
-        self._results["forward_invert_flags"] = reg.forward_invert
-        self._results["reverse_transforms"] = reg.inverse
-        self._results["reverse_invert_flags"] = reg.inverse_invert
-        self._results["forward_xfm"] = reg.forward[0]
-        self._results["reverse_xfm"] = reg.inverse[0]
-        return runtime
-
 class _ApplyMaskInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
@@ -308,6 +257,53 @@ class ApplyTransforms(SimpleInterface):
             outs.append(_save(img, runtime.cwd, f"{i:02d}_{name}_resampled.nii.gz"))
         self._results["out_files"] = outs
         self._results["out_file"] = outs[0] if outs else ""
+        return runtime
+
+
+# --------------------------------------------------------------------------- skull strip + T1w → template
+class _StripNormaliseInputSpec(_AntsInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w with skull (bias corrected)")
+    template_t1w = File(exists=True, mandatory=True, desc="brain-only template T1w (the fixed image)")
+    template_mask = File(exists=True, mandatory=True, desc="template brain mask")
+    lesion_mask = traits.Str("", usedefault=True, desc="lesion in T1w space, excluded from the metric")
+    resolution = traits.Float(2.0, usedefault=True, desc="register on images resampled to this voxel size (mm)")
+    reg_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True)
+
+
+class _StripNormaliseOutputSpec(_SkullStripOutputSpec, _RegisterOutputSpec):
+    """The skull strip's outputs and :class:`RegisterImages`'s (moving: the T1w brain; fixed: the template)."""
+
+
+class SkullStripToTemplate(SimpleInterface):
+    """Skull stripping and T1w → template SyN from one registration
+    (:func:`bids_uad.algorithms.skullstrip.strip_and_normalise`); its registration outputs are
+    named as :class:`RegisterImages`'s, so it stands in for both nodes."""
+
+    input_spec = _StripNormaliseInputSpec
+    output_spec = _StripNormaliseOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_uad.algorithms.registration import apply_transforms
+        from bids_uad.algorithms.skullstrip import strip_and_normalise
+        from bids_uad.algorithms.templates import Template
+
+        set_itk_threads(self.inputs.num_threads)
+        template = Template(name="custom", t1w=self.inputs.template_t1w, brain_mask=self.inputs.template_mask)
+        lesion = nib.load(self.inputs.lesion_mask) if _given(self.inputs.lesion_mask) else None
+        mask, brain, reg = strip_and_normalise(
+            nib.load(self.inputs.in_file), template, lesion, out_prefix=Path(runtime.cwd) / "xfm_",
+            resolution_mm=self.inputs.resolution, reg_iterations=tuple(self.inputs.reg_iterations),
+            seed=self.inputs.seed, threads=self.inputs.num_threads)
+        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask.nii.gz")
+        self._results["out_file"] = _save(brain, runtime.cwd, "brain.nii.gz")
+        warped = apply_transforms(brain, self.inputs.template_t1w, reg.forward, "image", invert=reg.forward_invert)
+        self._results["warped_file"] = _save(warped, runtime.cwd, "warped.nii.gz")
+        self._results["forward_transforms"] = reg.forward
+        self._results["forward_invert_flags"] = reg.forward_invert
+        self._results["reverse_transforms"] = reg.inverse
+        self._results["reverse_invert_flags"] = reg.inverse_invert
+        self._results["forward_xfm"] = reg.forward[0]
+        self._results["reverse_xfm"] = reg.inverse[0]
         return runtime
 
 
