@@ -4,7 +4,8 @@ Default (``method="template"``): a morphological first guess (tissue threshold, 
 to cut the brain from the scalp, largest component, dilation back) is refined by
 registering the first-guess brain to the brain-only template (affine + SyN, antspyx) and
 warping the template's brain mask back (:func:`strip_and_normalise`, which also hands over
-that registration: the anatomical workflow uses it as its T1w → template transform).  ``method="morph"`` stops after the first guess (fast, for tests);
+that registration: the anatomical workflow uses it as its T1w → template transform).
+``method="morph"`` stops after the first guess (fast, for tests);
 ``method="deepbet"`` uses deepbet when it is installed (its weights ship in its wheel).
 FSL's ``bet`` is chosen in the interface layer when the FSL backend is active.
 """
@@ -94,7 +95,8 @@ def strip_and_normalise(
     T1w brain → template fit): on the demo's 2 mm T1w the mask's Dice against the truth was
     0.9920 / 0.9906 (two sessions; the two-registration mask 0.9907 / 0.9898) and the
     T1w → template mapping moved by 0.27 / 0.21 mm on average (p95 0.64 / 0.51 mm) — less than the
-    two-registration fit moves between two random seeds (0.46 / 0.31 mm) — in 5 s instead of 15 s.
+    two-registration fit moves between two random seeds (0.46 / 0.31 mm) — in 7-9 s of CPU instead
+    of 14-15 s.
 
     Returns ``(mask image (uint8), brain image (float32), RegistrationResult)`` with composite
     transforms under ``out_prefix`` (forward: T1w → template).
@@ -110,7 +112,7 @@ def strip_and_normalise(
         return register(fixed, moving, kind="SyN", lesion_mask=lesion_lo, composite=True,
                         out_prefix=prefix, reg_iterations=tuple(reg_iterations), seed=seed, threads=threads)
 
-    reg = fit(guess, f"{out_prefix}")
+    reg = fit(guess, str(out_prefix))
     warped = apply_transforms(template.brain_mask, img, reg.inverse, "probability", invert=reg.inverse_invert)
     warped = ndi.binary_fill_holes(_largest(np.asarray(warped.dataobj) >= 0.5))
     mask = combine_masks(guess, warped, zooms, min_dice=min_dice) if combine else warped
