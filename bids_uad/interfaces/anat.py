@@ -115,7 +115,6 @@ class SkullStrip(SimpleInterface):
         return runtime
 
 
-
 class _ApplyMaskInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
@@ -206,14 +205,20 @@ class RegisterImages(SimpleInterface):
         if self.inputs.resolution > 0:  # warped on the native fixed grid
             warped = apply_transforms(self.inputs.moving_file, self.inputs.fixed_file,
                                       result.forward, "image", invert=result.forward_invert)
-        self._results["forward_transforms"] = result.forward
-        self._results["forward_invert_flags"] = result.forward_invert
-        self._results["reverse_transforms"] = result.inverse
-        self._results["reverse_invert_flags"] = result.inverse_invert
-        self._results["warped_file"] = _save(warped, runtime.cwd, "warped.nii.gz")
-        self._results["forward_xfm"] = result.forward[0] if self.inputs.composite else ""
-        self._results["reverse_xfm"] = result.inverse[0] if self.inputs.composite else ""
+        _registration_outputs(self._results, result, _save(warped, runtime.cwd, "warped.nii.gz"),
+                              self.inputs.composite)
         return runtime
+
+
+def _registration_outputs(results: dict, reg, warped_file: str, composite: bool) -> None:
+    """The outputs of :class:`_RegisterOutputSpec` from a RegistrationResult."""
+    results["forward_transforms"] = reg.forward
+    results["forward_invert_flags"] = reg.forward_invert
+    results["reverse_transforms"] = reg.inverse
+    results["reverse_invert_flags"] = reg.inverse_invert
+    results["warped_file"] = warped_file
+    results["forward_xfm"] = reg.forward[0] if composite else ""
+    results["reverse_xfm"] = reg.inverse[0] if composite else ""
 
 
 class _ApplyInputSpec(_AntsInputSpec):
@@ -297,13 +302,7 @@ class SkullStripToTemplate(SimpleInterface):
         self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask.nii.gz")
         self._results["out_file"] = _save(brain, runtime.cwd, "brain.nii.gz")
         warped = apply_transforms(brain, self.inputs.template_t1w, reg.forward, "image", invert=reg.forward_invert)
-        self._results["warped_file"] = _save(warped, runtime.cwd, "warped.nii.gz")
-        self._results["forward_transforms"] = reg.forward
-        self._results["forward_invert_flags"] = reg.forward_invert
-        self._results["reverse_transforms"] = reg.inverse
-        self._results["reverse_invert_flags"] = reg.inverse_invert
-        self._results["forward_xfm"] = reg.forward[0]
-        self._results["reverse_xfm"] = reg.inverse[0]
+        _registration_outputs(self._results, reg, _save(warped, runtime.cwd, "warped.nii.gz"), composite=True)
         return runtime
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bids_uad.errors import InputValidationError
 from bids_uad.algorithms.robust import robust_spread
+from bids_uad.errors import InputValidationError
 from bids_uad.models.baselines import TemplateGrid, robust_voxel_stats
 from bids_uad.models.settings import ModelSettings
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bids_uad.algorithms.registration import TemplateRoute
+from bids_uad.algorithms.robust import robust_spread
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model, has_score_reference
 from bids_uad.models.bundle import load_bundle, refer_score, score_volume, signed_score
-from bids_uad.algorithms.robust import robust_spread
 from bids_uad.models.normaliser import ScoreNormaliser, ensemble_z, normaliser_of, robust_scale
 from bids_uad.models.settings import needs_template, preset
 from bids_uad.models.validate import validate_model_file
