@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from bids_uad.algorithms.masking import bounding_box
 from bids_uad.algorithms.robust import robust_spread
 
 LOGGER = logging.getLogger(__name__)
@@ -310,14 +311,6 @@ def random_region(region: np.ndarray, allowed: np.ndarray, rng: np.random.Genera
     return out, fallbacks
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    if len(idx) == 0:
-        return tuple(slice(0, n) for n in mask.shape)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
 def random_region_null(region: np.ndarray, target: np.ndarray, allowed: np.ndarray,
                        n_permutations: int = 200, seed: int = 0, method: str = "components",
                        tries: int = 200) -> RandomNull:
@@ -337,7 +330,7 @@ def random_region_null(region: np.ndarray, target: np.ndarray, allowed: np.ndarr
                        "of the allowed region (%d voxels)", n, int(np.count_nonzero(allowed)))
         return RandomNull(observed, np.zeros(0), method, n, extras={"skipped": "region too large"})
     # random regions live in ``allowed``: work in its bounding box (fast on whole-brain grids)
-    box = _bbox(allowed | region)
+    box = bounding_box(allowed | region)
     region, target, allowed = region[box], target[box], allowed[box]
     if method not in NULL_METHODS:
         raise ValueError(f"method must be one of {NULL_METHODS}, got {method!r}")

@@ -141,3 +141,25 @@ def coverage_summary(mask: np.ndarray, zooms, cut_fraction: float = CUT_FRACTION
     out.update({"BrainExtentMm": extent, "CutAxes": cut, "TouchedAxes": touched, "WholeBrain": not cut,
                 "Anisotropy": round(max(zooms) / min(zooms), 2)})
     return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding every voxel of ``mask``, grown by ``margin`` voxels
+    (within the grid); the whole grid for an empty mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return tuple(slice(0, int(n)) for n in mask.shape[:3])
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def subgrid_affine(affine: np.ndarray, box) -> np.ndarray:
+    """The voxel-to-world affine of the sub-grid starting at ``box`` (slices, or (start, stop)
+    pairs) of a grid whose affine is ``affine``: same voxels, shifted origin."""
+    starts = np.array([(b.start or 0) if isinstance(b, slice) else b[0] for b in box], dtype=float)
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = out[:3, :3] @ starts + out[:3, 3]
+    return out

@@ -17,6 +17,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from bids_uad.algorithms.masking import subgrid_affine
+
 LOGGER = logging.getLogger(__name__)
 
 #: Interpolation per kind of image: labels keep their values, the rest is resampled smoothly.
@@ -506,9 +508,7 @@ def support_box(support: np.ndarray, affine: np.ndarray, fixed_n: nib.Nifti1Imag
 
 def _crop_grid(fixed_n: nib.Nifti1Image, box: list[tuple[int, int]]) -> nib.Nifti1Image:
     """An empty image on the sub-grid ``box`` of ``fixed_n``'s grid (same voxels, shifted origin)."""
-    affine = fixed_n.affine.copy()
-    affine[:3, 3] = fixed_n.affine[:3, :3] @ np.array([lo for lo, _ in box], float) + fixed_n.affine[:3, 3]
-    return nib.Nifti1Image(np.zeros([hi - lo for lo, hi in box], np.float32), affine)
+    return nib.Nifti1Image(np.zeros([hi - lo for lo, hi in box], np.float32), subgrid_affine(fixed_n.affine, box))
 
 
 def chain_dwi_to_template(t1w2dwi_inverse: Sequence[str], t1w2dwi_inverse_invert: Sequence[bool],

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from bids_uad.algorithms.masking import bounding_box, subgrid_affine
 from bids_uad.algorithms.registration import configure_ants, from_ants, to_ants
 
 LOGGER = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ CLASS_ORDER = ("CSF", "GM", "WM")
 
 #: Atropos' ``--use-random-seed``: 0 is its constant seed (1, its default, seeds from the clock)
 ATROPOS_RANDOM_SEED = 0
+#: voxels kept around the mask's bounding box when Atropos runs on it (:func:`segment_tissues`)
+ATROPOS_MARGIN = 10
 
 
 def dseg_tsv_rows() -> list[dict]:
@@ -60,18 +63,30 @@ def segment_tissues(
     configure_ants(threads, seed)
     mask_arr = np.asarray(mask.dataobj if hasattr(mask, "dataobj") else mask) > 0
     data = np.asarray(img.dataobj, dtype=np.float32)
-    aimg = to_ants(nib.Nifti1Image(data, img.affine))
-    amask = to_ants(nib.Nifti1Image(mask_arr.astype(np.float32), img.affine))
+    # Atropos only labels voxels of the mask (its MRF neighbourhood reaches one voxel beyond):
+    # it runs on the mask's bounding box, the same result on fewer voxels (paper-geometry T1w,
+    # one thread: 28.8 s instead of 30.2 s, probabilities identical).  The margin is wide
+    # because ITK's neighbourhood iterators take a slow, bounds-checked path near the grid's
+    # edge: with 2 voxels it took 32.5 s.
+    box = bounding_box(mask_arr, margin=ATROPOS_MARGIN)
+    affine = subgrid_affine(img.affine, box)
+    aimg = to_ants(nib.Nifti1Image(np.ascontiguousarray(data[box]), affine))
+    amask = to_ants(nib.Nifti1Image(mask_arr[box].astype(np.float32), affine))
     m = f"[{mrf},1x1x1]"
     c = f"[{int(iterations)},0]"
     with _private_tempdir():  # ants.atropos leaves its probability files in the temp folder
         if priors:
-            init = [to_ants(nib.Nifti1Image(np.asarray(_load(priors[k]).dataobj, dtype=np.float32), img.affine))
-                    for k in CLASS_ORDER]
+            init = [to_ants(nib.Nifti1Image(
+                np.ascontiguousarray(np.asarray(_load(priors[k]).dataobj, dtype=np.float32)[box]), affine))
+                for k in CLASS_ORDER]
             res = ants.atropos(a=aimg, x=amask, i=init, m=m, c=c, priorweight=prior_weight, r=ATROPOS_RANDOM_SEED)
         else:
             res = ants.atropos(a=aimg, x=amask, i="Kmeans[3]", m=m, c=c, r=ATROPOS_RANDOM_SEED)
-        probs = [np.asarray(p.numpy(), dtype=np.float32) for p in res["probabilityimages"]]
+        probs = []
+        for p in res["probabilityimages"]:
+            full = np.zeros(data.shape[:3], dtype=np.float32)
+            full[box] = p.numpy()
+            probs.append(full)
     if not priors:  # k-means classes: order by mean intensity (CSF darkest on T1w)
         means = [float((p[mask_arr] * data[mask_arr]).sum() / max(p[mask_arr].sum(), 1e-6)) for p in probs]
         probs = [probs[i] for i in np.argsort(means)]

@@ -43,3 +43,22 @@ def test_coverage_cut_only_where_the_brain_is_cut():
     assert not cov["WholeBrain"] and cov["CutAxes"] == ["k"] and cov["FieldOfViewMm"][2] == 42.0
     empty = coverage_summary(np.zeros((4, 4, 4), bool), (1, 1, 1))
     assert empty["WholeBrain"] is False and empty["BrainExtentMm"] == [0.0, 0.0, 0.0]
+
+
+def test_bounding_box_and_its_affine():
+    import numpy as np
+
+    from bids_uad.algorithms.masking import bounding_box, subgrid_affine
+
+    mask = np.zeros((10, 12, 14), bool)
+    mask[2:5, 3, 7:9] = True
+    assert bounding_box(mask) == (slice(2, 5), slice(3, 4), slice(7, 9))
+    assert bounding_box(mask, margin=3) == (slice(0, 8), slice(0, 7), slice(4, 12))
+    assert bounding_box(np.zeros((4, 5, 6), bool)) == (slice(0, 4), slice(0, 5), slice(0, 6))
+    affine = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -100], [0, 0, 3, -60], [0, 0, 0, 1]])
+    box = bounding_box(mask)
+    sub = subgrid_affine(affine, box)
+    # voxel (0, 0, 0) of the sub-grid is voxel (2, 3, 7) of the grid
+    assert np.allclose(sub @ [0, 0, 0, 1], affine @ [2, 3, 7, 1])
+    assert np.allclose(sub[:3, :3], affine[:3, :3])
+    assert np.allclose(subgrid_affine(affine, [(2, 5), (3, 4), (7, 9)]), sub)

@@ -91,3 +91,31 @@ def test_segmentation_is_reproducible_between_processes():
                            env=env).stdout.split() for _ in range(2)]
     assert all(len(r) == 2 for r in runs), runs
     assert runs[0] == runs[1], runs
+
+
+def test_atropos_on_the_mask_box_gives_the_whole_grid_result(head):
+    """segment_tissues runs Atropos on the mask's bounding box: the probabilities are those of
+    Atropos on the whole grid."""
+    import ants
+    import nibabel as nib
+
+    from bids_uad.algorithms.masking import bounding_box
+    from bids_uad.algorithms.registration import configure_ants, to_ants
+    from bids_uad.algorithms.segmentation import ATROPOS_MARGIN, ATROPOS_RANDOM_SEED, _private_tempdir
+
+    truth = head["dseg"].get_fdata()
+    priors = {name: nib.Nifti1Image((0.2 + 0.6 * (truth == value)).astype(np.float32), head["t1w"].affine)
+              for value, name in ((1, "CSF"), (2, "GM"), (3, "WM"))}
+    _, probs = segment_tissues(head["t1w"], head["brain_mask"], priors=priors, iterations=2)
+    configure_ants(1, 0)
+    mask = (head["brain_mask"].get_fdata() > 0).astype(np.float32)
+    with _private_tempdir():
+        whole = ants.atropos(a=to_ants(nib.Nifti1Image(head["t1w"].get_fdata().astype(np.float32), head["t1w"].affine)),
+                             x=to_ants(nib.Nifti1Image(mask, head["t1w"].affine)),
+                             i=[to_ants(priors[k]) for k in ("CSF", "GM", "WM")], m="[0.2,1x1x1]", c="[2,0]",
+                             priorweight=0.25, r=ATROPOS_RANDOM_SEED)
+        expected = [p.numpy() * mask for p in whole["probabilityimages"]]
+    box_shape = [s.stop - s.start for s in bounding_box(mask > 0, margin=ATROPOS_MARGIN)]
+    assert box_shape != list(mask.shape)  # the box is smaller than the grid
+    for name, exp in zip(("CSF", "GM", "WM"), expected):
+        assert np.allclose(probs[name].get_fdata(), exp, atol=1e-6), name
