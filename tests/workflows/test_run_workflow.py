@@ -303,3 +303,45 @@ def test_each_code_version_has_its_own_work_folder(tmp_path, monkeypatch, caplog
     assert len(list(settings.code_work_dir.rglob("result_step*.pklz"))) == 2  # ran afresh there
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "0 reused" in messages and first.name in messages  # and the old folder is named for removal
+
+
+def test_downstream_depth_counts_the_longest_chain_to_a_sink():
+    import networkx as nx
+
+    from bids_uad.workflows.execution import downstream_depth
+
+    graph = nx.DiGraph([("a", "b"), ("b", "c"), ("a", "d"), ("e", "c")])
+    assert downstream_depth(graph) == {"a": 3, "b": 2, "c": 1, "d": 1, "e": 2}
+
+
+def _stamp(x):
+    import time as _time
+
+    _time.sleep(0.05)
+    return x
+
+
+def test_ready_node_with_the_longest_chain_after_it_starts_first(tmp_path, caplog):
+    """Each node takes both processes, so they run one at a time, in the scheduler's order: the
+    head of the three-node chain and the next one (2 and 3 nodes to go) before the lone node
+    (1), although the lone node comes first in the graph."""
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=2)
+    workflow = pe.Workflow(name="order")
+    lone = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_stamp), name="a_lone", n_procs=2)
+    lone.inputs.x = 0
+    workflow.add_nodes([lone])
+    previous = None
+    for i in range(3):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_stamp), name=f"z_chain{i}",
+                       n_procs=2)
+        if previous is None:
+            node.inputs.x = 0
+        else:
+            workflow.connect(previous, "x", node, "x")
+        previous = node
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(workflow, settings, "test")
+    finished = [r.getMessage().split()[1] for r in caplog.records
+                if r.name.startswith("bids_uad") and r.getMessage().startswith("[")]
+    assert [name.split(".")[-1] for name in finished][:2] == ["z_chain0", "z_chain1"]
