@@ -55,8 +55,16 @@ def sample_volumes(
 
     Returns ``(N, C, x, y, z)``; trilinear (``bilinear`` in torch's 5-D naming) by default.
     """
-    shape = tuple(volumes.shape[-3:])
-    grid = index_to_grid(coords, shape)
+    return sample_grid(volumes, index_to_grid(coords, tuple(volumes.shape[-3:])), mode, padding_mode)
+
+
+def sample_grid(
+    volumes: torch.Tensor,
+    grid: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """:func:`sample_volumes` at points already in ``grid_sample``'s form (:func:`index_to_grid`)."""
     if grid.shape[0] == 1 and volumes.shape[0] > 1:
         grid = grid.expand(volumes.shape[0], *grid.shape[1:])
     return F.grid_sample(volumes, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
