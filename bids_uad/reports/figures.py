@@ -65,6 +65,22 @@ def pick_slices(shape: Sequence[int], mask: np.ndarray | None = None, n: int = 7
     return out
 
 
+def canonical_slices_in_grid(mask: np.ndarray, affine: np.ndarray, n: int, view: str
+                             ) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """:func:`pick_slices` of one view for ``mask`` (an image on the grid ``affine``) once it is
+    reoriented to RAS, as the figures show it; returns (the voxels of those slices back on the
+    image's own grid, the slices).  A figure computes its map on those voxels only."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    mask = np.asarray(mask, bool)
+    own = io_orientation(affine)  # as nibabel's as_closest_canonical reorients
+    canonical = apply_orientation(mask, own)
+    slices = pick_slices(canonical.shape, canonical, n, (view,))
+    chosen = np.zeros(canonical.shape, bool)
+    chosen[(slice(None),) * VIEWS[view][0] + (slices[view],)] = True
+    return apply_orientation(chosen, ornt_transform(axcodes2ornt(("R", "A", "S")), own)), slices
+
+
 def _slice(data: np.ndarray, view: str, index: int) -> np.ndarray:
     axis = VIEWS[view][0]
     # basic indexing (a view): np.take copies the whole volume first when it is in Fortran
