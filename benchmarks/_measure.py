@@ -42,16 +42,39 @@ class Measurement:
                 "start_rss_mb": round(self.start_rss_mb, 1), **self.extra}
 
 
+def tree_memory_mb(root: int | None = None) -> float:
+    """Memory of process ``root`` (default: this one) and all its descendants now (MB): the sum
+    of their proportional set sizes (``Pss`` of ``/proc/<pid>/smaps_rollup``: pages shared by
+    several processes, as a fork server's workers share their parent's, are split between
+    them), or of their RSS where the kernel has no ``smaps_rollup``."""
+    root = os.getpid() if root is None else root
+    total = 0.0
+    for pid in _tree_cpu_s(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:")) / 1024.0
+        except (OSError, StopIteration, ValueError):
+            try:
+                with open(f"/proc/{pid}/statm") as handle:
+                    total += int(handle.read().split()[1]) * _PAGE / 2**20
+            except OSError:
+                continue
+    return total
+
+
 @contextmanager
-def measure(name: str, interval: float = 0.02):
-    """Time a block and sample its peak RSS in a background thread."""
-    m = Measurement(name, start_rss_mb=current_rss_mb())
+def measure(name: str, interval: float = 0.02, tree: bool = False):
+    """Time a block and sample its peak RSS in a background thread; ``tree``: the memory of this
+    process and its descendants (:func:`tree_memory_mb`, sampled every 0.2 s at least) instead."""
+    now = tree_memory_mb if tree else current_rss_mb
+    interval = max(interval, 0.2) if tree else interval
+    m = Measurement(name, start_rss_mb=now())
     peak = [m.start_rss_mb]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], current_rss_mb())
+            peak[0] = max(peak[0], now())
             stop.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -63,7 +86,7 @@ def measure(name: str, interval: float = 0.02):
         m.wall_s = time.perf_counter() - t0
         stop.set()
         thread.join()
-        m.peak_rss_mb = max(peak[0], current_rss_mb())
+        m.peak_rss_mb = max(peak[0], now())
         m.ru_maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
