@@ -143,17 +143,17 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                 for field, path in signature_maps(settings.output_dir, run).items():
                     setattr(awf.inputs.inputnode, field, path)
                 workflow.add_nodes([awf])
-                signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
+                signals += _written(awf)
             continue
         dwi_wfs = _add_dwi_stage(workflow, settings, ses)
         series = _add_pair_combination(workflow, settings, ses, dwi_wfs)
         first_dwi, first_source = series[0] if series else (None, None)
         anat_wf = _add_anat_stage(workflow, settings, ses, first_dwi, first_source)
-        signals += [(wf, "outputnode.dwi_preproc") for wf in dwi_wfs]
-        signals += [(wf, "outputnode.dwi_preproc") for wf, _ in series if wf not in dwi_wfs]
-        signals += [(anat_wf, "outputnode.t1w_preproc")] if anat_wf is not None else []
+        signals += [sig for wf in dwi_wfs for sig in _written(wf)]
+        signals += [sig for wf, _ in series if wf not in dwi_wfs for sig in _written(wf)]
+        signals += _written(anat_wf) if anat_wf is not None else []
         tissue_wfs = _add_dwi_tissue_stage(workflow, settings, ses, series) if anat_wf is None else {}
-        signals += [(twf, "outputnode.analysis_mask") for twf in tissue_wfs.values()]
+        signals += [sig for twf in tissue_wfs.values() for sig in _written(twf)]
         if settings.model is None:
             continue
         for index, (dwi_wf, source) in enumerate(series):
@@ -186,10 +186,22 @@ def init_participant_wf(settings: Settings, plan: ParticipantPlan):
                                Path(source).name, "no T1w" if anat_wf is None else "the T1w is registered to "
                                + Path(first_source).name)
                 awf.inputs.inputnode.analysis_mask = ""
-            signals += [(awf, "outputnode.masks"), (awf, "outputnode.findings")]
+            signals += _written(awf)
     if settings.model is not None:
         _add_longitudinal_stage(workflow, settings, plan, finished)
     return workflow
+
+
+def _written(wf) -> list[tuple[object, str]]:
+    """``(wf, "<sink>.out_file")`` for every derivatives sink of ``wf``: what a later stage that
+    reads a session's derivatives from OUTPUT_DIR (the longitudinal comparison) waits for.  The
+    workflows' outputnode fields come from the processing nodes, before the sinks have written
+    anything: waiting on them let the comparison read the baseline's score maps before their
+    sink wrote them, once the scheduler ran deep chains first."""
+    from bids_uad.interfaces.derivatives import DerivativesDataSink
+
+    return [(wf, f"{name}.out_file") for name in wf.list_node_names()
+            if isinstance(wf.get_node(name).interface, DerivativesDataSink)]
 
 
 def _anat_template(settings: Settings) -> str:

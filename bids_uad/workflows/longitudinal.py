@@ -133,8 +133,9 @@ def init_longitudinal_wf(settings, subject: str, sessions: list[str], name: str 
     baseline and follow-ups are chosen by :func:`plan_sessions` at build time.  Models:
     those of ``settings.model`` (every one must have maps at baseline), else every model
     whose anomaly maps exist for the baseline at run time.
-    inputnode: ``wait_baseline``, ``wait_followups`` — ordering only; connect e.g. the
-    anomaly workflows' ``outputnode.masks`` so this runs after the maps are written.
+    inputnode: ``wait_baseline``, ``wait_followups`` — ordering only; connect the ``out_file``
+    of every derivatives sink of the sessions' workflows (:func:`bids_uad.workflows.base._written`)
+    so that this runs after what it reads is written.
     ``check_inputs=True`` looks every derivative up at build time (use it when they already
     exist, i.e. when the comparison runs after the graph that made them): a missing one is
     then an :class:`InputMissingError` here instead of a nipype crash later.

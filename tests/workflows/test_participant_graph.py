@@ -122,3 +122,47 @@ def test_one_controls_reference_serves_the_findings_of_every_model(tmp_path):
     # finds no transforms at run time (its sidecar says why) instead of claiming there is no such model
     skipped = init_anomaly_wf(settings_from_args(args), skip=("normative",))
     assert skipped.get_node("controls_reference").inputs.model_file.endswith("model-normative.json")
+
+
+def _add_session(bids, subject: str, old: str, new: str) -> None:
+    """A copy of session ``old`` of ``subject`` as session ``new`` (names and IntendedFor renamed)."""
+    src = bids / f"sub-{subject}" / f"ses-{old}"
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = bids / f"sub-{subject}" / f"ses-{new}" / path.relative_to(src).parent / path.name.replace(
+            f"ses-{old}", f"ses-{new}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            target.write_text(path.read_text().replace(f"ses-{old}", f"ses-{new}"))
+        else:
+            target.write_bytes(path.read_bytes())
+
+
+def test_longitudinal_comparison_waits_for_every_derivative_it_could_read(tmp_path):
+    """The comparison reads the sessions' derivatives from OUTPUT_DIR: it must come after every
+    sink of both sessions (it once followed the anomaly workflow's mask and findings merges only,
+    and read the baseline before its score maps were written)."""
+    import networkx as nx
+
+    from bids_uad.interfaces.derivatives import DerivativesDataSink
+
+    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
+    _add_session(bids, "pat01", "pre", "post")
+    models = tmp_path / "models"
+    models.mkdir()
+    _model_file(models)
+    settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                                   "--participant-label", "pat01", "--nprocs", "1", "--model", str(models)])
+    plan = collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
+    flat = init_participant_wf(settings, plan)._create_flat_graph()
+    names = {node: node.fullname for node in flat.nodes}
+    files = {name.rsplit(".", 1)[1]: n for n, name in names.items() if ".longitudinal_sub_pat01." in name
+             and (name.endswith(".baseline_files") or ".followup_files_" in name)}
+    assert sorted(files) == ["baseline_files", "followup_files_pre"], sorted(names.values())  # "post" sorts first
+    sinks = [n for n in flat.nodes if isinstance(n.interface, DerivativesDataSink)
+             and ".longitudinal_" not in names[n]]
+    kinds = {names[n].split(".")[1].split("_")[0] for n in sinks}
+    assert {"anat", "dwi", "anomaly"} <= kinds
+    for sink in sinks:  # each session's sinks come before the node that reads that session
+        reader = files["followup_files_pre"] if "_ses_pre" in names[sink] else files["baseline_files"]
+        assert nx.has_path(flat, sink, reader), names[sink]
+    assert any("ds_anomaly_score_" in names[n] and "_ses_post" in names[n] for n in sinks)
