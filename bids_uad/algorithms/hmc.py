@@ -226,14 +226,15 @@ class _Warper:
         flat = pts.reshape(1, -1, 3).expand(n, -1, -1)
         return torch.baddbmm(b[:, None, :], flat, a.transpose(1, 2)).reshape(n, *pts.shape[:3], 3)
 
-    def coords(self, theta: torch.Tensor, pts: torch.Tensor, disp):
-        """Fine voxel coordinates in every raw volume for reference points ``pts`` (x, y, z, 3)."""
+    def coords(self, theta: torch.Tensor, pts: "torch.Tensor | GridAxes", disp):
+        """Fine voxel coordinates in every raw volume for reference points ``pts`` ((x, y, z, 3),
+        or a whole grid): (n, x, y, z, 3)."""
         y = self._map(*self.affine(theta), pts)
         if disp is not None and self.pe_axis is not None:
             y[..., self.pe_axis] += disp  # in place: _map's result is a new tensor its backward does not read
         return y
 
-    def grid(self, theta: torch.Tensor, pts: torch.Tensor, disp, factor: int, level_shape) -> torch.Tensor:
+    def grid(self, theta: torch.Tensor, pts: "torch.Tensor | GridAxes", disp, factor: int, level_shape) -> torch.Tensor:
         """:meth:`coords` taken to pyramid level ``factor`` (grid ``level_shape``) and into
         ``grid_sample``'s normalised, axis-reversed form (:func:`~bids_uad.algorithms.resample.index_to_grid`),
         all in the one affine map: the registrations' inner loop samples with it."""
