@@ -33,16 +33,24 @@ def _edges(workflow) -> set[tuple[str, str, str, str]]:
             for a, b in data["connect"]}
 
 
-def test_template_maps_take_the_transforms_of_the_same_graph(tmp_path):
-    """With --model on a fresh output folder, the template-space anomaly maps must wait for the
-    anatomical transforms: they come along edges, not from OUTPUT_DIR at whatever time the node runs."""
+def _pat01_plan(tmp_path, second_session: str | None = None):
+    """Settings (``--model``, a fresh output folder) and plan of sub-pat01 of a small dataset,
+    with a copy of its session as ``second_session`` when given."""
     bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
+    if second_session:
+        _add_session(bids, "pat01", "pre", second_session)
     models = tmp_path / "models"
     models.mkdir()
     _model_file(models)
     settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
                                    "--participant-label", "pat01", "--nprocs", "1", "--model", str(models)])
-    plan = collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
+    return settings, collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
+
+
+def test_template_maps_take_the_transforms_of_the_same_graph(tmp_path):
+    """With --model on a fresh output folder, the template-space anomaly maps must wait for the
+    anatomical transforms: they come along edges, not from OUTPUT_DIR at whatever time the node runs."""
+    settings, plan = _pat01_plan(tmp_path)
     edges = _edges(init_participant_wf(settings, plan))
     anat = next(e[0] for e in edges if e[0].startswith("anat_sub_pat01"))
     anomaly = next(e[1] for e in edges if e[1].startswith("anomaly_sub_pat01"))
@@ -145,14 +153,7 @@ def test_longitudinal_comparison_waits_for_every_derivative_it_could_read(tmp_pa
 
     from bids_uad.interfaces.derivatives import DerivativesDataSink
 
-    bids = build_small_bids(tmp_path / "bids", n_controls=3, n_patients=1)
-    _add_session(bids, "pat01", "pre", "post")
-    models = tmp_path / "models"
-    models.mkdir()
-    _model_file(models)
-    settings = settings_from_args([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
-                                   "--participant-label", "pat01", "--nprocs", "1", "--model", str(models)])
-    plan = collect_participant_inputs(settings, BIDSInputs(bids), ["pat01"])
+    settings, plan = _pat01_plan(tmp_path, second_session="post")
     flat = init_participant_wf(settings, plan)._create_flat_graph()
     names = {node: node.fullname for node in flat.nodes}
     files = {name.rsplit(".", 1)[1]: n for n, name in names.items() if ".longitudinal_sub_pat01." in name
