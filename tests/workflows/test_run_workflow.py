@@ -345,3 +345,21 @@ def test_ready_node_with_the_longest_chain_after_it_starts_first(tmp_path, caplo
     finished = [r.getMessage().split()[1] for r in caplog.records
                 if r.name.startswith("bids_uad") and r.getMessage().startswith("[")]
     assert [name.split(".")[-1] for name in finished][:2] == ["z_chain0", "z_chain1"]
+
+
+def test_one_process_on_several_cores_says_how_to_use_them(tmp_path, caplog, monkeypatch):
+    import bids_uad.workflows.execution as execution
+
+    monkeypatch.setattr(execution, "available_cores", lambda: 4)
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=1)
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_chain(2), settings, "test")
+    hints = [r.getMessage() for r in caplog.records if "--nprocs" in r.getMessage()]
+    assert hints == ["one process on a machine with 4 cores: --nprocs 4 runs independent steps side by side"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_chain(2, name="chain2"), Settings(bids_dir=tmp_path, output_dir=tmp_path / "out",
+                                                        analysis_level="participant", work_dir=tmp_path / "work2",
+                                                        nprocs=2), "test")
+    assert not [r for r in caplog.records if "--nprocs" in r.getMessage()]
