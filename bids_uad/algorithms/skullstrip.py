@@ -20,17 +20,34 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from bids_uad.algorithms.intensity import head_mask, otsu_multi
-from bids_uad.algorithms.masking import dice
+from bids_uad.algorithms.masking import ball, bounding_box, dice, dilate_ball
 from bids_uad.algorithms.registration import apply_transforms, coarse, register
 
 LOGGER = logging.getLogger(__name__)
 
 
-def _ball(radius_vox: np.ndarray) -> np.ndarray:
-    r = np.maximum(np.asarray(radius_vox, dtype=float), 0.5)
-    half = np.ceil(r).astype(int)
-    grid = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
-    return sum((g / rr) ** 2 for g, rr in zip(grid, r)) <= 1.0
+def _in_box(operation, mask: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """``operation(part)`` of a boolean ``mask``, computed on the part of the grid it can change:
+    ``mask``'s bounding box grown by ``reach`` voxels per axis (clipped to the grid), and put back.
+
+    The same result as on the whole grid when ``reach`` covers how far the operation's effect
+    spreads from ``mask`` (a dilation: its radius plus one; a closing, or a dilation followed by
+    an erosion: twice the radius plus one): the box's edges then lie where the whole-grid result
+    is empty, or on the grid's own edges.  Ball morphology at 1 mm costs time in proportion to
+    the voxels it visits (13 calls took 6 s of a paper-geometry skull strip).
+    """
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return operation(mask)
+    box = bounding_box(mask, reach)
+    out = np.zeros(mask.shape, bool)
+    out[box] = operation(mask[box])
+    return out
+
+
+def _reach(radius_vox: np.ndarray, times: int = 1) -> np.ndarray:
+    """Voxels a :func:`~bids_uad.algorithms.masking.ball` of ``radius_vox`` reaches, ``times`` over, plus one."""
+    return times * np.ceil(np.maximum(np.asarray(radius_vox, float), 0.5)).astype(int) + 1
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:
@@ -55,14 +72,14 @@ def morphological_brain_mask(data: np.ndarray, zooms, erode_mm: float = 5.0) -> 
     # 3-class Otsu in the head: dark (background, bone, CSF) | GM, diploe, muscle | WM, fat;
     # tissue = above the lower threshold (a 2-class split can fall between GM and WM)
     tissue = (data > otsu_multi(inside[:: max(1, inside.size // 200_000)], 3)[0]) & head
-    ball = _ball(erode_mm / zooms)
-    core = ndi.binary_erosion(tissue, structure=ball)
+    core = ndi.binary_erosion(tissue, structure=ball(erode_mm / zooms))
     if not core.any():
         core = tissue
     core = _largest(core)
-    brain = ndi.binary_dilation(core, structure=ball) & head
+    brain = _in_box(lambda m: dilate_ball(m, zooms, erode_mm), core, _reach(erode_mm / zooms)) & head
     # include the dark CSF inside and around the brain: close, fill holes
-    brain = ndi.binary_closing(brain, structure=_ball(3.0 / zooms), iterations=1)
+    small = ball(3.0 / zooms)
+    brain = _in_box(lambda m: ndi.binary_closing(m, structure=small, iterations=1), brain, _reach(3.0 / zooms, 2))
     brain = ndi.binary_fill_holes(brain)
     return brain & head
 
@@ -146,9 +163,15 @@ def combine_masks(guess: np.ndarray, warped: np.ndarray, zooms, margin_mm: float
         return b
     zooms = np.asarray(zooms[:3], float)
     pad = int(np.ceil(close_mm / zooms.min())) + 1
-    closed = ndi.binary_closing(np.pad(a, pad), structure=_ball(close_mm / zooms))
-    closed = closed[pad:-pad, pad:-pad, pad:-pad]
-    grown = ndi.binary_dilation(b, structure=_ball(margin_mm / zooms))
+    structure = ball(close_mm / zooms)
+
+    def close(part):  # padded: the grid's edge must not erode the closing
+        grown = dilate_ball(np.pad(part, pad), zooms, close_mm)
+        return ndi.binary_erosion(grown, structure=structure)[pad:-pad, pad:-pad, pad:-pad]
+
+    closed = _in_box(close, a, _reach(close_mm / zooms, 2))
+    margin = ball(margin_mm / zooms)
+    grown = _in_box(lambda m: ndi.binary_dilation(m, structure=margin), b, _reach(margin_mm / zooms))
     return ndi.binary_fill_holes(_largest((a | (b & closed)) & grown))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from bids_uad.algorithms.masking import brain_mask, dice, otsu_threshold
@@ -62,3 +63,19 @@ def test_bounding_box_and_its_affine():
     assert np.allclose(sub @ [0, 0, 0, 1], affine @ [2, 3, 7, 1])
     assert np.allclose(sub[:3, :3], affine[:3, :3])
     assert np.allclose(subgrid_affine(affine, [(2, 5), (3, 4), (7, 9)]), sub)
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), (1.2, 0.9, 2.5)])
+def test_dilate_ball_is_the_ball_structure_dilation(zooms):
+    import numpy as np
+    from scipy import ndimage
+
+    from bids_uad.algorithms.masking import ball, dilate_ball
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(rng.random((40, 36, 30)) > 0.7)
+    mask[0, 5:9, 3] = True  # voxels on the grid's edge
+    for radius in (2.0, 3.0, 5.0, 6.0):
+        expected = ndimage.binary_dilation(mask, structure=ball(radius / np.asarray(zooms)))
+        assert np.array_equal(dilate_ball(mask, zooms, radius), expected), radius
+    assert not dilate_ball(np.zeros((4, 4, 4), bool), zooms, 3.0).any()

@@ -83,3 +83,24 @@ def test_strip_and_normalise_registers_again_when_the_first_guess_fails(head, tm
     assert "registering the T1w to the template again" in caplog.text
     assert all("final_" in p for p in reg.forward + reg.inverse)  # the second fit's transforms
     assert dice(mask.get_fdata(), head["brain_mask"].get_fdata() > 0) >= 0.8
+
+
+def test_morphology_on_the_mask_box_is_the_whole_grid_morphology():
+    """_in_box: a dilation and a closing computed on the mask's box (grown by their reach) are
+    the whole-grid results, also for a mask touching the grid's edge."""
+    from scipy import ndimage
+
+    from bids_uad.algorithms.masking import ball
+    from bids_uad.algorithms.skullstrip import _in_box, _reach
+
+    rng = np.random.default_rng(5)
+    zooms = np.array([1.0, 1.5, 2.0])
+    mask = np.zeros((50, 40, 36), bool)
+    mask[10:30, 8:25, 5:20] = rng.random((20, 17, 15)) > 0.4
+    mask[0:3, 0:4, 30:36] = True  # at the grid's edge
+    for radius in (2.0, 4.0):
+        se = ball(radius / zooms)
+        dil = _in_box(lambda m: ndimage.binary_dilation(m, structure=se), mask, _reach(radius / zooms))
+        assert np.array_equal(dil, ndimage.binary_dilation(mask, structure=se))
+        closed = _in_box(lambda m: ndimage.binary_closing(m, structure=se), mask, _reach(radius / zooms, 2))
+        assert np.array_equal(closed, ndimage.binary_closing(mask, structure=se))
