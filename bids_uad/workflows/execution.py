@@ -333,7 +333,7 @@ def run_workflow(workflow, settings: Settings, run_id: str) -> None:
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
     LOGGER.info("running %s with the %s plugin", workflow.name, plugin)
     cores = available_cores()
-    if plugin == "Linear" and cores > 1 and len(workflow.list_node_names()) > 1:
+    if plugin == "Linear" and cores > 1:
         # one paper-geometry subject: 173 s in one process, 108 s with --nprocs 2 --omp-nthreads 1 (2 cores)
         LOGGER.info("one process on a machine with %d cores: --nprocs %d runs independent steps side by side",
                     cores, cores)
