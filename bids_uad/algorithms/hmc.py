@@ -155,10 +155,6 @@ class GridAxes(NamedTuple):
         """The fine voxel indices of the centres of a pyramid level's voxels (grid ``small``)."""
         return cls(*(torch.arange(int(n), dtype=torch.float32) * factor + (factor - 1) / 2.0 for n in small))
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (len(self.i), len(self.j), len(self.k))
-
 
 class _Warper:
     """Composes rigid + eddy + susceptibility maps and samples a pyramid level."""
@@ -168,6 +164,7 @@ class _Warper:
         self.zooms = torch.as_tensor(np.asarray(zooms, float), dtype=torch.float32)
         self.centre = torch.as_tensor((np.asarray(shape) - 1) / 2.0, dtype=torch.float32)
         self.pe_axis = pe_axis
+        self.pe_onehot = None if pe_axis is None else torch.eye(3)[pe_axis]  # the PE row of a 3x3 map
         self.disp = None if disp_vox is None else torch.from_numpy(np.asarray(disp_vox, np.float32))
         if self.disp is not None:
             self.djac = torch.from_numpy(np.gradient(np.asarray(disp_vox, np.float32), axis=pe_axis).astype(np.float32))
@@ -204,15 +201,9 @@ class _Warper:
         b = theta[:, :3] / self.zooms + self.centre - a @ self.centre
         if self.pe_axis is not None:
             e = theta[:, 6:9] * EDDY_SCALE
-            onehot = self._pe_onehot()
-            a = a + onehot[None, :, None] * torch.einsum("na,nab->nb", e, a)[:, None, :]
-            b = b + onehot[None, :] * (e * (b - self.centre)).sum(-1, keepdim=True)
+            a = a + self.pe_onehot[None, :, None] * torch.einsum("na,nab->nb", e, a)[:, None, :]
+            b = b + self.pe_onehot[None, :] * (e * (b - self.centre)).sum(-1, keepdim=True)
         return a, b
-
-    def _pe_onehot(self) -> torch.Tensor:
-        onehot = torch.zeros(3)
-        onehot[self.pe_axis] = 1.0
-        return onehot
 
     @staticmethod
     def _map(a: torch.Tensor, b: torch.Tensor, pts) -> torch.Tensor:
