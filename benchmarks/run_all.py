@@ -241,17 +241,16 @@ def run_cli_measured(argv: list[str], env: dict, interval: float = 0.5) -> dict:
     over time ((unix time, MB) samples every ``interval`` s)."""
     import subprocess
 
-    from _measure import _tree_cpu_s, tree_memory_mb
+    from _measure import tree_memory_mb
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bids_uad", *argv], env=env)
-    cpu: dict[int, float] = {}
     samples: list[tuple[float, float]] = []
-    while proc.poll() is None:
-        cpu.update(_tree_cpu_s(proc.pid))
-        samples.append((time.time(), tree_memory_mb(proc.pid)))
-        time.sleep(interval)
-    return {"code": proc.returncode, "wall_s": time.perf_counter() - t0, "cpu_s": sum(cpu.values()),
+    with tree_cpu() as cpu:  # the new process and its workers are this one's descendants
+        proc = subprocess.Popen([sys.executable, "-m", "bids_uad", *argv], env=env)
+        while proc.poll() is None:
+            samples.append((time.time(), tree_memory_mb(proc.pid)))
+            time.sleep(interval)
+    return {"code": proc.returncode, "wall_s": time.perf_counter() - t0, "cpu_s": cpu.extra["cpu_s"],
             "peak_memory_mb": max((m for _, m in samples), default=0.0), "samples": samples}
 
 
