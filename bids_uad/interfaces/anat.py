@@ -23,14 +23,15 @@ from nipype.interfaces.base import (
 
 from bids_uad.algorithms.registration import set_itk_threads
 from bids_uad.algorithms.segmentation import CLASS_ORDER
+from bids_uad.interfaces.workfiles import work_nifti
 
 #: order of probseg lists in this stage's outputs (the workflow contract)
 PROBSEG_ORDER = ("GM", "WM", "CSF")
 
 
 
-def _save(img: nib.Nifti1Image, cwd: str, name: str) -> str:
-    path = str(Path(cwd) / name)
+def _save(img: nib.Nifti1Image, cwd: str, stem: str) -> str:
+    path = work_nifti(cwd, stem)
     nib.save(img, path)
     return path
 
@@ -72,8 +73,8 @@ class N4BiasFieldCorrection(SimpleInterface):
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0 if _given(self.inputs.mask_file) else None
         out, bias = n4_correct(img, mask=mask, shrink_factor=self.inputs.shrink_factor,
                                threads=self.inputs.num_threads, seed=self.inputs.seed)
-        self._results["out_file"] = _save(out, runtime.cwd, "n4_corrected.nii.gz")
-        self._results["bias_file"] = _save(bias, runtime.cwd, "n4_bias.nii.gz")
+        self._results["out_file"] = _save(out, runtime.cwd, "n4_corrected")
+        self._results["bias_file"] = _save(bias, runtime.cwd, "n4_bias")
         return runtime
 
 
@@ -110,8 +111,8 @@ class SkullStrip(SimpleInterface):
                 template = find_template()
         mask, brain = skull_strip(nib.load(self.inputs.in_file), self.inputs.method, template,
                                   seed=self.inputs.seed, threads=self.inputs.num_threads)
-        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask.nii.gz")
-        self._results["out_file"] = _save(brain, runtime.cwd, "brain.nii.gz")
+        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask")
+        self._results["out_file"] = _save(brain, runtime.cwd, "brain")
         return runtime
 
 
@@ -134,7 +135,7 @@ class ApplyMask(SimpleInterface):
         img = nib.load(self.inputs.in_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * mask, img.affine)
-        self._results["out_file"] = _save(out, runtime.cwd, "masked.nii.gz")
+        self._results["out_file"] = _save(out, runtime.cwd, "masked")
         return runtime
 
 
@@ -205,7 +206,7 @@ class RegisterImages(SimpleInterface):
         if self.inputs.resolution > 0:  # warped on the native fixed grid
             warped = apply_transforms(self.inputs.moving_file, self.inputs.fixed_file,
                                       result.forward, "image", invert=result.forward_invert)
-        _registration_outputs(self._results, result, _save(warped, runtime.cwd, "warped.nii.gz"),
+        _registration_outputs(self._results, result, _save(warped, runtime.cwd, "warped"),
                               self.inputs.composite)
         return runtime
 
@@ -259,7 +260,7 @@ class ApplyTransforms(SimpleInterface):
                 img = nib.Nifti1Image((np.asarray(img.dataobj) > self.inputs.threshold).astype(np.uint8),
                                       img.affine)
             name = Path(path).name.split(".")[0]
-            outs.append(_save(img, runtime.cwd, f"{i:02d}_{name}_resampled.nii.gz"))
+            outs.append(_save(img, runtime.cwd, f"{i:02d}_{name}_resampled"))
         self._results["out_files"] = outs
         self._results["out_file"] = outs[0] if outs else ""
         return runtime
@@ -299,10 +300,10 @@ class SkullStripToTemplate(SimpleInterface):
             nib.load(self.inputs.in_file), template, lesion, out_prefix=Path(runtime.cwd) / "xfm_",
             resolution_mm=self.inputs.resolution, reg_iterations=tuple(self.inputs.reg_iterations),
             seed=self.inputs.seed, threads=self.inputs.num_threads)
-        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask.nii.gz")
-        self._results["out_file"] = _save(brain, runtime.cwd, "brain.nii.gz")
+        self._results["out_mask"] = _save(mask, runtime.cwd, "brain_mask")
+        self._results["out_file"] = _save(brain, runtime.cwd, "brain")
         warped = apply_transforms(brain, self.inputs.template_t1w, reg.forward, "image", invert=reg.forward_invert)
-        _registration_outputs(self._results, reg, _save(warped, runtime.cwd, "warped.nii.gz"), composite=True)
+        _registration_outputs(self._results, reg, _save(warped, runtime.cwd, "warped"), composite=True)
         return runtime
 
 
@@ -353,9 +354,9 @@ class TissueSegmentation(SimpleInterface):
         dseg, probs = segment_tissues(img, mask, priors=priors, prior_weight=self.inputs.prior_weight,
                                       mrf=self.inputs.mrf, iterations=self.inputs.iterations,
                                       seed=self.inputs.seed, threads=self.inputs.num_threads)
-        self._results["dseg"] = _save(dseg, runtime.cwd, "dseg.nii.gz")
+        self._results["dseg"] = _save(dseg, runtime.cwd, "dseg")
         self._results["dseg_tsv"] = _write_dseg_tsv(runtime.cwd)
-        paths = {k: _save(v, runtime.cwd, f"label-{k}_probseg.nii.gz") for k, v in probs.items()}
+        paths = {k: _save(v, runtime.cwd, f"label-{k}_probseg") for k, v in probs.items()}
         self._results["probsegs"] = [paths[k] for k in PROBSEG_ORDER]
         self._results["gm_probseg"], self._results["wm_probseg"], self._results["csf_probseg"] = (
             paths["GM"], paths["WM"], paths["CSF"])
@@ -378,14 +379,14 @@ class FASTToDseg(SimpleInterface):
 
         seg = nib.load(self.inputs.tissue_class_map)
         dseg = nib.Nifti1Image(fast_to_dseg(np.asarray(seg.dataobj)), seg.affine)
-        self._results["dseg"] = _save(dseg, runtime.cwd, "dseg.nii.gz")
+        self._results["dseg"] = _save(dseg, runtime.cwd, "dseg")
         self._results["dseg_tsv"] = _write_dseg_tsv(runtime.cwd)
         pves = sorted(self.inputs.partial_volume_files)  # pve_0 CSF, pve_1 GM, pve_2 WM
         paths = {}
         for name, path in zip(CLASS_ORDER, pves):
             img = nib.load(path)
             paths[name] = _save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine),
-                                runtime.cwd, f"label-{name}_probseg.nii.gz")
+                                runtime.cwd, f"label-{name}_probseg")
         self._results["probsegs"] = [paths[k] for k in PROBSEG_ORDER]
         self._results["gm_probseg"], self._results["wm_probseg"], self._results["csf_probseg"] = (
             paths["GM"], paths["WM"], paths["CSF"])
@@ -437,7 +438,7 @@ class VentricleMask(SimpleInterface):
         prior = np.asarray(nib.load(self.inputs.prior).dataobj, dtype=np.float32)
         vent = ventricle_mask(np.asarray(dseg.dataobj), prior, self.inputs.threshold)
         out = nib.Nifti1Image(vent.astype(np.uint8), dseg.affine)
-        self._results["out_file"] = _save(out, runtime.cwd, "ventricles_mask.nii.gz")
+        self._results["out_file"] = _save(out, runtime.cwd, "ventricles_mask")
         return runtime
 
 
@@ -473,7 +474,7 @@ class AnalysisMask(SimpleInterface):
                     inside = np.asarray(img.dataobj).reshape(dseg.shape[:3]) > 0
                     mask &= inside if keep is None else keep(inside)
         out = nib.Nifti1Image(mask.astype(np.uint8), dseg.affine)
-        self._results["out_file"] = _save(out, runtime.cwd, "analysis_mask.nii.gz")
+        self._results["out_file"] = _save(out, runtime.cwd, "analysis_mask")
         return runtime
 
 
@@ -508,11 +509,11 @@ class FlairToT1w(SimpleInterface):
         if flair.ndim > 3:
             flair = nib.Nifti1Image(np.asarray(flair.dataobj, dtype=np.float32)[..., 0], flair.affine)
         flair_n4, _ = n4_correct_flair(flair, threads=self.inputs.num_threads, seed=self.inputs.seed)
-        n4_path = _save(flair_n4, runtime.cwd, "flair_n4.nii.gz")
+        n4_path = _save(flair_n4, runtime.cwd, "flair_n4")
         mask = self.inputs.t1w_mask if _given(self.inputs.t1w_mask) else None
         out, result = register_flair(self.inputs.t1w_file, n4_path, mask, seed=self.inputs.seed,
                                      threads=self.inputs.num_threads,
                                      out_prefix=Path(runtime.cwd) / "flair2t1w_")
-        self._results["out_file"] = _save(out, runtime.cwd, "flair_space-T1w.nii.gz")
+        self._results["out_file"] = _save(out, runtime.cwd, "flair_space-T1w")
         self._results["transforms"] = result.forward
         return runtime

@@ -16,6 +16,7 @@ import numpy as np
 
 from bids_uad.bids import outputs
 from bids_uad.bids.outputs import sidecar_fields
+from bids_uad.interfaces.workfiles import work_nifti
 
 
 class _AnomalyInferenceInputSpec(BaseInterfaceInputSpec):
@@ -91,14 +92,14 @@ class AnomalyInference(SimpleInterface):
         header.set_data_dtype(np.float32)
         out = Path(runtime.cwd)
 
-        def save(array, name, dtype):
-            path = out / name
-            nib.save(nib.Nifti1Image(array.astype(dtype), img.affine), str(path))
-            return str(path)
+        def save(array, stem, dtype):
+            path = work_nifti(out, stem)
+            nib.save(nib.Nifti1Image(array.astype(dtype), img.affine), path)
+            return path
 
-        self._results["score"] = save(result.score, "score.nii.gz", np.float32)
-        self._results["mask"] = save(result.mask, "mask.nii.gz", np.uint8)
-        self._results["pvalue"] = save(result.pvalues, "pvalue.nii.gz", np.float32) if result.pvalues is not None else ""
+        self._results["score"] = save(result.score, "score", np.float32)
+        self._results["mask"] = save(result.mask, "mask", np.uint8)
+        self._results["pvalue"] = save(result.pvalues, "pvalue", np.float32) if result.pvalues is not None else ""
         self._results["model_name"] = bundle.name
         info = dict(result.info)
         info["model_file"] = os.path.basename(self.inputs.model_file)
@@ -267,11 +268,11 @@ class ToTemplateSpace(SimpleInterface):
         if warped is None:
             self._results["out_file"] = ""
             return runtime
-        out = Path(runtime.cwd) / ("warped_mask.nii.gz" if kind == "label" else "warped.nii.gz")
+        out = work_nifti(runtime.cwd, "warped_mask" if kind == "label" else "warped")
         if kind == "label":
             warped = nib.Nifti1Image(warped.get_fdata().astype("uint8"), warped.affine)
-        nib.save(warped, str(out))
-        self._results["out_file"] = str(out)
+        nib.save(warped, out)
+        self._results["out_file"] = out
         self._results["meta"] = {**(self.inputs.in_meta or {}), "Transforms": [t.name for t in found],
                                  "Template": self.inputs.template_name,
                                  "Resolution": f"{resolution:g} mm isotropic: the diffusion map's own voxel "

@@ -1,7 +1,7 @@
 """``DerivativesDataSink``: the one nipype node that puts a file into the output dataset.
 
-It copies a work-directory file to its BIDS-derivatives name atomically and writes the JSON
-sidecar.  Workflows connect their results to one of these per output; nothing else writes
+It copies a work-directory file to its BIDS-derivatives name atomically (gzipping the work
+folder's uncompressed images, :mod:`bids_uad.interfaces.workfiles`) and writes the JSON sidecar.  Workflows connect their results to one of these per output; nothing else writes
 into ``OUTPUT_DIR``.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from nipype.interfaces.base import (
 
 from bids_uad.bids import outputs
 from bids_uad.bids.derivatives import DerivativesWriter, atomic_path, write_json
+from bids_uad.interfaces.workfiles import WORK_NIFTI, compress_nifti
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -54,6 +55,13 @@ def _extension_of(path: str) -> str:
         if name.endswith(ext):
             return ext
     return Path(path).suffix
+
+
+def _stored_extension(path: str) -> str:
+    """The extension a derivative gets from its work file when the table names none: images
+    are stored compressed, whatever the work folder keeps."""
+    ext = _extension_of(path)
+    return ".nii.gz" if ext == WORK_NIFTI else ext
 
 
 def _given(value) -> bool:
@@ -105,10 +113,13 @@ class DerivativesDataSink(SimpleInterface):
             raise FileNotFoundError(f"DerivativesDataSink: no such file {self.inputs.in_file!r}")
         writer = DerivativesWriter(self.inputs.output_dir, self.inputs.bids_dir or None)
         entities, suffix, extension, datatype = self._name()
-        extension = extension or _extension_of(self.inputs.in_file)
+        extension = extension or _stored_extension(self.inputs.in_file)
         target = writer.path(entities, suffix, extension, datatype)
         with atomic_path(target) as tmp:
-            shutil.copyfile(self.inputs.in_file, tmp)
+            if extension == ".nii.gz" and _extension_of(self.inputs.in_file) == WORK_NIFTI:
+                compress_nifti(self.inputs.in_file, tmp)
+            else:
+                shutil.copyfile(self.inputs.in_file, tmp)
         self._results["out_file"] = str(target)
         if self.inputs.write_sidecar and extension in (".nii.gz", ".nii", ".tsv", ".h5", ".txt", ".mat"):
             sources = list(self.inputs.source_files) if _given(self.inputs.source_files) else []

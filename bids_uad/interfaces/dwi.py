@@ -26,6 +26,7 @@ from bids_uad.bids.phase_encoding import SOURCE_KEY as PE_SOURCE_KEY
 from bids_uad.bids.validate import phase_encoding, readout_time_or_nominal, total_readout_time
 from bids_uad.errors import InputValidationError
 from bids_uad.interfaces.derivatives import DerivativesDataSink
+from bids_uad.interfaces.workfiles import work_nifti
 
 LOGGER = logging.getLogger("bids_uad.dwi")
 
@@ -124,7 +125,7 @@ class DenoiseDWI(SimpleInterface):
         if self.inputs.gibbs:
             data = remove_gibbs(data)
             report["GibbsRingingRemoval"] = "dipy gibbs_removal (Kellner 2016)"
-        out = _out(runtime, "dwi_denoised.nii.gz")
+        out = work_nifti(runtime.cwd, "dwi_denoised")
         nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
         self._results["out_file"] = out
         self._results["report"] = report
@@ -223,7 +224,7 @@ class EstimateSDC(SimpleInterface):
         names = {}
         for key, arr in (("fieldmap_hz", res.field_hz), ("raw_dwi", b0), ("raw_rpe", rimg_data),
                          ("cor_dwi", res.corrected[0]), ("cor_rpe", res.corrected[1])):
-            names[key] = _out(runtime, f"sdc_{key}.nii.gz")
+            names[key] = work_nifti(runtime.cwd, f"sdc_{key}")
             out = nib.Nifti1Image(np.asarray(arr, np.float32), affine)
             out.header.set_xyzt_units("mm", "sec")
             nib.save(out, names[key])
@@ -300,7 +301,7 @@ class TransferSDC(SimpleInterface):
             field = resample_to_grid(moved, fimg.affine, img.shape[:3], img.affine, order=1)
         axis, _ = parse_phase_encoding(part["pe_direction"])
         scale = float(part["readout_scale"])
-        names = {key: _out(runtime, f"sdc_{key}.nii.gz") for key in ("fieldmap_hz", "cor_dwi", "cor_rpe")}
+        names = {key: work_nifti(runtime.cwd, f"sdc_{key}") for key in ("fieldmap_hz", "cor_dwi", "cor_rpe")}
         # the pair's b0s corrected, in this run's frame (for the report): this run's with the moved
         # field, the other run's corrected b0 moved by the same pose
         partner_here = field_in_moved_frame(np.asarray(nib.load(part["partner_corrected_b0"]).dataobj, np.float32),
@@ -393,10 +394,10 @@ class MotionCorrect(SimpleInterface):
         corrected = np.clip(res.corrected, 0, None).astype(np.float32)
         hdr = img.header.copy()
         hdr.set_data_dtype(np.float32)
-        out = _out(runtime, "dwi_preproc.nii.gz")
+        out = work_nifti(runtime.cwd, "dwi_preproc")
         nib.save(nib.Nifti1Image(corrected, img.affine, hdr), out)
         b0_ref = corrected[..., gt.b0_mask].mean(-1)
-        ref = _out(runtime, "dwi_b0ref.nii.gz")
+        ref = work_nifti(runtime.cwd, "dwi_b0ref")
         nib.save(nib.Nifti1Image(b0_ref.astype(np.float32), img.affine), ref)
         new = GradientTable(bvals=gt.bvals, bvecs=res.bvecs, b0_threshold=gt.b0_threshold)
         bval, bvec = _out(runtime, "dwi_preproc.bval"), _out(runtime, "dwi_preproc.bvec")
@@ -411,7 +412,7 @@ class MotionCorrect(SimpleInterface):
         tsv = _out(runtime, "motion.tsv")
         write_tsv(tsv, rows)
         covered = res.coverage >= FOV_COVERAGE_MIN
-        fov = _out(runtime, "fov_mask.nii.gz")
+        fov = work_nifti(runtime.cwd, "fov_mask")
         nib.save(nib.Nifti1Image(covered.astype(np.uint8), img.affine), fov)
         self._results.update(out_file=out, out_bval=bval, out_bvec=bvec, b0_ref=ref, motion_tsv=tsv, fov_mask=fov)
         self._results["report"] = {
@@ -462,7 +463,7 @@ class BrainMask(SimpleInterface):
             LOGGER.warning("dwi brain mask is cut by the field of view along %s (extent %s mm): "
                            "partial brain coverage (slab); volumes and template fits cover only this part",
                            "/".join(coverage["CutAxes"]), coverage["BrainExtentMm"])
-        out = _out(runtime, "brain_mask.nii.gz")
+        out = work_nifti(runtime.cwd, "brain_mask")
         m = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
         m.header.set_data_dtype(np.uint8)
         nib.save(m, out)
@@ -507,7 +508,7 @@ class TensorFit(SimpleInterface):
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         maps = fit_tensor(data, gt.bvals, gt.bvecs, mask, b0_threshold=gt.b0_threshold)
         for key in TENSOR_MAPS:
-            out = _out(runtime, f"tensor_{key}.nii.gz")
+            out = work_nifti(runtime.cwd, f"tensor_{key}")
             nib.save(nib.Nifti1Image(maps[key], img.affine), out)
             self._results[key] = out
         self._results["report"] = {"TensorFit": "dipy TensorModel, weighted least squares (WLS)",
@@ -624,9 +625,9 @@ class CombineRuns(SimpleInterface):
                            affine_det_positive=np.linalg.det(imgs[0].affine[:3, :3]) > 0)
         hdr = imgs[0].header.copy()
         hdr.set_data_dtype(np.float32)
-        out = _out(runtime, "dwi_combined.nii.gz")
+        out = work_nifti(runtime.cwd, "dwi_combined")
         nib.save(nib.Nifti1Image(res.data.astype(np.float32), imgs[0].affine, hdr), out)
-        ref = _out(runtime, "dwi_combined_b0ref.nii.gz")
+        ref = work_nifti(runtime.cwd, "dwi_combined_b0ref")
         nib.save(nib.Nifti1Image(res.b0_ref.astype(np.float32), imgs[0].affine), ref)
         bval, bvec = _out(runtime, "dwi_combined.bval"), _out(runtime, "dwi_combined.bvec")
         write_fsl_gradients(GradientTable(bvals=res.bvals, bvecs=res.bvecs, b0_threshold=tables[0].b0_threshold),
@@ -642,7 +643,7 @@ class CombineRuns(SimpleInterface):
 
             fov = combined_fov([np.asarray(nib.load(f).dataobj) > 0 for f in fovs],
                                [run["params"] for run in res.info["runs"]], zooms)
-            self._results["fov_mask"] = _out(runtime, "fov_mask.nii.gz")
+            self._results["fov_mask"] = work_nifti(runtime.cwd, "fov_mask")
             nib.save(nib.Nifti1Image(fov.astype(np.uint8), imgs[0].affine), self._results["fov_mask"])
         per_run = list(self.inputs.run_reports) if isdefined(self.inputs.run_reports) else []
         sdc_lines = sorted({r.get("SusceptibilityDistortionCorrection", SDC_SKIPPED) for r in per_run})
@@ -699,7 +700,7 @@ class DiffusionTissues(SimpleInterface):
             analysis &= np.asarray(nib.load(self.inputs.fov_mask).dataobj).reshape(analysis.shape) > 0
         names = {}
         for key, arr in (("dseg", dseg), ("analysis_mask", analysis.astype(np.uint8))):
-            names[key] = _out(runtime, f"{key}.nii.gz")
+            names[key] = work_nifti(runtime.cwd, f"{key}")
             img = nib.Nifti1Image(arr.astype(np.uint8), fa_img.affine)
             img.header.set_data_dtype(np.uint8)
             nib.save(img, names[key])
@@ -753,7 +754,7 @@ class FAToTemplate(SimpleInterface):
         result, quality = register_fa_to_template(fa, nib.load(self.inputs.brain_mask), target, target_mask,
                                                   out_prefix=_out(runtime, "fa2tpl_"), seed=self.inputs.seed,
                                                   threads=self.inputs.num_threads)
-        warped = _out(runtime, "fa_template.nii.gz")
+        warped = work_nifti(runtime.cwd, "fa_template")
         nib.save(apply_transforms(fa, target, result.forward, "image"), warped)
         if quality["FACorrelationWithTemplate"] < 0.4:
             LOGGER.warning("FA to template registration is poor (correlation %.2f with the FA-like template)",

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
+from bids_uad.interfaces.workfiles import work_nifti
+
 
 def _minimum_volume(option_ml: float, scoring: dict) -> tuple[float, str]:
     """The smallest finding (mL) and why: ``--findings-min-volume``, else the model file's volume
@@ -170,7 +172,7 @@ class Findings(SimpleInterface):
             "DeviationReference": deviation_reference(controls is not None, controls_meta),
             "ControlsReference": controls_meta.get("Description") if controls is not None else None,
         })
-        labels_path = Path(runtime.cwd) / "findings_dseg.nii.gz"
+        labels_path = work_nifti(runtime.cwd, "findings_dseg")
         label_dtype = np.uint8 if len(rows) < 256 else np.int16
         nib.save(nib.Nifti1Image(labels.astype(label_dtype), mask_img.affine), str(labels_path))
         self._results["out_labels"] = str(labels_path)
@@ -277,7 +279,7 @@ class ControlsReference(SimpleInterface):
         keys = list(NORMATIVE_SIGNATURE)  # the volumes' order _load_controls reads
         stack = ([reference[k][0] for k in keys] + [reference[k][1] for k in keys]
                  + [reference[k][2].astype(np.float32) for k in keys])
-        out = Path(runtime.cwd) / "controls_reference.nii.gz"
+        out = work_nifti(runtime.cwd, "controls_reference")
         nib.save(nib.Nifti1Image(np.stack(stack, -1).astype(np.float32), img.affine), str(out))
         self._results["out_file"] = str(out)
         self._results["meta"] = {"Description": (

@@ -29,6 +29,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, Trai
 from bids_uad.algorithms.registration import set_itk_threads
 from bids_uad.bids import outputs
 from bids_uad.errors import InputMissingError, InputValidationError
+from bids_uad.interfaces.workfiles import work_nifti
 
 LOGGER = logging.getLogger("bids_uad.longitudinal")
 
@@ -279,7 +280,7 @@ class SessionLesionMask(SimpleInterface):
                                    "manual segmentation", "LesionMaskSource": "estimate",
                     "Contrast": contrast, **info}
         meta["VolumeMl"] = volume_ml(mask, zooms)
-        self._results["mask_t1w"] = _save(mask, t1w, cwd / "lesion_t1w.nii.gz", np.uint8)
+        self._results["mask_t1w"] = _save(mask, t1w, work_nifti(cwd, "lesion_t1w"), np.uint8)
         self._results["mask_dwi"] = ""
         self._results["background_dwi"] = ""
         if _given(self.inputs.dwi_reference):
@@ -291,11 +292,11 @@ class SessionLesionMask(SimpleInterface):
             else:
                 dwi_mask = apply_transforms(self._results["mask_t1w"], ref, xfms, "mask")
             self._results["mask_dwi"] = _save(np.asarray(dwi_mask.dataobj) > 0, ref,
-                                              cwd / "lesion_dwi.nii.gz", np.uint8)
+                                              work_nifti(cwd, "lesion_dwi"), np.uint8)
             bg_src = self.inputs.flair if _given(self.inputs.flair) else self.inputs.t1w
             bg = apply_transforms(bg_src, ref, xfms, "image")
             self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref,
-                                                    cwd / "background_dwi.nii.gz", np.float32)
+                                                    work_nifti(cwd, "background_dwi"), np.float32)
         self._results.update(source=source, desc=desc, meta=meta)
         return runtime
 
@@ -361,7 +362,7 @@ class FollowupToBaseline(SimpleInterface):
         to_dwi_inv = [False] * len(self.inputs.baseline_t1w2dwi) + fwd_inv
         t1w_base = apply_transforms(self.inputs.followup_t1w, base_t1w, fwd, "image", invert=fwd_inv)
         self._results["t1w_baseline"] = _save(np.asarray(t1w_base.dataobj), base_t1w,
-                                              cwd / "followup_t1w_on_baseline.nii.gz", np.float32)
+                                              work_nifti(cwd, "followup_t1w_on_baseline"), np.float32)
         warped_mask = apply_transforms(self.inputs.followup_brain_mask, base_t1w, fwd, "mask", invert=fwd_inv)
         brain_dice = dice(np.asarray(warped_mask.dataobj), _load_bool(self.inputs.baseline_brain_mask))
         if _given(self.inputs.followup_lesion):
@@ -369,10 +370,10 @@ class FollowupToBaseline(SimpleInterface):
             les = np.asarray(les.dataobj) > 0
         else:
             les = np.zeros(ref.shape[:3], bool)
-        self._results["lesion_dwi"] = _save(les, ref, cwd / "followup_lesion_dwi.nii.gz", np.uint8)
+        self._results["lesion_dwi"] = _save(les, ref, work_nifti(cwd, "followup_lesion_dwi"), np.uint8)
         bg_src = self.inputs.followup_flair if _given(self.inputs.followup_flair) else self.inputs.followup_t1w
         bg = apply_transforms(bg_src, ref, to_dwi, "image", invert=to_dwi_inv)
-        self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref, cwd / "followup_bg_dwi.nii.gz",
+        self._results["background_dwi"] = _save(np.asarray(bg.dataobj), ref, work_nifti(cwd, "followup_bg_dwi"),
                                                 np.float32)
         self._results["background_contrast"] = "FLAIR" if _given(self.inputs.followup_flair) else "T1w"
         from_dwi = to_dwi + list(self.inputs.followup_dwi2t1w)
@@ -385,10 +386,10 @@ class FollowupToBaseline(SimpleInterface):
                 masks.append("")
                 continue
             s = apply_transforms(score, ref, from_dwi, "image", invert=from_dwi_inv)
-            scores.append(_save(np.asarray(s.dataobj), ref, cwd / f"followup_score_{i}.nii.gz", np.float32))
+            scores.append(_save(np.asarray(s.dataobj), ref, work_nifti(cwd, f"followup_score_{i}"), np.float32))
             if _given(mask):
                 m = apply_transforms(mask, ref, from_dwi, "mask", invert=from_dwi_inv)
-                masks.append(_save(np.asarray(m.dataobj) > 0, ref, cwd / f"followup_mask_{i}.nii.gz", np.uint8))
+                masks.append(_save(np.asarray(m.dataobj) > 0, ref, work_nifti(cwd, f"followup_mask_{i}"), np.uint8))
             else:
                 masks.append("")
         self._results["scores_dwi"] = scores
@@ -399,7 +400,7 @@ class FollowupToBaseline(SimpleInterface):
                 findings.append("")
                 continue
             warped = apply_transforms(labels, ref, from_dwi, "label", invert=from_dwi_inv)
-            findings.append(_save(np.asarray(warped.dataobj), ref, cwd / f"followup_findings_{i}.nii.gz", np.int16))
+            findings.append(_save(np.asarray(warped.dataobj), ref, work_nifti(cwd, f"followup_findings_{i}"), np.int16))
         self._results["findings_dwi"] = findings
         self._results["xfm"] = result.forward[0] if self.inputs.syn else rigid.forward[0]
         # rigid only: the inverse is the same .mat applied inverted, not a file of its own
@@ -558,13 +559,13 @@ class LongitudinalCompare(SimpleInterface):
             summary = {k: _json_number(stats[k]) for k in ("mismatch_ml", "overlap_fraction",
                                                             "overlap_fraction_random_mean",
                                                             "overlap_fraction_random_p")}
-            mism_path = _save(maps["mismatch"], ref, cwd / f"mismatch_{model}.nii.gz", np.uint8)
+            mism_path = _save(maps["mismatch"], ref, work_nifti(cwd, f"mismatch_{model}"), np.uint8)
             store(mism_path, "mismatch", base,
                   {"Description": "anomalous at baseline, outside the baseline lesion mask "
                                   f"({_desc(base_src)}), within the analysis mask",
                    "BaselineLesionSource": base_src, **est_note, **summary}, model=model)
             if "score_change" in maps:
-                path = _save(maps["score_change"], ref, cwd / f"scorechange_{model}.nii.gz", np.float32)
+                path = _save(maps["score_change"], ref, work_nifti(cwd, f"scorechange_{model}"), np.float32)
                 store(path, "score_change", fu,
                       {"Description": f"anomaly score at ses-{fu} minus ses-{base}, on the baseline "
                                       "dwi grid (0 outside the analysis mask)", **space_meta}, model=model)

@@ -39,7 +39,7 @@ def test_segmentation_interface_orders_probsegs(files, tmp_path):
     res = ia.TissueSegmentation(in_file=files["t1w"], mask_file=files["brain_mask"],
                                 iterations=2).run(cwd=str(tmp_path))
     assert [os.path.basename(p) for p in res.outputs.probsegs] == [
-        "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz", "label-CSF_probseg.nii.gz"]
+        "label-GM_probseg.nii", "label-WM_probseg.nii", "label-CSF_probseg.nii"]  # work files: uncompressed
     assert open(res.outputs.dseg_tsv).read().splitlines() == ["index\tname", "1\tCSF", "2\tGM", "3\tWM"]
 
 

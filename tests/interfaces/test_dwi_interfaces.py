@@ -14,6 +14,7 @@ from bids_uad.bids.validate import total_readout_time  # noqa: E402
 from bids_uad.errors import InputValidationError  # noqa: E402
 from bids_uad.interfaces import fsl as fsl_if  # noqa: E402
 from bids_uad.interfaces.derivatives import DerivativesDataSink  # noqa: E402
+from bids_uad.interfaces.workfiles import work_nifti  # noqa: E402
 from bids_uad.interfaces.dwi import (  # noqa: E402
     EstimateSDC,
     TransferSDC,
@@ -122,6 +123,25 @@ def test_sink_skips_empty_and_names_file(tmp_path):
     assert out.relative_to(tmp_path / "out").as_posix() == \
         "sub-01/dwi/sub-01_dir-AP_space-dwi_desc-susceptibility_fieldmap.nii.gz"
     assert json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["Units"] == "Hz"
+
+
+def test_sink_compresses_work_images_as_nibabel_does(tmp_path):
+    """A node's uncompressed work image becomes the same .nii.gz bytes that nibabel writes."""
+    img = nib.Nifti1Image(np.random.default_rng(3).normal(size=(9, 8, 7)).astype(np.float32), np.diag([2, 2, 2, 1.0]))
+    work = work_nifti(tmp_path, "field")
+    assert work.endswith(".nii")
+    nib.save(img, work)
+    nib.save(img, str(tmp_path / "direct.nii.gz"))
+    res = DerivativesDataSink(in_file=work, output_dir=str(tmp_path / "out"), output="fieldmap",
+                              source_file="sub-01_dir-AP_dwi.nii.gz").run(cwd=str(tmp_path))
+    out = Path(res.outputs.out_file)
+    assert out.name.endswith("_fieldmap.nii.gz")
+    assert out.read_bytes() == (tmp_path / "direct.nii.gz").read_bytes()
+    # with no extension in the table, a work image is still stored compressed
+    res = DerivativesDataSink(in_file=work, output_dir=str(tmp_path / "out"), suffix="probe",
+                              source_file="sub-01_dir-AP_dwi.nii.gz").run(cwd=str(tmp_path))
+    assert res.outputs.out_file.endswith("_probe.nii.gz")
+    assert np.array_equal(nib.load(res.outputs.out_file).get_fdata(), img.get_fdata())
 
 
 # ---------------------------------------------------------------- FSL command lines (no FSL)
