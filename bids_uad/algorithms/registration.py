@@ -404,20 +404,30 @@ def coarse(img, resolution_mm: float, order: int = 1) -> nib.Nifti1Image:
     return img
 
 
+#: iterations of the FLAIR → T1w rigid fit per level (antspyx's shrink factors 6, 4, 2, 1 of the
+#: 2 mm copies): none at full resolution.  That level's 10 full-sampling iterations were 2.5 s of
+#: the 4.1 s fit on a 2 mm head; without them the error against the truth (identity) went from
+#: 0.077 to 0.107 mm on the paper patient (1 mm T1w) and from 0.156 to 0.203 mm over four demo
+#: sessions (2 mm): a twentieth of a 2 mm voxel, for an image that is displayed, thresholded at
+#: lesion scale and used on the dwi grid (benchmarks/anat.py, 2026-12-07).
+FLAIR_RIGID_ITERATIONS = (2100, 1200, 1200, 0)
+
+
 def register_flair(t1w, flair, t1w_mask=None, resolution_mm: float = 2.0, seed: int | None = 0,
                    threads: int = 1, *, out_prefix: str | Path,
                    ) -> tuple[nib.Nifti1Image, RegistrationResult]:
     """Rigid FLAIR → T1w (Mattes MI, T1w brain mask as fixed mask), run on ``resolution_mm``
-    copies (the rigid transform is physical); returns the FLAIR resampled (linear) on the
-    T1w grid and the registration (its transform written under ``out_prefix``).  The metric uses
-    every voxel (sampling rate 1): with antspyx's default random 20 % sampling the same call
-    occasionally (1 run in 5) ended in a wrong optimum despite the fixed seed.
+    copies (the rigid transform is physical) with :data:`FLAIR_RIGID_ITERATIONS`; returns the
+    FLAIR resampled (linear) on the T1w grid and the registration (its transform written under
+    ``out_prefix``).  The metric uses every voxel (sampling rate 1): with antspyx's default
+    random 20 % sampling the same call occasionally (1 run in 5) ended in a wrong optimum
+    despite the fixed seed.
     """
     out_prefix = checked_prefix(out_prefix)  # before any work
     fixed = coarse(t1w, resolution_mm)
     mask = None if t1w_mask is None else coarse(t1w_mask, resolution_mm, order=0)
     result = register(fixed, coarse(flair, resolution_mm), kind="Rigid", fixed_mask=mask,
-                      aff_random_sampling_rate=1.0,
+                      aff_random_sampling_rate=1.0, aff_iterations=FLAIR_RIGID_ITERATIONS,
                       out_prefix=out_prefix, seed=seed, threads=threads)
     return apply_transforms(flair, t1w, result.forward, "image"), result
 
