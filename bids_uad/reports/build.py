@@ -80,6 +80,20 @@ def build_participant_report(settings, subject: str, run_id: str | None = None) 
     return path
 
 
+def make_section_figures(settings, subject: str, sections, run_id: str | None = None) -> None:
+    """Draw the figures of ``sections`` (keys of the participant sections' builders) into the
+    subject's figure folder, and nothing else: a later :func:`build_participant_report` finds
+    them up to date and only assembles them.  A section that fails is logged and left to that
+    build, which tries it again."""
+    subject = validate_label(subject, "sub")
+    output_dir = Path(settings.output_dir)
+    subj = collect_subject(output_dir, subject, run_id, getattr(settings, "lesion_masks", None),
+                           getattr(settings, "bids_dir", None))
+    maker = FigureMaker(output_dir, subj.figures_dir)
+    for key in sections:
+        _safe(key, lambda key=key: P.SECTION_BUILDERS[key](subj, maker))
+
+
 def build_group_report(settings, run_id: str | None = None) -> Path:
     """Write ``OUTPUT_DIR/group.html`` from ``models/*.json`` and ``group/*.tsv``; return its path."""
     output_dir = Path(settings.output_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from bids_uad.reports.batch import build_participant_reports, report_processes
 from tests.reports.fakes import make_derivatives, settings_for
@@ -45,3 +46,46 @@ def test_without_worker_processes_the_reports_are_built_here(tmp_path, caplog, m
     assert any("no semaphores here" in m for m in messages)
     assert any("sub-01, sub-../x" in m for m in messages)  # named, and built in this process
     assert sum(r.levelno == logging.ERROR for r in caplog.records) == 1  # the bad label only
+
+
+def test_one_subject_report_drawn_with_a_helper_is_the_one_process_report(tmp_path, monkeypatch):
+    """One subject with --nprocs 2: a forked helper draws the anatomical figures; the report and
+    its figures are those of a one-process build, and a helper that dies costs nothing."""
+    import os
+
+    import bids_uad.reports.batch as batch
+
+    alone, helped = tmp_path / "alone", tmp_path / "helped"
+    for out in (alone, helped):
+        make_derivatives(out, subject="01", evil=False, with_anomaly=True)
+    [one] = build_participant_reports(settings_for(alone, nprocs=2), ["01"], processes=1)  # no helper
+    pids = tmp_path / "helper_pid"
+    draw = batch._draw_quietly
+
+    def recorded(*args):
+        pids.write_text(str(os.getpid()))
+        draw(*args)
+
+    monkeypatch.setattr(batch, "_draw_quietly", recorded)
+    [two] = build_participant_reports(settings_for(helped, nprocs=2), ["01"])
+    assert int(pids.read_text()) != os.getpid()  # drawn in another process
+    expected = one.read_text().replace(str(alone), "OUT")
+    assert two.read_text().replace(str(helped), "OUT") == expected  # the settings table names the folder
+    figures = sorted(p.relative_to(alone) for p in (alone / "sub-01" / "figures").rglob("*") if p.is_file())
+    assert len(figures) > 5
+    assert figures == sorted(p.relative_to(helped) for p in (helped / "sub-01" / "figures").rglob("*") if p.is_file())
+    def drawn(path):  # without the signature of its input files (their times differ between the folders)
+        return re.sub(rb"bids_uad-inputs:[0-9a-f]+", b"", path.read_bytes())
+
+    for rel in figures:
+        assert drawn(helped / rel) == drawn(alone / rel), rel
+
+    def dies(*args):
+        os._exit(3)
+
+    monkeypatch.setattr(batch, "_draw_quietly", dies)
+    for p in (helped / "sub-01" / "figures").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    [again] = build_participant_reports(settings_for(helped, nprocs=2), ["01"])
+    assert again.read_text().replace(str(helped), "OUT") == expected
