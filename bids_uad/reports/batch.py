@@ -2,7 +2,9 @@
 
 A report is tens of seconds of matplotlib for a subject with several sessions (tens of figures;
 ~10 CPU s per demo subject), and the reports of a run are independent, so they are built side by
-side in fresh (``spawn``) worker processes.  Each worker's log records are collected and handed back with its result, then
+side in worker processes, forked where the system allows (a spawned worker first spent ~3 s
+importing what this process has loaded; the workers start with no log handlers of their own).
+Each worker's log records are collected and handed back with its result, then
 re-emitted in the parent through the same loggers, so the run log reads as if one process had
 built them.  A report that fails is logged with its traceback and never stops the others (nor
 hides the run's own outcome).  When worker processes cannot be started, or one dies (killed for
@@ -60,6 +62,22 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
+def _worker_context():
+    """fork where there is one (Linux: no interpreter start, no imports), else spawn."""
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:
+        return multiprocessing.get_context("spawn")
+
+
+def _without_handlers() -> None:
+    """A report worker's start: a forked one inherits this process's log handlers (console, run
+    log), through which its records would appear twice, directly and replayed by the parent."""
+    logger = logging.getLogger("bids_uad")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+
+
 def _one_report(settings, subject: str, run_id: str | None, level: int) -> tuple[str | None, list]:
     """Worker: build one report, logging what the parent would have; returns (path or None, records)."""
     collect = _Collect()
@@ -97,7 +115,7 @@ def build_participant_reports(settings, subjects: Iterable[str], run_id: str | N
     level = logging.getLogger("bids_uad").getEffectiveLevel()
     done: dict[str, Path | None] = {}
     try:
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(n, mp_context=_worker_context(), initializer=_without_handlers) as pool:
             futures = [pool.submit(_one_report, settings, subject, run_id, level) for subject in subjects]
             for subject, future in zip(subjects, futures):
                 try:

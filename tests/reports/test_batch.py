@@ -24,6 +24,23 @@ def test_reports_in_two_processes_with_their_logs(tmp_path, caplog):
     assert any("in 2 processes" in r.getMessage() for r in caplog.records)
 
 
+def test_worker_records_reach_the_run_log_once(tmp_path):
+    """Forked workers inherit the parent's handlers: each record must still be written once."""
+    out = tmp_path / "out"
+    make_derivatives(out, subject="01", evil=False, with_anomaly=False)
+    log = tmp_path / "run.log"
+    handler = logging.FileHandler(log)
+    logger = logging.getLogger("bids_uad")
+    logger.addHandler(handler)
+    try:
+        build_participant_reports(settings_for(out, nprocs=2), ["../x", "01"])
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = log.read_text().splitlines()
+    assert sum("the HTML report could not be built" in line for line in lines) == 1, lines
+
+
 def test_report_processes_follow_nprocs_subjects_and_memory(tmp_path):
     assert report_processes(settings_for(tmp_path, nprocs=8), 3) == 3
     assert report_processes(settings_for(tmp_path, nprocs=8, mem_gb=2.5), 10) == 2
