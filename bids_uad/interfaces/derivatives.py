@@ -1,7 +1,8 @@
 """``DerivativesDataSink``: the one nipype node that puts a file into the output dataset.
 
 It copies a work-directory file to its BIDS-derivatives name atomically (gzipping the work
-folder's uncompressed images, :mod:`bids_uad.interfaces.workfiles`) and writes the JSON sidecar.  Workflows connect their results to one of these per output; nothing else writes
+folder's uncompressed images, :mod:`bids_uad.interfaces.workfiles`) and writes the JSON
+sidecar.  Workflows connect their results to one of these per output; nothing else writes
 into ``OUTPUT_DIR``.
 """
 from __future__ import annotations

@@ -106,3 +106,39 @@ def test_one_subject_report_drawn_with_a_helper_is_the_one_process_report(tmp_pa
             p.unlink()
     [again] = build_participant_reports(settings_for(helped, nprocs=2), ["01"])
     assert again.read_text().replace(str(helped), "OUT") == expected
+
+
+def test_the_dearest_report_is_started_first_and_results_keep_their_order(tmp_path, monkeypatch):
+    """Longest processing time first: a subject with more images is submitted before a lighter
+    one; the paths still come back in the order asked for."""
+    from concurrent.futures import Future
+
+    import bids_uad.reports.batch as batch
+
+    out = tmp_path / "out"
+    make_derivatives(out, subject="01", evil=False, with_anomaly=False)
+    make_derivatives(out, subject="02", evil=False, with_anomaly=True)  # more images
+    assert batch._report_cost(settings_for(out), "02") > batch._report_cost(settings_for(out), "01") > 0
+    assert batch._report_cost(settings_for(out), "../x") == 0
+    submitted = []
+
+    class InOrder:  # runs each report here, in submission order
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, settings, subject, *args):
+            submitted.append(subject)
+            future = Future()
+            future.set_result(fn(settings, subject, *args))
+            return future
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", InOrder)
+    paths = build_participant_reports(settings_for(out, nprocs=2), ["01", "02"])
+    assert submitted == ["02", "01"]
+    assert [p.name for p in paths] == ["sub-01.html", "sub-02.html"]
