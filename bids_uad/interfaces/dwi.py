@@ -700,7 +700,7 @@ class DiffusionTissues(SimpleInterface):
             analysis &= np.asarray(nib.load(self.inputs.fov_mask).dataobj).reshape(analysis.shape) > 0
         names = {}
         for key, arr in (("dseg", dseg), ("analysis_mask", analysis.astype(np.uint8))):
-            names[key] = work_nifti(runtime.cwd, f"{key}")
+            names[key] = work_nifti(runtime.cwd, key)
             img = nib.Nifti1Image(arr.astype(np.uint8), fa_img.affine)
             img.header.set_data_dtype(np.uint8)
             nib.save(img, names[key])

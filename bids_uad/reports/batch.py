@@ -74,12 +74,17 @@ def _report_cost(settings, subject: str) -> int:
     return sum(1 for _ in folder.rglob("*.nii.gz")) if folder.is_dir() else 0
 
 
-def _worker_context():
-    """fork where there is one (Linux: no interpreter start, no imports), else spawn."""
+def _fork_context():
+    """The fork start method (no interpreter start, no imports), or None where there is none."""
     try:
         return multiprocessing.get_context("fork")
     except ValueError:
-        return multiprocessing.get_context("spawn")
+        return None
+
+
+def _worker_context():
+    """fork where there is one, else spawn."""
+    return _fork_context() or multiprocessing.get_context("spawn")
 
 
 def _without_handlers() -> None:
@@ -163,14 +168,15 @@ def _one_subject_with_helper(settings, subject: str, run_id: str | None) -> list
     """One subject's report, a forked helper drawing :data:`HELPER_SECTIONS` meanwhile (fork: no
     interpreter start or imports, which took longer than the figures).  Without fork (not Linux),
     or when the helper cannot start, everything is drawn here."""
-    helper = None
-    try:
-        helper = multiprocessing.get_context("fork").Process(
-            target=_draw_quietly, args=(settings, subject, run_id, HELPER_SECTIONS), daemon=True)
-        helper.start()
-    except (OSError, ValueError) as exc:
-        LOGGER.debug("report helper process not started (%s): drawing every section here", exc)
-        helper = None
+    fork, helper = _fork_context(), None
+    if fork is not None:
+        try:
+            helper = fork.Process(target=_draw_quietly, args=(settings, subject, run_id, HELPER_SECTIONS),
+                                  daemon=True)
+            helper.start()
+        except OSError as exc:
+            LOGGER.debug("report helper process not started (%s): drawing every section here", exc)
+            helper = None
     if helper is not None:
         try:
             make_section_figures(settings, subject, [k for k in SECTION_BUILDERS if k not in HELPER_SECTIONS], run_id)

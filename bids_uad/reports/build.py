@@ -48,17 +48,27 @@ def about_items(settings, run_id: str | None) -> list[dict]:
     return [kv(rows), item]
 
 
-def build_participant_report(settings, subject: str, run_id: str | None = None) -> Path:
-    """Write ``OUTPUT_DIR/sub-<label>.html`` (figures in ``sub-<label>/figures/``); return its path."""
+def _subject_figures(settings, subject: str, run_id: str | None):
+    """(label, OUTPUT_DIR, the subject's derivatives, its figure maker) for a participant report."""
     subject = validate_label(subject, "sub")
     output_dir = Path(settings.output_dir)
     subj = collect_subject(output_dir, subject, run_id, getattr(settings, "lesion_masks", None),
                            getattr(settings, "bids_dir", None))
-    maker = FigureMaker(output_dir, subj.figures_dir)
+    return subject, output_dir, subj, FigureMaker(output_dir, subj.figures_dir)
+
+
+def _section_items(key: str, subj, maker) -> list[dict]:
+    """The items of participant section ``key`` (its figures drawn unless up to date)."""
+    return _safe(key, lambda: P.SECTION_BUILDERS[key](subj, maker))
+
+
+def build_participant_report(settings, subject: str, run_id: str | None = None) -> Path:
+    """Write ``OUTPUT_DIR/sub-<label>.html`` (figures in ``sub-<label>/figures/``); return its path."""
+    subject, output_dir, subj, maker = _subject_figures(settings, subject, run_id)
     sections = [Section("summary", "Summary", _safe("summary", lambda: P.summary_section(subj)))]
     for key, title in (("anatomical", "Anatomical"), ("diffusion", "Diffusion"), ("anomaly", "Anomaly"),
                        ("longitudinal", "Longitudinal")):
-        sections.append(Section(key, title, _safe(key, lambda key=key: P.SECTION_BUILDERS[key](subj, maker))))
+        sections.append(Section(key, title, _section_items(key, subj, maker)))
     sections.append(Section("about", "About", about_items(settings, run_id)))
     errors = P.errors_section(subj, maker.errors)
     sections.append(Section("errors", "Errors", errors, flag=bool(subj.crashes or maker.errors)))
@@ -85,13 +95,9 @@ def make_section_figures(settings, subject: str, sections, run_id: str | None = 
     subject's figure folder, and nothing else: a later :func:`build_participant_report` finds
     them up to date and only assembles them.  A section that fails is logged and left to that
     build, which tries it again."""
-    subject = validate_label(subject, "sub")
-    output_dir = Path(settings.output_dir)
-    subj = collect_subject(output_dir, subject, run_id, getattr(settings, "lesion_masks", None),
-                           getattr(settings, "bids_dir", None))
-    maker = FigureMaker(output_dir, subj.figures_dir)
+    _, _, subj, maker = _subject_figures(settings, subject, run_id)
     for key in sections:
-        _safe(key, lambda key=key: P.SECTION_BUILDERS[key](subj, maker))
+        _section_items(key, subj, maker)
 
 
 def build_group_report(settings, run_id: str | None = None) -> Path:
