@@ -69,7 +69,21 @@ def multiproc_plugin_class():
     (:func:`downstream_depth`; nipype's own order is the graph's topological order, kept for a
     plugin file that names ``scheduler: tsort``).  It keeps nipype's class name: nipype derives
     the plugin's name from it.
+
+    The nodes nipype runs in this process (``run_without_submitting``: the derivative sinks, the
+    small merges) run here as soon as they are ready, while the workers are busy; nipype runs one
+    only in a free worker's slot, which the deeper nodes took first, so they waited for the end of
+    the run.  This process stops running them when a worker has finished, so that worker is given
+    its next node on the next loop.  The demo's inference level (756 nodes, 424 sinks): overhead
+    12.7-13.3 s → 3.5-4.3 s of a 75-79 s graph; the node work grows by about as much (the sinks'
+    gzip now shares the cores with the workers), so the wall time went 78.7 → 74.9 s in one pair of
+    runs and 74.9 → 75.2 s in the next.
     """
+    import sys
+    from traceback import format_exception
+
+    import numpy as np
+    from nipype.pipeline.engine import MapNode
     from nipype.pipeline.plugins import multiproc
     from nipype.pipeline.plugins.multiproc import MultiProcPlugin as NipypeMultiProc
 
@@ -83,6 +97,40 @@ def multiproc_plugin_class():
             finally:
                 multiproc.gc = gc
                 gc.unfreeze()
+
+        def _send_procs_to_workers(self, updatehash=False, graph=None):
+            super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
+            self._run_here_while_busy(updatehash, graph)
+
+        def _run_here_while_busy(self, updatehash, graph):
+            # nipype runs a run_without_submitting node (the derivative sinks) only when a
+            # worker's slot is free for it, and the deepest ready node takes a free slot first:
+            # the sinks waited for the end of the run, gzipping while the workers sat idle
+            if not self.pending_tasks:
+                return
+            ready = np.flatnonzero(~self.proc_done & (self.depidx.sum(axis=0) == 0).__array__())
+            here = [job for job in ready
+                    if self.procs[job].run_without_submitting and not isinstance(self.procs[job], MapNode)]
+            for jobid in self._sort_jobs(here, scheduler=self.plugin_args.get("scheduler")):
+                if any(self._taskresult.get(taskid) is not None for taskid, _ in self.pending_tasks):
+                    return  # a worker is free: back to the loop, which hands it the next node
+                self._run_in_scheduler(jobid, updatehash, graph)
+
+        def _run_in_scheduler(self, jobid, updatehash, graph):
+            # what nipype's _send_procs_to_workers does with such a node
+            self.proc_done[jobid] = True
+            self.proc_pending[jobid] = True
+            if self._local_hash_check(jobid, graph):
+                return
+            try:
+                self.procs[jobid].run(updatehash=updatehash)
+            except Exception:  # noqa: BLE001 - recorded as nipype records a failed node
+                trace = format_exception(*sys.exc_info())
+                self._run_errors.append(trace)
+                self._clean_queue(jobid, graph, result={"result": None, "traceback": trace})
+            self._task_finished_cb(jobid)
+            self._remove_node_dirs()
+            self._stats = None
 
         def _generate_dependency_list(self, graph):
             super()._generate_dependency_list(graph)

@@ -363,3 +363,49 @@ def test_one_process_on_several_cores_says_how_to_use_them(tmp_path, caplog, mon
                                                         analysis_level="participant", work_dir=tmp_path / "work2",
                                                         nprocs=2), "test")
     assert not [r for r in caplog.records if "--nprocs" in r.getMessage()]
+
+
+def _fail(x):
+    raise ValueError("a sink that fails")
+
+
+def _busy_chain_with_sink(sink_function) -> pe.Workflow:
+    """``first`` feeds a sink run in the scheduler's process and a chain of three nodes, each
+    taking both processes (so no worker's slot is free while the chain runs)."""
+    workflow = pe.Workflow(name="busy")
+    first = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_stamp), name="first", n_procs=2)
+    first.inputs.x = 0
+    sink = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=sink_function), name="sink",
+                   run_without_submitting=True)
+    workflow.connect(first, "x", sink, "x")
+    previous = first
+    for i in range(3):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_stamp), name=f"chain{i}",
+                       n_procs=2)
+        workflow.connect(previous, "x", node, "x")
+        previous = node
+    return workflow
+
+
+def test_sinks_run_while_the_workers_are_busy(tmp_path, caplog):
+    """nipype runs a run_without_submitting node only in a free worker's slot, which the deeper
+    chain always took first: the sink waited for the end of the run."""
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=2)
+    with caplog.at_level(logging.INFO, logger="bids_uad"):
+        run_workflow(_busy_chain_with_sink(_add_one), settings, "test")
+    finished = [r.getMessage().split()[1].split(".")[-1] for r in caplog.records
+                if r.name.startswith("bids_uad") and r.getMessage().startswith("[")]
+    assert sorted(finished) == ["chain0", "chain1", "chain2", "first", "sink"]
+    assert finished.index("sink") < finished.index("chain1"), finished
+
+
+def test_a_failing_sink_run_in_the_scheduler_fails_the_run(tmp_path):
+    from bids_uad.errors import PipelineCrashError
+
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                        work_dir=tmp_path / "work", nprocs=2)
+    with pytest.raises(PipelineCrashError, match="step"):
+        run_workflow(_busy_chain_with_sink(_fail), settings, "test")
+    crashes = list((tmp_path / "out" / "logs" / "crash-test").glob("crash-*"))
+    assert crashes and "a sink that fails" in crashes[0].read_text()
