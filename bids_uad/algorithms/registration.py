@@ -112,6 +112,18 @@ def to_ants(img: nib.Nifti1Image | "object", pixeltype: str = "float"):
     ).clone(pixeltype)
 
 
+def series_to_ants(data: np.ndarray, affine: np.ndarray):
+    """A 4-D array whose first three axes lie on the grid of ``affine`` (RAS) → a 4-D ANTsImage
+    (a time series to ANTs: its fourth axis has unit spacing and no rotation)."""
+    import ants
+
+    first = to_ants(nib.Nifti1Image(np.zeros(data.shape[:3], np.float32), affine))
+    direction = np.eye(4)
+    direction[:3, :3] = np.asarray(first.direction, float).reshape(3, 3)
+    return ants.from_numpy(np.ascontiguousarray(data, dtype=np.float32), origin=(*first.origin, 0.0),
+                           spacing=(*first.spacing, 1.0), direction=direction)
+
+
 def from_ants(aimg, dtype=np.float32, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
     """ANTsImage → nibabel image with the equivalent RAS affine."""
     spacing = np.asarray(aimg.spacing, dtype=float)
@@ -310,6 +322,15 @@ def _register_staged(fixed, moving, kind, fixed_mask, moving_mask, lesion_mask, 
     return result
 
 
+#: The largest grid (voxels of one volume, moving or fixed) whose 4-D images go through
+#: antsApplyTransforms in one call (its time-series mode) rather than one call per volume.  Each
+#: call reads the transforms (a T1w->template SyN is a 10 MB file: ~50 ms) and the series mode
+#: reads them once: 33 volumes of the paper subject's dwi onto a template grid took 1.05 s
+#: instead of 2.61 s at 4 mm, 3.0 instead of 4.9 at 2 mm, 6.3 instead of 8.2 at 1.5 mm, but 27
+#: instead of 21 at 1 mm (8.7 M voxels; four 1 mm priors onto a 1 mm T1w: 4.4 instead of 3.7 s).
+SERIES_MAX_VOXELS = 4_000_000
+
+
 def apply_transforms(
     moving_img,
     fixed_img,
@@ -324,7 +345,9 @@ def apply_transforms(
 
     ``interpolation`` is an ANTs interpolator or an image kind (``label``, ``mask``,
     ``probability``, ``image``; see :data:`INTERPOLATION`).  ``invert`` flags the affine
-    ``.mat`` files to invert (antspyx ``whichtoinvert``).  4-D inputs are resampled per volume.
+    ``.mat`` files to invert (antspyx ``whichtoinvert``).  4-D inputs on grids of at most
+    :data:`SERIES_MAX_VOXELS` voxels are resampled in one call (antsApplyTransforms' time-series
+    mode), the others one volume per call; both give the same values to the last bit.
     Label outputs keep an integer dtype.  ``crop_to_support``: for a map that is zero outside a
     small region (an anomaly map, a label image) going onto a much finer grid (a 1 mm template),
     resample only inside the box of the fixed grid where it lands (:func:`support_box`) and leave
@@ -348,27 +371,31 @@ def apply_transforms(
     if crop_to_support and default_value == 0 and transforms != ["identity"]:
         box = support_box(np.any(data != 0, axis=-1) if data.ndim > 3 else data != 0, moving_n.affine,
                           fixed_n, transforms, invert)
-    vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[-1])]
-    out = []
-    if box is None:  # nothing to carry: the map is empty where it lands
-        out = [np.zeros(fixed_n.shape[:3], np.float32) for _ in vols]
-    else:
+    arr = np.zeros(fixed_n.shape[:3] + data.shape[3:], np.float32)  # 0 where nothing lands
+    if box is not None:
         fixed_a = to_ants(fixed_n if box == whole else _crop_grid(fixed_n, box))
-        for vol in vols:
-            mov = to_ants(nib.Nifti1Image(vol, moving_n.affine))
+
+        def resample(vol: np.ndarray) -> np.ndarray:
             if transforms == ["identity"]:
-                warped = ants.resample_image_to_target(mov, fixed_a, interp_type=interp)
-            else:
-                warped = ants.apply_transforms(fixed_a, mov, transformlist=list(transforms),
-                                               interpolator=interp, whichtoinvert=invert,
-                                               defaultvalue=default_value)
-            if box == whole:
-                out.append(warped.numpy())
-            else:
-                full = np.zeros(fixed_n.shape[:3], np.float32)
-                full[tuple(slice(lo, hi) for lo, hi in box)] = warped.numpy()
-                out.append(full)
-    arr = out[0] if data.ndim == 3 else np.stack(out, axis=-1)
+                return ants.resample_image_to_target(to_ants(nib.Nifti1Image(vol, moving_n.affine)), fixed_a,
+                                                     interp_type=interp).numpy()
+            series = vol.ndim > 3
+            return ants.apply_transforms(fixed_a, series_to_ants(vol, moving_n.affine) if series
+                                         else to_ants(nib.Nifti1Image(vol, moving_n.affine)),
+                                         transformlist=list(transforms), interpolator=interp, whichtoinvert=invert,
+                                         defaultvalue=default_value, imagetype=3 if series else 0).numpy()
+
+        if data.ndim == 3:
+            warped = resample(data)
+        elif transforms != ["identity"] and max(int(np.prod(data.shape[:3])), int(np.prod(fixed_a.shape))) \
+                <= SERIES_MAX_VOXELS:
+            warped = resample(data)  # one call for every volume
+        else:
+            warped = np.stack([resample(data[..., i]) for i in range(data.shape[-1])], axis=-1)
+        if box == whole:
+            arr = np.asarray(warped, np.float32)
+        else:
+            arr[tuple(slice(lo, hi) for lo, hi in box)] = warped
     if dtype is None:
         dtype = np.int16 if interp in ("genericLabel", "nearestNeighbor", "multiLabel") else np.float32
     if np.issubdtype(np.dtype(dtype), np.integer):

@@ -356,3 +356,57 @@ def test_default_seed_makes_registration_reproducible():
     params = [line for line in out.stdout.splitlines() if line.startswith("[")]
     assert len(params) == 3 and len(set(params)) == 1, out.stdout
     assert reg.ants_seed(0) != 0
+
+
+def _oblique(zooms, degrees, origin):
+    rot = np.deg2rad(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[1, 0, 0], [0, np.cos(rot), -np.sin(rot)], [0, np.sin(rot), np.cos(rot)]]) \
+        @ np.diag(zooms)
+    affine[:3, 3] = origin
+    return affine
+
+
+def _warp_field(path, reference):
+    """A smooth displacement field (mm, LPS) on ``reference``'s grid, as an ANTs warp file."""
+    import ants
+    from scipy import ndimage as ndi
+
+    shape = reference.shape[:3]
+    rng = np.random.default_rng(3)
+    field = np.stack([ndi.gaussian_filter(rng.normal(0, 40, shape), 3) for _ in range(3)], axis=-1)
+    ref = reg.to_ants(reference)
+    warp = ants.from_numpy(field.astype(np.float32), origin=ref.origin, spacing=ref.spacing,
+                           direction=ref.direction, has_components=True)
+    ants.image_write(warp, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,crop", [("image", False), ("image", True), ("label", False)])
+def test_a_series_is_resampled_as_its_volumes_one_by_one(tmp_path, monkeypatch, kind, crop):
+    """4-D input goes through antsApplyTransforms once (its time-series mode, transforms read once):
+    each volume comes out as the 3-D resampling of that volume alone, to the last bit, through a
+    chain of a displacement field and an inverted affine, between oblique grids; so does a series
+    on a grid too large for the series mode (one call per volume)."""
+    moving_affine = _oblique((2.0, 2.5, 3.0), 12, [-30, -35, -28])
+    fixed_affine = _oblique((1.5, 1.5, 1.5), -7, [-33, -31, -36])
+    rng = np.random.default_rng(0)
+    series = np.zeros((24, 26, 20, 4), np.float32)
+    series[6:18, 7:19, 5:15] = rng.random((12, 12, 10, 4)) * 100
+    if kind == "label":
+        series = np.rint(series / 25)
+    fixed = nib.Nifti1Image(np.zeros((44, 40, 42), np.float32), fixed_affine)
+    chain = [_warp_field(tmp_path / "field_Warp.nii.gz", fixed), _translation(tmp_path / "shift.mat", [2.0, -3.0, 1.5])]
+    invert = [False, True]
+    together = reg.apply_transforms(nib.Nifti1Image(series, moving_affine), fixed, chain, kind, invert=invert,
+                                    crop_to_support=crop)
+    assert together.shape == fixed.shape + (4,)
+    monkeypatch.setattr(reg, "SERIES_MAX_VOXELS", 0)
+    one_by_one = reg.apply_transforms(nib.Nifti1Image(series, moving_affine), fixed, chain, kind, invert=invert,
+                                      crop_to_support=crop)
+    np.testing.assert_array_equal(np.asarray(together.dataobj), np.asarray(one_by_one.dataobj))
+    for i in range(4):
+        alone = reg.apply_transforms(nib.Nifti1Image(series[..., i], moving_affine), fixed, chain, kind,
+                                     invert=invert, crop_to_support=crop)
+        assert np.asarray(alone.dataobj).any()
+        np.testing.assert_array_equal(np.asarray(together.dataobj)[..., i], np.asarray(alone.dataobj))
