@@ -29,7 +29,7 @@ def test_every_declared_atlas_is_shipped_with_citation_and_licence():
         assert info["Citation"] and info["License"]
 
 
-def test_probabilistic_lookup_matches_a_full_argmax_and_follows_the_file(tmp_path):
+def test_probabilistic_lookup_matches_a_full_argmax_and_follows_the_file(tmp_path, monkeypatch):
     """4-D atlases: the per-voxel maximum is computed once per process and kept; the labels equal
     a plain argmax over the volumes (below ``min_probability``: -1), and a rewritten file is read
     again (the cache is keyed by the file's modification time and size)."""
@@ -37,6 +37,7 @@ def test_probabilistic_lookup_matches_a_full_argmax_and_follows_the_file(tmp_pat
 
     import nibabel as nib
 
+    monkeypatch.setenv("BIDS_UAD_CACHE", str(tmp_path / "cache"))  # its stored maxima: not the user's cache
     rng = np.random.default_rng(0)
     data = rng.integers(0, 100, (6, 7, 5, 4)).astype(np.uint8)
     path = tmp_path / "atlas_x.nii.gz"
@@ -51,3 +52,35 @@ def test_probabilistic_lookup_matches_a_full_argmax_and_follows_the_file(tmp_pat
     flipped = np.where(expected >= 0, 3 - expected, -1)
     ties = (np.sort(data, axis=3)[..., -1] == np.sort(data, axis=3)[..., -2])[tuple(ijk.T)]
     assert (A.point_labels(atlas, ijk.astype(float))[~ties] == flipped[~ties]).all()
+
+
+def test_the_per_voxel_maximum_is_kept_in_the_cache_folder(tmp_path, monkeypatch):
+    """Computed once, stored in the template cache folder, read back by a later process (here: with
+    the per-process cache cleared and the atlas file unreadable) with the same values; a damaged
+    stored copy is computed again."""
+    import gzip
+
+    import nibabel as nib
+
+    monkeypatch.setenv("BIDS_UAD_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    path = tmp_path / "atlas_y.nii.gz"
+    nib.save(nib.Nifti1Image(rng.integers(0, 100, (5, 6, 4, 3)).astype(np.uint8), np.eye(4)), path)
+    stamp = A._file_stamp(path)
+    A._argmax_volumes.cache_clear()
+    best, arg = A._argmax_volumes(str(path), *stamp)
+    stored = A._stored_argmax(str(path), *stamp)
+    assert stored.is_file() and stored.parent.parent == tmp_path / "cache"
+    A._argmax_volumes.cache_clear()
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("atlas read")))
+    again = A._argmax_volumes(str(path), *stamp)
+    np.testing.assert_array_equal(again[0], best)
+    np.testing.assert_array_equal(again[1], arg)
+    assert again[1].dtype == arg.dtype and not again[0].flags.writeable
+    monkeypatch.undo()
+    monkeypatch.setenv("BIDS_UAD_CACHE", str(tmp_path / "cache"))
+    stored.write_bytes(b"not an npz")
+    A._argmax_volumes.cache_clear()
+    remade = A._argmax_volumes(str(path), *stamp)
+    np.testing.assert_array_equal(remade[1], arg)
+    A._argmax_volumes.cache_clear()
