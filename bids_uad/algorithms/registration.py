@@ -94,6 +94,13 @@ def configure_ants(threads: int = 1, seed: int | None = 0) -> None:
         np.random.seed(int(seed))
 
 
+def _lps_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """(origin, spacing, direction) of an ANTs image (LPS) on the grid of a RAS ``affine``."""
+    lps = _LPS @ np.asarray(affine, float)
+    zooms = np.linalg.norm(lps[:3, :3], axis=0)
+    return tuple(float(v) for v in lps[:3, 3]), tuple(float(v) for v in zooms), (lps[:3, :3] / zooms).astype(float)
+
+
 def to_ants(img: nib.Nifti1Image | "object", pixeltype: str = "float"):
     """nibabel image (RAS affine) → ANTsImage with the same physical space (LPS)."""
     import ants
@@ -103,13 +110,8 @@ def to_ants(img: nib.Nifti1Image | "object", pixeltype: str = "float"):
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"expected a 3-D image, got shape {data.shape}")
-    lps = _LPS @ img.affine
-    zooms = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / zooms
-    return ants.from_numpy(
-        data, origin=tuple(float(v) for v in lps[:3, 3]), spacing=tuple(float(v) for v in zooms),
-        direction=direction.astype(float),
-    ).clone(pixeltype)
+    origin, spacing, direction = _lps_geometry(img.affine)
+    return ants.from_numpy(data, origin=origin, spacing=spacing, direction=direction).clone(pixeltype)
 
 
 def series_to_ants(data: np.ndarray, affine: np.ndarray):
@@ -117,11 +119,11 @@ def series_to_ants(data: np.ndarray, affine: np.ndarray):
     (a time series to ANTs: its fourth axis has unit spacing and no rotation)."""
     import ants
 
-    first = to_ants(nib.Nifti1Image(np.zeros(data.shape[:3], np.float32), affine))
+    origin, spacing, direction3 = _lps_geometry(affine)
     direction = np.eye(4)
-    direction[:3, :3] = np.asarray(first.direction, float).reshape(3, 3)
-    return ants.from_numpy(np.ascontiguousarray(data, dtype=np.float32), origin=(*first.origin, 0.0),
-                           spacing=(*first.spacing, 1.0), direction=direction)
+    direction[:3, :3] = direction3
+    return ants.from_numpy(np.ascontiguousarray(data, dtype=np.float32), origin=(*origin, 0.0),
+                           spacing=(*spacing, 1.0), direction=direction)
 
 
 def from_ants(aimg, dtype=np.float32, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
@@ -371,8 +373,9 @@ def apply_transforms(
     if crop_to_support and default_value == 0 and transforms != ["identity"]:
         box = support_box(np.any(data != 0, axis=-1) if data.ndim > 3 else data != 0, moving_n.affine,
                           fixed_n, transforms, invert)
-    arr = np.zeros(fixed_n.shape[:3] + data.shape[3:], np.float32)  # 0 where nothing lands
-    if box is not None:
+    if box is None:  # nothing to carry: the map is empty where it lands
+        arr = np.zeros(fixed_n.shape[:3] + data.shape[3:], np.float32)
+    else:
         fixed_a = to_ants(fixed_n if box == whole else _crop_grid(fixed_n, box))
 
         def resample(vol: np.ndarray) -> np.ndarray:
@@ -385,16 +388,14 @@ def apply_transforms(
                                          transformlist=list(transforms), interpolator=interp, whichtoinvert=invert,
                                          defaultvalue=default_value, imagetype=3 if series else 0).numpy()
 
-        if data.ndim == 3:
-            warped = resample(data)
-        elif transforms != ["identity"] and max(int(np.prod(data.shape[:3])), int(np.prod(fixed_a.shape))) \
-                <= SERIES_MAX_VOXELS:
-            warped = resample(data)  # one call for every volume
-        else:
-            warped = np.stack([resample(data[..., i]) for i in range(data.shape[-1])], axis=-1)
+        one_call = data.ndim == 3 or (transforms != ["identity"] and max(
+            int(np.prod(data.shape[:3])), int(np.prod(fixed_a.shape))) <= SERIES_MAX_VOXELS)
+        warped = resample(data) if one_call else \
+            np.stack([resample(data[..., i]) for i in range(data.shape[-1])], axis=-1)
         if box == whole:
             arr = np.asarray(warped, np.float32)
         else:
+            arr = np.zeros(fixed_n.shape[:3] + data.shape[3:], np.float32)  # 0 outside where it lands
             arr[tuple(slice(lo, hi) for lo, hi in box)] = warped
     if dtype is None:
         dtype = np.int16 if interp in ("genericLabel", "nearestNeighbor", "multiLabel") else np.float32
