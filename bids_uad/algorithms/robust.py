@@ -15,3 +15,38 @@ def robust_spread(values: np.ndarray, centre: float | None = None) -> float:
         return 0.0
     centre = float(np.median(values)) if centre is None else centre
     return MAD_TO_SD * float(np.median(np.abs(values - centre)))
+
+
+def nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmedian(values, axis)`` (NaN where a position has no value), equal to it bit for bit,
+    by one sort: numpy's nanmedian goes through masked arrays for stacks of volumes and is slow
+    (15 of a normative fit's 60 s).  The mean of the two middle valid values, as numpy's."""
+    ordered = np.sort(values, axis=axis)  # NaN sorts last
+    n = np.expand_dims(np.sum(~np.isnan(values), axis=axis), axis)
+    lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0), axis)
+    hi = np.take_along_axis(ordered, np.maximum(n // 2, 0), axis)
+    return np.squeeze(np.where(n > 0, (lo + hi) / 2, np.nan), axis).astype(ordered.dtype, copy=False)
+
+
+def masked_median_filter(image: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:
+    """Median of each ``mask`` voxel's ``width``³ neighbourhood, over the neighbours inside ``mask``
+    only (no value from outside bleeds in; the image's edge is outside); ``image`` unchanged outside
+    ``mask`` and for a width of 1.  ``width``: odd."""
+    if width % 2 != 1 or width < 1:
+        raise ValueError(f"a median filter's width must be odd and positive, not {width}")
+    image = np.asarray(image)
+    mask = np.asarray(mask, bool)
+    if width == 1 or not mask.any():
+        return image.copy()
+    r = width // 2
+    lo = np.maximum(np.argwhere(mask).min(0) - r, 0)  # the mask's bounding box, with a margin
+    hi = np.argwhere(mask).max(0) + r + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    inside = mask[box]
+    padded = np.pad(np.where(inside, image[box], np.nan).astype(np.float32), r, constant_values=np.nan)
+    where = np.nonzero(inside)
+    samples = np.stack([padded[where[0] + dx, where[1] + dy, where[2] + dz]
+                        for dx in range(width) for dy in range(width) for dz in range(width)], 1)
+    out = np.array(image, copy=True)
+    out[box][where] = nanmedian(samples, 1)  # the voxel itself is always among its samples
+    return out

@@ -5,7 +5,8 @@ The artefact that the group level writes and inference reads:
 * :class:`FoldResult` — one fold's network with its calibration and bookkeeping.
 * :class:`ModelBundle` — the folds of one architecture; :meth:`ModelBundle.save` /
   :func:`load_bundle` — ``<dir>/model-<name>.safetensors/.json``.
-* :func:`score_volume` — one network's score map of one subject on the model grid.
+* :func:`score_volume` — one network's score map of one subject on the model grid (its last step,
+  the score's median filter: :func:`filtered_score`).
 
 Training lives in :mod:`bids_uad.training` (:func:`bids_uad.training.fit.train_model`).
 """
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from bids_uad.algorithms.robust import masked_median_filter
 from bids_uad.bids.gradients import B0_THRESHOLD
 from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models import get_model
@@ -76,13 +78,23 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
         scored = model.score(x)[0].float().cpu().numpy()
         return scored if raw else refer_score(model, scored, data, route)
     scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
-    return scored[0].float().cpu().numpy()
+    return filtered_score(model, scored[0].float().cpu().numpy(), data)
 
 
 def refer_score(model: torch.nn.Module, raw: np.ndarray, data: np.ndarray, route) -> np.ndarray:
     """A network's raw score map of ``data`` (:func:`score_volume` with ``raw``) referred to its
     controls' (robust z), as :func:`score_volume` gives it without ``raw``."""
-    return normaliser_of(model).zscore(raw, np.asarray(data).mean(0) > 0, route)
+    return filtered_score(model, normaliser_of(model).zscore(raw, np.asarray(data).mean(0) > 0, route), data)
+
+
+def filtered_score(model: torch.nn.Module, score: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """The model's score map of ``data`` after its masked median filter (``model.score_median``
+    voxels wide, inside the brain: where the mean of the channels is positive), the last step of
+    every model's score, before calibration and thresholding."""
+    width = model.settings.score_median
+    if width == 1:
+        return score
+    return masked_median_filter(score, np.asarray(data).mean(0) > 0, width).astype(np.float32)
 
 
 def signed_score(model: torch.nn.Module, data: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:

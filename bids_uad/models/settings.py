@@ -36,6 +36,10 @@ OOD_MODES = ("random", "directional", "isotropic")
 POSTPROCESS = ("cluster", "opening")
 
 
+#: width in voxels of every score map's masked median filter (``ModelSettings.score_median``), also
+#: applied to the evaluation's one-line detectors so that every detector is compared filtered alike
+SCORE_MEDIAN = 3
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Architecture of one network (both model kinds read the fields they need)."""
@@ -68,6 +72,10 @@ class ModelSettings:
     # ("sum": only with a score reference, whose z is then two-sided; the group level's choice for a
     # referred network on dw inputs, docs/models.md)
     score_reduction: str = "abs-sum"
+    # every model: the score map's masked median filter, width in voxels of the model grid (1: none), applied
+    # before calibration and thresholding (Kascenas et al. 2022 median-filter their residual maps); a lone
+    # voxel's deviation is noise more often than a lesion, which spans its neighbours (docs/models.md)
+    score_median: int = SCORE_MEDIAN
     output_activation: str = "sigmoid"  # "sigmoid" | "linear"
     norm: str = "instance"  # "instance" | "group"
     kl_weight: float = 1.22e-5  # DAE: loss = MSE + kl_weight * KL (MSE a mean, KL summed over latent)
@@ -139,6 +147,8 @@ class ModelSettings:
                              "lesion)")
         if not 0 <= self.noise_std <= 10 or not 1 <= self.noise_scale <= 512:
             raise UsageError("noise_std must lie in [0, 10] and noise_scale in [1, 512]")
+        if self.score_median not in (1, 3, 5, 7):
+            raise UsageError(f"score_median must be 1 (none), 3, 5 or 7 voxels, not {self.score_median!r}")
         if not 0 <= self.noise_modes <= 64:
             raise UsageError(f"noise_modes must lie in [0, 64], not {self.noise_modes}")
         if not 0 <= self.context_boxes <= 64 or not 0 < self.context_box_fraction <= 1:
@@ -287,7 +297,7 @@ class Settings:
 
 #: keys added with a default other than the behaviour before them: the value a settings dict
 #: written without the key (an older model file or checkpoint) was trained with
-WRITTEN_BEFORE: dict[type, dict[str, Any]] = {ModelSettings: {"noise_modes": 0}}
+WRITTEN_BEFORE: dict[type, dict[str, Any]] = {ModelSettings: {"noise_modes": 0, "score_median": 1}}
 
 
 def _build(cls, data: dict[str, Any]):

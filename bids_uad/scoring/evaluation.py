@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_uad.algorithms.masking import dice
+from bids_uad.models.settings import SCORE_MEDIAN
 from bids_uad.scoring.findings import lesion_wise
 from bids_uad.scoring.metrics import _sweep, auprc, auroc
 
@@ -208,12 +209,14 @@ def score_histograms(patients: list[Case], bins: int = 40) -> tuple[np.ndarray, 
 
 
 def one_line_detectors(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
-                       mask: np.ndarray) -> dict[str, np.ndarray]:
+                       mask: np.ndarray, median: int = SCORE_MEDIAN) -> dict[str, np.ndarray]:
     """Score maps of the one-line detectors ``1 − FA`` and ``MD`` from diffusion-weighted signal
-    ratios (X, Y, Z, C) with their dw gradient table (reported, not registered models)."""
+    ratios (X, Y, Z, C) with their dw gradient table (reported, not registered models), through the
+    masked median filter every model's score map gets (``median`` voxels wide; 1: none)."""
+    from bids_uad.algorithms.robust import masked_median_filter
     from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
 
     maps = tensor_metrics_from_ratios(np.moveaxis(ratios, -1, 0), bvals, bvecs, mask)
     inside = np.asarray(mask, bool) & (maps["mdw"] > 0)
-    return {"1-FA": np.where(inside, 1.0 - maps["fa"], 0).astype(np.float32),
-            "MD": np.where(inside, maps["md"], 0).astype(np.float32)}
+    return {"1-FA": masked_median_filter(np.where(inside, 1.0 - maps["fa"], 0).astype(np.float32), inside, median),
+            "MD": masked_median_filter(np.where(inside, maps["md"], 0).astype(np.float32), inside, median)}

@@ -20,7 +20,7 @@ import torch
 from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models import FIXED_THRESHOLDS
-from bids_uad.models.bundle import ModelBundle, score_volume, signed_score
+from bids_uad.models.bundle import ModelBundle, filtered_score, score_volume, signed_score
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
 from bids_uad.models.normaliser import ensemble_z, normaliser_of
@@ -62,7 +62,7 @@ def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fo
         mean, ratio = ensemble_z(maps, keeps)
         if details is not None:
             details["ensemble_scale"] = [round(float(r), 4) for r in ratio]
-        return normaliser_of(folds[0].model).fold(mean)
+        return filtered_score(folds[0].model, normaliser_of(folds[0].model).fold(mean), data)
     total = None
     for f in folds:
         s = score_volume(f.model, data, route=route).astype(np.float64)

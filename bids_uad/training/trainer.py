@@ -157,7 +157,7 @@ def _checkpoint_meta(settings: Settings, fold: int, dhash: str) -> dict:
 
 
 #: model settings that change how a trained network scores, not what is trained
-SCORE_ONLY_MODEL_KEYS = ("score_reduction",)
+SCORE_ONLY_MODEL_KEYS = ("score_reduction", "score_median")
 
 
 def _comparable(meta: dict) -> dict:

@@ -70,12 +70,12 @@ def test_baselines_fit_calibrate_save_load_and_detect(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 4, 5, 108])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_nanmedian_axis1_is_numpys(n, dtype):
+def test_nanmedian_is_numpys(n, dtype):
     """The normative statistics' median equals np.nanmedian bit for bit: odd and even counts of
     valid values, voxels with none (NaN), both float widths."""
     import warnings
 
-    from bids_uad.models.baselines import nanmedian_axis1
+    from bids_uad.algorithms.robust import nanmedian
 
     rng = np.random.default_rng(n)
     values = rng.normal(size=(2, n, 6, 5, 4)).astype(dtype)
@@ -84,5 +84,24 @@ def test_nanmedian_axis1_is_numpys(n, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want = np.nanmedian(values, axis=1)
-    got = nanmedian_axis1(values)
+    got = nanmedian(values, 1)
     assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
+
+
+def test_every_models_score_ends_with_its_median_filter():
+    """score_volume's last step is the masked median filter of ``model.score_median`` (the
+    calibration, the thresholds and the evaluation all see the filtered map); width 1 is the raw score."""
+    from bids_uad.algorithms.robust import masked_median_filter
+    from bids_uad.models import get_model
+    from bids_uad.models.bundle import score_volume
+
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0.2, 0.9, size=(4, 10, 11, 9)).astype(np.float32)
+    data[:, :2] = 0  # outside the brain
+    brain = data.mean(0) > 0
+    raw_settings = replace(preset("quick", "meansignal").model, score_median=1)
+    raw = score_volume(get_model("meansignal", raw_settings), data)
+    assert np.array_equal(raw, np.where(brain, 1 - data.mean(0), 0))
+    filtered = score_volume(get_model("meansignal", replace(raw_settings, score_median=3)), data)
+    assert np.array_equal(filtered, masked_median_filter(raw, brain, 3)) and not np.array_equal(filtered, raw)
+    assert (filtered[~brain] == 0).all()

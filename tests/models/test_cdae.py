@@ -183,3 +183,18 @@ def test_a_settings_dict_without_noise_modes_is_an_older_models():
     assert data["model"]["noise_modes"] == 6
     del data["model"]["noise_modes"]
     assert Settings.from_dict(data).model.noise_modes == 0
+
+
+def test_a_settings_dict_without_score_median_is_an_older_models():
+    """Model files written before the score's median filter existed were calibrated on unfiltered
+    maps: they load with a width of 1 (none), so their thresholds keep meaning what they meant; a
+    width the filter cannot have is refused."""
+    from bids_uad.models.settings import Settings
+
+    data = preset("quick", "cdae").to_dict()
+    assert data["model"]["score_median"] == 3
+    del data["model"]["score_median"]
+    assert Settings.from_dict(data).model.score_median == 1
+    for bad in (0, 2, 9):
+        with pytest.raises(UsageError, match="score_median"):
+            replace(preset("quick", "cdae").model, score_median=bad)

@@ -151,7 +151,8 @@ def test_model_file_round_trip_and_validation(tmp_path):
     res = infer(loaded, dwi, bvals, bvecs, patient.mask, route=routes[0])
     again = infer(bundle, dwi, bvals, bvecs, patient.mask, route=routes[0])
     assert np.array_equal(res.score, again.score) and res.info["model_space"] == "tplTest"
-    assert res.score[patient.lesion].mean() > 2 * res.score[patient.mask & ~patient.lesion].mean()
+    # (x1.87 with the score's median filter, x2.1 without; the filter raises its AUPRC 0.32 -> 0.41)
+    assert res.score[patient.lesion].mean() > 1.6 * res.score[patient.mask & ~patient.lesion].mean()
     # the template grid is validated on load: a shape that is not the stored tensors' is refused
     meta = json.loads(path.read_text())
     meta["settings"]["model"]["normative_template_shape"] = [15, 15, 13]

@@ -42,9 +42,12 @@ def test_volume_strata_and_one_line_detectors():
     bvecs = np.eye(3).repeat(2, 0) * np.array([1, -1] * 3)[:, None]
     ratios = np.full((4, 4, 4, 6), np.exp(-1000 * 0.0008), np.float32)
     ratios[0, 0, 0] = np.exp(-1000 * 0.002)
-    maps = one_line_detectors(ratios, np.full(6, 1000.0), bvecs, np.ones((4, 4, 4), bool))
+    maps = one_line_detectors(ratios, np.full(6, 1000.0), bvecs, np.ones((4, 4, 4), bool), median=1)
     assert np.isclose(maps["MD"][1, 1, 1], 0.0008, rtol=1e-3) and maps["MD"][0, 0, 0] > maps["MD"][1, 1, 1]
     assert np.allclose(maps["1-FA"], 1.0, atol=1e-4)  # isotropic diffusion: FA 0
+    # by default through the masked median filter every model's score gets: a lone voxel is not a lesion
+    filtered = one_line_detectors(ratios, np.full(6, 1000.0), bvecs, np.ones((4, 4, 4), bool))
+    assert np.allclose(filtered["MD"], maps["MD"][1, 1, 1])
 
 
 def test_lesion_wise_detection_rate_and_false_findings():

@@ -176,6 +176,7 @@ def test_checkpoint_key_follows_what_the_checkpoints_compute():
     assert key == checkpoint_key(replace(base, scoring=replace(base.scoring, ensemble=not base.scoring.ensemble,
                                                                  fpr=0.05)), ["a", "b"])  # not trained on
     assert key == checkpoint_key(replace(base, model=replace(base.model, score_reduction="sum-abs")), ["a", "b"])
+    assert key == checkpoint_key(replace(base, model=replace(base.model, score_median=5)), ["a", "b"])
     assert key != checkpoint_key(base, ["a", "c"])
     assert key != checkpoint_key(replace(base, model=replace(base.model, inputs="invariant")), ["a", "b"])
     assert key != checkpoint_key(preset("standard", "cdae"), ["a", "b"])
