@@ -341,8 +341,9 @@ def _preset(name: str, model: str) -> Settings:
         # bounds the time.  Measured (cdae, benchmarks/models.py): 2.8 CPU-s per epoch on one
         # thread, and at a 40-epoch cap every fold's validation loss was still falling (by ~1 %
         # per epoch at epoch 40), so the cap is 80: 3 x 80 x 2.8 s = 11 min of one core.  The cdae at
-        # 1e-3 still improved at epoch 80 on the hard-lesion controls (best epochs 78-79); at 3e-3 it
-        # reaches a lower validation loss and stops early (docs/models.md, *Standard-preset cdae*).
+        # 1e-3 still improved at the cap on the hard-lesion controls (best epochs 77-79, 9 folds); at
+        # 3e-3 every fold reaches a 18-29 % lower validation loss, 3 of 9 stop early (docs/models.md, *The score's
+        # median filter and the standard cdae's learning rate*).
         lr = 3e-3 if model == "cdae" else 1e-3
         return Settings(
             model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
