@@ -48,7 +48,14 @@ def register_model(name: str, factory: Callable[[ModelSettings], nn.Module]) -> 
 def describe_model(name: str, model_settings: dict | None = None) -> str:
     """The methods-text clause of model ``name``: its class's ``describe(model_settings)`` where it
     has one and the model file's ``settings.model`` is given (a variant-dependent text), else
-    its class's ``__desc__``."""
+    its class's ``__desc__``; then the score's median filter, where the model file has one."""
+    width = int((model_settings or {}).get("score_median", 1))
+    smoothed = (f"; the score map is median-filtered over each brain voxel's {width}x{width}x{width} neighbourhood "
+                "inside the brain" if width > 1 else "")
+    return _describe(name, model_settings) + smoothed
+
+
+def _describe(name: str, model_settings: dict | None) -> str:
     factory = MODELS.get(name)
     describe = getattr(factory, "describe", None)
     if model_settings is not None and callable(describe):

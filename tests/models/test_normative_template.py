@@ -225,5 +225,8 @@ def test_methods_text_follows_the_model_files_space():
     assert referred.startswith(describe_model("cdae")) and "referred to the controls'" in referred
     assert "MNI152NLin2009cAsym space" in referred
     assert describe_model("dae", {"normative_space": "dwi"}) == describe_model("dae")
+    filtered = describe_model("normative", {"normative_space": "template", "score_median": 3})
+    assert filtered.endswith("median-filtered over each brain voxel's 3x3x3 neighbourhood inside the brain")
+    assert "median-filtered" not in describe_model("cdae", {"score_median": 1})
     # RecDiscNet's score (a probability) never is
     assert describe_model("recdisc", {"normative_space": "template"}) == describe_model("recdisc")
