@@ -40,6 +40,7 @@ POSTPROCESS = ("cluster", "opening")
 #: applied to the evaluation's one-line detectors so that every detector is compared filtered alike
 SCORE_MEDIAN = 3
 
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Architecture of one network (both model kinds read the fields they need)."""
@@ -342,8 +343,8 @@ def _preset(name: str, model: str) -> Settings:
         # thread, and at a 40-epoch cap every fold's validation loss was still falling (by ~1 %
         # per epoch at epoch 40), so the cap is 80: 3 x 80 x 2.8 s = 11 min of one core.  The cdae at
         # 1e-3 still improved at the cap on the hard-lesion controls (best epochs 77-79, 9 folds); at
-        # 3e-3 every fold reaches a 18-29 % lower validation loss, 3 of 9 stop early (docs/models.md, *The score's
-        # median filter and the standard cdae's learning rate*).
+        # 3e-3 every fold reaches an 18-29 % lower validation loss and 3 of 9 stop early
+        # (docs/models.md, *The score's median filter and the standard cdae's learning rate*).
         lr = 3e-3 if model == "cdae" else 1e-3
         return Settings(
             model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
