@@ -28,6 +28,18 @@ def nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
     return np.squeeze(np.where(n > 0, (lo + hi) / 2, np.nan), axis).astype(ordered.dtype, copy=False)
 
 
+def neighbourhood(values: np.ndarray, radius: int) -> np.ndarray:
+    """(M, n, X, Y, Z) -> (M, n·(2r+1)³, X, Y, Z): each voxel gets its neighbours' samples (NaN-padded)."""
+    pad = np.pad(values, ((0, 0), (0, 0)) + ((radius, radius),) * 3, constant_values=np.nan)
+    shape = values.shape[2:]
+    shifts = []
+    for dx in range(2 * radius + 1):
+        for dy in range(2 * radius + 1):
+            for dz in range(2 * radius + 1):
+                shifts.append(pad[:, :, dx:dx + shape[0], dy:dy + shape[1], dz:dz + shape[2]])
+    return np.concatenate(shifts, 1)
+
+
 def masked_median_filter(image: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:
     """Median of each ``mask`` voxel's ``width``³ neighbourhood, over the neighbours inside ``mask``
     only (no value from outside bleeds in; the image's edge is outside); ``image`` unchanged outside
@@ -39,14 +51,11 @@ def masked_median_filter(image: np.ndarray, mask: np.ndarray, width: int) -> np.
     if width == 1 or not mask.any():
         return image.copy()
     r = width // 2
-    lo = np.maximum(np.argwhere(mask).min(0) - r, 0)  # the mask's bounding box, with a margin
-    hi = np.argwhere(mask).max(0) + r + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    inside = mask[box]
-    padded = np.pad(np.where(inside, image[box], np.nan).astype(np.float32), r, constant_values=np.nan)
-    where = np.nonzero(inside)
-    samples = np.stack([padded[where[0] + dx, where[1] + dy, where[2] + dz]
-                        for dx in range(width) for dy in range(width) for dz in range(width)], 1)
+    where = np.argwhere(mask)
+    box = tuple(slice(max(lo - r, 0), hi + r + 1) for lo, hi in zip(where.min(0), where.max(0)))
+    inside = mask[box]  # the mask's bounding box, with a margin
+    values = np.where(inside, image[box], np.nan).astype(np.float32)[None, None]
+    median = nanmedian(neighbourhood(values, r)[0, :, inside], 1)  # the voxel itself is among its samples
     out = np.array(image, copy=True)
-    out[box][where] = nanmedian(samples, 1)  # the voxel itself is always among its samples
+    out[box][inside] = median
     return out

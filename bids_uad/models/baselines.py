@@ -25,7 +25,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from bids_uad.algorithms.robust import MAD_TO_SD, nanmedian
+from bids_uad.algorithms.robust import MAD_TO_SD, nanmedian, neighbourhood
 from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
 from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models.settings import ModelSettings
@@ -221,7 +221,7 @@ def robust_voxel_stats(values: np.ndarray, settings: ModelSettings) -> tuple[np.
     """
     s = settings
     if values.shape[1] < s.normative_pool_below and s.normative_pool_radius > 0:
-        values = _neighbourhood(values, s.normative_pool_radius)
+        values = neighbourhood(values, s.normative_pool_radius)
     with np.errstate(all="ignore"):
         centre = nanmedian(values, 1)
         spread = MAD_TO_SD * nanmedian(np.abs(values - centre[:, None]), 1)
@@ -232,19 +232,6 @@ def robust_voxel_stats(values: np.ndarray, settings: ModelSettings) -> tuple[np.
         floor = 0.25 * float(np.median(spread[k][valid])) if valid.any() else 1.0
         spread[k] = np.maximum(spread[k], max(floor, 1e-12))
     return (np.where(valid, centre, 0).astype(np.float32), np.where(valid, spread, 1).astype(np.float32), valid)
-
-
-def _neighbourhood(values: np.ndarray, radius: int) -> np.ndarray:
-    """(M, n, X, Y, Z) -> (M, n·(2r+1)³, X, Y, Z): each voxel gets its neighbours' samples (NaN-padded)."""
-    m, n = values.shape[:2]
-    pad = np.pad(values, ((0, 0), (0, 0)) + ((radius, radius),) * 3, constant_values=np.nan)
-    shape = values.shape[2:]
-    shifts = []
-    for dx in range(2 * radius + 1):
-        for dy in range(2 * radius + 1):
-            for dz in range(2 * radius + 1):
-                shifts.append(pad[:, :, dx:dx + shape[0], dy:dy + shape[1], dz:dz + shape[2]])
-    return np.concatenate(shifts, 1)
 
 
 def _smooth(image: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:

@@ -78,23 +78,24 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
         scored = model.score(x)[0].float().cpu().numpy()
         return scored if raw else refer_score(model, scored, data, route)
     scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
-    return filtered_score(model, scored[0].float().cpu().numpy(), data)
+    return filtered_score(model, scored[0].float().cpu().numpy(), np.asarray(data).mean(0) > 0)
 
 
 def refer_score(model: torch.nn.Module, raw: np.ndarray, data: np.ndarray, route) -> np.ndarray:
     """A network's raw score map of ``data`` (:func:`score_volume` with ``raw``) referred to its
     controls' (robust z), as :func:`score_volume` gives it without ``raw``."""
-    return filtered_score(model, normaliser_of(model).zscore(raw, np.asarray(data).mean(0) > 0, route), data)
+    brain = np.asarray(data).mean(0) > 0
+    return filtered_score(model, normaliser_of(model).zscore(raw, brain, route), brain)
 
 
-def filtered_score(model: torch.nn.Module, score: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """The model's score map of ``data`` after its masked median filter (``model.score_median``
-    voxels wide, inside the brain: where the mean of the channels is positive), the last step of
-    every model's score, before calibration and thresholding."""
+def filtered_score(model: torch.nn.Module, score: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The model's score map after its masked median filter (``model.score_median`` voxels wide,
+    inside ``brain``: where the mean of the subject's channels is positive), the last step of every
+    model's score, before calibration and thresholding."""
     width = model.settings.score_median
     if width == 1:
         return score
-    return masked_median_filter(score, np.asarray(data).mean(0) > 0, width).astype(np.float32)
+    return masked_median_filter(score, brain, width).astype(np.float32)
 
 
 def signed_score(model: torch.nn.Module, data: np.ndarray, route) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_uad.algorithms.masking import dice
+from bids_uad.algorithms.robust import masked_median_filter
 from bids_uad.models.settings import SCORE_MEDIAN
 from bids_uad.scoring.findings import lesion_wise
 from bids_uad.scoring.metrics import _sweep, auprc, auroc
@@ -213,7 +214,6 @@ def one_line_detectors(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
     """Score maps of the one-line detectors ``1 − FA`` and ``MD`` from diffusion-weighted signal
     ratios (X, Y, Z, C) with their dw gradient table (reported, not registered models), through the
     masked median filter every model's score map gets (``median`` voxels wide; 1: none)."""
-    from bids_uad.algorithms.robust import masked_median_filter
     from bids_uad.algorithms.tensor import tensor_metrics_from_ratios
 
     maps = tensor_metrics_from_ratios(np.moveaxis(ratios, -1, 0), bvals, bvecs, mask)

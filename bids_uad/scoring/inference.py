@@ -62,7 +62,7 @@ def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fo
         mean, ratio = ensemble_z(maps, keeps)
         if details is not None:
             details["ensemble_scale"] = [round(float(r), 4) for r in ratio]
-        return filtered_score(folds[0].model, normaliser_of(folds[0].model).fold(mean), data)
+        return filtered_score(folds[0].model, normaliser_of(folds[0].model).fold(mean), np.asarray(data).mean(0) > 0)
     total = None
     for f in folds:
         s = score_volume(f.model, data, route=route).astype(np.float64)
