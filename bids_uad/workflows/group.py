@@ -316,6 +316,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         LOGGER.info("training %s on %d controls (%d folds, grid %s, %d %s channels)", model, len(found),
                     msettings.training.n_folds, msettings.model.grid, msettings.model.n_channels,
                     msettings.model.inputs)
+        trained_from = time.perf_counter()
         bundle = train_from_dwi(
             msettings,
             [i["dwi"] for i in items], [i["bvals"] for i in items], [i["bvecs"] for i in items],
@@ -327,7 +328,7 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         if distributed.rank() != 0:
             continue
         path = bundle.save(models_dir)
-        LOGGER.info("saved %s", path)
+        LOGGER.info("%s: trained and calibrated in %.1f s wall; saved %s", model, time.perf_counter() - trained_from, path)
         write_tsv(outputs.group_path(settings.output_dir, "folds_tsv", model=model), [
             {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss,
              "heldout": " ".join(f"sub-{subjects[i]}" for i in f.val_idx),
