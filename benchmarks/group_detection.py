@@ -2,7 +2,7 @@
 
     python benchmarks/group_detection.py [--seeds 3] [--seed 0] [--preset small] [--lesions mixed-hard]
         [--train-preset standard] [--models cdae normative meansignal] [--workdir DIR] [--nprocs 2]
-        [--rerun-participant] [--reuse-training] [--group-seed-offset K]
+        [--rerun-participant] [--reuse-training] [--group-seed-offset K] [--train-repeats N]
 
 What the product's users get, measured as they would run it: for each seed N,
 
@@ -15,7 +15,7 @@ What the product's users get, measured as they would run it: for each seed N,
    — ``--train-preset PRESET --models MODELS --seed N+K --lesion-masks <the generator's truth>``
    (``K`` = ``--group-seed-offset``, default 0: the group level's seed sets the folds, the networks'
    initialisation and their training draws, so another K retrains the same data differently —
-   the run-to-run variation a user sees),
+   the run-to-run variation a user sees; ``--train-repeats N`` is passed on when given),
    i.e. each model's k-fold training on the controls, its calibration on held-out controls, and the
    evaluation of every model and of the one-line detectors (``1-FA``, ``MD``) by the same code on
    the same voxels (``scoring/evaluation.py``; ``detection_summary.tsv``, ``detection_groups.tsv``).
@@ -190,6 +190,8 @@ def run_seed(args, seed: int, root: Path) -> dict:
     started = time.perf_counter()
     argv = [str(bids), str(deriv), "group", "--train-preset", args.train_preset, "--models", *args.models,
             "--seed", str(seed + args.group_seed_offset), *common]
+    if args.train_repeats:
+        argv += ["--train-repeats", str(args.train_repeats)]
     print(f"\n=== seed {seed}: bids_uad {' '.join(argv)}", flush=True)
     if bids_uad_main(argv) != 0:
         raise SystemExit(f"seed {seed}: the group level failed")
@@ -231,7 +233,9 @@ def markdown(result: dict) -> str:
     return (f"# Detection through the whole pipeline: {result['preset']} dataset, {result['lesions']} lesions, "
             f"{result['train_preset']} preset, {len(seeds)} seed(s) ({result['date']}, {result['machine']})\n\n"
             f"`--models {' '.join(result['models'])}`, group level `--seed` = the dataset's + "
-            f"{result.get('group_seed_offset', 0)}; per seed: its own dataset, participant level, group level "
+            f"{result.get('group_seed_offset', 0)}"
+            + (f", `--train-repeats {result['train_repeats']}`" if result.get("train_repeats") else "")
+            + "; per seed: its own dataset, participant level, group level "
             f"(k-fold training, calibration on held-out controls, evaluation against the lesion masks); "
             f"figures are each seed's mean over its patients, then mean ± SD over seeds.  Training wall = "
             f"one model's training and calibration in the group level (seed by seed), load = 1-min load "
@@ -266,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-seed-offset", type=int, default=0,
                     help="the group level's --seed is the dataset's seed + K: another K retrains the same data "
                          "with other folds, initialisations and training draws (default 0)")
+    ap.add_argument("--train-repeats", type=int, help="the group level's --train-repeats (default: the preset's)")
     args = ap.parse_args(argv)
     stem = (f"group_detection_{args.preset}_{args.lesions}_{args.train_preset}"
+            + (f"_repeats-{args.train_repeats}" if args.train_repeats else "")
             + (f"_group-seed+{args.group_seed_offset}" if args.group_seed_offset else ""))
     result = {"benchmark": "group_detection", "preset": args.preset, "lesions": args.lesions,
               "train_preset": args.train_preset, "models": args.models, "nprocs": args.nprocs,
-              "group_seed_offset": args.group_seed_offset,
+              "group_seed_offset": args.group_seed_offset, "train_repeats": args.train_repeats,
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "seeds": []}

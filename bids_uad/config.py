@@ -80,6 +80,7 @@ class Settings:
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
     model_inputs: str = "dwi"  # the networks' input representation (ModelSettings.inputs), group level
+    train_repeats: int | None = None  # group level: k-fold trainings per network (TrainingSettings.repeats); None: the preset's
     ensemble: bool | None = None  # None: the model file's setting (scoring.ensemble, set at the group level)
     findings_min_volume: float | None = None  # mL; None: the model file's min_cluster_ml
     use_plugin: Path | None = None

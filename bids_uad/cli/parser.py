@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "network trained to its best validation loss with early stopping, 3 folds: "
                            "real training on a few CPU cores) or quick (a small model for demos and "
                            "tests) (default: paper)")
+    proc.add_argument("--train-repeats", dest="train_repeats", type=_positive_int, default=None, metavar="N",
+                      help="group level: train each network N times, each an independent k-fold training "
+                           "(other splits, initialisations and training draws), and score with the mean of "
+                           "all N x k networks (the fold ensemble); N times the training time.  Stored in "
+                           "the model files (default: the preset's, 1)")
     proc.add_argument("--model-inputs", dest="model_inputs", choices=INPUT_REPRESENTATIONS, default="dwi",
                       help="group level: what the networks see: dwi (the normalised dw volumes in the "
                            "controls' gradient order) or invariant (per shell the mean dw ratio and the "

@@ -194,6 +194,10 @@ class TrainingSettings:
     batch_size: int = 4
     steps_per_epoch: int | None = None  # None: one pass over the training subjects
     n_folds: int = 7
+    # independent k-fold trainings (other splits, initialisations and draws): every one of the
+    # repeats x k networks joins the fold ensemble (1: one k-fold training, as model files written
+    # before the setting)
+    repeats: int = 1
     patience: int = 15  # early stopping: epochs without validation improvement
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -207,6 +211,8 @@ class TrainingSettings:
             raise UsageError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.n_folds < 2:
             raise UsageError("n_folds must be at least 2")
+        if self.repeats < 1:
+            raise UsageError("repeats must be at least 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError("epochs and batch_size must be positive")
         if self.threads < 1 or self.processes < 1:

@@ -384,7 +384,8 @@ def train_folds(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[
     if normaliser_of(results[0].model) is not None:  # every fold trained: their score references
         raw = fit_score_normalisers(results, data, routes)
     for res in results:
-        referred = [refer_score(res.model, raw[i], data[i], _route(routes, i)) for i in res.val_idx] if raw else None
+        referred = ([refer_score(res.model, raw[res.fold, i], data[i], _route(routes, i)) for i in res.val_idx]
+                    if raw else None)
         heldout_scores[res.fold] = calibrate_fold(res, settings, data, analysis_masks, routes, referred)
         if on_fold is not None:
             on_fold(res)
@@ -483,12 +484,15 @@ def fit_fold(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.
 
 
 def fold_plan(settings: Settings, data: Sequence[np.ndarray]) -> list[tuple[int, list[int], list[int], str]]:
-    """(fold, training indices, held-out indices, data id for the checkpoint) of every fold."""
+    """(fold, training indices, held-out indices, data id for the checkpoint) of every fold: the k
+    folds of the first split, then those of each further repeat (``training.repeats``: another
+    split, numbered on, so that every fold has its own initialisation and draws)."""
     hashes = [data_hash([d]) for d in data]  # once per subject, reused by every fold
     plan = []
-    for fold, (tr, va) in enumerate(make_folds(len(data), settings.training.n_folds, settings.training.seed)):
-        fold_id = data_hash([np.frombuffer("".join(hashes[i] for i in (*tr, *va)).encode(), np.uint8)])
-        plan.append((fold, tr.tolist(), va.tolist(), fold_id))
+    for repeat in range(settings.training.repeats):
+        for tr, va in make_folds(len(data), settings.training.n_folds, settings.training.seed, repeat):
+            fold_id = data_hash([np.frombuffer("".join(hashes[i] for i in (*tr, *va)).encode(), np.uint8)])
+            plan.append((len(plan), tr.tolist(), va.tolist(), fold_id))
     return plan
 
 

@@ -28,7 +28,7 @@ from bids_uad.bids.layout import BIDSInputs
 from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, order_sessions
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
-from bids_uad.models import has_score_reference
+from bids_uad.models import has_score_reference, is_trainable
 from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template, preset
 
 LOGGER = logging.getLogger("bids_uad.group")
@@ -36,7 +36,7 @@ LOGGER = logging.getLogger("bids_uad.group")
 #: Methods text of this stage (as nipreps' LiterateWorkflow ``__desc__``/``__postdesc__``), per
 #: trained model; :func:`describe_training` fills it in and the group report assembles it.
 __desc__ = ("The {name} model, trained on {n_subjects} healthy control subject(s) with {k}-fold "
-            "cross-validation in PyTorch{budget}, is {model}")
+            "cross-validation{repeats} in PyTorch{budget}, is {model}")
 __postdesc__ = ("Held-out controls' anomaly scores formed the null sample for calibrated thresholds "
                 "(false-positive rate on healthy tissue of the post-processed map) and conformal p-values, with "
                 "Benjamini-Hochberg control of the false discovery rate, from {calibration}")
@@ -58,8 +58,12 @@ def describe_training(name: str, meta: dict) -> list[tuple[str, list[str]]]:
     budget = (f" ({training.get('epochs')} epochs at most, seed {training.get('seed')})"
               if training.get("epochs") is not None else "")
     model = settings.get("model") if isinstance(settings.get("model"), dict) else None
+    repeats = training.get("repeats", 1) if isinstance(training.get("repeats", 1), int) else 1
+    repeats = max(1, repeats)
     text = __desc__.format(name=name, model=describe_model(name, model), n_subjects=len(meta.get("training_subjects", [])),
-                           k=len(meta.get("folds", [])), budget=budget)
+                           k=len(meta.get("folds", [])) // repeats, budget=budget,
+                           repeats=f" repeated {repeats} times with other splits (all networks averaged)"
+                           if repeats > 1 else "")
     post = __postdesc__.format(calibration=CALIBRATION_SOURCES[bool(meta.get("calibration"))])
     return [(text, ["reference", "pytorch"]), (post, ["bh"])]
 
@@ -97,7 +101,9 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
         base,
         model=sized_to_inputs(replace(base.model, grid=grid, **space), ref_bvals, inputs),
         training=replace(base.training, seed=settings.seed, threads=settings.omp_nthreads * processes,
-                         processes=processes, device=settings.device, progress=True),
+                         processes=processes, device=settings.device, progress=True,
+                         repeats=settings.train_repeats if settings.train_repeats and is_trainable(model)
+                         else base.training.repeats),
         scoring=_scoring_for(base.scoring, settings.threshold, voxel_ml,
                              REFERRED_ENSEMBLE if settings.ensemble is None and space and model != "normative"
                              else settings.ensemble),

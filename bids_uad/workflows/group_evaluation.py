@@ -118,7 +118,10 @@ def control_cases(bundle, scored: list[tuple[dict, object, int]]) -> list:
         return [_case(arrays, res.score, res.mask, bundle) for arrays, res, _ in scored]
     pooled = bundle.out_of_fold is not None or scoring.ensemble
     folds = [fold for _, _, fold in scored]
-    peers = [[j for j, other in enumerate(folds) if (other != fold if pooled else other == fold)] for fold in folds]
+    subjects = [arrays.get("subject", id(arrays)) for arrays, _, _ in scored]
+    # never the control itself: with training.repeats a control is held out (and scored) once per split
+    peers = [[j for j, other in enumerate(folds) if (other != fold if pooled else other == fold) and subjects[j] != subject]
+             for fold, subject in zip(folds, subjects)]
     amasks = [np.asarray(arrays["analysis_mask"]) > 0 for arrays, _, _ in scored]
     maps = [np.where(m, res.score, 0) for (_, res, _), m in zip(scored, amasks)]
     voxel_ml = _voxel_ml(scored[0][0])

@@ -191,6 +191,20 @@ def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bid
     assert code == 64 and "--model-inputs" in err and len(err.strip().splitlines()) == 1
 
 
+def test_train_repeats_reach_the_networks_model_settings_not_the_baselines(small_bids, tmp_path, capsys):
+    """--train-repeats N: the networks train N k-fold runs (TrainingSettings.repeats, stored in their
+    model files); the baselines fit once; 0 is one usage line (64)."""
+    from bids_uad.workflows.group import model_settings_for
+
+    group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
+    assert model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).training.repeats == 1
+    run = settings_from_args(group + ["--train-repeats", "2"])
+    for model, want in (("cdae", 2), ("dae", 2), ("recdisc", 2), ("normative", 1), ("meansignal", 1)):
+        assert model_settings_for(run, model, np.full(8, 1000.0), (16, 16, 16)).training.repeats == want, model
+    code, err = _run(capsys, *group, "--train-repeats", "0")
+    assert code == 64 and "--train-repeats" in err and len(err.strip().splitlines()) == 1
+
+
 def test_device_cuda_is_plumbed_and_refused_without_a_gpu(small_bids, tmp_path, monkeypatch, capsys):
     """--device cuda without a GPU: one usage line (64) before any work.  With one (simulated: no
     test needs a GPU) the device reaches the training settings and the inference nodes."""

@@ -17,6 +17,7 @@ from bids_uad.models.settings import needs_template, preset
 from bids_uad.models.validate import validate_model_file
 from bids_uad.scoring.inference import score_grid
 from bids_uad.training.fit import train_model
+from bids_uad.training.normalise import splits
 from bids_uad.training.trainer import calibrate_out_of_fold
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
 
@@ -56,13 +57,14 @@ def trained():
     return bundle, data, masks
 
 
-def test_each_fold_refers_to_the_controls_it_trained_on(trained):
-    bundle, data, masks = trained
+def _check_references(folds, data):
+    """Each fold's scale is its held-out controls' raw scores and its reference the scaled scores of the
+    controls it trained on, each scored by the fold of the same split that held it out."""
     brains = [d.mean(0) > 0 for d in data]
-    held_by = {i: f for f in bundle.folds for i in f.val_idx}
-    assert sorted(held_by) == list(range(5))  # every control scored out of fold once
+    held_by = {i: f for f in folds for i in f.val_idx}
+    assert sorted(held_by) == list(range(len(data)))  # every control scored out of fold once
     raw = {i: score_volume(f.model, data[i], raw=True) for i, f in held_by.items()}
-    for f in bundle.folds:
+    for f in folds:
         norm = normaliser_of(f.model)
         assert norm is not None and norm.fitted
         # the fold's scale: its held-out controls' raw scores
@@ -70,7 +72,7 @@ def test_each_fold_refers_to_the_controls_it_trained_on(trained):
         assert np.allclose(norm.scale.numpy(), [location, spread], rtol=1e-6)
         # its reference: its training controls' scores, each scaled by the fold that held it out;
         # its held-out controls take no part
-        expected = ScoreNormaliser(bundle.settings.model)
+        expected = ScoreNormaliser(f.model.settings)
         maps = []
         for i in f.train_idx:
             values, support = normaliser_of(held_by[i].model).to_template(raw[i], brains[i], IDENTITY)
@@ -78,6 +80,12 @@ def test_each_fold_refers_to_the_controls_it_trained_on(trained):
         expected.set_reference(maps)
         assert torch.equal(expected.centre, norm.centre) and torch.equal(expected.spread, norm.spread)
         assert not set(f.val_idx) & set(f.train_idx)
+    return raw
+
+
+def test_each_fold_refers_to_the_controls_it_trained_on(trained):
+    bundle, data, masks = trained
+    raw = _check_references(bundle.folds, data)
     # one score scale for every fold (robust z): the out-of-fold calibration pools every control
     assert bundle.out_of_fold is not None and bundle.calibration() is bundle.out_of_fold
     # the calibrations reuse the reference fit's forward passes: the same as scoring the controls again
@@ -87,6 +95,28 @@ def test_each_fold_refers_to_the_controls_it_trained_on(trained):
         referred = [score_volume(f.model, data[i], route=IDENTITY) for i in f.val_idx]
         assert all(np.array_equal(refer_score(f.model, raw[i], data[i], IDENTITY), m)
                    for i, m in zip(f.val_idx, referred))
+
+
+def test_repeated_k_fold_trainings_each_fit_their_own_references(trained):
+    """training.repeats = 2: two k-fold trainings with other splits and initialisations; each split's
+    folds are referred as one k-fold training's, every fold joins the ensemble, and the out-of-fold
+    calibration pools every control once per split."""
+    _, data, masks = trained
+    base = _settings()
+    settings = replace(base, training=replace(base.training, repeats=2))
+    bundle = train_model(settings, data, masks, [f"c{i}" for i in range(5)], BVALS, BVECS, routes=[IDENTITY] * 5)
+    assert [f.fold for f in bundle.folds] == list(range(6))
+    groups = splits(bundle.folds)
+    assert [[f.fold for f in g] for g in groups] == [[0, 1, 2], [3, 4, 5]]
+    assert [sorted(f.val_idx) for f in groups[0]] != [sorted(f.val_idx) for f in groups[1]]  # another split
+    assert not torch.equal(next(groups[0][0].model.parameters()), next(groups[1][0].model.parameters()))
+    for group in groups:
+        _check_references(group, data)
+    one = train_model(base, data, masks, [f"c{i}" for i in range(5)], BVALS, BVECS, routes=[IDENTITY] * 5)
+    assert bundle.out_of_fold.n == 2 * one.out_of_fold.n  # every control's healthy voxels, once per split
+    assert [f.val_idx for f in one.folds] == [f.val_idx for f in groups[0]]  # the first split is repeats = 1's
+    ens = score_grid(bundle, data[0], ensemble=True, route=IDENTITY)
+    assert ens.shape == GRID and np.isfinite(ens).all()
 
 
 def test_score_is_a_positive_robust_z_that_rises_in_a_lesion(trained):
@@ -328,3 +358,7 @@ def test_methods_text_names_each_models_calibration():
     raw = {"settings": {"model": {"normative_space": "dwi"}}, "folds": [0, 1, 2], "calibration": None}
     text = " ".join(t for t, _ in describe_training("recdisc", raw))
     assert "the selected fold's held-out controls" in text and "out-of-fold" not in text
+    assert "3-fold cross-validation in" in text
+    repeated = dict(referred, settings={**referred["settings"], "training": {"repeats": 2}}, folds=list(range(6)))
+    text = " ".join(t for t, _ in describe_training("cdae", repeated))
+    assert "3-fold cross-validation repeated 2 times with other splits (all networks averaged)" in text

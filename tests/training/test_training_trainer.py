@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from bids_uad.errors import InputValidationError
+from bids_uad.errors import InputValidationError, UsageError
 from bids_uad.models.settings import preset
 from bids_uad.training.fit import train_from_dwi, train_model
 from bids_uad.training.folds import make_folds
 from bids_uad.training.toydata import fibonacci_directions, make_toy_subject
-from bids_uad.training.trainer import train_fold
+from bids_uad.training.trainer import fold_plan, train_fold
 
 BVECS = fibonacci_directions(8)
 
@@ -39,6 +39,25 @@ def test_folds_partition():
     for tr, va in folds:
         assert not set(tr) & set(va) and len(tr) + len(va) == 10
     assert len(make_folds(3, 7, 0)) == 3
+
+
+def test_a_repeat_is_another_partition_and_the_first_is_unchanged():
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(make_folds(10, 3, 5), make_folds(10, 3, 5, repeat=0)))
+    again = make_folds(10, 3, 5, repeat=1)
+    np.testing.assert_array_equal(np.sort(np.concatenate([v for _, v in again])), np.arange(10))
+    assert [sorted(v) for _, v in again] != [sorted(v) for _, v in make_folds(10, 3, 5)]
+
+
+def test_fold_plan_numbers_the_folds_of_every_repeat_on():
+    s = _settings("cdae", n_folds=3, repeats=2)
+    data = [np.full((2, 4, 4, 4), i, np.float32) for i in range(5)]
+    plan = fold_plan(s, data)
+    assert [p[0] for p in plan] == list(range(6))
+    for split in (plan[:3], plan[3:]):
+        assert sorted(i for p in split for i in p[2]) == list(range(5))
+    assert plan[:3] == fold_plan(replace(s, training=replace(s.training, repeats=1)), data)
+    with pytest.raises(UsageError, match="repeats"):
+        _settings("cdae", repeats=0)
 
 
 def test_fewer_than_three_controls_is_an_error(controls):

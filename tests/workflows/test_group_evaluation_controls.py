@@ -54,3 +54,23 @@ def test_uncalibrated_threshold_methods_keep_the_written_map():
     scored = _scored([1, 1])
     cases = control_cases(_bundle(pooled=True, method="otsu"), scored)
     np.testing.assert_array_equal(cases[0].written, scored[0][1].mask)
+
+
+def test_a_control_scored_by_several_splits_never_calibrates_its_own_threshold():
+    """training.repeats: each control is held out once per split, so it appears once per split among
+    the scored controls; its written map is calibrated on the other controls only."""
+    scored = _scored([2, 2, 1]) + _scored([1, 2, 2], seed=1)
+    for j, (arrays, res, fold) in enumerate(scored[5:]):  # the second split: folds 3-5, the same 5 controls
+        arrays["subject"] = f"c{[2, 0, 1, 3, 4][j]}"
+        scored[5 + j] = (arrays, res, fold + 3)
+    bundle = _bundle(pooled=True)
+    cases = control_cases(bundle, scored)
+    post = lambda b: postprocess(b, bundle.settings.scoring)  # noqa: E731
+    maps = [s[1].score for s in scored]
+    masks = [s[0]["analysis_mask"] for s in scored]
+    # control c4 of fold 2: every other fold's maps but its own second-split map (fold 5, entry 9)
+    peers = [j for j in range(10) if scored[j][2] != 2 and scored[j][0]["subject"] != "c4"]
+    assert 9 not in peers and len(peers) == 8
+    cal = calibrate_written(calibrate([maps[j] for j in peers], [masks[j] for j in peers]),
+                            [maps[j] for j in peers], [masks[j] for j in peers], 0.01, post)
+    np.testing.assert_array_equal(cases[4].written, post(maps[4] > cal.threshold(cal.level)))
