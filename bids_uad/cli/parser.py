@@ -150,14 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "see README's Models)")
     proc.add_argument("--train-preset", choices=TRAIN_PRESETS, default="paper",
                       help="group level: paper (reference architecture, 7 folds), standard (a mid-size "
-                           "network trained to its best validation loss with early stopping, 3 folds: "
-                           "real training on a few CPU cores) or quick (a small model for demos and "
+                           "network trained to its best validation loss with early stopping, 3 folds, the cdae "
+                           "as two independent 3-fold runs: real training on a few CPU cores) or quick (a small model for demos and "
                            "tests) (default: paper)")
     proc.add_argument("--train-repeats", dest="train_repeats", type=_positive_int, default=None, metavar="N",
                       help="group level: train each network N times, each an independent k-fold training "
                            "(other splits, initialisations and training draws), and score with the mean of "
                            "all N x k networks (the fold ensemble); N times the training time.  Stored in "
-                           "the model files (default: the preset's, 1)")
+                           "the model files (default: the preset's: 2 for the standard preset's cdae, else 1)")
     proc.add_argument("--model-inputs", dest="model_inputs", choices=INPUT_REPRESENTATIONS, default="dwi",
                       help="group level: what the networks see: dwi (the normalised dw volumes in the "
                            "controls' gradient order) or invariant (per shell the mean dw ratio and the "

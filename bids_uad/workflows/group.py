@@ -319,9 +319,10 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                         len(found), time.perf_counter() - started)
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
-        LOGGER.info("training %s on %d controls (%d folds, grid %s, %d %s channels)", model, len(found),
-                    msettings.training.n_folds, msettings.model.grid, msettings.model.n_channels,
-                    msettings.model.inputs)
+        repeats = msettings.training.repeats
+        LOGGER.info("training %s on %d controls (%d folds%s, grid %s, %d %s channels)", model, len(found),
+                    msettings.training.n_folds, f" x {repeats} repeats" if repeats > 1 else "", msettings.model.grid,
+                    msettings.model.n_channels, msettings.model.inputs)
         trained_from = time.perf_counter()
         bundle = train_from_dwi(
             msettings,

@@ -133,6 +133,8 @@ def test_standard_preset_stops_early_and_keeps_quick_small():
         assert quick.training.epochs * (quick.training.steps_per_epoch or 1) < \
             std.training.epochs * (std.training.steps_per_epoch or 1)
         assert std.model.depth > quick.model.depth
+        assert quick.training.repeats == 1  # CI and the demo train one k-fold run
+    assert preset("standard", "cdae").training.repeats == 2 and preset("standard", "dae").training.repeats == 1
 
 
 def test_train_from_dwi_reconciles_gradients(controls):
