@@ -42,6 +42,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _measure import markdown_table, publish, scratch_folder  # noqa: E402
+from _measure import markdown_table, publish, scratch_folder, write_results  # noqa: E402
 
 from bids_uad.bids.derivatives import read_tsv  # noqa: E402
 from bids_uad.models import MODELS, is_trainable  # noqa: E402
@@ -131,12 +132,11 @@ def aggregate(seeds: list[dict]) -> dict:
     mean, sd = {}, {}
     for d in detectors:
         values = np.array([[s["summary"].get(d, {}).get(k, np.nan) for k in FIGURES] for s in seeds], float)
-        with np.errstate(all="ignore"):
-            finite = np.isfinite(values).sum(0)
-            m = np.where(finite > 0, np.nansum(values, 0) / np.maximum(finite, 1), np.nan)
-            v = np.where(finite > 1, np.nansum((values - m) ** 2, 0) / np.maximum(finite - 1, 1), np.nan)
+        with warnings.catch_warnings():  # a figure with no (or one) finite value: NaN, reported as None
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m, v = np.nanmean(values, 0), np.nanstd(values, 0, ddof=1)
         mean[d] = {k: None if not np.isfinite(x) else round(float(x), 4) for k, x in zip(FIGURES, m)}
-        sd[d] = {k: None if not np.isfinite(x) else round(float(np.sqrt(x)), 4) for k, x in zip(FIGURES, v)}
+        sd[d] = {k: None if not np.isfinite(x) else round(float(x), 4) for k, x in zip(FIGURES, v)}
     as_float = {d: {k: np.nan if x is None else x for k, x in f.items()} for d, f in mean.items()}
     overall = margin(as_float)
     best = overall["best_model"]
@@ -288,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
             text = markdown(result)
             print(text, flush=True)
             if len(result["seeds"]) < args.seeds:
-                from _measure import write_results
                 write_results(stem, result, text)
     return publish(stem, result, text)
 

@@ -59,6 +59,12 @@ class FoldResult:
     calibration: Calibration | None = None
 
 
+def brain_of(data: np.ndarray) -> np.ndarray:
+    """A subject's brain on the model grid (C, X, Y, Z): where the mean of its channels is positive
+    (the inputs are zero outside its brain mask)."""
+    return np.asarray(data).mean(0) > 0
+
+
 @torch.no_grad()
 def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device | str | None = None,
                  route=None, raw: bool = False) -> np.ndarray:
@@ -78,13 +84,13 @@ def score_volume(model: torch.nn.Module, data: np.ndarray, device: torch.device 
         scored = model.score(x)[0].float().cpu().numpy()
         return scored if raw else refer_score(model, scored, data, route)
     scored = model.score(x) if not needs_template(model) else model.score(x, routes=[route])
-    return filtered_score(model, scored[0].float().cpu().numpy(), np.asarray(data).mean(0) > 0)
+    return filtered_score(model, scored[0].float().cpu().numpy(), brain_of(data))
 
 
 def refer_score(model: torch.nn.Module, raw: np.ndarray, data: np.ndarray, route) -> np.ndarray:
     """A network's raw score map of ``data`` (:func:`score_volume` with ``raw``) referred to its
     controls' (robust z), as :func:`score_volume` gives it without ``raw``."""
-    brain = np.asarray(data).mean(0) > 0
+    brain = brain_of(data)
     return filtered_score(model, normaliser_of(model).zscore(raw, brain, route), brain)
 
 
@@ -103,7 +109,7 @@ def signed_score(model: torch.nn.Module, data: np.ndarray, route) -> tuple[np.nd
     (:meth:`~bids_uad.models.normaliser.ScoreNormaliser.signed`: (M, X, Y, Z), where defined): what a
     fold ensemble averages."""
     raw = score_volume(model, data, raw=True)
-    return normaliser_of(model).signed(raw, np.asarray(data).mean(0) > 0, route)
+    return normaliser_of(model).signed(raw, brain_of(data), route)
 
 
 def _versions() -> dict[str, str]:

@@ -20,7 +20,7 @@ import torch
 from bids_uad.algorithms.masking import dice
 from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models import FIXED_THRESHOLDS
-from bids_uad.models.bundle import ModelBundle, filtered_score, score_volume, signed_score
+from bids_uad.models.bundle import ModelBundle, brain_of, filtered_score, score_volume, signed_score
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
 from bids_uad.models.normaliser import ensemble_z, normaliser_of
@@ -62,7 +62,7 @@ def score_grid(bundle: ModelBundle, data: np.ndarray, ensemble: bool = False, fo
         mean, ratio = ensemble_z(maps, keeps)
         if details is not None:
             details["ensemble_scale"] = [round(float(r), 4) for r in ratio]
-        return filtered_score(folds[0].model, normaliser_of(folds[0].model).fold(mean), np.asarray(data).mean(0) > 0)
+        return filtered_score(folds[0].model, normaliser_of(folds[0].model).fold(mean), brain_of(data))
     total = None
     for f in folds:
         s = score_volume(f.model, data, route=route).astype(np.float64)

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from bids_uad.errors import InputMissingError
-from bids_uad.models.bundle import FoldResult, score_volume
+from bids_uad.models.bundle import FoldResult, brain_of, score_volume
 from bids_uad.models.normaliser import normaliser_of, robust_scale
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def fit_score_normalisers(folds: Sequence[FoldResult], data: Sequence[np.ndarray
     if len(routes) != len(data) or any(r is None for r in routes):
         raise InputMissingError("a network whose score is referred to its controls' in template space needs every "
                                 "control's transforms to the template")
-    brains = [np.asarray(d).mean(0) > 0 for d in data]
+    brains = [brain_of(d) for d in data]
     raw: dict[tuple[int, int], np.ndarray] = {}
     for split in splits(folds):
         raw.update(_fit_split(split, data, brains, routes))
