@@ -18,7 +18,8 @@ from typing import Any
 
 from bids_uad import __version__
 from bids_uad.errors import InputMissingError, UsageError
-from bids_uad.models.settings import DEFAULT_MODELS, INPUT_REPRESENTATIONS, MODEL_NAMES, THRESHOLD_METHODS
+from bids_uad.models.settings import (DEFAULT_MODELS, INPUT_REPRESENTATIONS, MODEL_NAMES, NETWORK_SPACES,
+                                     THRESHOLD_METHODS)
 
 ANALYSIS_LEVELS = ("participant", "group")
 PREPROC_BACKENDS = ("auto", "fsl", "python")
@@ -80,6 +81,9 @@ class Settings:
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
     model_inputs: str = "dwi"  # the networks' input representation (ModelSettings.inputs), group level
+    # group level: the grid the networks referred to their controls see the subjects on
+    # (ModelSettings.network_space): "template" or each subject's own "dwi" grid
+    network_space: str = "template"
     train_repeats: int | None = None  # group level: k-fold trainings per network (TrainingSettings.repeats); None: the preset's
     ensemble: bool | None = None  # None: the model file's setting (scoring.ensemble, set at the group level)
     findings_min_volume: float | None = None  # mL; None: the model file's min_cluster_ml

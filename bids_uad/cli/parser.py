@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from bids_uad import __version__
-from bids_uad.config import (DEFAULT_MODELS, DEVICES, INPUT_REPRESENTATIONS, MODEL_NAMES, PREPROC_BACKENDS,
-                             THRESHOLD_METHODS, TRAIN_PRESETS)
+from bids_uad.config import (DEFAULT_MODELS, DEVICES, INPUT_REPRESENTATIONS, MODEL_NAMES, NETWORK_SPACES,
+                             PREPROC_BACKENDS, THRESHOLD_METHODS, TRAIN_PRESETS)
 from bids_uad.errors import EXIT_CODES, UsageError
 
 
@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "independent of the gradient directions) or both (the dw volumes and the "
                            "features, each group scored on its own).  The baselines always read the dw "
                            "volumes.  Stored in the model files (default: dwi)")
+    proc.add_argument("--network-space", dest="network_space", choices=NETWORK_SPACES, default="template",
+                      help="group level: where the reconstruction networks (dae, cdae, cevae) see the "
+                           "subjects: template (each subject's normalised signal carried to the template "
+                           "grid of the normative model through its own transforms, so that a voxel is the "
+                           "same anatomical place in every brain; the score comes back to dwi space) or dwi "
+                           "(each subject's own diffusion grid).  Needs every control's transforms (a T1w per "
+                           "session); without them the networks fall back to dwi with a warning.  Stored in "
+                           "the model files (default: template)")
     proc.add_argument("--device", choices=DEVICES, default="auto",
                       help="torch device for training and inference (default: auto)")
     proc.add_argument("--reports-only", action="store_true",

@@ -128,6 +128,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models=tuple(dict.fromkeys(args.models)),
         train_preset=args.train_preset,
         model_inputs=args.model_inputs,
+        network_space=args.network_space,
         train_repeats=args.train_repeats,
         ensemble=args.ensemble,
         findings_min_volume=args.findings_min_volume,

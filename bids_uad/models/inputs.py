@@ -15,6 +15,10 @@
   (:func:`channel_layout`).
 * :func:`to_grid` / :func:`from_grid` centre-pad or crop to the model grid and back exactly;
   :func:`grid_affine` gives the affine of the padded array.
+* A network on the template grid (``ModelSettings.network_space = "template"``) sees each subject
+  carried there through its own transforms (:func:`carry_to_template`): :func:`subject_grid` is the
+  grid a subject's arrays are prepared on before that (its own dwi shape), and
+  :func:`template_route` the identity route of arrays already on the template grid.
 """
 from __future__ import annotations
 
@@ -348,6 +352,67 @@ def grid_affine(affine: np.ndarray, gm: GridMap) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = np.subtract(gm.src_start, gm.dst_start)
     return np.asarray(affine, float) @ shift
+
+
+def subject_grid(model, shape) -> tuple[int, int, int]:
+    """The grid a subject of spatial ``shape`` is prepared on for a network (``model``: its
+    :class:`~bids_uad.models.settings.ModelSettings`): the model grid, or for a network on the template
+    grid the subject's own shape (its arrays are carried from there by :func:`carry_to_template`)."""
+    if model.network_space == "template":
+        return tuple(int(s) for s in shape[:3])
+    return tuple(int(g) for g in model.grid)
+
+
+def template_route(model):
+    """The :class:`~bids_uad.algorithms.registration.TemplateRoute` of arrays already on the template
+    grid of ``model`` (identity transforms): what the score reference of a network on that grid is
+    given in place of each subject's own route."""
+    from bids_uad.algorithms.registration import TemplateRoute
+
+    return TemplateRoute(model.normative_template, tuple(float(v) for v in model.normative_template_affine))
+
+
+def controls_box(model, masks, routes, margin: int = 2):
+    """``model`` (settings of a network with ``network_space = "template"``) with its template grid cut
+    down to the box where the controls' brains land (``masks`` on their grids, ``routes`` there), widened
+    by ``margin`` voxels per side and to sides its depth divides (the affine shifted to the box's corner):
+    the network works where the brains are, not on the whole template's field of view."""
+    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
+    union = np.zeros(tuple(model.grid), bool)
+    for mask, route in zip(masks, routes):
+        inside = np.asarray(mask, bool)
+        union |= route.forward(inside[None].astype(np.float32), inside, model.grid, affine)[1]
+    if not union.any():
+        raise InputValidationError(f"no control's brain lands on the {model.normative_template} grid: check the "
+                                   "transforms to the template")
+    found = np.argwhere(union)
+    low = np.maximum(found.min(0) - margin, 0)
+    div = 2 ** model.depth
+    span = found.max(0) + 1 + margin - low
+    size = tuple(int(np.ceil(n / div) * div) for n in span)
+    shift = np.eye(4)
+    shift[:3, 3] = low
+    return replace(model, grid=size, normative_template_shape=size,
+                   normative_template_affine=tuple(float(v) for v in (affine @ shift).ravel()))
+
+
+def carry_to_template(data: np.ndarray, mask: np.ndarray, route, model,
+                      analysis_mask: np.ndarray | None = None):
+    """A subject's channels ``data`` (C, X, Y, Z, defined in ``mask``) carried onto the template grid of
+    a network with ``network_space = "template"`` (``model``: its settings) through ``route`` (the
+    subject's TemplateRoute for that array's grid): one linear resampling normalised by the carried mask
+    (:meth:`~bids_uad.algorithms.registration.TemplateRoute.forward`).  Returns (the channels there,
+    0 outside the carried brain; that brain, bool; the carried ``analysis_mask`` inside it, or None)."""
+    if route is None:
+        raise InputValidationError(f"the {model.name} network works on the {model.normative_template} grid: the "
+                                   "subject's transforms to the template are needed")
+    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
+    values, brain = route.forward(np.asarray(data, np.float32), np.asarray(mask, bool), model.grid, affine)
+    carried = None
+    if analysis_mask is not None:
+        part, _ = route.forward(np.asarray(analysis_mask, np.float32)[None], np.asarray(mask, bool), model.grid, affine)
+        carried = brain & (part[0] >= 0.5)
+    return np.where(brain, values, 0).astype(np.float32), brain, carried
 
 
 def route_on_grid(route, gm: GridMap):

@@ -30,6 +30,8 @@ INPUT_REPRESENTATIONS = ("dwi", "invariant", "both")
 DWI_ONLY_MODELS = ("normative", "meansignal")
 #: where the normative model fits its centre/spread (docs/models.md, *normative*)
 NORMATIVE_SPACES = ("template", "dwi")
+#: where a network sees the subjects (ModelSettings.network_space)
+NETWORK_SPACES = ("dwi", "template")
 THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
@@ -98,6 +100,13 @@ class ModelSettings:
     normative_template: str = ""  # template name (the transforms' to-<template>), "template" space only
     normative_template_shape: tuple[int, int, int] = (0, 0, 0)  # template grid the model is fitted on
     normative_template_affine: tuple[float, ...] = ()  # its voxel-to-world affine, 16 values row by row
+    # a network's grid: "dwi" (each subject's own diffusion grid, centred on the model grid) or
+    # "template" (each subject's normalised channels carried to the template grid above through its own
+    # transforms, so that a voxel is the same anatomical place in every brain; the network's grid is then
+    # that template grid, and its score comes back to the subject's dwi grid in one resampling:
+    # bids_uad.models.inputs.carry_to_template, docs/models.md).  Needs the score reference's template
+    # space (normative_space "template")
+    network_space: str = "dwi"
 
     @property
     def n_score_maps(self) -> int:
@@ -120,6 +129,15 @@ class ModelSettings:
             raise UsageError(f"inputs must be one of {INPUT_REPRESENTATIONS}, not {self.inputs!r}")
         if self.normative_space not in NORMATIVE_SPACES:
             raise UsageError(f"normative_space must be one of {NORMATIVE_SPACES}, not {self.normative_space!r}")
+        if self.network_space not in NETWORK_SPACES:
+            raise UsageError(f"network_space must be one of {NETWORK_SPACES}, not {self.network_space!r}")
+        if self.network_space == "template" and (
+                self.name in ("normative", "meansignal") or self.normative_space != "template"
+                or tuple(self.grid) != tuple(self.normative_template_shape)):
+            raise UsageError(f"network_space 'template' is for a network whose score is referred in template space "
+                             f"(normative_space 'template') on that template's grid; got {self.name} with "
+                             f"normative_space {self.normative_space!r}, grid {tuple(self.grid)} and template grid "
+                             f"{tuple(self.normative_template_shape)}")
         if self.normative_space == "template" and self.name == "meansignal":
             raise UsageError("the meansignal baseline has no controls' reference: normative_space must be 'dwi'")
         if self.normative_space == "template":

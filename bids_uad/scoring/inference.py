@@ -24,7 +24,8 @@ from bids_uad.models.bundle import ModelBundle, brain_of, filtered_score, score_
 from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
 from bids_uad.models.normaliser import ensemble_z, normaliser_of
-from bids_uad.models.inputs import Prepared, from_grid, prepare_subject, route_on_grid, to_grid
+from bids_uad.models.inputs import (Prepared, carry_to_template, from_grid, prepare_subject, route_on_grid, subject_grid,
+                                    template_route, to_grid)
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
 from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import postprocess, postprocess_description
@@ -96,7 +97,7 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
     gm = prepared.grid_map
     amask = prepared.mask if analysis_mask is None else to_grid(np.asarray(analysis_mask) > 0, gm.grid)[0]
     details: dict = {}
-    score = np.where(amask, score_grid(bundle, prepared.data, ensemble, fold, route, details), 0).astype(np.float32)
+    score = np.where(amask, _score_subject(bundle, prepared, ensemble, fold, route, details), 0).astype(np.float32)
     cal: Calibration | None = bundle.calibration(ensemble=ensemble, fold=fold)
     pvals = None if cal is None else np.where(amask, cal.pvalues(score), 1).astype(np.float32)
     binary, t = threshold_map(score, amask, method, bundle.name, scoring, cal, pvals)
@@ -112,6 +113,8 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             **({"ensemble_scale": details["ensemble_scale"]} if "ensemble_scale" in details else {}),
             "gradient_reconciliation": prepared.method, "grid_map": gm.to_dict(),
             **({"model_space": bundle.settings.model.normative_template} if route is not None else {}),
+            **({"network_grid": f"{bundle.settings.model.normative_template} (the subject carried there and its score "
+                                "back)"} if bundle.settings.model.network_space == "template" else {}),
             "calibration": None if cal is None else (
                 "out-of-fold: every training control, scored by the fold that held it out"
                 if fold is None and bundle.out_of_fold is not None
@@ -122,6 +125,21 @@ def infer_prepared(bundle: ModelBundle, prepared: Prepared, analysis_mask: np.nd
             "finding_min_volume_ml": finding_min_volume(method, scoring, cal)}
     return InferenceResult(from_grid(score, gm), None if pvals is None else from_grid(pvals, gm, fill=1.0),
                            from_grid(written, gm), from_grid(binary, gm), t, method, info)
+
+
+def _score_subject(bundle: ModelBundle, prepared: Prepared, ensemble: bool, fold: int | None, route,
+                   details: dict) -> np.ndarray:
+    """:func:`score_grid` of a prepared subject, on its grid (``route``: its TemplateRoute there).  A network
+    on the template grid scores the subject carried there (one linear resampling) and its score comes back
+    to the subject's grid through the inverse chain (one more), 0 where it does not land."""
+    model = bundle.settings.model
+    if model.network_space != "template":
+        return score_grid(bundle, prepared.data, ensemble, fold, route, details)
+    data, brain, _ = carry_to_template(prepared.data, prepared.mask, route, model)
+    score = score_grid(bundle, data, ensemble, fold, template_route(model), details)
+    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
+    back, landed = route.backward(score[None], brain, affine, prepared.grid_map.grid)
+    return np.where(landed & prepared.mask, back[0], 0).astype(np.float32)
 
 
 def check_route(bundle: ModelBundle, route) -> None:
@@ -164,11 +182,12 @@ def _reason(method: str, scoring: ScoringSettings, cal: Calibration | None) -> s
 
 def prepare_for(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
                 brain_mask: np.ndarray) -> Prepared:
-    """A preprocessed dwi (X, Y, Z, N with b0s) on ``bundle``'s grid, in its input representation and
-    its reference gradients' order."""
+    """A preprocessed dwi (X, Y, Z, N with b0s) on ``bundle``'s grid (a network on the template grid: its
+    own, :func:`~bids_uad.models.inputs.subject_grid`), in its input representation and its reference
+    gradients' order."""
     m = bundle.settings.model
-    return prepare_subject(dwi, bvals, bvecs, brain_mask, m.grid, bundle.ref_bvals, bundle.ref_bvecs,
-                           m.inputs, m.invariant_sh_order)
+    return prepare_subject(dwi, bvals, bvecs, brain_mask, subject_grid(m, np.shape(dwi)), bundle.ref_bvals,
+                           bundle.ref_bvecs, m.inputs, m.invariant_sh_order)
 
 
 def infer(bundle: ModelBundle, dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, brain_mask: np.ndarray,

@@ -5,21 +5,25 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from bids_uad.errors import InputValidationError
+from bids_uad.errors import InputMissingError, InputValidationError
 from bids_uad.models import is_trainable
 from bids_uad.models.normaliser import normaliser_of
 from bids_uad.models.bundle import ModelBundle
-from bids_uad.models.inputs import dw_gradients, prepare_subject, route_on_grid, sized_to_inputs, to_grid
+from bids_uad.models.inputs import (carry_to_template, controls_box, dw_gradients, prepare_subject, route_on_grid,
+                                    sized_to_inputs, subject_grid, template_route, to_grid)
 from bids_uad.models.io import data_hash
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
 from bids_uad.training.trainer import calibrate_out_of_fold, train_folds
+
+LOG = logging.getLogger(__name__)
 
 
 def train_model(settings: Settings, data: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -76,20 +80,35 @@ def train_from_dwi(settings: Settings, dwis: Sequence[np.ndarray], bvals: Sequen
     ``settings.model.n_channels`` is sized here to the input representation
     (``settings.model.inputs``): the dw volumes, or the invariant features of the shells.
     ``routes``: each control's :class:`~bids_uad.algorithms.registration.TemplateRoute` for its dwi
-    image (affine of the dwi); moved here onto the model grid that overlays it.
+    image (affine of the dwi); moved here onto the model grid that overlays it.  A network on the
+    template grid (``network_space = "template"``) trains on every control carried there through its
+    route (:func:`~bids_uad.models.inputs.carry_to_template`; routes required), and everything after
+    (score reference, calibration) works on those template-grid arrays.
     """
     if len(dwis) < 3:
         raise InputValidationError(f"training needs at least 3 control subjects, got {len(dwis)}")
     ref_bvals, ref_bvecs = dw_gradients(bvals[0], bvecs[0])
     m = settings.model
     settings = replace(settings, model=sized_to_inputs(m, ref_bvals))
-    grid = settings.model.grid
-    prepared = [prepare_subject(d, bv, bc, mk, grid, ref_bvals, ref_bvecs, m.inputs, m.invariant_sh_order)
+    prepared = [prepare_subject(d, bv, bc, mk, subject_grid(settings.model, np.shape(d)), ref_bvals, ref_bvecs,
+                                m.inputs, m.invariant_sh_order)
                 for d, bv, bc, mk in zip(dwis, bvals, bvecs, masks)]
     amasks = None
     if analysis_masks is not None:
-        amasks = [to_grid(np.asarray(a) > 0, grid)[0] for a in analysis_masks]
+        amasks = [to_grid(np.asarray(a) > 0, p.grid_map.grid)[0] for a, p in zip(analysis_masks, prepared)]
     if routes is not None:
         routes = [route_on_grid(r, p.grid_map) for r, p in zip(routes, prepared)]
-    return train_model(settings, [p.data for p in prepared], [p.mask for p in prepared], subjects,
-                       ref_bvals, ref_bvecs, amasks, checkpoint_dir, routes)
+    data, brains = [p.data for p in prepared], [p.mask for p in prepared]
+    if settings.model.network_space == "template":  # every control carried to the template grid, once
+        if routes is None or any(r is None for r in routes):
+            raise InputMissingError(f"the {m.name} network works on the {m.normative_template} grid: every "
+                                    "control's transforms to the template are needed")
+        settings = replace(settings, model=controls_box(settings.model, brains, routes))
+        LOG.info("%s works on the %s grid %s where the controls' brains land", m.name, m.normative_template,
+                 settings.model.grid)
+        carried = [carry_to_template(d, b, r, settings.model, None if amasks is None else a)
+                   for d, b, r, a in zip(data, brains, routes, amasks or [None] * len(data))]
+        data, brains = [c[0] for c in carried], [c[1] for c in carried]
+        amasks = None if amasks is None else [c[2] for c in carried]
+        routes = [template_route(settings.model)] * len(data)
+    return train_model(settings, data, brains, subjects, ref_bvals, ref_bvecs, amasks, checkpoint_dir, routes)

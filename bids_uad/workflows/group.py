@@ -86,17 +86,21 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
     ``--ensemble/--no-ensemble`` (if given; else the fold ensemble for a network whose score is
     referred to the controls', :data:`REFERRED_ENSEMBLE`) are stored in the model file.  The normative model works
     in template space (:func:`normative_template_settings`, at the data's ``voxel_mm``), and so do the
-    reconstruction networks' score references (:mod:`bids_uad.models.normaliser`)."""
+    reconstruction networks' score references (:mod:`bids_uad.models.normaliser`); with
+    ``--network-space template`` (the default) those networks also see the subjects on that template
+    grid (``network_space``), padded to a grid their depth divides."""
     from bids_uad.models.inputs import sized_to_inputs
 
     base = preset(settings.train_preset, model)
-    div = 2 ** base.model.depth
-    grid = tuple(int(math.ceil(s / div) * div) for s in shape)
+    grid = covering_grid(shape, base.model.depth)
     processes = training_processes(settings, base.training.batch_size)
     space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
     inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
     if space and model != "normative" and inputs != "invariant":  # a referred network on the dw volumes
         space["score_reduction"] = REFERRED_REDUCTION
+    if space and model != "normative" and settings.network_space == "template":  # on the template's grid
+        grid = covering_grid(space["normative_template_shape"], base.model.depth)
+        space.update(network_space="template", normative_template_shape=grid)
     return replace(
         base,
         model=sized_to_inputs(replace(base.model, grid=grid, **space), ref_bvals, inputs),
@@ -108,6 +112,13 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
                              REFERRED_ENSEMBLE if settings.ensemble is None and space and model != "normative"
                              else settings.ensemble),
     )
+
+
+def covering_grid(shape, depth: int) -> tuple[int, int, int]:
+    """The smallest network grid (sides divisible by 2**``depth``) that holds ``shape`` (padding at the
+    far end, so that a template grid keeps its affine)."""
+    div = 2 ** depth
+    return tuple(int(math.ceil(s / div) * div) for s in shape)
 
 
 #: a network whose score is referred to its controls' scores with the mean of its fold models unless
@@ -309,7 +320,8 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
                 raw_score = preset(settings.train_preset, model).model.score_reduction  # no signed score
                 routes, msettings = None, replace(msettings, model=replace(
                     msettings.model, normative_space="dwi", normative_template="", normative_template_shape=(0, 0, 0),
-                    normative_template_affine=(), score_reduction=raw_score),
+                    normative_template_affine=(), score_reduction=raw_score, network_space="dwi",
+                    grid=covering_grid(data["shape"], msettings.model.depth)),
                     scoring=replace(msettings.scoring, ensemble=bool(settings.ensemble)))
         elif needs_template(msettings.model):
             started = time.perf_counter()
@@ -320,8 +332,10 @@ def run_group_training(settings: Settings, bids: BIDSInputs, controls: list[str]
         if len(found) < msettings.training.n_folds:
             msettings = replace(msettings, training=replace(msettings.training, n_folds=len(found)))
         repeats = msettings.training.repeats
-        LOGGER.info("training %s on %d controls (%d folds%s, grid %s, %d %s channels)", model, len(found),
-                    msettings.training.n_folds, f" x {repeats} repeats" if repeats > 1 else "", msettings.model.grid,
+        LOGGER.info("training %s on %d controls (%d folds%s, %s grid %s, %d %s channels)", model, len(found),
+                    msettings.training.n_folds, f" x {repeats} repeats" if repeats > 1 else "",
+                    msettings.model.normative_template if msettings.model.network_space == "template" else "dwi",
+                    "(where the controls land)" if msettings.model.network_space == "template" else msettings.model.grid,
                     msettings.model.n_channels, msettings.model.inputs)
         trained_from = time.perf_counter()
         bundle = train_from_dwi(
