@@ -212,6 +212,8 @@ def test_a_network_without_every_controls_transforms_keeps_its_raw_score(levels_
     assert "not every control has transforms" in err
     model = json.loads((out / "models" / "model-cdae.json").read_text())["settings"]["model"]
     assert (model["normative_space"], model["score_reduction"]) == ("dwi", "abs-sum")
+    # and on each subject's own dwi grid (no route to the template grid either)
+    assert model["network_space"] == "dwi" and model["grid"] == [16, 16, 12]
 
 
 def test_group_and_participant_with_cdae(levels_setup, capsys):
@@ -221,6 +223,11 @@ def test_group_and_participant_with_cdae(levels_setup, capsys):
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / "models" / "model-cdae.json").read_text())
     assert meta["architecture"]["class"] == "CoarseDAE" and len(meta["folds"]) == 3
+    # the default: the network on the template grid, cut to where the controls' brains land (identity
+    # transforms here: the 16x16x12 brains at 2 mm), not the template's whole field of view
+    model = meta["settings"]["model"]
+    assert model["network_space"] == "template" and model["grid"] == model["normative_template_shape"]
+    assert all(g <= 24 for g in model["grid"]) and all(g % 2 ** model["depth"] == 0 for g in model["grid"])
     assert not (out / "models" / "model-dae.json").exists()
     code = main([str(bids), str(out), "participant", "--model", str(out / "models" / "model-cdae.json"),
                  "--participant-label", "pat01", "-w", str(work), "--threshold", "fixed"])
