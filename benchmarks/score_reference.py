@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                          for r in args.reductions if r != own})
         elif has_score_reference(name):
             continue  # a network trained without its reference: nothing to compare
+        if bundle.settings.model.network_space == "template":
+            raise SystemExit(f"{path}: the {name} network works on the template grid (--network-space template, the "
+                             "default); this benchmark compares dwi-grid networks' raw and referred scores: train "
+                             "with --network-space dwi")
         for label, (scored, how) in ways.items():
             cases = []
             for arrays in patients:

@@ -76,6 +76,10 @@ def _describe(name: str, model_settings: dict | None) -> str:
                 text += ", and its score adds the mean residual of the dw volumes and that of the features"
     if model_settings.get("normative_space") == "template" and has_score_reference(name):
         template = model_settings.get("normative_template") or "template"
+        if model_settings.get("network_space") == "template":
+            text += (f"; it sees each subject on the {template} grid (at the controls' dwi voxel size, cut to the box "
+                     "where their brains land): the normalised signal carried there in one linear resampling through "
+                     "the subject's own transforms, so that a voxel is the same anatomical place in every brain")
         if not signed:
             z = "the positive robust z there"
         elif model_settings.get("feature_channels"):

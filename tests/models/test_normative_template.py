@@ -223,7 +223,10 @@ def test_methods_text_follows_the_model_files_space():
     # a reconstruction network's clause says when its score is referred to the controls' in the template
     referred = describe_model("cdae", {"normative_space": "template", "normative_template": "MNI152NLin2009cAsym"})
     assert referred.startswith(describe_model("cdae")) and "referred to the controls'" in referred
-    assert "MNI152NLin2009cAsym space" in referred
+    assert "MNI152NLin2009cAsym space" in referred and "grid" not in referred
+    on_template = describe_model("cdae", {"normative_space": "template", "normative_template": "MNI152NLin2009cAsym",
+                                          "network_space": "template"})
+    assert "sees each subject on the MNI152NLin2009cAsym grid" in on_template
     assert describe_model("dae", {"normative_space": "dwi"}) == describe_model("dae")
     filtered = describe_model("normative", {"normative_space": "template", "score_median": 3})
     assert filtered.endswith("median-filtered over each brain voxel's 3x3x3 neighbourhood inside the brain")
