@@ -115,8 +115,8 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
 
 
 def covering_grid(shape, depth: int) -> tuple[int, int, int]:
-    """The smallest network grid (sides divisible by 2**``depth``) that holds ``shape`` (padding at the
-    far end, so that a template grid keeps its affine)."""
+    """The smallest network grid (sides divisible by 2**``depth``) that holds ``shape`` (a template grid is
+    padded at its far end, so it keeps its affine; a dwi array is centred on it by ``to_grid``)."""
     div = 2 ** depth
     return tuple(int(math.ceil(s / div) * div) for s in shape)
 
