@@ -372,12 +372,24 @@ def template_route(model):
     return TemplateRoute(model.normative_template, tuple(float(v) for v in model.normative_template_affine))
 
 
+def covering_grid(shape, depth: int) -> tuple[int, int, int]:
+    """The smallest network grid (sides divisible by 2**``depth``) that holds ``shape`` (a template grid is
+    padded at its far end, so it keeps its affine; a dwi array is centred on it by :func:`to_grid`)."""
+    div = 2 ** depth
+    return tuple(int(np.ceil(n / div) * div) for n in shape)
+
+
+def template_affine(model) -> np.ndarray:
+    """The voxel-to-world affine (4x4) of the template grid of ``model`` (its settings)."""
+    return np.asarray(model.normative_template_affine, float).reshape(4, 4)
+
+
 def controls_box(model, masks, routes, margin: int = 2):
     """``model`` (settings of a network with ``network_space = "template"``) with its template grid cut
     down to the box where the controls' brains land (``masks`` on their grids, ``routes`` there), widened
     by ``margin`` voxels per side and to sides its depth divides (the affine shifted to the box's corner):
     the network works where the brains are, not on the whole template's field of view."""
-    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
+    affine = template_affine(model)
     union = np.zeros(tuple(model.grid), bool)
     for mask, route in zip(masks, routes):
         inside = np.asarray(mask, bool)
@@ -387,9 +399,7 @@ def controls_box(model, masks, routes, margin: int = 2):
                                    "transforms to the template")
     found = np.argwhere(union)
     low = np.maximum(found.min(0) - margin, 0)
-    div = 2 ** model.depth
-    span = found.max(0) + 1 + margin - low
-    size = tuple(int(np.ceil(n / div) * div) for n in span)
+    size = covering_grid(found.max(0) + 1 + margin - low, model.depth)
     shift = np.eye(4)
     shift[:3, 3] = low
     return replace(model, grid=size, normative_template_shape=size,
@@ -401,17 +411,19 @@ def carry_to_template(data: np.ndarray, mask: np.ndarray, route, model,
     """A subject's channels ``data`` (C, X, Y, Z, defined in ``mask``) carried onto the template grid of
     a network with ``network_space = "template"`` (``model``: its settings) through ``route`` (the
     subject's TemplateRoute for that array's grid): one linear resampling normalised by the carried mask
-    (:meth:`~bids_uad.algorithms.registration.TemplateRoute.forward`).  Returns (the channels there,
-    0 outside the carried brain; that brain, bool; the carried ``analysis_mask`` inside it, or None)."""
+    (:meth:`~bids_uad.algorithms.registration.TemplateRoute.forward`), the ``analysis_mask`` in the same
+    call as one more channel.  Returns (the channels there, 0 outside the carried brain; that brain, bool;
+    the carried ``analysis_mask`` inside it, or None)."""
     if route is None:
         raise InputValidationError(f"the {model.name} network works on the {model.normative_template} grid: the "
                                    "subject's transforms to the template are needed")
-    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
-    values, brain = route.forward(np.asarray(data, np.float32), np.asarray(mask, bool), model.grid, affine)
+    maps = np.asarray(data, np.float32)
+    if analysis_mask is not None:
+        maps = np.concatenate([maps, np.asarray(analysis_mask, np.float32)[None]], 0)
+    values, brain = route.forward(maps, np.asarray(mask, bool), model.grid, template_affine(model))
     carried = None
     if analysis_mask is not None:
-        part, _ = route.forward(np.asarray(analysis_mask, np.float32)[None], np.asarray(mask, bool), model.grid, affine)
-        carried = brain & (part[0] >= 0.5)
+        values, carried = values[:-1], brain & (values[-1] >= 0.5)
     return np.where(brain, values, 0).astype(np.float32), brain, carried
 
 

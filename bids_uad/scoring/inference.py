@@ -25,7 +25,7 @@ from bids_uad.models.settings import needs_template
 from bids_uad.models.calibration import Calibration
 from bids_uad.models.normaliser import ensemble_z, normaliser_of
 from bids_uad.models.inputs import (Prepared, carry_to_template, from_grid, prepare_subject, route_on_grid, subject_grid,
-                                    template_route, to_grid)
+                                    template_affine, template_route, to_grid)
 from bids_uad.models.settings import THRESHOLD_METHODS, ScoringSettings
 from bids_uad.scoring.metrics import auprc, auroc, dice_optimal_threshold, youden_threshold
 from bids_uad.scoring.morphology import postprocess, postprocess_description
@@ -137,8 +137,7 @@ def _score_subject(bundle: ModelBundle, prepared: Prepared, ensemble: bool, fold
         return score_grid(bundle, prepared.data, ensemble, fold, route, details)
     data, brain, _ = carry_to_template(prepared.data, prepared.mask, route, model)
     score = score_grid(bundle, data, ensemble, fold, template_route(model), details)
-    affine = np.asarray(model.normative_template_affine, float).reshape(4, 4)
-    back, landed = route.backward(score[None], brain, affine, prepared.grid_map.grid)
+    back, landed = route.backward(score[None], brain, template_affine(model), prepared.grid_map.grid)
     return np.where(landed & prepared.mask, back[0], 0).astype(np.float32)
 
 

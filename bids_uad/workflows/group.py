@@ -14,7 +14,6 @@ one per GPU on CUDA; see :func:`training_processes`) or when started by torchrun
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from bids_uad.bids.preprocessed import PreprocessedDwi, find_preprocessed_dwi, o
 from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
 from bids_uad.models import has_score_reference, is_trainable
+from bids_uad.models.inputs import covering_grid
 from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template, preset
 
 LOGGER = logging.getLogger("bids_uad.group")
@@ -112,13 +112,6 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
                              REFERRED_ENSEMBLE if settings.ensemble is None and space and model != "normative"
                              else settings.ensemble),
     )
-
-
-def covering_grid(shape, depth: int) -> tuple[int, int, int]:
-    """The smallest network grid (sides divisible by 2**``depth``) that holds ``shape`` (a template grid is
-    padded at its far end, so it keeps its affine; a dwi array is centred on it by ``to_grid``)."""
-    div = 2 ** depth
-    return tuple(int(math.ceil(s / div) * div) for s in shape)
 
 
 #: a network whose score is referred to its controls' scores with the mean of its fold models unless
