@@ -659,9 +659,15 @@ def carry_masked(maps: np.ndarray, support: np.ndarray, affine: np.ndarray, shap
     """Resample ``maps`` (K, X, Y, Z; defined where ``support``) onto the grid ``shape``/``target_affine``
     through ``transforms`` (linear), normalised by the carried support: each output is
     Σ w·m·s / Σ w·s, so values outside the support (0) do not dilute the edge.  Returns
-    (maps (K, ...) float32, 0 where the carried support is below one half; that support, bool)."""
-    target = nib.Nifti1Image(np.zeros(tuple(int(s) for s in shape), np.float32), np.asarray(target_affine, float))
+    (maps (K, ...) float32, 0 where the carried support is below one half; that support, bool).
+    No transforms between two equal grids (a network's own grid given identity routes) carry nothing:
+    the values where the support is at least one half, without a resampling call."""
     s = np.asarray(support, np.float32)
+    if (not transforms and tuple(int(v) for v in shape) == s.shape
+            and np.allclose(np.asarray(affine, float), np.asarray(target_affine, float), rtol=0, atol=1e-6)):
+        inside = s >= 0.5
+        return np.where(inside, np.asarray(maps, np.float32) * s / np.maximum(s, 1e-6), 0).astype(np.float32), inside
+    target = nib.Nifti1Image(np.zeros(tuple(int(v) for v in shape), np.float32), np.asarray(target_affine, float))
     stack = np.concatenate([np.asarray(maps, np.float32) * s, s[None]], 0)
     moved = np.asarray(apply_transforms(nib.Nifti1Image(np.moveaxis(stack, 0, -1), np.asarray(affine, float)),
                                         target, list(transforms), "linear").dataobj, np.float32)

@@ -139,3 +139,29 @@ def test_model_file_with_a_bad_network_space_is_refused(tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.raises(Exception, match="network_space"):
         load_bundle(path)
+
+
+def test_identity_carry_skips_the_resampling_with_the_same_values(monkeypatch):
+    """Between two equal grids without transforms (a template-grid network's identity routes) the
+    carry is the values where the support is at least one half, bit for bit what antsApplyTransforms'
+    identity resampling gives; on another grid the resampling still runs."""
+    import nibabel as nib
+
+    from bids_uad.algorithms import registration as reg
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(2, 20, 24, 18)).astype(np.float32)
+    support = rng.random((20, 24, 18)) > 0.3
+    target = nib.Nifti1Image(np.zeros((20, 24, 18), np.float32), AFFINE)
+    stack = np.concatenate([maps * support, support[None].astype(np.float32)], 0)
+    moved = np.moveaxis(np.asarray(reg.apply_transforms(nib.Nifti1Image(np.moveaxis(stack, 0, -1), AFFINE), target,
+                                                        [], "linear").dataobj, np.float32), -1, 0)
+    expected = np.where(moved[-1] >= 0.5, moved[:-1] / np.maximum(moved[-1], 1e-6), 0)
+    calls = []
+    real = reg.apply_transforms
+    monkeypatch.setattr(reg, "apply_transforms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, inside = reg.carry_masked(maps, support, AFFINE, (20, 24, 18), AFFINE, [])
+    assert not calls and np.array_equal(out, expected) and np.array_equal(inside, moved[-1] >= 0.5)
+    reg.carry_masked(maps, support, AFFINE, (20, 24, 18), TPL_AFFINE, [])
+    reg.carry_masked(maps, support, AFFINE, (10, 12, 9), AFFINE, [])
+    assert len(calls) == 2
