@@ -36,6 +36,8 @@ THRESHOLD_METHODS = ("fixed", "otsu", "meanpool", "healthy-fpr", "fdr")
 ORACLE_METHODS = ("oracle-youden", "oracle-dice")
 OOD_MODES = ("random", "directional", "isotropic")
 POSTPROCESS = ("cluster", "opening")
+#: arithmetic of the training steps (TrainingSettings.precision)
+PRECISIONS = ("float32", "auto")
 
 
 #: width in voxels of every score map's masked median filter (``ModelSettings.score_median``), also
@@ -223,6 +225,11 @@ class TrainingSettings:
     processes: int = 1  # data-parallel (DDP) training processes spawned per fold run; see distributed.py
     checkpoint_every: int = 1  # epochs between checkpoints (when a directory is given)
     progress: bool = True
+    # the training steps' arithmetic (bids_uad.training.precision): "float32", or "auto" = bfloat16
+    # mixed precision (torch.autocast: weights, gradients and losses in float32) where the device does
+    # bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU that supports it), else float32.
+    # Validation, calibration and scoring are always float32
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -235,6 +242,8 @@ class TrainingSettings:
             raise UsageError("epochs and batch_size must be positive")
         if self.threads < 1 or self.processes < 1:
             raise UsageError("threads and processes must be positive")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,8 @@ def _preset(name: str, model: str) -> Settings:
             model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
                                 max_features=32, depth=3, latent_size=128, latent_scaling="fan-in"),
             training=TrainingSettings(epochs=80, learning_rate=lr, lr_decay=0.98, batch_size=2,
-                                      steps_per_epoch=4, n_folds=3, repeats=repeats, patience=6),
+                                      steps_per_epoch=4, n_folds=3, repeats=repeats, patience=6,
+                                      precision="auto" if model == "cdae" else "float32"),
             ood=OODSettings(min_radius=0.1, max_radius=0.3),
         )
     if name == "paper":

@@ -37,6 +37,7 @@ from bids_uad.models.calibration import Calibration, calibrate_written_map
 from bids_uad.models.io import data_hash, flatten_optimizer, load_tensors, save_tensors, unflatten_optimizer
 from bids_uad.models.settings import Settings
 from bids_uad.training import distributed
+from bids_uad.training.precision import training_autocast, training_dtype
 from bids_uad.scoring.morphology import postprocess
 from bids_uad.training.folds import make_folds
 from bids_uad.training.normalise import fit_score_normalisers
@@ -203,6 +204,7 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
     device = resolve_device(ts.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # set per rank by distributed.init_group
+    step_dtype = training_dtype(ts.precision, device)
     torch.manual_seed(_seed_int(ts.seed, fold))
     model = get_model(settings.model.name, settings.model).to(device)
     if hasattr(model, "fit_noise_basis"):  # the cdae's noise along the signal's principal directions
@@ -267,7 +269,8 @@ def train_fold(settings: Settings, train_data: Sequence[np.ndarray], train_masks
             arrays = batch_arrays(model, train_data, train_masks, idx, rng, settings)  # the global batch
             batch, weight = shard_batch(arrays, latent_noise(model, settings, len(idx), device), world, rank, device)
             opt.zero_grad(set_to_none=True)
-            loss = net(batch)
+            with training_autocast(step_dtype, device):
+                loss = net(batch)
             if world > 1:
                 loss = loss * weight
             loss.backward()
@@ -535,8 +538,9 @@ def _train_in_workers(settings: Settings, data: Sequence[np.ndarray], masks: Seq
             out[i] = a
         out.flush()
         del out
-    LOG.info("%s: training %d folds in %d DDP processes (%s, %d threads each)", settings.model.name, len(plan),
-             n, distributed.backend_for(resolve_device(ts.device)), max(1, ts.threads // n))
+    LOG.info("%s: training %d folds in %d DDP processes (%s, %d threads each, %s steps)", settings.model.name,
+             len(plan), n, distributed.backend_for(resolve_device(ts.device)), max(1, ts.threads // n),
+             str(training_dtype(ts.precision, resolve_device(ts.device))).replace("torch.", ""))
     distributed.launch(train_folds_worker, n, (settings.to_dict(), str(shared), plan, str(checkpoint_dir)),
                        device=resolve_device(ts.device), threads=max(1, ts.threads // n))
     return checkpoint_dir
