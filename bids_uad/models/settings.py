@@ -381,7 +381,10 @@ def _preset(name: str, model: str) -> Settings:
         # The cdae trains as two independent 3-fold runs (repeats), all six networks in its ensemble:
         # the training's run-to-run variation was as large as its lead over the normative model, and
         # two runs averaged scored higher than one on every seed (0.165 -> 0.201 AUPRC, three seeds;
-        # docs/models.md, *Run-to-run variation ...*); ~11 min for the six on 2 cores
+        # docs/models.md, *Run-to-run variation ...*); ~11 min for the six on 2 cores in float32.  Its
+        # training steps run in bfloat16 where the CPU has it natively (precision "auto"): the same
+        # detection in about half the time (8-10 min for the six networks with calibration, 2 cores;
+        # docs/models.md, *bfloat16 training steps ...*)
         lr, repeats = (3e-3, 2) if model == "cdae" else (1e-3, 1)
         return Settings(
             model=ModelSettings(name=model, grid=(64, 64, 64), n_channels=32, features=8,
