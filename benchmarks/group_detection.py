@@ -3,6 +3,7 @@
     python benchmarks/group_detection.py [--seeds 3] [--seed 0] [--preset small] [--lesions mixed-hard]
         [--train-preset standard] [--models cdae normative meansignal] [--workdir DIR] [--nprocs 2]
         [--rerun-participant] [--reuse-training] [--group-seed-offset K] [--train-repeats N]
+        [--model-inputs dwi|invariant|both]
 
 What the product's users get, measured as they would run it: for each seed N,
 
@@ -192,6 +193,8 @@ def run_seed(args, seed: int, root: Path) -> dict:
             "--seed", str(seed + args.group_seed_offset), *common]
     if args.train_repeats:
         argv += ["--train-repeats", str(args.train_repeats)]
+    if args.model_inputs:
+        argv += ["--model-inputs", args.model_inputs]
     print(f"\n=== seed {seed}: bids_uad {' '.join(argv)}", flush=True)
     if bids_uad_main(argv) != 0:
         raise SystemExit(f"seed {seed}: the group level failed")
@@ -235,6 +238,7 @@ def markdown(result: dict) -> str:
             f"`--models {' '.join(result['models'])}`, group level `--seed` = the dataset's + "
             f"{result.get('group_seed_offset', 0)}"
             + (f", `--train-repeats {result['train_repeats']}`" if result.get("train_repeats") else "")
+            + (f", `--model-inputs {result['model_inputs']}`" if result.get("model_inputs") else "")
             + "; per seed: its own dataset, participant level, group level "
             f"(k-fold training, calibration on held-out controls, evaluation against the lesion masks); "
             f"figures are each seed's mean over its patients, then mean ± SD over seeds.  Training wall = "
@@ -271,13 +275,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="the group level's --seed is the dataset's seed + K: another K retrains the same data "
                          "with other folds, initialisations and training draws (default 0)")
     ap.add_argument("--train-repeats", type=int, help="the group level's --train-repeats (default: the preset's)")
+    ap.add_argument("--model-inputs", choices=("dwi", "invariant", "both"),
+                    help="the group level's --model-inputs (default: its own, dwi)")
     args = ap.parse_args(argv)
     stem = (f"group_detection_{args.preset}_{args.lesions}_{args.train_preset}"
             + (f"_repeats-{args.train_repeats}" if args.train_repeats else "")
-            + (f"_group-seed+{args.group_seed_offset}" if args.group_seed_offset else ""))
+            + (f"_group-seed+{args.group_seed_offset}" if args.group_seed_offset else "")
+            + (f"_inputs-{args.model_inputs}" if args.model_inputs else ""))
     result = {"benchmark": "group_detection", "preset": args.preset, "lesions": args.lesions,
               "train_preset": args.train_preset, "models": args.models, "nprocs": args.nprocs,
               "group_seed_offset": args.group_seed_offset, "train_repeats": args.train_repeats,
+              "model_inputs": args.model_inputs,
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "seeds": []}
