@@ -7,8 +7,8 @@ otherwise, where bfloat16 convolutions would be emulated and slower.  Autocast k
 their gradients, the optimiser state and the losses in float32 (the MSE of a bfloat16 output against a
 float32 target is a float32 difference); only the convolutions' inputs and outputs are rounded to
 bfloat16.  Validation, calibration and scoring run in float32, so a reconstruction residual is
-never rounded (bfloat16 keeps 8 significant bits: 0.4 % of a signal ratio near 1 is about the size
-of the residuals scored).  Measured on the standard cdae's grid (40×56×48, 32 channels, one CPU thread,
+never rounded (bfloat16 keeps 8 significant bits, steps of 0.4 % near a signal ratio of 1: not
+negligible beside residuals of a few per cent).  Measured on the standard cdae's grid (40×56×48, 32 channels, one CPU thread,
 AVX512-BF16): 0.30 s per training step in float32, 0.08 s with bfloat16 (docs/models.md).
 """
 from __future__ import annotations
