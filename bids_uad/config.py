@@ -80,7 +80,9 @@ class Settings:
     device: str = "auto"
     models: tuple[str, ...] = DEFAULT_MODELS
     train_preset: str = "paper"
-    model_inputs: str = "dwi"  # the networks' input representation (ModelSettings.inputs), group level
+    # the networks' input representation (ModelSettings.inputs), group level; None: each network's
+    # default (bids_uad.models.settings.default_inputs: "both" for the cdae, "dwi" for the others)
+    model_inputs: str | None = None
     # group level: the grid the networks referred to their controls see the subjects on
     # (ModelSettings.network_space): "template" or each subject's own "dwi" grid
     network_space: str = "template"

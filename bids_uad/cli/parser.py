@@ -158,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "(other splits, initialisations and training draws), and score with the mean of "
                            "all N x k networks (the fold ensemble); N times the training time.  Stored in "
                            "the model files (default: the preset's: 2 for the standard preset's cdae, else 1)")
-    proc.add_argument("--model-inputs", dest="model_inputs", choices=INPUT_REPRESENTATIONS, default="dwi",
+    proc.add_argument("--model-inputs", dest="model_inputs", choices=INPUT_REPRESENTATIONS, default=None,
                       help="group level: what the networks see: dwi (the normalised dw volumes in the "
                            "controls' gradient order) or invariant (per shell the mean dw ratio and the "
                            "rotation-invariant spherical-harmonic power of each even order, with FA and MD: "
                            "independent of the gradient directions) or both (the dw volumes and the "
-                           "features, each group scored on its own).  The baselines always read the dw "
-                           "volumes.  Stored in the model files (default: dwi)")
+                           "features, each group scored on its own; SH orders up to 4, fewer where a shell "
+                           "has too few directions).  The baselines always read the dw volumes.  Stored in "
+                           "the model files (default: both for the cdae, measured the better on hard "
+                           "lesions; dwi for the other networks)")
     proc.add_argument("--network-space", dest="network_space", choices=NETWORK_SPACES, default="template",
                       help="group level: where the reconstruction networks (dae, cdae, cevae) see the "
                            "subjects: template (each subject's normalised signal carried to the template "

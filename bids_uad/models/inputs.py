@@ -249,10 +249,15 @@ def input_channels(model, ref_bvals: np.ndarray) -> int:
 
 def sized_to_inputs(model, ref_bvals: np.ndarray, inputs: str | None = None):
     """``model`` (a :class:`ModelSettings`) with its channel counts sized to the reference's b-values,
-    for its own input representation or ``inputs``."""
+    for its own input representation or ``inputs``; invariant features up to the SH order the
+    reference's sparsest shell determines (at most the model's ``invariant_sh_order``)."""
     inputs = model.inputs if inputs is None else inputs
-    n, n_features = channel_layout(inputs, model.invariant_sh_order, ref_bvals)
-    return replace(model, inputs=inputs, n_channels=n, feature_channels=n_features)
+    order = model.invariant_sh_order
+    if inputs != "dwi":
+        _, idx = shells(np.asarray(ref_bvals, float).ravel())
+        order = min(order, min(sh_order_supported(int((idx == k).sum())) for k in range(int(idx.max()) + 1)))
+    n, n_features = channel_layout(inputs, order, ref_bvals)
+    return replace(model, inputs=inputs, n_channels=n, feature_channels=n_features, invariant_sh_order=order)
 
 
 def invariant_features(ratios: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,

@@ -28,6 +28,16 @@ SCORE_REDUCTIONS = ("abs-sum", "sum-abs", "sum")
 INPUT_REPRESENTATIONS = ("dwi", "invariant", "both")
 #: models that read the dw channels themselves (their own metrics): always "dwi" inputs
 DWI_ONLY_MODELS = ("normative", "meansignal")
+#: a network's input representation at the group level when --model-inputs is not given: the cdae sees
+#: the dw volumes and the invariant features ("both"; through the whole pipeline on the three hard-lesion
+#: seeds on the template grid it beat the dw volumes alone: docs/models.md, *The cdae's inputs ...*),
+#: every other network the dw volumes
+DEFAULT_INPUTS = {"cdae": "both"}
+
+
+def default_inputs(model: str) -> str:
+    """The group level's input representation for ``model`` when none is asked for."""
+    return "dwi" if model in DWI_ONLY_MODELS else DEFAULT_INPUTS.get(model, "dwi")
 #: where the normative model fits its centre/spread (docs/models.md, *normative*)
 NORMATIVE_SPACES = ("template", "dwi")
 #: where a network sees the subjects (ModelSettings.network_space)

@@ -29,7 +29,7 @@ from bids_uad.config import Settings
 from bids_uad.errors import InputValidationError, NoFilesSelectedError
 from bids_uad.models import has_score_reference, is_trainable
 from bids_uad.models.inputs import covering_grid
-from bids_uad.models.settings import DWI_ONLY_MODELS, needs_template, preset
+from bids_uad.models.settings import DWI_ONLY_MODELS, default_inputs, needs_template, preset
 
 LOGGER = logging.getLogger("bids_uad.group")
 
@@ -95,7 +95,7 @@ def model_settings_for(settings: Settings, model: str, ref_bvals, shape: tuple[i
     grid = covering_grid(shape, base.model.depth)
     processes = training_processes(settings, base.training.batch_size)
     space = normative_template_settings(settings, voxel_mm) if model == "normative" or has_score_reference(model) else {}
-    inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs
+    inputs = "dwi" if model in DWI_ONLY_MODELS else settings.model_inputs or default_inputs(model)
     if space and model != "normative" and inputs != "invariant":  # a referred network on the dw volumes
         space["score_reduction"] = REFERRED_REDUCTION
     if space and model != "normative" and settings.network_space == "template":  # on the template's grid

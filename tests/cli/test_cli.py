@@ -166,17 +166,23 @@ def test_model_inputs_reach_the_networks_model_files_not_the_baselines(small_bid
     from bids_uad.workflows.group import model_settings_for
 
     group = [str(small_bids), str(tmp_path / "o"), "group", "--train-preset", "quick"]
-    assert model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).model.inputs == "dwi"
+    # the defaults: the cdae sees the dw volumes and the features, the other networks the dw volumes
+    defaults = settings_from_args(group)
+    assert [model_settings_for(defaults, m, np.full(8, 1000.0), (16, 16, 16)).model.inputs
+            for m in ("cdae", "dae", "cevae", "recdisc", "normative")] == ["both", "dwi", "dwi", "dwi", "dwi"]
+    # eight directions determine the SH power up to order 2 only: the default's features are sized to them
+    sparse = model_settings_for(defaults, "cdae", np.full(8, 1000.0), (16, 16, 16)).model
+    assert (sparse.invariant_sh_order, sparse.n_channels, sparse.feature_channels) == (2, 12, 4)
     run = settings_from_args(group + ["--model-inputs", "invariant"])
     for model, want in (("cdae", "invariant"), ("dae", "invariant"), ("recdisc", "invariant"),
                         ("normative", "dwi"), ("meansignal", "dwi")):
         assert model_settings_for(run, model, np.full(8, 1000.0), (16, 16, 16)).model.inputs == want, model
     invariant = dataclasses.asdict(model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).model)
     assert "protocol-invariant features" in describe_model("cdae", invariant)
+    dwi_run = settings_from_args(group + ["--model-inputs", "dwi"])
     assert "protocol-invariant" not in describe_model(
-        "cdae", dataclasses.asdict(model_settings_for(settings_from_args(group), "cdae", np.full(8, 1000.0), (16, 16, 16)).model))
+        "cdae", dataclasses.asdict(model_settings_for(dwi_run, "cdae", np.full(8, 1000.0), (16, 16, 16)).model))
     # a referred network on the dw volumes scores the signed residual sum; on invariant features not
-    dwi_run = settings_from_args(group)
     assert [model_settings_for(dwi_run, m, np.full(8, 1000.0), (16, 16, 16)).model.score_reduction
             for m in ("cdae", "dae", "cevae", "recdisc")] == ["sum", "sum", "sum", "abs-sum"]
     assert model_settings_for(run, "cdae", np.full(8, 1000.0), (16, 16, 16)).model.score_reduction == "abs-sum"
