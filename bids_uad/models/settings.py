@@ -16,8 +16,8 @@ from bids_uad.errors import UsageError
 MODEL_NAMES = ("dae", "recdisc", "cdae", "cevae", "normative", "meansignal")
 #: models trained at the group level when --models is not given, the best measured detector first:
 #: the cdae, whose signed score referred to the controls' leads on the three seeds of graded hard
-#: lesions through the whole pipeline (AUPRC 0.162 vs the normative model's 0.096, standard preset)
-#: and is level on the demo's gliomas (quick preset: AUPRC 0.861 vs 0.873, Dice 0.803 vs 0.737);
+#: lesions through the whole pipeline (standard preset, template grid, dw volumes + invariant features:
+#: AUPRC 0.259 vs the normative model's 0.129; docs/models.md, *The cdae's inputs on the template grid*);
 #: then the template-space normative model (no training, the best on infiltration), the reference's
 #: two networks, and the mean-signal baseline (README's *Models*)
 DEFAULT_MODELS = ("cdae", "normative", "dae", "recdisc", "meansignal")
