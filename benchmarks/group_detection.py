@@ -56,6 +56,7 @@ from _measure import markdown_table, publish, scratch_folder, write_results  # n
 
 from bids_uad.bids.derivatives import read_tsv  # noqa: E402
 from bids_uad.models import MODELS, is_trainable  # noqa: E402
+from bids_uad.models.settings import INPUT_REPRESENTATIONS  # noqa: E402
 from bids_uad.synthetic.lesion_types import LESION_GENERATORS  # noqa: E402
 
 FIGURES = ("auprc", "auroc", "dice_calibrated", "heldout_control_fpr", "subject_auroc")
@@ -275,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the group level's --seed is the dataset's seed + K: another K retrains the same data "
                          "with other folds, initialisations and training draws (default 0)")
     ap.add_argument("--train-repeats", type=int, help="the group level's --train-repeats (default: the preset's)")
-    ap.add_argument("--model-inputs", choices=("dwi", "invariant", "both"),
-                    help="the group level's --model-inputs (default: its own, dwi)")
+    ap.add_argument("--model-inputs", choices=INPUT_REPRESENTATIONS,
+                    help="the group level's --model-inputs (default: not passed, so each network's own: "
+                         "both for the cdae, dwi for the others)")
     args = ap.parse_args(argv)
     stem = (f"group_detection_{args.preset}_{args.lesions}_{args.train_preset}"
             + (f"_repeats-{args.train_repeats}" if args.train_repeats else "")
