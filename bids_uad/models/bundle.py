@@ -245,9 +245,10 @@ def _calibration_meta(cal: Calibration, fpr: float) -> dict:
     return {"n_healthy_voxels": cal.n, "threshold_at_fpr": cal.threshold_for(fpr), "fpr": fpr,
             "voxelwise_threshold_at_fpr": cal.threshold(fpr), "written_map_level": cal.level,
             "written_map_target_fpr": cal.target_fpr, "written_map_fpr_on_calibration_controls": cal.written_fpr,
-            "finding_min_volume_ml": cal.finding_min_ml}
+            "written_map_fpr_left_out": cal.written_fpr_left_out, "finding_min_volume_ml": cal.finding_min_ml}
 
 
 def _calibration_from(null: torch.Tensor, record: dict) -> Calibration:
     return Calibration(null.numpy(), record.get("written_map_level"), record.get("written_map_target_fpr"),
-                       record.get("written_map_fpr_on_calibration_controls"), record.get("finding_min_volume_ml"))
+                       record.get("written_map_fpr_on_calibration_controls"), record.get("finding_min_volume_ml"),
+                       record.get("written_map_fpr_left_out"))

@@ -451,7 +451,8 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
         masks += [analysis_masks[i] for i in res.val_idx]
     cal = _calibrate_written_map(settings, maps, masks, settings.training.seed)
     LOG.info("out-of-fold calibration over %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
-             "(written rate %.4g)", len(maps), cal.n, cal.level, settings.scoring.fpr, cal.written_fpr)
+             "(written rate %.4g, each control left out %s)", len(maps), cal.n, cal.level, settings.scoring.fpr,
+             cal.written_fpr, "n/a" if cal.written_fpr_left_out is None else f"{cal.written_fpr_left_out:.4g}")
     return cal
 
 

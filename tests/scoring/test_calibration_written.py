@@ -3,7 +3,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_uad.scoring.morphology import postprocess, remove_small_clusters
-from bids_uad.models.calibration import calibrate, calibrate_written, written_fpr
+from bids_uad.models.calibration import calibrate, calibrate_written, left_out_nulls, written_fpr
 from bids_uad.models.settings import ScoringSettings
 
 
@@ -91,9 +91,57 @@ def test_cross_fitted_calibrates_each_map_on_its_peers_only():
     assert cals[2].threshold(cals[2].level) == alone.threshold(alone.level)
     assert cals[2].finding_min_ml is not None
     # in-sample, the noisy control flags about the target; held out (calibrated on the others) far more
-    in_sample = calibrate_written(calibrate(maps, masks), maps, masks, 0.01, post)
+    in_sample = calibrate_written(calibrate(maps, masks), maps, masks, 0.01, post, left_out=False)
     held_out = written_fpr(cals[2].threshold(cals[2].level), maps[2:], masks[2:], post)
     assert written_fpr(in_sample.threshold(in_sample.level), maps, masks, post) <= 0.01
     assert held_out > 0.05
     # a map whose only peer is itself gets no calibration
     assert cross_fitted(maps[:1], masks[:1], [[0]], 0.01, post) == [None]
+
+
+def _varied_maps(n, rng, shape=(32, 32, 24)):
+    """Healthy maps whose spread differs from subject to subject (log-normal, SD 0.25), as the
+    networks' residuals of different brains do."""
+    return [(ndimage.gaussian_filter(rng.normal(size=shape), 1.0) * np.exp(0.25 * rng.normal())).astype(np.float32)
+            for _ in range(n)]
+
+
+def test_left_out_nulls_leave_out_each_map_and_need_two():
+    maps = [np.full((4, 4, 4), float(i), np.float32) for i in range(3)]
+    masks = [np.ones((4, 4, 4), bool)] * 3
+    nulls = left_out_nulls(maps, masks)
+    assert [sorted(set(c.null.tolist())) for c in nulls] == [[1.0, 2.0], [0.0, 2.0], [0.0, 1.0]]
+    assert left_out_nulls(maps[:1], masks[:1]) is None
+    # each map contributes at most max_samples / n draws
+    assert all(c.n == 2 * 10 for c in left_out_nulls(maps, masks, max_samples=30))
+
+
+def test_left_out_calibration_holds_the_target_for_new_subjects_where_in_sample_is_liberal():
+    """Five calibration controls whose maps' spreads differ: the level set on their own pooled null
+    lets new healthy subjects' written maps flag more than the target; counted with each control
+    left out it holds it (mean over 40 draws of 5 controls and 10 new subjects)."""
+    scoring = ScoringSettings(fpr=0.01, min_cluster_voxels=8)
+    post = lambda b: postprocess(b, scoring)  # noqa: E731
+    rates = {True: [], False: []}
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        calib, new = _varied_maps(5, rng), _varied_maps(10, rng)
+        masks = [np.ones(calib[0].shape, bool)] * 10
+        for left_out in (True, False):
+            cal = calibrate_written(calibrate(calib, masks[:5]), calib, masks[:5], 0.01, post, left_out=left_out)
+            rates[left_out].append(written_fpr(cal.threshold_for(0.01), new, masks, post))
+            if left_out:
+                assert cal.written_fpr_left_out <= 0.01 or np.isclose(cal.level, 0.01)
+                assert cal.written_fpr <= cal.written_fpr_left_out
+    assert 0.008 <= np.mean(rates[True]) <= 0.012, np.mean(rates[True])
+    assert np.mean(rates[False]) > 0.012, np.mean(rates[False])
+
+
+def test_one_calibration_map_is_counted_in_sample():
+    scoring = ScoringSettings(fpr=0.01, min_cluster_voxels=8)
+    post = lambda b: postprocess(b, scoring)  # noqa: E731
+    maps = _healthy_maps(1, 3)
+    masks = [np.ones(maps[0].shape, bool)]
+    a = calibrate_written(calibrate(maps, masks), maps, masks, 0.01, post)
+    b = calibrate_written(calibrate(maps, masks), maps, masks, 0.01, post, left_out=False)
+    assert a.level == b.level and a.written_fpr_left_out is None
