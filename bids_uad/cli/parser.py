@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--threshold", choices=THRESHOLD_METHODS, default=None,
                       help="threshold method for binary anomaly maps.  Default: the method stored in "
                            "the model file, which the group level sets to healthy-fpr (calibrated on "
-                           "held-out controls so that the written map flags 1%% of healthy tissue).  "
+                           "held-out controls, each left out of its own threshold, so that the written map "
+                           "flags 1%% of a new healthy subject's tissue).  "
                            "Given at the participant level it overrides the model file; at the group "
                            "level it is stored in the model files.  fixed is the reference's threshold "
                            "(0.3 DAE, 0.5 RecDiscNet), meaningful only on the reference's score scale (the "
