@@ -87,11 +87,16 @@ def written_fpr(threshold: float | Sequence[float], score_maps: Sequence[np.ndar
 
 
 def left_out_nulls(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_samples: int = 200_000,
-                   seed: int = 0) -> list[Calibration] | None:
-    """For each map ``i``, a :class:`Calibration` of the *other* maps' scores inside their masks
-    (each map contributing at most ``max_samples / n`` seeded draws), or None with fewer than two
-    maps: the thresholds map ``i`` would get had it taken no part in the calibration."""
-    if len(score_maps) < 2:
+                   seed: int = 0, groups: Sequence | None = None) -> list[Calibration] | None:
+    """For each map ``i``, a :class:`Calibration` of the scores, inside their masks, of the maps of
+    the *other* subjects (``groups``: each map's subject, so that two maps of one control — e.g.
+    from two training repeats — leave out together; default: every map its own subject), each map
+    contributing at most ``max_samples / n`` seeded draws; None with fewer than two subjects: the
+    thresholds map ``i`` would get had its subject taken no part in the calibration."""
+    groups = list(range(len(score_maps))) if groups is None else list(groups)
+    if len(groups) != len(score_maps):
+        raise ValueError(f"{len(groups)} groups for {len(score_maps)} maps")
+    if len(set(groups)) < 2:
         return None
     rng = np.random.default_rng([seed, 7919])
     per = max(max_samples // len(score_maps), 1)
@@ -101,7 +106,7 @@ def left_out_nulls(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
         values.append(rng.choice(v, per, replace=False) if v.size > per else v)
     out = []
     for i in range(len(values)):
-        others = [v for j, v in enumerate(values) if j != i]
+        others = [v for j, v in enumerate(values) if groups[j] != groups[i]]
         if not sum(v.size for v in others):
             return None
         out.append(Calibration(np.concatenate(others)))
@@ -110,12 +115,14 @@ def left_out_nulls(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
 
 def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                       target: float, post: Callable[[np.ndarray], np.ndarray], iterations: int = 30,
-                      left_out: bool = True, max_samples: int = 200_000, seed: int = 0) -> Calibration:
+                      left_out: bool = True, max_samples: int = 200_000, seed: int = 0,
+                      groups: Sequence | None = None) -> Calibration:
     """Set ``calibration.level`` so that the written maps (``post`` applied to the thresholded map)
     of the held-out controls (``score_maps`` inside ``masks``) flag at most ``target`` of the voxels.
 
-    ``left_out`` (the default; needs two or more maps): the rate is counted with each map
-    thresholded at the level's threshold of the *other* maps' null sample (:func:`left_out_nulls`),
+    ``left_out`` (the default; needs maps of two or more subjects, ``groups``: each map's subject):
+    the rate is counted with each map thresholded at the level's threshold of the *other* subjects'
+    null sample (:func:`left_out_nulls`),
     a leave-one-out estimate of what a new healthy subject's written map flags.  In-sample (the
     maps' own pooled null), a few controls set a level their own maps just meet and a new subject
     exceeds (measured: 1.6 % of held-out controls' voxels at a 1 % target).  The threshold applied
@@ -127,7 +134,7 @@ def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray]
     level's rate exceeds it).  Stores the in-sample rate (``written_fpr``) and, when counted so,
     the left-out rate (``written_fpr_left_out``) reached.  Returns the same object.
     """
-    nulls = left_out_nulls(score_maps, masks, max_samples, seed) if left_out else None
+    nulls = left_out_nulls(score_maps, masks, max_samples, seed, groups) if left_out else None
 
     def rate(level: float) -> float:
         if nulls is None:
@@ -196,13 +203,15 @@ def pool(calibrations: Sequence[Calibration]) -> Calibration:
 def calibrate_written_map(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], target: float,
                           post: Callable[[np.ndarray], np.ndarray], max_samples: int = 200_000, seed: int = 0,
                           voxel_ml: float | None = None, familywise: float = 0.05,
-                          left_out: bool = True) -> Calibration:
+                          left_out: bool = True, groups: Sequence | None = None) -> Calibration:
     """The whole calibration of a written map from healthy score maps: the null sample
     (:func:`calibrate`), the voxel-wise level that gives ``target`` after ``post``
-    (:func:`calibrate_written`, counted left out unless ``left_out`` is False) and, when ``voxel_ml`` is known, the smallest finding
+    (:func:`calibrate_written`, counted with each subject of ``groups`` left out unless ``left_out``
+    is False) and, when ``voxel_ml`` is known, the smallest finding
     (:func:`calibrate_finding_volume`)."""
     cal = calibrate(score_maps, masks, max_samples, seed)
-    calibrate_written(cal, score_maps, masks, target, post, left_out=left_out, max_samples=max_samples, seed=seed)
+    calibrate_written(cal, score_maps, masks, target, post, left_out=left_out, max_samples=max_samples, seed=seed,
+                      groups=groups)
     if voxel_ml:
         calibrate_finding_volume(cal, score_maps, masks, post, voxel_ml, familywise)
     return cal
@@ -210,7 +219,8 @@ def calibrate_written_map(score_maps: Sequence[np.ndarray], masks: Sequence[np.n
 
 def cross_fitted(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], peers: Sequence[Sequence[int]],
                  target: float, post: Callable[[np.ndarray], np.ndarray], voxel_ml: float | None = None,
-                 max_samples: int = 200_000, seed: int = 0, familywise: float = 0.05) -> list[Calibration | None]:
+                 max_samples: int = 200_000, seed: int = 0, familywise: float = 0.05,
+                 groups: Sequence | None = None) -> list[Calibration | None]:
     """For each healthy map ``i``, the written-map calibration made from its ``peers[i]`` alone
     (None without peers): the threshold, and smallest finding, that map gets when it took no part
     in calibrating them.
@@ -221,12 +231,13 @@ def cross_fitted(score_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
     honest held-out false-positive rate and findings per control of a group study with no spare
     controls.  ``peers`` says which maps the model would calibrate on in place of ``i`` (e.g.
     the other folds' held-out controls for an out-of-fold calibration).  ``voxel_ml``: the maps'
-    voxel volume, to calibrate the smallest finding too (:func:`calibrate_written_map`).
+    voxel volume, to calibrate the smallest finding too (:func:`calibrate_written_map`); ``groups``:
+    each map's subject, left out together within the peers' calibration.
     """
     out: list[Calibration | None] = []
     for i, chosen in enumerate(peers):
         chosen = [j for j in chosen if j != i]
         out.append(None if not chosen else calibrate_written_map(
             [score_maps[j] for j in chosen], [masks[j] for j in chosen], target, post, max_samples, seed,
-            voxel_ml, familywise))
+            voxel_ml, familywise, groups=None if groups is None else [groups[j] for j in chosen]))
     return out

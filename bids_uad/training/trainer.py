@@ -412,19 +412,21 @@ def calibrate_fold(res: FoldResult, settings: Settings, data: Sequence[np.ndarra
         scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in va]
     scores = list(scores)
     amasks = [analysis_masks[i] for i in va]
-    res.calibration = _calibrate_written_map(settings, scores, amasks, settings.training.seed + fold)
+    res.calibration = _calibrate_written_map(settings, scores, amasks, settings.training.seed + fold, list(va))
     LOG.info("fold %d: best epoch %d, val loss %.5g, %d healthy voxels calibrated, written-map level %.4g "
              "for FPR %.3g", fold, res.best_epoch, res.best_val_loss, res.calibration.n,
              res.calibration.level, settings.scoring.fpr)
     return scores
 
 
-def _calibrate_written_map(settings: Settings, maps, masks, seed: int) -> Calibration:
+def _calibrate_written_map(settings: Settings, maps, masks, seed: int, subjects: Sequence[int]) -> Calibration:
     """:func:`~bids_uad.models.calibration.calibrate_written_map` with the settings' scoring (the
-    smallest finding when the training data's voxel size is known)."""
+    smallest finding when the training data's voxel size is known); ``subjects``: each map's
+    control, left out together."""
     scoring = settings.scoring
     return calibrate_written_map(maps, masks, scoring.fpr, lambda b: postprocess(b, scoring),
-                                 scoring.max_null_samples, seed, scoring.voxel_ml, scoring.finding_familywise)
+                                 scoring.max_null_samples, seed, scoring.voxel_ml, scoring.finding_familywise,
+                                 groups=subjects)
 
 
 def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data: Sequence[np.ndarray],
@@ -442,16 +444,17 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
     (the fitted baselines; :func:`bids_uad.training.fit.train_model` uses it only for them).  ``scores``: {fold: the held-out score maps} already
     computed by :func:`calibrate_fold` (recomputed when missing).
     """
-    maps, masks = [], []
+    maps, masks, subjects = [], [], []
     for res in folds:
         fold_scores = (scores or {}).get(res.fold)
         if fold_scores is None:
             fold_scores = [score_volume(res.model, data[i], route=_route(routes, i)) for i in res.val_idx]
         maps += list(fold_scores)
         masks += [analysis_masks[i] for i in res.val_idx]
-    cal = _calibrate_written_map(settings, maps, masks, settings.training.seed)
-    LOG.info("out-of-fold calibration over %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
-             "(written rate %.4g, each control left out %s)", len(maps), cal.n, cal.level, settings.scoring.fpr,
+        subjects += list(res.val_idx)  # with repeated k-fold runs a control has a map per run
+    cal = _calibrate_written_map(settings, maps, masks, settings.training.seed, subjects)
+    LOG.info("out-of-fold calibration over %d maps of %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
+             "(written rate %.4g, each control left out %s)", len(maps), len(set(subjects)), cal.n, cal.level, settings.scoring.fpr,
              cal.written_fpr, "n/a" if cal.written_fpr_left_out is None else f"{cal.written_fpr_left_out:.4g}")
     return cal
 

@@ -127,7 +127,7 @@ def control_cases(bundle, scored: list[tuple[dict, object, int]]) -> list:
     voxel_ml = _voxel_ml(scored[0][0])
     post = lambda b: postprocess(b, scoring)  # noqa: E731
     cals = cross_fitted(maps, amasks, peers, scoring.fpr, post, voxel_ml, scoring.max_null_samples,
-                        bundle.settings.training.seed, scoring.finding_familywise)
+                        bundle.settings.training.seed, scoring.finding_familywise, groups=subjects)
     cases = []
     for (arrays, res, _), score, amask, cal in zip(scored, maps, amasks, cals):
         case = _case(arrays, score)

@@ -114,6 +114,13 @@ def test_left_out_nulls_leave_out_each_map_and_need_two():
     assert left_out_nulls(maps[:1], masks[:1]) is None
     # each map contributes at most max_samples / n draws
     assert all(c.n == 2 * 10 for c in left_out_nulls(maps, masks, max_samples=30))
+    # two maps of one subject (e.g. two training repeats) leave out together
+    nulls = left_out_nulls(maps, masks, groups=["a", "a", "b"])
+    assert [sorted(set(c.null.tolist())) for c in nulls] == [[2.0], [2.0], [0.0, 1.0]]
+    assert left_out_nulls(maps, masks, groups=["a", "a", "a"]) is None
+    import pytest
+    with pytest.raises(ValueError):
+        left_out_nulls(maps, masks, groups=["a", "b"])
 
 
 def test_left_out_calibration_holds_the_target_for_new_subjects_where_in_sample_is_liberal():
