@@ -122,8 +122,8 @@ def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray]
 
     ``left_out`` (the default; needs maps of two or more subjects, ``groups``: each map's subject):
     the rate is counted with each map thresholded at the level's threshold of the *other* subjects'
-    null sample (:func:`left_out_nulls`),
-    a leave-one-out estimate of what a new healthy subject's written map flags.  In-sample (the
+    null sample (:func:`left_out_nulls`), a leave-one-out estimate of what a new healthy subject's
+    written map flags.  In-sample (the
     maps' own pooled null), a few controls set a level their own maps just meet and a new subject
     exceeds (measured: 1.6 % of held-out controls' voxels at a 1 % target).  The threshold applied
     afterwards is the level's order statistic of ``calibration``'s null (all maps).

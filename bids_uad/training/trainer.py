@@ -453,9 +453,10 @@ def calibrate_out_of_fold(settings: Settings, folds: Sequence[FoldResult], data:
         masks += [analysis_masks[i] for i in res.val_idx]
         subjects += list(res.val_idx)  # with repeated k-fold runs a control has a map per run
     cal = _calibrate_written_map(settings, maps, masks, settings.training.seed, subjects)
-    LOG.info("out-of-fold calibration over %d maps of %d controls: %d healthy voxels, written-map level %.4g for FPR %.3g "
-             "(written rate %.4g, each control left out %s)", len(maps), len(set(subjects)), cal.n, cal.level, settings.scoring.fpr,
-             cal.written_fpr, "n/a" if cal.written_fpr_left_out is None else f"{cal.written_fpr_left_out:.4g}")
+    LOG.info("out-of-fold calibration over %d maps of %d controls: %d healthy voxels, written-map level %.4g "
+             "for FPR %.3g (written rate %.4g, each control left out %s)", len(maps), len(set(subjects)), cal.n,
+             cal.level, settings.scoring.fpr, cal.written_fpr,
+             "n/a" if cal.written_fpr_left_out is None else f"{cal.written_fpr_left_out:.4g}")
     return cal
 
 
