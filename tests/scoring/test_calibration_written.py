@@ -138,8 +138,7 @@ def test_left_out_calibration_holds_the_target_for_new_subjects_where_in_sample_
             cal = calibrate_written(calibrate(calib, masks[:5]), calib, masks[:5], 0.01, post, left_out=left_out)
             rates[left_out].append(written_fpr(cal.threshold_for(0.01), new, masks, post))
             if left_out:
-                assert cal.written_fpr_left_out <= 0.01 or np.isclose(cal.level, 0.01)
-                assert cal.written_fpr <= cal.written_fpr_left_out
+                assert cal.written_fpr_left_out <= 0.01
     assert 0.008 <= np.mean(rates[True]) <= 0.012, np.mean(rates[True])
     assert np.mean(rates[False]) > 0.012, np.mean(rates[False])
 
