@@ -70,6 +70,9 @@ def test_malformed_out_of_fold_calibration_refused(tmp_path, controls):
     loaded = load_bundle(out)
     np.testing.assert_array_equal(loaded.out_of_fold.null, bundle.out_of_fold.null)
     assert loaded.out_of_fold.level == bundle.out_of_fold.level == meta["calibration"]["written_map_level"]
+    # three controls: the level was counted with each of them left out, and the file says what that gave
+    left_out = meta["calibration"]["written_map_fpr_left_out"]
+    assert left_out is not None and loaded.out_of_fold.written_fpr_left_out == left_out
     assert loaded.calibration().threshold_for(0.01) == bundle.calibration().threshold_for(0.01)
     tensors["calibration.null"] = tensors["calibration.null"].reshape(1, -1)  # not 1-D
     meta.pop("tensor_sha256")
