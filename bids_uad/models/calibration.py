@@ -129,8 +129,8 @@ def calibrate_written(calibration: Calibration, score_maps: Sequence[np.ndarray]
     null sample (:func:`left_out_nulls`), a leave-one-out estimate of what a new healthy subject's
     written map flags.  In-sample (the maps' own pooled null), a few controls set a level their own
     maps just meet and a new subject exceeds (measured: 1.6-1.9 % of held-out controls' voxels at a
-    1 % target).  The threshold applied
-    afterwards is the level's order statistic of ``calibration``'s null (all maps).
+    1 % target).  The threshold applied afterwards is the level's order statistic of
+    ``calibration``'s null (all maps).
 
     The level is searched (bisection in log space) between ``target / 100`` and 0.5, taking the
     largest level whose written rate stays within the target: post-processing only removes voxels,
